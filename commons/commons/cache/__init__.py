@@ -1,0 +1,42 @@
+"""commons.cache: the multi-tenant response cache shared by the FastAPI services.
+
+Import everything from here::
+
+    from commons.cache import cache, init_cache, close_cache, invalidate_namespace
+
+``invalidate_namespace()`` is re-exported here as the guide describes; it lives in
+``invalidation.py``.
+"""
+
+from commons.cache.cache import cache_status, close_cache, init_cache
+from commons.cache.decorator import cache
+from commons.cache.errors import (
+    BackendError,
+    BackendRejectedError,
+    BackendUnavailableError,
+    CacheError,
+    CacheUnavailableError,
+)
+from commons.cache.invalidation import invalidate_namespace
+from commons.cache.keys import tenant_cache_key_builder, tenant_user_cache_key_builder
+from commons.cache.settings import CacheSettings, cache_settings
+from commons.cache.status import CacheState, CacheStatus
+
+__all__ = [
+    "BackendError",
+    "BackendRejectedError",
+    "BackendUnavailableError",
+    "CacheError",
+    "CacheSettings",
+    "CacheState",
+    "CacheStatus",
+    "CacheUnavailableError",
+    "cache",
+    "cache_settings",
+    "cache_status",
+    "close_cache",
+    "init_cache",
+    "invalidate_namespace",
+    "tenant_cache_key_builder",
+    "tenant_user_cache_key_builder",
+]

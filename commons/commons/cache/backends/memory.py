@@ -1,0 +1,173 @@
+"""A bounded, per-instance in-memory store.
+
+Unlike fastapi-cache2's ``InMemoryBackend`` (one class-level dict shared by every instance, never
+pruned), each :class:`MemoryStore` owns its entries and holds at most ``max_entries`` of them (the
+least recently used go first). Expiry is measured on the monotonic clock, so a wall-clock jump
+neither revives nor kills entries, and every write reclaims expired entries from a heap ordered by
+expiry, so an entry nobody reads again does not stay in memory.
+
+Everything runs on the event loop's thread without awaiting, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from commons.cache.backends.base import CacheStore
+from commons.cache.scope import CacheScope, InvalidationTarget
+
+__all__ = ["MemoryStore"]
+
+
+@dataclass(slots=True)
+class _Entry:
+    value: bytes
+    expires_at: float
+    scope: CacheScope | None
+
+
+class MemoryStore(CacheStore):
+    """Bounded LRU store with TTL on a monotonic clock and scope indexes for invalidation."""
+
+    name = "memory"
+
+    def __init__(self, max_entries: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._expiry_heap: list[tuple[float, str]] = []
+        # namespace -> tenant (None: not tenant-scoped) -> user (None) -> keys
+        self._index: dict[str, dict[str | None, dict[str | None, set[str]]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _live_entry(self, key: str) -> _Entry | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires_at <= self._clock():
+            self._remove(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
+        entry = self._live_entry(key)
+        if entry is None:
+            return 0, None
+        return math.ceil(entry.expires_at - self._clock()), entry.value
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def set(self, key: str, value: bytes, ttl_seconds: int, scope: CacheScope) -> None:
+        self._put(key, value, ttl_seconds, scope)
+
+    def _put(self, key: str, value: bytes, ttl_seconds: float, scope: CacheScope | None) -> None:
+        now = self._clock()
+        self.reclaim_expired(now)
+        if key in self._entries:
+            self._remove(key)
+        expires_at = now + ttl_seconds
+        self._entries[key] = _Entry(value, expires_at, scope)
+        heapq.heappush(self._expiry_heap, (expires_at, key))
+        if scope is not None:
+            tenants = self._index.setdefault(scope.namespace, {})
+            tenants.setdefault(scope.tenant_id, {}).setdefault(scope.user_id, set()).add(key)
+        while len(self._entries) > self._max_entries:
+            oldest = next(iter(self._entries))
+            self._remove(oldest)
+        if len(self._expiry_heap) > 2 * len(self._entries) + 1024:
+            # Re-set keys leave superseded heap items behind; rebuild before they pile up.
+            self._expiry_heap = [(entry.expires_at, k) for k, entry in self._entries.items()]
+            heapq.heapify(self._expiry_heap)
+
+    def reclaim_expired(self, now: float | None = None) -> int:
+        """Drops every expired entry; returns how many were dropped."""
+        now = self._clock() if now is None else now
+        dropped = 0
+        heap = self._expiry_heap
+        while heap and heap[0][0] <= now:
+            expires_at, key = heapq.heappop(heap)
+            entry = self._entries.get(key)
+            if entry is not None and entry.expires_at == expires_at:
+                self._remove(key)
+                dropped += 1
+        return dropped
+
+    def _remove(self, key: str) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        scope = entry.scope
+        if scope is not None:
+            self._unindex(key, scope)
+        return True
+
+    def _unindex(self, key: str, scope: CacheScope) -> None:
+        tenants = self._index.get(scope.namespace)
+        if tenants is None:
+            return
+        users = tenants.get(scope.tenant_id)
+        if users is None:
+            return
+        keys = users.get(scope.user_id)
+        if keys is None:
+            return
+        keys.discard(key)
+        if not keys:
+            del users[scope.user_id]
+        if not users:
+            del tenants[scope.tenant_id]
+        if not tenants:
+            del self._index[scope.namespace]
+
+    async def delete(self, key: str) -> int:
+        return int(self._remove(key))
+
+    async def invalidate(self, target: InvalidationTarget) -> int:
+        tenants = self._index.get(target.namespace)
+        if not tenants:
+            return 0
+        doomed: list[str] = []
+        for tenant_id, users in tenants.items():
+            if target.tenant_id is not None and tenant_id != target.tenant_id:
+                continue
+            for user_id, keys in users.items():
+                if target.user_id is None or user_id == target.user_id:
+                    doomed.extend(keys)
+        return sum(self._remove(key) for key in doomed)
+
+    async def clear(self) -> int:
+        removed = len(self._entries)
+        self._entries.clear()
+        self._expiry_heap.clear()
+        self._index.clear()
+        return removed
+
+    async def add_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
+        if self._live_entry(key) is not None:
+            return False
+        self._put(key, value, ttl_ms / 1000, None)
+        return True
+
+    async def delete_if_equal(self, key: str, value: bytes) -> bool:
+        entry = self._live_entry(key)
+        if entry is None or entry.value != value:
+            return False
+        return self._remove(key)
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        await self.clear()

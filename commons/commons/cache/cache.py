@@ -1,0 +1,98 @@
+"""Backend selection: ``init_cache()`` picks Redis or memory, ``close_cache()`` lets go.
+
+The one piece of module state is the current :class:`~commons.cache.layer.CacheLayer`; calling
+``init_cache()`` again closes it and builds a new one (tests and reloads do). fastapi-cache2 is
+initialised alongside, with a backend that delegates to the current layer, so routes decorated with
+``fastapi_cache.decorator.cache`` share keys, entries, fallback and invalidation with ours.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from fastapi_cache import FastAPICache
+
+from commons.cache.backends.memory import MemoryStore
+from commons.cache.backends.redis import RedisStore
+from commons.cache.connection import create_redis_client
+from commons.cache.fastapi_cache_backend import LayerBackend
+from commons.cache.http import CACHE_STATUS_HEADER
+from commons.cache.keys import tenant_cache_key_builder
+from commons.cache.layer import CacheLayer
+from commons.cache.settings import CacheSettings, cache_settings
+from commons.cache.status import CacheState, CacheStatus
+
+__all__ = ["cache_status", "close_cache", "current_layer", "init_cache"]
+
+logger = logging.getLogger("commons.cache")
+
+_layer: CacheLayer | None = None
+_closed_since = datetime.now(UTC)
+
+
+def current_layer() -> CacheLayer | None:
+    """The layer that ``init_cache()`` built, or ``None`` before it (or after ``close_cache()``)."""
+    return _layer
+
+
+async def init_cache(settings: CacheSettings | None = None) -> None:
+    """Chooses and connects the backend; call it in the service's lifespan.
+
+    - ``REDIS_URL`` set and Redis answers ``PING``: Redis.
+    - ``REDIS_URL`` unset: the bounded in-memory backend.
+    - ``REDIS_URL`` set but Redis does not answer: one warning, then the in-memory tier while Redis
+      is probed in the background (state ``degraded``), or, with ``CACHE_FAIL_FAST=true``,
+      :class:`~commons.cache.errors.CacheUnavailableError` so the service refuses to start.
+    - ``CACHE_ENABLED=false``: nothing is cached at all.
+
+    Args:
+        settings: The settings to use; ``cache_settings()`` (the environment) by default.
+
+    Raises:
+        CacheUnavailableError: Redis is configured, unreachable, and CACHE_FAIL_FAST is true.
+    """
+    global _layer
+    settings = settings or cache_settings()
+    await close_cache()
+    redis = None
+    if settings.CACHE_ENABLED and settings.REDIS_URL is not None:
+        redis = RedisStore(create_redis_client(settings), settings.CACHE_PREFIX)
+    layer = CacheLayer(settings, redis=redis, memory=MemoryStore(settings.CACHE_MEMORY_MAX_ENTRIES))
+    try:
+        await layer.start()
+    except BaseException:
+        await layer.aclose()
+        raise
+    _layer = layer
+    FastAPICache.reset()
+    FastAPICache.init(
+        LayerBackend(current_layer),
+        prefix=settings.CACHE_PREFIX,
+        expire=settings.CACHE_TTL_SECONDS,
+        key_builder=tenant_cache_key_builder,
+        cache_status_header=CACHE_STATUS_HEADER,
+        enable=settings.CACHE_ENABLED,
+    )
+
+
+async def close_cache() -> None:
+    """Closes connections and stops background work. Safe to call twice."""
+    global _layer, _closed_since
+    layer, _layer = _layer, None
+    if layer is not None:
+        _closed_since = datetime.now(UTC)
+        await layer.aclose()
+        FastAPICache.reset()
+
+
+def cache_status() -> CacheStatus:
+    """Where cached responses are served from right now, why, and since when."""
+    if _layer is None:
+        return CacheStatus(
+            backend=CacheState.DISABLED.value,
+            reason="init_cache() has not run",
+            since=_closed_since,
+            redis_configured=False,
+        )
+    return _layer.status()

@@ -1,0 +1,44 @@
+"""The cache's exceptions.
+
+Tree::
+
+    CacheError
+    ├── CacheUnavailableError      init_cache() with CACHE_FAIL_FAST=true and Redis not answering
+    └── BackendError               a backend operation failed; never reaches a request handler
+        ├── BackendUnavailableError    Redis cannot be reached in time (refused, timeout, auth)
+        └── BackendRejectedError       Redis answered but refused the command (OOM, READONLY)
+
+Configuration mistakes are :class:`pydantic.ValidationError` from :class:`CacheSettings`, raised
+when the settings load. Backend errors are translated from redis-py and OS errors in exactly one
+place (``backends/redis.py``); the layer above decides what a failure means.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BackendRejectedError",
+    "BackendUnavailableError",
+    "CacheError",
+    "CacheUnavailableError",
+]
+
+
+class CacheError(Exception):
+    """Base of every exception the cache raises."""
+
+
+class CacheUnavailableError(CacheError):
+    """Redis is configured but did not answer at start-up, and CACHE_FAIL_FAST is true."""
+
+
+class BackendError(CacheError):
+    """A backend operation failed."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend could not be reached in time: refused, timed out, or refused our credentials."""
+
+
+class BackendRejectedError(BackendError):
+    """The backend answered but refused the command: out of memory, read-only replica, ..."""

@@ -1,0 +1,42 @@
+"""``invalidate_namespace()``: remove a namespace's entries, for all tenants, one, or one user.
+
+It never blocks Redis and its cost does not grow with unrelated keys: see the index design in
+``backends/redis.py``. Namespaces and ids are literal text: a quote, ``*``, ``?`` or ``[`` is no
+pattern and no script. During a Redis outage the invalidation is kept and applied before Redis is
+read again (see ``layer.py``).
+"""
+
+from __future__ import annotations
+
+from commons.cache.cache import current_layer
+from commons.cache.scope import InvalidationTarget
+
+__all__ = ["invalidate_namespace"]
+
+
+async def invalidate_namespace(
+    namespace: str, *, tenant_id: str | int | None = None, user_id: str | int | None = None
+) -> int:
+    """Removes the cached entries of ``namespace``.
+
+    Args:
+        namespace: The namespace given to ``@cache(namespace=...)``, without the prefix.
+        tenant_id: Only this tenant's entries (including its users' entries).
+        user_id: Only this user's entries; needs ``tenant_id``.
+
+    Returns:
+        The number of entries removed, where the backend can tell (entries kept for a Redis that
+        is unreachable right now are not counted).
+
+    Raises:
+        ValueError: ``user_id`` without ``tenant_id``.
+    """
+    target = InvalidationTarget(
+        namespace,
+        None if tenant_id is None else str(tenant_id),
+        None if user_id is None else str(user_id),
+    )
+    layer = current_layer()
+    if layer is None:
+        return 0
+    return await layer.invalidate(target)

@@ -1,0 +1,125 @@
+"""Multi-tenant and user-aware cache-key builders (fastapi-cache2 ``KeyBuilder`` compatible).
+
+Keys are exactly::
+
+    {CACHE_PREFIX}:{namespace}:tenant_{tenant_id}:{url_path}:{md5}
+    {CACHE_PREFIX}:{namespace}:tenant_{tenant_id}:user_{user_id}:{url_path}:{md5}
+
+where ``md5`` is the hex digest of the canonical query string: parameters sorted by name, repeated
+parameters kept in the order the client sent them, so ``?a=1&b=2`` and ``?b=2&a=1`` share an entry.
+
+Fail closed: when the identity a builder needs is missing (or cannot be written into a key without
+ambiguity), the builder returns a key whose ``cacheable`` is false. The cache then neither reads nor
+writes anything for that request; the handler answers it. There is never a shared fallback key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from commons.cache.scope import CacheScope, ScopedKey
+from commons.utilities.context import get_tenant_id, get_user_id
+
+__all__ = [
+    "canonical_query_digest",
+    "tenant_cache_key_builder",
+    "tenant_user_cache_key_builder",
+]
+
+logger = logging.getLogger("commons.cache")
+
+# An id becomes part of a key between ':' separators: a ':' inside it could make two different
+# (tenant, path) pairs spell the same key, so such ids are refused rather than escaped.
+_VALID_ID = re.compile(r"[^\s:]{1,256}")
+
+
+def canonical_query_digest(request: Request) -> str:
+    """The md5 hex digest of the request's query string in canonical order."""
+    items = sorted(request.query_params.multi_items(), key=lambda item: item[0])
+    canonical = urlencode(items)
+    return hashlib.md5(canonical.encode(), usedforsecurity=False).hexdigest()
+
+
+def _split_namespace(qualified_namespace: str) -> str:
+    # fastapi-cache2 passes "{prefix}:{namespace}"; a prefix never holds ':'.
+    _, _, namespace = qualified_namespace.partition(":")
+    return namespace
+
+
+def _uncacheable(qualified_namespace: str, reason: str) -> ScopedKey:
+    logger.warning("serving uncached: %s (namespace %r)", reason, qualified_namespace)
+    return ScopedKey(f"{qualified_namespace}:#uncacheable", None)
+
+
+def _build(qualified_namespace: str, request: Request | None, *, per_user: bool) -> ScopedKey:
+    if request is None:
+        return _uncacheable(qualified_namespace, "no request to build a key from")
+    tenant_id = get_tenant_id()
+    if tenant_id is None:
+        return _uncacheable(qualified_namespace, "no tenant bound to the request")
+    if not _VALID_ID.fullmatch(tenant_id):
+        return _uncacheable(qualified_namespace, "tenant id holds ':' or whitespace")
+    scope_text = f"tenant_{tenant_id}"
+    user_id = None
+    if per_user:
+        user_id = get_user_id()
+        if user_id is None:
+            return _uncacheable(qualified_namespace, "no user bound to the request")
+        if not _VALID_ID.fullmatch(user_id):
+            return _uncacheable(qualified_namespace, "user id holds ':' or whitespace")
+        scope_text = f"{scope_text}:user_{user_id}"
+    key = f"{qualified_namespace}:{scope_text}:{request.url.path}:{canonical_query_digest(request)}"
+    scope = CacheScope(_split_namespace(qualified_namespace), tenant_id, user_id)
+    return ScopedKey(key, scope)
+
+
+def tenant_cache_key_builder(
+    func: Callable[..., Any],
+    namespace: str = "",
+    *,
+    request: Request | None = None,
+    response: Response | None = None,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> str:
+    """Builds a tenant-scoped key for the current request.
+
+    Args:
+        func: The cached endpoint (unused; part of the ``KeyBuilder`` protocol).
+        namespace: ``"{CACHE_PREFIX}:{namespace}"``, as fastapi-cache2's decorator passes it.
+        request: The request being served.
+        response: Unused; part of the protocol.
+        args: Unused; part of the protocol.
+        kwargs: Unused; part of the protocol.
+
+    Returns:
+        ``{prefix}:{namespace}:tenant_{tenant_id}:{url_path}:{md5}``, or an uncacheable key when no
+        tenant is bound.
+    """
+    return _build(namespace, request, per_user=False)
+
+
+def tenant_user_cache_key_builder(
+    func: Callable[..., Any],
+    namespace: str = "",
+    *,
+    request: Request | None = None,
+    response: Response | None = None,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> str:
+    """Builds a key scoped to the current tenant and user (for ``/me``-style responses).
+
+    Returns:
+        ``{prefix}:{namespace}:tenant_{tenant_id}:user_{user_id}:{url_path}:{md5}``, or an
+        uncacheable key when the tenant or the user is missing.
+    """
+    return _build(namespace, request, per_user=True)

@@ -1,0 +1,84 @@
+"""What an entry belongs to: the isolation contract between prefixes, namespaces, tenants and users.
+
+- A **prefix** (``CACHE_PREFIX``) belongs to one service. Nothing the cache does under one prefix
+  reads, writes or removes a key of another prefix.
+- A **namespace** groups the entries of one kind of response (``tenant_config``). Invalidating a
+  namespace removes only entries stored under that exact namespace: never one whose namespace merely
+  starts with the same text (``tenant`` never touches ``tenant_config``).
+- A **tenant** scope holds one tenant's entries of a namespace; invalidating it leaves every other
+  tenant's entries in place. It includes the user-scoped entries of that tenant.
+- A **user** scope holds one user's entries within one tenant.
+
+Keys carry their scope with them (:class:`ScopedKey`), so the backends index entries without ever
+parsing a key or matching a pattern; namespaces and ids are literal text throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CacheScope", "InvalidationTarget", "ScopedKey"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheScope:
+    """The namespace, tenant and user an entry is stored for (``None``: not scoped that far)."""
+
+    namespace: str
+    tenant_id: str | None = None
+    user_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidationTarget:
+    """A set of entries to remove: a whole namespace, one tenant of it, or one user of a tenant."""
+
+    namespace: str
+    tenant_id: str | None = None
+    user_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.user_id is not None and self.tenant_id is None:
+            raise ValueError("invalidating a user's entries needs the user's tenant_id too")
+
+    def covers(self, other: InvalidationTarget) -> bool:
+        """True when invalidating ``self`` also removes everything ``other`` would."""
+        if self.namespace != other.namespace:
+            return False
+        if self.tenant_id is None:
+            return True
+        if self.tenant_id != other.tenant_id:
+            return False
+        return self.user_id is None or self.user_id == other.user_id
+
+    def matches(self, scope: CacheScope) -> bool:
+        """True when an entry stored for ``scope`` falls under this target."""
+        return (
+            self.namespace == scope.namespace
+            and (self.tenant_id is None or self.tenant_id == scope.tenant_id)
+            and (self.user_id is None or self.user_id == scope.user_id)
+        )
+
+
+class ScopedKey(str):
+    """A cache key (exactly the string stored in Redis) that also knows its scope.
+
+    ``scope`` is ``None`` for a key that must never be read or written: the key builder returns
+    one when the request's identity is missing, so the request is served uncached (fail closed).
+    """
+
+    scope: CacheScope | None
+
+    def __new__(cls, key: str, scope: CacheScope | None) -> ScopedKey:
+        instance = super().__new__(cls, key)
+        instance.scope = scope
+        return instance
+
+    @property
+    def cacheable(self) -> bool:
+        return self.scope is not None
+
+    @property
+    def is_private(self) -> bool:
+        """True when the entry belongs to one tenant or user (never for a shared proxy)."""
+        return self.scope is not None and self.scope.tenant_id is not None

@@ -1,0 +1,150 @@
+"""Typed settings, loaded from the environment once per process.
+
+Every field is named exactly as its environment variable. A bad value raises
+:class:`pydantic.ValidationError` (a ``ValueError``) when the settings load, and the message names
+the variable, so a misconfigured service fails at start-up rather than on its first request.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "REDIS_URL_SCHEMES",
+    "CacheSettings",
+    "cache_settings",
+]
+
+#: URL schemes accepted in ``REDIS_URL``.
+REDIS_URL_SCHEMES = frozenset({"redis", "rediss", "unix"})
+
+# ':' separates the parts of a key, glob characters would make the prefix a pattern in the tools
+# operators reach for, and whitespace never survives a shell.
+_FORBIDDEN_PREFIX_CHARACTERS = re.compile(r"[\s:*?\[\]{}]")
+
+
+class CacheSettings(BaseSettings):
+    """The cache's configuration; each field reads the environment variable of the same name."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
+
+    CACHE_ENABLED: bool = Field(
+        default=True,
+        description="false turns caching off: every request runs its handler, nothing is stored.",
+    )
+    CACHE_PREFIX: str = Field(
+        default="cache",
+        description="Service-specific prefix of every key, e.g. ib-cache. "
+        "No whitespace, ':', glob characters or braces.",
+    )
+    CACHE_TTL_SECONDS: int = Field(
+        default=300, ge=1, description="Default time to live of an entry, in seconds."
+    )
+    REDIS_URL: str | None = Field(
+        default=None,
+        description="redis://, rediss:// or unix:// URL. Unset: the in-memory backend.",
+    )
+    CACHE_FAIL_FAST: bool = Field(
+        default=False,
+        description="true: refuse to start when REDIS_URL is set and Redis does not answer.",
+    )
+    CACHE_MEMORY_MAX_ENTRIES: int = Field(
+        default=10_000,
+        ge=1,
+        description="Bound of the in-memory backend (per process); least recently used go first.",
+    )
+    REDIS_CONNECT_TIMEOUT_SECONDS: float = Field(
+        default=0.5, gt=0, description="Time allowed to open a connection to Redis."
+    )
+    REDIS_SOCKET_TIMEOUT_SECONDS: float = Field(
+        default=0.5, gt=0, description="Time allowed for each Redis command's reply."
+    )
+    CACHE_FAILURE_THRESHOLD: int = Field(
+        default=3,
+        ge=1,
+        description="Consecutive Redis failures after which the cache stops calling Redis "
+        "and serves from memory until Redis answers again.",
+    )
+    CACHE_RECOVERY_INTERVAL_SECONDS: float = Field(
+        default=2.0,
+        gt=0,
+        le=300,
+        description="While Redis is unavailable, how often it is probed to return to it.",
+    )
+    CACHE_PENDING_INVALIDATIONS_MAX: int = Field(
+        default=10_000,
+        ge=1,
+        description="Invalidations remembered during an outage before they are widened to "
+        "whole namespaces.",
+    )
+    CACHE_LOCK_TIMEOUT_SECONDS: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest a request waits for another one computing the same entry "
+        "before it runs the handler itself.",
+    )
+    CACHE_DISTRIBUTED_LOCK: bool = Field(
+        default=False,
+        description="Default of @cache(distributed_lock=...): a short Redis lock so that "
+        "replicas compute a missing entry once.",
+    )
+    CACHE_HONOR_CLIENT_NO_CACHE: bool = Field(
+        default=False,
+        description="true: a request's Cache-Control: no-cache / no-store skips the stored "
+        "entry. false: ignored, so no client can force recomputation.",
+    )
+
+    @field_validator("CACHE_PREFIX")
+    @classmethod
+    def _prefix_is_one_plain_word(cls, value: str) -> str:
+        if not value:
+            raise ValueError("CACHE_PREFIX must not be empty")
+        if _FORBIDDEN_PREFIX_CHARACTERS.search(value):
+            raise ValueError(
+                "CACHE_PREFIX must not contain whitespace, ':', glob characters (*?[]) or braces"
+            )
+        return value
+
+    @field_validator("REDIS_URL", mode="before")
+    @classmethod
+    def _blank_url_means_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _url_is_a_redis_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in REDIS_URL_SCHEMES:
+            raise ValueError(
+                "REDIS_URL must start with redis://, rediss:// or unix:// "
+                f"(got scheme {parts.scheme!r})"
+            )
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError("REDIS_URL: a unix:// URL needs a socket path")
+            return value
+        if not parts.hostname:
+            raise ValueError("REDIS_URL: a host is missing")
+        try:
+            parts.port  # noqa: B018  (parsing the port is the check)
+        except ValueError as exc:
+            raise ValueError(f"REDIS_URL: {exc}") from None
+        return value
+
+
+@lru_cache(maxsize=1)
+def cache_settings() -> CacheSettings:
+    """The process-wide settings, read from the environment on first use.
+
+    ``cache_settings.cache_clear()`` makes the next call read the environment again.
+    """
+    return CacheSettings()

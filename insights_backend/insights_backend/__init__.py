@@ -1,0 +1,1 @@
+"""insights_backend: an example service."""
