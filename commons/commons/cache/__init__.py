@@ -17,6 +17,7 @@ from commons.cache.errors import (
     CacheError,
     CacheUnavailableError,
 )
+from commons.cache.events import CacheEvents, LookupOutcome
 from commons.cache.invalidation import invalidate_namespace
 from commons.cache.keys import tenant_cache_key_builder, tenant_user_cache_key_builder
 from commons.cache.settings import CacheSettings, cache_settings
@@ -27,10 +28,12 @@ __all__ = [
     "BackendRejectedError",
     "BackendUnavailableError",
     "CacheError",
+    "CacheEvents",
     "CacheSettings",
     "CacheState",
     "CacheStatus",
     "CacheUnavailableError",
+    "LookupOutcome",
     "cache",
     "cache_settings",
     "cache_status",

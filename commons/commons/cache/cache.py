@@ -16,6 +16,7 @@ from fastapi_cache import FastAPICache
 from commons.cache.backends.memory import MemoryStore
 from commons.cache.backends.redis import RedisStore
 from commons.cache.connection import create_redis_client
+from commons.cache.events import CacheEvents
 from commons.cache.fastapi_cache_backend import LayerBackend
 from commons.cache.http import CACHE_STATUS_HEADER
 from commons.cache.keys import tenant_cache_key_builder
@@ -36,7 +37,9 @@ def current_layer() -> CacheLayer | None:
     return _layer
 
 
-async def init_cache(settings: CacheSettings | None = None) -> None:
+async def init_cache(
+    settings: CacheSettings | None = None, *, events: CacheEvents | None = None
+) -> None:
     """Chooses and connects the backend; call it in the service's lifespan.
 
     - ``REDIS_URL`` set and Redis answers ``PING``: Redis.
@@ -48,6 +51,7 @@ async def init_cache(settings: CacheSettings | None = None) -> None:
 
     Args:
         settings: The settings to use; ``cache_settings()`` (the environment) by default.
+        events: Receives the cache's events (metrics); none by default.
 
     Raises:
         CacheUnavailableError: Redis is configured, unreachable, and CACHE_FAIL_FAST is true.

@@ -37,6 +37,7 @@ from starlette.responses import Response
 
 from commons.cache.cache import current_layer
 from commons.cache.entry import CachedResponse, decode_entry, encode_entry
+from commons.cache.events import LookupOutcome
 from commons.cache.http import cacheable_response, replay
 from commons.cache.keys import tenant_cache_key_builder
 from commons.cache.layer import CacheLayer
@@ -146,12 +147,11 @@ def cache(
             if inject_request:
                 kwargs.pop(request_name, None)
             layer = current_layer()
-            if (
-                layer is None
-                or not layer.enabled
-                or not isinstance(request, Request)
-                or request.method not in _CACHEABLE_METHODS
-            ):
+            if layer is None or not layer.enabled:
+                if layer is not None:
+                    layer.events.lookup(namespace, LookupOutcome.BYPASS_DISABLED)
+                return await call_handler(args, kwargs)  # type: ignore[no-any-return]
+            if not isinstance(request, Request) or request.method not in _CACHEABLE_METHODS:
                 return await call_handler(args, kwargs)  # type: ignore[no-any-return]
 
             built = chosen_key_builder(
@@ -164,11 +164,14 @@ def cache(
             )
             key = await built if isawaitable(built) else built
             if layer.scope_of(key) is None:
+                layer.events.lookup(namespace, LookupOutcome.BYPASS_NO_IDENTITY)
                 return await call_handler(args, kwargs)  # type: ignore[no-any-return]
             private = isinstance(key, ScopedKey) and key.is_private
             ttl = expire or layer.settings.CACHE_TTL_SECONDS
 
-            if not _client_refuses_stored(request, layer):
+            if _client_refuses_stored(request, layer):
+                layer.events.lookup(namespace, LookupOutcome.BYPASS_CLIENT)
+            else:
                 remaining, raw = await layer.get_with_ttl(key)
                 if raw is not None:
                     try:
@@ -176,6 +179,7 @@ def cache(
                     except (ValueError, KeyError, TypeError):
                         stored = None  # an entry we cannot read is a miss
                     if stored is not None:
+                        layer.events.lookup(namespace, LookupOutcome.HIT)
                         return replay(
                             stored,
                             ttl=remaining,
@@ -191,6 +195,7 @@ def cache(
                     await layer.set(key, encode_entry(rendered), ttl, fill_token=fill_token)
                 return rendered
 
+            layer.events.lookup(namespace, LookupOutcome.MISS)
             use_lock = (
                 layer.settings.CACHE_DISTRIBUTED_LOCK
                 if distributed_lock is None

@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from commons.cache.backends.base import CacheStore
 from commons.cache.backends.memory import MemoryStore
 from commons.cache.errors import BackendError, BackendUnavailableError, CacheUnavailableError
+from commons.cache.events import CacheEvents
 from commons.cache.pending import PendingInvalidations
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
 from commons.cache.settings import CacheSettings
@@ -58,8 +59,10 @@ class CacheLayer:
         *,
         redis: CacheStore | None,
         memory: MemoryStore | None = None,
+        events: CacheEvents | None = None,
     ) -> None:
         self.settings = settings
+        self.events = events or CacheEvents()
         self.prefix = settings.CACHE_PREFIX
         self._redis = redis
         self._memory = memory or MemoryStore(settings.CACHE_MEMORY_MAX_ENTRIES)
@@ -135,6 +138,7 @@ class CacheLayer:
         self._state, self._reason, self._since = state, reason, datetime.now(UTC)
         self._rejection_logged = False
         self._log_state()
+        self.events.state_changed(state.value)
 
     def _log_state(self) -> None:
         level = logging.WARNING if self._state is CacheState.DEGRADED else logging.INFO
@@ -149,7 +153,10 @@ class CacheLayer:
         if store is self._redis:
             self._consecutive_failures = 0
 
-    def _record_failure(self, store: CacheStore, exc: BackendError) -> None:
+    def _record_failure(
+        self, store: CacheStore, exc: BackendError, namespace: str, operation: str
+    ) -> None:
+        self.events.backend_error(namespace, operation)
         if store is not self._redis:
             logger.error("in-memory cache failed: %s", exc)
             return
@@ -189,14 +196,18 @@ class CacheLayer:
 
     async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
         """The entry and its remaining seconds; ``(0, None)`` on a miss or any failure."""
-        if not self.enabled or self.scope_of(key) is None:
+        scope = self.scope_of(key)
+        if not self.enabled or scope is None:
             return 0, None
         store = self._active_store()
+        started = time.perf_counter()
         try:
             result = await store.get_with_ttl(key)
         except BackendError as exc:
-            self._record_failure(store, exc)
+            self._record_failure(store, exc, scope.namespace, "get")
             return 0, None
+        finally:
+            self.events.timed(scope.namespace, "get", time.perf_counter() - started)
         self._record_success(store)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
@@ -223,12 +234,15 @@ class CacheLayer:
             logger.debug("cache write dropped: %s was invalidated meanwhile", scope.namespace)
             return
         store = self._active_store()
+        started = time.perf_counter()
         try:
             await store.set(key, value, ttl_seconds, scope)
         except BackendError as exc:
-            self._record_failure(store, exc)
+            self._record_failure(store, exc, scope.namespace, "set")
         else:
             self._record_success(store)
+        finally:
+            self.events.timed(scope.namespace, "set", time.perf_counter() - started)
 
     async def delete(self, key: str) -> int:
         """Removes one entry from every tier."""
@@ -237,7 +251,8 @@ class CacheLayer:
             try:
                 removed += await self._redis.delete(key)
             except BackendError as exc:
-                self._record_failure(self._redis, exc)
+                scope = self.scope_of(key)
+                self._record_failure(self._redis, exc, scope.namespace if scope else "", "delete")
         return removed
 
     # -- invalidation --------------------------------------------------------------------------
@@ -252,16 +267,16 @@ class CacheLayer:
             return 0
         self._fill_epochs[target.namespace] = self._fill_epochs.get(target.namespace, 0) + 1
         removed = await self._memory.invalidate(target)
-        if self._redis is None:
-            return removed
-        if self._state is not CacheState.REDIS:
+        if self._redis is not None and self._state is not CacheState.REDIS:
             self._pending.add(target)
-            return removed
-        try:
-            removed += await self._redis.invalidate(target)
-        except BackendError as exc:
-            self._pending.add(target)
-            self._degrade(f"an invalidation could not reach Redis: {exc}")
+        elif self._redis is not None:
+            try:
+                removed += await self._redis.invalidate(target)
+            except BackendError as exc:
+                self.events.backend_error(target.namespace, "invalidate")
+                self._pending.add(target)
+                self._degrade(f"an invalidation could not reach Redis: {exc}")
+        self.events.invalidated(target.namespace, removed)
         return removed
 
     async def clear(self) -> int:
@@ -280,7 +295,7 @@ class CacheLayer:
         try:
             return await self._redis.add_if_absent(key, token, ttl_ms)
         except BackendError as exc:
-            self._record_failure(self._redis, exc)
+            self._record_failure(self._redis, exc, "", "lock")
             return None
 
     async def unlock(self, key: str, token: bytes) -> None:
@@ -289,7 +304,7 @@ class CacheLayer:
         try:
             await self._redis.delete_if_equal(key, token)
         except BackendError as exc:
-            self._record_failure(self._redis, exc)
+            self._record_failure(self._redis, exc, "", "unlock")
 
     # -- recovery ------------------------------------------------------------------------------
 

@@ -1,0 +1,42 @@
+"""Hooks through which the layer and the decorator report what they do (metrics attach here).
+
+The default :class:`CacheEvents` does nothing, so the hot path pays one method call per event.
+Labels passed to the hooks are bounded: namespaces, outcomes and operations, never tenant ids, user
+ids or keys.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CacheEvents", "LookupOutcome"]
+
+
+class LookupOutcome:
+    """The outcomes a cached request can have (the ``outcome`` of :meth:`CacheEvents.lookup`)."""
+
+    HIT = "hit"
+    MISS = "miss"
+    #: Served uncached: no tenant or user to build a key from.
+    BYPASS_NO_IDENTITY = "bypass_no_identity"
+    #: Served uncached: CACHE_ENABLED is false or init_cache() has not run.
+    BYPASS_DISABLED = "bypass_disabled"
+    #: The stored entry was skipped because the client asked (CACHE_HONOR_CLIENT_NO_CACHE).
+    BYPASS_CLIENT = "bypass_client"
+
+
+class CacheEvents:
+    """Receives the cache's events. Subclass and override what you need; each default is a no-op."""
+
+    def lookup(self, namespace: str, outcome: str) -> None:
+        """A cached route answered a request: ``outcome`` is one of :class:`LookupOutcome`."""
+
+    def backend_error(self, namespace: str, operation: str) -> None:
+        """A backend operation (``get``, ``set``, ``invalidate``, ...) failed and was absorbed."""
+
+    def invalidated(self, namespace: str, removed: int) -> None:
+        """An invalidation of ``namespace`` removed ``removed`` entries."""
+
+    def state_changed(self, state: str) -> None:
+        """The layer moved to ``state`` (``redis``, ``memory``, ``degraded``, ``disabled``)."""
+
+    def timed(self, namespace: str, operation: str, seconds: float) -> None:
+        """Time spent in the cache layer for one operation."""
