@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: run test lint format bench install install-test clean
 
@@ -17,7 +18,11 @@ $(STAMP): $(BIN)/python commons/pyproject.toml insights_backend/pyproject.toml
 	@touch $@
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e './commons[test,metrics]' -e './insights_backend[test]' -r bench/requirements.txt
+	$(BIN)/python -m pip install --quiet -e './commons[test,metrics,cli]' -e './insights_backend[test]'
+	@touch $@
+
+$(BENCH_STAMP): $(TEST_STAMP) bench/requirements.txt
+	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
 	@touch $@
 
 install: $(STAMP)
@@ -39,7 +44,7 @@ format: $(TEST_STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
-bench: $(TEST_STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
 clean:
