@@ -135,6 +135,8 @@ class MemoryStore(CacheStore):
         return int(self._remove(key))
 
     async def invalidate(self, target: InvalidationTarget) -> int:
+        # Expired entries were no longer cached: drop them first so the count is what was removed.
+        self.reclaim_expired()
         tenants = self._index.get(target.namespace)
         if not tenants:
             return 0

@@ -1,0 +1,198 @@
+"""PendingInvalidations: invalidations kept during an outage stay few, and none is ever lost."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from commons.cache.backends.memory import MemoryStore
+from commons.cache.pending import PendingInvalidations
+from commons.cache.scope import CacheScope, InvalidationTarget
+
+
+def target(
+    namespace: str, tenant_id: str | None = None, user_id: str | None = None
+) -> InvalidationTarget:
+    return InvalidationTarget(namespace, tenant_id, user_id)
+
+
+def pending_with(*targets: InvalidationTarget, max_items: int = 100) -> PendingInvalidations:
+    pending = PendingInvalidations(max_items)
+    for each in targets:
+        pending.add(each)
+    return pending
+
+
+# -- deduplication by coverage ---------------------------------------------------------------------
+
+
+def test_nothing_is_pending_at_first() -> None:
+    pending = PendingInvalidations(10)
+
+    assert not pending
+    assert len(pending) == 0
+    assert pending.targets() == []
+
+
+def test_the_same_invalidation_twice_is_kept_once() -> None:
+    pending = pending_with(target("tenant_config", "acme"), target("tenant_config", "acme"))
+
+    assert pending.targets() == [target("tenant_config", "acme")]
+
+
+def test_an_invalidation_covered_by_a_kept_one_adds_nothing() -> None:
+    pending = pending_with(
+        target("tenant_config"),
+        target("tenant_config", "acme"),
+        target("tenant_config", "acme", "alice"),
+    )
+
+    assert pending.targets() == [target("tenant_config")]
+
+
+def test_a_tenant_covers_its_users_but_not_other_tenants_users() -> None:
+    pending = pending_with(
+        target("profile", "acme"),
+        target("profile", "acme", "alice"),
+        target("profile", "globex", "alice"),
+    )
+
+    assert pending.targets() == [target("profile", "acme"), target("profile", "globex", "alice")]
+
+
+def test_a_wider_invalidation_absorbs_the_narrower_ones_it_covers() -> None:
+    pending = pending_with(
+        target("profile", "acme", "alice"),
+        target("profile", "acme", "bob"),
+        target("profile", "globex"),
+        target("profile", "acme"),
+    )
+    assert pending.targets() == [target("profile", "globex"), target("profile", "acme")]
+
+    pending.add(target("profile"))
+    assert pending.targets() == [target("profile")]
+
+
+def test_namespaces_that_share_a_textual_prefix_do_not_cover_each_other() -> None:
+    pending = pending_with(
+        target("tenant"), target("tenant_config", "acme"), target("tenant_config")
+    )
+
+    assert pending.targets() == [target("tenant"), target("tenant_config")]
+
+
+def test_distinct_invalidations_are_kept_in_the_order_they_came() -> None:
+    wanted = [target("b"), target("a", "t1"), target("c", "t1", "u1"), target("a", "t2")]
+
+    assert pending_with(*wanted).targets() == wanted
+
+
+def test_a_target_absorbs_pending_single_keys_of_its_scope() -> None:
+    pending = PendingInvalidations(10)
+    pending.add_key(
+        "cache:profile:tenant_acme:user_alice:/me:0", CacheScope("profile", "acme", "alice")
+    )
+    pending.add_key("cache:profile:tenant_globex:/list:0", CacheScope("profile", "globex"))
+
+    pending.add(target("profile", "acme"))
+
+    assert pending.keys() == ["cache:profile:tenant_globex:/list:0"]
+    assert pending.targets() == [target("profile", "acme")]
+
+
+def test_a_single_key_covered_by_a_pending_target_adds_nothing() -> None:
+    pending = pending_with(target("profile", "acme"))
+
+    pending.add_key("cache:profile:tenant_acme:/list:0", CacheScope("profile", "acme"))
+
+    assert pending.keys() == []
+    assert len(pending) == 1
+
+
+# -- overflow: wider, never lost -------------------------------------------------------------------
+
+
+def test_past_the_bound_invalidations_are_widened_to_their_namespaces() -> None:
+    pending = pending_with(
+        target("tenant_config", "t1"),
+        target("tenant_config", "t2"),
+        target("profile", "t1", "u1"),
+        target("profile", "t2", "u2"),
+        max_items=3,
+    )
+
+    assert set(pending.targets()) == {target("tenant_config"), target("profile")}
+
+
+def test_widening_never_loses_a_namespace() -> None:
+    namespaces = [f"ns{n}" for n in range(20)]
+    pending = PendingInvalidations(5)
+
+    for namespace in namespaces:
+        for tenant in ("t1", "t2", "t3"):
+            pending.add(target(namespace, tenant, "u1"))
+
+    kept = {each.namespace for each in pending.targets()}
+    assert kept == set(namespaces)
+    assert all(each.tenant_id is None for each in pending.targets())
+
+
+def test_after_widening_new_invalidations_are_deduplicated_against_the_wider_ones() -> None:
+    pending = pending_with(target("a", "t1"), target("a", "t2"), target("b", "t1"), max_items=2)
+    assert set(pending.targets()) == {target("a"), target("b")}
+
+    pending.add(target("a", "t9", "u9"))
+
+    assert set(pending.targets()) == {target("a"), target("b")}
+
+
+def test_a_single_key_whose_namespace_is_unknown_widens_to_a_flush() -> None:
+    pending = PendingInvalidations(1)
+    pending.add(target("a", "t1"))
+
+    pending.add_key("some-foreign-key", None)
+
+    assert pending.everything
+
+
+invalidation_targets = st.builds(
+    lambda namespace, tenant, user: target(namespace, tenant, user if tenant else None),
+    st.sampled_from(["tenant", "tenant_config", "profile", "a*", "ns:x"]),
+    st.one_of(st.none(), st.sampled_from(["t1", "t2", "t3", "*"])),
+    st.one_of(st.none(), st.sampled_from(["u1", "u2", "u3"])),
+)
+
+
+@given(st.lists(invalidation_targets, max_size=40), st.integers(min_value=1, max_value=8))
+def test_every_invalidation_ever_added_stays_covered(
+    added: list[InvalidationTarget], max_items: int
+) -> None:
+    pending = pending_with(*added, max_items=max_items)
+
+    for each in added:
+        assert any(kept.covers(each) for kept in pending.targets()), each
+    assert len(pending) <= max(max_items, len({each.namespace for each in added}))
+
+
+# -- applying them ---------------------------------------------------------------------------------
+
+
+async def test_applying_removes_what_each_kept_invalidation_names_and_empties_the_set() -> None:
+    store = MemoryStore(100)
+    scopes = {
+        "acme": CacheScope("tenant_config", "acme"),
+        "globex": CacheScope("tenant_config", "globex"),
+        "alice": CacheScope("profile", "acme", "alice"),
+        "bob": CacheScope("profile", "acme", "bob"),
+    }
+    for name, scope in scopes.items():
+        await store.set(name, b"v", 60, scope)
+    pending = pending_with(target("tenant_config", "acme"), target("profile", "acme", "alice"))
+
+    assert await pending.apply_to(store) == 2
+
+    assert not pending
+    assert [name for name in scopes if (await store.get_with_ttl(name))[1] is not None] == [
+        "globex",
+        "bob",
+    ]

@@ -1,0 +1,308 @@
+"""The store contract: one suite, run on every backend (memory and a real Redis).
+
+Whatever a backend does inside, the layer above sees the same thing: bytes in and bytes out, an
+expiry, and invalidation by namespace, tenant and user that touches nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from redis.asyncio import Redis
+
+from commons.cache.backends.base import CacheStore
+from commons.cache.backends.memory import MemoryStore
+from commons.cache.backends.redis import RedisStore
+from commons.cache.scope import CacheScope, InvalidationTarget
+
+PREFIX = "svc-cache"
+
+StoreFactory = Callable[[str], CacheStore]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
+    """``make_store(prefix)``: a new store of the parametrized backend.
+
+    Memory stores are per instance (the prefix is in the keys only); Redis stores share the
+    session's server, each with its own client and prefix.
+    """
+    stores: list[CacheStore] = []
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+
+    def make(prefix: str) -> CacheStore:
+        store: CacheStore
+        if redis_url is None:
+            store = MemoryStore(1_000)
+        else:
+            store = RedisStore(Redis.from_url(redis_url), prefix)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.aclose()
+
+
+@pytest.fixture
+def store(make_store: StoreFactory) -> CacheStore:
+    return make_store(PREFIX)
+
+
+def key(
+    namespace: str, tenant: str | None = None, user: str | None = None, path: str = "/r"
+) -> str:
+    """A key in the format the key builders produce (the md5 part is fixed here)."""
+    scope_text = "" if tenant is None else f":tenant_{tenant}"
+    scope_text += "" if user is None else f":user_{user}"
+    return f"{PREFIX}:{namespace}{scope_text}:{path}:d41d8cd98f00b204e9800998ecf8427e"
+
+
+async def put(
+    store: CacheStore,
+    namespace: str,
+    tenant: str | None = None,
+    user: str | None = None,
+    path: str = "/r",
+    ttl: int = 60,
+) -> str:
+    entry_key = key(namespace, tenant, user, path)
+    await store.set(entry_key, entry_key.encode(), ttl, CacheScope(namespace, tenant, user))
+    return entry_key
+
+
+async def cached(store: CacheStore, *keys: str) -> set[str]:
+    """Those of ``keys`` that the store still answers."""
+    return {k for k in keys if (await store.get_with_ttl(k))[1] is not None}
+
+
+# -- bytes in, bytes out ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"tenant": "t1", "plan": "pro"}',
+        bytes(range(256)),
+        b"\xff\xfe\x00\x80 not utf-8 \xc3\x28",
+        b"",
+        b"x" * 200_000,
+    ],
+    ids=["json", "every-byte", "invalid-utf8", "empty", "large"],
+)
+async def test_a_stored_value_comes_back_byte_for_byte(store: CacheStore, value: bytes) -> None:
+    await store.set(key("ns", "t1"), value, 60, CacheScope("ns", "t1"))
+
+    _, got = await store.get_with_ttl(key("ns", "t1"))
+
+    assert got == value
+    assert type(got) is bytes
+
+
+async def test_a_missing_key_is_a_miss_with_no_ttl(store: CacheStore) -> None:
+    assert await store.get_with_ttl(key("ns", "t1")) == (0, None)
+
+
+async def test_get_with_ttl_reports_the_remaining_seconds(store: CacheStore) -> None:
+    await store.set(key("ns", "t1"), b"v", 300, CacheScope("ns", "t1"))
+
+    ttl, _ = await store.get_with_ttl(key("ns", "t1"))
+
+    assert 299 <= ttl <= 300
+
+
+async def test_writing_a_key_again_replaces_its_value_and_ttl(store: CacheStore) -> None:
+    await store.set(key("ns", "t1"), b"old", 300, CacheScope("ns", "t1"))
+    await store.set(key("ns", "t1"), b"new", 30, CacheScope("ns", "t1"))
+
+    ttl, value = await store.get_with_ttl(key("ns", "t1"))
+
+    assert value == b"new"
+    assert 29 <= ttl <= 30
+
+
+async def test_an_expired_entry_is_gone_and_not_counted_by_a_later_invalidation(
+    store: CacheStore,
+) -> None:
+    short = await put(store, "ns", "t1", path="/short", ttl=1)
+    long = await put(store, "ns", "t1", path="/long", ttl=60)
+
+    await asyncio.sleep(1.1)
+
+    assert await store.get_with_ttl(short) == (0, None)
+    assert await cached(store, short, long) == {long}
+    assert await store.invalidate(InvalidationTarget("ns")) == 1
+
+
+async def test_delete_removes_one_key_and_says_whether_it_was_there(store: CacheStore) -> None:
+    kept = await put(store, "ns", "t1", path="/kept")
+    gone = await put(store, "ns", "t1", path="/gone")
+
+    assert await store.delete(gone) == 1
+    assert await store.delete(gone) == 0
+    assert await cached(store, kept, gone) == {kept}
+
+
+# -- invalidation by scope -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def entries(store: CacheStore) -> dict[str, str]:
+    """Entries of two namespaces (one a textual prefix of the other), two tenants, two users."""
+    return {
+        "t1": await put(store, "tenant", "t1"),
+        "t1-other-path": await put(store, "tenant", "t1", path="/other"),
+        "t2": await put(store, "tenant", "t2"),
+        "t1-u1": await put(store, "tenant", "t1", "u1", path="/me"),
+        "t1-u2": await put(store, "tenant", "t1", "u2", path="/me"),
+        "t2-u1": await put(store, "tenant", "t2", "u1", path="/me"),
+        "unscoped": await put(store, "tenant", None, path="/public"),
+        "config-t1": await put(store, "tenant_config", "t1"),
+    }
+
+
+async def surviving(store: CacheStore, entries: dict[str, str]) -> set[str]:
+    alive = await cached(store, *entries.values())
+    return {name for name, entry_key in entries.items() if entry_key in alive}
+
+
+async def test_invalidating_a_namespace_removes_its_entries_only(
+    store: CacheStore, entries: dict[str, str]
+) -> None:
+    removed = await store.invalidate(InvalidationTarget("tenant"))
+
+    assert removed == 7
+    assert await surviving(store, entries) == {"config-t1"}
+
+
+async def test_invalidating_a_tenant_removes_its_own_and_its_users_entries(
+    store: CacheStore, entries: dict[str, str]
+) -> None:
+    removed = await store.invalidate(InvalidationTarget("tenant", "t1"))
+
+    assert removed == 4
+    assert await surviving(store, entries) == {"t2", "t2-u1", "unscoped", "config-t1"}
+
+
+async def test_invalidating_a_user_removes_only_that_users_entries_of_that_tenant(
+    store: CacheStore, entries: dict[str, str]
+) -> None:
+    removed = await store.invalidate(InvalidationTarget("tenant", "t1", "u1"))
+
+    assert removed == 1
+    assert await surviving(store, entries) == set(entries) - {"t1-u1"}
+
+
+async def test_entries_without_a_tenant_go_only_with_their_whole_namespace(
+    store: CacheStore, entries: dict[str, str]
+) -> None:
+    await store.invalidate(InvalidationTarget("tenant", "t1"))
+    await store.invalidate(InvalidationTarget("tenant", "t2"))
+    assert "unscoped" in await surviving(store, entries)
+
+    await store.invalidate(InvalidationTarget("tenant"))
+    assert "unscoped" not in await surviving(store, entries)
+
+
+async def test_invalidating_again_removes_nothing_more(
+    store: CacheStore, entries: dict[str, str]
+) -> None:
+    assert await store.invalidate(InvalidationTarget("tenant", "t1")) == 4
+
+    assert await store.invalidate(InvalidationTarget("tenant", "t1")) == 0
+    assert await store.invalidate(InvalidationTarget("tenant", "t1", "u1")) == 0
+
+
+async def test_invalidating_scopes_never_cached_removes_nothing(
+    store: CacheStore, entries: dict[str, str]
+) -> None:
+    assert await store.invalidate(InvalidationTarget("nothing-here")) == 0
+    assert await store.invalidate(InvalidationTarget("tenant", "t9")) == 0
+    assert await store.invalidate(InvalidationTarget("tenant", "t1", "u9")) == 0
+    assert await surviving(store, entries) == set(entries)
+
+
+async def test_entries_written_after_an_invalidation_are_cached_and_invalidated_again(
+    store: CacheStore, entries: dict[str, str]
+) -> None:
+    await store.invalidate(InvalidationTarget("tenant", "t1"))
+    again = await put(store, "tenant", "t1")
+
+    assert await cached(store, again) == {again}
+    assert await store.invalidate(InvalidationTarget("tenant")) == 4
+
+
+# -- clear: this store's entries only --------------------------------------------------------------
+
+
+async def test_clear_removes_this_prefixs_entries_and_no_other_prefixs(
+    make_store: StoreFactory,
+) -> None:
+    mine, theirs = make_store(PREFIX), make_store("other-cache")
+    my_keys = [await put(mine, "tenant", "t1"), await put(mine, "tenant", "t2", "u1")]
+    their_key = "other-cache:tenant:tenant_t1:/r:d41d8cd98f00b204e9800998ecf8427e"
+    await theirs.set(their_key, b"theirs", 60, CacheScope("tenant", "t1"))
+
+    assert await mine.clear() >= len(my_keys)
+
+    assert await cached(mine, *my_keys) == set()
+    assert await theirs.get_with_ttl(their_key) == (60, b"theirs")
+    assert await theirs.invalidate(InvalidationTarget("tenant")) == 1
+
+
+async def test_after_clear_the_store_caches_and_invalidates_as_before(store: CacheStore) -> None:
+    await put(store, "tenant", "t1")
+    await store.clear()
+
+    entry = await put(store, "tenant", "t1")
+
+    assert await cached(store, entry) == {entry}
+    assert await store.invalidate(InvalidationTarget("tenant", "t1")) == 1
+
+
+# -- locks -----------------------------------------------------------------------------------------
+
+
+async def test_add_if_absent_takes_a_lock_only_once(store: CacheStore) -> None:
+    lock = f"{PREFIX}:#lock:tenant"
+
+    assert await store.add_if_absent(lock, b"first", 5_000) is True
+    assert await store.add_if_absent(lock, b"second", 5_000) is False
+    assert (await store.get_with_ttl(lock))[1] == b"first"
+
+
+async def test_add_if_absent_does_not_overwrite_a_cached_entry(store: CacheStore) -> None:
+    entry = await put(store, "tenant", "t1")
+
+    assert await store.add_if_absent(entry, b"lock", 5_000) is False
+    assert (await store.get_with_ttl(entry))[1] == entry.encode()
+
+
+async def test_a_lock_expires_after_its_ttl_in_milliseconds(store: CacheStore) -> None:
+    lock = f"{PREFIX}:#lock:tenant"
+    await store.add_if_absent(lock, b"first", 100)
+
+    await asyncio.sleep(0.25)
+
+    assert await store.add_if_absent(lock, b"second", 5_000) is True
+
+
+async def test_delete_if_equal_removes_the_lock_only_for_its_holder(store: CacheStore) -> None:
+    lock = f"{PREFIX}:#lock:tenant"
+    await store.add_if_absent(lock, b"holder", 5_000)
+
+    assert await store.delete_if_equal(lock, b"someone-else") is False
+    assert (await store.get_with_ttl(lock))[1] == b"holder"
+    assert await store.delete_if_equal(lock, b"holder") is True
+    assert await store.get_with_ttl(lock) == (0, None)
+    assert await store.delete_if_equal(lock, b"holder") is False
+
+
+async def test_ping_answers_and_closing_twice_is_safe(make_store: StoreFactory) -> None:
+    store = make_store(PREFIX)
+
+    await store.ping()
+    await store.aclose()
+    await store.aclose()
