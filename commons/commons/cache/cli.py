@@ -1,0 +1,347 @@
+"""``commons-cache``: operate one service's cache from a shell (also ``python -m commons.cache``).
+
+It reads the same environment variables as the services (``REDIS_URL``, ``CACHE_PREFIX``, the
+timeouts, ...; see ``settings.py``), so run it with the service's environment::
+
+    commons-cache check                    # settings, connectivity, version, eviction policy
+    commons-cache stats [--by-tenant]      # entries per namespace (and tenant), memory used
+    commons-cache invalidate NAMESPACE [--tenant ID] [--user ID]
+    commons-cache flush [--dry-run] [--yes]
+
+Every command touches the keys of ``CACHE_PREFIX`` only. ``stats`` reads the invalidation indexes
+(``ZCOUNT`` per index, no key scan); ``invalidate`` is ``invalidate_namespace()`` applied to Redis;
+``flush`` walks the prefix with ``SCAN`` and removes it with ``UNLINK`` in batches, so Redis keeps
+answering other clients throughout (never ``KEYS``, which blocks it), and key names are never
+passed through a shell. ``invalidate`` and ``flush`` act on Redis: a replica serving from its
+in-memory tier during an outage keeps its entries until it returns to Redis.
+
+Failures are one line on stderr, never a traceback. Exit status: 0 done, 1 Redis failed or the
+user declined, 2 bad settings or arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import typer
+from pydantic import ValidationError
+
+from commons.cache.backends.redis import RedisStore
+from commons.cache.connection import cluster_client_factory, create_redis_client
+from commons.cache.errors import BackendError, BackendRejectedError
+from commons.cache.scope import InvalidationTarget
+from commons.cache.settings import CacheSettings
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+#: Entries per namespace whose ``MEMORY USAGE`` is read to estimate the namespace's memory.
+MEMORY_SAMPLES = 50
+
+EXIT_FAILED = 1
+EXIT_BAD_SETTINGS = 2
+
+app = typer.Typer(
+    name="commons-cache",
+    help="Operate a service's response cache in Redis. Configured by the service's environment "
+    "(REDIS_URL, CACHE_PREFIX, ...).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+# -- plumbing ----------------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _describe_invalid(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        # The URL may carry a password: never echo it.
+        shown = "" if name == "REDIS_URL" else f" (got {error['input']!r})"
+        parts.append(f"{name}: {message}{shown}")
+    return "invalid cache settings: " + "; ".join(parts)
+
+
+def _load_settings() -> CacheSettings:
+    # Read the environment now, exactly as cache_settings() does in a service.
+    try:
+        return CacheSettings()
+    except ValidationError as exc:
+        _fail(_describe_invalid(exc), EXIT_BAD_SETTINGS)
+
+
+def _redis_settings(action: str) -> CacheSettings:
+    settings = _load_settings()
+    if settings.REDIS_URL is None:
+        _fail(
+            f"REDIS_URL is not set: nothing to {action} (without Redis each service process "
+            "caches in its own memory)",
+            EXIT_BAD_SETTINGS,
+        )
+    return settings
+
+
+def _shown_url(url: str) -> str:
+    """The URL without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _with_store(settings: CacheSettings, work: Callable[[RedisStore], Awaitable[T]]) -> T:
+    """Runs ``work`` against the settings' Redis; a Redis failure becomes one line and exit 1."""
+
+    async def run() -> T:
+        # Built as init_cache() builds it; the first PING also finds out whether it is a cluster.
+        store = RedisStore(
+            create_redis_client(settings),
+            settings.CACHE_PREFIX,
+            cluster_factory=cluster_client_factory(settings),
+        )
+        try:
+            await store.ping()
+            return await work(store)
+        finally:
+            await store.aclose()
+
+    assert settings.REDIS_URL is not None
+    try:
+        return asyncio.run(run())
+    except BackendError as exc:
+        _fail(f"Redis at {_shown_url(settings.REDIS_URL)}: {exc}")
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def _maxmemory(info: dict[str, Any]) -> str:
+    limit = int(info.get("maxmemory", 0) or 0)
+    return _size(limit) if limit else "no limit"
+
+
+# -- check -------------------------------------------------------------------------------------
+
+
+@app.command()
+def check(
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 on warnings too (for CI and deploy checks).")
+    ] = False,
+) -> None:
+    """Validates the settings and checks Redis: connectivity, version, mode, eviction policy."""
+    settings = _load_settings()
+    state = "enabled" if settings.CACHE_ENABLED else "DISABLED (CACHE_ENABLED=false)"
+    typer.echo(
+        f"settings  ok: prefix {settings.CACHE_PREFIX}, "
+        f"default ttl {settings.CACHE_TTL_SECONDS}s, caching {state}"
+    )
+    if settings.REDIS_URL is None:
+        typer.echo("redis     not configured (REDIS_URL unset): each process caches in memory")
+        return
+
+    async def probe(store: RedisStore) -> tuple[float, dict[str, Any], bool]:
+        started = time.perf_counter()
+        await store.ping()
+        elapsed = time.perf_counter() - started
+        if store.is_cluster:
+            typer.echo("cluster   the node is part of a Redis Cluster: using the cluster client")
+        info = await store.server_info()
+        key, token = f"{settings.CACHE_PREFIX}:#check:{secrets.token_hex(8)}", b"check"
+        try:
+            writable = await store.add_if_absent(key, token, 10_000)
+            await store.delete_if_equal(key, token)
+        except BackendRejectedError:
+            writable = False
+        return elapsed, info, writable
+
+    typer.echo(f"redis     {_shown_url(settings.REDIS_URL)}")
+    elapsed, info, writable = _with_store(settings, probe)
+    mode = info.get("redis_mode", "standalone")
+    typer.echo(
+        f"server    ok: Redis {info.get('redis_version', '?')}, {mode} mode, "
+        f"PING {elapsed * 1000:.1f} ms"
+    )
+    policy = str(info.get("maxmemory_policy", "unknown"))
+    typer.echo(f"eviction  {policy}, maxmemory {_maxmemory(info)}")
+    warnings = []
+    if not policy.startswith("allkeys-"):
+        warnings.append(
+            f"maxmemory-policy is {policy}, not an allkeys-* policy: a full Redis will refuse "
+            "or keep entries instead of evicting the least used (the guide recommends allkeys-lru)"
+        )
+    if writable:
+        typer.echo("write     ok")
+    else:
+        warnings.append("Redis refused a write: entries cannot be stored (read-only replica?)")
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    if warnings and strict:
+        raise typer.Exit(EXIT_FAILED)
+
+
+# -- stats -------------------------------------------------------------------------------------
+
+
+@app.command()
+def stats(
+    by_tenant: Annotated[
+        bool, typer.Option("--by-tenant", help="Also count each namespace's entries per tenant.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Entries per namespace (per tenant with --by-tenant) and memory used, for CACHE_PREFIX."""
+    settings = _redis_settings("count")
+
+    async def gather(store: RedisStore) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        rows = []
+        for namespace in await store.namespaces():
+            per_tenant = await store.count_entries(namespace)
+            entries = sum(per_tenant.values())
+            try:
+                sizes = await store.entry_sizes(namespace, MEMORY_SAMPLES) if entries else []
+            except BackendRejectedError:  # MEMORY USAGE not allowed for this user
+                sizes = []
+            estimate = round(sum(sizes) / len(sizes) * entries) if sizes else None
+            row: dict[str, Any] = {
+                "namespace": namespace,
+                "entries": entries,
+                "memory_bytes_estimate": estimate,
+            }
+            if by_tenant:
+                row["tenants"] = [
+                    {"tenant": tenant, "entries": count}
+                    for tenant, count in sorted(
+                        per_tenant.items(), key=lambda item: (-item[1], item[0] or "")
+                    )
+                    if count
+                ]
+            rows.append(row)
+        return rows, await store.server_info()
+
+    rows, info = _with_store(settings, gather)
+    used_memory = int(info.get("used_memory", 0))
+    server = {
+        "used_memory": used_memory,
+        "maxmemory": int(info.get("maxmemory", 0) or 0),
+        "maxmemory_policy": info.get("maxmemory_policy"),
+    }
+    if as_json:
+        typer.echo(json.dumps({"prefix": settings.CACHE_PREFIX, "namespaces": rows, **server}))
+        return
+    typer.echo(f"prefix {settings.CACHE_PREFIX} at {_shown_url(settings.REDIS_URL or '')}")
+
+    def tenant_label(tenant: str | None) -> str:
+        return "  (no tenant)" if tenant is None else f"  tenant {tenant}"
+
+    labels = [
+        "namespace",
+        *(row["namespace"] for row in rows),
+        *(tenant_label(each["tenant"]) for row in rows for each in row.get("tenants", [])),
+    ]
+    width = max(len(label) for label in labels) + 2
+    typer.echo(f"{'namespace':<{width}}{'entries':>10}  memory (estimated)")
+    total_entries, total_bytes = 0, 0
+    for row in rows:
+        estimate = row["memory_bytes_estimate"]
+        memory = _size(estimate) if estimate is not None else "-"
+        typer.echo(f"{row['namespace']:<{width}}{row['entries']:>10}  {memory}")
+        for tenant in row.get("tenants", []):
+            typer.echo(f"{tenant_label(tenant['tenant']):<{width}}{tenant['entries']:>10}")
+        total_entries += row["entries"]
+        total_bytes += estimate or 0
+    typer.echo(f"{'total':<{width}}{total_entries:>10}  {_size(total_bytes)}")
+    typer.echo(
+        f"server memory: {_size(used_memory)} used, maxmemory {_maxmemory(info)}, "
+        f"policy {server['maxmemory_policy']}"
+    )
+
+
+# -- invalidate --------------------------------------------------------------------------------
+
+
+@app.command()
+def invalidate(
+    namespace: Annotated[str, typer.Argument(help="The namespace given to @cache(namespace=...).")],
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="Only this tenant's entries (and its users').")
+    ] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", help="Only this user's entries (needs --tenant).")
+    ] = None,
+) -> None:
+    """Removes a namespace's entries, as invalidate_namespace() does; prints how many."""
+    settings = _redis_settings("invalidate")
+    try:
+        target = InvalidationTarget(namespace, tenant, user)
+    except ValueError as exc:
+        _fail(f"{exc} (--user needs --tenant)", EXIT_BAD_SETTINGS)
+    removed = _with_store(settings, lambda store: store.invalidate(target))
+    scope = f" for tenant {tenant}" if tenant is not None else ""
+    scope += f", user {user}" if user is not None else ""
+    typer.echo(f"removed {removed} entries of namespace {namespace}{scope}")
+
+
+# -- flush -------------------------------------------------------------------------------------
+
+
+@app.command()
+def flush(
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count the keys that would be removed; remove none.")
+    ] = False,
+) -> None:
+    """Removes every key of CACHE_PREFIX (SCAN + UNLINK in batches; Redis keeps answering)."""
+    settings = _redis_settings("flush")
+    prefix, where = settings.CACHE_PREFIX, _shown_url(settings.REDIS_URL or "")
+    found = _with_store(settings, lambda store: store.count_keys())
+    if dry_run:
+        typer.echo(f"would remove {found} keys of prefix {prefix} at {where} (dry run)")
+        return
+    if found == 0:
+        typer.echo(f"nothing to remove: no key of prefix {prefix} at {where}")
+        return
+    if not yes:
+        try:
+            confirmed = typer.confirm(f"Remove {found} keys of prefix {prefix} at {where}?")
+        except typer.Abort:  # no answer (end of input, Ctrl-C)
+            confirmed = False
+        if not confirmed:
+            _fail("not confirmed: nothing removed (--yes skips the question)")
+
+    with typer.progressbar(length=found, label=f"flushing {prefix}", file=sys.stderr) as bar:
+
+        async def remove(store: RedisStore) -> int:
+            return await store.clear(on_batch=bar.update)
+
+        removed = _with_store(settings, remove)
+    typer.echo(f"removed {removed} keys of prefix {prefix}")
+
+
+def main() -> None:
+    """The ``commons-cache`` console script."""
+    app(prog_name="commons-cache")

@@ -1,0 +1,263 @@
+"""Prometheus metrics: what an operator reads off ``/metrics`` after real requests.
+
+Every test uses a namespace of its own, so the process-wide counters of other tests never mix in.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI, Header
+from prometheus_client import REGISTRY, generate_latest
+
+from commons.cache import (
+    CacheEvents,
+    CacheSettings,
+    cache,
+    close_cache,
+    init_cache,
+    invalidate_namespace,
+)
+from commons.cache.cache import current_layer
+from commons.cache.metrics import PrometheusEvents
+from commons.testing.redis_server import RedisServer
+from commons.utilities.context import set_tenant_id, set_user_id
+
+STATES = ("redis", "memory", "degraded", "disabled")
+
+
+async def bind_identity(
+    x_tenant: Annotated[str | None, Header()] = None,
+    x_user: Annotated[str | None, Header()] = None,
+) -> None:
+    set_tenant_id(x_tenant)
+    set_user_id(x_user)
+
+
+def make_app(namespace: str) -> FastAPI:
+    app = FastAPI(dependencies=[Depends(bind_identity)])
+
+    @app.get("/reports")
+    @cache(namespace=namespace, expire=60)
+    async def reports() -> dict[str, str]:
+        return {"report": "quarterly"}
+
+    return app
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"reports_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def client(namespace: str) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=make_app(namespace))
+    async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+        yield http
+
+
+def sample(name: str, **labels: str) -> float:
+    """The value an operator reads for one series (0 when the series does not exist yet)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def states() -> dict[str, float]:
+    return {state: sample("commons_cache_backend_state", state=state) for state in STATES}
+
+
+async def test_a_miss_then_a_hit_are_counted_in_the_routes_namespace(
+    backend: CacheSettings, client: httpx.AsyncClient, namespace: str
+) -> None:
+    first = await client.get("/reports", headers={"X-Tenant": "acme"})
+    second = await client.get("/reports", headers={"X-Tenant": "acme"})
+
+    assert (first.headers["X-FastAPI-Cache"], second.headers["X-FastAPI-Cache"]) == ("MISS", "HIT")
+    assert sample("commons_cache_misses_total", namespace=namespace) == 1
+    assert sample("commons_cache_hits_total", namespace=namespace) == 1
+
+
+async def test_time_in_the_cache_layer_is_observed_per_operation(
+    backend: CacheSettings, client: httpx.AsyncClient, namespace: str
+) -> None:
+    await client.get("/reports", headers={"X-Tenant": "acme"})  # a read that misses, a write
+    await client.get("/reports", headers={"X-Tenant": "acme"})  # a read that hits
+
+    count = "commons_cache_operation_duration_seconds_count"
+    assert sample(count, namespace=namespace, operation="get") == 2
+    assert sample(count, namespace=namespace, operation="set") == 1
+    assert (
+        sample("commons_cache_operation_duration_seconds_sum", namespace=namespace, operation="get")
+        > 0
+    )
+
+
+async def test_a_request_without_a_tenant_is_a_bypass_for_lack_of_identity(
+    backend: CacheSettings, client: httpx.AsyncClient, namespace: str
+) -> None:
+    response = await client.get("/reports")
+
+    assert response.status_code == 200
+    assert sample("commons_cache_bypasses_total", namespace=namespace, reason="no_identity") == 1
+    assert sample("commons_cache_misses_total", namespace=namespace) == 0
+
+
+async def test_a_disabled_cache_counts_bypasses_as_disabled(
+    make_settings: Callable[..., CacheSettings], client: httpx.AsyncClient, namespace: str
+) -> None:
+    await init_cache(make_settings(CACHE_ENABLED=False))
+    try:
+        await client.get("/reports", headers={"X-Tenant": "acme"})
+        assert sample("commons_cache_bypasses_total", namespace=namespace, reason="disabled") == 1
+        assert states() == {"redis": 0, "memory": 0, "degraded": 0, "disabled": 1}
+    finally:
+        await close_cache()
+
+
+async def test_a_client_refusing_stored_entries_is_a_client_policy_bypass(
+    make_settings: Callable[..., CacheSettings], client: httpx.AsyncClient, namespace: str
+) -> None:
+    await init_cache(make_settings(CACHE_HONOR_CLIENT_NO_CACHE=True))
+    try:
+        headers = {"X-Tenant": "acme", "Cache-Control": "no-cache"}
+        await client.get("/reports", headers=headers)
+        assert (
+            sample("commons_cache_bypasses_total", namespace=namespace, reason="client_policy") == 1
+        )
+    finally:
+        await close_cache()
+
+
+async def test_invalidations_count_the_calls_and_the_entries_they_removed(
+    backend: CacheSettings, client: httpx.AsyncClient, namespace: str
+) -> None:
+    for tenant in ("acme", "globex", "initech"):
+        await client.get("/reports", headers={"X-Tenant": tenant})
+
+    await invalidate_namespace(namespace, tenant_id="acme")
+    await invalidate_namespace(namespace)
+
+    assert sample("commons_cache_invalidations_total", namespace=namespace) == 2
+    assert sample("commons_cache_invalidated_entries_total", namespace=namespace) == 3
+
+
+async def test_the_state_gauge_is_one_for_the_current_backend_only(
+    backend: CacheSettings, backend_name: str
+) -> None:
+    assert states() == {state: float(state == backend_name) for state in STATES}
+
+
+async def test_a_redis_outage_shows_as_backend_errors_and_the_degraded_state(
+    own_redis: RedisServer,
+    make_settings: Callable[..., CacheSettings],
+    client: httpx.AsyncClient,
+    namespace: str,
+) -> None:
+    await init_cache(make_settings(own_redis.url, CACHE_FAILURE_THRESHOLD=1))
+    try:
+        await client.get("/reports", headers={"X-Tenant": "acme"})
+        assert states()["redis"] == 1
+
+        own_redis.kill()
+        response = await client.get("/reports", headers={"X-Tenant": "acme"})
+
+        assert response.status_code == 200
+        assert (
+            sample("commons_cache_backend_errors_total", namespace=namespace, operation="get") == 1
+        )
+        assert states() == {"redis": 0, "memory": 0, "degraded": 1, "disabled": 0}
+    finally:
+        await close_cache()
+    assert states()["disabled"] == 1
+
+
+async def test_no_label_value_holds_a_tenant_id_a_user_id_or_a_key(
+    backend: CacheSettings, client: httpx.AsyncClient, namespace: str
+) -> None:
+    tenants = [f"tenant{uuid.uuid4().hex[:10]}" for _ in range(40)]
+    users = [f"user{uuid.uuid4().hex[:10]}" for _ in range(40)]
+    for tenant, user in zip(tenants, users, strict=True):
+        for _ in range(2):
+            await client.get("/reports", headers={"X-Tenant": tenant, "X-User": user})
+    await invalidate_namespace(namespace, tenant_id=tenants[0], user_id=users[0])
+    await invalidate_namespace(namespace, tenant_id=tenants[1])
+
+    label_values = {
+        value
+        for family in REGISTRY.collect()
+        if family.name.startswith("commons_cache_")
+        for metric_sample in family.samples
+        for value in metric_sample.labels.values()
+    }
+    assert sample("commons_cache_hits_total", namespace=namespace) == 40
+    assert namespace in label_values
+    forbidden = [*tenants, *users, f"{backend.CACHE_PREFIX}:", "/reports"]  # ids, keys, paths
+    assert [value for value in label_values if any(bad in value for bad in forbidden)] == []
+
+
+async def test_metrics_are_registered_once_however_often_the_cache_is_initialised(
+    redis_url: str,
+    make_settings: Callable[..., CacheSettings],
+    client: httpx.AsyncClient,
+    namespace: str,
+) -> None:
+    settings = make_settings(redis_url)
+    await init_cache(settings)
+    await client.get("/reports", headers={"X-Tenant": "acme"})
+    await init_cache(settings)
+    await init_cache(settings)
+    PrometheusEvents()
+    try:
+        await client.get("/reports", headers={"X-Tenant": "acme"})
+    finally:
+        await close_cache()
+
+    # Both requests, across three initialisations, feed the same series.
+    assert sample("commons_cache_misses_total", namespace=namespace) == 1
+    assert sample("commons_cache_hits_total", namespace=namespace) == 1
+    exposition = generate_latest(REGISTRY).decode()
+    assert exposition.count("# TYPE commons_cache_hits_total counter") == 1
+    assert f'commons_cache_hits_total{{namespace="{namespace}"}} 1.0' in exposition
+
+
+async def test_events_given_to_init_cache_replace_the_default_metrics(
+    make_settings: Callable[..., CacheSettings], client: httpx.AsyncClient, namespace: str
+) -> None:
+    seen: list[tuple[str, str]] = []
+
+    class Recorder(CacheEvents):
+        def lookup(self, namespace: str, outcome: str) -> None:
+            seen.append((namespace, outcome))
+
+    await init_cache(make_settings(), events=Recorder())
+    try:
+        await client.get("/reports", headers={"X-Tenant": "acme"})
+    finally:
+        await close_cache()
+
+    assert seen == [(namespace, "miss")]
+    assert sample("commons_cache_misses_total", namespace=namespace) == 0
+
+
+async def test_without_prometheus_client_the_cache_runs_without_metrics(
+    make_settings: Callable[..., CacheSettings],
+    client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # makes the import fail
+    monkeypatch.delitem(sys.modules, "commons.cache.metrics")
+
+    await init_cache(make_settings())
+    try:
+        layer = current_layer()
+        assert layer is not None
+        assert type(layer.events) is CacheEvents
+        response = await client.get("/reports", headers={"X-Tenant": "acme"})
+        assert response.headers["X-FastAPI-Cache"] == "MISS"
+    finally:
+        await close_cache()
