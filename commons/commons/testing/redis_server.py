@@ -157,6 +157,9 @@ class RedisServer:
             os.kill(self.process.pid, signal.SIGCONT)
             self.process.kill()
             self.process.wait(timeout=10)
+        # start() replaces the process: its stderr pipe would otherwise leak (ResourceWarning).
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
 
     def stop(self) -> None:
         """Stops the server and removes its working directory."""

@@ -1,0 +1,143 @@
+"""The cached endpoints, end to end with the lifespan running, on the memory and Redis backends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from httpx import AsyncClient
+
+Bearer = Callable[..., dict[str, str]]
+
+CACHE_HEADER = "X-FastAPI-Cache"
+NEW_CONFIG = {
+    "display_name": "Acme Renamed",
+    "timezone": "UTC",
+    "currency": "EUR",
+    "features": ["alerts"],
+}
+
+
+async def test_tenant_config_is_a_miss_then_a_hit(client: AsyncClient, bearer: Bearer) -> None:
+    first = await client.get("/v1/tenant/config", headers=bearer(1, "alice"))
+    second = await client.get("/v1/tenant/config", headers=bearer(1, "alice"))
+
+    assert first.status_code == second.status_code == 200
+    assert first.headers[CACHE_HEADER] == "MISS"
+    assert second.headers[CACHE_HEADER] == "HIT"
+    assert second.json() == first.json()
+    assert first.json()["display_name"] == "Acme Corp"
+
+
+async def test_users_me_is_a_miss_then_a_hit(client: AsyncClient, bearer: Bearer) -> None:
+    first = await client.get("/v1/users/me", headers=bearer(1, "alice"))
+    second = await client.get("/v1/users/me", headers=bearer(1, "alice"))
+
+    assert first.headers[CACHE_HEADER] == "MISS"
+    assert second.headers[CACHE_HEADER] == "HIT"
+    assert second.json() == first.json()
+    assert first.json()["email"] == "alice@acme.example"
+
+
+async def test_insights_are_a_miss_then_a_hit(client: AsyncClient, bearer: Bearer) -> None:
+    first = await client.get("/v1/insights?page=2&size=5", headers=bearer(1, "alice"))
+    second = await client.get("/v1/insights?page=2&size=5", headers=bearer(1, "alice"))
+
+    assert first.headers[CACHE_HEADER] == "MISS"
+    assert second.headers[CACHE_HEADER] == "HIT"
+    assert second.json() == first.json()
+
+
+async def test_a_tenant_never_receives_another_tenants_config(
+    client: AsyncClient, bearer: Bearer
+) -> None:
+    names = {}
+    for tenant_id in (1, 2, 3, 1, 2, 3):
+        response = await client.get("/v1/tenant/config", headers=bearer(tenant_id, "alice"))
+        assert response.json()["tenant_id"] == tenant_id
+        names.setdefault(tenant_id, set()).add(response.json()["display_name"])
+
+    assert names == {1: {"Acme Corp"}, 2: {"Globex"}, 3: {"Initech"}}
+
+
+async def test_updating_a_config_invalidates_only_that_tenant(
+    client: AsyncClient, bearer: Bearer
+) -> None:
+    for tenant_id in (1, 2):
+        await client.get("/v1/tenant/config", headers=bearer(tenant_id, "alice"))
+
+    updated = await client.put("/v1/tenant/config", headers=bearer(1, "alice"), json=NEW_CONFIG)
+    tenant_1 = await client.get("/v1/tenant/config", headers=bearer(1, "alice"))
+    tenant_2 = await client.get("/v1/tenant/config", headers=bearer(2, "alice"))
+
+    assert updated.status_code == 200
+    assert updated.json()["display_name"] == "Acme Renamed"
+    assert tenant_1.headers[CACHE_HEADER] == "MISS"
+    assert tenant_1.json() == updated.json()
+    assert tenant_2.headers[CACHE_HEADER] == "HIT"
+    assert tenant_2.json()["display_name"] == "Globex"
+
+
+async def test_an_invalid_config_is_refused_and_nothing_changes(
+    client: AsyncClient, bearer: Bearer
+) -> None:
+    before = await client.get("/v1/tenant/config", headers=bearer(1, "alice"))
+    refused = await client.put(
+        "/v1/tenant/config", headers=bearer(1, "alice"), json={**NEW_CONFIG, "currency": "euro"}
+    )
+    after = await client.get("/v1/tenant/config", headers=bearer(1, "alice"))
+
+    assert refused.status_code == 422
+    assert after.headers[CACHE_HEADER] == "HIT"
+    assert after.json() == before.json()
+
+
+async def test_users_me_is_cached_per_user(client: AsyncClient, bearer: Bearer) -> None:
+    alice = await client.get("/v1/users/me", headers=bearer(1, "alice"))
+    bob = await client.get("/v1/users/me", headers=bearer(1, "bob"))
+    alice_of_globex = await client.get("/v1/users/me", headers=bearer(2, "alice"))
+    alice_again = await client.get("/v1/users/me", headers=bearer(1, "alice"))
+
+    assert [r.headers[CACHE_HEADER] for r in (alice, bob, alice_of_globex, alice_again)] == [
+        "MISS",
+        "MISS",
+        "MISS",
+        "HIT",
+    ]
+    assert alice.json()["email"] == alice_again.json()["email"] == "alice@acme.example"
+    assert bob.json()["email"] == "bob@acme.example"
+    assert alice_of_globex.json()["email"] == "alice@globex.example"
+
+
+async def test_query_parameter_order_does_not_matter(client: AsyncClient, bearer: Bearer) -> None:
+    first = await client.get("/v1/insights?page=2&size=5&q=revenue", headers=bearer(1, "alice"))
+    reordered = await client.get("/v1/insights?q=revenue&size=5&page=2", headers=bearer(1, "alice"))
+
+    assert first.headers[CACHE_HEADER] == "MISS"
+    assert reordered.headers[CACHE_HEADER] == "HIT"
+    assert reordered.json() == first.json()
+
+
+async def test_each_page_and_filter_is_its_own_entry(client: AsyncClient, bearer: Bearer) -> None:
+    page_1 = await client.get("/v1/insights?page=1&size=5", headers=bearer(1, "alice"))
+    page_2 = await client.get("/v1/insights?page=2&size=5", headers=bearer(1, "alice"))
+    filtered = await client.get("/v1/insights?page=1&size=5&q=churn", headers=bearer(1, "alice"))
+
+    assert [r.headers[CACHE_HEADER] for r in (page_1, page_2, filtered)] == ["MISS"] * 3
+    ids_1 = {item["id"] for item in page_1.json()["items"]}
+    ids_2 = {item["id"] for item in page_2.json()["items"]}
+    assert len(ids_1) == len(ids_2) == 5
+    assert not ids_1 & ids_2
+    assert page_1.json()["total"] == 50
+    assert filtered.json()["items"]
+    assert all("churn" in item["title"].lower() for item in filtered.json()["items"])
+
+
+async def test_insights_show_only_the_callers_tenant(client: AsyncClient, bearer: Bearer) -> None:
+    acme = await client.get("/v1/insights?size=100", headers=bearer(1, "alice"))
+    globex = await client.get("/v1/insights?size=100", headers=bearer(2, "alice"))
+
+    acme_ids = {item["id"] for item in acme.json()["items"]}
+    globex_ids = {item["id"] for item in globex.json()["items"]}
+    assert globex.headers[CACHE_HEADER] == "MISS"
+    assert len(acme_ids) == len(globex_ids) == 50
+    assert not acme_ids & globex_ids

@@ -1,0 +1,95 @@
+"""/health, /metrics, /openapi.json and /docs; the service starts and serves with Redis down."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import pytest
+from httpx import AsyncClient
+
+from commons.testing.redis_server import free_port
+
+Bearer = Callable[..., dict[str, str]]
+StartService = Callable[..., AbstractAsyncContextManager[AsyncClient]]
+
+
+async def test_health_reports_the_service_and_the_cache(
+    client: AsyncClient, backend_name: str
+) -> None:
+    response = await client.get("/health")
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["database"] == "ok"
+    assert body["cache"]["backend"] == backend_name
+    assert body["cache"]["redis_configured"] == (backend_name == "redis")
+    assert {"reason", "since", "pending_invalidations"} <= body["cache"].keys()
+
+
+async def test_with_redis_unreachable_the_service_starts_serves_and_reports_degraded(
+    start_service: StartService, bearer: Bearer
+) -> None:
+    nobody_listens = f"redis://127.0.0.1:{free_port()}/0"
+    async with start_service(REDIS_URL=nobody_listens) as client:
+        health = await client.get("/health")
+        first = await client.get("/v1/tenant/config", headers=bearer(1, "alice"))
+        second = await client.get("/v1/tenant/config", headers=bearer(1, "alice"))
+
+    assert health.status_code == 200
+    assert health.json()["cache"]["backend"] == "degraded"
+    assert first.status_code == second.status_code == 200
+    assert (first.headers["X-FastAPI-Cache"], second.headers["X-FastAPI-Cache"]) == ("MISS", "HIT")
+
+
+async def test_the_openapi_schema_lists_the_endpoints_and_bearer_auth(
+    memory_client: AsyncClient,
+) -> None:
+    response = await memory_client.get("/openapi.json")
+
+    assert response.status_code == 200
+    schema = response.json()
+    assert {
+        "/v1/tenant/config",
+        "/v1/users/me",
+        "/v1/insights",
+        "/v1/admin/tenants",
+        "/health",
+    } <= schema["paths"].keys()
+    assert set(schema["paths"]["/v1/tenant/config"]) == {"get", "put"}
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    insight_parameters = {p["name"] for p in schema["paths"]["/v1/insights"]["get"]["parameters"]}
+    assert insight_parameters == {"page", "size", "q"}
+
+
+async def test_the_docs_page_is_served(memory_client: AsyncClient) -> None:
+    response = await memory_client.get("/docs")
+
+    assert response.status_code == 200
+    assert "swagger-ui" in response.text
+
+
+async def test_metrics_are_exposed_in_prometheus_format(memory_client: AsyncClient) -> None:
+    prometheus_client = pytest.importorskip("prometheus_client")
+
+    response = await memory_client.get("/metrics")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == prometheus_client.CONTENT_TYPE_LATEST
+    assert "# TYPE" in response.text
+
+
+async def test_an_empty_database_is_created_and_seeded_at_start_up(
+    start_service: StartService, bearer: Bearer, tmp_path: Path
+) -> None:
+    database = tmp_path / "new" / "fresh.db"
+    database.parent.mkdir()
+    async with start_service(DATABASE_URL=f"sqlite+aiosqlite:///{database}") as client:
+        tenants = await client.get("/v1/admin/tenants", headers=bearer(1, "alice", admin=True))
+        insights = await client.get("/v1/insights", headers=bearer(3, "dave"))
+
+    assert database.is_file()
+    assert [tenant["id"] for tenant in tenants.json()] == [1, 2, 3]
+    assert insights.json()["total"] == 50
