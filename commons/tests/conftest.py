@@ -9,13 +9,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Annotated
 
 import pytest
+from fastapi import Depends, FastAPI, Header
+from redis.asyncio import Redis
 
 from commons.cache import CacheSettings, close_cache, init_cache
 from commons.cache.settings import cache_settings
+from commons.testing.redis_cluster import LocalRedisCluster
 from commons.testing.redis_server import RedisServer
+from commons.utilities.context import RequestContextMiddleware, set_tenant_id, set_user_id
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +89,60 @@ def _isolated_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     cache_settings.cache_clear()
     yield
     cache_settings.cache_clear()
+
+
+@pytest.fixture
+def redis_keys(backend: CacheSettings) -> Callable[[], Awaitable[set[str]]]:
+    """``await redis_keys()``: every key in the backend's Redis right now (none on memory)."""
+
+    async def keys() -> set[str]:
+        if backend.REDIS_URL is None:
+            return set()
+        client = Redis.from_url(backend.REDIS_URL, decode_responses=True)
+        try:
+            return {key async for key in client.scan_iter(count=1000)}
+        finally:
+            await client.aclose()
+
+    return keys
+
+
+async def _bind_identity_from_test_headers(
+    x_test_tenant: Annotated[str | None, Header()] = None,
+    x_test_user: Annotated[str | None, Header()] = None,
+) -> None:
+    # Tests only: a service takes identity from a verified token, never from a plain header.
+    if x_test_tenant is not None:
+        set_tenant_id(x_test_tenant)
+    if x_test_user is not None:
+        set_user_id(x_test_user)
+
+
+@pytest.fixture
+def make_identity_app() -> Callable[[], FastAPI]:
+    """``make_identity_app()``: a FastAPI app whose requests run as the tenant and user named in
+    the ``X-Test-Tenant`` / ``X-Test-User`` headers, bound by an async dependency as services do.
+    """
+
+    def make() -> FastAPI:
+        app = FastAPI(dependencies=[Depends(_bind_identity_from_test_headers)])
+        app.add_middleware(RequestContextMiddleware)
+        return app
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A Redis Cluster of 3 primaries and 3 replicas for the session (about 7 s to start)."""
+    with LocalRedisCluster(primaries=3, replicas_per_primary=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: LocalRedisCluster) -> str:
+    """The session cluster, healthy and emptied (every primary) before the test."""
+    redis_cluster.wait_until_healthy()
+    for node in redis_cluster.current_primaries():
+        node.command("FLUSHALL")
+    return redis_cluster.url

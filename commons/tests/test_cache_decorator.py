@@ -1,0 +1,512 @@
+"""``commons.cache.cache``: fastapi-cache2's parameters, the same keys, and failing closed.
+
+HTTP semantics (ETag, 304, Cache-Control, HEAD, Response objects) and single-flight have their own
+test modules; this one covers what a route author relies on when writing ``@cache(...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, HTTPException
+from fastapi_cache.coder import JsonCoder, PickleCoder
+from fastapi_cache.decorator import cache as fastapi_cache_decorator
+from pydantic import BaseModel
+from redis.asyncio import Redis
+from starlette.requests import Request
+
+from commons.cache import (
+    CacheSettings,
+    cache,
+    cache_status,
+    init_cache,
+    invalidate_namespace,
+    tenant_cache_key_builder,
+    tenant_user_cache_key_builder,
+)
+from commons.cache.cache import current_layer
+from commons.utilities.context import get_tenant_id, get_user_id
+
+MD5_OF_A1_B2 = "ed04c91cf6f6ab5a01a31c0295c5da34"  # md5(b"a=1&b=2")
+MD5_OF_NOTHING = "d41d8cd98f00b204e9800998ecf8427e"  # md5(b"")
+ACME = {"X-Test-Tenant": "acme"}
+
+RedisKeys = Callable[[], Awaitable[set[str]]]
+
+
+def client_for(app: FastAPI, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+async def stored(key: str) -> tuple[int, bytes | None]:
+    """The remaining seconds and bytes of the entry under exactly ``key``, on whatever backend."""
+    layer = current_layer()
+    assert layer is not None
+    return await layer.get_with_ttl(key)
+
+
+async def redis_pttl_ms(settings: CacheSettings, key: str) -> int:
+    assert settings.REDIS_URL is not None
+    client = Redis.from_url(settings.REDIS_URL)
+    try:
+        return int(await client.pttl(key))
+    finally:
+        await client.aclose()
+
+
+async def nothing_is_stored(redis_keys: RedisKeys) -> bool:
+    return cache_status().memory_entries == 0 and await redis_keys() == set()
+
+
+@pytest.fixture
+def counting_app(make_identity_app: Callable[[], FastAPI]) -> tuple[FastAPI, list[str]]:
+    """``GET /config`` cached in namespace ``cfg``; the list records each handler run's tenant."""
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/config")
+    @cache(namespace="cfg")
+    async def config() -> dict[str, Any]:
+        runs.append(str(get_tenant_id()))
+        return {"tenant": get_tenant_id(), "run": len(runs)}
+
+    return app, runs
+
+
+# -- hits, misses and keys ------------------------------------------------------------------------
+
+
+async def test_first_request_misses_and_the_next_one_hits_with_the_same_body(
+    backend: CacheSettings, counting_app: tuple[FastAPI, list[str]]
+) -> None:
+    app, runs = counting_app
+    async with client_for(app) as client:
+        first = await client.get("/config", headers=ACME)
+        second = await client.get("/config", headers=ACME)
+
+    assert first.headers["X-FastAPI-Cache"] == "MISS"
+    assert second.headers["X-FastAPI-Cache"] == "HIT"
+    assert first.json() == second.json() == {"tenant": "acme", "run": 1}
+    assert runs == ["acme"]
+
+
+async def test_the_default_key_is_the_tenant_key_of_the_route_and_namespace(
+    backend: CacheSettings, counting_app: tuple[FastAPI, list[str]], redis_keys: RedisKeys
+) -> None:
+    app, _ = counting_app
+    async with client_for(app) as client:
+        response = await client.get("/config?b=2&a=1", headers=ACME)
+
+    key = f"{backend.CACHE_PREFIX}:cfg:tenant_acme:/config:{MD5_OF_A1_B2}"
+    _, body = await stored(key)
+    assert body == response.content
+    if backend.REDIS_URL is not None:
+        assert {k for k in await redis_keys() if ":#" not in k} == {key}
+
+
+async def test_expire_defaults_to_cache_ttl_seconds(
+    backend: CacheSettings, counting_app: tuple[FastAPI, list[str]]
+) -> None:
+    app, _ = counting_app
+    async with client_for(app) as client:
+        await client.get("/config", headers=ACME)
+
+    key = f"{backend.CACHE_PREFIX}:cfg:tenant_acme:/config:{MD5_OF_NOTHING}"
+    ttl, _ = await stored(key)
+    assert backend.CACHE_TTL_SECONDS - 2 <= ttl <= backend.CACHE_TTL_SECONDS
+    if backend.REDIS_URL is not None:
+        pttl = await redis_pttl_ms(backend, key)
+        assert (backend.CACHE_TTL_SECONDS - 2) * 1000 < pttl <= backend.CACHE_TTL_SECONDS * 1000
+
+
+async def test_expire_sets_the_lifetime_of_the_entry(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+
+    @app.get("/short")
+    @cache(expire=7, namespace="short")
+    async def short() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    async with client_for(app) as client:
+        await client.get("/short", headers=ACME)
+
+    key = f"{backend.CACHE_PREFIX}:short:tenant_acme:/short:{MD5_OF_NOTHING}"
+    ttl, _ = await stored(key)
+    assert 5 <= ttl <= 7
+    if backend.REDIS_URL is not None:
+        assert 5000 < await redis_pttl_ms(backend, key) <= 7000
+
+
+async def test_namespaces_keep_entries_apart(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/one")
+    @cache(namespace="first")
+    async def one() -> dict[str, int]:
+        runs.append("first")
+        return {"n": 1}
+
+    async with client_for(app) as client:
+        await client.get("/one", headers=ACME)
+        await invalidate_namespace("second")
+        kept = await client.get("/one", headers=ACME)
+        await invalidate_namespace("first")
+        dropped = await client.get("/one", headers=ACME)
+
+    assert kept.headers["X-FastAPI-Cache"] == "HIT"
+    assert dropped.headers["X-FastAPI-Cache"] == "MISS"
+    assert runs == ["first", "first"]
+
+
+async def test_key_builder_chooses_the_scope_of_the_entry(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+
+    @app.get("/me")
+    @cache(namespace="me", key_builder=tenant_user_cache_key_builder)
+    async def me() -> dict[str, str | None]:
+        return {"user": get_user_id()}
+
+    async with client_for(app) as client:
+        alice = await client.get("/me", headers={**ACME, "X-Test-User": "alice"})
+        bob = await client.get("/me", headers={**ACME, "X-Test-User": "bob"})
+        alice_again = await client.get("/me", headers={**ACME, "X-Test-User": "alice"})
+
+    assert (alice.json(), bob.json(), alice_again.json()) == (
+        {"user": "alice"},
+        {"user": "bob"},
+        {"user": "alice"},
+    )
+    assert [r.headers["X-FastAPI-Cache"] for r in (alice, bob, alice_again)] == [
+        "MISS",
+        "MISS",
+        "HIT",
+    ]
+    key = f"{backend.CACHE_PREFIX}:me:tenant_acme:user_alice:/me:{MD5_OF_NOTHING}"
+    assert (await stored(key))[1] == alice.content
+
+
+async def test_a_custom_coder_renders_the_stored_body(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    class EnvelopeCoder(JsonCoder):
+        @classmethod
+        def encode(cls, value: Any) -> bytes:
+            return json.dumps({"data": value}).encode()
+
+    app = make_identity_app()
+
+    @app.get("/wrapped")
+    @cache(namespace="wrapped", coder=EnvelopeCoder)
+    async def wrapped() -> dict[str, int]:
+        return {"n": 1}
+
+    async with client_for(app) as client:
+        miss = await client.get("/wrapped", headers=ACME)
+        hit = await client.get("/wrapped", headers=ACME)
+
+    assert miss.json() == hit.json() == {"data": {"n": 1}}
+    assert hit.headers["X-FastAPI-Cache"] == "HIT"
+    key = f"{backend.CACHE_PREFIX}:wrapped:tenant_acme:/wrapped:{MD5_OF_NOTHING}"
+    assert (await stored(key))[1] == EnvelopeCoder.encode({"n": 1})
+
+
+async def test_the_response_model_of_the_return_annotation_shapes_hits_too(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    class Config(BaseModel):
+        theme: str
+
+    app = make_identity_app()
+
+    @app.get("/typed")
+    @cache(namespace="typed")
+    async def typed() -> Config:
+        return Config(theme="dark")
+
+    async with client_for(app) as client:
+        miss = await client.get("/typed", headers=ACME)
+        hit = await client.get("/typed", headers=ACME)
+
+    assert miss.json() == hit.json() == {"theme": "dark"}
+    assert hit.headers["X-FastAPI-Cache"] == "HIT"
+
+
+async def test_keys_are_identical_to_the_fastapi_cache2_decorators(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    ours, theirs = make_identity_app(), make_identity_app()
+    ours_runs: list[str] = []
+
+    @ours.get("/tenant/config")
+    @cache(namespace="tenant_config")
+    async def ours_config() -> dict[str, str]:
+        ours_runs.append("ours")
+        return {"theme": "dark"}
+
+    @theirs.get("/tenant/config")
+    @fastapi_cache_decorator(namespace="tenant_config", key_builder=tenant_cache_key_builder)
+    async def theirs_config() -> dict[str, str]:
+        return {"theme": "light"}
+
+    key = f"{backend.CACHE_PREFIX}:tenant_config:tenant_acme:/tenant/config:{MD5_OF_A1_B2}"
+    async with client_for(ours) as ours_client, client_for(theirs) as theirs_client:
+        await theirs_client.get("/tenant/config?a=1&b=2", headers=ACME)
+        stored_by_theirs = (await stored(key))[1]
+        await invalidate_namespace("tenant_config")
+        await ours_client.get("/tenant/config?b=2&a=1", headers=ACME)
+        stored_by_ours = (await stored(key))[1]
+        # and each reads what the other stored
+        from_ours = await theirs_client.get("/tenant/config?a=1&b=2", headers=ACME)
+
+    assert stored_by_theirs is not None
+    assert json.loads(stored_by_theirs) == {"theme": "light"}
+    assert stored_by_ours is not None
+    assert json.loads(stored_by_ours) == {"theme": "dark"}
+    assert from_ours.headers["X-FastAPI-Cache"] == "HIT"
+    assert from_ours.json() == {"theme": "dark"}
+
+
+# -- failing closed and turning off ---------------------------------------------------------------
+
+
+async def test_a_request_without_a_tenant_is_served_uncached_with_a_warning(
+    backend: CacheSettings,
+    counting_app: tuple[FastAPI, list[str]],
+    redis_keys: RedisKeys,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, runs = counting_app
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        async with client_for(app) as client:
+            responses = [await client.get("/config") for _ in range(3)]
+
+    assert runs == ["None", "None", "None"]
+    assert [r.json()["run"] for r in responses] == [1, 2, 3]
+    assert all(r.headers.get("X-FastAPI-Cache") != "HIT" for r in responses)
+    assert await nothing_is_stored(redis_keys)
+    assert any("no tenant" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_request_without_a_user_is_served_uncached_by_a_user_scoped_route(
+    backend: CacheSettings,
+    make_identity_app: Callable[[], FastAPI],
+    redis_keys: RedisKeys,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/me")
+    @cache(namespace="me", key_builder=tenant_user_cache_key_builder)
+    async def me() -> dict[str, int]:
+        runs.append("me")
+        return {"run": len(runs)}
+
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        async with client_for(app) as client:
+            responses = [await client.get("/me", headers=ACME) for _ in range(2)]
+
+    assert [r.json()["run"] for r in responses] == [1, 2]
+    assert await nothing_is_stored(redis_keys)
+    assert any("no user" in record.getMessage() for record in caplog.records)
+
+
+async def test_cache_enabled_false_runs_the_handler_every_time_and_stores_nothing(
+    backend: CacheSettings,
+    make_settings: Callable[..., CacheSettings],
+    counting_app: tuple[FastAPI, list[str]],
+    redis_keys: RedisKeys,
+) -> None:
+    await init_cache(make_settings(backend.REDIS_URL, CACHE_ENABLED=False))
+    app, runs = counting_app
+    async with client_for(app) as client:
+        responses = [await client.get("/config", headers=ACME) for _ in range(3)]
+
+    assert cache_status().backend == "disabled"
+    assert [r.json()["run"] for r in responses] == [1, 2, 3]
+    assert all("X-FastAPI-Cache" not in r.headers for r in responses)
+    assert runs == ["acme", "acme", "acme"]
+    assert await nothing_is_stored(redis_keys)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+async def test_other_methods_than_get_are_never_cached(
+    backend: CacheSettings,
+    make_identity_app: Callable[[], FastAPI],
+    redis_keys: RedisKeys,
+    method: str,
+) -> None:
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.api_route("/action", methods=[method])
+    @cache(namespace="action")
+    async def action() -> dict[str, int]:
+        runs.append(method)
+        return {"run": len(runs)}
+
+    async with client_for(app) as client:
+        responses = [await client.request(method, "/action", headers=ACME) for _ in range(2)]
+
+    assert [r.json()["run"] for r in responses] == [1, 2]
+    assert all("X-FastAPI-Cache" not in r.headers for r in responses)
+    assert await nothing_is_stored(redis_keys)
+
+
+# -- refused at decoration time -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("namespace", ["a:b", ":", "tenant_config:"])
+def test_a_namespace_holding_a_colon_is_refused_when_decorating(namespace: str) -> None:
+    with pytest.raises(ValueError, match="namespace"):
+        cache(namespace=namespace)
+
+
+def test_a_pickle_coder_is_refused_when_decorating() -> None:
+    class MyPickleCoder(PickleCoder):
+        pass
+
+    for coder in (PickleCoder, MyPickleCoder):
+        with pytest.raises(ValueError, match="PickleCoder"):
+            cache(namespace="ok", coder=coder)
+
+
+# -- logging --------------------------------------------------------------------------------------
+
+
+async def test_each_cached_request_logs_one_debug_line_with_namespace_key_and_outcome(
+    backend: CacheSettings,
+    counting_app: tuple[FastAPI, list[str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, _ = counting_app
+    key = f"{backend.CACHE_PREFIX}:cfg:tenant_acme:/config:{MD5_OF_NOTHING}"
+    lines: list[list[str]] = []
+    async with client_for(app) as client:
+        for _ in range(2):
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="commons.cache"):
+                await client.get("/config", headers=ACME)
+            lines.append(
+                [
+                    r.getMessage()
+                    for r in caplog.records
+                    if r.name == "commons.cache"
+                    and r.levelno == logging.DEBUG
+                    and ("HIT" in r.getMessage() or "MISS" in r.getMessage())
+                ]
+            )
+
+    assert [len(request_lines) for request_lines in lines] == [1, 1]
+    (miss,), (hit,) = lines
+    for line, outcome in ((miss, "MISS"), (hit, "HIT")):
+        assert outcome in line
+        assert key in line
+        assert "namespace=cfg" in line
+
+
+# -- handlers of every shape ----------------------------------------------------------------------
+
+
+async def test_a_sync_handler_is_cached(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/sync")
+    @cache(namespace="sync")
+    def sync_handler() -> dict[str, int]:
+        runs.append("sync")
+        return {"run": len(runs)}
+
+    async with client_for(app) as client:
+        miss = await client.get("/sync", headers=ACME)
+        hit = await client.get("/sync", headers=ACME)
+
+    assert miss.json() == hit.json() == {"run": 1}
+    assert [miss.headers["X-FastAPI-Cache"], hit.headers["X-FastAPI-Cache"]] == ["MISS", "HIT"]
+
+
+async def test_a_handler_that_takes_the_request_itself_still_gets_it(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/echo")
+    @cache(namespace="echo")
+    async def echo(request: Request, page: int = 1) -> dict[str, Any]:
+        runs.append(request.url.path)
+        return {"path": request.url.path, "page": page, "q": request.query_params.get("q")}
+
+    async with client_for(app) as client:
+        miss = await client.get("/echo?page=2&q=x", headers=ACME)
+        hit = await client.get("/echo?q=x&page=2", headers=ACME)
+        other = await client.get("/echo?page=3&q=x", headers=ACME)
+
+    assert miss.json() == hit.json() == {"path": "/echo", "page": 2, "q": "x"}
+    assert hit.headers["X-FastAPI-Cache"] == "HIT"
+    assert other.json() == {"path": "/echo", "page": 3, "q": "x"}
+    assert runs == ["/echo", "/echo"]
+
+
+async def test_a_handler_that_raises_an_http_error_is_not_cached(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI], redis_keys: RedisKeys
+) -> None:
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/flaky")
+    @cache(namespace="flaky")
+    async def flaky() -> dict[str, int]:
+        runs.append("flaky")
+        if len(runs) == 1:
+            raise HTTPException(status_code=503, detail="upstream down")
+        return {"run": len(runs)}
+
+    async with client_for(app) as client:
+        failed = await client.get("/flaky", headers=ACME)
+        assert await nothing_is_stored(redis_keys)
+        recovered = await client.get("/flaky", headers=ACME)
+        cached = await client.get("/flaky", headers=ACME)
+
+    assert failed.status_code == 503
+    assert (recovered.status_code, recovered.headers["X-FastAPI-Cache"]) == (200, "MISS")
+    assert (cached.json(), cached.headers["X-FastAPI-Cache"]) == ({"run": 2}, "HIT")
+
+
+async def test_a_handler_that_crashes_is_not_cached(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI], redis_keys: RedisKeys
+) -> None:
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/crashy")
+    @cache(namespace="crashy")
+    async def crashy() -> dict[str, int]:
+        runs.append("crashy")
+        if len(runs) == 1:
+            raise RuntimeError("bug")
+        return {"run": len(runs)}
+
+    async with client_for(app, raise_app_exceptions=False) as client:
+        crashed = await client.get("/crashy", headers=ACME)
+        assert await nothing_is_stored(redis_keys)
+        recovered = await client.get("/crashy", headers=ACME)
+
+    assert crashed.status_code == 500
+    assert (recovered.status_code, recovered.json()) == (200, {"run": 2})

@@ -1,0 +1,234 @@
+"""The key builders: exact key formats, the canonical query digest, and failing closed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi_cache.types import KeyBuilder
+from starlette.requests import Request
+
+from commons.cache import tenant_cache_key_builder, tenant_user_cache_key_builder
+from commons.cache.scope import ScopedKey
+from commons.utilities.context import bind_identity
+
+NAMESPACE = "test-cache:tenant_config"  # "{prefix}:{namespace}", as fastapi-cache2 passes it
+MD5_OF_A1_B2 = "ed04c91cf6f6ab5a01a31c0295c5da34"  # md5(b"a=1&b=2")
+MD5_OF_NOTHING = "d41d8cd98f00b204e9800998ecf8427e"  # md5(b"")
+
+
+def request_for(path: str, query: str = "") -> Request:
+    return Request(
+        {
+            "type": "http",
+            "method": "GET",
+            "scheme": "http",
+            "server": ("testserver", 80),
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": query.encode(),
+            "headers": [],
+        }
+    )
+
+
+def tenant_key(path: str, query: str = "") -> ScopedKey:
+    key = tenant_cache_key_builder(lambda: None, NAMESPACE, request=request_for(path, query))
+    assert isinstance(key, ScopedKey)
+    return key
+
+
+def user_key(path: str, query: str = "") -> ScopedKey:
+    key = tenant_user_cache_key_builder(lambda: None, NAMESPACE, request=request_for(path, query))
+    assert isinstance(key, ScopedKey)
+    return key
+
+
+@pytest.fixture
+def tenant_42() -> Iterator[None]:
+    with bind_identity("42"):
+        yield
+
+
+@pytest.fixture
+def tenant_42_user_7() -> Iterator[None]:
+    with bind_identity("42", "7"):
+        yield
+
+
+@pytest.mark.usefixtures("tenant_42")
+def test_tenant_key_is_prefix_namespace_tenant_path_and_query_md5() -> None:
+    assert tenant_key("/tenant/config", "a=1&b=2") == (
+        f"test-cache:tenant_config:tenant_42:/tenant/config:{MD5_OF_A1_B2}"
+    )
+
+
+@pytest.mark.usefixtures("tenant_42_user_7")
+def test_user_key_adds_the_user_after_the_tenant() -> None:
+    assert user_key("/users/me", "a=1&b=2") == (
+        f"test-cache:tenant_config:tenant_42:user_7:/users/me:{MD5_OF_A1_B2}"
+    )
+
+
+@pytest.mark.usefixtures("tenant_42")
+def test_a_request_without_query_uses_the_md5_of_the_empty_string() -> None:
+    assert tenant_key("/tenant/config") == (
+        f"test-cache:tenant_config:tenant_42:/tenant/config:{MD5_OF_NOTHING}"
+    )
+
+
+@pytest.mark.usefixtures("tenant_42")
+def test_the_order_of_different_parameters_does_not_matter() -> None:
+    assert tenant_key("/items", "b=2&a=1") == tenant_key("/items", "a=1&b=2")
+    assert tenant_key("/items", "b=2&a=1").endswith(f":{MD5_OF_A1_B2}")
+
+
+@pytest.mark.usefixtures("tenant_42")
+def test_repeated_parameters_keep_the_order_the_client_sent() -> None:
+    assert tenant_key("/items", "a=1&a=2") != tenant_key("/items", "a=2&a=1")
+    assert tenant_key("/items", "a=1&b=0&a=2") == tenant_key("/items", "b=0&a=1&a=2")
+    assert tenant_key("/items", "a=1&b=0&a=2") != tenant_key("/items", "a=2&b=0&a=1")
+
+
+@pytest.mark.usefixtures("tenant_42")
+def test_different_query_values_and_paths_give_different_keys() -> None:
+    keys = {
+        tenant_key("/items", "page=1"),
+        tenant_key("/items", "page=2"),
+        tenant_key("/items", "size=1"),
+        tenant_key("/other", "page=1"),
+    }
+    assert len(keys) == 4
+
+
+def test_different_tenants_get_different_keys_for_the_same_request() -> None:
+    with bind_identity("a"):
+        key_a = tenant_key("/tenant/config")
+    with bind_identity("b"):
+        key_b = tenant_key("/tenant/config")
+    assert key_a != key_b
+    assert ":tenant_a:" in key_a
+    assert ":tenant_b:" in key_b
+
+
+def test_different_users_of_one_tenant_get_different_keys() -> None:
+    with bind_identity("t", "u1"):
+        key_1 = user_key("/users/me")
+    with bind_identity("t", "u2"):
+        key_2 = user_key("/users/me")
+    assert key_1 != key_2
+
+
+def test_integer_ids_are_written_as_their_decimal_text() -> None:
+    with bind_identity(42, 7):
+        assert user_key("/me").startswith("test-cache:tenant_config:tenant_42:user_7:/me:")
+
+
+@pytest.mark.usefixtures("tenant_42")
+def test_keys_know_the_scope_they_belong_to() -> None:
+    key = tenant_key("/tenant/config")
+    assert key.cacheable
+    assert key.scope is not None
+    assert (key.scope.namespace, key.scope.tenant_id, key.scope.user_id) == (
+        "tenant_config",
+        "42",
+        None,
+    )
+
+
+def test_missing_tenant_gives_an_uncacheable_key_and_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        key = tenant_key("/tenant/config")
+    assert not key.cacheable
+    assert any(
+        record.levelno == logging.WARNING and "no tenant" in record.getMessage()
+        for record in caplog.records
+    )
+
+
+@pytest.mark.parametrize("build", [tenant_key, user_key], ids=["tenant", "user"])
+def test_missing_tenant_fails_closed_for_both_builders(
+    build: Callable[[str], ScopedKey], caplog: pytest.LogCaptureFixture
+) -> None:
+    with bind_identity(None, "7"), caplog.at_level(logging.WARNING, logger="commons.cache"):
+        key = build("/me")
+    assert not key.cacheable
+    assert [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.usefixtures("tenant_42")
+def test_missing_user_gives_an_uncacheable_user_key_and_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        key = user_key("/users/me")
+    assert not key.cacheable
+    assert any("no user" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.usefixtures("tenant_42")
+def test_the_tenant_builder_does_not_need_a_user() -> None:
+    assert tenant_key("/tenant/config").cacheable
+
+
+@pytest.mark.parametrize("tenant_id", ["a:b", "a b", "a\tb", " a", "a\n", ":"])
+def test_a_tenant_id_with_a_colon_or_whitespace_is_refused(
+    tenant_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with bind_identity(tenant_id, "7"), caplog.at_level(logging.WARNING, logger="commons.cache"):
+        keys = [tenant_key("/tenant/config"), user_key("/tenant/config")]
+    assert not any(key.cacheable for key in keys)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+
+
+@pytest.mark.parametrize("user_id", ["u:1", "u 1", "u\r\n1", ":"])
+def test_a_user_id_with_a_colon_or_whitespace_is_refused(
+    user_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with bind_identity("42", user_id), caplog.at_level(logging.WARNING, logger="commons.cache"):
+        key = user_key("/users/me")
+    assert not key.cacheable
+    assert any(record.levelno == logging.WARNING for record in caplog.records)
+
+
+def test_ids_with_other_punctuation_are_kept_literally() -> None:
+    with bind_identity("acme-eu_1.*?[x]", "o'brien"):
+        key = user_key("/users/me")
+    assert key.cacheable
+    assert key.startswith("test-cache:tenant_config:tenant_acme-eu_1.*?[x]:user_o'brien:/users/me:")
+
+
+def test_no_request_gives_an_uncacheable_key() -> None:
+    with bind_identity("42", "7"):
+        key = tenant_cache_key_builder(lambda: None, NAMESPACE)
+    assert isinstance(key, ScopedKey)
+    assert not key.cacheable
+
+
+@pytest.mark.parametrize(
+    "builder", [tenant_cache_key_builder, tenant_user_cache_key_builder], ids=["tenant", "user"]
+)
+def test_builders_are_called_the_way_fastapi_cache2_calls_a_key_builder(
+    builder: KeyBuilder,
+) -> None:
+    # fastapi_cache.decorator.cache: key_builder(func, f"{prefix}:{namespace}", request=...,
+    # response=..., args=..., kwargs=...), and the result must be a str (or awaitable of one).
+    async def endpoint(page: int) -> dict[str, int]:
+        return {"page": page}
+
+    with bind_identity("42", "7"):
+        key = builder(
+            endpoint,
+            NAMESPACE,
+            request=request_for("/items", "b=2&a=1"),
+            response=None,
+            args=(),
+            kwargs={"page": 1},
+        )
+    assert isinstance(key, str)
+    assert key.startswith("test-cache:tenant_config:tenant_42:")
+    assert key.endswith(f":/items:{MD5_OF_A1_B2}")
