@@ -15,7 +15,7 @@ from fastapi_cache import FastAPICache
 
 from commons.cache.backends.memory import MemoryStore
 from commons.cache.backends.redis import RedisStore
-from commons.cache.connection import create_redis_client
+from commons.cache.connection import cluster_client_factory, create_redis_client
 from commons.cache.events import CacheEvents
 from commons.cache.fastapi_cache_backend import LayerBackend
 from commons.cache.http import CACHE_STATUS_HEADER
@@ -51,7 +51,9 @@ async def init_cache(
 
     Args:
         settings: The settings to use; ``cache_settings()`` (the environment) by default.
-        events: Receives the cache's events (metrics); none by default.
+        events: Receives the cache's events. By default the Prometheus metrics of
+            ``commons.cache.metrics`` when prometheus-client is installed (the ``metrics`` extra),
+            else nothing.
 
     Raises:
         CacheUnavailableError: Redis is configured, unreachable, and CACHE_FAIL_FAST is true.
@@ -61,14 +63,24 @@ async def init_cache(
     await close_cache()
     redis = None
     if settings.CACHE_ENABLED and settings.REDIS_URL is not None:
-        redis = RedisStore(create_redis_client(settings), settings.CACHE_PREFIX)
-    layer = CacheLayer(settings, redis=redis, memory=MemoryStore(settings.CACHE_MEMORY_MAX_ENTRIES))
+        redis = RedisStore(
+            create_redis_client(settings),
+            settings.CACHE_PREFIX,
+            cluster_factory=cluster_client_factory(settings),
+        )
+    layer = CacheLayer(
+        settings,
+        redis=redis,
+        memory=MemoryStore(settings.CACHE_MEMORY_MAX_ENTRIES),
+        events=events if events is not None else _default_events(),
+    )
     try:
         await layer.start()
     except BaseException:
         await layer.aclose()
         raise
     _layer = layer
+    layer.events.state_changed(layer.state.value)
     FastAPICache.reset()
     FastAPICache.init(
         LayerBackend(current_layer),
@@ -88,6 +100,18 @@ async def close_cache() -> None:
         _closed_since = datetime.now(UTC)
         await layer.aclose()
         FastAPICache.reset()
+        layer.events.state_changed(CacheState.DISABLED.value)
+
+
+def _default_events() -> CacheEvents:
+    """The Prometheus metrics when prometheus-client is installed; otherwise no-op hooks."""
+    try:
+        from commons.cache.metrics import PrometheusEvents
+    except ModuleNotFoundError as exc:
+        if exc.name != "prometheus_client":
+            raise
+        return CacheEvents()
+    return PrometheusEvents()
 
 
 def cache_status() -> CacheStatus:

@@ -1,34 +1,199 @@
-"""Builds the Redis client from the settings, with an explicit time budget.
+"""Builds the Redis client from the settings: one server, a Cluster, or a master behind Sentinel.
 
+The time budget
+---------------
 redis-py's asyncio client otherwise waits 5 s for each reply and retries with backoff, so a
 black-holed Redis would cost a request many seconds. Here every connection attempt and every
 command is bounded by the settings' timeouts, and only a dropped connection is retried, once and
 at once: that covers a pooled connection that a restarted server closed, without multiplying the
-wait when the server is unreachable.
+wait when the server is unreachable. The cluster client gets the same timeouts and one retry,
+which redis-py spends on re-reading the slot map (after a failover or a resharding).
+
+Topologies
+----------
+- ``redis://``, ``rediss://`` (TLS, with ``REDIS_TLS_*``), ``unix://``; ``user:password@`` in the
+  URL logs in as a Redis 6 ACL user (without a user name: the ``default`` user).
+- ``REDIS_CLUSTER=true``: :class:`redis.asyncio.cluster.RedisCluster`, the URL naming any one node.
+  ``auto`` (the default) starts with a plain client and lets the store ask the node
+  (``INFO cluster``) on its first contact; a node reporting ``cluster_enabled:1`` is then replaced
+  by the cluster client that :func:`cluster_client_factory` builds. Detection waits for the first
+  contact, so a service that starts while Redis is down still finds out when Redis comes back.
+- ``REDIS_SENTINELS`` + ``REDIS_SENTINEL_MASTER``: the master's address comes from the Sentinels
+  and is looked up again whenever a connection to it fails, so the client follows a failover.
+  ``REDIS_URL`` still gives the scheme, credentials and database; its host and port are not used.
+  The Sentinels themselves are reached in plain TCP without a password.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, TypeAlias
+from urllib.parse import unquote, urlsplit
+
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from commons.cache.settings import CacheSettings
 
-__all__ = ["create_redis_client"]
+__all__ = [
+    "RedisClient",
+    "cluster_client_factory",
+    "create_cluster_client",
+    "create_redis_client",
+    "reports_cluster_mode",
+]
+
+#: What the store talks to: one server (possibly found through Sentinel) or a cluster.
+RedisClient: TypeAlias = Redis | RedisCluster
 
 
-def create_redis_client(settings: CacheSettings) -> Redis:
-    """A client for ``settings.REDIS_URL`` with the configured timeouts and retry policy."""
+def _retry() -> Retry:
+    return Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
+
+
+@lru_cache(maxsize=1)
+def _driver_info() -> DriverInfo:
+    # redis-py otherwise reads its own version from the package metadata for every new
+    # connection (milliseconds of event-loop time each), which a burst of reconnects multiplies.
+    return DriverInfo()
+
+
+def _timeouts(settings: CacheSettings) -> dict[str, Any]:
+    return {
+        "socket_connect_timeout": settings.REDIS_CONNECT_TIMEOUT_SECONDS,
+        "socket_timeout": settings.REDIS_SOCKET_TIMEOUT_SECONDS,
+        "health_check_interval": 0,
+        "decode_responses": False,
+        "driver_info": _driver_info(),
+    }
+
+
+def _tls_options(settings: CacheSettings) -> dict[str, Any]:
+    """redis-py's ``ssl_*`` options for a ``rediss://`` URL (nothing for other schemes)."""
+    if settings.REDIS_URL is None or urlsplit(settings.REDIS_URL).scheme != "rediss":
+        return {}
+    return {
+        "ssl_ca_certs": settings.REDIS_TLS_CA_FILE,
+        "ssl_certfile": settings.REDIS_TLS_CERT_FILE,
+        "ssl_keyfile": settings.REDIS_TLS_KEY_FILE,
+        "ssl_check_hostname": settings.REDIS_TLS_CHECK_HOSTNAME,
+        "ssl_cert_reqs": "required",
+    }
+
+
+def _url(settings: CacheSettings) -> str:
     if settings.REDIS_URL is None:
         raise ValueError("REDIS_URL is not set")
+    return settings.REDIS_URL
+
+
+def create_redis_client(settings: CacheSettings) -> RedisClient:
+    """The client for the configured topology, with the configured timeouts and retry policy.
+
+    ``REDIS_CLUSTER=true`` gives a cluster client; Sentinels give a client of the current master;
+    otherwise a client of the one server in ``REDIS_URL`` (see :func:`cluster_client_factory` for
+    the ``auto`` mode).
+
+    Raises:
+        ValueError: REDIS_URL is not set.
+    """
+    url = _url(settings)
+    if settings.REDIS_CLUSTER == "true":
+        return create_cluster_client(settings)
+    if settings.REDIS_SENTINELS is not None:
+        return _create_sentinel_master_client(settings)
     return Redis.from_url(
-        settings.REDIS_URL,
-        socket_connect_timeout=settings.REDIS_CONNECT_TIMEOUT_SECONDS,
-        socket_timeout=settings.REDIS_SOCKET_TIMEOUT_SECONDS,
-        retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
+        url,
+        retry=_retry(),
         retry_on_timeout=False,
-        health_check_interval=0,
-        decode_responses=False,
+        **_timeouts(settings),
+        **_tls_options(settings),
     )
+
+
+def create_cluster_client(settings: CacheSettings) -> RedisCluster:
+    """A Redis Cluster client started from the node in ``REDIS_URL``.
+
+    Raises:
+        ValueError: REDIS_URL is not set.
+    """
+    return RedisCluster.from_url(
+        _url(settings),
+        retry=_retry(),
+        **_timeouts(settings),
+        **_tls_options(settings),
+    )
+
+
+def cluster_client_factory(settings: CacheSettings) -> Callable[[], RedisCluster] | None:
+    """With ``REDIS_CLUSTER=auto`` on a TCP URL without Sentinels: builds the cluster client.
+
+    The store calls it when the node it first reaches reports cluster mode; ``None`` when the
+    settings already decide the topology.
+    """
+    if settings.REDIS_CLUSTER != "auto" or settings.REDIS_SENTINELS is not None:
+        return None
+    if urlsplit(_url(settings)).scheme == "unix":
+        return None
+
+    def build() -> RedisCluster:
+        return create_cluster_client(settings)
+
+    return build
+
+
+async def reports_cluster_mode(client: Redis) -> bool:
+    """Whether the server behind ``client`` runs with ``cluster-enabled yes``."""
+    info = await client.info("cluster")
+    return str(info.get("cluster_enabled", "0")) == "1"
+
+
+class SentinelMasterClient(Redis):
+    """A client of the master that Sentinel names; closing it also closes the Sentinel links."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        pool = self.connection_pool
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            if isinstance(pool, SentinelConnectionPool):
+                for sentinel in pool.sentinel_manager.sentinels:
+                    await sentinel.aclose()
+
+
+def _create_sentinel_master_client(settings: CacheSettings) -> Redis:
+    assert settings.REDIS_SENTINELS is not None
+    assert settings.REDIS_SENTINEL_MASTER is not None
+    parts = urlsplit(_url(settings))
+    sentinels = []
+    for address in settings.REDIS_SENTINELS.split(","):
+        host, _, port = address.strip().rpartition(":")
+        sentinels.append((host.strip("[]"), int(port)))
+    options: dict[str, Any] = {
+        **_timeouts(settings),
+        **_tls_options(settings),
+        "retry": _retry(),
+        "retry_on_timeout": False,
+        "username": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+        "db": int(parts.path.strip("/") or 0),
+    }
+    if parts.scheme == "rediss":
+        options["ssl"] = True
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        sentinels,
+        sentinel_kwargs={
+            "socket_connect_timeout": settings.REDIS_CONNECT_TIMEOUT_SECONDS,
+            "socket_timeout": settings.REDIS_SOCKET_TIMEOUT_SECONDS,
+        },
+    )
+    master: SentinelMasterClient = sentinel.master_for(
+        settings.REDIS_SENTINEL_MASTER, redis_class=SentinelMasterClient, **options
+    )
+    return master

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -98,6 +100,37 @@ class CacheSettings(BaseSettings):
         description="true: a request's Cache-Control: no-cache / no-store skips the stored "
         "entry. false: ignored, so no client can force recomputation.",
     )
+    REDIS_CLUSTER: Literal["auto", "true", "false"] = Field(
+        default="auto",
+        description="Redis Cluster mode: auto (the node reports cluster_enabled:1), true or false.",
+    )
+    REDIS_TLS_CA_FILE: str | None = Field(
+        default=None,
+        description="rediss:// only: PEM file of the CA that signed the server's certificate "
+        "(default: the system's CAs).",
+    )
+    REDIS_TLS_CERT_FILE: str | None = Field(
+        default=None,
+        description="rediss:// only: PEM client certificate, for servers that require one.",
+    )
+    REDIS_TLS_KEY_FILE: str | None = Field(
+        default=None,
+        description="rediss:// only: PEM private key of REDIS_TLS_CERT_FILE.",
+    )
+    REDIS_TLS_CHECK_HOSTNAME: bool = Field(
+        default=True,
+        description="rediss:// only: false accepts a certificate issued for another host name "
+        "(the chain is still verified).",
+    )
+    REDIS_SENTINELS: str | None = Field(
+        default=None,
+        description="Comma-separated host:port list of Sentinels; the master is then found "
+        "through them (REDIS_URL still gives scheme, user, password and database).",
+    )
+    REDIS_SENTINEL_MASTER: str | None = Field(
+        default=None,
+        description="Name of the master the Sentinels monitor; required with REDIS_SENTINELS.",
+    )
 
     @field_validator("CACHE_PREFIX")
     @classmethod
@@ -139,6 +172,55 @@ class CacheSettings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"REDIS_URL: {exc}") from None
         return value
+
+    @field_validator("REDIS_CLUSTER", mode="before")
+    @classmethod
+    def _cluster_mode_lowercase(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("REDIS_SENTINELS")
+    @classmethod
+    def _sentinels_are_host_port(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        for address in value.split(","):
+            host, sep, port = address.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"REDIS_SENTINELS must be a comma-separated host:port list (got {address!r})"
+                )
+        return value
+
+    @field_validator("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE")
+    @classmethod
+    def _tls_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not Path(value).is_file():
+            raise ValueError(f"{info.field_name}: no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _redis_options_agree(self) -> CacheSettings:
+        scheme = urlsplit(self.REDIS_URL).scheme if self.REDIS_URL else None
+        tls_files = ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE")
+        for name in tls_files:
+            if getattr(self, name) is not None and scheme != "rediss":
+                raise ValueError(f"{name} is set but REDIS_URL is not a rediss:// URL")
+        if self.REDIS_TLS_KEY_FILE is not None and self.REDIS_TLS_CERT_FILE is None:
+            raise ValueError("REDIS_TLS_KEY_FILE is set without REDIS_TLS_CERT_FILE")
+        if self.REDIS_SENTINELS is not None:
+            if self.REDIS_URL is None:
+                raise ValueError("REDIS_SENTINELS is set but REDIS_URL is not")
+            if not self.REDIS_SENTINEL_MASTER:
+                raise ValueError("REDIS_SENTINELS is set but REDIS_SENTINEL_MASTER is not")
+            if self.REDIS_CLUSTER == "true":
+                raise ValueError("REDIS_CLUSTER=true and REDIS_SENTINELS exclude each other")
+        elif self.REDIS_SENTINEL_MASTER:
+            raise ValueError("REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not")
+        if self.REDIS_CLUSTER == "true" and scheme == "unix":
+            raise ValueError("REDIS_CLUSTER=true needs a redis:// or rediss:// REDIS_URL")
+        return self
 
 
 @lru_cache(maxsize=1)

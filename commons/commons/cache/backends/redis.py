@@ -12,13 +12,30 @@ of the scope it targets::
     {prefix}:#idx:{ns}:-                 entries without a tenant     (a leaf)
 
 ``ns``, ``tenant`` and ``u`` are percent-encoded, so no text a caller passes can form another
-scope's index name, a glob pattern or a cluster hash tag.
+scope's index name, a glob pattern or a cluster hash tag. The braces around ``ns`` are literal:
+they are the namespace's cluster hash tag (an empty namespace is written ``{%}``, which no encoded
+text can be), so on Redis Cluster a namespace's registries and leaves share one slot while its
+entries, whose keys are exactly as the guide gives them, spread over every slot.
+
+On a cluster
+------------
+Everything above holds on Redis Cluster (:class:`redis.asyncio.cluster.RedisCluster`), with three
+differences, because an entry and its indexes live in different slots and so cannot share a
+``MULTI``: a write updates the indexes (one ``MULTI`` on the namespace's slot), then stores the
+entry, then updates the indexes again, so an invalidation that ran between the first two steps
+cannot leave the entry unindexed; an invalidation's ``UNLINK`` is split per slot; ``clear()`` scans
+every primary. Reads are single-key. A store built with ``cluster_factory`` decides on its first
+contact whether the node it was given is part of a cluster (``INFO cluster``) and, if so, switches
+to the cluster client. Redis replicates asynchronously: a primary that crashes (rather than being
+failed over by ``CLUSTER FAILOVER`` or Sentinel, which wait for the replica to catch up) may take
+the last writes it acknowledged with it, invalidations included.
 
 Why this design: fastapi-cache2 clears a namespace with ``KEYS`` inside a Lua script, which blocks
 the server for a time that grows with the whole keyspace; ``SCAN`` does not block but still visits
 every key. Here invalidation costs O(entries removed): it reads a leaf in pages, ``UNLINK``s each
 page and removes exactly those members from the leaf, so an entry written concurrently is either
-removed or stays indexed, never orphaned. Each index update runs in a one-key Lua script that drops
+removed or stays indexed, never orphaned; likewise a registry (walked with ``ZSCAN``) forgets a leaf
+only once that leaf is empty. Each index update runs in a one-key Lua script that drops
 members expired more than a minute ago and keeps the index's own expiry at its longest-lived entry,
 so expired entries leave no garbage behind. The index is written before the entry (in one
 ``MULTI``), so no entry exists that an invalidation cannot find.
@@ -29,16 +46,19 @@ Every redis-py and OS error is translated here, and only here, into the cache's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import cast
-from urllib.parse import quote
+from typing import Any, cast
+from urllib.parse import quote, unquote
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from commons.cache.backends.base import CacheStore
+from commons.cache.connection import RedisClient, reports_cluster_mode
 from commons.cache.errors import (
     BackendError,
     BackendRejectedError,
@@ -54,11 +74,18 @@ INDEX_GRACE_MS = 60_000
 #: Keys removed per UNLINK while invalidating or flushing: small enough that no command blocks.
 BATCH_SIZE = 500
 
+# A member's score only ever rises: a registry member stands for a whole leaf, so a short-lived
+# write must not lower it below the expiry of the leaf's longer-lived entries (the pruning below
+# would then unregister a leaf that still holds live entries).
 _INDEX_ADD = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local ttl_ms = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], now_ms + ttl_ms, ARGV[1])
+local expires_ms = now_ms + ttl_ms
+local scored = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not scored or tonumber(scored) < expires_ms then
+  redis.call('ZADD', KEYS[1], expires_ms, ARGV[1])
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms - tonumber(ARGV[3]))
 local keep_ms = ttl_ms + tonumber(ARGV[3])
 local current = redis.call('PTTL', KEYS[1])
@@ -66,6 +93,18 @@ if current == -1 or current < keep_ms then
   redis.call('PEXPIRE', KEYS[1], keep_ms)
 end
 return 1
+"""
+
+# Unregisters a drained leaf (KEYS[2]) from its registry (KEYS[1]) unless it, or a registry of its
+# own (KEYS[3], a tenant's user leaves), was refilled by a write that raced the invalidation: that
+# entry then stays reachable by the next invalidation. All three share the namespace's hash tag.
+_UNREGISTER_IF_DRAINED = """
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    return 0
+  end
+end
+return redis.call('ZREM', KEYS[1], KEYS[2])
 """
 
 _DELETE_IF_EQUAL = """
@@ -80,9 +119,33 @@ def _quote(text: str) -> str:
     return quote(text, safe="")
 
 
+def _tag(namespace: str) -> str:
+    """The namespace's hash tag: its percent-encoded text in braces (``{%}`` when empty)."""
+    return "{" + (_quote(namespace) or "%") + "}"
+
+
+def _untag(text: str) -> str:
+    """The namespace whose :func:`_tag` is ``text``."""
+    inner = text[1:-1] if text.startswith("{") and text.endswith("}") else text
+    return "" if inner == "%" else unquote(inner)
+
+
+#: Refusals by their error code. redis-py's own message of a failed pipeline command quotes the
+#: command's arguments (keys with tenant ids, cached bodies), which must not reach logs or status.
+_REFUSALS: tuple[tuple[type[redis_errors.ResponseError], str], ...] = (
+    (redis_errors.OutOfMemoryError, "OOM, used memory is above maxmemory"),
+    (redis_errors.ReadOnlyError, "READONLY, the server is a read-only replica"),
+    (redis_errors.NoPermissionError, "NOPERM, the user lacks a permission"),
+    (redis_errors.ExecAbortError, "EXECABORT, a transaction was refused"),
+)
+
+
 def _translate(exc: BaseException) -> BackendError:
     if isinstance(exc, redis_errors.ResponseError):
-        return BackendRejectedError(f"Redis refused the command: {exc}")
+        for refusal, text in _REFUSALS:
+            if isinstance(exc, refusal):
+                return BackendRejectedError(f"Redis refused the command: {text}")
+        return BackendRejectedError(f"Redis refused the command ({type(exc).__name__})")
     if isinstance(exc, (redis_errors.TimeoutError, asyncio.TimeoutError, TimeoutError)):
         return BackendUnavailableError("Redis did not answer in time")
     return BackendUnavailableError(f"Redis unavailable: {type(exc).__name__}: {exc}")
@@ -105,33 +168,56 @@ class RedisStore(CacheStore):
 
     name = "redis"
 
-    def __init__(self, client: Redis, prefix: str) -> None:
-        self._client = client
+    def __init__(
+        self,
+        client: RedisClient,
+        prefix: str,
+        *,
+        cluster_factory: Callable[[], RedisCluster] | None = None,
+    ) -> None:
+        """
+        Args:
+            client: A client of one server (or of Sentinel's master), or a cluster client.
+            prefix: The service's ``CACHE_PREFIX``.
+            cluster_factory: With a one-server client: builds the cluster client to switch to
+                if that server turns out to be a cluster node (``REDIS_CLUSTER=auto``).
+        """
         self._prefix = prefix
+        self._cluster_factory = cluster_factory
+        self._closed = False
+        self._use(client)
+
+    def _use(self, client: RedisClient) -> None:
+        self._client = client
         self._index_add = client.register_script(_INDEX_ADD)
         self._delete_if_equal = client.register_script(_DELETE_IF_EQUAL)
-        self._closed = False
+        self._unregister_if_drained = client.register_script(_UNREGISTER_IF_DRAINED)
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> RedisClient:
         return self._client
+
+    @property
+    def is_cluster(self) -> bool:
+        """Whether the store talks to a Redis Cluster (known after the first :meth:`ping`)."""
+        return isinstance(self._client, RedisCluster)
 
     # -- index names ---------------------------------------------------------------------------
 
     def _namespace_registry(self, namespace: str) -> str:
-        return f"{self._prefix}:#reg:{_quote(namespace)}"
+        return f"{self._prefix}:#reg:{_tag(namespace)}"
 
     def _tenant_leaf(self, namespace: str, tenant_id: str) -> str:
-        return f"{self._prefix}:#idx:{_quote(namespace)}:t:{_quote(tenant_id)}"
+        return f"{self._prefix}:#idx:{_tag(namespace)}:t:{_quote(tenant_id)}"
 
     def _tenant_registry(self, namespace: str, tenant_id: str) -> str:
-        return f"{self._prefix}:#reg:{_quote(namespace)}:t:{_quote(tenant_id)}"
+        return f"{self._prefix}:#reg:{_tag(namespace)}:t:{_quote(tenant_id)}"
 
     def _user_leaf(self, namespace: str, tenant_id: str, user_id: str) -> str:
         return f"{self._tenant_leaf(namespace, tenant_id)}:u:{_quote(user_id)}"
 
     def _unscoped_leaf(self, namespace: str) -> str:
-        return f"{self._prefix}:#idx:{_quote(namespace)}:-"
+        return f"{self._prefix}:#idx:{_tag(namespace)}:-"
 
     def _index_updates(self, key: str, scope: CacheScope) -> list[tuple[str, str]]:
         """(index, member) pairs recording ``key`` under ``scope``."""
@@ -166,6 +252,9 @@ class RedisStore(CacheStore):
     async def set(self, key: str, value: bytes, ttl_seconds: int, scope: CacheScope) -> None:
         ttl_ms = int(ttl_seconds * 1000)
         async with _redis_errors_translated():
+            if isinstance(self._client, RedisCluster):
+                await self._set_on_cluster(self._client, key, value, ttl_ms, scope)
+                return
             pipe = self._client.pipeline(transaction=True)
             for index, member in self._index_updates(key, scope):
                 await self._index_add(
@@ -173,6 +262,28 @@ class RedisStore(CacheStore):
                 )
             pipe.set(key, value, px=ttl_ms)
             await pipe.execute()
+
+    async def _set_on_cluster(
+        self, client: RedisCluster, key: str, value: bytes, ttl_ms: int, scope: CacheScope
+    ) -> None:
+        # The indexes share the namespace's slot, the entry is elsewhere: index, entry, index.
+        # EVAL rather than EVALSHA: a cluster transaction cannot load a script that a promoted
+        # replica has never seen.
+        updates = self._index_updates(key, scope)
+
+        async def index() -> None:
+            # redis-py 8.1 runs a cluster transaction on a client that has not (re)read the slot
+            # map on connections it cannot close; reading the map first avoids that (a no-op
+            # when it is current).
+            await client.initialize()
+            pipe = client.pipeline(transaction=True)
+            for name, member in updates:
+                pipe.eval(_INDEX_ADD, 1, name, member, ttl_ms, INDEX_GRACE_MS)
+            await pipe.execute()
+
+        await index()
+        await client.set(key, value, px=ttl_ms)
+        await index()
 
     async def delete(self, key: str) -> int:
         async with _redis_errors_translated():
@@ -208,14 +319,16 @@ class RedisStore(CacheStore):
         return removed + await self._drain_registry(registry, self._drain_leaf)
 
     async def _drain_registry(self, registry: str, drain: Callable[[str], Awaitable[int]]) -> int:
+        # ZSCAN returns every leaf registered for the whole walk; a leaf is unregistered only once
+        # it is empty, so one refilled by a concurrent write stays findable (and no walk repeats).
         removed = 0
-        while True:
-            members = cast(list[bytes], await self._client.zrange(registry, 0, BATCH_SIZE - 1))
-            if not members:
-                return removed
-            for member in members:
-                removed += await drain(member.decode())
-            await self._client.zrem(registry, *members)
+        idx_head, reg_head = f"{self._prefix}:#idx:", f"{self._prefix}:#reg:"
+        async for member, _ in self._client.zscan_iter(registry, count=BATCH_SIZE):
+            leaf = member.decode()
+            removed += await drain(leaf)
+            leaf_registry = reg_head + leaf[len(idx_head) :]
+            await self._unregister_if_drained(keys=[registry, leaf, leaf_registry])
+        return removed
 
     async def _drain_leaf(self, leaf: str) -> int:
         removed = 0
@@ -223,17 +336,29 @@ class RedisStore(CacheStore):
             keys = await self._client.zrange(leaf, 0, BATCH_SIZE - 1)
             if not keys:
                 return removed
+            if isinstance(self._client, RedisCluster):
+                # The keys spread over many slots: UNLINK per slot first, then forget them, so a
+                # failure half-way leaves every surviving entry indexed.
+                removed += int(await self._client.unlink(*keys))
+                await self._client.zrem(leaf, *keys)
+                continue
             pipe = self._client.pipeline(transaction=False)
             pipe.unlink(*keys)
             pipe.zrem(leaf, *keys)
             unlinked, _ = await pipe.execute()
             removed += int(unlinked)
 
-    async def clear(self) -> int:
+    async def clear(self, on_batch: Callable[[int], object] | None = None) -> int:
+        """Removes every key of the prefix (SCAN, then UNLINK in batches); ``on_batch(n)`` after
+        each batch (the CLI's progress bar)."""
         removed = 0
         async with _redis_errors_translated():
+            await self._detect_cluster()
             async for batch in self._scan_batches(f"{_glob_escape(self._prefix)}:*"):
-                removed += int(await self._client.unlink(*batch))
+                unlinked = int(await self._client.unlink(*batch))
+                removed += unlinked
+                if on_batch is not None:
+                    on_batch(unlinked)
         return removed
 
     async def _scan_batches(self, pattern: str) -> AsyncIterator[Sequence[bytes]]:
@@ -246,11 +371,104 @@ class RedisStore(CacheStore):
         if batch:
             yield batch
 
+    # -- operations (read by the commons-cache CLI) -------------------------------------------
+
+    async def count_keys(self, on_batch: Callable[[int], object] | None = None) -> int:
+        """How many keys the prefix holds, entries and indexes alike: what :meth:`clear` removes."""
+        counted = 0
+        async with _redis_errors_translated():
+            async for batch in self._scan_batches(f"{_glob_escape(self._prefix)}:*"):
+                counted += len(batch)
+                if on_batch is not None:
+                    on_batch(len(batch))
+        return counted
+
+    async def namespaces(self) -> list[str]:
+        """The namespaces that have a registry under the prefix (one SCAN, matching registries)."""
+        head = f"{self._prefix}:#reg:"
+        found: set[str] = set()
+        async with _redis_errors_translated():
+            async for key in self._client.scan_iter(match=f"{_glob_escape(head)}*", count=1000):
+                rest = key.decode()[len(head) :]
+                if ":" not in rest:  # a namespace's registry, not one of its tenants'
+                    found.add(_untag(rest))
+        return sorted(found)
+
+    async def count_entries(self, namespace: str) -> dict[str | None, int]:
+        """Unexpired indexed entries of ``namespace`` per tenant (``None``: no tenant).
+
+        Reads the registries and counts each leaf with ``ZCOUNT`` from the server's time on, so the
+        cost grows with the number of leaves, not of keys. An entry that Redis evicted stays in its
+        leaf until it would have expired, and is counted until then.
+        """
+        counts: dict[str | None, int] = {}
+        tenant_head = self._tenant_leaf(namespace, "")
+        async with _redis_errors_translated():
+            seconds, micros = await self._client.time()
+            now_ms = seconds * 1000 + micros // 1000
+            async for leaf, _ in self._client.zscan_iter(
+                self._namespace_registry(namespace), count=BATCH_SIZE
+            ):
+                name = leaf.decode()
+                tenant = unquote(name[len(tenant_head) :]) if name.startswith(tenant_head) else None
+                leaves = [name]
+                if tenant is not None:
+                    registry = self._tenant_registry(namespace, tenant)
+                    async for user_leaf, _ in self._client.zscan_iter(registry, count=BATCH_SIZE):
+                        leaves.append(user_leaf.decode())
+                pipe = self._client.pipeline(transaction=False)
+                for each in leaves:
+                    pipe.zcount(each, f"({now_ms}", "+inf")
+                live = sum(int(count) for count in await pipe.execute())
+                counts[tenant] = counts.get(tenant, 0) + live
+        return counts
+
+    async def entry_sizes(self, namespace: str, samples: int) -> list[int]:
+        """``MEMORY USAGE`` in bytes of up to ``samples`` entries of ``namespace``."""
+        keys: list[bytes] = []
+        async with _redis_errors_translated():
+            registry = self._namespace_registry(namespace)
+            for leaf in cast(list[bytes], await self._client.zrange(registry, 0, BATCH_SIZE)):
+                if len(keys) >= samples:
+                    break
+                members = await self._client.zrange(leaf, 0, samples - len(keys) - 1)
+                keys.extend(cast(list[bytes], members))
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.memory_usage(key)
+            sizes = await pipe.execute() if keys else []
+        return [int(size) for size in sizes if size is not None]
+
+    async def server_info(self) -> dict[str, Any]:
+        """The server's ``INFO`` (on a cluster: one node's)."""
+        async with _redis_errors_translated():
+            info = await self._client.info()
+        if "redis_version" not in info and info and isinstance(next(iter(info.values())), dict):
+            info = next(iter(info.values()))  # a cluster client answers per node
+        return info
+
     # -- connection ----------------------------------------------------------------------------
 
     async def ping(self) -> None:
+        """Answers when Redis does; on a cluster, when every primary does."""
         async with _redis_errors_translated():
-            await self._client.ping()
+            await self._detect_cluster()
+            if isinstance(self._client, RedisCluster):
+                await self._client.ping(target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await self._client.ping()
+
+    async def _detect_cluster(self) -> None:
+        """On the first contact (``REDIS_CLUSTER=auto``): switch to the cluster client if needed."""
+        factory = self._cluster_factory
+        if factory is None or not isinstance(self._client, Redis):
+            return
+        if await reports_cluster_mode(self._client):
+            single, cluster = self._client, factory()
+            self._use(cluster)
+            with contextlib.suppress(*_REDIS_FAILURES):
+                await single.aclose()
+        self._cluster_factory = None
 
     async def aclose(self) -> None:
         if self._closed:

@@ -1,0 +1,196 @@
+"""A private Redis Cluster (primaries, each with replicas) for tests and benchmarks.
+
+The fixture does what ``redis-cli --cluster create`` would, with raw commands only, so a machine
+with nothing but ``redis-server`` runs it: every node starts with ``cluster-enabled yes`` on free
+loopback ports (client and bus port both chosen, ``cluster-port``, Redis 7+), meets the first node
+(``CLUSTER MEET``), the primaries take equal slot ranges (``CLUSTER ADDSLOTSRANGE``), each replica
+follows its primary (``CLUSTER REPLICATE``), and :meth:`RedisCluster.start` returns once every node
+reports ``cluster_state:ok`` and every replica's link is up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from commons.testing.redis_server import RedisServer, free_port
+
+__all__ = ["SLOTS", "LocalRedisCluster", "bulk_text"]
+
+#: Slots of a Redis Cluster.
+SLOTS = 16384
+
+
+def bulk_text(reply: bytes) -> str:
+    """The text of a raw RESP reply (a bulk string or a status line); raises on an error reply."""
+    if reply.startswith(b"-"):
+        raise RuntimeError(reply.decode().strip())
+    if reply.startswith(b"$"):
+        _, _, body = reply.partition(b"\r\n")
+        return body.rstrip(b"\r\n").decode()
+    return reply[1:].decode().strip()
+
+
+def _info_field(server: RedisServer, section: str, name: str) -> str:
+    """One field of ``INFO <section>``, or of ``CLUSTER INFO`` for the section ``cluster``."""
+    command = ("CLUSTER", "INFO") if section == "cluster" else ("INFO", section)
+    for line in bulk_text(server.command(*command)).splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return value.strip()
+    return ""
+
+
+@dataclass
+class LocalRedisCluster:
+    """``primaries`` primaries with ``replicas_per_primary`` replicas each, on loopback.
+
+    Args:
+        primaries: Number of primaries; the slots are split evenly between them.
+        replicas_per_primary: Replicas of each primary.
+        node_timeout_ms: ``cluster-node-timeout``: how soon a silent primary is failed over.
+    """
+
+    primaries: int = 3
+    replicas_per_primary: int = 1
+    node_timeout_ms: int = 1000
+    nodes: list[RedisServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """A ``redis://`` URL of one running node (a cluster client discovers the rest)."""
+        return next(node for node in self.nodes if node.process is not None).url
+
+    def start(self, timeout: float = 30.0) -> LocalRedisCluster:
+        total = self.primaries * (1 + self.replicas_per_primary)
+        try:
+            for _ in range(total):
+                bus_port = free_port()
+                node = RedisServer(
+                    extra_args=[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        str(bus_port),
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        str(self.node_timeout_ms),
+                        # A replica takes over even if its link was down for a while.
+                        "--cluster-replica-validity-factor",
+                        "0",
+                    ]
+                )
+                node.start()
+                self.nodes.append(node)
+            self._assemble(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _assemble(self, timeout: float) -> None:
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            bulk_text(first.command("CLUSTER", "MEET", node.host, node.port, _bus_port(node)))
+        per_primary = SLOTS // self.primaries
+        for index, primary in enumerate(self.nodes[: self.primaries]):
+            low = index * per_primary
+            high = SLOTS - 1 if index == self.primaries - 1 else low + per_primary - 1
+            bulk_text(primary.command("CLUSTER", "ADDSLOTSRANGE", low, high))
+        deadline = time.monotonic() + timeout
+        self._wait(
+            lambda: all(self._known_nodes(n) == len(self.nodes) for n in self.nodes), deadline
+        )
+        replicas = self.nodes[self.primaries :]
+        for index, replica in enumerate(replicas):
+            primary = self.nodes[index % self.primaries]
+            bulk_text(replica.command("CLUSTER", "REPLICATE", self.node_id(primary)))
+        self.wait_until_healthy(deadline - time.monotonic())
+
+    def wait_until_healthy(self, timeout: float = 30.0) -> None:
+        """Waits until every running node says ``cluster_state:ok`` and every replica is linked."""
+        deadline = time.monotonic() + timeout
+
+        def healthy() -> bool:
+            running = [n for n in self.nodes if n.process is not None and n.answers_ping()]
+            for node in running:
+                if _info_field(node, "cluster", "cluster_state") != "ok":
+                    return False
+                role = _info_field(node, "replication", "role")
+                if role == "slave" and _info_field(node, "replication", "master_link_status") != (
+                    "up"
+                ):
+                    return False
+            return bool(running)
+
+        self._wait(healthy, deadline)
+
+    @staticmethod
+    def _wait(condition: object, deadline: float) -> None:
+        assert callable(condition)
+        while not condition():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not become ready in time")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _known_nodes(node: RedisServer) -> int:
+        return int(_info_field(node, "cluster", "cluster_known_nodes") or 0)
+
+    @staticmethod
+    def node_id(node: RedisServer) -> str:
+        return bulk_text(node.command("CLUSTER", "MYID"))
+
+    def role(self, node: RedisServer) -> str:
+        """``master`` or ``slave``, as the node itself reports."""
+        return _info_field(node, "replication", "role")
+
+    def current_primaries(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.answers_ping() and self.role(n) == "master"]
+
+    def replica_of(self, primary: RedisServer) -> RedisServer:
+        """A running replica of ``primary``."""
+        primary_id = self.node_id(primary)
+        for node in self.nodes:
+            if node is primary or not node.answers_ping():
+                continue
+            if self.role(node) == "slave":
+                own = self.node_id(node)
+                for line in bulk_text(node.command("CLUSTER", "NODES")).splitlines():
+                    fields = line.split()
+                    if fields and fields[0] == own and fields[3] == primary_id:
+                        return node
+        raise LookupError("the primary has no running replica")
+
+    def owner_of_slot(self, slot: int) -> RedisServer:
+        """The running primary that serves ``slot``."""
+        for node in self.current_primaries():
+            for line in bulk_text(node.command("CLUSTER", "NODES")).splitlines():
+                fields = line.split()
+                if "myself" not in fields[2]:
+                    continue
+                for part in fields[8:]:
+                    low, _, high = part.partition("-")
+                    if low.isdigit() and int(low) <= slot <= int(high or low):
+                        return node
+        raise LookupError(f"no running primary serves slot {slot}")
+
+    def key_slot(self, key: str | bytes) -> int:
+        return int(bulk_text(self.nodes[0].command("CLUSTER", "KEYSLOT", key)))
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes.clear()
+
+    def __enter__(self) -> LocalRedisCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _bus_port(node: RedisServer) -> int:
+    args = list(node.extra_args)
+    return int(args[args.index("--cluster-port") + 1])

@@ -1,0 +1,142 @@
+"""A private Redis Sentinel set-up: one master, one replica, one Sentinel, all on loopback."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from commons.testing.redis_cluster import bulk_text
+from commons.testing.redis_server import RedisServer, find_redis_server, free_port
+
+__all__ = ["LocalSentinel"]
+
+
+def _info_field(server: RedisServer, name: str) -> str:
+    for line in bulk_text(server.command("INFO", "replication")).splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return value.strip()
+    return ""
+
+
+@dataclass
+class LocalSentinel:
+    """A master and its replica, watched by one Sentinel (quorum 1) under ``master_name``."""
+
+    master_name: str = "cache-master"
+    servers: list[RedisServer] = field(default_factory=list)
+    sentinel: RedisServer | None = None
+    _sentinel_process: subprocess.Popen[bytes] | None = None
+    _workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def sentinels(self) -> str:
+        """The ``REDIS_SENTINELS`` value."""
+        assert self.sentinel is not None
+        return f"127.0.0.1:{self.sentinel.port}"
+
+    def start(self, timeout: float = 20.0) -> LocalSentinel:
+        try:
+            master = RedisServer().start()
+            self.servers.append(master)
+            replica = RedisServer(extra_args=["--replicaof", master.host, str(master.port)])
+            self.servers.append(replica.start())
+            deadline = time.monotonic() + timeout
+            while _info_field(replica, "master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the replica did not sync with its master in time")
+                time.sleep(0.05)
+            self._start_sentinel(master)
+            self.wait_for_master(master, deadline - time.monotonic())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_sentinel(self, master: RedisServer) -> None:
+        self._workdir = tempfile.TemporaryDirectory(prefix="redis-sentinel-")
+        port = free_port()
+        config = Path(self._workdir.name) / "sentinel.conf"
+        config.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {self._workdir.name}\n"
+            f"sentinel monitor {self.master_name} {master.host} {master.port} 1\n"
+            f"sentinel down-after-milliseconds {self.master_name} 1000\n"
+            f"sentinel failover-timeout {self.master_name} 5000\n",
+            encoding="utf-8",
+        )
+        self._sentinel_process = subprocess.Popen(  # noqa: S603 - our binary and config
+            [find_redis_server(), str(config), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.sentinel = RedisServer(port=port)
+
+    def master_port(self) -> int | None:
+        """The master's port as the Sentinel reports it."""
+        assert self.sentinel is not None
+        if not self.sentinel.answers_ping():
+            return None
+        reply = self.sentinel.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+        parts = reply.split(b"\r\n")
+        return int(parts[4]) if len(parts) > 4 and parts[4].isdigit() else None
+
+    def replica_count(self) -> int:
+        assert self.sentinel is not None
+        reply = self.sentinel.command("SENTINEL", "REPLICAS", self.master_name)
+        return int(reply[1:].split(b"\r\n", 1)[0]) if reply.startswith(b"*") else 0
+
+    def wait_for_master(self, server: RedisServer, timeout: float = 20.0) -> None:
+        """Waits until the Sentinel names ``server`` as master and knows its replica."""
+        deadline = time.monotonic() + timeout
+        while self.master_port() != server.port or self.replica_count() < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Sentinel did not settle in time")
+            time.sleep(0.05)
+
+    def failover(self, timeout: float = 20.0) -> RedisServer:
+        """``SENTINEL FAILOVER``; returns the promoted server once it is master and writable."""
+        assert self.sentinel is not None
+        old = self.master_port()
+        deadline = time.monotonic() + timeout
+        # Until the Sentinel has read the replica's own INFO it answers NOGOODSLAVE: ask again.
+        while self.sentinel.command("SENTINEL", "FAILOVER", self.master_name).startswith(
+            b"-NOGOODSLAVE"
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Sentinel found no replica to promote in time")
+            time.sleep(0.1)
+        while self.master_port() in (old, None):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Sentinel failover did not complete in time")
+            time.sleep(0.05)
+        promoted = next(s for s in self.servers if s.port == self.master_port())
+        while _info_field(promoted, "role") != "master":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the promoted replica did not become master in time")
+            time.sleep(0.05)
+        return promoted
+
+    def stop(self) -> None:
+        if self._sentinel_process is not None:
+            self._sentinel_process.terminate()
+            try:
+                self._sentinel_process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._sentinel_process.kill()
+                self._sentinel_process.wait(timeout=10)
+            self._sentinel_process = None
+        for server in self.servers:
+            server.stop()
+        self.servers.clear()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> LocalSentinel:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,90 @@
+"""The master found through Sentinel (``REDIS_SENTINELS``, ``REDIS_SENTINEL_MASTER``), and followed
+through a ``SENTINEL FAILOVER``: entries survive on the promoted replica, and writes and
+invalidations go to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from commons.cache import (
+    CacheSettings,
+    cache,
+    cache_status,
+    close_cache,
+    init_cache,
+    invalidate_namespace,
+)
+from commons.testing.redis_sentinel import LocalSentinel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def sentinel() -> Iterator[LocalSentinel]:
+    with LocalSentinel() as running:
+        yield running
+
+
+@pytest.fixture
+async def client(
+    sentinel: LocalSentinel,
+    make_settings: Callable[..., CacheSettings],
+    make_identity_app: Callable[[], FastAPI],
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = make_identity_app()
+    version = app.state.version = {"n": 1}
+
+    @app.get("/config")
+    @cache(namespace="tenant_config")
+    async def config() -> dict[str, int]:
+        return {"version": version["n"]}
+
+    # REDIS_URL's host and port are not used with Sentinels: they name the master.
+    settings = make_settings(
+        "redis://unused:1/0",
+        REDIS_SENTINELS=sentinel.sentinels,
+        REDIS_SENTINEL_MASTER=sentinel.master_name,
+    )
+    await init_cache(settings)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    try:
+        yield http
+    finally:
+        await http.aclose()
+        await close_cache()
+
+
+async def get(client: httpx.AsyncClient, tenant: str = "t1") -> httpx.Response:
+    return await client.get("/config", headers={"X-Test-Tenant": tenant})
+
+
+async def test_the_master_is_found_through_the_sentinel(client: httpx.AsyncClient) -> None:
+    assert cache_status().backend == "redis"
+    assert (await get(client)).headers["X-FastAPI-Cache"] == "MISS"
+    assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"
+
+
+async def test_the_cache_follows_a_sentinel_failover(
+    client: httpx.AsyncClient, sentinel: LocalSentinel
+) -> None:
+    await get(client, "t1")
+
+    promoted = sentinel.failover()
+
+    # The entry was replicated before the switch; it is read from the new master.
+    assert (await get(client, "t1")).headers["X-FastAPI-Cache"] == "HIT"
+    # Writes and invalidations reach the new master.
+    assert (await get(client, "t2")).headers["X-FastAPI-Cache"] == "MISS"
+    app: FastAPI = client._transport.app  # type: ignore[attr-defined]
+    app.state.version["n"] = 2
+    await invalidate_namespace("tenant_config")
+    for tenant in ("t1", "t2"):
+        response = await get(client, tenant)
+        assert response.json() == {"version": 2}
+    assert (await get(client, "t2")).headers["X-FastAPI-Cache"] == "HIT"
+    assert int(promoted.command("DBSIZE")[1:].strip()) > 0
+    assert cache_status().backend == "redis"
