@@ -2,43 +2,72 @@
 
 It takes fastapi-cache2's parameters (``expire``, ``coder``, ``key_builder``, ``namespace``) and
 builds the same keys, but stores what the client receives: on a miss the handler's result is
-rendered once to bytes (through the return annotation, as FastAPI's ``response_model`` would), and
-a hit sends those bytes back as the response without decoding, validating or serialising anything.
+rendered once to bytes exactly as FastAPI would render it for the route (its ``response_model``,
+``response_class``, ``status_code`` and ``response_model_*`` options), and a hit sends those bytes
+back as the response without decoding, validating or serialising anything.
 
 Per request:
 
 1. Not a GET/HEAD, caching disabled, or no identity to build a key from: the handler answers,
    nothing is read or stored (fail closed).
-2. Stored: replayed with ``X-FastAPI-Cache: HIT``, an ``ETag`` digest of the bytes (``304`` on a
-   matching ``If-None-Match``) and ``Cache-Control: private`` for tenant- or user-scoped entries.
-3. Missing: concurrent misses of the key in this process run the handler once (single-flight), and
+2. Stored and fresh: replayed with ``X-FastAPI-Cache: HIT``, an ``ETag`` digest of the bytes
+   (``304`` on a matching ``If-None-Match``), ``Cache-Control: max-age=<remaining freshness>``,
+   ``private`` and ``Vary: Authorization`` for tenant- or user-scoped entries. The encoded headers
+   and the ETag of a stored body are computed once and reused while the stored bytes stay the same.
+3. Stored but stale (only with ``stale_ttl``): replayed at once with ``X-FastAPI-Cache: STALE`` and
+   ``max-age=0``; after the response is sent, one refresh per key and process (single-flight, and
+   with ``distributed_lock`` one across replicas) recomputes and stores the entry.
+4. Missing: concurrent misses of the key in this process run the handler once (single-flight), and
    with ``distributed_lock`` once across replicas too; exceptions and non-2xx answers are never
    stored.
+
+Stale-while-revalidate keeps the stored format unchanged: an entry is written for
+``expire + stale_ttl`` seconds and it is fresh while more than ``stale_ttl`` seconds remain. The
+remaining time comes from the store's own clock (Redis's for Redis), so replicas agree on
+freshness whatever their clocks say. Changing a route's ``stale_ttl`` reinterprets the entries
+already stored for it until they expire.
+
+Headers and cookies that the route's dependencies set on FastAPI's ``Response`` parameter are sent
+with every answer (HIT or MISS) and never stored; headers the handler sets there are part of the
+stored answer, and a cookie set by the handler makes the answer uncacheable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import wraps
 from inspect import Parameter, Signature, isawaitable, iscoroutinefunction
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ForwardRef, ParamSpec, TypeVar, get_args
 
 from fastapi.concurrency import run_in_threadpool
+from fastapi.datastructures import DefaultPlaceholder
 from fastapi.dependencies.utils import get_typed_return_annotation, get_typed_signature
 from fastapi.encoders import jsonable_encoder
+from fastapi.routing import APIRoute, serialize_response
+from fastapi.utils import is_body_allowed_for_status_code
 from fastapi_cache.coder import Coder, PickleCoder
 from fastapi_cache.types import KeyBuilder
 from pydantic import TypeAdapter
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
 from commons.cache.cache import current_layer
 from commons.cache.entry import CachedResponse, decode_entry, encode_entry
 from commons.cache.events import LookupOutcome
-from commons.cache.http import cacheable_response, replay
+from commons.cache.http import (
+    CachedBytesResponse,
+    PreparedResponse,
+    cacheable_response,
+    prepare,
+    replay,
+)
 from commons.cache.keys import tenant_cache_key_builder
 from commons.cache.layer import CacheLayer
 from commons.cache.scope import ScopedKey
@@ -46,12 +75,72 @@ from commons.cache.singleflight import SingleFlight
 
 __all__ = ["cache"]
 
+logger = logging.getLogger("commons.cache")
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 _LOCK_POLL_SECONDS = 0.02
-_flights: SingleFlight[CachedResponse | Response] = SingleFlight()
+_HIT, _STALE, _MISS = b"HIT", b"STALE", b"MISS"
+#: Bounds of the prepared responses each route keeps (entries, and bytes of stored values).
+_PREPARED_MAX_ENTRIES = 1024
+_PREPARED_MAX_BYTES = 32 * 1024 * 1024
+_SERIALIZE_OPTIONS = frozenset(inspect.signature(serialize_response).parameters)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What one computation produced, as shared with the requests that waited for it."""
+
+    #: The stored answer, ready to replay (None: nothing was stored).
+    prepared: PreparedResponse | None = None
+    #: An answer that was not stored (non-2xx, no-store, ...) but that waiters may receive too.
+    unstored: CachedResponse | None = None
+    #: The handler's own response, sent as it is by the request that computed it.
+    response: Response | None = None
+
+
+_flights: SingleFlight[_Outcome] = SingleFlight()
+
+
+class _PreparedResponses:
+    """Prepared responses by key, reused while the stored bytes are the same (bounded).
+
+    Comparing the stored bytes with the remembered ones costs one ``memcmp`` (nothing for the
+    memory store, which hands back the very object); decoding, re-encoding headers and hashing
+    the body for the ETag then happen once per stored value instead of on every hit.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[bytes, PreparedResponse]] = {}
+        self._bytes = 0
+
+    def get(self, key: str, raw: bytes, private: bool) -> PreparedResponse | None:
+        """The prepared form of ``raw``; ``None`` when ``raw`` is no readable entry."""
+        found = self._items.get(key)
+        if found is not None and found[0] == raw and found[1].private is private:
+            return found[1]
+        try:
+            entry = decode_entry(raw)
+        except (ValueError, KeyError, TypeError):
+            return None  # an entry we cannot read is a miss
+        prepared = prepare(entry, private=private)
+        self.put(key, raw, prepared)
+        return prepared
+
+    def put(self, key: str, raw: bytes, prepared: PreparedResponse) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old[0])
+        if (
+            len(self._items) >= _PREPARED_MAX_ENTRIES
+            or self._bytes + len(raw) > _PREPARED_MAX_BYTES
+        ):
+            self._items.clear()
+            self._bytes = 0
+        self._items[key] = (raw, prepared)
+        self._bytes += len(raw)
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -62,7 +151,7 @@ def _json_bytes(value: Any) -> bytes:
 
 
 def _adapter_for(annotation: Any) -> TypeAdapter[Any] | None:
-    if annotation is None or annotation is Parameter.empty:
+    if annotation is None or annotation is Parameter.empty or _has_forward_ref(annotation):
         return None
     if isinstance(annotation, type) and issubclass(annotation, Response):
         return None
@@ -72,11 +161,296 @@ def _adapter_for(annotation: Any) -> TypeAdapter[Any] | None:
         return None
 
 
+async def _render_as_route(
+    route: APIRoute, result: Any, status_code: int | None, is_coroutine: bool
+) -> Response:
+    """``result`` rendered as FastAPI renders a non-Response result of ``route``."""
+    status_code = status_code or route.status_code
+    response_class = route.response_class
+    is_default_class = isinstance(response_class, DefaultPlaceholder)
+    actual_class: type[Response] = (
+        response_class.value if isinstance(response_class, DefaultPlaceholder) else response_class
+    )
+    dump_json = (
+        route.response_field is not None and is_default_class and "dump_json" in _SERIALIZE_OPTIONS
+    )
+    options: dict[str, Any] = {"dump_json": True} if dump_json else {}
+    content = await serialize_response(
+        field=route.response_field,
+        response_content=result,
+        include=route.response_model_include,
+        exclude=route.response_model_exclude,
+        by_alias=route.response_model_by_alias,
+        exclude_unset=route.response_model_exclude_unset,
+        exclude_defaults=route.response_model_exclude_defaults,
+        exclude_none=route.response_model_exclude_none,
+        is_coroutine=is_coroutine,
+        **options,
+    )
+    if dump_json:
+        response = Response(content=content, media_type="application/json")
+    else:
+        response = actual_class(content)
+    if status_code is not None:
+        response.status_code = status_code
+        if not is_body_allowed_for_status_code(status_code):
+            response.body = b""
+            response.init_headers()
+    return response
+
+
 def _client_refuses_stored(request: Request, layer: CacheLayer) -> bool:
     if not layer.settings.CACHE_HONOR_CLIENT_NO_CACHE:
         return False
     directives = request.headers.get("cache-control", "").lower()
     return "no-cache" in directives or "no-store" in directives
+
+
+def _shareable(response: Response) -> CachedResponse | None:
+    """An unstored answer other waiters may receive too: a body in memory and no cookie."""
+    body = getattr(response, "body", None)
+    if not isinstance(body, bytes) or "set-cookie" in response.headers:
+        return None
+    headers = tuple(
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in response.raw_headers
+        if name != b"content-length"
+    )
+    media_type = response.headers.get("content-type") or "application/json"
+    return CachedResponse(body, response.status_code, media_type, headers)
+
+
+def _param_of_type(signature: Signature, kind: type) -> Parameter | None:
+    return next(
+        (
+            p
+            for p in signature.parameters.values()
+            if isinstance(p.annotation, type) and issubclass(p.annotation, kind)
+        ),
+        None,
+    )
+
+
+def _unstored_answer(entry: CachedResponse, *, head: bool) -> Response:
+    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in entry.headers]
+    return CachedBytesResponse(b"" if head else entry.body, entry.status_code, headers)
+
+
+class _CachedRoute:
+    """What one decorated handler needs on every miss: how to call it and render its result."""
+
+    def __init__(
+        self,
+        func: Callable[..., Awaitable[Any]],
+        *,
+        coder: type[Coder] | None,
+        expire: int | None,
+        stale_seconds: int,
+        lock: bool | None,
+    ) -> None:
+        self.func = func
+        self.coder = coder
+        self.expire = expire
+        self.stale_seconds = stale_seconds
+        self.lock = lock
+        self.is_coroutine = iscoroutinefunction(func)
+        self.prepared = _PreparedResponses()
+        self.endpoint: Callable[..., Any] | None = None
+        self._adapter: list[TypeAdapter[Any] | None] = []
+
+    async def call_handler(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.is_coroutine:
+            return await self.func(*args, **kwargs)
+        return await run_in_threadpool(self.func, *args, **kwargs)
+
+    def is_fresh(self, remaining: int) -> bool:
+        return remaining > self.stale_seconds or not self.stale_seconds
+
+    async def render(self, result: Any, request: Request, status_code: int | None) -> Response:
+        """The response FastAPI would send for ``result`` on this route."""
+        if isinstance(result, Response):
+            return result
+        if self.coder is not None:
+            body = self.coder.encode(result)
+            return Response(body, status_code or 200, media_type="application/json")
+        route = request.scope.get("route")
+        endpoint = self.endpoint
+        if isinstance(route, APIRoute) and (
+            inspect.unwrap(route.endpoint, stop=lambda f: f is endpoint) is endpoint
+        ):
+            return await _render_as_route(route, result, status_code, self.is_coroutine)
+        # Called outside its route: render through the return annotation.
+        if not self._adapter:
+            self._adapter.append(_adapter_for(get_typed_return_annotation(self.func)))
+        type_adapter = self._adapter[0]
+        if type_adapter is None:
+            rendered = _json_bytes(result)
+        else:
+            value = type_adapter.validate_python(result, from_attributes=True)
+            rendered = type_adapter.dump_json(value, by_alias=True)
+        return Response(rendered, status_code or 200, media_type="application/json")
+
+
+class _Computation:
+    """One request's miss (or stale refresh): computes, stores and shares the answer."""
+
+    def __init__(
+        self,
+        route: _CachedRoute,
+        layer: CacheLayer,
+        key: str,
+        private: bool,
+        request: Request,
+        sub_response: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.route = route
+        self.layer = layer
+        self.key = key
+        self.private = private
+        self.request = request
+        self.sub_response = sub_response if isinstance(sub_response, Response) else None
+        self.args = args
+        self.kwargs = kwargs
+        self.ttl = route.expire or layer.settings.CACHE_TTL_SECONDS
+        self.use_lock = layer.settings.CACHE_DISTRIBUTED_LOCK if route.lock is None else route.lock
+        #: The outcome this request computed itself, if it did.
+        self.outcome: _Outcome | None = None
+
+    async def compute(self) -> _Outcome:
+        """Runs the handler, renders its answer, and stores it when it may be stored."""
+        route, sub_response = self.route, self.sub_response
+        fill_token = self.layer.fill_token(self.key)
+        headers_before = list(sub_response.raw_headers) if sub_response is not None else []
+        result = await route.call_handler(self.args, self.kwargs)
+        status_code = sub_response.status_code or None if sub_response is not None else None
+        response = await route.render(result, self.request, status_code)
+        if sub_response is not None and not isinstance(result, Response):
+            # Headers the handler set on FastAPI's Response are part of its answer, as FastAPI
+            # would send them; those the dependencies set are added per request.
+            response.raw_headers.extend(
+                pair for pair in sub_response.raw_headers if pair not in headers_before
+            )
+        entry = cacheable_response(response)
+        if entry is None:
+            outcome = _Outcome(unstored=_shareable(response), response=response)
+        else:
+            raw = encode_entry(entry)
+            await self.layer.set(
+                self.key, raw, self.ttl + route.stale_seconds, fill_token=fill_token
+            )
+            prepared = prepare(entry, private=self.private)
+            route.prepared.put(self.key, raw, prepared)
+            outcome = _Outcome(prepared=prepared)
+        self.outcome = outcome
+        return outcome
+
+    async def stored(self) -> _Outcome | None:
+        """The fresh entry stored under the key right now, if any."""
+        remaining, raw = await self.layer.get_with_ttl(self.key)
+        if raw is None or not self.route.is_fresh(remaining):
+            return None
+        prepared = self.route.prepared.get(self.key, raw, self.private)
+        return None if prepared is None else _Outcome(prepared=prepared)
+
+    async def work(self) -> _Outcome:
+        """The computation a miss's single-flight runs (under the replicas' lock if asked)."""
+        if not self.use_lock:
+            return await self.compute()
+        shared = await _under_replica_lock(self.layer, self.key, self.compute, self.stored)
+        assert shared is not None  # waiting for the lock always ends with an outcome
+        return shared
+
+    async def refresh(self) -> None:
+        """Recomputes a stale entry, unless this process or another replica already does."""
+
+        async def recompute() -> _Outcome:
+            # A refresh that finished a moment ago leaves nothing to do.
+            return await self.stored() or await self.compute()
+
+        async def work() -> _Outcome:
+            if not self.use_lock:
+                return await recompute()
+            shared = await _under_replica_lock(
+                self.layer, self.key, recompute, self.stored, wait=False
+            )
+            return shared or _Outcome()
+
+        try:
+            await _flights.run_if_idle(self.key, work)
+        except Exception:
+            logger.warning(
+                "background refresh of a stale entry failed; it is served until it expires",
+                exc_info=True,
+            )
+
+
+async def _under_replica_lock(
+    layer: CacheLayer,
+    key: str,
+    compute: Callable[[], Awaitable[_Outcome]],
+    stored: Callable[[], Awaitable[_Outcome | None]],
+    *,
+    wait: bool = True,
+) -> _Outcome | None:
+    """Computes under a short lock shared by the replicas (``SET NX PX`` with a random token).
+
+    The holder computes and stores; the others poll for the entry while the lock is held, take
+    the lock over if it is released without an entry (the holder failed), and compute on their
+    own once ``CACHE_LOCK_TIMEOUT_SECONDS`` has passed. Only the holder's token releases the lock,
+    and it expires by itself after the same time if its holder dies. Without a shared store (the
+    memory backend, or Redis unavailable) it just computes: single-flight still holds per process.
+
+    Returns:
+        The outcome; ``None`` only when ``wait`` is false and another replica holds the lock.
+    """
+    lock_key = f"{layer.prefix}:#lock:{key}"
+    token = secrets.token_bytes(16)
+    wait_seconds = layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
+    lock_ms = max(int(wait_seconds * 1000), 1)
+    acquired = await layer.try_lock(lock_key, token, lock_ms)
+    if acquired is False:
+        if not wait:
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        while loop.time() < deadline:
+            await asyncio.sleep(_LOCK_POLL_SECONDS)
+            found = await stored()
+            if found is not None:
+                return found
+            acquired = await layer.try_lock(lock_key, token, lock_ms)
+            if acquired is not False:
+                break
+    try:
+        if acquired:
+            # The previous holder may have stored the entry just before releasing the lock.
+            found = await stored()
+            if found is not None:
+                return found
+        return await compute()
+    finally:
+        if acquired:
+            await layer.unlock(lock_key, token)
+
+
+def _has_forward_ref(annotation: Any) -> bool:
+    if isinstance(annotation, (str, ForwardRef)):
+        return True
+    return any(_has_forward_ref(arg) for arg in get_args(annotation))
+
+
+def _resolved_return_annotation(func: Callable[..., Any]) -> Any:
+    """The return annotation FastAPI infers the route's ``response_model`` from.
+
+    Empty when it names something FastAPI cannot resolve (a class local to a function): the
+    handler's result is then rendered with ``jsonable_encoder``, as without a response model.
+    """
+    annotation = get_typed_return_annotation(func)
+    if annotation is None or _has_forward_ref(annotation):
+        return Signature.empty
+    return annotation
 
 
 def cache(
@@ -87,65 +461,67 @@ def cache(
     injected_dependency_namespace: str = "__fastapi_cache",
     *,
     distributed_lock: bool | None = None,
+    stale_ttl: int | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R | Response]]]:
     """Caches a route's responses.
 
     Args:
-        expire: Seconds an entry lives; ``CACHE_TTL_SECONDS`` by default.
+        expire: Seconds an entry is fresh; ``CACHE_TTL_SECONDS`` by default.
         coder: A fastapi-cache2 ``Coder`` that turns the handler's result into the stored JSON
-            body; by default the return annotation renders it, as FastAPI would.
+            body; by default the route renders it, as FastAPI would.
         key_builder: fastapi-cache2 ``KeyBuilder``; ``tenant_cache_key_builder`` by default.
         namespace: Groups entries for ``invalidate_namespace()``. No ``:`` in it.
-        injected_dependency_namespace: Name prefix of the request parameter added to the route.
+        injected_dependency_namespace: Name prefix of the parameters added to the route.
         distributed_lock: Take a short Redis lock on a miss so replicas compute once;
             ``CACHE_DISTRIBUTED_LOCK`` by default.
+        stale_ttl: Seconds an entry is kept past its freshness and served (``X-FastAPI-Cache:
+            STALE``) while one background refresh recomputes it; ``None`` (default): never.
 
     Raises:
-        ValueError: At decoration time, for a namespace holding ``:`` or a pickle coder.
+        ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, or a
+            negative ``expire`` / ``stale_ttl``.
     """
     if ":" in namespace:
         raise ValueError(f"cache namespace {namespace!r} must not contain ':'")
     if coder is not None and issubclass(coder, PickleCoder):
         raise ValueError("cached values are JSON: PickleCoder would let a writable Redis run code")
+    if expire is not None and expire < 0:
+        raise ValueError("expire must not be negative")
+    if stale_ttl is not None and stale_ttl < 0:
+        raise ValueError("stale_ttl must not be negative")
+    stale_seconds = stale_ttl or 0
     chosen_key_builder: KeyBuilder = key_builder or tenant_cache_key_builder
     injected_request = Parameter(
         name=f"{injected_dependency_namespace}_request",
         annotation=Request,
         kind=Parameter.KEYWORD_ONLY,
     )
+    injected_response = Parameter(
+        name=f"{injected_dependency_namespace}_response",
+        annotation=Response,
+        kind=Parameter.KEYWORD_ONLY,
+    )
 
     def decorate(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R | Response]]:
         signature = get_typed_signature(func)
-        request_param = next(
-            (p for p in signature.parameters.values() if p.annotation is Request), None
-        )
+        request_param = _param_of_type(signature, Request)
+        response_param = _param_of_type(signature, Response)
         inject_request = request_param is None
+        inject_response = response_param is None
         request_name = injected_request.name if request_param is None else request_param.name
-        adapter: list[TypeAdapter[Any] | None] = []
-
-        def render(result: Any) -> CachedResponse | Response:
-            if isinstance(result, Response):
-                return cacheable_response(result) or result
-            if coder is not None:
-                return CachedResponse(coder.encode(result))
-            if not adapter:
-                adapter.append(_adapter_for(get_typed_return_annotation(func)))
-            type_adapter = adapter[0]
-            if type_adapter is None:
-                return CachedResponse(_json_bytes(result))
-            value = type_adapter.validate_python(result, from_attributes=True)
-            return CachedResponse(type_adapter.dump_json(value, by_alias=True))
-
-        async def call_handler(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if iscoroutinefunction(func):
-                return await func(*args, **kwargs)
-            return await run_in_threadpool(func, *args, **kwargs)
+        response_name = injected_response.name if response_param is None else response_param.name
+        route_state = _CachedRoute(
+            func, coder=coder, expire=expire, stale_seconds=stale_seconds, lock=distributed_lock
+        )
+        call_handler = route_state.call_handler
+        prepared_responses = route_state.prepared
 
         @wraps(func)
         async def endpoint(*args: P.args, **kwargs: P.kwargs) -> R | Response:
-            request = kwargs.get(request_name)
-            if inject_request:
-                kwargs.pop(request_name, None)
+            request = kwargs.pop(request_name, None) if inject_request else kwargs.get(request_name)
+            sub_response = (
+                kwargs.pop(response_name, None) if inject_response else kwargs.get(response_name)
+            )
             layer = current_layer()
             if layer is None or not layer.enabled:
                 if layer is not None:
@@ -166,89 +542,89 @@ def cache(
             if layer.scope_of(key) is None:
                 layer.events.lookup(namespace, LookupOutcome.BYPASS_NO_IDENTITY)
                 return await call_handler(args, kwargs)  # type: ignore[no-any-return]
-            private = isinstance(key, ScopedKey) and key.is_private
-            ttl = expire or layer.settings.CACHE_TTL_SECONDS
+            # Only an entry known to be shared by everyone may be stored by a shared proxy.
+            private = not isinstance(key, ScopedKey) or key.is_private
+            if_none_match = request.headers.get("if-none-match")
+            head = request.method == "HEAD"
+            # Set by the route's dependencies: sent with this answer, never stored.
+            own_headers = (
+                list(sub_response.raw_headers)
+                if isinstance(sub_response, Response) and sub_response.raw_headers
+                else None
+            )
 
             if _client_refuses_stored(request, layer):
                 layer.events.lookup(namespace, LookupOutcome.BYPASS_CLIENT)
             else:
                 remaining, raw = await layer.get_with_ttl(key)
                 if raw is not None:
-                    try:
-                        stored = decode_entry(raw)
-                    except (ValueError, KeyError, TypeError):
-                        stored = None  # an entry we cannot read is a miss
+                    stored = prepared_responses.get(key, raw, private)
                     if stored is not None:
-                        layer.events.lookup(namespace, LookupOutcome.HIT)
-                        return replay(
+                        if remaining > stale_seconds or not stale_seconds:
+                            layer.events.lookup(namespace, LookupOutcome.HIT)
+                            return replay(
+                                stored,
+                                max_age=remaining - stale_seconds,
+                                status=_HIT,
+                                if_none_match=if_none_match,
+                                head=head,
+                                extra_headers=own_headers,
+                            )
+                        layer.events.lookup(namespace, LookupOutcome.STALE)
+                        stale = replay(
                             stored,
-                            ttl=remaining,
-                            status="HIT",
-                            private=private,
-                            request_headers=request.headers,
+                            max_age=0,
+                            status=_STALE,
+                            if_none_match=if_none_match,
+                            head=head,
+                            extra_headers=own_headers,
                         )
+                        miss = _Computation(
+                            route_state, layer, key, private, request, sub_response, args, kwargs
+                        )
+                        # Runs once the stale answer is sent, while the request's dependencies
+                        # (a database session, ...) are still open.
+                        stale.background = BackgroundTask(miss.refresh)
+                        return stale
+                layer.events.lookup(namespace, LookupOutcome.MISS)
 
-            async def compute() -> CachedResponse | Response:
-                fill_token = layer.fill_token(key)
-                rendered = render(await call_handler(args, kwargs))
-                if isinstance(rendered, CachedResponse):
-                    await layer.set(key, encode_entry(rendered), ttl, fill_token=fill_token)
-                return rendered
+            miss = _Computation(
+                route_state, layer, key, private, request, sub_response, args, kwargs
+            )
+            outcome = await _flights.run(key, miss.work, layer.settings.CACHE_LOCK_TIMEOUT_SECONDS)
+            if outcome.prepared is not None:
+                return replay(
+                    outcome.prepared,
+                    max_age=miss.ttl,
+                    status=_MISS,
+                    if_none_match=if_none_match,
+                    head=head,
+                    extra_headers=own_headers,
+                )
+            if outcome.response is not None and outcome is miss.outcome:
+                response = outcome.response  # this request computed it: its very own answer
+            elif outcome.unstored is not None:
+                response = _unstored_answer(outcome.unstored, head=head)
+            else:
+                # The computing request's answer cannot be shared (a cookie, a stream).
+                return await call_handler(args, kwargs)  # type: ignore[no-any-return]
+            if own_headers:
+                response.raw_headers.extend(own_headers)
+            return response
 
-            layer.events.lookup(namespace, LookupOutcome.MISS)
-            use_lock = (
-                layer.settings.CACHE_DISTRIBUTED_LOCK
-                if distributed_lock is None
-                else distributed_lock
-            )
-            work = (
-                (lambda: _compute_once_across_replicas(layer, key, compute))
-                if use_lock
-                else compute
-            )
-            outcome = await _flights.run(key, work, layer.settings.CACHE_LOCK_TIMEOUT_SECONDS)
-            if isinstance(outcome, Response):
-                return outcome
-            return replay(
-                outcome, ttl=ttl, status="MISS", private=private, request_headers=request.headers
-            )
-
-        if inject_request:
+        if inject_request or inject_response:
             parameters = list(signature.parameters.values())
             tail = [p for p in parameters if p.kind is Parameter.VAR_KEYWORD]
             head = [p for p in parameters if p.kind is not Parameter.VAR_KEYWORD]
+            injected = [
+                *([injected_request] if inject_request else []),
+                *([injected_response] if inject_response else []),
+            ]
             endpoint.__signature__ = Signature(  # type: ignore[attr-defined]
-                parameters=[*head, injected_request, *tail],
-                return_annotation=signature.return_annotation,
+                parameters=[*head, *injected, *tail],
+                return_annotation=_resolved_return_annotation(func),
             )
+        route_state.endpoint = endpoint
         return endpoint
 
     return decorate
-
-
-async def _compute_once_across_replicas(
-    layer: CacheLayer,
-    key: str,
-    compute: Callable[[], Awaitable[CachedResponse | Response]],
-) -> CachedResponse | Response:
-    """Computes under a short Redis lock; others poll for the entry while the lock is held."""
-    lock_key = f"{layer.prefix}:#lock:{key}"
-    token = secrets.token_bytes(16)
-    wait = layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
-    lock_ms = int(wait * 1000)
-    acquired = await layer.try_lock(lock_key, token, lock_ms)
-    if acquired is False:
-        deadline = asyncio.get_running_loop().time() + wait
-        while asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(_LOCK_POLL_SECONDS)
-            _, raw = await layer.get_with_ttl(key)
-            if raw is not None:
-                return decode_entry(raw)
-            acquired = await layer.try_lock(lock_key, token, lock_ms)
-            if acquired is not False:
-                break
-    try:
-        return await compute()
-    finally:
-        if acquired:
-            await layer.unlock(lock_key, token)

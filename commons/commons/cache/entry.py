@@ -5,6 +5,11 @@ the client receives, so a hit sends them without decoding anything (and they are
 fastapi-cache2's ``JsonCoder`` would store for the same value). Any other response is stored as a
 small JSON envelope holding status, media type, headers and body. A body that happens to start like
 an envelope is always wrapped, so the two forms never get confused.
+
+Nothing else is stored with an entry. Its freshness for ``stale_ttl`` comes from the time it has
+left to live in the store (see ``decorator.py``), and its ETag is a digest of the body computed once
+per stored value in each process (see ``http.py``), so the common case stays the plain body, the
+same bytes fastapi-cache2's decorator stores and reads.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ class LookupOutcome:
 
     HIT = "hit"
     MISS = "miss"
+    #: Served from an expired entry kept by ``stale_ttl`` while one background refresh runs.
+    STALE = "stale"
     #: Served uncached: no tenant or user to build a key from.
     BYPASS_NO_IDENTITY = "bypass_no_identity"
     #: Served uncached: CACHE_ENABLED is false or init_cache() has not run.

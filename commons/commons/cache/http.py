@@ -1,39 +1,55 @@
 """The HTTP rules of cached responses: what may be stored, and the headers a cached answer carries.
 
-- Only 2xx responses with a body in memory are stored; never one that sets a cookie, is streamed, or
-  says ``Cache-Control: no-store`` / ``private`` itself.
-- ``ETag`` is a digest of the stored bytes, so every process and replica agrees on it, and
-  ``If-None-Match`` (a list, weak or strong, or ``*``) answers ``304`` with no body.
-- Tenant- or user-scoped answers say ``Cache-Control: private, max-age=<remaining>`` and
+- Only 2xx responses with a body in memory are stored; never one that sets a cookie, is streamed,
+  says ``Cache-Control: no-store`` / ``no-cache`` / ``private`` itself, or ``Vary: *``.
+- ``ETag`` is a digest of the stored body (the first 128 bits of its SHA-256, in hex, quoted), so
+  every process and replica agrees on it, and ``If-None-Match`` (a list, weak or strong, or ``*``)
+  answers ``304`` with no body.
+- ``Cache-Control: max-age`` is the entry's remaining *freshness* (never its stale window).
+  Tenant- or user-scoped answers say ``Cache-Control: private, max-age=<remaining>`` and
   ``Vary: Authorization``: a shared proxy or CDN must never hand one tenant's answer to another.
+- A ``HEAD`` request gets the headers of the ``GET`` (``Content-Length`` included) and no body.
+
+A hit does no work beyond this: :func:`prepare` encodes a stored response's headers and ETag once,
+the decorator keeps the result while the stored bytes stay the same, and :func:`replay` only adds
+the per-request ``Cache-Control`` and status headers around the stored body.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
-from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from commons.cache.entry import CachedResponse
 
 __all__ = [
     "CACHE_STATUS_HEADER",
+    "CachedBytesResponse",
+    "PreparedResponse",
     "cacheable_response",
     "entry_etag",
     "etag_matches",
+    "prepare",
     "replay",
 ]
 
-#: The header that says HIT or MISS, as in fastapi-cache2.
+#: The header that says HIT, STALE or MISS (fastapi-cache2's name; it says HIT or MISS).
 CACHE_STATUS_HEADER = "X-FastAPI-Cache"
 
-_HOP_BY_HOP = frozenset({"content-length", "content-type", "transfer-encoding", "connection"})
+_STATUS_NAME = CACHE_STATUS_HEADER.lower().encode("latin-1")
+_NOT_STORED_HEADERS = frozenset(
+    {"content-length", "content-type", "transfer-encoding", "connection"}
+)
+# Headers a 304 repeats from the 200 it stands for (RFC 9110, 15.4.5).
+_NOT_MODIFIED_HEADERS = frozenset({b"etag", b"vary", b"content-location", b"expires", b"date"})
+_FORBIDDING_DIRECTIVES = ("no-store", "no-cache", "private")
 
 
 def entry_etag(body: bytes) -> str:
-    """A strong ETag: the BLAKE2b digest of the body (the same in every process)."""
-    return '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
+    """A strong ETag: the first 32 hex digits of the body's SHA-256 (the same in every process)."""
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -48,49 +64,118 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 
 def cacheable_response(response: Response) -> CachedResponse | None:
-    """The storable form of a handler's own Response, or None when it must not be stored."""
+    """The storable form of a response, or None when it must not be stored."""
     if not 200 <= response.status_code < 300:
         return None
     body = getattr(response, "body", None)
     if not isinstance(body, bytes):
         return None  # streamed or file responses
     headers = response.headers
-    if "set-cookie" in headers:
+    if "set-cookie" in headers or headers.get("vary", "").strip() == "*":
         return None
     cache_control = headers.get("cache-control", "").lower()
-    if "no-store" in cache_control or "private" in cache_control:
+    if any(directive in cache_control for directive in _FORBIDDING_DIRECTIVES):
         return None
     media_type = headers.get("content-type") or response.media_type or "application/json"
     kept = tuple(
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in response.raw_headers
-        if name.decode("latin-1").lower() not in _HOP_BY_HOP
+        if name.decode("latin-1").lower() not in _NOT_STORED_HEADERS
     )
     return CachedResponse(body, response.status_code, media_type, kept)
 
 
-def replay(
-    cached: CachedResponse,
-    *,
-    ttl: int,
-    status: str,
-    private: bool,
-    request_headers: Headers,
-) -> Response:
-    """The response to send for ``cached``: its bytes, or 304 when the client has them."""
+class CachedBytesResponse(Response):
+    """A response whose body and encoded headers are ready: nothing is rendered or re-encoded."""
+
+    def __init__(
+        self, body: bytes, status_code: int, raw_headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        self.body = body
+        self.status_code = status_code
+        self.raw_headers = raw_headers
+        self.background = None
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedResponse:
+    """A stored response with its headers encoded once, ready to :func:`replay` on every hit."""
+
+    body: bytes
+    status_code: int
+    etag: str
+    private: bool
+    #: Headers of a full answer: stored headers, content type and length, ETag, Vary.
+    headers: tuple[tuple[bytes, bytes], ...]
+    #: Headers of a 304 answer: ETag and Vary.
+    not_modified_headers: tuple[tuple[bytes, bytes], ...]
+
+
+def prepare(cached: CachedResponse, *, private: bool) -> PreparedResponse:
+    """Encodes ``cached``'s headers and computes its ETag, once per stored body."""
     etag = entry_etag(cached.body)
-    headers = {name.lower(): value for name, value in cached.headers}
-    headers["etag"] = etag
-    headers[CACHE_STATUS_HEADER.lower()] = status
-    headers["cache-control"] = f"private, max-age={ttl}" if private else f"max-age={ttl}"
-    if private:
-        vary = headers.get("vary")
-        headers["vary"] = f"{vary}, Authorization" if vary else "Authorization"
-    if etag_matches(request_headers.get("if-none-match"), etag):
-        return Response(status_code=304, headers=headers)
-    return Response(
-        content=cached.body,
+    headers: list[tuple[bytes, bytes]] = []
+    vary: list[str] = []
+    for name, value in cached.headers:
+        lowered = name.lower()
+        if lowered in ("etag", "cache-control", CACHE_STATUS_HEADER.lower()):
+            continue  # the cache's own, set below or per request
+        if lowered == "vary":
+            vary.append(value)
+            continue
+        headers.append((lowered.encode("latin-1"), value.encode("latin-1")))
+    if private and not any("authorization" in value.lower() for value in vary):
+        vary.append("Authorization")
+    encoded_etag = etag.encode("latin-1")
+    headers.append((b"content-type", cached.media_type.encode("latin-1")))
+    if cached.status_code >= 200 and cached.status_code not in (204, 304):
+        headers.append((b"content-length", str(len(cached.body)).encode("latin-1")))
+    headers.append((b"etag", encoded_etag))
+    cache_headers = [(b"etag", encoded_etag)]
+    if vary:
+        encoded_vary = (b"vary", ", ".join(vary).encode("latin-1"))
+        headers.append(encoded_vary)
+        cache_headers.append(encoded_vary)
+    cache_headers.extend(pair for pair in headers if pair[0] in _NOT_MODIFIED_HEADERS)
+    return PreparedResponse(
+        body=cached.body,
         status_code=cached.status_code,
-        headers=headers,
-        media_type=cached.media_type,
+        etag=etag,
+        private=private,
+        headers=tuple(headers),
+        not_modified_headers=tuple(dict.fromkeys(cache_headers)),
     )
+
+
+def replay(
+    prepared: PreparedResponse,
+    *,
+    max_age: int,
+    status: bytes,
+    if_none_match: str | None,
+    head: bool,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> Response:
+    """The response to send for ``prepared``: its bytes, or ``304`` when the client has them.
+
+    Args:
+        prepared: The stored response.
+        max_age: Seconds the answer stays fresh (``Cache-Control: max-age``).
+        status: The ``X-FastAPI-Cache`` value: ``b"HIT"``, ``b"STALE"`` or ``b"MISS"``.
+        if_none_match: The request's ``If-None-Match`` header, if any.
+        head: True for a ``HEAD`` request: the same headers, no body.
+        extra_headers: Per-request headers to add (set by the route's dependencies).
+    """
+    cache_control = (b"private, max-age=%d" if prepared.private else b"max-age=%d") % max(
+        max_age, 0
+    )
+    if if_none_match is not None and etag_matches(if_none_match, prepared.etag):
+        headers = [*prepared.not_modified_headers, (b"cache-control", cache_control)]
+        headers.append((_STATUS_NAME, status))
+        if extra_headers:
+            headers.extend(extra_headers)
+        return CachedBytesResponse(b"", 304, headers)
+    headers = [*prepared.headers, (b"cache-control", cache_control), (_STATUS_NAME, status)]
+    if extra_headers:
+        headers.extend(extra_headers)
+    return CachedBytesResponse(b"" if head else prepared.body, prepared.status_code, headers)

@@ -1,0 +1,268 @@
+"""Stampede protection across replicas: with distributed_lock (or CACHE_DISTRIBUTED_LOCK), a short
+Redis lock (SET NX PX with a random token, released only by its owner) makes replicas compute a
+missing entry once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from commons.cache import CacheSettings, cache, close_cache, init_cache
+from commons.cache.cache import current_layer
+from commons.cache.layer import CacheLayer
+
+TENANT = {"X-Test-Tenant": "acme"}
+KEY = f"test-cache:reports:tenant_acme:/report:{hashlib.md5(b'').hexdigest()}"
+LOCK_KEY = f"test-cache:#lock:{KEY}"
+
+REPLICA = """
+import asyncio, json, sys, time
+import httpx
+from fastapi import Depends, FastAPI
+from redis.asyncio import Redis
+from commons.cache import CacheSettings, cache, close_cache, init_cache
+from commons.utilities.context import set_tenant_id
+
+redis_url, start_at = sys.argv[1], float(sys.argv[2])
+
+async def tenant() -> None:
+    set_tenant_id("acme")
+
+app = FastAPI(dependencies=[Depends(tenant)])
+
+@app.get("/report")
+@cache(namespace="reports", distributed_lock=True)
+async def report() -> dict[str, object]:
+    counter = Redis.from_url(redis_url)
+    try:
+        await counter.incr("handler-runs")
+    finally:
+        await counter.aclose()
+    await asyncio.sleep(0.3)
+    return {"title": "Quarterly", "rows": list(range(50))}
+
+async def main() -> None:
+    await init_cache(CacheSettings(CACHE_PREFIX="test-cache", REDIS_URL=redis_url))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+        await asyncio.sleep(max(start_at - time.time(), 0))
+        responses = await asyncio.gather(*(client.get("/report") for _ in range(10)))
+    await close_cache()
+    print(json.dumps([[r.status_code, r.text, r.headers["etag"]] for r in responses]))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_with_concurrent_cold_requests_run_the_handler_once(
+    redis_url: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "replica.py"
+    script.write_text(REPLICA)
+    start_at = time.time() + 3
+    replicas = [
+        subprocess.Popen(
+            [sys.executable, str(script), redis_url, str(start_at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        for seed in ("1", "2")
+    ]
+    outputs = [replica.communicate(timeout=60) for replica in replicas]
+
+    assert [replica.returncode for replica in replicas] == [0, 0], outputs
+    answers = [answer for out, _ in outputs for answer in json.loads(out)]
+    assert len(answers) == 20
+    assert {status for status, _, _ in answers} == {200}
+    assert len({body for _, body, _ in answers}) == 1
+    assert len({etag for _, _, etag in answers}) == 1  # the same ETag in both processes
+    assert count_handler_runs(redis_url) == 1
+
+
+def count_handler_runs(redis_url: str) -> int:
+    async def read() -> int:
+        client = Redis.from_url(redis_url)
+        try:
+            return int(await client.get("handler-runs") or 0)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
+
+
+# -- the lock itself ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def on_redis(
+    redis_url: str, make_settings: Callable[..., CacheSettings]
+) -> AsyncIterator[CacheLayer]:
+    await init_cache(make_settings(redis_url, CACHE_LOCK_TIMEOUT_SECONDS=0.5))
+    layer = current_layer()
+    assert layer is not None
+    try:
+        yield layer
+    finally:
+        await close_cache()
+
+
+async def test_the_lock_is_released_only_by_the_token_that_took_it(on_redis: CacheLayer) -> None:
+    assert await on_redis.try_lock("test-cache:#lock:k", b"owner", 10_000) is True
+    assert await on_redis.try_lock("test-cache:#lock:k", b"intruder", 10_000) is False
+
+    await on_redis.unlock("test-cache:#lock:k", b"intruder")
+    still_held = await on_redis.try_lock("test-cache:#lock:k", b"third", 10_000)
+    await on_redis.unlock("test-cache:#lock:k", b"owner")
+    free_again = await on_redis.try_lock("test-cache:#lock:k", b"third", 10_000)
+
+    assert still_held is False
+    assert free_again is True
+
+
+async def test_the_lock_expires_by_itself(on_redis: CacheLayer, redis_url: str) -> None:
+    await on_redis.try_lock("test-cache:#lock:k", b"owner", 5_000)
+    client = Redis.from_url(redis_url)
+    try:
+        pttl = await client.pttl("test-cache:#lock:k")
+    finally:
+        await client.aclose()
+
+    assert 0 < pttl <= 5_000
+
+
+class Gate:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.entered = asyncio.Event()
+        self.open = asyncio.Event()
+
+    async def run(self) -> dict[str, int]:
+        self.calls += 1
+        self.entered.set()
+        await self.open.wait()
+        return {"calls": self.calls}
+
+
+def locked_app(make_identity_app: Callable[[], FastAPI], gate: Gate, lock: bool | None) -> FastAPI:
+    app = make_identity_app()
+
+    @app.get("/report")
+    @cache(namespace="reports", distributed_lock=lock)
+    async def report() -> dict[str, int]:
+        return await gate.run()
+
+    return app
+
+
+def client_for(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def lock_state(redis_url: str) -> tuple[bytes | None, int]:
+    client = Redis.from_url(redis_url)
+    try:
+        return await client.get(LOCK_KEY), await client.pttl(LOCK_KEY)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("lock_from", ["decorator", "environment"])
+async def test_a_miss_holds_a_short_lock_with_a_random_token_while_it_computes(
+    redis_url: str,
+    make_settings: Callable[..., CacheSettings],
+    make_identity_app: Callable[[], FastAPI],
+    lock_from: str,
+) -> None:
+    by_env = lock_from == "environment"
+    await init_cache(make_settings(redis_url, CACHE_DISTRIBUTED_LOCK=by_env))
+    gate = Gate()
+    try:
+        async with client_for(locked_app(make_identity_app, gate, None if by_env else True)) as c:
+            request = asyncio.create_task(c.get("/report", headers=TENANT))
+            await asyncio.wait_for(gate.entered.wait(), 5)
+            token, pttl = await lock_state(redis_url)
+            gate.open.set()
+            await request
+            after, _ = await lock_state(redis_url)
+    finally:
+        await close_cache()
+
+    assert token is not None
+    assert len(token) == 16
+    assert 0 < pttl <= 10_000  # CACHE_LOCK_TIMEOUT_SECONDS
+    assert after is None
+
+
+async def test_without_the_lock_no_lock_key_is_written(
+    on_redis: CacheLayer, redis_url: str, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    gate = Gate()
+    async with client_for(locked_app(make_identity_app, gate, None)) as client:
+        request = asyncio.create_task(client.get("/report", headers=TENANT))
+        await asyncio.wait_for(gate.entered.wait(), 5)
+        token, _ = await lock_state(redis_url)
+        gate.open.set()
+        await request
+
+    assert token is None
+
+
+async def test_a_replica_waits_for_the_lock_holder_s_entry_instead_of_computing(
+    on_redis: CacheLayer, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    gate = Gate()
+    gate.open.set()
+    assert await on_redis.try_lock(LOCK_KEY, b"other-replica", 10_000)
+    async with client_for(locked_app(make_identity_app, gate, True)) as client:
+        request = asyncio.create_task(client.get("/report", headers=TENANT))
+        await asyncio.sleep(0.1)
+        # The other replica stores its answer, then releases its lock.
+        await on_redis.set(KEY, b'{"from":"other replica"}', 60)
+        await on_redis.unlock(LOCK_KEY, b"other-replica")
+        response = await asyncio.wait_for(request, 5)
+
+    assert response.json() == {"from": "other replica"}
+    assert gate.calls == 0
+
+
+async def test_a_replica_computes_itself_when_the_holder_never_answers(
+    on_redis: CacheLayer, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    gate = Gate()
+    gate.open.set()
+    assert await on_redis.try_lock(LOCK_KEY, b"dead-replica", 60_000)
+    async with client_for(locked_app(make_identity_app, gate, True)) as client:
+        response = await asyncio.wait_for(client.get("/report", headers=TENANT), 5)
+
+    assert response.status_code == 200
+    assert response.json() == {"calls": 1}
+    assert gate.calls == 1
+
+
+async def test_with_the_lock_concurrent_misses_still_run_the_handler_once_per_process(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    gate = Gate()
+    async with client_for(locked_app(make_identity_app, gate, True)) as client:
+        requests = [asyncio.create_task(client.get("/report", headers=TENANT)) for _ in range(20)]
+        await asyncio.wait_for(gate.entered.wait(), 5)
+        await asyncio.sleep(0.2)  # the other requests miss too and wait for the computation
+        gate.open.set()
+        responses = await asyncio.wait_for(asyncio.gather(*requests), 10)
+
+    assert gate.calls == 1
+    assert {r.content for r in responses} == {b'{"calls":1}'}

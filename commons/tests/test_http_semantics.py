@@ -1,0 +1,397 @@
+"""HTTP semantics of cached answers: ETag and If-None-Match, Cache-Control and Vary, HEAD, what is
+never stored, and the policy for a client's own Cache-Control."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from commons.cache import (
+    CacheSettings,
+    cache,
+    close_cache,
+    init_cache,
+    tenant_user_cache_key_builder,
+)
+from commons.cache.cache import current_layer
+
+TENANT = {"X-Test-Tenant": "acme"}
+KEY_OF_EMPTY_QUERY = hashlib.md5(b"").hexdigest()
+
+
+def body_etag(body: bytes) -> str:
+    """The documented ETag: the first 32 hex digits of the body's SHA-256, quoted."""
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.count = 0
+
+
+@pytest.fixture
+def calls() -> Calls:
+    return Calls()
+
+
+@pytest.fixture
+def app(make_identity_app: Callable[[], FastAPI], calls: Calls) -> FastAPI:
+    app = make_identity_app()
+
+    @app.api_route("/report", methods=["GET", "HEAD"])
+    @cache(namespace="reports", expire=60)
+    async def report() -> dict[str, Any]:
+        calls.count += 1
+        return {"title": "Quarterly", "rows": list(range(20))}
+
+    @app.get("/me")
+    @cache(namespace="me", expire=60, key_builder=tenant_user_cache_key_builder)
+    async def me() -> dict[str, str]:
+        calls.count += 1
+        return {"name": "Ada"}
+
+    @app.get("/missing")
+    @cache(namespace="errors")
+    async def missing() -> dict[str, str]:
+        calls.count += 1
+        raise HTTPException(status_code=404, detail="no such report")
+
+    @app.get("/crash")
+    @cache(namespace="errors")
+    async def crash() -> dict[str, str]:
+        calls.count += 1
+        raise RuntimeError("handler bug")
+
+    @app.get("/returned-404")
+    @cache(namespace="errors")
+    async def returned_404() -> JSONResponse:
+        calls.count += 1
+        return JSONResponse({"detail": "gone"}, status_code=404)
+
+    @app.get("/cookie")
+    @cache(namespace="uncacheable")
+    async def cookie() -> JSONResponse:
+        calls.count += 1
+        response = JSONResponse({"ok": True})
+        response.set_cookie("session", "s3cret")
+        return response
+
+    @app.get("/handler-cookie")
+    @cache(namespace="uncacheable")
+    async def handler_cookie(response: Response) -> dict[str, bool]:
+        calls.count += 1
+        response.set_cookie("session", "s3cret")
+        return {"ok": True}
+
+    @app.get("/no-store")
+    @cache(namespace="uncacheable")
+    async def no_store() -> PlainTextResponse:
+        calls.count += 1
+        return PlainTextResponse("fresh", headers={"Cache-Control": "no-store"})
+
+    @app.get("/says-private")
+    @cache(namespace="uncacheable")
+    async def says_private() -> PlainTextResponse:
+        calls.count += 1
+        return PlainTextResponse("mine", headers={"Cache-Control": "private"})
+
+    return app
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+# -- ETag and If-None-Match ------------------------------------------------------------------
+
+
+async def test_etag_is_the_documented_digest_of_the_body_on_miss_and_hit(
+    backend: CacheSettings, client: httpx.AsyncClient
+) -> None:
+    miss = await client.get("/report", headers=TENANT)
+    hit = await client.get("/report", headers=TENANT)
+
+    assert (miss.headers["x-fastapi-cache"], hit.headers["x-fastapi-cache"]) == ("MISS", "HIT")
+    assert miss.headers["etag"] == body_etag(miss.content)
+    assert hit.headers["etag"] == miss.headers["etag"]
+
+
+@pytest.mark.parametrize(
+    "if_none_match",
+    [
+        pytest.param("{etag}", id="exact"),
+        pytest.param("W/{etag}", id="weak"),
+        pytest.param('"0000", {etag}, "ffff"', id="list"),
+        pytest.param("*", id="star"),
+    ],
+)
+async def test_a_matching_if_none_match_gets_304_without_body_on_hit(
+    backend: CacheSettings, client: httpx.AsyncClient, if_none_match: str
+) -> None:
+    etag = (await client.get("/report", headers=TENANT)).headers["etag"]
+
+    response = await client.get(
+        "/report", headers={**TENANT, "If-None-Match": if_none_match.format(etag=etag)}
+    )
+
+    assert response.status_code == 304
+    assert response.content == b""
+    assert response.headers["x-fastapi-cache"] == "HIT"
+    assert response.headers["etag"] == etag
+    assert response.headers["cache-control"].startswith("private, max-age=")
+
+
+async def test_a_matching_if_none_match_gets_304_on_miss_too(
+    backend: CacheSettings, client: httpx.AsyncClient, calls: Calls
+) -> None:
+    etag = (await client.get("/report", headers=TENANT)).headers["etag"]
+    # A new tenant misses, but its content is the same, so the client's copy is still valid.
+    response = await client.get(
+        "/report", headers={"X-Test-Tenant": "globex", "If-None-Match": etag}
+    )
+
+    assert response.headers["x-fastapi-cache"] == "MISS"
+    assert calls.count == 2
+    assert response.status_code == 304
+    assert response.content == b""
+
+
+async def test_a_stale_or_foreign_if_none_match_gets_the_full_answer(
+    backend: CacheSettings, client: httpx.AsyncClient
+) -> None:
+    full = await client.get("/report", headers=TENANT)
+
+    response = await client.get("/report", headers={**TENANT, "If-None-Match": '"0000", W/"1"'})
+
+    assert response.status_code == 200
+    assert response.content == full.content
+
+
+# -- Cache-Control and Vary ------------------------------------------------------------------
+
+
+async def test_tenant_scoped_answers_are_private_and_vary_on_authorization(
+    backend: CacheSettings, client: httpx.AsyncClient
+) -> None:
+    for response in [await client.get("/report", headers=TENANT) for _ in range(2)]:
+        assert response.headers["cache-control"] == "private, max-age=60"
+        assert response.headers["vary"] == "Authorization"
+
+
+async def test_user_scoped_answers_are_private_and_vary_on_authorization(
+    backend: CacheSettings, client: httpx.AsyncClient
+) -> None:
+    headers = {**TENANT, "X-Test-User": "ada"}
+    miss = await client.get("/me", headers=headers)
+    hit = await client.get("/me", headers=headers)
+
+    assert hit.headers["x-fastapi-cache"] == "HIT"
+    for response in (miss, hit):
+        assert response.headers["cache-control"].startswith("private, max-age=")
+        assert response.headers["vary"] == "Authorization"
+
+
+async def test_max_age_on_a_hit_is_the_entry_s_remaining_time_to_live(
+    backend: CacheSettings, client: httpx.AsyncClient
+) -> None:
+    await client.get("/report", headers=TENANT)
+    layer = current_layer()
+    assert layer is not None
+    key = f"test-cache:reports:tenant_acme:/report:{KEY_OF_EMPTY_QUERY}"
+    _, stored = await layer.get_with_ttl(key)
+    assert stored is not None
+    await layer.set(key, stored, 42)
+
+    hit = await client.get("/report", headers=TENANT)
+
+    assert hit.headers["x-fastapi-cache"] == "HIT"
+    assert hit.headers["cache-control"] == "private, max-age=42"
+
+
+# -- HEAD ------------------------------------------------------------------------------------
+
+
+async def test_head_after_get_is_a_hit_with_the_get_s_headers_and_no_body(
+    backend: CacheSettings, client: httpx.AsyncClient, calls: Calls
+) -> None:
+    get = await client.get("/report", headers=TENANT)
+
+    head = await client.head("/report", headers=TENANT)
+
+    assert head.status_code == 200
+    assert head.headers["x-fastapi-cache"] == "HIT"
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(get.content))
+    assert head.headers["etag"] == get.headers["etag"]
+    assert calls.count == 1
+
+
+async def test_get_after_head_is_a_hit_with_the_full_body(
+    backend: CacheSettings, client: httpx.AsyncClient, calls: Calls
+) -> None:
+    head = await client.head("/report", headers=TENANT)
+
+    get = await client.get("/report", headers=TENANT)
+
+    assert head.headers["x-fastapi-cache"] == "MISS"
+    assert head.content == b""
+    assert get.headers["x-fastapi-cache"] == "HIT"
+    assert get.json() == {"title": "Quarterly", "rows": list(range(20))}
+    assert head.headers["content-length"] == str(len(get.content))
+    assert calls.count == 1
+
+
+# -- never stored ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/missing", 404), ("/returned-404", 404)],
+)
+async def test_errors_are_never_cached(
+    backend: CacheSettings, client: httpx.AsyncClient, calls: Calls, path: str, status: int
+) -> None:
+    first = await client.get(path, headers=TENANT)
+    second = await client.get(path, headers=TENANT)
+
+    assert (first.status_code, second.status_code) == (status, status)
+    assert "x-fastapi-cache" not in second.headers or second.headers["x-fastapi-cache"] != "HIT"
+    assert calls.count == 2
+
+
+async def test_a_handler_exception_is_never_cached(
+    backend: CacheSettings, app: FastAPI, calls: Calls
+) -> None:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        statuses = [(await client.get("/crash", headers=TENANT)).status_code for _ in range(2)]
+
+    assert statuses == [500, 500]
+    assert calls.count == 2
+
+
+@pytest.mark.parametrize("path", ["/cookie", "/handler-cookie", "/no-store", "/says-private"])
+async def test_answers_that_set_cookies_or_forbid_storing_are_never_cached(
+    backend: CacheSettings, client: httpx.AsyncClient, calls: Calls, path: str
+) -> None:
+    first = await client.get(path, headers=TENANT)
+    second = await client.get(path, headers=TENANT)
+
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content
+    assert calls.count == 2
+    if "cookie" in path:
+        assert second.cookies["session"] == "s3cret"
+
+
+async def test_headers_set_by_a_dependency_are_sent_per_request_and_never_stored(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    async def request_id(request: Request, response: Response) -> None:
+        response.headers["X-Request-Id"] = request.headers["X-Request-Id"]
+
+    app = make_identity_app()
+
+    @app.get("/traced", dependencies=[Depends(request_id)])
+    @cache(namespace="traced")
+    async def traced() -> dict[str, int]:
+        return {"answer": 42}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        miss = await client.get("/traced", headers={**TENANT, "X-Request-Id": "first"})
+        hit = await client.get("/traced", headers={**TENANT, "X-Request-Id": "second"})
+
+    assert hit.headers["x-fastapi-cache"] == "HIT"
+    assert (miss.headers["x-request-id"], hit.headers["x-request-id"]) == ("first", "second")
+    assert hit.content == miss.content
+
+
+# -- the client's own Cache-Control --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("directive", ["no-cache", "no-store", "max-age=0, no-cache"])
+async def test_by_default_no_client_can_force_recomputation(
+    backend: CacheSettings, client: httpx.AsyncClient, calls: Calls, directive: str
+) -> None:
+    await client.get("/report", headers=TENANT)
+
+    response = await client.get("/report", headers={**TENANT, "Cache-Control": directive})
+
+    assert response.headers["x-fastapi-cache"] == "HIT"
+    assert calls.count == 1
+
+
+@pytest.fixture
+async def honouring(
+    backend: CacheSettings, make_settings: Callable[..., CacheSettings]
+) -> AsyncIterator[None]:
+    await init_cache(make_settings(backend.REDIS_URL, CACHE_HONOR_CLIENT_NO_CACHE=True))
+    try:
+        yield
+    finally:
+        await close_cache()
+
+
+@pytest.mark.parametrize("directive", ["no-cache", "no-store"])
+async def test_honouring_clients_skips_the_stored_entry_and_stores_the_new_one(
+    honouring: None, client: httpx.AsyncClient, calls: Calls, directive: str
+) -> None:
+    await client.get("/report", headers=TENANT)
+
+    forced = await client.get("/report", headers={**TENANT, "Cache-Control": directive})
+    plain = await client.get("/report", headers=TENANT)
+
+    assert forced.headers["x-fastapi-cache"] == "MISS"
+    assert plain.headers["x-fastapi-cache"] == "HIT"
+    assert calls.count == 2
+
+
+async def test_honoured_no_cache_requests_still_share_one_computation(
+    honouring: None, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    started = 0
+    arrived = 0
+    all_arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def count_arrival() -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 10:
+            all_arrived.set()
+
+    app = make_identity_app()
+
+    @app.get("/slow", dependencies=[Depends(count_arrival)])
+    @cache(namespace="slow")
+    async def slow() -> dict[str, int]:
+        nonlocal started
+        started += 1
+        await release.wait()
+        return {"value": 1}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        requests = [
+            asyncio.create_task(
+                client.get("/slow", headers={**TENANT, "Cache-Control": "no-cache"})
+            )
+            for _ in range(10)
+        ]
+        await asyncio.wait_for(all_arrived.wait(), 5)
+        await asyncio.sleep(0.05)  # lets the last arrivals reach the handler's flight
+        release.set()
+        responses = await asyncio.gather(*requests)
+
+    assert started == 1
+    assert [r.json() for r in responses] == [{"value": 1}] * 10

@@ -1,0 +1,251 @@
+"""stale_ttl: an entry past its freshness is served at once (X-FastAPI-Cache: STALE) while one
+background refresh recomputes it; the next request gets the fresh value."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi_cache.decorator import cache as fastapi_cache_decorator
+
+from commons.cache import CacheSettings, cache, tenant_cache_key_builder
+from commons.cache.cache import current_layer
+
+TENANT = {"X-Test-Tenant": "acme"}
+KEY = f"test-cache:prices:tenant_acme:/prices:{hashlib.md5(b'').hexdigest()}"
+EXPIRE, STALE_TTL = 60, 300
+
+
+class Prices:
+    def __init__(self) -> None:
+        self.version = 1
+        self.calls = 0
+        self.gate: asyncio.Event | None = None
+        self.fail = False
+
+    async def compute(self) -> dict[str, int]:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise RuntimeError("upstream down")
+        return {"version": self.version}
+
+
+@pytest.fixture
+def prices() -> Prices:
+    return Prices()
+
+
+@pytest.fixture
+def app(make_identity_app: Callable[[], FastAPI], prices: Prices) -> FastAPI:
+    app = make_identity_app()
+
+    @app.get("/prices")
+    @cache(namespace="prices", expire=EXPIRE, stale_ttl=STALE_TTL)
+    async def get_prices() -> dict[str, int]:
+        return await prices.compute()
+
+    return app
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+async def age_entry(remaining_seconds: int) -> None:
+    """Makes the stored entry as old as one with ``remaining_seconds`` left to live."""
+    layer = current_layer()
+    assert layer is not None
+    _, stored = await layer.get_with_ttl(KEY)
+    assert stored is not None
+    await layer.set(KEY, stored, remaining_seconds)
+
+
+async def send_raw(app: FastAPI, body_sent: asyncio.Event) -> list[dict[str, Any]]:
+    """Runs one GET /prices through the ASGI app; ``body_sent`` is set once the body is out."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/prices",
+        "raw_path": b"/prices",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"test"), (b"x-test-tenant", b"acme")],
+        "client": ("127.0.0.1", 1000),
+        "server": ("127.0.0.1", 80),
+    }
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+        if message["type"] == "http.response.body":
+            body_sent.set()
+
+    await app(scope, receive, send)
+    return messages
+
+
+async def test_a_fresh_entry_is_a_hit_whose_max_age_is_its_freshness_not_the_stale_window(
+    backend: CacheSettings, client: httpx.AsyncClient, prices: Prices
+) -> None:
+    miss = await client.get("/prices", headers=TENANT)
+    hit = await client.get("/prices", headers=TENANT)
+
+    assert (miss.headers["x-fastapi-cache"], hit.headers["x-fastapi-cache"]) == ("MISS", "HIT")
+    assert miss.headers["cache-control"] == f"private, max-age={EXPIRE}"
+    max_age = int(hit.headers["cache-control"].rpartition("=")[2])
+    assert EXPIRE - 2 <= max_age <= EXPIRE
+    assert prices.calls == 1
+
+
+async def test_the_entry_lives_for_its_freshness_plus_the_stale_window(
+    backend: CacheSettings, client: httpx.AsyncClient
+) -> None:
+    await client.get("/prices", headers=TENANT)
+    layer = current_layer()
+    assert layer is not None
+
+    remaining, _ = await layer.get_with_ttl(KEY)
+
+    assert EXPIRE + STALE_TTL - 2 <= remaining <= EXPIRE + STALE_TTL
+
+
+async def test_a_stale_entry_is_served_and_the_next_request_gets_the_refreshed_value(
+    backend: CacheSettings, client: httpx.AsyncClient, prices: Prices
+) -> None:
+    await client.get("/prices", headers=TENANT)
+    await age_entry(STALE_TTL - 10)
+    prices.version = 2
+
+    stale = await client.get("/prices", headers=TENANT)
+    fresh = await client.get("/prices", headers=TENANT)
+
+    assert stale.headers["x-fastapi-cache"] == "STALE"
+    assert stale.json() == {"version": 1}
+    assert stale.headers["cache-control"] == "private, max-age=0"
+    assert fresh.headers["x-fastapi-cache"] == "HIT"
+    assert fresh.json() == {"version": 2}
+    assert prices.calls == 2
+
+
+async def test_the_stale_answer_is_sent_before_the_refresh_finishes(
+    backend: CacheSettings, app: FastAPI, client: httpx.AsyncClient, prices: Prices
+) -> None:
+    await client.get("/prices", headers=TENANT)
+    await age_entry(STALE_TTL - 10)
+    prices.version, prices.gate = 2, asyncio.Event()
+    body_sent = asyncio.Event()
+
+    request = asyncio.create_task(send_raw(app, body_sent))
+    # The gate is closed, so the refresh cannot finish: the body goes out before it does.
+    await asyncio.wait_for(body_sent.wait(), 5)
+    while prices.calls < 2:  # noqa: ASYNC110 - then the refresh calls the handler
+        await asyncio.sleep(0.01)
+    assert not request.done()
+    prices.gate.set()
+    messages = await request
+
+    start, body = messages[0], messages[1]
+    assert (b"x-fastapi-cache", b"STALE") in start["headers"]
+    assert json.loads(body["body"]) == {"version": 1}
+
+
+async def test_concurrent_stale_requests_trigger_exactly_one_refresh(
+    backend: CacheSettings, client: httpx.AsyncClient, prices: Prices
+) -> None:
+    await client.get("/prices", headers=TENANT)
+    await age_entry(STALE_TTL - 10)
+    prices.version, prices.gate = 2, asyncio.Event()
+
+    first = asyncio.create_task(client.get("/prices", headers=TENANT))
+    while prices.calls < 2:  # noqa: ASYNC110 - the refresh has started once it called the handler
+        await asyncio.sleep(0.01)
+    others = await asyncio.gather(*(client.get("/prices", headers=TENANT) for _ in range(10)))
+    prices.gate.set()
+    await first
+    fresh = await client.get("/prices", headers=TENANT)
+
+    assert {r.headers["x-fastapi-cache"] for r in others} == {"STALE"}
+    assert {r.content for r in others} == {b'{"version":1}'}
+    assert prices.calls == 2
+    assert fresh.json() == {"version": 2}
+
+
+async def test_a_failed_refresh_keeps_serving_the_stale_entry(
+    backend: CacheSettings, client: httpx.AsyncClient, prices: Prices
+) -> None:
+    await client.get("/prices", headers=TENANT)
+    await age_entry(STALE_TTL - 10)
+    prices.fail = True
+
+    first = await client.get("/prices", headers=TENANT)
+    second = await client.get("/prices", headers=TENANT)
+
+    assert [first.status_code, second.status_code] == [200, 200]
+    assert {first.headers["x-fastapi-cache"], second.headers["x-fastapi-cache"]} == {"STALE"}
+    assert second.json() == {"version": 1}
+
+
+async def test_a_stale_entry_really_expires_after_its_freshness(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI], prices: Prices
+) -> None:
+    app = make_identity_app()
+
+    @app.get("/quick")
+    @cache(namespace="quick", expire=1, stale_ttl=30)
+    async def quick() -> dict[str, int]:
+        return await prices.compute()
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        await client.get("/quick", headers=TENANT)
+        prices.version = 2
+        await asyncio.sleep(1.1)
+        stale = await client.get("/quick", headers=TENANT)
+        fresh = await client.get("/quick", headers=TENANT)
+
+    assert (stale.headers["x-fastapi-cache"], stale.json()) == ("STALE", {"version": 1})
+    assert (fresh.headers["x-fastapi-cache"], fresh.json()) == ("HIT", {"version": 2})
+
+
+async def test_entries_of_the_fastapi_cache2_decorator_are_served(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI], prices: Prices
+) -> None:
+    guide_app, our_app = make_identity_app(), make_identity_app()
+
+    @guide_app.get("/prices")
+    @fastapi_cache_decorator(
+        namespace="prices", expire=EXPIRE, key_builder=tenant_cache_key_builder
+    )
+    async def guide_prices() -> dict[str, int]:
+        return {"version": 7}
+
+    @our_app.get("/prices")
+    @cache(namespace="prices", expire=EXPIRE, stale_ttl=STALE_TTL)
+    async def our_prices() -> dict[str, int]:
+        return await prices.compute()
+
+    for app in (guide_app, our_app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/prices", headers=TENANT)
+
+    assert response.headers["x-fastapi-cache"] == "STALE"  # its 60 s are within our 300 s window
+    assert response.json() == {"version": 7}
+    assert prices.calls == 1  # the background refresh
