@@ -41,11 +41,35 @@ logger = logging.getLogger("commons.cache")
 _VALID_ID = re.compile(r"[^\s:]{1,256}")
 
 
+_EMPTY_QUERY_DIGEST = hashlib.md5(b"", usedforsecurity=False).hexdigest()
+# Query strings repeat (pagination, filters): their digests are kept, up to a bound, so a hit does
+# not parse and hash the same query again.
+_DIGEST_MEMO_MAX = 4096
+_digest_memo: dict[bytes, str] = {}
+
+
 def canonical_query_digest(request: Request) -> str:
     """The md5 hex digest of the request's query string in canonical order."""
-    items = sorted(request.query_params.multi_items(), key=lambda item: item[0])
-    canonical = urlencode(items)
-    return hashlib.md5(canonical.encode(), usedforsecurity=False).hexdigest()
+    raw = request.scope.get("query_string", b"")
+    if not raw:
+        return _EMPTY_QUERY_DIGEST
+    digest = _digest_memo.get(raw)
+    if digest is None:
+        items = sorted(request.query_params.multi_items(), key=lambda item: item[0])
+        canonical = urlencode(items)
+        digest = hashlib.md5(canonical.encode(), usedforsecurity=False).hexdigest()
+        if len(_digest_memo) >= _DIGEST_MEMO_MAX:
+            _digest_memo.clear()
+        _digest_memo[raw] = digest
+    return digest
+
+
+def _url_path(request: Request) -> str:
+    """``request.url.path``, without building the URL in the common case."""
+    path: str = request.scope["path"]
+    if path.startswith("//") or "?" in path or "#" in path or "\\" in path:
+        return request.url.path
+    return path
 
 
 def _split_namespace(qualified_namespace: str) -> str:
@@ -76,7 +100,9 @@ def _build(qualified_namespace: str, request: Request | None, *, per_user: bool)
         if not _VALID_ID.fullmatch(user_id):
             return _uncacheable(qualified_namespace, "user id holds ':' or whitespace")
         scope_text = f"{scope_text}:user_{user_id}"
-    key = f"{qualified_namespace}:{scope_text}:{request.url.path}:{canonical_query_digest(request)}"
+    key = (
+        f"{qualified_namespace}:{scope_text}:{_url_path(request)}:{canonical_query_digest(request)}"
+    )
     scope = CacheScope(_split_namespace(qualified_namespace), tenant_id, user_id)
     return ScopedKey(key, scope)
 

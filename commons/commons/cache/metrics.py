@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -151,20 +152,34 @@ class PrometheusEvents(CacheEvents):
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._metrics = _collectors(registry if registry is not None else REGISTRY)
+        # Namespaces, outcomes and operations are few and fixed by the code: bounded memos.
+        self._lookup_children: dict[tuple[str, str], Any] = {}
+        self._timers: dict[tuple[str, str], Any] = {}
         for state in CacheState:
             # Every state is a series from the start, so a dashboard never sees a gap.
             self._metrics.state.labels(state=state.value)
 
     def lookup(self, namespace: str, outcome: str) -> None:
+        # Hot path: the labelled child is looked up once per (outcome, namespace) and reused.
+        child = self._lookup_children.get((outcome, namespace))
+        if child is None:
+            child = self._lookup_child(namespace, outcome)
+            if child is None:
+                return
+            self._lookup_children[(outcome, namespace)] = child
+        child.inc()
+
+    def _lookup_child(self, namespace: str, outcome: str) -> Any:
         if outcome == LookupOutcome.HIT:
-            self._metrics.hits.labels(namespace=namespace).inc()
-        elif outcome == LookupOutcome.STALE:
-            self._metrics.stale_hits.labels(namespace=namespace).inc()
-        elif outcome == LookupOutcome.MISS:
-            self._metrics.misses.labels(namespace=namespace).inc()
-        elif outcome in _BYPASS_REASONS:
+            return self._metrics.hits.labels(namespace=namespace)
+        if outcome == LookupOutcome.STALE:
+            return self._metrics.stale_hits.labels(namespace=namespace)
+        if outcome == LookupOutcome.MISS:
+            return self._metrics.misses.labels(namespace=namespace)
+        if outcome in _BYPASS_REASONS:
             reason = _BYPASS_REASONS[outcome]
-            self._metrics.bypasses.labels(namespace=namespace, reason=reason).inc()
+            return self._metrics.bypasses.labels(namespace=namespace, reason=reason)
+        return None
 
     def backend_error(self, namespace: str, operation: str) -> None:
         self._metrics.backend_errors.labels(namespace=namespace, operation=operation).inc()
@@ -178,4 +193,8 @@ class PrometheusEvents(CacheEvents):
             self._metrics.state.labels(state=each.value).set(1 if each.value == state else 0)
 
     def timed(self, namespace: str, operation: str, seconds: float) -> None:
-        self._metrics.duration.labels(namespace=namespace, operation=operation).observe(seconds)
+        child = self._timers.get((operation, namespace))
+        if child is None:
+            child = self._metrics.duration.labels(namespace=namespace, operation=operation)
+            self._timers[(operation, namespace)] = child
+        child.observe(seconds)
