@@ -66,6 +66,12 @@ class CacheSettings(BaseSettings):
     REDIS_SOCKET_TIMEOUT_SECONDS: float = Field(
         default=0.5, gt=0, description="Time allowed for each Redis command's reply."
     )
+    REDIS_MAX_CONNECTIONS: int = Field(
+        default=100,
+        ge=1,
+        description="Connections to Redis per process; a request beyond them waits for one "
+        "(at most REDIS_SOCKET_TIMEOUT_SECONDS) instead of failing.",
+    )
     CACHE_FAILURE_THRESHOLD: int = Field(
         default=3,
         ge=1,
@@ -83,6 +89,12 @@ class CacheSettings(BaseSettings):
         ge=1,
         description="Invalidations remembered during an outage before they are widened to "
         "whole namespaces.",
+    )
+    CACHE_DEGRADED_TTL_SECONDS: int = Field(
+        default=30,
+        ge=1,
+        description="While Redis is unavailable, the longest an entry lives in the in-memory "
+        "tier: bounds how stale an answer can be after another replica's update.",
     )
     CACHE_LOCK_TIMEOUT_SECONDS: float = Field(
         default=10.0,

@@ -60,6 +60,7 @@ from redis.asyncio.cluster import RedisCluster
 from commons.cache.backends.base import CacheStore
 from commons.cache.connection import RedisClient, reports_cluster_mode
 from commons.cache.errors import (
+    BackendBusyError,
     BackendError,
     BackendRejectedError,
     BackendUnavailableError,
@@ -73,6 +74,8 @@ __all__ = ["RedisStore"]
 INDEX_GRACE_MS = 60_000
 #: Keys removed per UNLINK while invalidating or flushing: small enough that no command blocks.
 BATCH_SIZE = 500
+#: Leaves of one registry drained at the same time (each on its own pooled connection).
+DRAIN_CONCURRENCY = 8
 
 # A member's score only ever rises: a registry member stands for a whole leaf, so a short-lived
 # write must not lower it below the expiry of the leaf's longer-lived entries (the pruning below
@@ -105,6 +108,20 @@ for i = 2, #KEYS do
   end
 end
 return redis.call('ZREM', KEYS[1], KEYS[2])
+"""
+
+# One page of a leaf, removed atomically on one server: the entries and their index members go
+# together, so no failure can leave an entry that no index knows. Bounded by the page size, so
+# the server is busy for well under a millisecond per call. The entry keys are not declared: a
+# standalone server allows that, and a cluster takes the per-slot path instead.
+_DRAIN_PAGE = """
+local keys = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #keys == 0 then
+  return {0, 0}
+end
+local removed = redis.call('UNLINK', unpack(keys))
+redis.call('ZREM', KEYS[1], unpack(keys))
+return {removed, redis.call('ZCARD', KEYS[1])}
 """
 
 _DELETE_IF_EQUAL = """
@@ -148,6 +165,8 @@ def _translate(exc: BaseException) -> BackendError:
         return BackendRejectedError(f"Redis refused the command ({type(exc).__name__})")
     if isinstance(exc, (redis_errors.TimeoutError, asyncio.TimeoutError, TimeoutError)):
         return BackendUnavailableError("Redis did not answer in time")
+    if isinstance(exc, redis_errors.MaxConnectionsError):
+        return BackendBusyError("every pooled connection to Redis is in use")
     return BackendUnavailableError(f"Redis unavailable: {type(exc).__name__}: {exc}")
 
 
@@ -192,6 +211,7 @@ class RedisStore(CacheStore):
         self._index_add = client.register_script(_INDEX_ADD)
         self._delete_if_equal = client.register_script(_DELETE_IF_EQUAL)
         self._unregister_if_drained = client.register_script(_UNREGISTER_IF_DRAINED)
+        self._drain_page = client.register_script(_DRAIN_PAGE)
 
     @property
     def client(self) -> RedisClient:
@@ -321,32 +341,41 @@ class RedisStore(CacheStore):
     async def _drain_registry(self, registry: str, drain: Callable[[str], Awaitable[int]]) -> int:
         # ZSCAN returns every leaf registered for the whole walk; a leaf is unregistered only once
         # it is empty, so one refilled by a concurrent write stays findable (and no walk repeats).
-        removed = 0
+        # Leaves are drained a few at a time concurrently: the walk's cost is round trips, and
+        # they overlap on separate pooled connections.
         idx_head, reg_head = f"{self._prefix}:#idx:", f"{self._prefix}:#reg:"
-        async for member, _ in self._client.zscan_iter(registry, count=BATCH_SIZE):
-            leaf = member.decode()
-            removed += await drain(leaf)
+
+        async def drain_and_unregister(leaf: str) -> int:
+            removed = await drain(leaf)
             leaf_registry = reg_head + leaf[len(idx_head) :]
             await self._unregister_if_drained(keys=[registry, leaf, leaf_registry])
+            return removed
+
+        removed = 0
+        chunk: list[str] = []
+        async for member, _ in self._client.zscan_iter(registry, count=BATCH_SIZE):
+            chunk.append(member.decode())
+            if len(chunk) >= DRAIN_CONCURRENCY:
+                removed += sum(await asyncio.gather(*map(drain_and_unregister, chunk)))
+                chunk = []
+        if chunk:
+            removed += sum(await asyncio.gather(*map(drain_and_unregister, chunk)))
         return removed
 
     async def _drain_leaf(self, leaf: str) -> int:
+        if not isinstance(self._client, RedisCluster):
+            removed, remaining = 0, 1
+            while remaining:
+                unlinked, remaining = await self._drain_page(keys=[leaf], args=[BATCH_SIZE])
+                removed += int(unlinked)
+            return removed
+        # On a cluster the entries spread over many slots: UNLINK them per slot first, then
+        # forget them, so a failure half-way leaves every surviving entry indexed.
         removed = 0
-        while True:
-            keys = await self._client.zrange(leaf, 0, BATCH_SIZE - 1)
-            if not keys:
-                return removed
-            if isinstance(self._client, RedisCluster):
-                # The keys spread over many slots: UNLINK per slot first, then forget them, so a
-                # failure half-way leaves every surviving entry indexed.
-                removed += int(await self._client.unlink(*keys))
-                await self._client.zrem(leaf, *keys)
-                continue
-            pipe = self._client.pipeline(transaction=False)
-            pipe.unlink(*keys)
-            pipe.zrem(leaf, *keys)
-            unlinked, _ = await pipe.execute()
-            removed += int(unlinked)
+        while keys := await self._client.zrange(leaf, 0, BATCH_SIZE - 1):
+            removed += int(await self._client.unlink(*keys))
+            await self._client.zrem(leaf, *keys)
+        return removed
 
     async def clear(self, on_batch: Callable[[int], object] | None = None) -> int:
         """Removes every key of the prefix (SCAN, then UNLINK in batches); ``on_batch(n)`` after
