@@ -19,7 +19,11 @@ from redis.asyncio import Redis
 from commons.cache import CacheSettings, close_cache, init_cache
 from commons.cache.settings import cache_settings
 from commons.testing.redis_cluster import LocalRedisCluster
-from commons.testing.redis_server import RedisServer
+from commons.testing.redis_server import (
+    RedisServer,
+    find_redis_server,
+    redis_server_version,
+)
 from commons.utilities.context import RequestContextMiddleware, set_tenant_id, set_user_id
 
 
@@ -135,6 +139,9 @@ def make_identity_app() -> Callable[[], FastAPI]:
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[LocalRedisCluster]:
     """A Redis Cluster of 3 primaries and 3 replicas for the session (about 7 s to start)."""
+    binary = find_redis_server()
+    if redis_server_version(binary) < (7,):
+        pytest.skip(f"the cluster fixture needs redis-server 7+ ({binary} is older)")
     with LocalRedisCluster(primaries=3, replicas_per_primary=1) as cluster:
         yield cluster
 

