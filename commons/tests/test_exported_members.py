@@ -24,6 +24,7 @@ PUBLIC_CACHE_API = {
     "tenant_cache_key_builder",
     "tenant_user_cache_key_builder",
     "invalidate_namespace",
+    "PrivateCacheControlMiddleware",
     # metrics hooks
     "CacheEvents",
     "LookupOutcome",

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from commons.cache import close_cache, init_cache
+from commons.cache import PrivateCacheControlMiddleware, close_cache, init_cache
 from commons.utilities.context import RequestContextMiddleware
 from insights_backend.config import ServiceSettings
 from insights_backend.database import open_database
@@ -60,6 +60,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.settings = settings
     # Every request starts with no tenant and no user bound; the auth dependency binds them.
     app.add_middleware(RequestContextMiddleware)
+    # The guide-style route uses fastapi-cache2's decorator: keep its answers out of shared caches.
+    app.add_middleware(PrivateCacheControlMiddleware)
     for module in (tenant_config, users, insights, admin, operations):
         app.include_router(module.router)
     return app

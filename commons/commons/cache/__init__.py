@@ -20,6 +20,7 @@ from commons.cache.errors import (
 from commons.cache.events import CacheEvents, LookupOutcome
 from commons.cache.invalidation import invalidate_namespace
 from commons.cache.keys import tenant_cache_key_builder, tenant_user_cache_key_builder
+from commons.cache.middleware import PrivateCacheControlMiddleware
 from commons.cache.settings import CacheSettings, cache_settings
 from commons.cache.status import CacheState, CacheStatus
 
@@ -34,6 +35,7 @@ __all__ = [
     "CacheStatus",
     "CacheUnavailableError",
     "LookupOutcome",
+    "PrivateCacheControlMiddleware",
     "cache",
     "cache_settings",
     "cache_status",
