@@ -6,6 +6,7 @@ Tree::
     ├── CacheUnavailableError      init_cache() with CACHE_FAIL_FAST=true and Redis not answering
     └── BackendError               a backend operation failed; never reaches a request handler
         ├── BackendUnavailableError    Redis cannot be reached in time (refused, timeout, auth)
+        ├── BackendBusyError           every pooled connection is in use (a burst, not an outage)
         └── BackendRejectedError       Redis answered but refused the command (OOM, READONLY)
 
 Configuration mistakes are :class:`pydantic.ValidationError` from :class:`CacheSettings`, raised
@@ -16,6 +17,7 @@ place (``backends/redis.py``); the layer above decides what a failure means.
 from __future__ import annotations
 
 __all__ = [
+    "BackendBusyError",
     "BackendError",
     "BackendRejectedError",
     "BackendUnavailableError",
@@ -38,6 +40,10 @@ class BackendError(CacheError):
 
 class BackendUnavailableError(BackendError):
     """The backend could not be reached in time: refused, timed out, or refused our credentials."""
+
+
+class BackendBusyError(BackendError):
+    """Every connection of the client's pool is in use: this process is busy, Redis is not down."""
 
 
 class BackendRejectedError(BackendError):

@@ -1,44 +1,70 @@
 """The cache layer: one object in front of the stores that never lets a failure reach a request.
 
-Fallback and recovery
----------------------
-With Redis configured, the layer serves from Redis while Redis answers. Failures are counted;
-after ``CACHE_FAILURE_THRESHOLD`` consecutive ones that show Redis unreachable (refused, timed out,
-wrong credentials) the layer stops calling Redis at once and serves from its bounded in-memory tier:
-state ``degraded``. Requests then never wait on Redis: a background task probes it every
-``CACHE_RECOVERY_INTERVAL_SECONDS`` and, once it answers, first applies every invalidation made in
-the meantime, then drops the in-memory tier (its entries may be stale for other replicas) and
-returns to Redis. A service that started while Redis was down takes the same way back.
+Fallback and recovery (a circuit breaker)
+-----------------------------------------
+With Redis configured, the layer serves from Redis while Redis answers (state ``redis``, the breaker
+closed). Failures that show Redis unreachable (refused, timed out, wrong credentials) are counted;
+after ``CACHE_FAILURE_THRESHOLD`` consecutive ones the breaker opens: the layer stops calling Redis
+at once and serves from its bounded in-memory tier (state ``degraded``). From then on requests never
+wait on Redis, whatever Redis does. A background task probes it every
+``CACHE_RECOVERY_INTERVAL_SECONDS`` with one ``PING`` (so a dead Redis sees one connection attempt
+per interval per process, not one per request) and, once it answers, first applies every
+invalidation made in the meantime, then drops the in-memory tier (its entries may be stale for other
+replicas) and returns to Redis. The breaker comes back half-open: the first failure after a
+recovery opens it again at once, so a Redis that answers ``PING`` but not reads costs one request
+per interval, not ``CACHE_FAILURE_THRESHOLD``. A service that started while Redis was down takes the
+same way back.
+
+A request whose read from Redis just failed does not write its freshly computed value there: the
+write would only wait for the same timeout. So a request pays at most one Redis timeout, and only
+before the breaker opens.
+
+A Redis that answers but refuses commands (out of memory under ``noeviction``, a read-only replica,
+missing ACL permissions) is not unreachable: reads still work, so the layer stays on Redis and the
+refused writes are skipped. ``cache_status()`` says so in its reason until a write succeeds again.
 
 No lost invalidations
 ---------------------
-An invalidation always applies to the in-memory tier. If it cannot be applied to Redis, it is kept
-(:class:`~commons.cache.pending.PendingInvalidations`) and the layer degrades at once, whatever the
-failure count, so nothing is read from Redis until the kept invalidations have been applied there.
-Other replicas that still reach Redis are unaffected; the README's Guarantees section says what
-holds for them during an outage.
+An invalidation (``invalidate``, ``delete``, ``clear``) always applies to the in-memory tier. If it
+cannot be applied to Redis, it is kept (:class:`~commons.cache.pending.PendingInvalidations`) and
+the layer degrades at once, whatever the failure count or the kind of failure, so nothing is read
+from Redis until the kept invalidations have been applied there. Other replicas that still reach
+Redis are unaffected; the README's Guarantees section says what holds for them during an outage.
 
-A write computed before an invalidation and stored after it would bring the old value back; the
-decorator takes a fill token before calling the handler and the layer drops the write if the
-namespace was invalidated since.
+What no replica can learn while Redis is down is another replica's invalidation: each in-memory
+tier only sees its own process's. So while degraded, entries live in memory for at most
+``CACHE_DEGRADED_TTL_SECONDS`` (30 s by default), which bounds how long a replica may answer with a
+value computed before another replica's update.
 
-Errors
-------
+A value computed before an invalidation and stored after it would bring the old value back. A
+fill token (the layer's mutation clock) is taken before the handler runs: by our decorator
+explicitly, and for fastapi-cache2's decorator by the read that missed, in the same request. The
+write is dropped if the namespace was invalidated since.
+
+Errors and logs
+---------------
 Stores raise :class:`~commons.cache.errors.BackendError` only. The layer catches them, counts them,
-logs once per state change, and answers as a miss. Nothing here raises into a request.
+and answers as a miss. Nothing here raises into a request. The layer logs one line per change of
+state (or of what Redis refuses), never one per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
-import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from commons.cache.backends.base import CacheStore
 from commons.cache.backends.memory import MemoryStore
-from commons.cache.errors import BackendError, BackendUnavailableError, CacheUnavailableError
+from commons.cache.errors import (
+    BackendBusyError,
+    BackendError,
+    BackendUnavailableError,
+    CacheUnavailableError,
+)
 from commons.cache.events import CacheEvents
 from commons.cache.pending import PendingInvalidations
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
@@ -48,6 +74,25 @@ from commons.cache.status import CacheState, CacheStatus
 __all__ = ["CacheLayer"]
 
 logger = logging.getLogger("commons.cache")
+
+#: What a refused operation is called in ``cache_status().reason``.
+_REFUSED_WHAT = {"get": "reads", "set": "writes", "lock": "locks"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """The last cache read of the current request (a request reads before it writes)."""
+
+    layer: CacheLayer
+    key: str
+    fill_token: int
+    redis_failed: bool
+
+
+# Per request: each request runs in its own task, with its own copy of the context.
+_last_read: contextvars.ContextVar[_Read | None] = contextvars.ContextVar(
+    "commons_cache_last_read", default=None
+)
 
 
 class CacheLayer:
@@ -68,8 +113,12 @@ class CacheLayer:
         self._memory = memory or MemoryStore(settings.CACHE_MEMORY_MAX_ENTRIES)
         self._pending = PendingInvalidations(settings.CACHE_PENDING_INVALIDATIONS_MAX)
         self._consecutive_failures = 0
-        self._rejection_logged = False
-        self._fill_epochs: dict[str, int] = {}
+        # The operation Redis refuses while it answers (OOM, read-only), or None.
+        self._refused: str | None = None
+        # Mutation clock for fill tokens: bumped by every invalidation.
+        self._clock = 0
+        self._invalidated_at: dict[str, int] = {}
+        self._cleared_at = 0
         self._recovery_task: asyncio.Task[None] | None = None
         if not settings.CACHE_ENABLED:
             initial, reason = CacheState.DISABLED, "CACHE_ENABLED is false"
@@ -135,13 +184,17 @@ class CacheLayer:
     def _transition(self, state: CacheState, reason: str) -> None:
         if state is self._state and reason == self._reason:
             return
+        changed = state is not self._state
+        if changed:
+            self._refused = None
         self._state, self._reason, self._since = state, reason, datetime.now(UTC)
-        self._rejection_logged = False
         self._log_state()
-        self.events.state_changed(state.value)
+        if changed:
+            self.events.state_changed(state.value)
 
     def _log_state(self) -> None:
-        level = logging.WARNING if self._state is CacheState.DEGRADED else logging.INFO
+        troubled = self._state is CacheState.DEGRADED or self._refused is not None
+        level = logging.WARNING if troubled else logging.INFO
         logger.log(level, "cache backend: %s (%s)", self._state.value, self._reason)
 
     def _active_store(self) -> CacheStore:
@@ -149,9 +202,14 @@ class CacheLayer:
             return self._redis
         return self._memory
 
-    def _record_success(self, store: CacheStore) -> None:
-        if store is self._redis:
-            self._consecutive_failures = 0
+    def _record_success(self, store: CacheStore, operation: str) -> None:
+        if store is not self._redis:
+            return
+        self._consecutive_failures = 0
+        if self._refused == operation and self._state is CacheState.REDIS:
+            self._refused = None
+            what = _REFUSED_WHAT.get(operation, operation)
+            self._transition(CacheState.REDIS, f"Redis accepts {what} again")
 
     def _record_failure(
         self, store: CacheStore, exc: BackendError, namespace: str, operation: str
@@ -160,21 +218,42 @@ class CacheLayer:
         if store is not self._redis:
             logger.error("in-memory cache failed: %s", exc)
             return
+        if isinstance(exc, BackendBusyError):
+            # This process has every pooled connection in use (a burst): a miss, not an outage.
+            return
         if not isinstance(exc, BackendUnavailableError):
-            # Redis answered but refused (OOM, read-only): reads still work, so stay on Redis.
-            if not self._rejection_logged:
-                self._rejection_logged = True
-                logger.warning("Redis refused a cache write: %s", exc)
+            # Redis answered but refused (OOM, read-only): it is reachable, so stay on Redis.
+            if self._refused is None and self._state is CacheState.REDIS:
+                self._refused = operation
+                what = _REFUSED_WHAT.get(operation, "commands")
+                self._transition(CacheState.REDIS, f"Redis refuses {what}: {exc}")
             return
         self._consecutive_failures += 1
-        if (
-            self._consecutive_failures >= self.settings.CACHE_FAILURE_THRESHOLD
-            and self._state is CacheState.REDIS
-        ):
-            self._degrade(f"Redis unavailable: {exc}")
+        if self._consecutive_failures >= self.settings.CACHE_FAILURE_THRESHOLD:
+            self._degrade(str(exc))
 
     def _degrade(self, reason: str) -> None:
-        self._transition(CacheState.DEGRADED, reason)
+        if self._state is CacheState.REDIS:
+            self._transition(CacheState.DEGRADED, reason)
+
+    # -- fill tokens ---------------------------------------------------------------------------
+
+    def _mark_invalidated(self, namespace: str | None) -> None:
+        """Records an invalidation of ``namespace`` (``None``: of everything)."""
+        self._clock += 1
+        if namespace is None:
+            self._cleared_at = self._clock
+        else:
+            self._invalidated_at[namespace] = self._clock
+
+    def _invalidated_since(self, namespace: str, token: int) -> bool:
+        return max(self._cleared_at, self._invalidated_at.get(namespace, 0)) > token
+
+    def _this_requests_read(self, key: str) -> _Read | None:
+        read = _last_read.get()
+        if read is None or read.layer is not self or read.key != key:
+            return None
+        return read
 
     # -- scopes --------------------------------------------------------------------------------
 
@@ -199,20 +278,25 @@ class CacheLayer:
         scope = self.scope_of(key)
         if not self.enabled or scope is None:
             return 0, None
+        token = self._clock
         store = self._active_store()
-        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             result = await store.get_with_ttl(key)
         except BackendError as exc:
             self._record_failure(store, exc, scope.namespace, "get")
+            _last_read.set(_Read(self, key, token, redis_failed=store is self._redis))
             return 0, None
         finally:
-            self.events.timed(scope.namespace, "get", time.perf_counter() - started)
-        self._record_success(store)
+            self.events.timed(scope.namespace, "get", loop.time() - started)
+        _last_read.set(_Read(self, key, token, redis_failed=False))
+        self._record_success(store, "get")
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "cache %s key=%s backend=%s",
+                "cache %s namespace=%s key=%s backend=%s",
                 "HIT" if result[1] is not None else "MISS",
+                scope.namespace,
                 key,
                 store.name,
             )
@@ -220,39 +304,60 @@ class CacheLayer:
 
     def fill_token(self, key: str) -> int:
         """Taken before computing a value; :meth:`set` drops the value if it went stale since."""
-        scope = self.scope_of(key)
-        return self._fill_epochs.get(scope.namespace, 0) if scope is not None else 0
+        return self._clock
 
     async def set(
         self, key: str, value: bytes, ttl_seconds: int, *, fill_token: int | None = None
     ) -> None:
-        """Stores an entry; failures are absorbed."""
+        """Stores an entry; failures are absorbed.
+
+        Without ``fill_token``, the token of this request's read of the same key is used (how
+        fastapi-cache2's decorator, which reads, computes and then writes, gets the same safety).
+        """
         scope = self.scope_of(key)
         if not self.enabled or scope is None or ttl_seconds <= 0:
             return
-        if fill_token is not None and self._fill_epochs.get(scope.namespace, 0) != fill_token:
+        read = self._this_requests_read(key)
+        if fill_token is None and read is not None:
+            fill_token = read.fill_token
+        if fill_token is not None and self._invalidated_since(scope.namespace, fill_token):
             logger.debug("cache write dropped: %s was invalidated meanwhile", scope.namespace)
             return
         store = self._active_store()
-        started = time.perf_counter()
+        if store is self._redis and read is not None and read.redis_failed:
+            # The read just failed: the write would most likely wait for the same timeout.
+            return
+        if self._redis is not None and store is self._memory:
+            # Degraded: other replicas' updates cannot reach this tier, so its entries live
+            # briefly (see the module docstring).
+            ttl_seconds = min(ttl_seconds, self.settings.CACHE_DEGRADED_TTL_SECONDS)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             await store.set(key, value, ttl_seconds, scope)
         except BackendError as exc:
             self._record_failure(store, exc, scope.namespace, "set")
         else:
-            self._record_success(store)
+            self._record_success(store, "set")
         finally:
-            self.events.timed(scope.namespace, "set", time.perf_counter() - started)
+            self.events.timed(scope.namespace, "set", loop.time() - started)
 
     async def delete(self, key: str) -> int:
-        """Removes one entry from every tier."""
+        """Removes one entry from every tier (kept for Redis while Redis cannot be reached)."""
+        scope = self.scope_of(key)
+        self._mark_invalidated(scope.namespace if scope is not None else None)
         removed = await self._memory.delete(key)
-        if self._redis is not None and self._state is CacheState.REDIS:
-            try:
-                removed += await self._redis.delete(key)
-            except BackendError as exc:
-                scope = self.scope_of(key)
-                self._record_failure(self._redis, exc, scope.namespace if scope else "", "delete")
+        if self._redis is None:
+            return removed
+        if self._state is not CacheState.REDIS:
+            self._pending.add_key(key, scope)
+            return removed
+        try:
+            removed += await self._redis.delete(key)
+        except BackendError as exc:
+            self.events.backend_error(scope.namespace if scope else "", "delete")
+            self._pending.add_key(key, scope)
+            self._degrade(f"a deletion could not reach Redis: {exc}")
         return removed
 
     # -- invalidation --------------------------------------------------------------------------
@@ -265,7 +370,7 @@ class CacheLayer:
         """
         if not self.enabled:
             return 0
-        self._fill_epochs[target.namespace] = self._fill_epochs.get(target.namespace, 0) + 1
+        self._mark_invalidated(target.namespace)
         removed = await self._memory.invalidate(target)
         if self._redis is not None and self._state is not CacheState.REDIS:
             self._pending.add(target)
@@ -280,10 +385,23 @@ class CacheLayer:
         return removed
 
     async def clear(self) -> int:
-        """Removes every entry of this prefix from every tier (the service-wide flush)."""
+        """Removes every entry of this prefix from every tier (the service-wide flush).
+
+        While Redis cannot be reached the flush is kept for it, as invalidations are.
+        """
+        self._mark_invalidated(None)
         removed = await self._memory.clear()
-        if self._redis is not None:
+        if self._redis is None:
+            return removed
+        if self._state is not CacheState.REDIS:
+            self._pending.add_everything()
+            return removed
+        try:
             removed += await self._redis.clear()
+        except BackendError as exc:
+            self.events.backend_error("", "clear")
+            self._pending.add_everything()
+            self._degrade(f"a flush could not reach Redis: {exc}")
         return removed
 
     # -- locks (single-flight across replicas) --------------------------------------------------
@@ -292,15 +410,20 @@ class CacheLayer:
         """Takes a short lock; ``None`` when no shared store can hold one right now."""
         if self._state is not CacheState.REDIS or self._redis is None:
             return None
+        read = _last_read.get()
+        if read is not None and read.layer is self and read.redis_failed:
+            return None  # this request's read just failed: do not wait on Redis again
         try:
-            return await self._redis.add_if_absent(key, token, ttl_ms)
+            acquired = await self._redis.add_if_absent(key, token, ttl_ms)
         except BackendError as exc:
             self._record_failure(self._redis, exc, "", "lock")
             return None
+        self._record_success(self._redis, "lock")
+        return acquired
 
     async def unlock(self, key: str, token: bytes) -> None:
-        if self._redis is None:
-            return
+        if self._redis is None or self._state is not CacheState.REDIS:
+            return  # the lock expires by itself
         try:
             await self._redis.delete_if_equal(key, token)
         except BackendError as exc:
@@ -310,34 +433,45 @@ class CacheLayer:
 
     async def _recover_forever(self) -> None:
         interval = self.settings.CACHE_RECOVERY_INTERVAL_SECONDS
+        reported = False
         while True:
             await asyncio.sleep(interval)
-            if self._state is CacheState.DEGRADED:
+            if self._state is not CacheState.DEGRADED:
+                continue
+            try:
                 await self.try_recover()
+            except Exception:
+                # The probe must outlive any surprise, or the layer would never return to Redis.
+                if not reported:
+                    reported = True
+                    logger.exception("cache recovery probe failed unexpectedly")
 
     async def try_recover(self) -> bool:
-        """Probes Redis; on success applies pending invalidations and returns to Redis."""
+        """Probes Redis; on success applies pending invalidations and returns to Redis.
+
+        Only the recovery task calls it while requests are served; they never wait for it.
+        """
         redis = self._redis
         if redis is None or self._state is not CacheState.DEGRADED:
             return False
-        started = time.monotonic()
         try:
             await redis.ping()
-            while self._pending:
-                for target in self._pending.targets():
-                    await redis.invalidate(target)
-                    self._pending.discard(target)
+            applied = len(self._pending)
+            await self._pending.apply_to(redis)
         except BackendError as exc:
             logger.debug("Redis still unavailable: %s", exc)
             return False
-        # No await between the last check of the pending set and the switch: an invalidation
-        # arriving while we replayed was applied above, or is applied to Redis directly below.
-        self._consecutive_failures = 0
-        self._transition(CacheState.REDIS, "Redis answers again")
-        dropped = await self._memory.clear()
-        logger.info(
-            "cache back on Redis after %.3fs; %d in-memory entries dropped",
-            time.monotonic() - started,
-            dropped,
+        if self._state is not CacheState.DEGRADED:
+            return False
+        # No await from the last check of the pending set to the switch: an invalidation arriving
+        # during the replay was applied by it, and any later one goes to Redis directly.
+        dropped = len(self._memory)
+        # Half-open: one more failure opens the breaker again.
+        self._consecutive_failures = self.settings.CACHE_FAILURE_THRESHOLD - 1
+        self._transition(
+            CacheState.REDIS,
+            f"Redis answers again; {applied} pending invalidations applied, "
+            f"{dropped} in-memory entries dropped",
         )
+        await self._memory.clear()
         return True

@@ -165,7 +165,10 @@ def _translate(exc: BaseException) -> BackendError:
         return BackendRejectedError(f"Redis refused the command ({type(exc).__name__})")
     if isinstance(exc, (redis_errors.TimeoutError, asyncio.TimeoutError, TimeoutError)):
         return BackendUnavailableError("Redis did not answer in time")
-    if isinstance(exc, redis_errors.MaxConnectionsError):
+    if isinstance(exc, redis_errors.MaxConnectionsError) or (
+        # BlockingConnectionPool's wait for a free connection ran out: this process is busy.
+        isinstance(exc, redis_errors.ConnectionError) and str(exc) == "No connection available."
+    ):
         return BackendBusyError("every pooled connection to Redis is in use")
     return BackendUnavailableError(f"Redis unavailable: {type(exc).__name__}: {exc}")
 
