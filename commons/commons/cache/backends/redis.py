@@ -56,6 +56,7 @@ from urllib.parse import quote, unquote
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from commons.cache.backends.base import CacheStore
 from commons.cache.connection import RedisClient, reports_cluster_mode
@@ -325,6 +326,7 @@ class RedisStore(CacheStore):
     async def invalidate(self, target: InvalidationTarget) -> int:
         ns = target.namespace
         async with _redis_errors_translated():
+            await self._follow_sentinel_master()
             if target.tenant_id is None:
                 return await self._drain_registry(
                     self._namespace_registry(ns), self._drain_tenant_leaf
@@ -332,6 +334,17 @@ class RedisStore(CacheStore):
             if target.user_id is None:
                 return await self._drain_tenant_leaf(self._tenant_leaf(ns, target.tenant_id))
             return await self._drain_leaf(self._user_leaf(ns, target.tenant_id, target.user_id))
+
+    async def _follow_sentinel_master(self) -> None:
+        """Behind Sentinel, asks it for the master before an invalidation walks the indexes.
+
+        After a failover, pooled connections to the demoted master still answer reads (as a
+        replica, possibly mid-resync); an invalidation that read the indexes there could miss
+        entries the new master holds. Asking first drops every connection to an old master.
+        """
+        pool = self._client.connection_pool if isinstance(self._client, Redis) else None
+        if isinstance(pool, SentinelConnectionPool) and pool.is_master:
+            await pool.get_master_address()  # type: ignore[no-untyped-call]  # redis-py: untyped
 
     async def _drain_tenant_leaf(self, leaf: str) -> int:
         """Drains a tenant's leaf, then the user leaves registered under that tenant."""
