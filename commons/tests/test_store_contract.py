@@ -306,3 +306,31 @@ async def test_ping_answers_and_closing_twice_is_safe(make_store: StoreFactory) 
     await store.ping()
     await store.aclose()
     await store.aclose()
+
+
+async def test_a_redis_hit_after_a_write_asks_for_the_entry_only(redis_url: str) -> None:
+    """The remaining time of bytes the store wrote itself is known: a hit is one GET."""
+    from redis.asyncio import Redis
+
+    from commons.cache.backends.redis import RedisStore
+    from commons.cache.scope import CacheScope
+
+    client = Redis.from_url(redis_url)
+    probe = Redis.from_url(redis_url)
+    try:
+        store = RedisStore(client, "memo")
+        await store.set("memo:ns:k", b"body", 60, CacheScope("ns", "t"))
+        await probe.config_resetstat()
+        for _ in range(3):
+            assert await store.get_with_ttl("memo:ns:k") == (60, b"body")
+        stats = await probe.info("commandstats")
+        assert stats["cmdstat_get"]["calls"] == 3
+        assert "cmdstat_pttl" not in stats
+        # Another writer's bytes are new to this store: it asks for their time to live.
+        await probe.set("memo:ns:k", b"other", ex=30)
+        assert await store.get_with_ttl("memo:ns:k") == (30, b"other")
+        await probe.delete("memo:ns:k")
+        assert await store.get_with_ttl("memo:ns:k") == (0, None)
+    finally:
+        await client.aclose()
+        await probe.aclose()

@@ -69,8 +69,8 @@ class CacheSettings(BaseSettings):
     REDIS_MAX_CONNECTIONS: int = Field(
         default=100,
         ge=1,
-        description="Connections to Redis per process; a request beyond them waits for one "
-        "(at most REDIS_SOCKET_TIMEOUT_SECONDS) instead of failing.",
+        description="Connections to Redis per process; a request beyond them does not wait: "
+        "it is answered by its handler, as on a miss.",
     )
     CACHE_FAILURE_THRESHOLD: int = Field(
         default=3,

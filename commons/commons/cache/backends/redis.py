@@ -59,6 +59,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from commons.cache.backends.base import CacheStore
+from commons.cache.backends.expiry import ExpiryMemo
 from commons.cache.connection import RedisClient, reports_cluster_mode
 from commons.cache.errors import (
     BackendBusyError,
@@ -207,6 +208,7 @@ class RedisStore(CacheStore):
         """
         self._prefix = prefix
         self._cluster_factory = cluster_factory
+        self._expiries = ExpiryMemo()
         self._closed = False
         self._use(client)
 
@@ -263,13 +265,20 @@ class RedisStore(CacheStore):
 
     async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
         async with _redis_errors_translated():
-            pipe = self._client.pipeline(transaction=False)
-            pipe.pttl(key)
-            pipe.get(key)
-            ttl_ms, value = await pipe.execute()
-        if value is None:
-            return 0, None
-        return (math.ceil(ttl_ms / 1000) if ttl_ms > 0 else 0), value
+            # decode_responses is off: replies are bytes.
+            value = cast(bytes | None, await self._client.get(key))
+            if value is None:
+                self._expiries.forget(key)
+                return 0, None
+            remaining = self._expiries.remaining(key, value)
+            if remaining is not None:
+                return remaining, value
+            # First sight of these bytes (or near their expiry): one more round trip.
+            ttl_ms = await self._client.pttl(key)
+        if ttl_ms <= 0:
+            return 0, value
+        self._expiries.remember(key, value, ttl_ms / 1000)
+        return math.ceil(ttl_ms / 1000), value
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -278,6 +287,7 @@ class RedisStore(CacheStore):
         async with _redis_errors_translated():
             if isinstance(self._client, RedisCluster):
                 await self._set_on_cluster(self._client, key, value, ttl_ms, scope)
+                self._expiries.remember(key, value, ttl_seconds)
                 return
             pipe = self._client.pipeline(transaction=True)
             for index, member in self._index_updates(key, scope):
@@ -286,6 +296,7 @@ class RedisStore(CacheStore):
                 )
             pipe.set(key, value, px=ttl_ms)
             await pipe.execute()
+        self._expiries.remember(key, value, ttl_seconds)
 
     async def _set_on_cluster(
         self, client: RedisCluster, key: str, value: bytes, ttl_ms: int, scope: CacheScope

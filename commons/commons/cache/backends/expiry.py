@@ -1,0 +1,63 @@
+"""Remembered expiries: a Redis hit in one round trip instead of two.
+
+Serving a hit needs the entry's bytes and its remaining time to live (for ``max-age`` and
+freshness). Asking Redis for both costs a pipeline of PTTL and GET on every hit. Instead, the store
+remembers, per key, the bytes it last saw and when they expire (from its own write, or from one
+PTTL after a read); a later GET that returns the very same bytes reuses that expiry, measured on
+the monotonic clock. GET stays the source of truth for whether an entry exists, so an
+invalidation is seen at once; only the remaining time can be off, and only when another process
+stored identical bytes again later, in which case the remembered expiry is the earlier one and
+``max-age`` errs short. Within a second of the remembered expiry the store asks Redis again.
+
+Bounded by entries and by bytes held; when full it starts over.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+__all__ = ["ExpiryMemo"]
+
+#: Below this many remaining seconds the remembered expiry is not trusted: ask Redis.
+TRUST_ABOVE_SECONDS = 1.0
+
+
+class ExpiryMemo:
+    """Per key: the last bytes seen and their expiry on the monotonic clock."""
+
+    def __init__(
+        self,
+        max_entries: int = 4096,
+        max_bytes: int = 16 * 1024 * 1024,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._clock = clock
+        self._items: dict[str, tuple[bytes, float]] = {}
+        self._bytes = 0
+
+    def remaining(self, key: str, value: bytes) -> int | None:
+        """Whole seconds ``value`` under ``key`` has left, if known and trusted; else None."""
+        known = self._items.get(key)
+        if known is None or known[0] != value:
+            return None
+        left = known[1] - self._clock()
+        return math.ceil(left) if left > TRUST_ABOVE_SECONDS else None
+
+    def remember(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        """Records that ``value`` under ``key`` expires ``ttl_seconds`` from now."""
+        self.forget(key)
+        if len(self._items) >= self._max_entries or self._bytes + len(value) > self._max_bytes:
+            self._items.clear()
+            self._bytes = 0
+        self._items[key] = (value, self._clock() + ttl_seconds)
+        self._bytes += len(value)
+
+    def forget(self, key: str) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old[0])
