@@ -36,21 +36,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
 from inspect import Parameter, Signature, isawaitable, iscoroutinefunction
-from typing import Any, ForwardRef, ParamSpec, TypeVar, get_args
+from typing import Any, ParamSpec, TypeVar
 
 from fastapi.concurrency import run_in_threadpool
-from fastapi.datastructures import DefaultPlaceholder
 from fastapi.dependencies.utils import get_typed_return_annotation, get_typed_signature
-from fastapi.encoders import jsonable_encoder
-from fastapi.routing import APIRoute, serialize_response
-from fastapi.utils import is_body_allowed_for_status_code
+from fastapi.routing import APIRoute
 from fastapi_cache.coder import Coder, PickleCoder
 from fastapi_cache.types import KeyBuilder
 from pydantic import TypeAdapter
@@ -70,6 +66,12 @@ from commons.cache.http import (
 )
 from commons.cache.keys import tenant_cache_key_builder
 from commons.cache.layer import CacheLayer
+from commons.cache.rendering import (
+    adapter_for,
+    json_bytes,
+    render_as_route,
+    resolved_return_annotation,
+)
 from commons.cache.scope import ScopedKey
 from commons.cache.singleflight import SingleFlight
 
@@ -86,7 +88,6 @@ _HIT, _STALE, _MISS = b"HIT", b"STALE", b"MISS"
 #: Bounds of the prepared responses each route keeps (entries, and bytes of stored values).
 _PREPARED_MAX_ENTRIES = 1024
 _PREPARED_MAX_BYTES = 32 * 1024 * 1024
-_SERIALIZE_OPTIONS = frozenset(inspect.signature(serialize_response).parameters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,62 +142,6 @@ class _PreparedResponses:
             self._bytes = 0
         self._items[key] = (raw, prepared)
         self._bytes += len(raw)
-
-
-def _json_bytes(value: Any) -> bytes:
-    # The same rendering as FastAPI's JSONResponse.
-    return json.dumps(
-        jsonable_encoder(value), ensure_ascii=False, allow_nan=False, separators=(",", ":")
-    ).encode("utf-8")
-
-
-def _adapter_for(annotation: Any) -> TypeAdapter[Any] | None:
-    if annotation is None or annotation is Parameter.empty or _has_forward_ref(annotation):
-        return None
-    if isinstance(annotation, type) and issubclass(annotation, Response):
-        return None
-    try:
-        return TypeAdapter(annotation)
-    except Exception:  # an annotation pydantic cannot handle falls back to FastAPI's encoder
-        return None
-
-
-async def _render_as_route(
-    route: APIRoute, result: Any, status_code: int | None, is_coroutine: bool
-) -> Response:
-    """``result`` rendered as FastAPI renders a non-Response result of ``route``."""
-    status_code = status_code or route.status_code
-    response_class = route.response_class
-    is_default_class = isinstance(response_class, DefaultPlaceholder)
-    actual_class: type[Response] = (
-        response_class.value if isinstance(response_class, DefaultPlaceholder) else response_class
-    )
-    dump_json = (
-        route.response_field is not None and is_default_class and "dump_json" in _SERIALIZE_OPTIONS
-    )
-    options: dict[str, Any] = {"dump_json": True} if dump_json else {}
-    content = await serialize_response(
-        field=route.response_field,
-        response_content=result,
-        include=route.response_model_include,
-        exclude=route.response_model_exclude,
-        by_alias=route.response_model_by_alias,
-        exclude_unset=route.response_model_exclude_unset,
-        exclude_defaults=route.response_model_exclude_defaults,
-        exclude_none=route.response_model_exclude_none,
-        is_coroutine=is_coroutine,
-        **options,
-    )
-    if dump_json:
-        response = Response(content=content, media_type="application/json")
-    else:
-        response = actual_class(content)
-    if status_code is not None:
-        response.status_code = status_code
-        if not is_body_allowed_for_status_code(status_code):
-            response.body = b""
-            response.init_headers()
-    return response
 
 
 def _client_refuses_stored(request: Request, layer: CacheLayer) -> bool:
@@ -278,13 +223,13 @@ class _CachedRoute:
         if isinstance(route, APIRoute) and (
             inspect.unwrap(route.endpoint, stop=lambda f: f is endpoint) is endpoint
         ):
-            return await _render_as_route(route, result, status_code, self.is_coroutine)
+            return await render_as_route(route, result, status_code, self.is_coroutine)
         # Called outside its route: render through the return annotation.
         if not self._adapter:
-            self._adapter.append(_adapter_for(get_typed_return_annotation(self.func)))
+            self._adapter.append(adapter_for(get_typed_return_annotation(self.func)))
         type_adapter = self._adapter[0]
         if type_adapter is None:
-            rendered = _json_bytes(result)
+            rendered = json_bytes(result)
         else:
             value = type_adapter.validate_python(result, from_attributes=True)
             rendered = type_adapter.dump_json(value, by_alias=True)
@@ -433,24 +378,6 @@ async def _under_replica_lock(
     finally:
         if acquired:
             await layer.unlock(lock_key, token)
-
-
-def _has_forward_ref(annotation: Any) -> bool:
-    if isinstance(annotation, (str, ForwardRef)):
-        return True
-    return any(_has_forward_ref(arg) for arg in get_args(annotation))
-
-
-def _resolved_return_annotation(func: Callable[..., Any]) -> Any:
-    """The return annotation FastAPI infers the route's ``response_model`` from.
-
-    Empty when it names something FastAPI cannot resolve (a class local to a function): the
-    handler's result is then rendered with ``jsonable_encoder``, as without a response model.
-    """
-    annotation = get_typed_return_annotation(func)
-    if annotation is None or _has_forward_ref(annotation):
-        return Signature.empty
-    return annotation
 
 
 def cache(
@@ -622,7 +549,7 @@ def cache(
             ]
             endpoint.__signature__ = Signature(  # type: ignore[attr-defined]
                 parameters=[*head, *injected, *tail],
-                return_annotation=_resolved_return_annotation(func),
+                return_annotation=resolved_return_annotation(func),
             )
         route_state.endpoint = endpoint
         return endpoint
