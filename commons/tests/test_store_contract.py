@@ -1,4 +1,4 @@
-"""The store contract: one suite, run on every backend (memory and a real Redis).
+"""The store contract: one suite, run on every backend (memory, a real Redis, a Redis Cluster).
 
 Whatever a backend does inside, the layer above sees the same thing: bytes in and bytes out, an
 expiry, and invalidation by namespace, tenant and user that touches nothing else.
@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from commons.cache.backends.base import CacheStore
 from commons.cache.backends.memory import MemoryStore
@@ -22,20 +23,26 @@ PREFIX = "svc-cache"
 StoreFactory = Callable[[str], CacheStore]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", pytest.param("cluster", marks=pytest.mark.slow)])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
     """``make_store(prefix)``: a new store of the parametrized backend.
 
     Memory stores are per instance (the prefix is in the keys only); Redis stores share the
-    session's server, each with its own client and prefix.
+    session's server (or the session's 3-primary cluster), each with its own client and prefix.
     """
     stores: list[CacheStore] = []
-    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    redis_url = None
+    if request.param == "redis":
+        redis_url = request.getfixturevalue("redis_url")
+    elif request.param == "cluster":
+        redis_url = request.getfixturevalue("redis_cluster_url")
 
     def make(prefix: str) -> CacheStore:
         store: CacheStore
         if redis_url is None:
             store = MemoryStore(1_000)
+        elif request.param == "cluster":
+            store = RedisStore(RedisCluster.from_url(redis_url), prefix)
         else:
             store = RedisStore(Redis.from_url(redis_url), prefix)
         stores.append(store)
@@ -310,11 +317,6 @@ async def test_ping_answers_and_closing_twice_is_safe(make_store: StoreFactory) 
 
 async def test_a_redis_hit_after_a_write_asks_for_the_entry_only(redis_url: str) -> None:
     """The remaining time of bytes the store wrote itself is known: a hit is one GET."""
-    from redis.asyncio import Redis
-
-    from commons.cache.backends.redis import RedisStore
-    from commons.cache.scope import CacheScope
-
     client = Redis.from_url(redis_url)
     probe = Redis.from_url(redis_url)
     try:

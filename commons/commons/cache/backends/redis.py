@@ -76,8 +76,12 @@ __all__ = ["RedisStore"]
 INDEX_GRACE_MS = 60_000
 #: Keys removed per UNLINK while invalidating or flushing: small enough that no command blocks.
 BATCH_SIZE = 500
-#: Leaves of one registry drained at the same time (each on its own pooled connection).
-DRAIN_CONCURRENCY = 8
+#: Entries removed by one server-side drain step: about a tenth of a millisecond of server time.
+DRAIN_PAGE_SIZE = 200
+#: Leaves of one registry drained at the same time (each on its own pooled connection). More
+#: overlaps more round trips but queues more work ahead of other clients' commands: measured on
+#: 2 cores, 8 made other clients wait up to 7 ms, 2 about 3 ms, for 10% more time.
+DRAIN_CONCURRENCY = 2
 
 # A member's score only ever rises: a registry member stands for a whole leaf, so a short-lived
 # write must not lower it below the expiry of the leaf's longer-lived entries (the pruning below
@@ -393,13 +397,13 @@ class RedisStore(CacheStore):
         if not isinstance(self._client, RedisCluster):
             removed, remaining = 0, 1
             while remaining:
-                unlinked, remaining = await self._drain_page(keys=[leaf], args=[BATCH_SIZE])
+                unlinked, remaining = await self._drain_page(keys=[leaf], args=[DRAIN_PAGE_SIZE])
                 removed += int(unlinked)
             return removed
         # On a cluster the entries spread over many slots: UNLINK them per slot first, then
         # forget them, so a failure half-way leaves every surviving entry indexed.
         removed = 0
-        while keys := await self._client.zrange(leaf, 0, BATCH_SIZE - 1):
+        while keys := await self._client.zrange(leaf, 0, DRAIN_PAGE_SIZE - 1):
             removed += int(await self._client.unlink(*keys))
             await self._client.zrem(leaf, *keys)
         return removed
