@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Annotated
 
+import httpx
 import pytest
 from fastapi import Depends, FastAPI, Header
 from redis.asyncio import Redis
@@ -153,3 +154,11 @@ def redis_cluster_url(redis_cluster: LocalRedisCluster) -> str:
     for node in redis_cluster.current_primaries():
         node.command("FLUSHALL")
     return redis_cluster.url
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process HTTP client of the ``app`` fixture the test module defines."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        yield http

@@ -105,13 +105,6 @@ def app(make_identity_app: Callable[[], FastAPI], calls: Calls) -> FastAPI:
     return app
 
 
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        yield client
-
-
 # -- ETag and If-None-Match ------------------------------------------------------------------
 
 

@@ -55,13 +55,6 @@ def app(make_identity_app: Callable[[], FastAPI], handler: Handler) -> FastAPI:
     return app
 
 
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        yield client
-
-
 async def start_requests(
     client: httpx.AsyncClient, handler: Handler, count: int
 ) -> list[asyncio.Task[httpx.Response]]:
