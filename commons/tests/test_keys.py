@@ -175,6 +175,25 @@ def test_the_tenant_builder_does_not_need_a_user() -> None:
     assert tenant_key("/tenant/config").cacheable
 
 
+def test_a_key_built_before_for_the_same_request_is_never_reused_across_scopes() -> None:
+    """Keys are remembered per request shape; the memory must not blur tenants, users or kinds."""
+    with bind_identity("42", "7"):
+        first_user = user_key("/me", "a=1")
+        first_tenant = tenant_key("/me", "a=1")
+    with bind_identity("42", "8"):
+        other_user = user_key("/me", "a=1")
+    with bind_identity("43", "7"):
+        other_tenant = user_key("/me", "a=1")
+    with bind_identity("42"):
+        without_user = user_key("/me", "a=1")  # same tenant, path and query as first_tenant
+        tenant_again = tenant_key("/me", "a=1")
+
+    assert len({first_user, first_tenant, other_user, other_tenant}) == 4
+    assert not without_user.cacheable
+    assert tenant_again == first_tenant
+    assert tenant_again.scope == first_tenant.scope
+
+
 @pytest.mark.parametrize("tenant_id", ["a:b", "a b", "a\tb", " a", "a\n", ":"])
 def test_a_tenant_id_with_a_colon_or_whitespace_is_refused(
     tenant_id: str, caplog: pytest.LogCaptureFixture

@@ -317,10 +317,9 @@ async def test_ping_answers_and_closing_twice_is_safe(make_store: StoreFactory) 
 
 async def test_a_redis_hit_after_a_write_asks_for_the_entry_only(redis_url: str) -> None:
     """The remaining time of bytes the store wrote itself is known: a hit is one GET."""
-    client = Redis.from_url(redis_url)
+    store = RedisStore(Redis.from_url(redis_url), "memo")
     probe = Redis.from_url(redis_url)
     try:
-        store = RedisStore(client, "memo")
         await store.set("memo:ns:k", b"body", 60, CacheScope("ns", "t"))
         await probe.config_resetstat()
         for _ in range(3):
@@ -334,5 +333,5 @@ async def test_a_redis_hit_after_a_write_asks_for_the_entry_only(redis_url: str)
         await probe.delete("memo:ns:k")
         assert await store.get_with_ttl("memo:ns:k") == (0, None)
     finally:
-        await client.aclose()
+        await store.aclose()
         await probe.aclose()

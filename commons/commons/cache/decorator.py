@@ -41,7 +41,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
-from inspect import Parameter, Signature, isawaitable, iscoroutinefunction
+from inspect import Parameter, Signature, iscoroutinefunction
 from typing import Any, ParamSpec, TypeVar
 
 from fastapi.concurrency import run_in_threadpool
@@ -144,10 +144,29 @@ class _PreparedResponses:
         self._bytes += len(raw)
 
 
-def _client_refuses_stored(request: Request, layer: CacheLayer) -> bool:
+def _request_headers(request: Request) -> tuple[str | None, str]:
+    """The request's ``If-None-Match`` (``None`` if absent) and ``Cache-Control`` values.
+
+    One pass over the raw headers (ASGI servers send their names in lower case): cheaper on every
+    hit than building starlette's ``Headers`` and looking each name up in it.
+    """
+    if_none_match: list[bytes] = []
+    cache_control: list[bytes] = []
+    for name, value in request.scope["headers"]:
+        if name == b"if-none-match":
+            if_none_match.append(value)
+        elif name == b"cache-control":
+            cache_control.append(value)
+    return (
+        b", ".join(if_none_match).decode("latin-1") if if_none_match else None,
+        b", ".join(cache_control).decode("latin-1"),
+    )
+
+
+def _client_refuses_stored(cache_control: str, layer: CacheLayer) -> bool:
     if not layer.settings.CACHE_HONOR_CLIENT_NO_CACHE:
         return False
-    directives = request.headers.get("cache-control", "").lower()
+    directives = cache_control.lower()
     return "no-cache" in directives or "no-store" in directives
 
 
@@ -454,7 +473,10 @@ def cache(
                 if layer is not None:
                     layer.events.lookup(namespace, LookupOutcome.BYPASS_DISABLED)
                 return await call_handler(args, kwargs)  # type: ignore[no-any-return]
-            if not isinstance(request, Request) or request.method not in _CACHEABLE_METHODS:
+            if not isinstance(request, Request):
+                return await call_handler(args, kwargs)  # type: ignore[no-any-return]
+            method = request.scope["method"]
+            if method not in _CACHEABLE_METHODS:
                 return await call_handler(args, kwargs)  # type: ignore[no-any-return]
 
             built = chosen_key_builder(
@@ -465,14 +487,14 @@ def cache(
                 args=args,
                 kwargs=kwargs,
             )
-            key = await built if isawaitable(built) else built
+            key = built if isinstance(built, str) else await built
             if layer.scope_of(key) is None:
                 layer.events.lookup(namespace, LookupOutcome.BYPASS_NO_IDENTITY)
                 return await call_handler(args, kwargs)  # type: ignore[no-any-return]
             # Only an entry known to be shared by everyone may be stored by a shared proxy.
             private = not isinstance(key, ScopedKey) or key.is_private
-            if_none_match = request.headers.get("if-none-match")
-            head = request.method == "HEAD"
+            if_none_match, cache_control = _request_headers(request)
+            head = method == "HEAD"
             # Set by the route's dependencies: sent with this answer, never stored.
             own_headers = (
                 list(sub_response.raw_headers)
@@ -480,7 +502,7 @@ def cache(
                 else None
             )
 
-            if _client_refuses_stored(request, layer):
+            if _client_refuses_stored(cache_control, layer):
                 layer.events.lookup(namespace, LookupOutcome.BYPASS_CLIENT)
             else:
                 remaining, raw = await layer.get_with_ttl(key)

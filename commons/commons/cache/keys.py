@@ -64,12 +64,21 @@ def canonical_query_digest(request: Request) -> str:
     return digest
 
 
+def _plain_path(path: str) -> bool:
+    """Whether ``request.url.path`` is the scope's path as it is (no URL needs building)."""
+    return not (path.startswith("//") or "?" in path or "#" in path or "\\" in path)
+
+
 def _url_path(request: Request) -> str:
     """``request.url.path``, without building the URL in the common case."""
     path: str = request.scope["path"]
-    if path.startswith("//") or "?" in path or "#" in path or "\\" in path:
-        return request.url.path
-    return path
+    return path if _plain_path(path) else request.url.path
+
+
+# A key is a function of these inputs only; a hit finds its key again instead of validating the
+# ids and formatting, hashing and scoping it anew. Bounded: when full, it starts over.
+_KEY_MEMO_MAX = 4096
+_key_memo: dict[tuple[str, str, str | None, str, bytes], ScopedKey] = {}
 
 
 def _split_namespace(qualified_namespace: str) -> str:
@@ -89,14 +98,42 @@ def _build(qualified_namespace: str, request: Request | None, *, per_user: bool)
     tenant_id = get_tenant_id()
     if tenant_id is None:
         return _uncacheable(qualified_namespace, "no tenant bound to the request")
-    if not _VALID_ID.fullmatch(tenant_id):
-        return _uncacheable(qualified_namespace, "tenant id holds ':' or whitespace")
-    scope_text = f"tenant_{tenant_id}"
     user_id = None
     if per_user:
         user_id = get_user_id()
         if user_id is None:
             return _uncacheable(qualified_namespace, "no user bound to the request")
+    path: str = request.scope["path"]
+    # A user builder's inputs always hold a user id, a tenant builder's never: the two kinds of
+    # key cannot be mistaken for each other here.
+    memo_key = (
+        qualified_namespace,
+        tenant_id,
+        user_id,
+        path,
+        request.scope.get("query_string", b""),
+    )
+    known = _key_memo.get(memo_key)
+    if known is not None:
+        return known
+    built = _build_new(qualified_namespace, request, tenant_id, user_id)
+    if built.scope is not None and _plain_path(path):
+        if len(_key_memo) >= _KEY_MEMO_MAX:
+            _key_memo.clear()
+        _key_memo[memo_key] = built
+    return built
+
+
+def _build_new(
+    qualified_namespace: str,
+    request: Request,
+    tenant_id: str,
+    user_id: str | None,
+) -> ScopedKey:
+    if not _VALID_ID.fullmatch(tenant_id):
+        return _uncacheable(qualified_namespace, "tenant id holds ':' or whitespace")
+    scope_text = f"tenant_{tenant_id}"
+    if user_id is not None:
         if not _VALID_ID.fullmatch(user_id):
             return _uncacheable(qualified_namespace, "user id holds ':' or whitespace")
         scope_text = f"{scope_text}:user_{user_id}"

@@ -54,8 +54,9 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-from dataclasses import dataclass
+import time
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from commons.cache.backends.base import CacheStore
 from commons.cache.backends.memory import MemoryStore
@@ -79,8 +80,7 @@ logger = logging.getLogger("commons.cache")
 _REFUSED_WHAT = {"get": "reads", "set": "writes", "lock": "locks"}
 
 
-@dataclass(frozen=True, slots=True)
-class _Read:
+class _Read(NamedTuple):
     """The last cache read of the current request (a request reads before it writes)."""
 
     layer: CacheLayer
@@ -280,8 +280,7 @@ class CacheLayer:
             return 0, None
         token = self._clock
         store = self._active_store()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()
         try:
             result = await store.get_with_ttl(key)
         except BackendError as exc:
@@ -289,9 +288,10 @@ class CacheLayer:
             _last_read.set(_Read(self, key, token, redis_failed=store is self._redis))
             return 0, None
         finally:
-            self.events.timed(scope.namespace, "get", loop.time() - started)
-        _last_read.set(_Read(self, key, token, redis_failed=False))
-        self._record_success(store, "get")
+            self.events.timed(scope.namespace, "get", time.perf_counter() - started)
+        _last_read.set(_Read(self, key, token, False))
+        if self._consecutive_failures or self._refused is not None:
+            self._record_success(store, "get")
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "cache %s namespace=%s key=%s backend=%s",

@@ -31,10 +31,14 @@ Series (all prefixed ``commons_cache_``):
 from __future__ import annotations
 
 import functools
+import threading
+from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from commons.cache.events import CacheEvents, LookupOutcome
 from commons.cache.status import CacheState
@@ -60,55 +64,106 @@ DURATION_BUCKETS = (
     2.5,
 )
 
-_BYPASS_REASONS = {
-    LookupOutcome.BYPASS_NO_IDENTITY: "no_identity",
-    LookupOutcome.BYPASS_DISABLED: "disabled",
-    LookupOutcome.BYPASS_CLIENT: "client_policy",
+#: The counter each lookup outcome feeds, and the ``reason`` label of the bypasses.
+_LOOKUP_SERIES: dict[str, tuple[str, str | None]] = {
+    LookupOutcome.HIT: ("hits", None),
+    LookupOutcome.STALE: ("stale_hits", None),
+    LookupOutcome.MISS: ("misses", None),
+    LookupOutcome.BYPASS_NO_IDENTITY: ("bypasses", "no_identity"),
+    LookupOutcome.BYPASS_DISABLED: ("bypasses", "disabled"),
+    LookupOutcome.BYPASS_CLIENT: ("bypasses", "client_policy"),
 }
+_LOOKUP_HELP = {
+    "hits": "Requests answered from the cache.",
+    "stale_hits": (
+        "Requests answered from an expired entry kept by stale_ttl while it is refreshed."
+    ),
+    "misses": "Requests whose entry was missing: the handler ran.",
+    "bypasses": (
+        "Requests served without reading the cache, by reason "
+        "(no_identity, disabled, client_policy)."
+    ),
+}
+
+
+class _RequestPathCollector(Collector):
+    """The series every cached request touches, counted in plain numbers, exposed when scraped.
+
+    ``prometheus_client``'s own counters and histograms cost a hit several microseconds each
+    (label resolution, a lock and a value object per sample); a hit's whole budget is tens of
+    microseconds. Here an event is a dictionary update under one lock, and the exposition is
+    built from those numbers at scrape time, in the same series and types.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: (outcome, namespace) -> requests.
+        self._lookups: dict[tuple[str, str], int] = {}
+        #: (operation, namespace) -> per bucket counts (the last one is +Inf), and their sum.
+        self._durations: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+
+    def lookup(self, namespace: str, outcome: str) -> None:
+        if outcome not in _LOOKUP_SERIES:
+            return
+        key = (outcome, namespace)
+        with self._lock:
+            self._lookups[key] = self._lookups.get(key, 0) + 1
+
+    def timed(self, namespace: str, operation: str, seconds: float) -> None:
+        key = (operation, namespace)
+        with self._lock:
+            series = self._durations.get(key)
+            if series is None:
+                series = self._durations[key] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
+            series[0][bisect_left(DURATION_BUCKETS, seconds)] += 1
+            series[1][0] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            lookups = dict(self._lookups)
+            durations = {
+                key: (list(counts), total[0]) for key, (counts, total) in self._durations.items()
+            }
+        families: dict[str, CounterMetricFamily] = {}
+        for name, help_text in _LOOKUP_HELP.items():
+            labels = ["namespace", "reason"] if name == "bypasses" else ["namespace"]
+            families[name] = CounterMetricFamily(f"commons_cache_{name}", help_text, labels=labels)
+        for (outcome, namespace), count in sorted(lookups.items()):
+            name, reason = _LOOKUP_SERIES[outcome]
+            label_values = [namespace] if reason is None else [namespace, reason]
+            families[name].add_metric(label_values, count)
+        yield from families.values()
+        histogram = HistogramMetricFamily(
+            "commons_cache_operation_duration_seconds",
+            "Time spent in the cache layer per operation.",
+            labels=["namespace", "operation"],
+        )
+        bounds = [*(str(float(bound)) for bound in DURATION_BUCKETS), "+Inf"]
+        for (operation, namespace), (counts, total) in sorted(durations.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(bounds, counts, strict=True):
+                cumulative += count
+                buckets.append((bound, float(cumulative)))
+            histogram.add_metric([namespace, operation], buckets, total)
+        yield histogram
 
 
 @dataclass(frozen=True, slots=True)
 class _Collectors:
-    hits: Counter
-    stale_hits: Counter
-    misses: Counter
-    bypasses: Counter
+    request_path: _RequestPathCollector
     backend_errors: Counter
     invalidations: Counter
     invalidated_entries: Counter
     state: Gauge
-    duration: Histogram
 
 
 @functools.cache
 def _collectors(registry: CollectorRegistry) -> _Collectors:
     """The collectors of ``registry``, registered there on first use only."""
+    request_path = _RequestPathCollector()
+    registry.register(request_path)
     return _Collectors(
-        hits=Counter(
-            "commons_cache_hits_total",
-            "Requests answered from the cache.",
-            ["namespace"],
-            registry=registry,
-        ),
-        stale_hits=Counter(
-            "commons_cache_stale_hits_total",
-            "Requests answered from an expired entry kept by stale_ttl while it is refreshed.",
-            ["namespace"],
-            registry=registry,
-        ),
-        misses=Counter(
-            "commons_cache_misses_total",
-            "Requests whose entry was missing: the handler ran.",
-            ["namespace"],
-            registry=registry,
-        ),
-        bypasses=Counter(
-            "commons_cache_bypasses_total",
-            "Requests served without reading the cache, by reason "
-            "(no_identity, disabled, client_policy).",
-            ["namespace", "reason"],
-            registry=registry,
-        ),
+        request_path=request_path,
         backend_errors=Counter(
             "commons_cache_backend_errors_total",
             "Backend operations that failed and were absorbed, by operation.",
@@ -133,13 +188,6 @@ def _collectors(registry: CollectorRegistry) -> _Collectors:
             ["state"],
             registry=registry,
         ),
-        duration=Histogram(
-            "commons_cache_operation_duration_seconds",
-            "Time spent in the cache layer per operation.",
-            ["namespace", "operation"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        ),
     )
 
 
@@ -152,34 +200,12 @@ class PrometheusEvents(CacheEvents):
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._metrics = _collectors(registry if registry is not None else REGISTRY)
-        # Namespaces, outcomes and operations are few and fixed by the code: bounded memos.
-        self._lookup_children: dict[tuple[str, str], Any] = {}
-        self._timers: dict[tuple[str, str], Any] = {}
         for state in CacheState:
             # Every state is a series from the start, so a dashboard never sees a gap.
             self._metrics.state.labels(state=state.value)
 
     def lookup(self, namespace: str, outcome: str) -> None:
-        # Hot path: the labelled child is looked up once per (outcome, namespace) and reused.
-        child = self._lookup_children.get((outcome, namespace))
-        if child is None:
-            child = self._lookup_child(namespace, outcome)
-            if child is None:
-                return
-            self._lookup_children[(outcome, namespace)] = child
-        child.inc()
-
-    def _lookup_child(self, namespace: str, outcome: str) -> Any:
-        if outcome == LookupOutcome.HIT:
-            return self._metrics.hits.labels(namespace=namespace)
-        if outcome == LookupOutcome.STALE:
-            return self._metrics.stale_hits.labels(namespace=namespace)
-        if outcome == LookupOutcome.MISS:
-            return self._metrics.misses.labels(namespace=namespace)
-        if outcome in _BYPASS_REASONS:
-            reason = _BYPASS_REASONS[outcome]
-            return self._metrics.bypasses.labels(namespace=namespace, reason=reason)
-        return None
+        self._metrics.request_path.lookup(namespace, outcome)
 
     def backend_error(self, namespace: str, operation: str) -> None:
         self._metrics.backend_errors.labels(namespace=namespace, operation=operation).inc()
@@ -193,8 +219,4 @@ class PrometheusEvents(CacheEvents):
             self._metrics.state.labels(state=each.value).set(1 if each.value == state else 0)
 
     def timed(self, namespace: str, operation: str, seconds: float) -> None:
-        child = self._timers.get((operation, namespace))
-        if child is None:
-            child = self._metrics.duration.labels(namespace=namespace, operation=operation)
-            self._timers[(operation, namespace)] = child
-        child.observe(seconds)
+        self._metrics.request_path.timed(namespace, operation, seconds)

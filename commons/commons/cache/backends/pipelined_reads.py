@@ -1,0 +1,306 @@
+"""Pipelined reads: a process's GETs share one Redis connection and travel in batches.
+
+A hit is one GET, and redis-py's asyncio client spends most of a hit's time around it: checking a
+connection out of the pool and back in, packing the command, arming a read with its own timeout,
+waking the caller. Measured on 2 cores: about 100 us of CPU per GET. Here the GETs that requests
+issue in the same event-loop iteration are written with one send on one connection, and the
+replies that arrive together are parsed by hiredis from one read and handed out in order: 5 to
+20 us per GET (more for larger values), and fewer system calls the busier the process is.
+
+Why replies cannot go to the wrong request: Redis answers a connection's commands in the order it
+received them, so the n-th reply belongs to the n-th GET still waiting. Whatever could break that
+pairing (an unexpected reply, a protocol error, a timeout, a closed socket) closes the connection
+and fails every GET still waiting on it; the next GET opens a new connection. A GET whose caller
+was cancelled keeps its place in the queue and its reply is dropped. An error reply (``NOPERM``,
+``LOADING``, ...) belongs to its GET and leaves the connection as it is.
+
+What a read sees: a GET is sent after everything its request awaited before it, so it observes
+every write and invalidation that had returned by then, whichever connection made them.
+
+Bounds: every GET waits at most ``timeout`` for its reply, and at most ``max_pending`` GETs wait
+at once; past that a GET is refused at once (:class:`redis.exceptions.MaxConnectionsError`, a miss
+for the layer), as the pool refuses a command past ``REDIS_MAX_CONNECTIONS``.
+
+Errors are raised as redis-py's exceptions, so the store translates them in its one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import cast
+
+import hiredis
+from redis import exceptions as redis_errors
+from redis.asyncio import ConnectionPool, Redis
+
+__all__ = ["PipelinedReader", "ReadChannel", "channel_opener"]
+
+#: Error replies a GET can meet, by their first word; others are plain ``ResponseError``.
+_ERROR_REPLIES: dict[str, type[redis_errors.RedisError]] = {
+    "NOPERM": redis_errors.NoPermissionError,
+    "NOAUTH": redis_errors.AuthenticationError,
+    "LOADING": redis_errors.BusyLoadingError,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ReadChannel:
+    """An open, authenticated connection to the server, owned by the reader from now on."""
+
+    writer: asyncio.StreamWriter
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        return cast(asyncio.Transport, self.writer.transport)
+
+    def close(self) -> None:
+        # Not StreamWriter.wait_closed(): the stream's protocol is no longer the transport's and
+        # would never learn that the connection closed.
+        self.writer.transport.abort()
+
+
+def channel_opener(client: Redis) -> Callable[[], Awaitable[ReadChannel]] | None:
+    """Opens connections set up exactly as the client's pooled ones, for a :class:`PipelinedReader`.
+
+    redis-py connects, negotiates TLS, logs in (ACL user or password) and selects the database;
+    the reader then takes the connection's two streams over. ``None`` for a pool that chooses its
+    server per connection (Sentinel's follows the master) or is of another kind: reads there keep
+    going through redis-py.
+    """
+    pool = client.connection_pool
+    if type(pool) is not ConnectionPool:
+        return None
+    # RESP2 whatever the URL asks: a GET's reply is then a bulk string, nil or an error, and no
+    # push message can come between replies.
+    options = {**pool.connection_kwargs, "protocol": 2}
+    # redis-py keeps a connection's streams private (they have been there since its asyncio
+    # client began); a version without them keeps reads on redis-py's own path.
+    unconnected = pool.connection_class(**options)
+    if not hasattr(unconnected, "_writer"):
+        return None
+
+    async def open_channel() -> ReadChannel:
+        connection = pool.connection_class(**options)
+        await connection.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+        writer = getattr(connection, "_writer", None)
+        if not isinstance(writer, asyncio.StreamWriter):
+            await connection.disconnect()
+            raise redis_errors.ConnectionError("this redis-py version hides its streams")
+        # The reader owns the connection from here on: redis-py forgets it, so that it never
+        # reads from it, closes it or warns about it when its object is collected.
+        setattr(connection, "_reader", None)  # noqa: B010
+        setattr(connection, "_writer", None)  # noqa: B010
+        return ReadChannel(writer)
+
+    return open_channel
+
+
+def _error_reply(reply: hiredis.ReplyError) -> redis_errors.RedisError:
+    message = str(reply)
+    kind = _ERROR_REPLIES.get(message.split(" ", 1)[0], redis_errors.ResponseError)
+    return kind(message)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection and the GETs waiting on it, oldest first.
+
+    It becomes the transport's protocol: replies are parsed as the event loop hands the bytes
+    over, with no reader task to wake and no stream buffer to copy them through.
+    """
+
+    def __init__(
+        self, channel: ReadChannel, loop: asyncio.AbstractEventLoop, timeout: float
+    ) -> None:
+        self.channel = channel
+        self.loop = loop
+        self.timeout = timeout
+        self.broken = False
+        #: Waiting GETs: their future and the loop time their reply is due by.
+        self.waiting: deque[tuple[asyncio.Future[bytes | None], float]] = deque()
+        self._parser = hiredis.Reader()
+        self._unsent: list[bytes] = []
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        transport = channel.transport
+        transport.set_protocol(self)
+        # The stream protocol it replaces may have paused reading; nothing is buffered there,
+        # since nothing was sent since the handshake.
+        with contextlib.suppress(Exception):
+            transport.resume_reading()
+
+    def send_get(self, key: bytes) -> asyncio.Future[bytes | None]:
+        future: asyncio.Future[bytes | None] = self.loop.create_future()
+        due = self.loop.time() + self.timeout
+        self.waiting.append((future, due))
+        if not self._unsent:
+            # The first GET of this loop iteration: the others join it in one send.
+            self.loop.call_soon(self._send)
+        self._unsent.append(b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(key), key))
+        if self._deadline_timer is None:
+            self._deadline_timer = self.loop.call_at(due, self._check_deadline)
+        return future
+
+    def _send(self) -> None:
+        if self.broken:
+            return
+        try:
+            self.channel.transport.write(b"".join(self._unsent))
+        except Exception as exc:  # a closed transport, a TLS error
+            self.fail(redis_errors.ConnectionError(f"sending to Redis failed: {exc}"))
+        finally:
+            self._unsent.clear()
+
+    def _check_deadline(self) -> None:
+        self._deadline_timer = None
+        if self.broken or not self.waiting:
+            return
+        due = self.waiting[0][1]
+        if due <= self.loop.time():
+            self.fail(redis_errors.TimeoutError("Redis did not answer in time"))
+        else:
+            self._deadline_timer = self.loop.call_at(due, self._check_deadline)
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        parser, waiting = self._parser, self.waiting
+        try:
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                if not waiting:
+                    raise redis_errors.InvalidResponse("a reply no GET was waiting for")
+                future = waiting.popleft()[0]
+                if future.done():  # its caller gave up; the reply is dropped
+                    continue
+                if reply is None or isinstance(reply, bytes):
+                    future.set_result(reply)
+                elif isinstance(reply, hiredis.ReplyError):
+                    future.set_exception(_error_reply(reply))
+                else:
+                    raise redis_errors.InvalidResponse(
+                        f"a GET was answered with {type(reply).__name__}"
+                    )
+        except hiredis.ProtocolError as exc:
+            self.fail(redis_errors.InvalidResponse(f"unreadable reply from Redis: {exc}"))
+        except redis_errors.RedisError as exc:
+            self.fail(exc)
+
+    def eof_received(self) -> bool | None:
+        self.fail(redis_errors.ConnectionError("Redis closed the connection"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc is not None else ""
+        self.fail(redis_errors.ConnectionError(f"the connection to Redis was lost{reason}"))
+
+    # -- failure -------------------------------------------------------------------------------
+
+    def fail(self, error: redis_errors.RedisError) -> None:
+        """Closes the connection; every GET still waiting on it fails with ``error``."""
+        if self.broken:
+            return
+        self.broken = True
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        while self.waiting:
+            future = self.waiting.popleft()[0]
+            if not future.done():
+                future.set_exception(error)
+                # Marked as seen: a caller that already gave up must not leave a warning behind.
+                future.exception()
+        self._unsent.clear()
+        with contextlib.suppress(Exception):
+            self.channel.close()
+
+
+class PipelinedReader:
+    """GETs on one connection of their own, pipelined; reconnects after any failure.
+
+    Args:
+        open_channel: Opens a new connection, authenticated and on the right database.
+        timeout: Seconds a GET waits for its reply before the connection is given up.
+        max_pending: GETs that may wait at once; more are refused as busy.
+    """
+
+    def __init__(
+        self,
+        open_channel: Callable[[], Awaitable[ReadChannel]],
+        *,
+        timeout: float,
+        max_pending: int,
+    ) -> None:
+        self._open_channel = open_channel
+        self._timeout = timeout
+        self._max_pending = max_pending
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+        self._closed = False
+
+    async def get(self, key: str) -> bytes | None:
+        """The value under ``key``, or ``None``.
+
+        Raises:
+            redis.exceptions.RedisError: The reply did not come (the connection is then closed),
+                or Redis answered with an error.
+        """
+        encoded = key.encode()
+        connection = self._connection
+        if connection is None or connection.broken or connection.loop is not _running_loop():
+            connection = await self._connect()
+        if len(connection.waiting) >= self._max_pending:
+            raise redis_errors.MaxConnectionsError("too many reads are waiting for Redis")
+        try:
+            return await connection.send_get(encoded)
+        except redis_errors.BusyLoadingError:
+            raise
+        except redis_errors.ConnectionError:
+            # The connection was dropped (a restarted server): once more, at once, on a new one,
+            # as redis-py retries its own commands. A timeout is not retried.
+            return await (await self._connect()).send_get(encoded)
+
+    async def _connect(self) -> _Connection:
+        if self._closed:
+            raise redis_errors.ConnectionError("the cache is closed")
+        loop = _running_loop()
+        current = self._connection
+        if current is not None and not current.broken and current.loop is loop:
+            return current  # another GET reconnected meanwhile
+        if self._connecting is None or self._connecting.get_loop() is not loop:
+            # A task of its own: a caller cancelled meanwhile does not abort the others' wait.
+            self._connecting = loop.create_task(self._open(loop))
+            self._connecting.add_done_callback(self._connected)
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, task: asyncio.Task[_Connection]) -> None:
+        if self._connecting is task:
+            self._connecting = None
+        if not task.cancelled():
+            task.exception()  # seen, even when every caller gave up waiting
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+        previous = self._connection
+        if previous is not None and not previous.broken:
+            # Opened on another event loop, which can no longer drive it.
+            previous.fail(redis_errors.ConnectionError("the event loop changed"))
+        channel = await self._open_channel()
+        if self._closed:
+            channel.close()
+            raise redis_errors.ConnectionError("the cache is closed")
+        connection = _Connection(channel, loop, self._timeout)
+        self._connection = connection
+        return connection
+
+    async def aclose(self) -> None:
+        """Closes the connection; GETs still waiting fail, later ones are refused."""
+        self._closed = True
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.fail(redis_errors.ConnectionError("the cache is closing"))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
