@@ -1,7 +1,8 @@
 """The FastAPI app the HTTP benchmarks measure, in-process or served by uvicorn.
 
-One app holds every variant side by side, so each is measured under the same server, event loop
-and process:
+One ASGI app serves every variant side by side, so each is measured under the same server, event
+loop and process; each variant route is a FastAPI app of its own, picked by exact path, so none
+pays for matching the routes registered before it (:class:`BenchApp`):
 
 - ``/floor/{size}``: pre-serialised bytes returned as ``Response`` (the floor no cache can beat);
 - ``/nocache/{size}``: the handler builds the response, FastAPI validates and serialises it;
@@ -119,7 +120,26 @@ async def bind_tenant() -> str:
     return TENANT
 
 
-def create_app(backend: str = "memory", redis_url: str | None = None) -> FastAPI:
+class BenchApp:
+    """The variants' apps behind one ASGI entry point that picks them by exact path.
+
+    Each variant (and size) is a FastAPI app of its own with that one route, so every variant
+    pays the same routing cost: in one app, Starlette tries routes in order and a route
+    registered later would pay for matching the earlier ones. ``main`` holds the lifespan and
+    everything else (the stampede routes, ``/calls``).
+    """
+
+    def __init__(self, main: FastAPI, by_path: dict[str, FastAPI]) -> None:
+        self.main = main
+        self.by_path = by_path
+        self.router = main.router  # ``app.router.lifespan_context(app)`` runs main's lifespan
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        app = self.by_path.get(scope["path"]) if scope["type"] == "http" else None
+        await (app or self.main)(scope, receive, send)
+
+
+def create_app(backend: str = "memory", redis_url: str | None = None) -> BenchApp:
     """The benchmark app; ``backend`` is ``memory`` or ``redis`` for all three caches."""
     from cashews import cache as cashews_cache
     from fastapi_cache import FastAPICache
@@ -183,15 +203,17 @@ def create_app(backend: str = "memory", redis_url: str | None = None) -> FastAPI
             "cashews": cashews_cache(ttl=TTL, key=f"cashews:{namespace}:{{tenant}}")(handler()),
         }
 
+    by_path: dict[str, FastAPI] = {}
     for size, build in BUILDERS.items():
         model: Any = TenantConfig if size == "small" else list[Insight]
         for name, endpoint in handlers(size, build, model).items():
+            variant_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+            path = f"/{name}/{size}"
             if name == "floor":
-                app.add_api_route(f"/floor/{size}", endpoint, methods=["GET"])
+                variant_app.add_api_route(path, endpoint, methods=["GET"])
             else:
-                app.add_api_route(
-                    f"/{name}/{size}", endpoint, methods=["GET"], response_model=model
-                )
+                variant_app.add_api_route(path, endpoint, methods=["GET"], response_model=model)
+            by_path[path] = variant_app
 
     async def slow() -> TenantConfig:
         await asyncio.sleep(STAMPEDE_DELAY)
@@ -219,7 +241,7 @@ def create_app(backend: str = "memory", redis_url: str | None = None) -> FastAPI
     async def get_calls() -> Response:
         return Response(json.dumps(dict(calls)), media_type="application/json")
 
-    return app
+    return BenchApp(app, by_path)
 
 
 def serve() -> None:

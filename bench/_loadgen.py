@@ -1,4 +1,8 @@
-"""A small HTTP/1.1 keep-alive load generator (wrk is not installed; this needs nothing new).
+"""Load generators: wrk when it is installed, else a small HTTP/1.1 keep-alive client of our own.
+
+:func:`run_wrk` runs ``wrk`` (a C load generator: Debian's and Homebrew's ``wrk`` package), the
+tool the issue's reference numbers were measured with; its own cost per request is small, so the
+server under test gets the CPU. Without it, the Python client below stands in:
 
 ``python -m bench._loadgen --port N --path /x [--connections 16] [--duration 3] [--warmup 0.5]``
 opens ``connections`` keep-alive connections to 127.0.0.1 and keeps exactly one request in flight on
@@ -13,10 +17,51 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
+import shutil
+import subprocess
 import time
 from typing import cast
 
 from bench._common import percentile
+
+#: The headers every load generator sends (the app reads no identity from them; realistic size).
+REQUEST_HEADERS = {"Authorization": "Bearer bench", "Accept": "application/json"}
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def wrk_binary() -> str | None:
+    """The ``wrk`` on PATH, if any."""
+    return shutil.which("wrk")
+
+
+def run_wrk(port: int, path: str, connections: int, seconds: int) -> dict[str, float]:
+    """``wrk`` with one thread and ``connections`` keep-alive connections for ``seconds``."""
+    binary = wrk_binary()
+    if binary is None:
+        raise RuntimeError("wrk is not installed")
+    command = [binary, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for name, value in REQUEST_HEADERS.items():
+        command += ["-H", f"{name}: {value}"]
+    command.append(f"http://127.0.0.1:{port}{path}")
+    out = subprocess.run(
+        command, capture_output=True, text=True, timeout=seconds + 30, check=True
+    ).stdout
+    requests = re.search(r"(\d+) requests in", out)
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s|m)\b", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s|m)\b", out)
+    if not (requests and rate and p50 and p99):
+        raise RuntimeError(f"unreadable wrk output: {out[-800:]}")
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "requests": int(requests.group(1)),
+        "rps": float(rate.group(1)),
+        "p50_ms": float(p50.group(1)) * _WRK_UNITS[p50.group(2)],
+        "p99_ms": float(p99.group(1)) * _WRK_UNITS[p99.group(2)],
+        "errors": errors + (int(non_2xx.group(1)) if non_2xx else 0),
+    }
 
 
 class _Connection(asyncio.Protocol):
@@ -92,10 +137,8 @@ async def load(
     port: int, path: str, connections: int, duration: float, warmup: float
 ) -> dict[str, float]:
     loop = asyncio.get_running_loop()
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        "Authorization: Bearer bench\r\nAccept: application/json\r\n\r\n"
-    ).encode()
+    headers = "".join(f"{name}: {value}\r\n" for name, value in REQUEST_HEADERS.items())
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}\r\n".encode()
     start = time.perf_counter()
     state = _State(start + warmup, start + warmup + duration)
     protocols = []

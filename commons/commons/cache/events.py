@@ -41,4 +41,4 @@ class CacheEvents:
         """The layer moved to ``state`` (``redis``, ``memory``, ``degraded``, ``disabled``)."""
 
     def timed(self, namespace: str, operation: str, seconds: float) -> None:
-        """Time spent in the cache layer for one operation."""
+        """Time one read or write spent on Redis (in-memory operations are not timed)."""

@@ -275,20 +275,29 @@ class CacheLayer:
 
     async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
         """The entry and its remaining seconds; ``(0, None)`` on a miss or any failure."""
-        scope = self.scope_of(key)
-        if not self.enabled or scope is None:
+        scope = key.scope if isinstance(key, ScopedKey) else self.scope_of(key)
+        state = self._state
+        if state is CacheState.DISABLED or scope is None:
             return 0, None
         token = self._clock
-        store = self._active_store()
-        started = time.perf_counter()
-        try:
-            result = await store.get_with_ttl(key)
-        except BackendError as exc:
-            self._record_failure(store, exc, scope.namespace, "get")
-            _last_read.set(_Read(self, key, token, redis_failed=store is self._redis))
-            return 0, None
-        finally:
-            self.events.timed(scope.namespace, "get", time.perf_counter() - started)
+        redis = self._redis
+        store: CacheStore = (
+            redis if state is CacheState.REDIS and redis is not None else self._memory
+        )
+        memory = self._memory
+        if store is memory:
+            # In-process and sub-microsecond: not worth a duration sample (see events.timed).
+            result = memory.read(key)
+        else:
+            started = time.perf_counter()
+            try:
+                result = await store.get_with_ttl(key)
+            except BackendError as exc:
+                self._record_failure(store, exc, scope.namespace, "get")
+                _last_read.set(_Read(self, key, token, redis_failed=True))
+                return 0, None
+            finally:
+                self.events.timed(scope.namespace, "get", time.perf_counter() - started)
         _last_read.set(_Read(self, key, token, False))
         if self._consecutive_failures or self._refused is not None:
             self._record_success(store, "get")
@@ -331,8 +340,7 @@ class CacheLayer:
             # Degraded: other replicas' updates cannot reach this tier, so its entries live
             # briefly (see the module docstring).
             ttl_seconds = min(ttl_seconds, self.settings.CACHE_DEGRADED_TTL_SECONDS)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()
         try:
             await store.set(key, value, ttl_seconds, scope)
         except BackendError as exc:
@@ -340,7 +348,8 @@ class CacheLayer:
         else:
             self._record_success(store, "set")
         finally:
-            self.events.timed(scope.namespace, "set", loop.time() - started)
+            if store is not self._memory:
+                self.events.timed(scope.namespace, "set", time.perf_counter() - started)
 
     async def delete(self, key: str) -> int:
         """Removes one entry from every tier (kept for Redis while Redis cannot be reached)."""

@@ -24,8 +24,9 @@ Series (all prefixed ``commons_cache_``):
   ``invalidate_namespace()`` and the entries they removed.
 - ``backend_state{state}``: 1 for the current state (``redis``, ``memory``, ``degraded``,
   ``disabled``), 0 for the others.
-- ``operation_duration_seconds{namespace,operation}``: a histogram of the time spent in the cache
-  layer for reads (``get``) and writes (``set``).
+- ``operation_duration_seconds{namespace,operation}``: a histogram of the time reads (``get``)
+  and writes (``set``) spent on Redis. The in-memory tier's (a dictionary lookup, well under a
+  microsecond) are not sampled.
 """
 
 from __future__ import annotations
@@ -96,33 +97,18 @@ class _RequestPathCollector(Collector):
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        #: Held while the numbers below change or are read (:class:`PrometheusEvents` counts).
+        self.lock = threading.Lock()
         #: (outcome, namespace) -> requests.
-        self._lookups: dict[tuple[str, str], int] = {}
+        self.lookups: dict[tuple[str, str], int] = {}
         #: (operation, namespace) -> per bucket counts (the last one is +Inf), and their sum.
-        self._durations: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
-
-    def lookup(self, namespace: str, outcome: str) -> None:
-        if outcome not in _LOOKUP_SERIES:
-            return
-        key = (outcome, namespace)
-        with self._lock:
-            self._lookups[key] = self._lookups.get(key, 0) + 1
-
-    def timed(self, namespace: str, operation: str, seconds: float) -> None:
-        key = (operation, namespace)
-        with self._lock:
-            series = self._durations.get(key)
-            if series is None:
-                series = self._durations[key] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
-            series[0][bisect_left(DURATION_BUCKETS, seconds)] += 1
-            series[1][0] += seconds
+        self.durations: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
 
     def collect(self) -> Iterator[Metric]:
-        with self._lock:
-            lookups = dict(self._lookups)
+        with self.lock:
+            lookups = dict(self.lookups)
             durations = {
-                key: (list(counts), total[0]) for key, (counts, total) in self._durations.items()
+                key: (list(counts), total[0]) for key, (counts, total) in self.durations.items()
             }
         families: dict[str, CounterMetricFamily] = {}
         for name, help_text in _LOOKUP_HELP.items():
@@ -135,7 +121,7 @@ class _RequestPathCollector(Collector):
         yield from families.values()
         histogram = HistogramMetricFamily(
             "commons_cache_operation_duration_seconds",
-            "Time spent in the cache layer per operation.",
+            "Time reads and writes spent on Redis.",
             labels=["namespace", "operation"],
         )
         bounds = [*(str(float(bound)) for bound in DURATION_BUCKETS), "+Inf"]
@@ -200,12 +186,23 @@ class PrometheusEvents(CacheEvents):
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._metrics = _collectors(registry if registry is not None else REGISTRY)
+        # The two events of every cached request update the collector's numbers in place.
+        request_path = self._metrics.request_path
+        self._lock, self._lookups, self._durations = (
+            request_path.lock,
+            request_path.lookups,
+            request_path.durations,
+        )
         for state in CacheState:
             # Every state is a series from the start, so a dashboard never sees a gap.
             self._metrics.state.labels(state=state.value)
 
     def lookup(self, namespace: str, outcome: str) -> None:
-        self._metrics.request_path.lookup(namespace, outcome)
+        if outcome not in _LOOKUP_SERIES:
+            return
+        key = (outcome, namespace)
+        with self._lock:
+            self._lookups[key] = self._lookups.get(key, 0) + 1
 
     def backend_error(self, namespace: str, operation: str) -> None:
         self._metrics.backend_errors.labels(namespace=namespace, operation=operation).inc()
@@ -219,4 +216,10 @@ class PrometheusEvents(CacheEvents):
             self._metrics.state.labels(state=each.value).set(1 if each.value == state else 0)
 
     def timed(self, namespace: str, operation: str, seconds: float) -> None:
-        self._metrics.request_path.timed(namespace, operation, seconds)
+        key = (operation, namespace)
+        with self._lock:
+            series = self._durations.get(key)
+            if series is None:
+                series = self._durations[key] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
+            series[0][bisect_left(DURATION_BUCKETS, seconds)] += 1
+            series[1][0] += seconds

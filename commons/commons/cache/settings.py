@@ -69,8 +69,9 @@ class CacheSettings(BaseSettings):
     REDIS_MAX_CONNECTIONS: int = Field(
         default=100,
         ge=1,
-        description="Connections to Redis per process; a request beyond them does not wait: "
-        "it is answered by its handler, as on a miss.",
+        description="Pooled connections to Redis per process, for writes, invalidations and "
+        "locks (hits share one pipelined connection of their own); a request beyond them does "
+        "not wait: it is answered by its handler, as on a miss.",
     )
     CACHE_FAILURE_THRESHOLD: int = Field(
         default=3,

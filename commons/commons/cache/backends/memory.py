@@ -62,10 +62,20 @@ class MemoryStore(CacheStore):
         return entry
 
     async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
-        entry = self._live_entry(key)
+        return self.read(key)
+
+    def read(self, key: str) -> tuple[int, bytes | None]:
+        """:meth:`get_with_ttl` without a coroutine, for the layer's hot path."""
+        # _live_entry inlined: this is every memory hit's path.
+        entry = self._entries.get(key)
         if entry is None:
             return 0, None
-        return math.ceil(entry.expires_at - self._clock()), entry.value
+        left = entry.expires_at - self._clock()
+        if left <= 0:
+            self._remove(key)
+            return 0, None
+        self._entries.move_to_end(key)
+        return math.ceil(left), entry.value
 
     # -- writes --------------------------------------------------------------------------------
 
