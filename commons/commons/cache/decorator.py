@@ -503,7 +503,7 @@ def cache(
                 else None
             )
 
-            if _client_refuses_stored(cache_control, layer):
+            if cache_control and _client_refuses_stored(cache_control, layer):
                 layer.events.lookup(namespace, LookupOutcome.BYPASS_CLIENT)
             else:
                 remaining, raw = await layer.get_with_ttl(key)

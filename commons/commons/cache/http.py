@@ -97,7 +97,7 @@ class CachedBytesResponse(Response):
         self.background = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class PreparedResponse:
     """A stored response with its headers encoded once, ready to :func:`replay` on every hit."""
 
@@ -109,6 +109,9 @@ class PreparedResponse:
     headers: tuple[tuple[bytes, bytes], ...]
     #: Headers of a 304 answer: ETag and Vary.
     not_modified_headers: tuple[tuple[bytes, bytes], ...]
+    #: The last full answer's headers with their ``max-age`` and status: hits within the same
+    #: second send the same ones.
+    last_sent: tuple[int, bytes, tuple[tuple[bytes, bytes], ...]] | None = None
 
 
 def prepare(cached: CachedResponse, *, private: bool) -> PreparedResponse:
@@ -147,6 +150,10 @@ def prepare(cached: CachedResponse, *, private: bool) -> PreparedResponse:
     )
 
 
+def _cache_control(private: bool, max_age: int) -> bytes:
+    return (b"private, max-age=%d" if private else b"max-age=%d") % max_age
+
+
 def replay(
     prepared: PreparedResponse,
     *,
@@ -166,16 +173,22 @@ def replay(
         head: True for a ``HEAD`` request: the same headers, no body.
         extra_headers: Per-request headers to add (set by the route's dependencies).
     """
-    cache_control = (b"private, max-age=%d" if prepared.private else b"max-age=%d") % max(
-        max_age, 0
-    )
+    max_age = max(max_age, 0)
     if if_none_match is not None and etag_matches(if_none_match, prepared.etag):
+        cache_control = _cache_control(prepared.private, max_age)
         headers = [*prepared.not_modified_headers, (b"cache-control", cache_control)]
         headers.append((_STATUS_NAME, status))
         if extra_headers:
             headers.extend(extra_headers)
         return CachedBytesResponse(b"", 304, headers)
-    headers = [*prepared.headers, (b"cache-control", cache_control), (_STATUS_NAME, status)]
+    last = prepared.last_sent
+    if last is not None and last[0] == max_age and last[1] == status:
+        headers = list(last[2])
+    else:
+        cache_control = _cache_control(prepared.private, max_age)
+        full = (*prepared.headers, (b"cache-control", cache_control), (_STATUS_NAME, status))
+        prepared.last_sent = (max_age, status, full)
+        headers = list(full)
     if extra_headers:
         headers.extend(extra_headers)
     return CachedBytesResponse(b"" if head else prepared.body, prepared.status_code, headers)

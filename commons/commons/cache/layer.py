@@ -56,7 +56,6 @@ import contextvars
 import logging
 import time
 from datetime import UTC, datetime
-from typing import NamedTuple
 
 from commons.cache.backends.base import CacheStore
 from commons.cache.backends.memory import MemoryStore
@@ -80,13 +79,16 @@ logger = logging.getLogger("commons.cache")
 _REFUSED_WHAT = {"get": "reads", "set": "writes", "lock": "locks"}
 
 
-class _Read(NamedTuple):
+class _Read:
     """The last cache read of the current request (a request reads before it writes)."""
 
-    layer: CacheLayer
-    key: str
-    fill_token: int
-    redis_failed: bool
+    __slots__ = ("fill_token", "key", "layer", "redis_failed")
+
+    def __init__(self, layer: CacheLayer, key: str, fill_token: int, redis_failed: bool) -> None:
+        self.layer = layer
+        self.key = key
+        self.fill_token = fill_token
+        self.redis_failed = redis_failed
 
 
 # Per request: each request runs in its own task, with its own copy of the context.
