@@ -4,13 +4,16 @@ A hit is one GET, and redis-py's asyncio client spends most of a hit's time arou
 connection out of the pool and back in, packing the command, arming a read with its own timeout,
 waking the caller. Measured on 2 cores: about 100 us of CPU per GET. Here the GETs that requests
 issue in the same event-loop iteration are written with one send on one connection, and the
-replies that arrive together are parsed by hiredis from one read and handed out in order: 5 to
-20 us per GET (more for larger values), and fewer system calls the busier the process is.
+replies are parsed by hiredis as the event loop hands the bytes over (the reader is the
+transport's protocol) and handed out in order: 5 to 15 us per GET (more for larger values), and
+fewer system calls the busier the process is.
 
 Why replies cannot go to the wrong request: Redis answers a connection's commands in the order it
 received them, so the n-th reply belongs to the n-th GET still waiting. Whatever could break that
 pairing (an unexpected reply, a protocol error, a timeout, a closed socket) closes the connection
-and fails every GET still waiting on it; the next GET opens a new connection. A GET whose caller
+and fails every GET still waiting on it; the next GET opens a new connection. A GET that finds
+its connection dropped (a restarted server) is sent once more, at once, on a new one, as redis-py
+retries its own commands; a timeout is not retried. A GET whose caller
 was cancelled keeps its place in the queue and its reply is dropped. An error reply (``NOPERM``,
 ``LOADING``, ...) belongs to its GET and leaves the connection as it is.
 
