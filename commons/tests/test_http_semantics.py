@@ -206,9 +206,15 @@ async def test_max_age_on_a_hit_is_the_entry_s_remaining_time_to_live(
     await layer.set(key, stored, 42)
 
     hit = await client.get("/report", headers=TENANT)
+    again = await client.get("/report", headers=TENANT)
+    await layer.set(key, stored, 17)
+    later = await client.get("/report", headers=TENANT)
 
     assert hit.headers["x-fastapi-cache"] == "HIT"
     assert hit.headers["cache-control"] == "private, max-age=42"
+    assert again.headers["cache-control"] == "private, max-age=42"
+    assert later.headers["cache-control"] == "private, max-age=17"
+    assert later.headers["etag"] == hit.headers["etag"]
 
 
 # -- HEAD ------------------------------------------------------------------------------------
