@@ -185,7 +185,7 @@ async def test_reads_past_the_bound_are_refused_at_once_while_others_wait(
         started = time.monotonic()
         with pytest.raises(redis_errors.MaxConnectionsError):
             await reader.get("k")
-        assert time.monotonic() - started < 0.05
+        assert time.monotonic() - started < 0.2  # the waiting ones take 0.5 s
         await asyncio.gather(*waiting, return_exceptions=True)
     finally:
         own_redis.resume()
