@@ -488,12 +488,11 @@ def cache(
                 kwargs=kwargs,
             )
             key = built if isinstance(built, str) else await built
-            scope = key.scope if isinstance(key, ScopedKey) else layer.scope_of(key)
-            if scope is None:
+            if layer.scope_of(key) is None:
                 layer.events.lookup(namespace, LookupOutcome.BYPASS_NO_IDENTITY)
                 return await call_handler(args, kwargs)  # type: ignore[no-any-return]
             # Only an entry known to be shared by everyone may be stored by a shared proxy.
-            private = not isinstance(key, ScopedKey) or scope.tenant_id is not None
+            private = not isinstance(key, ScopedKey) or key.is_private
             if_none_match, cache_control = _request_headers(request)
             head = method == "HEAD"
             # Set by the route's dependencies: sent with this answer, never stored.

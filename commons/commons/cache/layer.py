@@ -277,19 +277,14 @@ class CacheLayer:
 
     async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
         """The entry and its remaining seconds; ``(0, None)`` on a miss or any failure."""
-        scope = key.scope if isinstance(key, ScopedKey) else self.scope_of(key)
-        state = self._state
-        if state is CacheState.DISABLED or scope is None:
+        scope = self.scope_of(key)
+        if not self.enabled or scope is None:
             return 0, None
         token = self._clock
-        redis = self._redis
-        store: CacheStore = (
-            redis if state is CacheState.REDIS and redis is not None else self._memory
-        )
-        memory = self._memory
-        if store is memory:
+        store = self._active_store()
+        if store is self._memory:
             # In-process and sub-microsecond: not worth a duration sample (see events.timed).
-            result = memory.read(key)
+            result = self._memory.read(key)
         else:
             started = time.perf_counter()
             try:

@@ -51,11 +51,11 @@ class MemoryStore(CacheStore):
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _live_entry(self, key: str) -> _Entry | None:
+    def _live_entry(self, key: str, now: float) -> _Entry | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry.expires_at <= self._clock():
+        if entry.expires_at <= now:
             self._remove(key)
             return None
         self._entries.move_to_end(key)
@@ -66,16 +66,11 @@ class MemoryStore(CacheStore):
 
     def read(self, key: str) -> tuple[int, bytes | None]:
         """:meth:`get_with_ttl` without a coroutine, for the layer's hot path."""
-        # _live_entry inlined: this is every memory hit's path.
-        entry = self._entries.get(key)
+        now = self._clock()
+        entry = self._live_entry(key, now)
         if entry is None:
             return 0, None
-        left = entry.expires_at - self._clock()
-        if left <= 0:
-            self._remove(key)
-            return 0, None
-        self._entries.move_to_end(key)
-        return math.ceil(left), entry.value
+        return math.ceil(entry.expires_at - now), entry.value
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -167,13 +162,13 @@ class MemoryStore(CacheStore):
         return removed
 
     async def add_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
-        if self._live_entry(key) is not None:
+        if self._live_entry(key, self._clock()) is not None:
             return False
         self._put(key, value, ttl_ms / 1000, None)
         return True
 
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
-        entry = self._live_entry(key)
+        entry = self._live_entry(key, self._clock())
         if entry is None or entry.value != value:
             return False
         return self._remove(key)

@@ -251,8 +251,8 @@ class PipelinedReader:
                 or Redis answered with an error.
         """
         encoded = key.encode()
-        connection = self._connection
-        if connection is None or connection.broken or connection.loop is not _running_loop():
+        connection = self._usable_connection(asyncio.get_running_loop())
+        if connection is None:
             connection = await self._connect()
         if len(connection.waiting) >= self._max_pending:
             raise redis_errors.MaxConnectionsError("too many reads are waiting for Redis")
@@ -265,12 +265,19 @@ class PipelinedReader:
             # as redis-py retries its own commands. A timeout is not retried.
             return await (await self._connect()).send_get(encoded)
 
+    def _usable_connection(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+        """The open connection, if there is one and ``loop`` can drive it."""
+        connection = self._connection
+        if connection is None or connection.broken or connection.loop is not loop:
+            return None
+        return connection
+
     async def _connect(self) -> _Connection:
         if self._closed:
             raise redis_errors.ConnectionError("the cache is closed")
-        loop = _running_loop()
-        current = self._connection
-        if current is not None and not current.broken and current.loop is loop:
+        loop = asyncio.get_running_loop()
+        current = self._usable_connection(loop)
+        if current is not None:
             return current  # another GET reconnected meanwhile
         if self._connecting is None or self._connecting.get_loop() is not loop:
             # A task of its own: a caller cancelled meanwhile does not abort the others' wait.
@@ -303,7 +310,3 @@ class PipelinedReader:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.fail(redis_errors.ConnectionError("the cache is closing"))
-
-
-def _running_loop() -> asyncio.AbstractEventLoop:
-    return asyncio.get_running_loop()

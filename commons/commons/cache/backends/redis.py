@@ -223,8 +223,7 @@ class RedisStore(CacheStore):
     def _use(self, client: RedisClient) -> None:
         self._client = client
         self._reads = None
-        opener = channel_opener(client) if isinstance(client, Redis) else None
-        if opener is not None and isinstance(client, Redis):
+        if isinstance(client, Redis) and (opener := channel_opener(client)) is not None:
             timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
             self._reads = PipelinedReader(
                 opener,
