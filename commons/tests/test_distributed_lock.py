@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from commons.cache import CacheSettings, cache, close_cache, init_cache
 from commons.cache.cache import current_layer
 from commons.cache.layer import CacheLayer
+from commons.testing.entries import fill, route_fingerprint_of
 
 TENANT = {"X-Test-Tenant": "acme"}
 KEY = f"test-cache:reports:tenant_acme:/report:{hashlib.md5(b'').hexdigest()}"
@@ -227,11 +228,14 @@ async def test_a_replica_waits_for_the_lock_holder_s_entry_instead_of_computing(
     gate = Gate()
     gate.open.set()
     assert await on_redis.try_lock(LOCK_KEY, b"other-replica", 10_000)
-    async with client_for(locked_app(make_identity_app, gate, True)) as client:
+    app = locked_app(make_identity_app, gate, True)
+    async with client_for(app) as client:
         request = asyncio.create_task(client.get("/report", headers=TENANT))
         await asyncio.sleep(0.1)
-        # The other replica stores its answer, then releases its lock.
-        await on_redis.set(KEY, b'{"from":"other replica"}', 60)
+        # The other replica (the same route) stores its answer, then releases its lock.
+        await fill(
+            KEY, b'{"from":"other replica"}', 60, fingerprint=route_fingerprint_of(app, "/report")
+        )
         await on_redis.unlock(LOCK_KEY, b"other-replica")
         response = await asyncio.wait_for(request, 5)
 

@@ -17,7 +17,7 @@ import pytest
 from fastapi import APIRouter, FastAPI
 
 from commons.cache import CacheSettings, cache_status, invalidate_namespace
-from commons.cache.cache import current_layer
+from commons.testing.entries import stored_payload
 from commons.utilities.context import get_tenant_id
 
 MD5_OF_A1_B2 = "ed04c91cf6f6ab5a01a31c0295c5da34"  # md5(b"a=1&b=2")
@@ -142,9 +142,7 @@ async def test_the_entry_is_stored_under_the_documented_key(
     expected = f"{settings.CACHE_PREFIX}:tenant_config:tenant_acme:/tenant/config:{MD5_OF_A1_B2}"
     async with running(app) as client:
         response = await client.get("/tenant/config?b=2&a=1", headers=as_tenant("acme"))
-        layer = current_layer()
-        assert layer is not None
-        ttl, stored = await layer.get_with_ttl(expected)
+        ttl, stored = await stored_payload(expected)
 
     assert stored is not None
     assert response.json() == httpx.Response(200, content=stored).json()

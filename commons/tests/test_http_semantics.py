@@ -20,7 +20,7 @@ from commons.cache import (
     init_cache,
     tenant_user_cache_key_builder,
 )
-from commons.cache.cache import current_layer
+from commons.testing.entries import age_entry
 
 TENANT = {"X-Test-Tenant": "acme"}
 KEY_OF_EMPTY_QUERY = hashlib.md5(b"").hexdigest()
@@ -198,16 +198,12 @@ async def test_max_age_on_a_hit_is_the_entry_s_remaining_time_to_live(
     backend: CacheSettings, client: httpx.AsyncClient
 ) -> None:
     await client.get("/report", headers=TENANT)
-    layer = current_layer()
-    assert layer is not None
     key = f"test-cache:reports:tenant_acme:/report:{KEY_OF_EMPTY_QUERY}"
-    _, stored = await layer.get_with_ttl(key)
-    assert stored is not None
-    await layer.set(key, stored, 42)
+    await age_entry(key, 42)
 
     hit = await client.get("/report", headers=TENANT)
     again = await client.get("/report", headers=TENANT)
-    await layer.set(key, stored, 17)
+    await age_entry(key, 17)
     later = await client.get("/report", headers=TENANT)
 
     assert hit.headers["x-fastapi-cache"] == "HIT"

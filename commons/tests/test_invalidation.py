@@ -20,6 +20,7 @@ from commons.cache.backends.redis import RedisStore
 from commons.cache.cache import current_layer
 from commons.cache.layer import CacheLayer
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
+from commons.testing.entries import fill, served
 from commons.utilities.context import set_tenant_id, set_user_id
 
 MD5_OF_NO_QUERY = "d41d8cd98f00b204e9800998ecf8427e"
@@ -52,13 +53,12 @@ async def store(
     ttl: int = 60,
 ) -> ScopedKey:
     key = entry_key(namespace, tenant, user, path)
-    await layer().set(key, f"body of {key}".encode(), ttl)
+    await fill(key, f"body of {key}".encode(), ttl)
     return key
 
 
 async def is_cached(key: ScopedKey) -> bool:
-    _, value = await layer().get_with_ttl(key)
-    return value is not None
+    return await served(key) is not None
 
 
 async def cached(*keys: ScopedKey) -> set[ScopedKey]:
@@ -405,6 +405,7 @@ async def test_every_index_key_expires_by_itself(
 
     assert any("#reg" in key for key in helper_keys)
     assert any("#idx" in key for key in helper_keys)
+    assert any("#gen" in key for key in helper_keys)
     for key in helper_keys:
         assert await redis_client.pttl(key) > 0, key
 
@@ -426,7 +427,11 @@ async def test_expired_entries_leave_no_index_garbage_behind(
     leaves = [key for key in keys if "#idx" in key]
     registries = [key for key in keys if "#reg" in key]
     assert sorted(entries) == sorted([survivor, newcomer])
-    assert len(keys) == 5  # the two entries, a leaf index for each tenant, the namespace registry
+    generations = [key for key in keys if "#gen" in key]
+    # the two entries, a leaf index and a generation for each tenant, the namespace's registry
+    # and generation
+    assert len(keys) == 8
+    assert len(generations) == 3
     assert [await redis_client.zcard(leaf) for leaf in leaves] == [1, 1]
     assert [await redis_client.zcard(registry) for registry in registries] == [2]
 

@@ -19,13 +19,17 @@ Per request:
    with ``distributed_lock`` one across replicas) recomputes and stores the entry.
 4. Missing: concurrent misses of the key in this process run the handler once (single-flight), and
    with ``distributed_lock`` once across replicas too; exceptions and non-2xx answers are never
-   stored.
+   stored. A computation belongs to the generation its read saw (``layer.FillToken``): a request
+   whose read comes after an invalidation never joins one that began before it. Waiters receive
+   only an answer that may be stored; any other answer (``no-store``, ``private``, non-2xx, a
+   cookie) is its own request's, and every waiter then runs the handler itself.
 
-Stale-while-revalidate keeps the stored format unchanged: an entry is written for
-``expire + stale_ttl`` seconds and it is fresh while more than ``stale_ttl`` seconds remain. The
-remaining time comes from the store's own clock (Redis's for Redis), so replicas agree on
-freshness whatever their clocks say. Changing a route's ``stale_ttl`` reinterprets the entries
-already stored for it until they expire.
+Stale-while-revalidate: an entry is written for ``expire + stale_ttl`` seconds and says in its
+header how many of them are its stale window (see ``entry.py``); it is fresh while more than that
+many seconds remain. The remaining time comes from the store's own clock (Redis's for Redis), so
+replicas agree on freshness whatever their clocks say. Every stored value also carries the route's
+fingerprint (``rendering.route_fingerprint``), so an entry of another version of the route is a
+miss.
 
 Headers and cookies that the route's dependencies set on FastAPI's ``Response`` parameter are sent
 with every answer (HIT or MISS) and never stored; headers the handler sets there are part of the
@@ -38,7 +42,7 @@ import asyncio
 import inspect
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from functools import wraps
 from inspect import Parameter, Signature, iscoroutinefunction
@@ -55,22 +59,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from commons.cache.cache import current_layer
-from commons.cache.entry import CachedResponse, decode_entry, encode_entry
+from commons.cache.entry import ParsedValue, RejectReason, decode_payload, encode_payload
 from commons.cache.events import LookupOutcome
 from commons.cache.http import (
-    CachedBytesResponse,
     PreparedResponse,
     cacheable_response,
     prepare,
     replay,
 )
 from commons.cache.keys import tenant_cache_key_builder
-from commons.cache.layer import CacheLayer
+from commons.cache.layer import CacheLayer, FillToken, Lookup
+from commons.cache.memo import BoundedMemo
 from commons.cache.rendering import (
     adapter_for,
     json_bytes,
     render_as_route,
     resolved_return_annotation,
+    route_fingerprint,
 )
 from commons.cache.scope import ScopedKey
 from commons.cache.singleflight import SingleFlight
@@ -82,6 +87,8 @@ logger = logging.getLogger("commons.cache")
 P = ParamSpec("P")
 R = TypeVar("R")
 
+#: Who wrote an entry, as its fingerprint says (the other decorator's entries are misses here).
+PRODUCER = "commons.cache"
 _CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 _LOCK_POLL_SECONDS = 0.02
 _HIT, _STALE, _MISS = b"HIT", b"STALE", b"MISS"
@@ -94,15 +101,18 @@ _PREPARED_MAX_BYTES = 32 * 1024 * 1024
 class _Outcome:
     """What one computation produced, as shared with the requests that waited for it."""
 
-    #: The stored answer, ready to replay (None: nothing was stored).
+    #: The stored (or storable) answer, ready to replay; the only thing waiters receive.
     prepared: PreparedResponse | None = None
-    #: An answer that was not stored (non-2xx, no-store, ...) but that waiters may receive too.
-    unstored: CachedResponse | None = None
-    #: The handler's own response, sent as it is by the request that computed it.
+    #: The handler's own response, sent as it is by the request that computed it only.
     response: Response | None = None
 
 
 _flights: SingleFlight[_Outcome] = SingleFlight()
+
+
+def _flight_key(key: str, token: FillToken) -> Hashable:
+    """One computation per key and generation: later reads of a newer one never join it."""
+    return (key, token.stamp, token.generation)
 
 
 class _PreparedResponses:
@@ -114,34 +124,24 @@ class _PreparedResponses:
     """
 
     def __init__(self) -> None:
-        self._items: dict[str, tuple[bytes, PreparedResponse]] = {}
-        self._bytes = 0
+        self._memo = BoundedMemo[str, tuple[bytes, PreparedResponse]](
+            _PREPARED_MAX_ENTRIES, _PREPARED_MAX_BYTES
+        )
 
-    def get(self, key: str, raw: bytes, private: bool) -> PreparedResponse | None:
-        """The prepared form of ``raw``; ``None`` when ``raw`` is no readable entry."""
-        found = self._items.get(key)
-        if found is not None and found[0] == raw and found[1].private is private:
+    def get(self, key: str, value: ParsedValue, private: bool) -> PreparedResponse | None:
+        """The prepared form of ``value``; ``None`` when its payload is no readable response."""
+        found = self._memo.get(key)
+        if found is not None and found[0] == value.raw and found[1].private is private:
             return found[1]
-        try:
-            entry = decode_entry(raw)
-        except (ValueError, KeyError, TypeError):
-            return None  # an entry we cannot read is a miss
+        entry = decode_payload(value.kind, value.payload)
+        if entry is None:
+            return None
         prepared = prepare(entry, private=private)
-        self.put(key, raw, prepared)
+        self.put(key, value.raw, prepared)
         return prepared
 
     def put(self, key: str, raw: bytes, prepared: PreparedResponse) -> None:
-        old = self._items.pop(key, None)
-        if old is not None:
-            self._bytes -= len(old[0])
-        if (
-            len(self._items) >= _PREPARED_MAX_ENTRIES
-            or self._bytes + len(raw) > _PREPARED_MAX_BYTES
-        ):
-            self._items.clear()
-            self._bytes = 0
-        self._items[key] = (raw, prepared)
-        self._bytes += len(raw)
+        self._memo.put(key, (raw, prepared), len(raw) + len(key))
 
 
 def _request_headers(request: Request) -> tuple[str | None, str]:
@@ -170,20 +170,6 @@ def _client_refuses_stored(cache_control: str, layer: CacheLayer) -> bool:
     return "no-cache" in directives or "no-store" in directives
 
 
-def _shareable(response: Response) -> CachedResponse | None:
-    """An unstored answer other waiters may receive too: a body in memory and no cookie."""
-    body = getattr(response, "body", None)
-    if not isinstance(body, bytes) or "set-cookie" in response.headers:
-        return None
-    headers = tuple(
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in response.raw_headers
-        if name != b"content-length"
-    )
-    media_type = response.headers.get("content-type") or "application/json"
-    return CachedResponse(body, response.status_code, media_type, headers)
-
-
 def _param_of_type(signature: Signature, kind: type) -> Parameter | None:
     return next(
         (
@@ -193,11 +179,6 @@ def _param_of_type(signature: Signature, kind: type) -> Parameter | None:
         ),
         None,
     )
-
-
-def _unstored_answer(entry: CachedResponse, *, head: bool) -> Response:
-    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in entry.headers]
-    return CachedBytesResponse(b"" if head else entry.body, entry.status_code, headers)
 
 
 class _CachedRoute:
@@ -227,8 +208,21 @@ class _CachedRoute:
             return await self.func(*args, **kwargs)
         return await run_in_threadpool(self.func, *args, **kwargs)
 
-    def is_fresh(self, remaining: int) -> bool:
-        return remaining > self.stale_seconds or not self.stale_seconds
+    def _own_route(self, request: Request) -> APIRoute | None:
+        """The route ``request`` came through, if it is this handler's (not a direct call)."""
+        route = request.scope.get("route")
+        endpoint = self.endpoint
+        if isinstance(route, APIRoute) and (
+            inspect.unwrap(route.endpoint, stop=lambda f: f is endpoint) is endpoint
+        ):
+            return route
+        return None
+
+    def fingerprint(self, request: Request) -> bytes:
+        """What this route renders, for the stored values (see ``rendering.route_fingerprint``)."""
+        return route_fingerprint(
+            self._own_route(request), self.func, producer=PRODUCER, coder=self.coder
+        )
 
     async def render(self, result: Any, request: Request, status_code: int | None) -> Response:
         """The response FastAPI would send for ``result`` on this route."""
@@ -237,11 +231,8 @@ class _CachedRoute:
         if self.coder is not None:
             body = self.coder.encode(result)
             return Response(body, status_code or 200, media_type="application/json")
-        route = request.scope.get("route")
-        endpoint = self.endpoint
-        if isinstance(route, APIRoute) and (
-            inspect.unwrap(route.endpoint, stop=lambda f: f is endpoint) is endpoint
-        ):
+        route = self._own_route(request)
+        if route is not None:
             return await render_as_route(route, result, status_code, self.is_coroutine)
         # Called outside its route: render through the return annotation.
         if not self._adapter:
@@ -263,29 +254,33 @@ class _Computation:
         route: _CachedRoute,
         layer: CacheLayer,
         key: str,
-        private: bool,
+        fingerprint: bytes,
+        token: FillToken,
         request: Request,
         sub_response: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        call: tuple[tuple[Any, ...], dict[str, Any]],
     ) -> None:
         self.route = route
         self.layer = layer
         self.key = key
-        self.private = private
+        self.fingerprint = fingerprint
+        self.token = token
+        self.private = not isinstance(key, ScopedKey) or key.is_private
         self.request = request
         self.sub_response = sub_response if isinstance(sub_response, Response) else None
-        self.args = args
-        self.kwargs = kwargs
+        self.args, self.kwargs = call
         self.ttl = route.expire or layer.settings.CACHE_TTL_SECONDS
         self.use_lock = layer.settings.CACHE_DISTRIBUTED_LOCK if route.lock is None else route.lock
         #: The outcome this request computed itself, if it did.
         self.outcome: _Outcome | None = None
 
-    async def compute(self) -> _Outcome:
-        """Runs the handler, renders its answer, and stores it when it may be stored."""
+    async def compute(self, token: FillToken | None = None) -> _Outcome:
+        """Runs the handler, renders its answer, and stores it when it may be stored.
+
+        ``token`` is the fill token of the read this computation follows (the request's own by
+        default): the value is stored only if nothing invalidated its scope since.
+        """
         route, sub_response = self.route, self.sub_response
-        fill_token = self.layer.fill_token(self.key)
         headers_before = list(sub_response.raw_headers) if sub_response is not None else []
         result = await route.call_handler(self.args, self.kwargs)
         status_code = sub_response.status_code or None if sub_response is not None else None
@@ -298,31 +293,46 @@ class _Computation:
             )
         entry = cacheable_response(response)
         if entry is None:
-            outcome = _Outcome(unstored=_shareable(response), response=response)
+            outcome = _Outcome(response=response)
         else:
-            raw = encode_entry(entry)
-            await self.layer.set(
-                self.key, raw, self.ttl + route.stale_seconds, fill_token=fill_token
+            kind, payload = encode_payload(entry)
+            raw = await self.layer.store(
+                self.key,
+                payload,
+                kind=kind,
+                expire=self.ttl,
+                stale_seconds=route.stale_seconds,
+                fingerprint=self.fingerprint,
+                token=token or self.token,
             )
             prepared = prepare(entry, private=self.private)
-            route.prepared.put(self.key, raw, prepared)
+            if raw is not None:
+                route.prepared.put(self.key, raw, prepared)
             outcome = _Outcome(prepared=prepared)
         self.outcome = outcome
         return outcome
 
-    async def stored(self) -> _Outcome | None:
-        """The fresh entry stored under the key right now, if any."""
-        remaining, raw = await self.layer.get_with_ttl(self.key)
-        if raw is None or not self.route.is_fresh(remaining):
-            return None
-        prepared = self.route.prepared.get(self.key, raw, self.private)
-        return None if prepared is None else _Outcome(prepared=prepared)
+    async def stored(self) -> _Outcome | Lookup | None:
+        """The fresh entry stored under the key right now, else the read (for its token)."""
+        lookup = await self.layer.lookup(self.key, self.fingerprint)
+        if lookup is None or lookup.value is None:
+            return lookup
+        prepared = self.route.prepared.get(self.key, lookup.value, self.private)
+        if prepared is None or not lookup.is_fresh:
+            return lookup
+        return _Outcome(prepared=prepared)
+
+    async def _stored_outcome(self) -> _Outcome | None:
+        found = await self.stored()
+        return found if isinstance(found, _Outcome) else None
 
     async def work(self) -> _Outcome:
         """The computation a miss's single-flight runs (under the replicas' lock if asked)."""
         if not self.use_lock:
             return await self.compute()
-        shared = await _under_replica_lock(self.layer, self.key, self.compute, self.stored)
+        shared = await _under_replica_lock(
+            self.layer, self.key, self.compute, self._stored_outcome, self.token.redis_failed
+        )
         assert shared is not None  # waiting for the lock always ends with an outcome
         return shared
 
@@ -331,18 +341,26 @@ class _Computation:
 
         async def recompute() -> _Outcome:
             # A refresh that finished a moment ago leaves nothing to do.
-            return await self.stored() or await self.compute()
+            found = await self.stored()
+            if isinstance(found, _Outcome):
+                return found
+            return await self.compute(found.token if found is not None else None)
 
         async def work() -> _Outcome:
             if not self.use_lock:
                 return await recompute()
             shared = await _under_replica_lock(
-                self.layer, self.key, recompute, self.stored, wait=False
+                self.layer,
+                self.key,
+                recompute,
+                self._stored_outcome,
+                self.token.redis_failed,
+                wait=False,
             )
             return shared or _Outcome()
 
         try:
-            await _flights.run_if_idle(self.key, work)
+            await _flights.run_if_idle(_flight_key(self.key, self.token), work)
         except Exception:
             logger.warning(
                 "background refresh of a stale entry failed; it is served until it expires",
@@ -355,6 +373,7 @@ async def _under_replica_lock(
     key: str,
     compute: Callable[[], Awaitable[_Outcome]],
     stored: Callable[[], Awaitable[_Outcome | None]],
+    read_failed: bool,
     *,
     wait: bool = True,
 ) -> _Outcome | None:
@@ -369,6 +388,8 @@ async def _under_replica_lock(
     Returns:
         The outcome; ``None`` only when ``wait`` is false and another replica holds the lock.
     """
+    if read_failed:
+        return await compute()  # this request's read just failed: do not wait on Redis again
     lock_key = f"{layer.prefix}:#lock:{key}"
     token = secrets.token_bytes(16)
     wait_seconds = layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
@@ -488,12 +509,19 @@ def cache(
                 kwargs=kwargs,
             )
             key = built if isinstance(built, str) else await built
-            if layer.scope_of(key) is None:
+            fingerprint = route_state.fingerprint(request)
+            if_none_match, cache_control = _request_headers(request)
+            if cache_control and _client_refuses_stored(cache_control, layer):
+                lookup = None
+                token = await layer.token_now(key)
+                outcome = LookupOutcome.BYPASS_CLIENT
+            else:
+                lookup = await layer.lookup(key, fingerprint)
+                token = lookup.token if lookup is not None else None
+                outcome = LookupOutcome.MISS
+            if token is None:
                 layer.events.lookup(namespace, LookupOutcome.BYPASS_NO_IDENTITY)
                 return await call_handler(args, kwargs)  # type: ignore[no-any-return]
-            # Only an entry known to be shared by everyone may be stored by a shared proxy.
-            private = not isinstance(key, ScopedKey) or key.is_private
-            if_none_match, cache_control = _request_headers(request)
             head = method == "HEAD"
             # Set by the route's dependencies: sent with this answer, never stored.
             own_headers = (
@@ -501,62 +529,56 @@ def cache(
                 if isinstance(sub_response, Response) and sub_response.raw_headers
                 else None
             )
-
-            if cache_control and _client_refuses_stored(cache_control, layer):
-                layer.events.lookup(namespace, LookupOutcome.BYPASS_CLIENT)
-            else:
-                remaining, raw = await layer.get_with_ttl(key)
-                if raw is not None:
-                    stored = prepared_responses.get(key, raw, private)
-                    if stored is not None:
-                        if remaining > stale_seconds or not stale_seconds:
-                            layer.events.lookup(namespace, LookupOutcome.HIT)
-                            return replay(
-                                stored,
-                                max_age=remaining - stale_seconds,
-                                status=_HIT,
-                                if_none_match=if_none_match,
-                                head=head,
-                                extra_headers=own_headers,
-                            )
-                        layer.events.lookup(namespace, LookupOutcome.STALE)
-                        stale = replay(
-                            stored,
-                            max_age=0,
-                            status=_STALE,
-                            if_none_match=if_none_match,
-                            head=head,
-                            extra_headers=own_headers,
-                        )
-                        miss = _Computation(
-                            route_state, layer, key, private, request, sub_response, args, kwargs
-                        )
-                        # Runs once the stale answer is sent, while the request's dependencies
-                        # (a database session, ...) are still open.
-                        stale.background = BackgroundTask(miss.refresh)
-                        return stale
-                layer.events.lookup(namespace, LookupOutcome.MISS)
-
             miss = _Computation(
-                route_state, layer, key, private, request, sub_response, args, kwargs
+                route_state, layer, key, fingerprint, token, request, sub_response, (args, kwargs)
             )
-            outcome = await _flights.run(key, miss.work, layer.settings.CACHE_LOCK_TIMEOUT_SECONDS)
-            if outcome.prepared is not None:
+            if lookup is not None and lookup.value is not None:
+                stored = prepared_responses.get(key, lookup.value, miss.private)
+                if stored is None:
+                    layer.events.rejected_entry(namespace, RejectReason.FORMAT)
+                elif lookup.is_fresh:
+                    layer.events.lookup(namespace, LookupOutcome.HIT)
+                    return replay(
+                        stored,
+                        max_age=lookup.fresh_for,
+                        status=_HIT,
+                        if_none_match=if_none_match,
+                        head=head,
+                        extra_headers=own_headers,
+                    )
+                else:
+                    layer.events.lookup(namespace, LookupOutcome.STALE)
+                    stale = replay(
+                        stored,
+                        max_age=0,
+                        status=_STALE,
+                        if_none_match=if_none_match,
+                        head=head,
+                        extra_headers=own_headers,
+                    )
+                    # Runs once the stale answer is sent, while the request's dependencies
+                    # (a database session, ...) are still open.
+                    stale.background = BackgroundTask(miss.refresh)
+                    return stale
+            layer.events.lookup(namespace, outcome)
+
+            shared = await _flights.run(
+                _flight_key(key, token), miss.work, layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
+            )
+            if shared.prepared is not None:
                 return replay(
-                    outcome.prepared,
+                    shared.prepared,
                     max_age=miss.ttl,
                     status=_MISS,
                     if_none_match=if_none_match,
                     head=head,
                     extra_headers=own_headers,
                 )
-            if outcome.response is not None and outcome is miss.outcome:
-                response = outcome.response  # this request computed it: its very own answer
-            elif outcome.unstored is not None:
-                response = _unstored_answer(outcome.unstored, head=head)
-            else:
-                # The computing request's answer cannot be shared (a cookie, a stream).
+            if shared.response is None or shared is not miss.outcome:
+                # Another request's answer that may not be stored (no-store, private, non-2xx,
+                # a cookie, a stream) is that request's alone: this one runs the handler itself.
                 return await call_handler(args, kwargs)  # type: ignore[no-any-return]
+            response = shared.response  # this request computed it: its very own answer
             if own_headers:
                 response.raw_headers.extend(own_headers)
             return response

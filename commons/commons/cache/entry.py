@@ -1,27 +1,69 @@
-"""How a response is stored: JSON bytes, never pickle.
+"""How a value is stored: a JSON array with a format marker, never pickle, never trusted blindly.
 
-The common case, a ``200 application/json`` response, is stored as its body alone: the exact bytes
-the client receives, so a hit sends them without decoding anything (and they are what
-fastapi-cache2's ``JsonCoder`` would store for the same value). Any other response is stored as a
-small JSON envelope holding status, media type, headers and body. A body that happens to start like
-an envelope is always wrapped, so the two forms never get confused.
+Every stored value, in Redis and in memory, for both decorators, is one JSON array::
 
-Nothing else is stored with an entry. Its freshness for ``stale_ttl`` comes from the time it has
-left to live in the store (see ``decorator.py``), and its ETag is a digest of the body computed once
-per stored value in each process (see ``http.py``), so the common case stays the plain body, the
-same bytes fastapi-cache2's decorator stores and reads.
+    ["commons.cache",2,"<fingerprint>","<generation>","<kind>",<stale seconds>,<payload>]
+
+- ``"commons.cache",2`` is the format marker. Bytes without it (garbage, another library's value,
+  an older deploy's format) are never served: the read is a miss, counted as a rejected entry, and
+  the fill overwrites them.
+- ``fingerprint`` names what the route renders (see ``rendering.route_fingerprint``): another
+  fingerprint is a miss, so during a rolling deploy old and new replicas each see the other's
+  entries as misses, never as errors or as the wrong shape.
+- ``generation`` is the scope's generation when the fill began (see ``backends/redis.py``): an
+  entry is valid only while it equals the scope's generation now, which is how an invalidation by
+  any replica, or the loss of any helper key, can only ever cost a miss.
+- ``kind`` is ``b`` when ``payload`` is the response body itself (a ``200 application/json``
+  answer: a hit sends those bytes without decoding anything) or ``e`` for an envelope object with
+  status, media type, headers and body (any other answer).
+- ``stale seconds`` is the stale-while-revalidate window at the end of the entry's life: the entry
+  is fresh while more than that many seconds remain.
+
+A hit checks the marker, fingerprint and generation with one ``startswith`` of the bytes it
+expects; only a value that fails it is parsed further, to say why. An envelope is validated field
+by field before anything of it is sent (a status that is no 2xx integer, a header that cannot be
+sent, a body of the wrong type: a miss, never a 5xx).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from dataclasses import dataclass
 
-__all__ = ["CachedResponse", "decode_entry", "encode_entry"]
+__all__ = [
+    "BODY",
+    "ENVELOPE",
+    "CachedResponse",
+    "ParsedValue",
+    "RejectReason",
+    "decode_payload",
+    "encode_payload",
+    "expected_head",
+    "parse_any",
+    "parse_value",
+    "rejection_reason",
+    "stored_value",
+]
 
 _JSON = "application/json"
-_ENVELOPE_MARK = b'{"__commons_cache__":1,'
+FORMAT_MARK = b'["commons.cache",2,'
+#: Payload kinds.
+BODY = b"b"
+ENVELOPE = b"e"
+_KINDS = (BODY, ENVELOPE)
+_MAX_STALE_DIGITS = 10
+_FORBIDDEN_IN_HEADERS = ("\r", "\n", "\x00")
+
+
+class RejectReason:
+    """Why a stored value was not served (the ``reason`` of ``CacheEvents.rejected_entry``)."""
+
+    #: Not written by this cache's format: garbage, another library's value, an old format.
+    FORMAT = "format"
+    #: Written by another version of the route (its response model, class, status or coder).
+    FINGERPRINT = "fingerprint"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,18 +77,87 @@ class CachedResponse:
 
     @property
     def is_plain_json(self) -> bool:
-        return (
-            self.status_code == 200
-            and self.media_type == _JSON
-            and not self.headers
-            and not self.body.startswith(_ENVELOPE_MARK)
-        )
+        return self.status_code == 200 and self.media_type == _JSON and not self.headers
 
 
-def encode_entry(response: CachedResponse) -> bytes:
-    """The bytes to store for ``response``."""
+@dataclass(frozen=True, slots=True)
+class ParsedValue:
+    """A stored value whose marker, fingerprint and generation were the expected ones."""
+
+    raw: bytes
+    kind: bytes
+    stale_seconds: int
+    #: Where the payload starts in ``raw`` (it ends one byte before the end).
+    offset: int
+
+    @property
+    def payload(self) -> bytes:
+        return self.raw[self.offset : -1]
+
+
+def expected_head(fingerprint: bytes, generation: bytes) -> bytes:
+    """The bytes a valid value starts with for this fingerprint and generation."""
+    return b'%s"%s","%s",' % (FORMAT_MARK, fingerprint, generation)
+
+
+def stored_value(*, head: bytes, kind: bytes, stale_seconds: int, payload: bytes) -> bytes:
+    """The bytes to store: ``head`` (from :func:`expected_head`), then kind, window, payload."""
+    return b'%s"%s",%d,%s]' % (head, kind, stale_seconds, payload)
+
+
+def parse_value(raw: bytes, head: bytes) -> ParsedValue | None:
+    """``raw`` parsed, if it starts with ``head`` and is well formed; else ``None``."""
+    if not raw.startswith(head):
+        return None
+    start = len(head)
+    kind = raw[start + 1 : start + 2]
+    if raw[start : start + 1] != b'"' or raw[start + 2 : start + 4] != b'",' or kind not in _KINDS:
+        return None
+    comma = raw.find(b",", start + 4, start + 5 + _MAX_STALE_DIGITS)
+    stale_text = raw[start + 4 : comma]
+    if comma < 0 or not stale_text.isdigit() or not raw.endswith(b"]"):
+        return None
+    offset = comma + 1
+    if offset >= len(raw) - 1:
+        return None
+    return ParsedValue(raw, kind, int(stale_text), offset)
+
+
+def parse_any(raw: bytes) -> tuple[bytes, bytes, ParsedValue] | None:
+    """``raw`` parsed whatever its fingerprint and generation: those two, and the value.
+
+    For inspection (operators, tests); a hit uses :func:`parse_value` with the head it expects.
+    """
+    if not raw.startswith(FORMAT_MARK + b'"'):
+        return None
+    start = len(FORMAT_MARK) + 1
+    end = raw.find(b'"', start)
+    if end < 0 or raw[end : end + 3] != b'","':
+        return None
+    generation_end = raw.find(b'",', end + 3)
+    if generation_end < 0:
+        return None
+    parsed = parse_value(raw, raw[: generation_end + 2])
+    if parsed is None:
+        return None
+    return raw[start:end], raw[end + 3 : generation_end], parsed
+
+
+def rejection_reason(raw: bytes, fingerprint: bytes) -> str | None:
+    """Why ``raw`` did not parse: a :class:`RejectReason`, or ``None`` for another generation.
+
+    Only called for a value that :func:`parse_value` refused, so it may take its time.
+    """
+    parsed = parse_any(raw)
+    if parsed is None:
+        return RejectReason.FORMAT
+    return RejectReason.FINGERPRINT if parsed[0] != fingerprint else None
+
+
+def encode_payload(response: CachedResponse) -> tuple[bytes, bytes]:
+    """The kind and payload to store for ``response``."""
     if response.is_plain_json:
-        return response.body
+        return BODY, response.body
     envelope: dict[str, object] = {
         "status": response.status_code,
         "media_type": response.media_type,
@@ -56,22 +167,53 @@ def encode_entry(response: CachedResponse) -> bytes:
         envelope["body"] = response.body.decode("utf-8")
     except UnicodeDecodeError:
         envelope["body_base64"] = base64.b64encode(response.body).decode("ascii")
-    encoded = json.dumps(envelope, ensure_ascii=False, separators=(",", ":"))
-    return _ENVELOPE_MARK + encoded[1:].encode("utf-8")
+    return ENVELOPE, json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def decode_entry(raw: bytes) -> CachedResponse:
-    """The response stored as ``raw``; raises ``ValueError`` if ``raw`` is no valid entry."""
-    if not raw.startswith(_ENVELOPE_MARK):
-        return CachedResponse(raw)
-    envelope = json.loads(raw)
+def decode_payload(kind: bytes, payload: bytes) -> CachedResponse | None:
+    """The response stored as ``payload``; ``None`` if this cache cannot have written it."""
+    if kind == BODY:
+        return CachedResponse(payload)
+    try:
+        envelope = json.loads(payload, parse_constant=_refuse_constant)
+        return _checked_envelope(envelope)
+    except (ValueError, TypeError, KeyError, UnicodeError, binascii.Error, RecursionError):
+        return None
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is no JSON value")
+
+
+def _sendable(text: object) -> str:
+    if not isinstance(text, str) or any(char in text for char in _FORBIDDEN_IN_HEADERS):
+        raise ValueError("not a header text")
+    text.encode("latin-1")
+    return text
+
+
+def _checked_envelope(envelope: object) -> CachedResponse | None:
+    if not isinstance(envelope, dict):
+        return None
+    status = envelope["status"]
+    if type(status) is not int or not 200 <= status < 300:
+        return None
+    headers = envelope["headers"]
+    if not isinstance(headers, list):
+        return None
+    pairs: list[tuple[str, str]] = []
+    for pair in headers:
+        if not isinstance(pair, list) or len(pair) != 2:
+            return None
+        pairs.append((_sendable(pair[0]), _sendable(pair[1])))
     if "body" in envelope:
-        body = envelope["body"].encode("utf-8")
+        text = envelope["body"]
+        if not isinstance(text, str):
+            return None
+        body = text.encode("utf-8")
     else:
-        body = base64.b64decode(envelope["body_base64"])
-    return CachedResponse(
-        body=body,
-        status_code=int(envelope["status"]),
-        media_type=str(envelope["media_type"]),
-        headers=tuple((str(name), str(value)) for name, value in envelope["headers"]),
-    )
+        encoded = envelope["body_base64"]
+        if not isinstance(encoded, str):
+            return None
+        body = base64.b64decode(encoded, validate=True)
+    return CachedResponse(body, status, _sendable(envelope["media_type"]), tuple(pairs))

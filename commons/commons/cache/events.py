@@ -34,6 +34,11 @@ class CacheEvents:
     def backend_error(self, namespace: str, operation: str) -> None:
         """A backend operation (``get``, ``set``, ``invalidate``, ...) failed and was absorbed."""
 
+    def rejected_entry(self, namespace: str, reason: str) -> None:
+        """A stored value was not served: ``reason`` is ``format`` (not this cache's format:
+        garbage, another library's value, an older format) or ``fingerprint`` (written by another
+        version of the route). The read was a miss and the fill overwrites the value."""
+
     def invalidated(self, namespace: str, removed: int) -> None:
         """An invalidation of ``namespace`` removed ``removed`` entries."""
 

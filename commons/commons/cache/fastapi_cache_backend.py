@@ -1,19 +1,58 @@
 """A fastapi-cache2 ``Backend`` that delegates to the current cache layer.
 
 It lets the guide's own ``from fastapi_cache.decorator import cache`` keep working unchanged: same
-keys, same stores, same fallback, and ``invalidate_namespace()`` reaches its entries too.
+keys, same stores, same fallback, and ``invalidate_namespace()`` reaches its entries too. What
+fastapi-cache2's decorator stores goes through the same rules as ours:
+
+- The value is stored in the cache's format (``entry.py``), with a fingerprint of the route and
+  handler the key was built for (our key builders record them), so an entry of another version of
+  the route, garbage, or another library's bytes are misses, never a 500 from its decoder.
+- Only JSON is stored: a coder that produces anything else (``PickleCoder``) is refused, with one
+  warning per namespace, and nothing is ever unpickled.
+- The decorator reads, computes and then writes in one request: the read's fill token is kept for
+  that request's write (a context variable, since fastapi-cache2 passes nothing between the two),
+  so a value computed before an invalidation is not stored after it.
+- ``clear()`` never touches a key outside ``CACHE_PREFIX``.
 """
 
 from __future__ import annotations
 
+import contextvars
+import json
+import logging
 from collections.abc import Callable
 
 from fastapi_cache.backends import Backend
 
-from commons.cache.layer import CacheLayer
-from commons.cache.scope import InvalidationTarget
+from commons.cache.entry import BODY
+from commons.cache.layer import CacheLayer, FillToken
+from commons.cache.rendering import route_fingerprint
+from commons.cache.scope import InvalidationTarget, ScopedKey
 
 __all__ = ["LayerBackend"]
+
+logger = logging.getLogger("commons.cache")
+
+_PRODUCER = "fastapi-cache2"
+
+# The fill token of the current request's last read, for its write (see the module docstring).
+_last_read: contextvars.ContextVar[tuple[str, FillToken] | None] = contextvars.ContextVar(
+    "commons_cache_fastapi_cache2_read", default=None
+)
+
+
+def _fingerprint(key: str) -> bytes:
+    origin = key.origin if isinstance(key, ScopedKey) else None
+    route, handler = origin if origin is not None else (None, None)
+    return route_fingerprint(route, handler, producer=_PRODUCER)
+
+
+def _is_json(value: bytes) -> bool:
+    try:
+        json.loads(value)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return True
 
 
 class LayerBackend(Backend):
@@ -21,18 +60,55 @@ class LayerBackend(Backend):
 
     def __init__(self, layer: Callable[[], CacheLayer | None]) -> None:
         self._layer = layer
+        self._warned_namespaces: set[str] = set()
 
     async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
         layer = self._layer()
-        return (0, None) if layer is None else await layer.get_with_ttl(key)
+        if layer is None:
+            return 0, None
+        lookup = await layer.lookup(key, _fingerprint(key))
+        if lookup is None:
+            return 0, None
+        _last_read.set((key, lookup.token))
+        value = lookup.value
+        if value is None or value.kind != BODY:
+            return 0, None
+        return lookup.fresh_for, value.payload
 
     async def get(self, key: str) -> bytes | None:
         return (await self.get_with_ttl(key))[1]
 
     async def set(self, key: str, value: bytes, expire: int | None = None) -> None:
         layer = self._layer()
-        if layer is not None:
-            await layer.set(key, value, expire or layer.settings.CACHE_TTL_SECONDS)
+        if layer is None:
+            return
+        if not _is_json(value):
+            self._refuse(layer, key)
+            return
+        read = _last_read.get()
+        token = read[1] if read is not None and read[0] == key else await layer.token_now(key)
+        if token is None:
+            return
+        await layer.store(
+            key,
+            value,
+            kind=BODY,
+            expire=expire or layer.settings.CACHE_TTL_SECONDS,
+            stale_seconds=0,
+            fingerprint=_fingerprint(key),
+            token=token,
+        )
+
+    def _refuse(self, layer: CacheLayer, key: str) -> None:
+        scope = layer.scope_of(key)
+        namespace = scope.namespace if scope is not None else ""
+        if namespace not in self._warned_namespaces:
+            self._warned_namespaces.add(namespace)
+            logger.warning(
+                "not caching namespace %r: its coder does not produce JSON (PickleCoder?); "
+                "cached values are JSON only, so that a writable Redis cannot run code",
+                namespace,
+            )
 
     async def clear(self, namespace: str | None = None, key: str | None = None) -> int:
         layer = self._layer()
@@ -41,7 +117,9 @@ class LayerBackend(Backend):
         if key is not None:
             return await layer.delete(key)
         # fastapi-cache2 passes "{prefix}" or "{prefix}:{namespace}".
-        _, separator, bare_namespace = (namespace or "").partition(":")
+        prefix, separator, bare_namespace = (namespace or layer.prefix).partition(":")
+        if prefix != layer.prefix:
+            return 0  # another service's keys
         if not separator:
             return await layer.clear()
         return await layer.invalidate(InvalidationTarget(bare_namespace))

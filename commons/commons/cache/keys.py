@@ -1,4 +1,4 @@
-"""Multi-tenant and user-aware cache-key builders (fastapi-cache2 ``KeyBuilder`` compatible).
+r"""Multi-tenant and user-aware cache-key builders (fastapi-cache2 ``KeyBuilder`` compatible).
 
 Keys are exactly::
 
@@ -7,6 +7,9 @@ Keys are exactly::
 
 where ``md5`` is the hex digest of the canonical query string: parameters sorted by name, repeated
 parameters kept in the order the client sent them, so ``?a=1&b=2`` and ``?b=2&a=1`` share an entry.
+``url_path`` is the decoded request path as it is, except that ``%``, ``?``, ``#`` and ``\`` are
+percent-encoded (``%25``, ``%3F``, ``%23``, ``%5C``): ``/items/a%3Fb`` (the path ``/items/a?b``)
+and ``/items/a%253Fb`` (the path ``/items/a%3Fb``) are two paths, so two keys.
 
 Fail closed: when the identity a builder needs is missing (or cannot be written into a key without
 ambiguity), the builder returns a key whose ``cacheable`` is false. The cache then neither reads nor
@@ -25,11 +28,14 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import Response
 
+from commons.cache.memo import BoundedMemo
 from commons.cache.scope import CacheScope, ScopedKey
 from commons.utilities.context import get_tenant_id, get_user_id
 
 __all__ = [
     "canonical_query_digest",
+    "key_path",
+    "scope_of_key",
     "tenant_cache_key_builder",
     "tenant_user_cache_key_builder",
 ]
@@ -42,10 +48,11 @@ _VALID_ID = re.compile(r"[^\s:]{1,256}")
 
 
 _EMPTY_QUERY_DIGEST = hashlib.md5(b"", usedforsecurity=False).hexdigest()
-# Query strings repeat (pagination, filters): their digests are kept, up to a bound, so a hit does
-# not parse and hash the same query again.
-_DIGEST_MEMO_MAX = 4096
-_digest_memo: dict[bytes, str] = {}
+# Query strings repeat (pagination, filters): their digests are kept, up to a bound in entries and
+# bytes (any client can send long, distinct query strings), so a hit does not parse and hash the
+# same query again.
+_digest_memo = BoundedMemo[bytes, str](4096, 2 * 1024 * 1024)
+_MEMO_OVERHEAD_BYTES = 200
 
 
 def canonical_query_digest(request: Request) -> str:
@@ -58,27 +65,23 @@ def canonical_query_digest(request: Request) -> str:
         items = sorted(request.query_params.multi_items(), key=lambda item: item[0])
         canonical = urlencode(items)
         digest = hashlib.md5(canonical.encode(), usedforsecurity=False).hexdigest()
-        if len(_digest_memo) >= _DIGEST_MEMO_MAX:
-            _digest_memo.clear()
-        _digest_memo[raw] = digest
+        _digest_memo.put(raw, digest, len(raw) + _MEMO_OVERHEAD_BYTES)
     return digest
 
 
-def _plain_path(path: str) -> bool:
-    """Whether ``request.url.path`` is the scope's path as it is (no URL needs building)."""
-    return not (path.startswith("//") or "?" in path or "#" in path or "\\" in path)
+_ESCAPED_IN_PATHS = str.maketrans({"%": "%25", "?": "%3F", "#": "%23", "\\": "%5C"})
 
 
-def _url_path(request: Request) -> str:
-    """``request.url.path``, without building the URL in the common case."""
-    path: str = request.scope["path"]
-    return path if _plain_path(path) else request.url.path
+def key_path(path: str) -> str:
+    """The ``url_path`` of a key: the decoded path, with ``%``, ``?``, ``#`` and ``\\`` escaped."""
+    if "%" in path or "?" in path or "#" in path or "\\" in path:
+        return path.translate(_ESCAPED_IN_PATHS)
+    return path
 
 
 # A key is a function of these inputs only; a hit finds its key again instead of validating the
-# ids and formatting, hashing and scoping it anew. Bounded: when full, it starts over.
-_KEY_MEMO_MAX = 4096
-_key_memo: dict[tuple[str, str, str | None, str, bytes], ScopedKey] = {}
+# ids and formatting, hashing and scoping it anew. Bounded in entries and bytes.
+_key_memo = BoundedMemo[tuple[str, str, str | None, str, bytes], ScopedKey](4096, 4 * 1024 * 1024)
 
 
 def _split_namespace(qualified_namespace: str) -> str:
@@ -87,12 +90,36 @@ def _split_namespace(qualified_namespace: str) -> str:
     return namespace
 
 
+def scope_of_key(prefix: str, key: str) -> CacheScope | None:
+    """The scope a key's text names, or ``None`` for a key outside ``prefix``.
+
+    ``{prefix}:{ns}:tenant_{t}:user_{u}:...`` is scoped to that user,
+    ``{prefix}:{ns}:tenant_{t}:...`` to that tenant (a path always starts with ``/``, so it is
+    never read as an id), anything else under the prefix to its namespace. Helper keys
+    (``{prefix}:#...``) are no entries.
+    """
+    head, sep, rest = key.partition(":")
+    if not sep or head != prefix or rest.startswith("#"):
+        return None
+    namespace, _, rest = rest.partition(":")
+    tenant_part, _, rest = rest.partition(":")
+    if not tenant_part.startswith("tenant_") or len(tenant_part) == len("tenant_"):
+        return CacheScope(namespace)
+    tenant_id = tenant_part[len("tenant_") :]
+    user_part = rest.partition(":")[0]
+    if user_part.startswith("user_") and len(user_part) > len("user_"):
+        return CacheScope(namespace, tenant_id, user_part[len("user_") :])
+    return CacheScope(namespace, tenant_id)
+
+
 def _uncacheable(qualified_namespace: str, reason: str) -> ScopedKey:
     logger.warning("serving uncached: %s (namespace %r)", reason, qualified_namespace)
     return ScopedKey(f"{qualified_namespace}:#uncacheable", None)
 
 
-def _build(qualified_namespace: str, request: Request | None, *, per_user: bool) -> ScopedKey:
+def _build(
+    qualified_namespace: str, request: Request | None, func: object, *, per_user: bool
+) -> ScopedKey:
     if request is None:
         return _uncacheable(qualified_namespace, "no request to build a key from")
     tenant_id = get_tenant_id()
@@ -104,24 +131,20 @@ def _build(qualified_namespace: str, request: Request | None, *, per_user: bool)
         if user_id is None:
             return _uncacheable(qualified_namespace, "no user bound to the request")
     path: str = request.scope["path"]
+    query: bytes = request.scope.get("query_string", b"")
     # A user builder's inputs always hold a user id, a tenant builder's never: the two kinds of
     # key cannot be mistaken for each other here.
-    memo_key = (
-        qualified_namespace,
-        tenant_id,
-        user_id,
-        path,
-        request.scope.get("query_string", b""),
-    )
-    known = _key_memo.get(memo_key)
-    if known is not None:
-        return known
-    built = _build_new(qualified_namespace, request, tenant_id, user_id)
-    if built.scope is not None and _plain_path(path):
-        if len(_key_memo) >= _KEY_MEMO_MAX:
-            _key_memo.clear()
-        _key_memo[memo_key] = built
-    return built
+    memo_key = (qualified_namespace, tenant_id, user_id, path, query)
+    built = _key_memo.get(memo_key)
+    if built is None:
+        built = _build_new(qualified_namespace, request, tenant_id, user_id)
+        if built.scope is not None:
+            size = 2 * (len(path) + len(query)) + len(built) + _MEMO_OVERHEAD_BYTES
+            _key_memo.put(memo_key, built, size)
+    route = request.scope.get("route")
+    if route is None or built.scope is None:
+        return built
+    return built.with_origin(route, func)
 
 
 def _build_new(
@@ -137,9 +160,8 @@ def _build_new(
         if not _VALID_ID.fullmatch(user_id):
             return _uncacheable(qualified_namespace, "user id holds ':' or whitespace")
         scope_text = f"{scope_text}:user_{user_id}"
-    key = (
-        f"{qualified_namespace}:{scope_text}:{_url_path(request)}:{canonical_query_digest(request)}"
-    )
+    path = key_path(request.scope["path"])
+    key = f"{qualified_namespace}:{scope_text}:{path}:{canonical_query_digest(request)}"
     scope = CacheScope(_split_namespace(qualified_namespace), tenant_id, user_id)
     return ScopedKey(key, scope)
 
@@ -156,7 +178,8 @@ def tenant_cache_key_builder(
     """Builds a tenant-scoped key for the current request.
 
     Args:
-        func: The cached endpoint (unused; part of the ``KeyBuilder`` protocol).
+        func: The cached endpoint (with the route, what fastapi-cache2's entries are
+            fingerprinted by).
         namespace: ``"{CACHE_PREFIX}:{namespace}"``, as fastapi-cache2's decorator passes it.
         request: The request being served.
         response: Unused; part of the protocol.
@@ -167,7 +190,7 @@ def tenant_cache_key_builder(
         ``{prefix}:{namespace}:tenant_{tenant_id}:{url_path}:{md5}``, or an uncacheable key when no
         tenant is bound.
     """
-    return _build(namespace, request, per_user=False)
+    return _build(namespace, request, func, per_user=False)
 
 
 def tenant_user_cache_key_builder(
@@ -185,4 +208,4 @@ def tenant_user_cache_key_builder(
         ``{prefix}:{namespace}:tenant_{tenant_id}:user_{user_id}:{url_path}:{md5}``, or an
         uncacheable key when the tenant or the user is missing.
     """
-    return _build(namespace, request, per_user=True)
+    return _build(namespace, request, func, per_user=True)

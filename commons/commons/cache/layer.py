@@ -36,10 +36,17 @@ tier only sees its own process's. So while degraded, entries live in memory for 
 ``CACHE_DEGRADED_TTL_SECONDS`` (30 s by default), which bounds how long a replica may answer with a
 value computed before another replica's update.
 
-A value computed before an invalidation and stored after it would bring the old value back. A
-fill token (the layer's mutation clock) is taken before the handler runs: by our decorator
-explicitly, and for fastapi-cache2's decorator by the read that missed, in the same request. The
-write is dropped if the namespace was invalidated since.
+A value computed before an invalidation and stored after it would bring the old value back, on
+this replica or, through Redis, on every replica. Every read therefore yields a :class:`FillToken`:
+the layer's own invalidation clock for the namespace and, from Redis, the scope's *generation*
+(see ``backends/base.py``). The value computed after that read is stored with the token's
+generation inside it, and only if neither has moved since (checked atomically with the write on
+one Redis server); and a read serves an entry only if the generation in it is the scope's current
+one. So an invalidation by any replica, or the loss of any helper key (evicted under
+``allkeys-lru``, deleted, flushed), can only ever cost misses. Our decorator passes the token from
+its read to its write; fastapi-cache2's decorator gets the same through the adapter
+(``fastapi_cache_backend.py``). Entries also carry a format marker and the route's fingerprint
+(``entry.py``): anything else under a key is a miss, counted, and overwritten by the fill.
 
 Errors and logs
 ---------------
@@ -52,13 +59,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from commons.cache.backends.base import CacheStore
+from commons.cache.backends.base import CacheStore, StoredRead
 from commons.cache.backends.memory import MemoryStore
+from commons.cache.entry import (
+    ParsedValue,
+    expected_head,
+    parse_value,
+    rejection_reason,
+    stored_value,
+)
 from commons.cache.errors import (
     BackendBusyError,
     BackendError,
@@ -66,35 +80,56 @@ from commons.cache.errors import (
     CacheUnavailableError,
 )
 from commons.cache.events import CacheEvents
+from commons.cache.keys import scope_of_key
 from commons.cache.pending import PendingInvalidations
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
 from commons.cache.settings import CacheSettings
 from commons.cache.status import CacheState, CacheStatus
 
-__all__ = ["CacheLayer"]
+__all__ = ["CacheLayer", "FillToken", "Lookup"]
 
 logger = logging.getLogger("commons.cache")
+
+_NOTHING = StoredRead(0, None)
 
 #: What a refused operation is called in ``cache_status().reason``.
 _REFUSED_WHAT = {"get": "reads", "set": "writes", "lock": "locks"}
 
 
-class _Read:
-    """The last cache read of the current request (a request reads before it writes)."""
+@dataclass(frozen=True, slots=True)
+class FillToken:
+    """What a miss saw, handed from its read to its write: the value computed in between is
+    stored only if nothing invalidated its scope since (see the module docstring).
 
-    __slots__ = ("fill_token", "key", "layer", "redis_failed")
+    Equal tokens belong to the same generation, so they can share one computation.
+    """
 
-    def __init__(self, layer: CacheLayer, key: str, fill_token: int, redis_failed: bool) -> None:
-        self.layer = layer
-        self.key = key
-        self.fill_token = fill_token
-        self.redis_failed = redis_failed
+    #: The layer's own invalidation clock for the namespace at the read.
+    stamp: int
+    #: The scope's generation in Redis at the read; ``None`` when the read was not from Redis.
+    generation: bytes | None
+    #: The read from Redis failed: the write would most likely wait for the same timeout.
+    redis_failed: bool = False
 
 
-# Per request: each request runs in its own task, with its own copy of the context.
-_last_read: contextvars.ContextVar[_Read | None] = contextvars.ContextVar(
-    "commons_cache_last_read", default=None
-)
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What a read found: a valid stored value (or none) and the token for filling the key."""
+
+    token: FillToken
+    value: ParsedValue | None = None
+    #: Whole seconds the stored value has left to live (its stale window included).
+    remaining: int = 0
+
+    @property
+    def fresh_for(self) -> int:
+        """Seconds the value stays fresh; 0 or less once only its stale window is left."""
+        stale = self.value.stale_seconds if self.value is not None else 0
+        return self.remaining - stale
+
+    @property
+    def is_fresh(self) -> bool:
+        return self.value is not None and (self.value.stale_seconds == 0 or self.fresh_for > 0)
 
 
 class CacheLayer:
@@ -122,6 +157,7 @@ class CacheLayer:
         self._invalidated_at: dict[str, int] = {}
         self._cleared_at = 0
         self._recovery_task: asyncio.Task[None] | None = None
+        self._generations_asked: dict[CacheScope, asyncio.Future[bytes]] = {}
         if not settings.CACHE_ENABLED:
             initial, reason = CacheState.DISABLED, "CACHE_ENABLED is false"
         elif redis is None:
@@ -248,110 +284,200 @@ class CacheLayer:
         else:
             self._invalidated_at[namespace] = self._clock
 
-    def _invalidated_since(self, namespace: str, token: int) -> bool:
-        return max(self._cleared_at, self._invalidated_at.get(namespace, 0)) > token
-
-    def _this_requests_read(self, key: str) -> _Read | None:
-        read = _last_read.get()
-        if read is None or read.layer is not self or read.key != key:
-            return None
-        return read
+    def _stamp(self, namespace: str) -> int:
+        """The clock of the namespace's last invalidation in this process."""
+        return max(self._cleared_at, self._invalidated_at.get(namespace, 0))
 
     # -- scopes --------------------------------------------------------------------------------
 
     def scope_of(self, key: str) -> CacheScope | None:
         """The scope an entry under ``key`` belongs to; ``None``: never read or write it.
 
-        Keys from our builders carry their scope. A plain string key (another key builder) is
-        accepted only under this layer's prefix, scoped to its namespace segment.
+        Keys from our builders carry their scope. A plain string key (another key builder, or
+        fastapi-cache2's ``clear(key=...)``) is accepted only under this layer's prefix, scoped as
+        its text says (see ``keys.scope_of_key``).
         """
         if isinstance(key, ScopedKey):
             return key.scope
-        head, sep, rest = key.partition(":")
-        if not sep or head != self.prefix:
-            return None
-        namespace, _, _ = rest.partition(":")
-        return CacheScope(namespace)
+        return scope_of_key(self.prefix, key)
 
     # -- reads and writes ----------------------------------------------------------------------
 
-    async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
-        """The entry and its remaining seconds; ``(0, None)`` on a miss or any failure."""
+    async def lookup(self, key: str, fingerprint: bytes) -> Lookup | None:
+        """Reads ``key``: a valid value of this ``fingerprint`` and generation, or a miss.
+
+        Returns ``None`` when the key must not be cached at all (no identity, another prefix, or
+        caching disabled). A value in another format, of another fingerprint or of another
+        generation is a miss (the first two counted with ``events.rejected_entry``); so is any
+        failure, which is absorbed here.
+        """
         scope = self.scope_of(key)
-        if not self.enabled or scope is None:
-            return 0, None
-        token = self._clock
+        if scope is None or not self.enabled:
+            return None
+        stamp = self._stamp(scope.namespace)
         store = self._active_store()
         if store is self._memory:
             # In-process and sub-microsecond: not worth a duration sample (see events.timed).
-            result = self._memory.read(key)
+            read = self._memory.read_now(key)
+            generation = None
         else:
             started = time.perf_counter()
             try:
-                result = await store.get_with_ttl(key)
+                read = await store.read(key, scope)
             except BackendError as exc:
                 self._record_failure(store, exc, scope.namespace, "get")
-                _last_read.set(_Read(self, key, token, redis_failed=True))
-                return 0, None
+                return Lookup(FillToken(stamp, None, redis_failed=True))
             finally:
                 self.events.timed(scope.namespace, "get", time.perf_counter() - started)
-        _last_read.set(_Read(self, key, token, False))
-        if self._consecutive_failures or self._refused is not None:
-            self._record_success(store, "get")
+            generation = read.generation
+            if generation is None:
+                # A generation was lost (evicted, deleted, flushed) or never made: nothing of
+                # this scope is valid, and the fill needs a generation to write under.
+                read = _NOTHING
+                try:
+                    generation = await self._generation(store, scope)
+                except BackendError as exc:
+                    # Creating a generation is a write (refused by a full or read-only Redis).
+                    self._record_failure(store, exc, scope.namespace, "set")
+                    return Lookup(FillToken(stamp, None, redis_failed=True))
+            if self._consecutive_failures or self._refused is not None:
+                self._record_success(store, "get")
+        token = FillToken(stamp, generation)
+        lookup = self._validated(read, token, fingerprint, scope.namespace)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "cache %s namespace=%s key=%s backend=%s",
-                "HIT" if result[1] is not None else "MISS",
+                "HIT" if lookup.value is not None else "MISS",
                 scope.namespace,
                 key,
                 store.name,
             )
-        return result
+        return lookup
 
-    def fill_token(self, key: str) -> int:
-        """Taken before computing a value; :meth:`set` drops the value if it went stale since."""
-        return self._clock
+    def _validated(
+        self, read: StoredRead, token: FillToken, fingerprint: bytes, namespace: str
+    ) -> Lookup:
+        """``read`` as a lookup: its value only if of this fingerprint and generation."""
+        raw = read.value
+        if raw is None:
+            return Lookup(token)
+        parsed = parse_value(raw, expected_head(fingerprint, token.generation or b""))
+        if parsed is None:
+            reason = rejection_reason(raw, fingerprint)
+            if reason is not None:
+                self.events.rejected_entry(namespace, reason)
+            return Lookup(token)
+        return Lookup(token, parsed, read.remaining)
 
-    async def set(
-        self, key: str, value: bytes, ttl_seconds: int, *, fill_token: int | None = None
-    ) -> None:
-        """Stores an entry; failures are absorbed.
+    async def _generation(self, store: CacheStore, scope: CacheScope) -> bytes:
+        """``store.generation(scope)``, asked once at a time per scope in this process (a cold
+        start misses every key of a scope at once: one round trip serves them all)."""
+        pending = self._generations_asked.get(scope)
+        if pending is None:
+            pending = asyncio.ensure_future(store.generation(scope))
+            self._generations_asked[scope] = pending
+            pending.add_done_callback(lambda done: self._generation_asked(scope, done))
+        return await asyncio.shield(pending)
 
-        Without ``fill_token``, the token of this request's read of the same key is used (how
-        fastapi-cache2's decorator, which reads, computes and then writes, gets the same safety).
+    def _generation_asked(self, scope: CacheScope, done: asyncio.Future[bytes]) -> None:
+        if self._generations_asked.get(scope) is done:
+            del self._generations_asked[scope]
+        if not done.cancelled():
+            done.exception()  # seen, even when every caller gave up waiting
+
+    async def token_now(self, key: str) -> FillToken | None:
+        """A fill token for a value about to be computed, for a write with no read before it."""
+        scope = self.scope_of(key)
+        if scope is None or not self.enabled:
+            return None
+        stamp = self._stamp(scope.namespace)
+        store = self._active_store()
+        if store is self._memory:
+            return FillToken(stamp, None)
+        try:
+            return FillToken(stamp, await self._generation(store, scope))
+        except BackendError as exc:
+            self._record_failure(store, exc, scope.namespace, "get")
+            return FillToken(stamp, None, redis_failed=True)
+
+    async def store(
+        self,
+        key: str,
+        payload: bytes,
+        *,
+        kind: bytes,
+        expire: int,
+        stale_seconds: int,
+        fingerprint: bytes,
+        token: FillToken,
+    ) -> bytes | None:
+        """Stores a computed value under ``key``, unless its scope was invalidated since ``token``.
+
+        Returns the bytes written (what a later read of them returns), or ``None`` when nothing
+        was written. Failures are absorbed.
         """
         scope = self.scope_of(key)
-        if not self.enabled or scope is None or ttl_seconds <= 0:
-            return
-        read = self._this_requests_read(key)
-        if fill_token is None and read is not None:
-            fill_token = read.fill_token
-        if fill_token is not None and self._invalidated_since(scope.namespace, fill_token):
+        if scope is None or not self.enabled or expire <= 0:
+            return None
+        if self._stamp(scope.namespace) > token.stamp:
             logger.debug("cache write dropped: %s was invalidated meanwhile", scope.namespace)
-            return
+            return None
         store = self._active_store()
-        if store is self._redis and read is not None and read.redis_failed:
-            # The read just failed: the write would most likely wait for the same timeout.
-            return
-        if self._redis is not None and store is self._memory:
-            # Degraded: other replicas' updates cannot reach this tier, so its entries live
-            # briefly (see the module docstring).
-            ttl_seconds = min(ttl_seconds, self.settings.CACHE_DEGRADED_TTL_SECONDS)
+        if store is self._memory:
+            generation = None
+            if self._redis is not None:
+                # Degraded: other replicas' updates cannot reach this tier, so its entries live
+                # briefly (see the module docstring), and are fresh for all of that time.
+                lifetime = min(expire + stale_seconds, self.settings.CACHE_DEGRADED_TTL_SECONDS)
+                expire = min(expire, lifetime)
+                stale_seconds = lifetime - expire
+        elif token.redis_failed or token.generation is None:
+            # The read failed (the write would wait for the same timeout), or it was not from
+            # Redis: no generation to write under, so the value could predate an invalidation.
+            return None
+        else:
+            generation = token.generation
+        value = stored_value(
+            head=expected_head(fingerprint, generation or b""),
+            kind=kind,
+            stale_seconds=stale_seconds,
+            payload=payload,
+        )
         started = time.perf_counter()
         try:
-            await store.set(key, value, ttl_seconds, scope)
+            written = await store.write(key, value, expire + stale_seconds, scope, generation)
         except BackendError as exc:
             self._record_failure(store, exc, scope.namespace, "set")
-        else:
-            self._record_success(store, "set")
+            return None
         finally:
             if store is not self._memory:
                 self.events.timed(scope.namespace, "set", time.perf_counter() - started)
+        self._record_success(store, "set")
+        return value if written else None
+
+    # -- inspection (operators and tests) -------------------------------------------------------
+
+    async def read_raw(self, key: str) -> tuple[int, bytes | None]:
+        """The bytes stored under ``key`` in the tier in use and their remaining seconds, as they
+        are (whatever their format, fingerprint or generation). Failures raise BackendError."""
+        read = await self._active_store().read(key, self.scope_of(key) or CacheScope(""))
+        return read.remaining, read.value
+
+    async def write_raw(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        """Stores ``value`` under ``key`` as it is, unconditionally (to age or forge an entry in a
+        test). Failures raise BackendError."""
+        scope = self.scope_of(key) or CacheScope("")
+        await self._active_store().write(key, value, ttl_seconds, scope)
 
     async def delete(self, key: str) -> int:
-        """Removes one entry from every tier (kept for Redis while Redis cannot be reached)."""
+        """Removes one entry from every tier (kept for Redis while Redis cannot be reached).
+
+        A key outside this layer's prefix is never touched.
+        """
         scope = self.scope_of(key)
-        self._mark_invalidated(scope.namespace if scope is not None else None)
+        if scope is None:
+            return 0
+        self._mark_invalidated(scope.namespace)
         removed = await self._memory.delete(key)
         if self._redis is None:
             return removed
@@ -359,9 +485,9 @@ class CacheLayer:
             self._pending.add_key(key, scope)
             return removed
         try:
-            removed += await self._redis.delete(key)
+            removed += await self._redis.delete(key, scope)
         except BackendError as exc:
-            self.events.backend_error(scope.namespace if scope else "", "delete")
+            self.events.backend_error(scope.namespace, "delete")
             self._pending.add_key(key, scope)
             self._degrade(f"a deletion could not reach Redis: {exc}")
         return removed
@@ -416,9 +542,6 @@ class CacheLayer:
         """Takes a short lock; ``None`` when no shared store can hold one right now."""
         if self._state is not CacheState.REDIS or self._redis is None:
             return None
-        read = _last_read.get()
-        if read is not None and read.layer is self and read.redis_failed:
-            return None  # this request's read just failed: do not wait on Redis again
         try:
             acquired = await self._redis.add_if_absent(key, token, ttl_ms)
         except BackendError as exc:

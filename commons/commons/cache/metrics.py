@@ -140,6 +140,7 @@ class _Collectors:
     backend_errors: Counter
     invalidations: Counter
     invalidated_entries: Counter
+    rejected_entries: Counter
     state: Gauge
 
 
@@ -166,6 +167,12 @@ def _collectors(registry: CollectorRegistry) -> _Collectors:
             "commons_cache_invalidated_entries_total",
             "Entries removed by invalidations.",
             ["namespace"],
+            registry=registry,
+        ),
+        rejected_entries=Counter(
+            "commons_cache_rejected_entries_total",
+            "Stored values not served: not this cache's format, or another route version's.",
+            ["namespace", "reason"],
             registry=registry,
         ),
         state=Gauge(
@@ -210,6 +217,9 @@ class PrometheusEvents(CacheEvents):
     def invalidated(self, namespace: str, removed: int) -> None:
         self._metrics.invalidations.labels(namespace=namespace).inc()
         self._metrics.invalidated_entries.labels(namespace=namespace).inc(max(removed, 0))
+
+    def rejected_entry(self, namespace: str, reason: str) -> None:
+        self._metrics.rejected_entries.labels(namespace=namespace, reason=reason).inc()
 
     def state_changed(self, state: str) -> None:
         for each in CacheState:

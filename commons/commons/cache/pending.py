@@ -134,8 +134,8 @@ class PendingInvalidations:
                 removed += await store.invalidate(target)
                 if self._targets.get(target) == seq:
                     del self._targets[target]
-            for key, (_, seq) in list(self._keys.items()):
-                removed += await store.delete(key)
+            for key, (scope, seq) in list(self._keys.items()):
+                removed += await store.delete(key, scope)
                 if key in self._keys and self._keys[key][1] == seq:
                     del self._keys[key]
         return removed

@@ -68,11 +68,21 @@ class ScopedKey(str):
     """
 
     scope: CacheScope | None
+    #: What produced the request this key was built for (the route and its handler), when the
+    #: builder was given a routed request: the fastapi-cache2 adapter fingerprints it.
+    origin: tuple[object, object] | None
 
-    def __new__(cls, key: str, scope: CacheScope | None) -> ScopedKey:
+    def __new__(
+        cls, key: str, scope: CacheScope | None, origin: tuple[object, object] | None = None
+    ) -> ScopedKey:
         instance = super().__new__(cls, key)
         instance.scope = scope
+        instance.origin = origin
         return instance
+
+    def with_origin(self, route: object, handler: object) -> ScopedKey:
+        """This key, for a request served by ``route`` with ``handler``."""
+        return ScopedKey(self, self.scope, (route, handler))
 
     @property
     def cacheable(self) -> bool:

@@ -19,7 +19,7 @@ Everything runs on the event loop's thread, and a flight is registered before th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 __all__ = ["SingleFlight"]
@@ -35,7 +35,7 @@ class SingleFlight(Generic[T]):
     """Coalesces concurrent computations of the same key."""
 
     def __init__(self) -> None:
-        self._flights: dict[str, asyncio.Future[T]] = {}
+        self._flights: dict[Hashable, asyncio.Future[T]] = {}
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -43,7 +43,9 @@ class SingleFlight(Generic[T]):
     def __contains__(self, key: object) -> bool:
         return key in self._flights
 
-    async def run(self, key: str, compute: Callable[[], Awaitable[T]], wait_seconds: float) -> T:
+    async def run(
+        self, key: Hashable, compute: Callable[[], Awaitable[T]], wait_seconds: float
+    ) -> T:
         """Runs ``compute`` unless another call for ``key`` already does, then shares its result.
 
         Args:
@@ -76,13 +78,13 @@ class SingleFlight(Generic[T]):
                     raise  # the leader's own TimeoutError, shared like any other exception
                 return await compute()
 
-    async def run_if_idle(self, key: str, compute: Callable[[], Awaitable[T]]) -> T | None:
+    async def run_if_idle(self, key: Hashable, compute: Callable[[], Awaitable[T]]) -> T | None:
         """Runs ``compute`` as leader of ``key``, or returns ``None`` at once if one computes."""
         if key in self._flights:
             return None
         return await self._lead(key, compute)
 
-    async def _lead(self, key: str, compute: Callable[[], Awaitable[T]]) -> T:
+    async def _lead(self, key: Hashable, compute: Callable[[], Awaitable[T]]) -> T:
         flight: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._flights[key] = flight
         try:

@@ -1,17 +1,40 @@
 """The store contract every backend implements.
 
 A store only ever sees keys and bytes. It knows nothing of FastAPI, of the decorator or of how keys
-are built; the scope passed with each write is all it needs to find the entries an invalidation
-targets. Stores raise :class:`~commons.cache.errors.BackendError` subclasses and nothing else.
+are built; the scope passed with each read and write is all it needs to find the entries an
+invalidation targets. Stores raise :class:`~commons.cache.errors.BackendError` subclasses and
+nothing else.
+
+Generations
+-----------
+A store shared by several processes (Redis) cannot remove, at the instant of an invalidation, an
+entry that another process is about to write, nor promise that its helper keys survive eviction.
+Such a store keeps a random *generation* per scope and reports it with every read
+(:attr:`StoredRead.generation`); the layer writes the generation of the fill's read into the entry
+and serves an entry only while the two are equal. An invalidation replaces the scope's generation;
+a generation that is lost (evicted, deleted, flushed) is replaced by a new random one. Either way
+the old entries can only be misses. A store that invalidates exactly (memory, one process) has no
+generations: ``uses_generations`` is false and it reports ``None``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import NamedTuple
 
 from commons.cache.scope import CacheScope, InvalidationTarget
 
-__all__ = ["CacheStore"]
+__all__ = ["CacheStore", "StoredRead"]
+
+
+class StoredRead(NamedTuple):
+    """One read: the value, its remaining whole seconds, and the scope's generation now."""
+
+    remaining: int
+    value: bytes | None
+    #: The scope's generation at the read; ``None`` when the store has none, or lost one (a
+    #: store that uses generations then serves nothing until :meth:`CacheStore.generation`).
+    generation: bytes | None = None
 
 
 class CacheStore(ABC):
@@ -19,18 +42,36 @@ class CacheStore(ABC):
 
     #: Short name, reported by ``cache_status()``.
     name: str
+    #: Whether reads report scope generations (see the module docstring).
+    uses_generations: bool = False
 
     @abstractmethod
-    async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
-        """The value under ``key`` and its remaining time to live in whole seconds (0 if absent)."""
+    async def read(self, key: str, scope: CacheScope) -> StoredRead:
+        """The value under ``key``, its remaining time, and the generation of ``scope``."""
 
     @abstractmethod
-    async def set(self, key: str, value: bytes, ttl_seconds: int, scope: CacheScope) -> None:
-        """Stores ``value`` under ``key`` for ``ttl_seconds``, indexed under ``scope``."""
+    async def write(
+        self,
+        key: str,
+        value: bytes,
+        ttl_seconds: float,
+        scope: CacheScope,
+        generation: bytes | None = None,
+    ) -> bool:
+        """Stores ``value`` under ``key`` for ``ttl_seconds``, indexed under ``scope``.
+
+        With ``generation``, only while ``scope``'s generation is still that one; returns
+        whether the value was stored.
+        """
+
+    async def generation(self, scope: CacheScope) -> bytes:
+        """The generation of ``scope``, created (random) where it is missing."""
+        return b""
 
     @abstractmethod
-    async def delete(self, key: str) -> int:
-        """Removes one key; returns how many were removed (0 or 1)."""
+    async def delete(self, key: str, scope: CacheScope | None = None) -> int:
+        """Removes one key (and, with generations, retires ``scope``'s generation so that no
+        concurrent fill brings it back); returns how many keys were removed (0 or 1)."""
 
     @abstractmethod
     async def invalidate(self, target: InvalidationTarget) -> int:
@@ -55,3 +96,14 @@ class CacheStore(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Releases connections. Safe to call more than once."""
+
+    # -- conveniences over the contract (operators, tests, benchmarks) -----------------------------
+
+    async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
+        """The value under ``key`` and its remaining whole seconds, whatever its generation."""
+        read = await self.read(key, CacheScope(""))
+        return read.remaining, read.value
+
+    async def set(self, key: str, value: bytes, ttl_seconds: float, scope: CacheScope) -> None:
+        """Stores ``value`` unconditionally."""
+        await self.write(key, value, ttl_seconds, scope)

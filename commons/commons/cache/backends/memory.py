@@ -18,10 +18,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from commons.cache.backends.base import CacheStore
+from commons.cache.backends.base import CacheStore, StoredRead
 from commons.cache.scope import CacheScope, InvalidationTarget
 
 __all__ = ["MemoryStore"]
+
+
+_MISS = StoredRead(0, None)
 
 
 @dataclass(slots=True)
@@ -61,21 +64,30 @@ class MemoryStore(CacheStore):
         self._entries.move_to_end(key)
         return entry
 
-    async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
-        return self.read(key)
+    async def read(self, key: str, scope: CacheScope) -> StoredRead:
+        return self.read_now(key)
 
-    def read(self, key: str) -> tuple[int, bytes | None]:
-        """:meth:`get_with_ttl` without a coroutine, for the layer's hot path."""
+    def read_now(self, key: str) -> StoredRead:
+        """:meth:`read` without a coroutine, for the layer's hot path."""
         now = self._clock()
         entry = self._live_entry(key, now)
         if entry is None:
-            return 0, None
-        return math.ceil(entry.expires_at - now), entry.value
+            return _MISS
+        return StoredRead(math.ceil(entry.expires_at - now), entry.value)
 
     # -- writes --------------------------------------------------------------------------------
 
-    async def set(self, key: str, value: bytes, ttl_seconds: int, scope: CacheScope) -> None:
+    async def write(
+        self,
+        key: str,
+        value: bytes,
+        ttl_seconds: float,
+        scope: CacheScope,
+        generation: bytes | None = None,
+    ) -> bool:
+        # One process: invalidations remove entries exactly, there is no generation to check.
         self._put(key, value, ttl_seconds, scope)
+        return True
 
     def _put(self, key: str, value: bytes, ttl_seconds: float, scope: CacheScope | None) -> None:
         now = self._clock()
@@ -136,7 +148,7 @@ class MemoryStore(CacheStore):
         if not tenants:
             del self._index[scope.namespace]
 
-    async def delete(self, key: str) -> int:
+    async def delete(self, key: str, scope: CacheScope | None = None) -> int:
         return int(self._remove(key))
 
     async def invalidate(self, target: InvalidationTarget) -> int:

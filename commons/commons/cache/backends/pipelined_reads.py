@@ -1,12 +1,12 @@
-"""Pipelined reads: a process's GETs share one Redis connection and travel in batches.
+"""Pipelined reads: a process's reads share one Redis connection and travel in batches.
 
-A hit is one GET, and redis-py's asyncio client spends most of a hit's time around it: checking a
-connection out of the pool and back in, packing the command, arming a read with its own timeout,
-waking the caller. Measured on 2 cores: about 100 us of CPU per GET. Here the GETs that requests
-issue in the same event-loop iteration are written with one send on one connection, and the
-replies are parsed by hiredis as the event loop hands the bytes over (the reader is the
-transport's protocol) and handed out in order: 5 to 15 us per GET (more for larger values), and
-fewer system calls the busier the process is.
+A hit is one read (an ``MGET`` of the entry and its scope's generations), and redis-py's asyncio
+client spends most of a hit's time around it: checking a connection out of the pool and back in,
+packing the command, arming a read with its own timeout, waking the caller. Measured on 2 cores:
+about 100 us of CPU per GET. Here the reads that requests issue in the same event-loop iteration
+are written with one send on one connection, and the replies are parsed by hiredis as the event
+loop hands the bytes over (the reader is the transport's protocol) and handed out in order: 5 to
+15 us per GET (more for larger values), and fewer system calls the busier the process is.
 
 Why replies cannot go to the wrong request: Redis answers a connection's commands in the order it
 received them, so the n-th reply belongs to the n-th GET still waiting. Whatever could break that
@@ -20,9 +20,11 @@ was cancelled keeps its place in the queue and its reply is dropped. An error re
 What a read sees: a GET is sent after everything its request awaited before it, so it observes
 every write and invalidation that had returned by then, whichever connection made them.
 
-Bounds: every GET waits at most ``timeout`` for its reply, and at most ``max_pending`` GETs wait
-at once; past that a GET is refused at once (:class:`redis.exceptions.MaxConnectionsError`, a miss
-for the layer), as the pool refuses a command past ``REDIS_MAX_CONNECTIONS``.
+Bounds: every GET waits at most ``timeout`` for its reply, opening a connection (connect,
+handshake, log-in) takes at most ``open_timeout``, a GET queued on a connection that broke before
+it was sent fails at once (and is sent once more on a new one), and at most ``max_pending`` GETs
+wait at once; past that a GET is refused at once (:class:`redis.exceptions.MaxConnectionsError`,
+a miss for the layer), as the pool refuses a command past ``REDIS_MAX_CONNECTIONS``.
 
 Errors are raised as redis-py's exceptions, so the store translates them in its one place.
 """
@@ -102,6 +104,23 @@ def channel_opener(client: Redis) -> Callable[[], Awaitable[ReadChannel]] | None
     return open_channel
 
 
+#: What a GET or an MGET is answered with.
+Reply = bytes | None | list[bytes | None]
+
+
+def _is_bulk_list(reply: object) -> bool:
+    return isinstance(reply, list) and all(
+        item is None or isinstance(item, bytes) for item in reply
+    )
+
+
+def _command(*parts: bytes) -> bytes:
+    encoded = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        encoded.append(b"$%d\r\n%b\r\n" % (len(part), part))
+    return b"".join(encoded)
+
+
 def _error_reply(reply: hiredis.ReplyError) -> redis_errors.RedisError:
     message = str(reply)
     kind = _ERROR_REPLIES.get(message.split(" ", 1)[0], redis_errors.ResponseError)
@@ -122,26 +141,34 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.timeout = timeout
         self.broken = False
-        #: Waiting GETs: their future and the loop time their reply is due by.
-        self.waiting: deque[tuple[asyncio.Future[bytes | None], float]] = deque()
+        #: Waiting commands: their future and the loop time their reply is due by.
+        self.waiting: deque[tuple[asyncio.Future[Reply], float]] = deque()
         self._parser = hiredis.Reader()
         self._unsent: list[bytes] = []
         self._deadline_timer: asyncio.TimerHandle | None = None
         transport = channel.transport
         transport.set_protocol(self)
+        if transport.is_closing():
+            # Lost while it was being opened: the stream's protocol heard it, this one never will.
+            self.fail(redis_errors.ConnectionError("the connection to Redis was lost"))
         # The stream protocol it replaces may have paused reading; nothing is buffered there,
         # since nothing was sent since the handshake.
         with contextlib.suppress(Exception):
             transport.resume_reading()
 
-    def send_get(self, key: bytes) -> asyncio.Future[bytes | None]:
-        future: asyncio.Future[bytes | None] = self.loop.create_future()
+    def send(self, command: bytes) -> asyncio.Future[Reply]:
+        """Queues one encoded command; its future gets the reply (or the connection's failure)."""
+        if self.broken:
+            # Dropped before this command could be sent (right after opening, say): nothing
+            # would ever answer it, nor time it out.
+            raise redis_errors.ConnectionError("the connection to Redis was lost")
+        future: asyncio.Future[Reply] = self.loop.create_future()
         due = self.loop.time() + self.timeout
         self.waiting.append((future, due))
         if not self._unsent:
-            # The first GET of this loop iteration: the others join it in one send.
+            # The first command of this loop iteration: the others join it in one send.
             self.loop.call_soon(self._send)
-        self._unsent.append(b"*2\r\n$3\r\nGET\r\n$%d\r\n%b\r\n" % (len(key), key))
+        self._unsent.append(command)
         if self._deadline_timer is None:
             self._deadline_timer = self.loop.call_at(due, self._check_deadline)
         return future
@@ -178,13 +205,13 @@ class _Connection(asyncio.Protocol):
                 future = waiting.popleft()[0]
                 if future.done():  # its caller gave up; the reply is dropped
                     continue
-                if reply is None or isinstance(reply, bytes):
+                if reply is None or isinstance(reply, bytes) or _is_bulk_list(reply):
                     future.set_result(reply)
                 elif isinstance(reply, hiredis.ReplyError):
                     future.set_exception(_error_reply(reply))
                 else:
                     raise redis_errors.InvalidResponse(
-                        f"a GET was answered with {type(reply).__name__}"
+                        f"a read was answered with {type(reply).__name__}"
                     )
         except hiredis.ProtocolError as exc:
             self.fail(redis_errors.InvalidResponse(f"unreadable reply from Redis: {exc}"))
@@ -227,6 +254,7 @@ class PipelinedReader:
         open_channel: Opens a new connection, authenticated and on the right database.
         timeout: Seconds a GET waits for its reply before the connection is given up.
         max_pending: GETs that may wait at once; more are refused as busy.
+        open_timeout: Seconds opening a connection may take; ``3 * timeout`` by default.
     """
 
     def __init__(
@@ -235,35 +263,49 @@ class PipelinedReader:
         *,
         timeout: float,
         max_pending: int,
+        open_timeout: float | None = None,
     ) -> None:
         self._open_channel = open_channel
         self._timeout = timeout
+        self._open_timeout = 3 * timeout if open_timeout is None else open_timeout
         self._max_pending = max_pending
         self._connection: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._closed = False
 
     async def get(self, key: str) -> bytes | None:
-        """The value under ``key``, or ``None``.
+        """The value under ``key``, or ``None`` (see :meth:`mget`)."""
+        reply = await self._call(_command(b"GET", key.encode()))
+        if isinstance(reply, list):
+            raise redis_errors.InvalidResponse("a GET was answered with a list")
+        return reply
+
+    async def mget(self, keys: list[str]) -> list[bytes | None]:
+        """The values under ``keys`` (``None`` where absent), read in one atomic command.
 
         Raises:
             redis.exceptions.RedisError: The reply did not come (the connection is then closed),
                 or Redis answered with an error.
         """
-        encoded = key.encode()
+        reply = await self._call(_command(b"MGET", *(key.encode() for key in keys)))
+        if not isinstance(reply, list) or len(reply) != len(keys):
+            raise redis_errors.InvalidResponse("an MGET was not answered with its values")
+        return reply
+
+    async def _call(self, command: bytes) -> Reply:
         connection = self._usable_connection(asyncio.get_running_loop())
         if connection is None:
             connection = await self._connect()
         if len(connection.waiting) >= self._max_pending:
             raise redis_errors.MaxConnectionsError("too many reads are waiting for Redis")
         try:
-            return await connection.send_get(encoded)
+            return await connection.send(command)
         except redis_errors.BusyLoadingError:
             raise
         except redis_errors.ConnectionError:
             # The connection was dropped (a restarted server): once more, at once, on a new one,
             # as redis-py retries its own commands. A timeout is not retried.
-            return await (await self._connect()).send_get(encoded)
+            return await (await self._connect()).send(command)
 
     def _usable_connection(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
         """The open connection, if there is one and ``loop`` can drive it."""
@@ -296,7 +338,11 @@ class PipelinedReader:
         if previous is not None and not previous.broken:
             # Opened on another event loop, which can no longer drive it.
             previous.fail(redis_errors.ConnectionError("the event loop changed"))
-        channel = await self._open_channel()
+        try:
+            async with asyncio.timeout(self._open_timeout):
+                channel = await self._open_channel()
+        except TimeoutError as exc:
+            raise redis_errors.TimeoutError("opening a connection to Redis timed out") from exc
         if self._closed:
             channel.close()
             raise redis_errors.ConnectionError("the cache is closed")

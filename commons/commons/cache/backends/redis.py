@@ -47,7 +47,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -58,7 +60,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from commons.cache.backends.base import CacheStore
+from commons.cache.backends.base import CacheStore, StoredRead
 from commons.cache.backends.expiry import ExpiryMemo
 from commons.cache.backends.pipelined_reads import PipelinedReader, channel_opener
 from commons.cache.connection import RedisClient, reports_cluster_mode
@@ -68,12 +70,16 @@ from commons.cache.errors import (
     BackendRejectedError,
     BackendUnavailableError,
 )
+from commons.cache.memo import BoundedMemo
 from commons.cache.scope import CacheScope, InvalidationTarget
 
 __all__ = ["RedisStore"]
 
+logger = logging.getLogger("commons.cache")
+
 #: Members of an index that expired longer ago than this are pruned (allows for clock skew
-#: between the time an entry was written and the server's clock).
+#: between the time an entry was written and the server's clock). Also the life of a new
+#: generation; every fill extends its scope's generations to outlive the entry by as much.
 INDEX_GRACE_MS = 60_000
 #: Keys removed per UNLINK while invalidating or flushing: small enough that no command blocks.
 BATCH_SIZE = 500
@@ -131,6 +137,45 @@ end
 local removed = redis.call('UNLINK', unpack(keys))
 redis.call('ZREM', KEYS[1], unpack(keys))
 return {removed, redis.call('ZCARD', KEYS[1])}
+"""
+
+# A fill: the entry is stored only while its scope's generations (KEYS[2..]) are still the ones its
+# read saw (ARGV[3], joined with '.'); a missing generation refuses it too. The generations are
+# kept alive at least as long as the entry. ARGV[3] empty: an unconditional write.
+_FILL = """
+local expected = ARGV[3]
+local keep_ms = tonumber(ARGV[2]) + tonumber(ARGV[4])
+if expected ~= '' then
+  local seen = {}
+  for i = 2, #KEYS do
+    local value = redis.call('GET', KEYS[i])
+    if not value then
+      return 0
+    end
+    seen[#seen + 1] = value
+  end
+  if table.concat(seen, '.') ~= expected then
+    return 0
+  end
+  for i = 2, #KEYS do
+    local current = redis.call('PTTL', KEYS[i])
+    if current >= 0 and current < keep_ms then
+      redis.call('PEXPIRE', KEYS[i], keep_ms)
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# The generations of a scope (KEYS), each created with a random value (ARGV) where missing.
+_ENSURE_GENERATIONS = """
+local seen = {}
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i], 'NX', 'PX', ARGV[#KEYS + 1])
+  seen[i] = redis.call('GET', KEYS[i])
+end
+return table.concat(seen, '.')
 """
 
 _DELETE_IF_EQUAL = """
@@ -198,6 +243,7 @@ class RedisStore(CacheStore):
     """Stores entries in Redis under one service prefix, with scope indexes for invalidation."""
 
     name = "redis"
+    uses_generations = True
 
     def __init__(
         self,
@@ -216,6 +262,7 @@ class RedisStore(CacheStore):
         self._prefix = prefix
         self._cluster_factory = cluster_factory
         self._expiries = ExpiryMemo()
+        self._generation_keys_memo = BoundedMemo[CacheScope, list[str]](4096, 4 * 1024 * 1024)
         self._closed = False
         self._reads: PipelinedReader | None = None
         self._use(client)
@@ -231,6 +278,8 @@ class RedisStore(CacheStore):
                 max_pending=PIPELINED_READS_MAX_PENDING,
             )
         self._index_add = client.register_script(_INDEX_ADD)
+        self._fill = client.register_script(_FILL)
+        self._ensure_generations = client.register_script(_ENSURE_GENERATIONS)
         self._delete_if_equal = client.register_script(_DELETE_IF_EQUAL)
         self._unregister_if_drained = client.register_script(_UNREGISTER_IF_DRAINED)
         self._drain_page = client.register_script(_DRAIN_PAGE)
@@ -261,6 +310,31 @@ class RedisStore(CacheStore):
     def _unscoped_leaf(self, namespace: str) -> str:
         return f"{self._prefix}:#idx:{_tag(namespace)}:-"
 
+    def generation_keys(self, scope: CacheScope) -> list[str]:
+        """The keys holding the generations an entry of ``scope`` depends on, widest first.
+
+        ``{prefix}:#gen:{ns}``, then ``...:t:{tenant}``, then ``...:t:{tenant}:u:{user}``: all in
+        the namespace's hash tag, so one ``MGET`` reads them on a cluster too.
+        """
+        known = self._generation_keys_memo.get(scope)
+        if known is not None:
+            return known
+        namespace_key = f"{self._prefix}:#gen:{_tag(scope.namespace)}"
+        keys = [namespace_key]
+        if scope.tenant_id is not None:
+            keys.append(f"{namespace_key}:t:{_quote(scope.tenant_id)}")
+            if scope.user_id is not None:
+                keys.append(f"{keys[-1]}:u:{_quote(scope.user_id)}")
+        size = sum(map(len, keys)) + len(scope.namespace) + 64
+        self._generation_keys_memo.put(scope, keys, size)
+        return keys
+
+    def _generation_key_of(self, target: InvalidationTarget) -> str:
+        """The one generation an invalidation of ``target`` replaces."""
+        return self.generation_keys(CacheScope(target.namespace, target.tenant_id, target.user_id))[
+            -1
+        ]
+
     def _index_updates(self, key: str, scope: CacheScope) -> list[tuple[str, str]]:
         """(index, member) pairs recording ``key`` under ``scope``."""
         ns = scope.namespace
@@ -279,56 +353,87 @@ class RedisStore(CacheStore):
 
     # -- reads ---------------------------------------------------------------------------------
 
-    async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
+    async def read(self, key: str, scope: CacheScope) -> StoredRead:
+        """The entry and its scope's generations, in one round trip (``MGET``) on one server."""
+        generation_keys = self.generation_keys(scope)
         # Until a first contact has ruled a cluster out, reads take redis-py's routed path.
         reads = self._reads if self._cluster_factory is None else None
         # A hit's path: the seam is spelled out rather than entered as a context manager, which
         # would cost a hit a generator and two awaits.
         try:
+            replies: list[bytes | None]
             if reads is not None:
-                value = await reads.get(key)
+                replies = await reads.mget([key, *generation_keys])
+            elif isinstance(self._client, RedisCluster):
+                # The entry and its generations live in different slots: the entry first, so an
+                # invalidation between the two reads shows as another generation (a miss).
+                replies = [cast(bytes | None, await self._client.get(key))]
+                replies += cast(list[bytes | None], await self._client.mget(generation_keys))
             else:
                 # decode_responses is off: replies are bytes.
-                value = cast(bytes | None, await self._client.get(key))
+                replies = cast(list[bytes | None], await self._client.mget([key, *generation_keys]))
+            value = replies[0]
+            generations = replies[1:]
+            generation = None if None in generations else b".".join(cast(list[bytes], generations))
             if value is None:
                 self._expiries.forget(key)
-                return 0, None
+                return StoredRead(0, None, generation)
             remaining = self._expiries.remaining(key, value)
             if remaining is not None:
-                return remaining, value
+                return StoredRead(remaining, value, generation)
             # First sight of these bytes (or near their expiry): one more round trip.
             ttl_ms = await self._client.pttl(key)
         except _REDIS_FAILURES as exc:
             raise _translate(exc) from exc
         if ttl_ms <= 0:
-            return 0, value
+            return StoredRead(0, value, generation)
         self._expiries.remember(key, value, ttl_ms / 1000)
-        return math.ceil(ttl_ms / 1000), value
+        return StoredRead(math.ceil(ttl_ms / 1000), value, generation)
+
+    async def generation(self, scope: CacheScope) -> bytes:
+        keys = self.generation_keys(scope)
+        fresh = [secrets.token_hex(8) for _ in keys]
+        async with _redis_errors_translated():
+            return cast(
+                bytes,
+                await self._ensure_generations(keys=keys, args=[*fresh, INDEX_GRACE_MS]),
+            )
 
     # -- writes --------------------------------------------------------------------------------
 
-    async def set(self, key: str, value: bytes, ttl_seconds: int, scope: CacheScope) -> None:
+    async def write(
+        self,
+        key: str,
+        value: bytes,
+        ttl_seconds: float,
+        scope: CacheScope,
+        generation: bytes | None = None,
+    ) -> bool:
         ttl_ms = int(ttl_seconds * 1000)
+        fill_keys = [key, *self.generation_keys(scope)]
+        fill_args: list[bytes | int] = [value, ttl_ms, generation or b"", INDEX_GRACE_MS]
         async with _redis_errors_translated():
             if isinstance(self._client, RedisCluster):
-                await self._set_on_cluster(self._client, key, value, ttl_ms, scope)
-                self._expiries.remember(key, value, ttl_seconds)
-                return
-            pipe = self._client.pipeline(transaction=True)
-            for index, member in self._index_updates(key, scope):
-                await self._index_add(
-                    keys=[index], args=[member, ttl_ms, INDEX_GRACE_MS], client=pipe
-                )
-            pipe.set(key, value, px=ttl_ms)
-            await pipe.execute()
-        self._expiries.remember(key, value, ttl_seconds)
+                stored = await self._write_on_cluster(self._client, key, value, ttl_ms, scope)
+            else:
+                pipe = self._client.pipeline(transaction=True)
+                for index, member in self._index_updates(key, scope):
+                    await self._index_add(
+                        keys=[index], args=[member, ttl_ms, INDEX_GRACE_MS], client=pipe
+                    )
+                await self._fill(keys=fill_keys, args=fill_args, client=pipe)
+                stored = bool((await pipe.execute())[-1])
+        if stored:
+            self._expiries.remember(key, value, ttl_seconds)
+        return stored
 
-    async def _set_on_cluster(
+    async def _write_on_cluster(
         self, client: RedisCluster, key: str, value: bytes, ttl_ms: int, scope: CacheScope
-    ) -> None:
+    ) -> bool:
         # The indexes share the namespace's slot, the entry is elsewhere: index, entry, index.
         # EVAL rather than EVALSHA: a cluster transaction cannot load a script that a promoted
-        # replica has never seen.
+        # replica has never seen. The generations are not checked here (they are in another
+        # slot than the entry): a read never serves an entry of another generation anyway.
         updates = self._index_updates(key, scope)
 
         async def index() -> None:
@@ -344,9 +449,13 @@ class RedisStore(CacheStore):
         await index()
         await client.set(key, value, px=ttl_ms)
         await index()
+        return True
 
-    async def delete(self, key: str) -> int:
+    async def delete(self, key: str, scope: CacheScope | None = None) -> int:
         async with _redis_errors_translated():
+            if scope is not None:
+                # A fill of this key computed before the deletion must not bring it back.
+                await self._client.unlink(self.generation_keys(scope)[-1])
             return int(await self._client.unlink(key))
 
     async def add_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
@@ -360,16 +469,29 @@ class RedisStore(CacheStore):
     # -- invalidation --------------------------------------------------------------------------
 
     async def invalidate(self, target: InvalidationTarget) -> int:
+        """Retires the target's generation, then removes its indexed entries.
+
+        Retiring the generation (deleting it: the next read makes a new random one) is what makes
+        the invalidation hold: no entry of the old one is ever served again, nor stored by a fill
+        that began before. It is one command, which a full Redis still accepts. Removing the
+        entries afterwards only frees their memory: a failure there loses nothing.
+        """
         ns = target.namespace
         async with _redis_errors_translated():
             await self._follow_sentinel_master()
-            if target.tenant_id is None:
-                return await self._drain_registry(
-                    self._namespace_registry(ns), self._drain_tenant_leaf
-                )
-            if target.user_id is None:
-                return await self._drain_tenant_leaf(self._tenant_leaf(ns, target.tenant_id))
-            return await self._drain_leaf(self._user_leaf(ns, target.tenant_id, target.user_id))
+            await self._client.unlink(self._generation_key_of(target))
+        try:
+            async with _redis_errors_translated():
+                if target.tenant_id is None:
+                    return await self._drain_registry(
+                        self._namespace_registry(ns), self._drain_tenant_leaf
+                    )
+                if target.user_id is None:
+                    return await self._drain_tenant_leaf(self._tenant_leaf(ns, target.tenant_id))
+                return await self._drain_leaf(self._user_leaf(ns, target.tenant_id, target.user_id))
+        except BackendError as exc:
+            logger.debug("invalidated entries left to expire: %s", exc)
+            return 0
 
     async def _follow_sentinel_master(self) -> None:
         """Behind Sentinel, asks it for the master before an invalidation walks the indexes.

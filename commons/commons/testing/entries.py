@@ -1,0 +1,95 @@
+"""What the cache stores, seen from a test: the payload under a key, and entries aged on purpose.
+
+Testing only: these read and write the tier the current cache layer uses, bypassing its rules.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from commons.cache.cache import current_layer
+from commons.cache.decorator import PRODUCER
+from commons.cache.entry import BODY, parse_any
+from commons.cache.layer import CacheLayer
+from commons.cache.rendering import route_fingerprint
+
+__all__ = [
+    "TEST_FINGERPRINT",
+    "age_entry",
+    "fill",
+    "route_fingerprint_of",
+    "served",
+    "stored_payload",
+    "stored_value",
+]
+
+
+def _layer() -> CacheLayer:
+    layer = current_layer()
+    if layer is None:
+        raise RuntimeError("init_cache() has not run")
+    return layer
+
+
+async def stored_value(key: str) -> tuple[int, bytes | None]:
+    """The remaining seconds and the raw stored bytes under exactly ``key``."""
+    return await _layer().read_raw(key)
+
+
+async def stored_payload(key: str) -> tuple[int, bytes | None]:
+    """The remaining seconds and the payload (the body, or the envelope) stored under ``key``."""
+    remaining, raw = await stored_value(key)
+    parsed = parse_any(raw) if raw is not None else None
+    return remaining, parsed[2].payload if parsed is not None else None
+
+
+async def age_entry(key: str, remaining_seconds: float) -> None:
+    """Makes the entry under ``key`` as old as one with ``remaining_seconds`` left to live."""
+    _, raw = await stored_value(key)
+    if raw is None:
+        raise LookupError(f"nothing is stored under {key!r}")
+    await _layer().write_raw(key, raw, remaining_seconds)
+
+
+#: The fingerprint of the entries :func:`fill` writes and :func:`served` reads.
+TEST_FINGERPRINT = b"7e577e577e577e57"
+
+
+async def fill(
+    key: str, body: bytes, ttl_seconds: int, *, fingerprint: bytes = TEST_FINGERPRINT
+) -> bytes | None:
+    """Reads ``key`` and stores ``body`` under it as a route would on a miss, by the layer's
+    rules (fill token, generation, degraded cap); returns what was stored, if anything."""
+    layer = _layer()
+    lookup = await layer.lookup(key, fingerprint)
+    if lookup is None:
+        return None
+    return await layer.store(
+        key,
+        body,
+        kind=BODY,
+        expire=ttl_seconds,
+        stale_seconds=0,
+        fingerprint=fingerprint,
+        token=lookup.token,
+    )
+
+
+async def served(key: str) -> bytes | None:
+    """The body a request for ``key`` would be served from right now (``None``: a miss)."""
+    lookup = await _layer().lookup(key, TEST_FINGERPRINT)
+    if lookup is None or lookup.value is None:
+        return None
+    return lookup.value.payload
+
+
+def route_fingerprint_of(app: FastAPI, path: str) -> bytes:
+    """The fingerprint ``@cache`` gives the entries of ``app``'s GET route at ``path``."""
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path == path and "GET" in (route.methods or ()):
+            handler = inspect.unwrap(route.endpoint)
+            return route_fingerprint(route, handler, producer=PRODUCER)
+    raise LookupError(f"no GET route at {path}")
