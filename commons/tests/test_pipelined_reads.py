@@ -12,7 +12,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from commons.cache.backends.pipelined_reads import PipelinedReader, channel_opener
+from commons.cache.backends.pipelined_reads import PipelinedReader, ReadChannel, channel_opener
 from commons.cache.backends.redis import RedisStore
 from commons.cache.scope import CacheScope
 from commons.testing.redis_server import RedisServer
@@ -274,3 +274,60 @@ def test_a_pool_that_picks_its_server_per_connection_keeps_redis_pys_own_reads()
     sentinel_pool = SentinelConnectionPool("primary", sentinel_manager=None)
     assert channel_opener(Redis(connection_pool=sentinel_pool)) is None
     assert channel_opener(Redis.from_url("redis://127.0.0.1:1/0")) is not None
+
+
+async def test_a_read_on_a_connection_dropped_right_after_opening_fails_in_bounded_time(
+    redis_url: str,
+) -> None:
+    """The connection breaks between the handshake and the first read: the read fails (a miss
+    for the layer) within its timeout instead of waiting forever."""
+    client = Redis.from_url(redis_url, socket_connect_timeout=1.0)
+    opener = channel_opener(client)
+    assert opener is not None
+    opened = 0
+
+    async def open_then_drop() -> ReadChannel:
+        nonlocal opened
+        opened += 1
+        channel = await opener()
+        channel.transport.abort()  # lost just after the handshake, before any read is sent
+        return channel
+
+    reader = PipelinedReader(open_then_drop, timeout=0.5, max_pending=100)
+    try:
+        started = time.perf_counter()
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(reader.get("k"), reader.mget(["k", "j"]), return_exceptions=True), 5
+        )
+        elapsed = time.perf_counter() - started
+    finally:
+        await reader.aclose()
+        await client.aclose()
+
+    assert all(isinstance(outcome, redis_errors.ConnectionError) for outcome in outcomes)
+    assert elapsed < 1.0
+    assert opened == 2  # the first attempt, then the one retry on a new connection
+
+
+async def test_an_mget_gets_the_values_of_its_own_keys_in_order_among_concurrent_reads(
+    redis_url: str, make_reader: MakeReader
+) -> None:
+    rng = random.Random(11)
+    values = {f"m{n}": rng.randbytes(rng.choice([0, 5, 3_000])) for n in range(40)}
+    writer = Redis.from_url(redis_url)
+    try:
+        await writer.mset(values)
+    finally:
+        await writer.aclose()
+    reader = await make_reader(redis_url)
+    batches = [
+        [rng.choice([*values, "absent"]) for _ in range(rng.randint(1, 6))] for _ in range(500)
+    ]
+
+    replies = await asyncio.gather(
+        *(reader.mget(batch) if n % 2 else reader.get(batch[0]) for n, batch in enumerate(batches))
+    )
+
+    for n, (batch, reply) in enumerate(zip(batches, replies, strict=True)):
+        expected = [values.get(key) for key in batch]
+        assert reply == (expected if n % 2 else expected[0])

@@ -1,23 +1,36 @@
-"""``PrivateCacheControlMiddleware``: makes cached answers private for every decorator.
+"""``PrivateCacheControlMiddleware``: cached answers of every decorator keep our HTTP rules.
 
 Routes cached with fastapi-cache2's own decorator (the guide's snippet) answer with a bare
 ``Cache-Control: max-age=...``, which lets a shared proxy or CDN store one tenant's answer and hand
-it to another. Our ``@cache`` already says ``private`` and ``Vary: Authorization`` for scoped
-entries; this middleware gives the same protection to any response that carries the
-``X-FastAPI-Cache`` header and is not already ``private`` or ``no-store``. It only rewrites headers
-before the first message is sent, so it costs nothing on the body.
+it to another, and with ``ETag: W/<hash()>``: unquoted (the entity-tag grammar requires quotes) and
+built from Python's salted ``hash()``, so every process and every restart tags the same bytes
+differently and ``If-None-Match`` never matches across replicas.
+
+Our ``@cache`` already says ``private`` and ``Vary: Authorization`` for scoped entries and tags
+answers with a digest of their bytes; this middleware gives any response that carries the
+``X-FastAPI-Cache`` header the same:
+
+- ``Cache-Control: private`` and ``Vary: Authorization`` unless it is already ``private`` or
+  ``no-store`` (headers only, rewritten before the first message is sent);
+- a ``200`` whose ETag is not a quoted tag gets ours (:func:`~commons.cache.http.entry_etag`, the
+  first 128 bits of the body's SHA-256, the same in every process and replica), and a request whose
+  ``If-None-Match`` matches it gets ``304`` with no body. That needs the whole body before the
+  headers go out, so only those answers are held back (a cached JSON body, in memory anyway);
+  answers of our decorator, which are tagged already, pass through untouched.
 """
 
 from __future__ import annotations
 
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from commons.cache.http import CACHE_STATUS_HEADER
+from commons.cache.http import CACHE_STATUS_HEADER, entry_etag, etag_matches
 
 __all__ = ["PrivateCacheControlMiddleware"]
 
 _STATUS_HEADER = CACHE_STATUS_HEADER.lower()
+# What a 304 keeps of the 200 it stands for (RFC 9110, 15.4.5), besides the cache's own header.
+_NOT_MODIFIED_KEEPS = ("etag", "vary", "cache-control", "expires", "content-location", "date")
 
 
 def _make_private(headers: MutableHeaders) -> None:
@@ -33,8 +46,13 @@ def _make_private(headers: MutableHeaders) -> None:
         headers["vary"] = f"{vary}, Authorization"
 
 
+def _needs_our_etag(message: Message, headers: MutableHeaders) -> bool:
+    etag = headers.get("etag", "")
+    return message["status"] == 200 and not etag.startswith(('"', 'W/"'))
+
+
 class PrivateCacheControlMiddleware:
-    """Pure ASGI middleware: cached answers are never stored by shared caches."""
+    """Pure ASGI middleware: cached answers are private and carry a stable ETag."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -43,12 +61,43 @@ class PrivateCacheControlMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        start: Message | None = None
+        body: list[bytes] = []
 
-        async def send_private(message: Message) -> None:
+        async def send_cached(message: Message) -> None:
+            nonlocal start
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 if _STATUS_HEADER in headers:
                     _make_private(headers)
-            await send(message)
+                    if _needs_our_etag(message, headers):
+                        start = message  # held until the whole body is known
+                        return
+                await send(message)
+                return
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            body.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            await _send_tagged(scope, start, b"".join(body), send)
 
-        await self.app(scope, receive, send_private)
+        await self.app(scope, receive, send_cached)
+
+
+async def _send_tagged(scope: Scope, start: Message, body: bytes, send: Send) -> None:
+    headers = MutableHeaders(scope=start)
+    etag = entry_etag(body)
+    headers["etag"] = etag
+    if etag_matches(Headers(scope=scope).get("if-none-match"), etag):
+        kept = [
+            (name, value)
+            for name, value in start["headers"]
+            if name.decode("latin-1").lower() in (*_NOT_MODIFIED_KEEPS, _STATUS_HEADER)
+        ]
+        await send({"type": "http.response.start", "status": 304, "headers": kept})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send(start)
+    await send({"type": "http.response.body", "body": body})
