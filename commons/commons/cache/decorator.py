@@ -202,6 +202,7 @@ class _CachedRoute:
         self.prepared = _PreparedResponses()
         self.endpoint: Callable[..., Any] | None = None
         self._adapter: list[TypeAdapter[Any] | None] = []
+        self._last_fingerprint: tuple[object, bytes] | None = None
 
     async def call_handler(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.is_coroutine:
@@ -220,9 +221,15 @@ class _CachedRoute:
 
     def fingerprint(self, request: Request) -> bytes:
         """What this route renders, for the stored values (see ``rendering.route_fingerprint``)."""
-        return route_fingerprint(
+        route = request.scope.get("route")
+        last = self._last_fingerprint
+        if last is not None and last[0] is route:
+            return last[1]  # a handler is mounted on one route, as a rule: the hit path's case
+        fingerprint = route_fingerprint(
             self._own_route(request), self.func, producer=PRODUCER, coder=self.coder
         )
+        self._last_fingerprint = (route, fingerprint)
+        return fingerprint
 
     async def render(self, result: Any, request: Request, status_code: int | None) -> Response:
         """The response FastAPI would send for ``result`` on this route."""
@@ -529,11 +536,10 @@ def cache(
                 if isinstance(sub_response, Response) and sub_response.raw_headers
                 else None
             )
-            miss = _Computation(
-                route_state, layer, key, fingerprint, token, request, sub_response, (args, kwargs)
-            )
+            call = (args, kwargs)
             if lookup is not None and lookup.value is not None:
-                stored = prepared_responses.get(key, lookup.value, miss.private)
+                private = not isinstance(key, ScopedKey) or key.is_private
+                stored = prepared_responses.get(key, lookup.value, private)
                 if stored is None:
                     layer.events.rejected_entry(namespace, RejectReason.FORMAT)
                 elif lookup.is_fresh:
@@ -556,11 +562,17 @@ def cache(
                         head=head,
                         extra_headers=own_headers,
                     )
+                    refresh = _Computation(
+                        route_state, layer, key, fingerprint, token, request, sub_response, call
+                    )
                     # Runs once the stale answer is sent, while the request's dependencies
                     # (a database session, ...) are still open.
-                    stale.background = BackgroundTask(miss.refresh)
+                    stale.background = BackgroundTask(refresh.refresh)
                     return stale
             layer.events.lookup(namespace, outcome)
+            miss = _Computation(
+                route_state, layer, key, fingerprint, token, request, sub_response, call
+            )
 
             shared = await _flights.run(
                 _flight_key(key, token), miss.work, layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
