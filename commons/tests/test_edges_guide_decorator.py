@@ -89,7 +89,7 @@ async def test_fastapicache_clear_never_removes_another_services_keys(
         await raw_redis.set(key, value)
     await init_cache(make_settings(redis_url, CACHE_PREFIX="sectest"))
     try:
-        await FastAPICache.clear(**clear)  # type: ignore[arg-type]
+        await FastAPICache.clear(**clear)
     finally:
         await close_cache()
 
