@@ -39,7 +39,7 @@ from commons.cache import (
     invalidate_namespace,
     tenant_cache_key_builder,
 )
-from commons.cache.cache import current_layer
+from commons.testing.entries import stored_value
 from commons.utilities.context import get_tenant_id
 
 ACME = {"X-Test-Tenant": "acme"}
@@ -126,9 +126,7 @@ def entry_key(settings: CacheSettings, namespace: str) -> str:
 async def stored_values(settings: CacheSettings) -> list[bytes]:
     """Every string value the cache holds: all of Redis, or the routes' entries in memory."""
     if settings.REDIS_URL is None:
-        layer = current_layer()
-        assert layer is not None
-        found = [(await layer.get_with_ttl(entry_key(settings, ns)))[1] for ns in PICKLE_NAMESPACES]
+        found = [(await stored_value(entry_key(settings, ns)))[1] for ns in PICKLE_NAMESPACES]
         return [value for value in found if value is not None]
     client = Redis.from_url(settings.REDIS_URL)
     try:

@@ -22,7 +22,7 @@ Per request:
    stored. A computation belongs to the generation its read saw (``layer.FillToken``): a request
    whose read comes after an invalidation never joins one that began before it. Waiters receive
    only an answer that may be stored; any other answer (``no-store``, ``private``, non-2xx, a
-   cookie) is its own request's, and every waiter then runs the handler itself.
+   cookie, an exception) is its own request's, and every waiter then runs the handler itself.
 
 Stale-while-revalidate: an entry is written for ``expire + stale_ttl`` seconds and says in its
 header how many of them are its stale window (see ``entry.py``); it is fresh while more than that
@@ -280,6 +280,8 @@ class _Computation:
         self.use_lock = layer.settings.CACHE_DISTRIBUTED_LOCK if route.lock is None else route.lock
         #: The outcome this request computed itself, if it did.
         self.outcome: _Outcome | None = None
+        #: What the handler raised, when this request computed and it raised.
+        self.error: Exception | None = None
 
     async def compute(self, token: FillToken | None = None) -> _Outcome:
         """Runs the handler, renders its answer, and stores it when it may be stored.
@@ -334,12 +336,21 @@ class _Computation:
         return found if isinstance(found, _Outcome) else None
 
     async def work(self) -> _Outcome:
-        """The computation a miss's single-flight runs (under the replicas' lock if asked)."""
-        if not self.use_lock:
-            return await self.compute()
-        shared = await _under_replica_lock(
-            self.layer, self.key, self.compute, self._stored_outcome, self.token.redis_failed
-        )
+        """The computation a miss's single-flight runs (under the replicas' lock if asked).
+
+        An exception is the computing request's own (a 403 computed for one user is no answer
+        for another): it is kept in ``error`` for that request, and the waiters get nothing to
+        share, so each runs the handler itself.
+        """
+        try:
+            if not self.use_lock:
+                return await self.compute()
+            shared = await _under_replica_lock(
+                self.layer, self.key, self.compute, self._stored_outcome, self.token.redis_failed
+            )
+        except Exception as exc:
+            self.error = exc
+            return _Outcome()
         assert shared is not None  # waiting for the lock always ends with an outcome
         return shared
 
@@ -577,6 +588,8 @@ def cache(
             shared = await _flights.run(
                 _flight_key(key, token), miss.work, layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
             )
+            if miss.error is not None:
+                raise miss.error
             if shared.prepared is not None:
                 return replay(
                     shared.prepared,
@@ -588,7 +601,8 @@ def cache(
                 )
             if shared.response is None or shared is not miss.outcome:
                 # Another request's answer that may not be stored (no-store, private, non-2xx,
-                # a cookie, a stream) is that request's alone: this one runs the handler itself.
+                # a cookie, a stream, an exception) is that request's alone: this one runs the
+                # handler itself.
                 return await call_handler(args, kwargs)  # type: ignore[no-any-return]
             response = shared.response  # this request computed it: its very own answer
             if own_headers:
