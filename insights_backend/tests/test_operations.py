@@ -93,3 +93,14 @@ async def test_an_empty_database_is_created_and_seeded_at_start_up(
     assert database.is_file()
     assert [tenant["id"] for tenant in tenants.json()] == [1, 2, 3]
     assert insights.json()["total"] == 50
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "DELETE", "PATCH", "POST"])
+async def test_an_unsupported_method_is_405_allowing_every_method_of_the_path(
+    memory_client: AsyncClient, method: str
+) -> None:
+    response = await memory_client.request(method, "/v1/tenant/config")
+
+    assert response.status_code == 405
+    assert response.json() == {"detail": "Method Not Allowed"}
+    assert response.headers["Allow"] == "GET, PUT"
