@@ -16,7 +16,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import func, or_, select
 
 from commons.cache import cache
-from insights_backend.auth import CurrentIdentity
+from insights_backend.auth import AUTHENTICATED_RESPONSES, CurrentIdentity
 from insights_backend.models import Insight
 from insights_backend.routes.dependencies import Session
 from insights_backend.schemas import InsightOut, InsightPage
@@ -28,7 +28,7 @@ MAX_PAGE_SIZE = 100
 #: offset ``(MAX_PAGE - 1) * MAX_PAGE_SIZE`` stays far inside SQLite's 64-bit integers.
 MAX_PAGE = 1_000_000
 
-router = APIRouter(prefix="/v1", tags=["insights"])
+router = APIRouter(prefix="/v1", tags=["insights"], responses=AUTHENTICATED_RESPONSES)
 
 
 def _contains(text: str) -> str:
