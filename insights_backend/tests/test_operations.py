@@ -118,7 +118,7 @@ async def test_the_openapi_schema_declares_every_answer_of_each_route(
     }
     assert declared == {
         "GET /v1/tenant/config": {"200", "401", "404"},
-        "PUT /v1/tenant/config": {"200", "401", "404", "422"},
+        "PUT /v1/tenant/config": {"200", "400", "401", "404", "422"},
         "GET /v1/users/me": {"200", "401", "404"},
         "GET /v1/insights": {"200", "401", "422"},
         "GET /v1/admin/tenants": {"200", "401", "403"},
@@ -130,5 +130,7 @@ async def test_the_openapi_schema_declares_every_answer_of_each_route(
     assert config["401"]["content"]["application/json"]["schema"] == error_body
     assert config["404"]["content"]["application/json"]["schema"] == error_body
     assert admin["403"]["content"]["application/json"]["schema"] == error_body
+    put_config = schema["paths"]["/v1/tenant/config"]["put"]["responses"]
+    assert put_config["400"]["content"]["application/json"]["schema"] == error_body
     assert "WWW-Authenticate" in config["401"]["headers"]
     assert schema["components"]["schemas"]["ErrorOut"]["required"] == ["detail"]

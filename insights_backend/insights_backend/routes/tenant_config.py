@@ -50,7 +50,18 @@ async def get_tenant_config(identity: CurrentIdentity, session: Session) -> Tena
     return TenantConfigOut.model_validate(await _load(session, identity.tenant_id))
 
 
-@router.put("/tenant/config", response_model=TenantConfigOut, responses=_NOT_FOUND)
+@router.put(
+    "/tenant/config",
+    response_model=TenantConfigOut,
+    responses={
+        **_NOT_FOUND,
+        status.HTTP_400_BAD_REQUEST: {
+            "model": ErrorOut,
+            "description": "The body cannot be read at all (e.g. it is not UTF-8); a body that "
+            "is read but is not a valid configuration is a 422.",
+        },
+    },
+)
 async def put_tenant_config(
     update: TenantConfigIn, identity: CurrentIdentity, session: Session
 ) -> TenantConfigOut:
