@@ -6,8 +6,9 @@ an :class:`Identity`; nothing else about a request (no header, no query paramete
 
 The identity feeds database queries and cache keys, so its parts are plain ASCII and bounded even in
 a correctly signed token: ``tenant_id`` is an integer from 1 to 2**63-1 (SQLite's largest integer),
-either a JSON number or its canonical decimal string (``"12"``, not ``"012"``, ``" 12"`` or a
-Unicode digit such as ``"²"`` that ``int()`` would accept); ``sub`` is 1 to 64 of ``A-Za-z0-9_.@-``.
+either a JSON number or its canonical ASCII decimal string (``"12"``; not ``"012"``, ``" 12"``, nor
+non-ASCII digits that ``str.isdigit()`` accepts: ``"²"``, which ``int()`` then refuses, or ``"٣"``,
+which it reads as 3); ``sub`` is 1 to 64 of ``A-Za-z0-9_.@-``.
 """
 
 from __future__ import annotations
