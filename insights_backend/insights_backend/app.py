@@ -14,7 +14,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from commons.cache import PrivateCacheControlMiddleware, close_cache, init_cache
 from commons.utilities.context import RequestContextMiddleware
@@ -25,6 +28,31 @@ from insights_backend.routes import admin, insights, operations, tenant_config, 
 __all__ = ["app", "create_app"]
 
 logger = logging.getLogger("insights_backend")
+
+
+#: The methods a 405's ``Allow`` header may name, in the order it names them.
+_HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    """A 405 whose ``Allow`` lists every method of the path.
+
+    Starlette answers 405 from the first route whose path matches, so ``Allow`` named only that
+    route's methods: ``GET`` for ``/v1/tenant/config``, whose ``PUT`` is another route. Each method
+    is tried against every route instead.
+    """
+    assert isinstance(exc, StarletteHTTPException)
+    allowed = [
+        method
+        for method in _HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+    if allowed:
+        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+    return await http_exception_handler(request, exc)
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -58,6 +86,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.add_exception_handler(405, _method_not_allowed)
     # Every request starts with no tenant and no user bound; the auth dependency binds them.
     app.add_middleware(RequestContextMiddleware)
     # The guide-style route uses fastapi-cache2's decorator: keep its answers out of shared caches.

@@ -8,16 +8,47 @@ would be lost (see ``commons.utilities.context``).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from commons.utilities.context import set_tenant_id, set_user_id
 from insights_backend.config import ServiceSettings
+from insights_backend.schemas import ErrorOut
 from insights_backend.tokens import Identity, InvalidToken, verify_token
 
-__all__ = ["CurrentIdentity", "authenticated", "require_admin"]
+__all__ = [
+    "ADMIN_RESPONSES",
+    "AUTHENTICATED_RESPONSES",
+    "CurrentIdentity",
+    "authenticated",
+    "require_admin",
+]
+
+#: The answers :func:`authenticated` adds to a route, for its OpenAPI ``responses``.
+AUTHENTICATED_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status.HTTP_401_UNAUTHORIZED: {
+        "model": ErrorOut,
+        "description": "The bearer token is missing, malformed, expired, not ours, or its "
+        "tenant_id or sub is invalid.",
+        "headers": {
+            "WWW-Authenticate": {
+                "description": "Always `Bearer`.",
+                "schema": {"type": "string", "const": "Bearer"},
+            }
+        },
+    },
+}
+
+#: The answers :func:`require_admin` adds to a route: those of :func:`authenticated`, and 403.
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **AUTHENTICATED_RESPONSES,
+    status.HTTP_403_FORBIDDEN: {
+        "model": ErrorOut,
+        "description": 'The token is valid but has no `role: "admin"`.',
+    },
+}
 
 _bearer = HTTPBearer(auto_error=False, description="A JWT from `python -m insights_backend.token`.")
 

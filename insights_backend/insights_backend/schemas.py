@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 __all__ = [
+    "ErrorOut",
     "HealthReport",
     "InsightOut",
     "InsightPage",
@@ -24,6 +25,12 @@ def _as_utc(value: datetime) -> datetime:
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class ErrorOut(BaseModel):
+    """An error answer (401, 403, 404): what went wrong, in words."""
+
+    detail: str = Field(examples=["missing bearer token"])
 
 
 class _FromRow(BaseModel):

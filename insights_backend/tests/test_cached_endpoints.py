@@ -91,6 +91,23 @@ async def test_an_invalid_config_is_refused_and_nothing_changes(
     assert after.json() == before.json()
 
 
+async def test_a_config_body_that_is_not_utf8_is_a_400_and_nothing_changes(
+    client: AsyncClient, bearer: Bearer
+) -> None:
+    before = await client.get("/v1/tenant/config", headers=bearer(1, "alice"))
+    refused = await client.put(
+        "/v1/tenant/config",
+        headers={**bearer(1, "alice"), "Content-Type": "application/json"},
+        content=b'{"display_name": "\xff"}',
+    )
+    after = await client.get("/v1/tenant/config", headers=bearer(1, "alice"))
+
+    assert refused.status_code == 400
+    assert refused.json() == {"detail": "There was an error parsing the body"}
+    assert after.headers[CACHE_HEADER] == "HIT"
+    assert after.json() == before.json()
+
+
 async def test_users_me_is_cached_per_user(client: AsyncClient, bearer: Bearer) -> None:
     alice = await client.get("/v1/users/me", headers=bearer(1, "alice"))
     bob = await client.get("/v1/users/me", headers=bearer(1, "bob"))

@@ -93,3 +93,44 @@ async def test_an_empty_database_is_created_and_seeded_at_start_up(
     assert database.is_file()
     assert [tenant["id"] for tenant in tenants.json()] == [1, 2, 3]
     assert insights.json()["total"] == 50
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "DELETE", "PATCH", "POST"])
+async def test_an_unsupported_method_is_405_allowing_every_method_of_the_path(
+    memory_client: AsyncClient, method: str
+) -> None:
+    response = await memory_client.request(method, "/v1/tenant/config")
+
+    assert response.status_code == 405
+    assert response.json() == {"detail": "Method Not Allowed"}
+    assert response.headers["Allow"] == "GET, PUT"
+
+
+async def test_the_openapi_schema_declares_every_answer_of_each_route(
+    memory_client: AsyncClient,
+) -> None:
+    schema = (await memory_client.get("/openapi.json")).json()
+
+    declared = {
+        f"{method.upper()} {path}": set(operation["responses"])
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+    }
+    assert declared == {
+        "GET /v1/tenant/config": {"200", "401", "404"},
+        "PUT /v1/tenant/config": {"200", "400", "401", "404", "422"},
+        "GET /v1/users/me": {"200", "401", "404"},
+        "GET /v1/insights": {"200", "401", "422"},
+        "GET /v1/admin/tenants": {"200", "401", "403"},
+        "GET /health": {"200", "503"},
+    }
+    config = schema["paths"]["/v1/tenant/config"]["get"]["responses"]
+    admin = schema["paths"]["/v1/admin/tenants"]["get"]["responses"]
+    error_body = {"$ref": "#/components/schemas/ErrorOut"}
+    assert config["401"]["content"]["application/json"]["schema"] == error_body
+    assert config["404"]["content"]["application/json"]["schema"] == error_body
+    assert admin["403"]["content"]["application/json"]["schema"] == error_body
+    put_config = schema["paths"]["/v1/tenant/config"]["put"]["responses"]
+    assert put_config["400"]["content"]["application/json"]["schema"] == error_body
+    assert "WWW-Authenticate" in config["401"]["headers"]
+    assert schema["components"]["schemas"]["ErrorOut"]["required"] == ["detail"]

@@ -5,14 +5,19 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from sqlalchemy import select
 
-from insights_backend.auth import require_admin
+from insights_backend.auth import ADMIN_RESPONSES, require_admin
 from insights_backend.models import Tenant
 from insights_backend.routes.dependencies import Session
 from insights_backend.schemas import TenantOut
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=ADMIN_RESPONSES,
+)
 
 
 @router.get("/tenants", response_model=list[TenantOut])

@@ -2,6 +2,10 @@
 
 Every query parameter is part of the cache key, in canonical order: ``?page=2&size=5`` and
 ``?size=5&page=2`` share one entry, ``?page=3&size=5`` has its own.
+
+``page`` and ``size`` are bounded in the signature, so an out-of-range value is a 422 that the
+OpenAPI schema declares: the database computes ``OFFSET (page - 1) * size`` in 64-bit integers, and
+an unbounded page number overflowed it (a 500).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import func, or_, select
 
 from commons.cache import cache
-from insights_backend.auth import CurrentIdentity
+from insights_backend.auth import AUTHENTICATED_RESPONSES, CurrentIdentity
 from insights_backend.models import Insight
 from insights_backend.routes.dependencies import Session
 from insights_backend.schemas import InsightOut, InsightPage
@@ -20,8 +24,11 @@ from insights_backend.schemas import InsightOut, InsightPage
 __all__ = ["router"]
 
 MAX_PAGE_SIZE = 100
+#: Far beyond any tenant's data (a page past the end is simply empty), and small enough that the
+#: offset ``(MAX_PAGE - 1) * MAX_PAGE_SIZE`` stays far inside SQLite's 64-bit integers.
+MAX_PAGE = 1_000_000
 
-router = APIRouter(prefix="/v1", tags=["insights"])
+router = APIRouter(prefix="/v1", tags=["insights"], responses=AUTHENTICATED_RESPONSES)
 
 
 def _contains(text: str) -> str:
@@ -35,7 +42,7 @@ def _contains(text: str) -> str:
 async def list_insights(
     identity: CurrentIdentity,
     session: Session,
-    page: Annotated[int, Query(ge=1, description="1-based page number.")] = 1,
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE, description="1-based page number.")] = 1,
     size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Items per page.")] = 20,
     q: Annotated[
         str | None,

@@ -27,7 +27,16 @@ __all__ = ["router"]
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", response_model=HealthReport)
+@router.get(
+    "/health",
+    response_model=HealthReport,
+    responses={
+        status.HTTP_503_SERVICE_UNAVAILABLE: {
+            "model": HealthReport,
+            "description": "The database does not answer.",
+        }
+    },
+)
 async def health(request: Request, response: Response) -> HealthReport:
     """The service's status and the cache's state (backend, reason, since, ...)."""
     database: Database = request.app.state.database

@@ -7,21 +7,29 @@ decorator; ``PUT`` replaces the configuration and then invalidates that tenant's
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
 from fastapi_cache.decorator import cache
 
 from commons.cache import cache_settings, invalidate_namespace, tenant_cache_key_builder
-from insights_backend.auth import CurrentIdentity
+from insights_backend.auth import AUTHENTICATED_RESPONSES, CurrentIdentity
 from insights_backend.models import TenantConfig
 from insights_backend.routes.dependencies import Session
-from insights_backend.schemas import TenantConfigIn, TenantConfigOut
+from insights_backend.schemas import ErrorOut, TenantConfigIn, TenantConfigOut
 
 __all__ = ["router"]
 
 NAMESPACE = "tenant_config"
 
-router = APIRouter(prefix="/v1", tags=["tenant"])
+router = APIRouter(prefix="/v1", tags=["tenant"], responses=AUTHENTICATED_RESPONSES)
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    status.HTTP_404_NOT_FOUND: {
+        "model": ErrorOut,
+        "description": "The caller's tenant has no configuration (e.g. no such tenant).",
+    }
+}
 
 
 async def _load(session: Session, tenant_id: int) -> TenantConfig:
@@ -31,7 +39,7 @@ async def _load(session: Session, tenant_id: int) -> TenantConfig:
     return config
 
 
-@router.get("/tenant/config", response_model=TenantConfigOut)
+@router.get("/tenant/config", response_model=TenantConfigOut, responses=_NOT_FOUND)
 @cache(
     expire=cache_settings().CACHE_TTL_SECONDS,
     namespace=NAMESPACE,
@@ -42,7 +50,18 @@ async def get_tenant_config(identity: CurrentIdentity, session: Session) -> Tena
     return TenantConfigOut.model_validate(await _load(session, identity.tenant_id))
 
 
-@router.put("/tenant/config", response_model=TenantConfigOut)
+@router.put(
+    "/tenant/config",
+    response_model=TenantConfigOut,
+    responses={
+        **_NOT_FOUND,
+        status.HTTP_400_BAD_REQUEST: {
+            "model": ErrorOut,
+            "description": "The body cannot be read at all (e.g. it is not UTF-8); a body that "
+            "is read but is not a valid configuration is a 422.",
+        },
+    },
+)
 async def put_tenant_config(
     update: TenantConfigIn, identity: CurrentIdentity, session: Session
 ) -> TenantConfigOut:

@@ -6,17 +6,26 @@ from fastapi import APIRouter, HTTPException, status
 from sqlalchemy import select
 
 from commons.cache import cache, tenant_user_cache_key_builder
-from insights_backend.auth import CurrentIdentity
+from insights_backend.auth import AUTHENTICATED_RESPONSES, CurrentIdentity
 from insights_backend.models import User
 from insights_backend.routes.dependencies import Session
-from insights_backend.schemas import UserOut
+from insights_backend.schemas import ErrorOut, UserOut
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1", tags=["users"])
+router = APIRouter(prefix="/v1", tags=["users"], responses=AUTHENTICATED_RESPONSES)
 
 
-@router.get("/users/me", response_model=UserOut)
+@router.get(
+    "/users/me",
+    response_model=UserOut,
+    responses={
+        status.HTTP_404_NOT_FOUND: {
+            "model": ErrorOut,
+            "description": "The token's user does not exist in its tenant.",
+        }
+    },
+)
 @cache(namespace="users_me", key_builder=tenant_user_cache_key_builder)
 async def get_me(identity: CurrentIdentity, session: Session) -> UserOut:
     """The authenticated user's profile."""
