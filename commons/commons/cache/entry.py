@@ -30,7 +30,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "BODY",
@@ -52,8 +54,8 @@ FORMAT_MARK = b'["commons.cache",2,'
 #: Payload kinds.
 BODY = b"b"
 ENVELOPE = b"e"
-_KINDS = (BODY, ENVELOPE)
-_MAX_STALE_DIGITS = 10
+# What follows the head: the kind, then the stale window (at most ten digits).
+_TAIL = re.compile(rb'"([be])",([0-9]{1,10}),')
 _FORBIDDEN_IN_HEADERS = ("\r", "\n", "\x00")
 
 
@@ -80,8 +82,7 @@ class CachedResponse:
         return self.status_code == 200 and self.media_type == _JSON and not self.headers
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedValue:
+class ParsedValue(NamedTuple):
     """A stored value whose marker, fingerprint and generation were the expected ones."""
 
     raw: bytes
@@ -107,20 +108,12 @@ def stored_value(*, head: bytes, kind: bytes, stale_seconds: int, payload: bytes
 
 def parse_value(raw: bytes, head: bytes) -> ParsedValue | None:
     """``raw`` parsed, if it starts with ``head`` and is well formed; else ``None``."""
-    if not raw.startswith(head):
+    if not raw.startswith(head) or raw[-1:] != b"]":
         return None
-    start = len(head)
-    kind = raw[start + 1 : start + 2]
-    if raw[start : start + 1] != b'"' or raw[start + 2 : start + 4] != b'",' or kind not in _KINDS:
+    tail = _TAIL.match(raw, len(head))
+    if tail is None or tail.end() >= len(raw) - 1:
         return None
-    comma = raw.find(b",", start + 4, start + 5 + _MAX_STALE_DIGITS)
-    stale_text = raw[start + 4 : comma]
-    if comma < 0 or not stale_text.isdigit() or not raw.endswith(b"]"):
-        return None
-    offset = comma + 1
-    if offset >= len(raw) - 1:
-        return None
-    return ParsedValue(raw, kind, int(stale_text), offset)
+    return ParsedValue(raw, tail[1], int(tail[2]), tail.end())
 
 
 def parse_any(raw: bytes) -> tuple[bytes, bytes, ParsedValue] | None:

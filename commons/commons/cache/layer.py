@@ -61,8 +61,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from commons.cache.backends.base import CacheStore, StoredRead
 from commons.cache.backends.memory import MemoryStore
@@ -96,12 +96,12 @@ _NOTHING = StoredRead(0, None)
 _REFUSED_WHAT = {"get": "reads", "set": "writes", "lock": "locks"}
 
 
-@dataclass(frozen=True, slots=True)
-class FillToken:
+class FillToken(NamedTuple):
     """What a miss saw, handed from its read to its write: the value computed in between is
     stored only if nothing invalidated its scope since (see the module docstring).
 
-    Equal tokens belong to the same generation, so they can share one computation.
+    Equal tokens belong to the same generation, so they can share one computation. (Tuples, as
+    every object a hit creates: they are made on every request.)
     """
 
     #: The layer's own invalidation clock for the namespace at the read.
@@ -112,8 +112,7 @@ class FillToken:
     redis_failed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Lookup:
+class Lookup(NamedTuple):
     """What a read found: a valid stored value (or none) and the token for filling the key."""
 
     token: FillToken

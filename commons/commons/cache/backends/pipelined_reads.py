@@ -114,11 +114,11 @@ def _is_bulk_list(reply: object) -> bool:
     )
 
 
-def _command(*parts: bytes) -> bytes:
-    encoded = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        encoded.append(b"$%d\r\n%b\r\n" % (len(part), part))
-    return b"".join(encoded)
+def _command(name: bytes, keys: list[str]) -> bytes:
+    """``name`` with ``keys`` as arguments, in the protocol's encoding."""
+    encoded = [key.encode() for key in keys]
+    head = b"*%d\r\n$%d\r\n%b\r\n" % (len(encoded) + 1, len(name), name)
+    return head + b"".join([b"$%d\r\n%b\r\n" % (len(key), key) for key in encoded])
 
 
 def _error_reply(reply: hiredis.ReplyError) -> redis_errors.RedisError:
@@ -275,7 +275,7 @@ class PipelinedReader:
 
     async def get(self, key: str) -> bytes | None:
         """The value under ``key``, or ``None`` (see :meth:`mget`)."""
-        reply = await self._call(_command(b"GET", key.encode()))
+        reply = await self._call(_command(b"GET", [key]))
         if isinstance(reply, list):
             raise redis_errors.InvalidResponse("a GET was answered with a list")
         return reply
@@ -287,7 +287,7 @@ class PipelinedReader:
             redis.exceptions.RedisError: The reply did not come (the connection is then closed),
                 or Redis answered with an error.
         """
-        reply = await self._call(_command(b"MGET", *(key.encode() for key in keys)))
+        reply = await self._call(_command(b"MGET", keys))
         if not isinstance(reply, list) or len(reply) != len(keys):
             raise redis_errors.InvalidResponse("an MGET was not answered with its values")
         return reply

@@ -329,6 +329,10 @@ class RedisStore(CacheStore):
         self._generation_keys_memo.put(scope, keys, size)
         return keys
 
+    def _read_keys(self, key: str, scope: CacheScope) -> list[str]:
+        """What a read asks for: the entry, then its scope's generations."""
+        return [key, *self.generation_keys(scope)]
+
     def _generation_key_of(self, target: InvalidationTarget) -> str:
         """The one generation an invalidation of ``target`` replaces."""
         return self.generation_keys(CacheScope(target.namespace, target.tenant_id, target.user_id))[
@@ -355,7 +359,6 @@ class RedisStore(CacheStore):
 
     async def read(self, key: str, scope: CacheScope) -> StoredRead:
         """The entry and its scope's generations, in one round trip (``MGET``) on one server."""
-        generation_keys = self.generation_keys(scope)
         # Until a first contact has ruled a cluster out, reads take redis-py's routed path.
         reads = self._reads if self._cluster_factory is None else None
         # A hit's path: the seam is spelled out rather than entered as a context manager, which
@@ -363,18 +366,22 @@ class RedisStore(CacheStore):
         try:
             replies: list[bytes | None]
             if reads is not None:
-                replies = await reads.mget([key, *generation_keys])
+                replies = await reads.mget(self._read_keys(key, scope))
             elif isinstance(self._client, RedisCluster):
                 # The entry and its generations live in different slots: the entry first, so an
                 # invalidation between the two reads shows as another generation (a miss).
                 replies = [cast(bytes | None, await self._client.get(key))]
-                replies += cast(list[bytes | None], await self._client.mget(generation_keys))
+                replies += cast(
+                    list[bytes | None], await self._client.mget(self.generation_keys(scope))
+                )
             else:
                 # decode_responses is off: replies are bytes.
-                replies = cast(list[bytes | None], await self._client.mget([key, *generation_keys]))
+                replies = cast(
+                    list[bytes | None], await self._client.mget(self._read_keys(key, scope))
+                )
             value = replies[0]
             generations = replies[1:]
-            generation = None if None in generations else b".".join(cast(list[bytes], generations))
+            generation = None if None in generations else b".".join(generations)  # type: ignore[arg-type]
             if value is None:
                 self._expiries.forget(key)
                 return StoredRead(0, None, generation)
