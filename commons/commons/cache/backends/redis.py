@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -201,22 +202,90 @@ def _untag(text: str) -> str:
     return "" if inner == "%" else unquote(inner)
 
 
-#: Refusals by their error code. redis-py's own message of a failed pipeline command quotes the
-#: command's arguments (keys with tenant ids, cached bodies), which must not reach logs or status.
+#: Refusals by their error code (NOPERM: see :func:`_permission_text`). redis-py's own message of
+#: a failed pipeline command quotes the command's arguments (keys with tenant ids, cached bodies),
+#: which must not reach logs or status.
 _REFUSALS: tuple[tuple[type[redis_errors.ResponseError], str], ...] = (
     (redis_errors.OutOfMemoryError, "OOM, used memory is above maxmemory"),
     (redis_errors.ReadOnlyError, "READONLY, the server is a read-only replica"),
-    (redis_errors.NoPermissionError, "NOPERM, the user lacks a permission"),
     (redis_errors.ExecAbortError, "EXECABORT, a transaction was refused"),
 )
+
+#: Error replies that are no refusal of the command but an outage: the server cannot serve any
+#: command of the slot right now (the cluster lost a shard, a primary is down, a resharding).
+_UNAVAILABLE_REPLIES: tuple[tuple[type[redis_errors.ResponseError], str], ...] = (
+    (redis_errors.MasterDownError, "MASTERDOWN, the link with the primary is down"),
+    (redis_errors.ClusterDownError, "CLUSTERDOWN, the cluster cannot serve the slot"),
+    (redis_errors.TryAgainError, "TRYAGAIN, the slot is being resharded"),
+)
+
+#: The end of a NOPERM message that names the command refused (never its arguments).
+_NOPERM_COMMAND = re.compile(r"to run the '([a-z0-9|_-]+)' command$")
+
+#: Messages of redis-py's cluster client that name nodes only (never a command's arguments), and
+#: the wording of the first one shortened.
+_CLUSTER_MESSAGES = (
+    "Redis Cluster cannot be connected",
+    "All slots are not covered",
+    "Cluster mode is not enabled",
+)
+_NO_NODE_ANSWERED = (
+    "Redis Cluster cannot be connected. Please provide at least one reachable node: ",
+    "no node answered: ",
+)
+
+
+def _permission_text(exc: BaseException) -> str:
+    """What a NOPERM refusal was about: the command, or the keys (never the keys' names)."""
+    message = str(exc)
+    if (named := _NOPERM_COMMAND.search(message)) is not None:
+        return f"NOPERM, the user may not run {named.group(1).upper()}"
+    if message.endswith("one of the keys used as arguments"):
+        return "NOPERM, the user may not access the cache's keys (its ACL needs ~{prefix}:*)"
+    return "NOPERM, the user lacks a permission"
+
+
+def _refusal_in(exc: BaseException) -> redis_errors.NoPermissionError | None:
+    """The permission refusal behind ``exc`` (the cluster client wraps the one it met)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None or isinstance(seen, redis_errors.NoPermissionError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _translate_cluster_error(exc: redis_errors.RedisClusterException) -> BackendError:
+    """redis-py's cluster client's own exceptions, which do not derive from ``RedisError``: no
+    node answers, a slot has no node, a node refused the client's discovery commands."""
+    if (refusal := _refusal_in(exc)) is not None:
+        return BackendRejectedError(f"Redis refused the command: {_permission_text(refusal)}")
+    if isinstance(exc, redis_errors.SlotNotCoveredError):
+        return BackendUnavailableError("Redis Cluster unavailable: a slot has no node")
+    if isinstance(exc, redis_errors.CrossSlotTransactionError | redis_errors.InvalidPipelineStack):
+        return BackendRejectedError(
+            f"the cluster client refused the command ({type(exc).__name__})"
+        )
+    message = str(exc)
+    shown = message if message.startswith(_CLUSTER_MESSAGES) else type(exc).__name__
+    return BackendUnavailableError(
+        f"Redis Cluster unavailable: {shown.replace(*_NO_NODE_ANSWERED)}"
+    )
 
 
 def _translate(exc: BaseException) -> BackendError:
     if isinstance(exc, redis_errors.ResponseError):
+        for unavailable, text in _UNAVAILABLE_REPLIES:
+            if isinstance(exc, unavailable):
+                return BackendUnavailableError(f"Redis cannot serve the command: {text}")
+        if isinstance(exc, redis_errors.NoPermissionError):
+            return BackendRejectedError(f"Redis refused the command: {_permission_text(exc)}")
         for refusal, text in _REFUSALS:
             if isinstance(exc, refusal):
                 return BackendRejectedError(f"Redis refused the command: {text}")
         return BackendRejectedError(f"Redis refused the command ({type(exc).__name__})")
+    if isinstance(exc, redis_errors.RedisClusterException):
+        return _translate_cluster_error(exc)
     if isinstance(exc, (redis_errors.TimeoutError, asyncio.TimeoutError, TimeoutError)):
         return BackendUnavailableError("Redis did not answer in time")
     if isinstance(exc, redis_errors.MaxConnectionsError) or (
@@ -227,7 +296,14 @@ def _translate(exc: BaseException) -> BackendError:
     return BackendUnavailableError(f"Redis unavailable: {type(exc).__name__}: {exc}")
 
 
-_REDIS_FAILURES = (redis_errors.RedisError, OSError, asyncio.TimeoutError)
+#: Everything a client of any topology raises when Redis fails. The cluster client's own
+#: exceptions (no node reachable, a slot without a node) do not derive from ``RedisError``.
+_REDIS_FAILURES = (
+    redis_errors.RedisError,
+    redis_errors.RedisClusterException,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 
 @asynccontextmanager
