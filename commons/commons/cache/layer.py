@@ -22,6 +22,11 @@ before the breaker opens.
 A Redis that answers but refuses commands (out of memory under ``noeviction``, a read-only replica,
 missing ACL permissions) is not unreachable: reads still work, so the layer stays on Redis and the
 refused writes are skipped. ``cache_status()`` says so in its reason until a write succeeds again.
+Replies that say the server cannot serve a slot at all (``CLUSTERDOWN``, ``MASTERDOWN``,
+``TRYAGAIN``) are an outage, not a refusal. At start-up, a refused first contact (the user may not
+run ``PING``, or a cluster client's ``CLUSTER SLOTS``) leaves the layer degraded, since nothing is
+known of the server yet, with a reason that names the refusal rather than an outage; the probe
+brings it to Redis once the permission is granted.
 
 No lost invalidations
 ---------------------
@@ -76,6 +81,7 @@ from commons.cache.entry import (
 from commons.cache.errors import (
     BackendBusyError,
     BackendError,
+    BackendRejectedError,
     BackendUnavailableError,
     CacheUnavailableError,
 )
@@ -94,6 +100,14 @@ _NOTHING = StoredRead(0, None)
 
 #: What a refused operation is called in ``cache_status().reason``.
 _REFUSED_WHAT = {"get": "reads", "set": "writes", "lock": "locks"}
+
+
+def _start_up_failure(exc: BackendError) -> str:
+    """Why the first contact failed: an outage, or Redis refusing a command the cache needs (a
+    permission its user lacks), which lasts until an operator grants it."""
+    if isinstance(exc, BackendRejectedError):
+        return f"Redis answers but refuses a command the cache needs at start-up: {exc}"
+    return f"Redis unavailable at start-up: {exc}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +197,7 @@ class CacheLayer:
                     f"REDIS_URL is set but Redis did not answer ({exc}); "
                     "CACHE_FAIL_FAST=true refuses to start"
                 ) from exc
-            self._transition(CacheState.DEGRADED, f"Redis unavailable at start-up: {exc}")
+            self._transition(CacheState.DEGRADED, _start_up_failure(exc))
         else:
             self._transition(CacheState.REDIS, "connected")
         self._recovery_task = asyncio.create_task(self._recover_forever(), name="cache-recovery")

@@ -25,7 +25,7 @@ differences, because an entry and its indexes live in different slots and so can
 entry, then updates the indexes again, so an invalidation that ran between the first two steps
 cannot leave the entry unindexed; an invalidation's ``UNLINK`` is split per slot; ``clear()`` scans
 every primary. Reads are single-key. A store built with ``cluster_factory`` decides on its first
-contact whether the node it was given is part of a cluster (``INFO cluster``) and, if so, switches
+contact whether the node it was given is part of a cluster (``HELLO``) and, if so, switches
 to the cluster client. Redis replicates asynchronously: a primary that crashes (rather than being
 failed over by ``CLUSTER FAILOVER`` or Sentinel, which wait for the replica to catch up) may take
 the last writes it acknowledged with it, invalidations included.
