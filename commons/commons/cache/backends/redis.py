@@ -92,6 +92,8 @@ DRAIN_PAGE_SIZE = 200
 DRAIN_CONCURRENCY = 2
 #: GETs that may wait on the pipelined read connection at once; past that a read is a miss.
 PIPELINED_READS_MAX_PENDING = 4096
+#: How often an invalidation that found every pooled connection in use looks for a free one.
+BUSY_POLL_SECONDS = 0.002
 
 # A member's score only ever rises: a registry member stands for a whole leaf, so a short-lived
 # write must not lower it below the expiry of the leaf's longer-lived entries (the pruning below
@@ -346,11 +348,17 @@ class RedisStore(CacheStore):
     def _use(self, client: RedisClient) -> None:
         self._client = client
         self._reads = None
+        options = (
+            client.get_connection_kwargs()
+            if isinstance(client, RedisCluster)
+            else client.connection_pool.connection_kwargs
+        )
+        #: A command's time budget: how long an invalidation waits for a pooled connection.
+        self._command_timeout: float = options.get("socket_timeout") or 5.0
         if isinstance(client, Redis) and (opener := channel_opener(client)) is not None:
-            timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
             self._reads = PipelinedReader(
                 opener,
-                timeout=timeout or 5.0,
+                timeout=self._command_timeout,
                 max_pending=PIPELINED_READS_MAX_PENDING,
             )
         self._index_add = client.register_script(_INDEX_ADD)
@@ -528,11 +536,19 @@ class RedisStore(CacheStore):
         return True
 
     async def delete(self, key: str, scope: CacheScope | None = None) -> int:
-        async with _redis_errors_translated():
-            if scope is not None:
-                # A fill of this key computed before the deletion must not bring it back.
-                await self._client.unlink(self.generation_keys(scope)[-1])
-            return int(await self._client.unlink(key))
+        if scope is None:
+            async with _redis_errors_translated():
+                return int(await self._client.unlink(key))
+        # A fill of this key computed before the deletion must not bring it back; once the
+        # generation is retired, the entry is a miss wherever it is read, so removing it only
+        # frees its memory.
+        await self._retire(self.generation_keys(scope)[-1])
+        try:
+            async with _redis_errors_translated():
+                return int(await self._client.unlink(key))
+        except BackendError as exc:
+            logger.debug("deleted entry left to expire: %s", exc)
+            return 0
 
     async def add_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
         async with _redis_errors_translated():
@@ -555,7 +571,7 @@ class RedisStore(CacheStore):
         ns = target.namespace
         async with _redis_errors_translated():
             await self._follow_sentinel_master()
-            await self._client.unlink(self._generation_key_of(target))
+        await self._retire(self._generation_key_of(target))
         try:
             async with _redis_errors_translated():
                 if target.tenant_id is None:
@@ -568,6 +584,32 @@ class RedisStore(CacheStore):
         except BackendError as exc:
             logger.debug("invalidated entries left to expire: %s", exc)
             return 0
+
+    async def _retire(self, generation_key: str) -> None:
+        """Deletes a scope's generation: what makes an invalidation (or a deletion) hold.
+
+        A burst of them can find every pooled connection in use (``REDIS_MAX_CONNECTIONS``): this
+        process is busy, Redis is not down, and an invalidation is worth a short wait where a
+        read is not. So it waits for a connection to come free, for at most one command timeout:
+        every connection in use is released within that time unless Redis stops answering, and
+        a pool that stays full that long is reported as Redis not answering in time.
+
+        Raises:
+            BackendError: The generation could not be deleted.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._command_timeout
+        while True:
+            try:
+                async with _redis_errors_translated():
+                    await self._client.unlink(generation_key)
+                return
+            except BackendBusyError as exc:
+                if loop.time() >= deadline:
+                    raise BackendUnavailableError(
+                        f"Redis did not answer in time: {exc} for {self._command_timeout}s"
+                    ) from exc
+            await asyncio.sleep(BUSY_POLL_SECONDS)
 
     async def _follow_sentinel_master(self) -> None:
         """Behind Sentinel, asks it for the master before an invalidation walks the indexes.
