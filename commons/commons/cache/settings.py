@@ -71,7 +71,8 @@ class CacheSettings(BaseSettings):
         ge=1,
         description="Pooled connections to Redis per process, for writes, invalidations and "
         "locks (hits share one pipelined connection of their own); a request beyond them does "
-        "not wait: it is answered by its handler, as on a miss.",
+        "not wait: it is answered by its handler, as on a miss. An invalidation waits for one, "
+        "up to REDIS_SOCKET_TIMEOUT_SECONDS.",
     )
     CACHE_FAILURE_THRESHOLD: int = Field(
         default=3,
@@ -115,7 +116,8 @@ class CacheSettings(BaseSettings):
     )
     REDIS_CLUSTER: Literal["auto", "true", "false"] = Field(
         default="auto",
-        description="Redis Cluster mode: auto (the node reports cluster_enabled:1), true or false.",
+        description="Redis Cluster mode: auto (the node's HELLO reply says cluster), true or "
+        "false. A cluster has database 0 only.",
     )
     REDIS_TLS_CA_FILE: str | None = Field(
         default=None,
