@@ -3,7 +3,10 @@
 The TLS server listens with TLS only (``--port 0``), with a certificate from a CA made for the
 test. An ACL user reaches the cache with its password; with a wrong one, requests still answer,
 the cache reports itself degraded and serves from its in-memory tier: a login failure never
-reaches a request.
+reaches a request. A least-privileged user (no ``@dangerous`` command, only the prefix's keys)
+reaches Redis on every topology, and the ACL line the README documents is all a service needs:
+nothing it issues is refused (``ACL LOG`` stays empty). A command refused at start-up is reported
+as a refusal, naming the command, not as an outage.
 """
 
 from __future__ import annotations
@@ -255,13 +258,13 @@ async def run_the_service_path(app: FastAPI) -> None:
         assert await header("/config", tenant="t2") == "HIT"
         await invalidate_namespace("tenant_config")
         assert await header("/config", tenant="t2") == "MISS"
-        await FastAPICache.clear(key=f"{cache_status_prefix()}:report:tenant_t1:/report:x")
+        await FastAPICache.clear(key=f"{current_prefix()}:report:tenant_t1:/report:x")
         await FastAPICache.clear()  # the flush: SCAN and UNLINK
         assert await header("/report") == "MISS"
         assert await header("/report") == "HIT"
 
 
-def cache_status_prefix() -> str:
+def current_prefix() -> str:
     layer = current_layer()
     assert layer is not None
     return layer.prefix
