@@ -1,4 +1,4 @@
-"""Redis Cluster beside one node: hit throughput and invalidation time, in one run.
+"""Redis Cluster beside one node: hit throughput, invalidation time and outage latency, in one run.
 
 Both topologies are private processes on loopback started here: one ``redis-server``, and a
 cluster of 3 primaries with a replica each. The same :class:`RedisStore` code runs on both (the
@@ -7,20 +7,29 @@ cached entries from 64 concurrent tasks in one process; *invalidation* removes o
 entries spread over many tenants (and so over every slot and primary on the cluster). On one
 machine the cluster's primaries share its cores, so the cluster is not expected to be faster here:
 the numbers show what cluster routing costs a single client, not what sharding buys in production.
+*Outage*: a cached GET through a FastAPI app (the route of ``bench/outage.py``, ``init_cache()``
+with its default settings), in a row, while every server of the topology is black-holed (SIGSTOP).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from bench._common import fmt_ratio, median, ratio
+
+if TYPE_CHECKING:
+    from commons.testing.redis_server import RedisServer
 
 PREFIX = "bench-cache"
 NAMESPACE = "reports"
 TENANTS = 50
 CONCURRENCY = 64
+#: Cached GETs in a row while every node is black-holed, and what counts as a GET that waited.
+OUTAGE_GETS = 40
+SLOW_MS = 100
 VALUE = b'{"rows":[' + b",".join(b'{"id":%d,"v":"x"}' % i for i in range(20)) + b"]}"
 
 
@@ -91,17 +100,58 @@ async def _measure(url: str, entries: int, hits: int, rounds: int) -> dict[str, 
     }
 
 
+async def _black_holed(url: str, servers: Sequence[RedisServer], gets: int) -> dict[str, float]:
+    """Cached GETs in a row while every one of ``servers`` is stopped (SIGSTOP): latencies in ms."""
+    import httpx
+
+    from bench.outage import _get, _make_app
+    from commons.cache import CacheSettings, cache_status, close_cache, init_cache
+
+    await init_cache(CacheSettings(REDIS_URL=url, CACHE_PREFIX=PREFIX))  # the default settings
+    try:
+        transport = httpx.ASGITransport(app=_make_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
+            await http.get("/v1/tenant/config")
+            warm = await http.get("/v1/tenant/config")
+            if warm.headers.get("X-FastAPI-Cache") != "HIT":
+                raise RuntimeError("the entry was not cached before the outage")
+            for server in servers:
+                server.pause()
+            try:
+                latencies = [await _get(http) for _ in range(gets)]  # each checks a 200 and body
+                state = cache_status().backend
+            finally:
+                for server in servers:
+                    server.resume()
+    finally:
+        await close_cache()
+    if state != "degraded":
+        raise RuntimeError(f"the breaker did not open during the outage ({state})")
+    ms = [seconds * 1000 for seconds in latencies]
+    waited = [each for each in ms if each >= SLOW_MS]
+    return {
+        "p50_ms": median(ms),
+        "max_ms": max(ms),
+        "slow": float(len(waited)),
+        "waited_ms": sum(waited),
+    }
+
+
 async def _run(quick: bool) -> dict[str, Any]:
     from commons.testing.redis_cluster import LocalRedisCluster
     from commons.testing.redis_server import RedisServer
 
     entries, hits, rounds = (1_000, 6_400, 2) if quick else (5_000, 32_000, 3)
+    gets = 20 if quick else OUTAGE_GETS
     with RedisServer() as single:
         one = await _measure(single.url, entries, hits, rounds)
+        one_down = await _black_holed(single.url, [single], gets)
     with LocalRedisCluster(primaries=3, replicas_per_primary=1) as cluster:
         three = await _measure(cluster.url, entries, hits, rounds)
+        three_down = await _black_holed(cluster.url, cluster.nodes, gets)
     assert three["cluster"] == 1.0
     assert one["cluster"] == 0.0
+    outage = f"cached GET while every node is black-holed, {gets} in a row"
     return {
         "name": "cluster",
         "title": "Redis Cluster (3 primaries + 3 replicas) beside one node",
@@ -119,12 +169,31 @@ async def _run(quick: bool) -> dict[str, Any]:
                 round(three["invalidate_ms"], 1),
                 fmt_ratio(ratio(three["invalidate_ms"], one["invalidate_ms"])),
             ],
+            *(
+                [
+                    f"{outage}: {label}",
+                    round(one_down[field], 2),
+                    round(three_down[field], 2),
+                    fmt_ratio(ratio(three_down[field], one_down[field])),
+                ]
+                for label, field in (
+                    ("p50, ms", "p50_ms"),
+                    ("max, ms", "max_ms"),
+                    (f"GETs that took {SLOW_MS} ms or more", "slow"),
+                    ("time those GETs took, ms", "waited_ms"),
+                )
+            ),
         ],
         "notes": (
             f"Median of {rounds} rounds; the same RedisStore on both, the cluster client chosen by "
             "detection. All processes share this machine's cores, so the cluster cannot show the "
             "capacity that separate hosts give it; the ratio is the client-side cost of cluster "
-            "routing (per-slot UNLINK on invalidation, slot lookup on every command)."
+            "routing (per-slot UNLINK on invalidation, slot lookup on every command). Outage: "
+            "init_cache() with the default settings (0.5 s timeouts, breaker after 3 failures); "
+            "every GET answered 200 with the handler's body, and the breaker was open at the end. "
+            "The GETs that took long are those before the breaker opened: on one node each waits "
+            "one timeout; on the cluster a command that timed out makes redis-py re-read the slot "
+            "map from the nodes it knows, each within the timeouts."
         ),
     }
 

@@ -3,19 +3,38 @@
 The TLS server listens with TLS only (``--port 0``), with a certificate from a CA made for the
 test. An ACL user reaches the cache with its password; with a wrong one, requests still answer,
 the cache reports itself degraded and serves from its in-memory tier: a login failure never
-reaches a request.
+reaches a request. A least-privileged user (no ``@dangerous`` command, only the prefix's keys)
+reaches Redis on every topology, and the ACL line the README documents is all a service needs:
+nothing it issues is refused (``ACL LOG`` stays empty). A command refused at start-up is reported
+as a refusal, naming the command, not as an outage.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi_cache import FastAPICache
+from typer.testing import CliRunner
 
-from commons.cache import CacheSettings, cache, cache_status, close_cache, init_cache
+from commons.cache import (
+    CacheSettings,
+    cache,
+    cache_status,
+    close_cache,
+    init_cache,
+    invalidate_namespace,
+    tenant_user_cache_key_builder,
+)
+from commons.cache.cache import current_layer
+from commons.cache.cli import app as cli_app
+from commons.testing.redis_cluster import LocalRedisCluster
+from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import RedisServer, find_redis_server, supports_tls
 from commons.testing.tls import CertificateFiles, TlsRedisServer, make_certificates
 
@@ -157,3 +176,229 @@ def test_tls_files_without_a_rediss_url_are_refused_naming_the_variable(
 ) -> None:
     with pytest.raises(ValueError, match="REDIS_TLS_CA_FILE"):
         make_settings("redis://127.0.0.1:1/0", REDIS_TLS_CA_FILE=str(certificates.ca_file))
+
+
+# -- least-privileged users ----------------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented_service_acl(password: str, prefix: str) -> list[str]:
+    """The rules of the README's ``ACL SETUSER`` line for a service user, with this password
+    and prefix."""
+    lines = [
+        line.strip()
+        for line in README.read_text(encoding="utf-8").splitlines()
+        if line.strip().startswith("ACL SETUSER ib-service ")
+    ]
+    assert len(lines) == 1, "the README documents one ACL line for a service user"
+    rules = lines[0].split()[3:]
+    assert "~ib-cache:*" in rules
+    assert ">service-password" in rules
+    return [
+        {"~ib-cache:*": f"~{prefix}:*", ">service-password": f">{password}"}.get(rule, rule)
+        for rule in rules
+    ]
+
+
+def acl_log(server: RedisServer) -> bytes:
+    """The server's log of refused commands (``*0`` when nothing was refused)."""
+    return server.command("ACL", "LOG")
+
+
+@pytest.fixture
+def service_app(make_identity_app: Callable[[], FastAPI]) -> FastAPI:
+    """Cached routes of every kind a service has: tenant-scoped, user-scoped, with the
+    cross-replica lock; each body says how often its handler ran."""
+    app = make_identity_app()
+    calls = {"n": 0}
+
+    def counted() -> dict[str, int]:
+        calls["n"] += 1
+        return {"calls": calls["n"]}
+
+    @app.get("/config")
+    @cache(namespace="tenant_config")
+    async def config() -> dict[str, int]:
+        return counted()
+
+    @app.get("/me")
+    @cache(namespace="profile", key_builder=tenant_user_cache_key_builder)
+    async def me() -> dict[str, int]:
+        return counted()
+
+    @app.get("/report")
+    @cache(namespace="report", distributed_lock=True)
+    async def report() -> dict[str, int]:
+        return counted()
+
+    return app
+
+
+async def run_the_service_path(app: FastAPI) -> None:
+    """Misses, hits, every kind of invalidation and the flush, as a service issues them."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+        async def header(path: str, tenant: str = "t1", user: str = "u1") -> str:
+            response = await client.get(
+                path, headers={"X-Test-Tenant": tenant, "X-Test-User": user}
+            )
+            assert response.status_code == 200
+            return response.headers["X-FastAPI-Cache"]
+
+        for path in ("/config", "/me", "/report"):
+            assert await header(path) == "MISS"
+            assert await header(path) == "HIT"
+            assert await header(path, tenant="t2") == "MISS"
+        await invalidate_namespace("profile", tenant_id="t1", user_id="u1")
+        assert await header("/me") == "MISS"
+        await invalidate_namespace("tenant_config", tenant_id="t1")
+        assert await header("/config") == "MISS"
+        assert await header("/config", tenant="t2") == "HIT"
+        await invalidate_namespace("tenant_config")
+        assert await header("/config", tenant="t2") == "MISS"
+        await FastAPICache.clear(key=f"{current_prefix()}:report:tenant_t1:/report:x")
+        await FastAPICache.clear()  # the flush: SCAN and UNLINK
+        assert await header("/report") == "MISS"
+        assert await header("/report") == "HIT"
+
+
+def current_prefix() -> str:
+    layer = current_layer()
+    assert layer is not None
+    return layer.prefix
+
+
+async def test_a_user_without_dangerous_commands_reaches_redis_caches_and_invalidates(
+    own_redis: RedisServer,
+    counting_app: httpx.AsyncClient,
+    make_settings: Callable[..., CacheSettings],
+) -> None:
+    # No INFO, CONFIG, KEYS, ...: the topology is found without them (REDIS_CLUSTER=auto).
+    own_redis.command(
+        "ACL", "SETUSER", "svc", "on", ">s3cret", "~test-cache:*", "+@all", "-@dangerous"
+    )
+
+    await init_cache(make_settings(f"redis://svc:s3cret@127.0.0.1:{own_redis.port}/0"))
+
+    assert cache_status().backend == "redis", cache_status()
+    assert (await get(counting_app)).headers["X-FastAPI-Cache"] == "MISS"
+    assert (await get(counting_app)).headers["X-FastAPI-Cache"] == "HIT"
+    await invalidate_namespace("tenant_config", tenant_id="t1")
+    after = await get(counting_app)
+    assert after.headers["X-FastAPI-Cache"] == "MISS"
+    assert after.json() == {"calls": 2}
+    assert cache_status().backend == "redis"
+    assert acl_log(own_redis) == b"*0\r\n"
+
+
+async def test_the_acl_the_readme_documents_is_all_a_service_needs(
+    own_redis: RedisServer, service_app: FastAPI, make_settings: Callable[..., CacheSettings]
+) -> None:
+    rules = documented_service_acl("s3cret", "test-cache")
+    own_redis.command("ACL", "SETUSER", "svc", *rules)
+
+    await init_cache(make_settings(f"redis://svc:s3cret@127.0.0.1:{own_redis.port}/0"))
+    try:
+        assert cache_status().backend == "redis", cache_status()
+        await run_the_service_path(service_app)
+
+        assert cache_status().backend == "redis"
+        assert "refuse" not in cache_status().reason
+    finally:
+        await close_cache()
+    assert acl_log(own_redis) == b"*0\r\n"  # nothing was refused, not even once
+
+
+async def test_the_acl_the_readme_documents_is_all_a_service_needs_on_a_cluster(
+    redis_cluster: LocalRedisCluster,
+    redis_cluster_url: str,
+    service_app: FastAPI,
+    make_settings: Callable[..., CacheSettings],
+) -> None:
+    rules = documented_service_acl("s3cret", "test-cache")
+    for node in redis_cluster.nodes:
+        node.command("ACL", "SETUSER", "svc", *rules)
+        node.command("ACL", "LOG", "RESET")
+    address = redis_cluster_url.removeprefix("redis://")
+    try:
+        await init_cache(make_settings(f"redis://svc:s3cret@{address}"))
+        assert cache_status().backend == "redis", cache_status()
+        await run_the_service_path(service_app)
+
+        assert cache_status().backend == "redis"
+        assert "refuse" not in cache_status().reason
+        for node_server in redis_cluster.nodes:
+            assert acl_log(node_server) == b"*0\r\n"
+    finally:
+        await close_cache()
+        for node_server in redis_cluster.nodes:
+            node_server.command("ACL", "DELUSER", "svc")
+
+
+async def test_the_acl_the_readme_documents_is_all_a_service_needs_behind_sentinel(
+    service_app: FastAPI, make_settings: Callable[..., CacheSettings]
+) -> None:
+    rules = documented_service_acl("s3cret", "test-cache")
+    with LocalSentinel() as sentinel:
+        for server in sentinel.servers:  # ACL users are not replicated
+            server.command("ACL", "SETUSER", "svc", *rules)
+        settings = make_settings(
+            "redis://svc:s3cret@unused:1/0",
+            REDIS_SENTINELS=sentinel.sentinels,
+            REDIS_SENTINEL_MASTER=sentinel.master_name,
+        )
+        await init_cache(settings)
+        try:
+            assert cache_status().backend == "redis", cache_status()
+            await run_the_service_path(service_app)
+
+            assert cache_status().backend == "redis"
+            assert "refuse" not in cache_status().reason
+        finally:
+            await close_cache()
+        for server in sentinel.servers:
+            assert acl_log(server) == b"*0\r\n"
+
+
+def test_the_cli_invalidates_and_flushes_with_the_documented_acl(own_redis: RedisServer) -> None:
+    own_redis.command("ACL", "SETUSER", "svc", *documented_service_acl("s3cret", "svc-a"))
+    own_redis.command("SET", "svc-a:reports:tenant_t1:/r", "{}")
+    env = {"REDIS_URL": f"redis://svc:s3cret@127.0.0.1:{own_redis.port}/0", "CACHE_PREFIX": "svc-a"}
+
+    invalidated = CliRunner().invoke(cli_app, ["invalidate", "reports", "--tenant", "t1"], env=env)
+    flushed = CliRunner().invoke(cli_app, ["flush", "--yes"], env=env)
+
+    assert invalidated.exit_code == 0, invalidated.output
+    assert flushed.exit_code == 0, flushed.output
+    assert "removed 1 keys" in flushed.stdout
+    assert acl_log(own_redis) == b"*0\r\n"
+
+
+async def test_a_permission_refused_at_start_up_is_reported_as_such_until_it_is_granted(
+    own_redis: RedisServer,
+    counting_app: httpx.AsyncClient,
+    make_settings: Callable[..., CacheSettings],
+) -> None:
+    rules = documented_service_acl("s3cret", "test-cache")
+    own_redis.command("ACL", "SETUSER", "svc", *rules, "-ping")
+
+    await init_cache(make_settings(f"redis://svc:s3cret@127.0.0.1:{own_redis.port}/0"))
+
+    status = cache_status()
+    assert status.backend == "degraded"
+    # Redis answered: not an outage, a permission the user lacks, named.
+    assert "unavailable" not in status.reason, status.reason
+    assert "NOPERM" in status.reason
+    assert "PING" in status.reason
+    for _ in range(2):
+        response = await get(counting_app)
+        assert response.status_code == 200
+        assert response.json() == {"calls": 1}
+
+    own_redis.command("ACL", "SETUSER", "svc", "+ping")
+    deadline = time.monotonic() + 5
+    while cache_status().backend != "redis":
+        assert time.monotonic() < deadline, cache_status()
+        await asyncio.sleep(0.05)

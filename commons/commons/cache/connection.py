@@ -14,9 +14,10 @@ Topologies
 - ``redis://``, ``rediss://`` (TLS, with ``REDIS_TLS_*``), ``unix://``; ``user:password@`` in the
   URL logs in as a Redis 6 ACL user (without a user name: the ``default`` user).
 - ``REDIS_CLUSTER=true``: :class:`redis.asyncio.cluster.RedisCluster`, the URL naming any one node.
-  ``auto`` (the default) starts with a plain client and lets the store ask the node
-  (``INFO cluster``) on its first contact; a node reporting ``cluster_enabled:1`` is then replaced
-  by the cluster client that :func:`cluster_client_factory` builds. Detection waits for the first
+  ``auto`` (the default) starts with a plain client and lets the store ask the node on its first
+  contact (``HELLO``, whose reply names the server's mode and which Redis grants every user); a
+  node in cluster mode is then replaced by the cluster client that :func:`cluster_client_factory`
+  builds. Detection waits for the first
   contact, so a service that starts while Redis is down still finds out when Redis comes back.
 - ``REDIS_SENTINELS`` + ``REDIS_SENTINEL_MASTER``: the master's address comes from the Sentinels
   and is looked up again whenever a connection to it fails, so the client follows a failover.
@@ -38,6 +39,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from commons.cache.settings import CacheSettings
 
@@ -154,9 +156,34 @@ def cluster_client_factory(settings: CacheSettings) -> Callable[[], RedisCluster
 
 
 async def reports_cluster_mode(client: Redis) -> bool:
-    """Whether the server behind ``client`` runs with ``cluster-enabled yes``."""
-    info = await client.info("cluster")
-    return str(info.get("cluster_enabled", "0")) == "1"
+    """Whether the server behind ``client`` runs with ``cluster-enabled yes``.
+
+    Asked with ``HELLO`` (no arguments: the connection's protocol stays as it is), whose reply
+    names the server's mode. Redis never refuses ``HELLO`` to a logged-in user, so a service user
+    without ``INFO`` (an ``@dangerous`` command) is detected too. A server older than Redis 6 has
+    no ``HELLO``: it is asked ``INFO cluster``.
+    """
+    try:
+        reply = await client.execute_command("HELLO")  # type: ignore[no-untyped-call]  # redis-py: untyped
+    except ResponseError:
+        info = await client.info("cluster")
+        return str(info.get("cluster_enabled", "0")) == "1"
+    return _hello_field(reply, "mode") == "cluster"
+
+
+def _hello_field(reply: object, name: str) -> str | None:
+    """One field of a ``HELLO`` reply: a map (RESP3) or a flat list of pairs (RESP2)."""
+    if isinstance(reply, dict):
+        pairs = list(reply.items())
+    elif isinstance(reply, list | tuple):
+        pairs = list(zip(reply[::2], reply[1::2], strict=False))
+    else:
+        return None
+    for key, value in pairs:
+        text = key.decode() if isinstance(key, bytes) else str(key)
+        if text == name:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
 
 
 class SentinelMasterClient(Redis):

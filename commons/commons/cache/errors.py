@@ -5,13 +5,15 @@ Tree::
     CacheError
     ├── CacheUnavailableError      init_cache() with CACHE_FAIL_FAST=true and Redis not answering
     └── BackendError               a backend operation failed; never reaches a request handler
-        ├── BackendUnavailableError    Redis cannot be reached in time (refused, timeout, auth)
+        ├── BackendUnavailableError    Redis cannot be reached in time (refused, timeout, auth),
+        │                              or cannot serve the command (CLUSTERDOWN, no node answers)
         ├── BackendBusyError           every pooled connection is in use (a burst, not an outage)
         └── BackendRejectedError       Redis answered but refused the command (OOM, READONLY)
 
 Configuration mistakes are :class:`pydantic.ValidationError` from :class:`CacheSettings`, raised
-when the settings load. Backend errors are translated from redis-py and OS errors in exactly one
-place (``backends/redis.py``); the layer above decides what a failure means.
+when the settings load. Backend errors are translated from redis-py and OS errors, those of the
+cluster client included (which do not derive from ``RedisError``), in exactly one place
+(``backends/redis.py``); the layer above decides what a failure means.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class BackendError(CacheError):
 
 
 class BackendUnavailableError(BackendError):
-    """The backend could not be reached in time: refused, timed out, or refused our credentials."""
+    """The backend could not be reached in time (refused, timed out, or refused our credentials),
+    or cannot serve any command of the slot right now (a cluster that lost a shard)."""
 
 
 class BackendBusyError(BackendError):

@@ -22,6 +22,11 @@ before the breaker opens.
 A Redis that answers but refuses commands (out of memory under ``noeviction``, a read-only replica,
 missing ACL permissions) is not unreachable: reads still work, so the layer stays on Redis and the
 refused writes are skipped. ``cache_status()`` says so in its reason until a write succeeds again.
+Replies that say the server cannot serve a slot at all (``CLUSTERDOWN``, ``MASTERDOWN``,
+``TRYAGAIN``) are an outage, not a refusal. At start-up, a refused first contact (the user may not
+run ``PING``, or a cluster client's ``CLUSTER SLOTS``) leaves the layer degraded, since nothing is
+known of the server yet, with a reason that names the refusal rather than an outage; the probe
+brings it to Redis once the permission is granted.
 
 No lost invalidations
 ---------------------
@@ -30,6 +35,11 @@ cannot be applied to Redis, it is kept (:class:`~commons.cache.pending.PendingIn
 the layer degrades at once, whatever the failure count or the kind of failure, so nothing is read
 from Redis until the kept invalidations have been applied there. Other replicas that still reach
 Redis are unaffected; the README's Guarantees section says what holds for them during an outage.
+
+Once started, an invalidation runs to its end even if its caller is cancelled (a client that hung
+up, a timeout around the call): applied or kept, never dropped half-way. A burst of invalidations
+that finds every pooled connection in use waits for one (up to a command timeout): a busy process
+is no outage.
 
 What no replica can learn while Redis is down is another replica's invalidation: each in-memory
 tier only sees its own process's. So while degraded, entries live in memory for at most
@@ -61,8 +71,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from commons.cache.backends.base import CacheStore, StoredRead
 from commons.cache.backends.memory import MemoryStore
@@ -76,6 +87,7 @@ from commons.cache.entry import (
 from commons.cache.errors import (
     BackendBusyError,
     BackendError,
+    BackendRejectedError,
     BackendUnavailableError,
     CacheUnavailableError,
 )
@@ -94,6 +106,14 @@ _NOTHING = StoredRead(0, None)
 
 #: What a refused operation is called in ``cache_status().reason``.
 _REFUSED_WHAT = {"get": "reads", "set": "writes", "lock": "locks"}
+
+
+def _start_up_failure(exc: BackendError) -> str:
+    """Why the first contact failed: an outage, or Redis refusing a command the cache needs (a
+    permission its user lacks), which lasts until an operator grants it."""
+    if isinstance(exc, BackendRejectedError):
+        return f"Redis answers but refuses a command the cache needs at start-up: {exc}"
+    return f"Redis unavailable at start-up: {exc}"
 
 
 class FillToken(NamedTuple):
@@ -156,6 +176,8 @@ class CacheLayer:
         self._invalidated_at: dict[str, int] = {}
         self._cleared_at = 0
         self._recovery_task: asyncio.Task[None] | None = None
+        # Removals on their way to Redis, which outlive a cancelled caller (see _on_redis).
+        self._removals: set[asyncio.Task[int]] = set()
         self._generations_asked: dict[CacheScope, asyncio.Future[bytes]] = {}
         if not settings.CACHE_ENABLED:
             initial, reason = CacheState.DISABLED, "CACHE_ENABLED is false"
@@ -182,7 +204,7 @@ class CacheLayer:
                     f"REDIS_URL is set but Redis did not answer ({exc}); "
                     "CACHE_FAIL_FAST=true refuses to start"
                 ) from exc
-            self._transition(CacheState.DEGRADED, f"Redis unavailable at start-up: {exc}")
+            self._transition(CacheState.DEGRADED, _start_up_failure(exc))
         else:
             self._transition(CacheState.REDIS, "connected")
         self._recovery_task = asyncio.create_task(self._recover_forever(), name="cache-recovery")
@@ -194,6 +216,10 @@ class CacheLayer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._removals:
+            # Each ends within the Redis timeouts; cut short, one could be neither applied nor
+            # kept (a process shutting down still owes Redis the invalidations it acknowledged).
+            await asyncio.gather(*self._removals, return_exceptions=True)
         if self._redis is not None:
             await self._redis.aclose()
         await self._memory.aclose()
@@ -483,13 +509,13 @@ class CacheLayer:
         if self._state is not CacheState.REDIS:
             self._pending.add_key(key, scope)
             return removed
-        try:
-            removed += await self._redis.delete(key, scope)
-        except BackendError as exc:
-            self.events.backend_error(scope.namespace, "delete")
-            self._pending.add_key(key, scope)
-            self._degrade(f"a deletion could not reach Redis: {exc}")
-        return removed
+        return removed + await self._on_redis(
+            self._redis.delete(key, scope),
+            lambda: self._pending.add_key(key, scope),
+            namespace=scope.namespace,
+            operation="delete",
+            what="a deletion",
+        )
 
     # -- invalidation --------------------------------------------------------------------------
 
@@ -506,12 +532,13 @@ class CacheLayer:
         if self._redis is not None and self._state is not CacheState.REDIS:
             self._pending.add(target)
         elif self._redis is not None:
-            try:
-                removed += await self._redis.invalidate(target)
-            except BackendError as exc:
-                self.events.backend_error(target.namespace, "invalidate")
-                self._pending.add(target)
-                self._degrade(f"an invalidation could not reach Redis: {exc}")
+            removed += await self._on_redis(
+                self._redis.invalidate(target),
+                lambda: self._pending.add(target),
+                namespace=target.namespace,
+                operation="invalidate",
+                what="an invalidation",
+            )
         self.events.invalidated(target.namespace, removed)
         return removed
 
@@ -527,13 +554,49 @@ class CacheLayer:
         if self._state is not CacheState.REDIS:
             self._pending.add_everything()
             return removed
-        try:
-            removed += await self._redis.clear()
-        except BackendError as exc:
-            self.events.backend_error("", "clear")
-            self._pending.add_everything()
-            self._degrade(f"a flush could not reach Redis: {exc}")
-        return removed
+        return removed + await self._on_redis(
+            self._redis.clear(),
+            self._pending.add_everything,
+            namespace="",
+            operation="clear",
+            what="a flush",
+        )
+
+    async def _on_redis(
+        self,
+        removal: Coroutine[Any, Any, int],
+        keep: Callable[[], None],
+        *,
+        namespace: str,
+        operation: str,
+        what: str,
+    ) -> int:
+        """Applies an invalidation, a deletion or a flush to Redis; keeps it if it fails.
+
+        It runs to its end even when its caller is cancelled (a client that hung up, a timeout
+        around the call): cut short, it could leave the scope's generation in place, neither
+        applied nor kept, and the old value would be served on. A failure keeps it for the
+        recovery and degrades at once (see the module docstring).
+        """
+
+        async def apply() -> int:
+            try:
+                return await removal
+            except BackendError as exc:
+                self.events.backend_error(namespace, operation)
+                keep()
+                self._degrade(f"{what} could not reach Redis: {exc}")
+                return 0
+
+        task = asyncio.ensure_future(apply())
+        self._removals.add(task)
+        task.add_done_callback(self._removal_done)
+        return await asyncio.shield(task)
+
+    def _removal_done(self, task: asyncio.Task[int]) -> None:
+        self._removals.discard(task)
+        if not task.cancelled():
+            task.exception()  # seen, even when its caller gave up waiting
 
     # -- locks (single-flight across replicas) --------------------------------------------------
 

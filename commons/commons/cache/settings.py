@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,7 +71,8 @@ class CacheSettings(BaseSettings):
         ge=1,
         description="Pooled connections to Redis per process, for writes, invalidations and "
         "locks (hits share one pipelined connection of their own); a request beyond them does "
-        "not wait: it is answered by its handler, as on a miss.",
+        "not wait: it is answered by its handler, as on a miss. An invalidation waits for one, "
+        "up to REDIS_SOCKET_TIMEOUT_SECONDS.",
     )
     CACHE_FAILURE_THRESHOLD: int = Field(
         default=3,
@@ -115,7 +116,8 @@ class CacheSettings(BaseSettings):
     )
     REDIS_CLUSTER: Literal["auto", "true", "false"] = Field(
         default="auto",
-        description="Redis Cluster mode: auto (the node reports cluster_enabled:1), true or false.",
+        description="Redis Cluster mode: auto (the node's HELLO reply says cluster), true or "
+        "false. A cluster has database 0 only.",
     )
     REDIS_TLS_CA_FILE: str | None = Field(
         default=None,
@@ -184,6 +186,9 @@ class CacheSettings(BaseSettings):
             parts.port  # noqa: B018  (parsing the port is the check)
         except ValueError as exc:
             raise ValueError(f"REDIS_URL: {exc}") from None
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise ValueError(f"REDIS_URL: the database must be a number (got {database!r})")
         return value
 
     @field_validator("REDIS_CLUSTER", mode="before")
@@ -233,7 +238,18 @@ class CacheSettings(BaseSettings):
             raise ValueError("REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not")
         if self.REDIS_CLUSTER == "true" and scheme == "unix":
             raise ValueError("REDIS_CLUSTER=true needs a redis:// or rediss:// REDIS_URL")
+        if self.REDIS_CLUSTER == "true" and self.REDIS_URL and _database_of(self.REDIS_URL):
+            raise ValueError(
+                "REDIS_CLUSTER=true needs database 0 in REDIS_URL (a cluster has no other)"
+            )
         return self
+
+
+def _database_of(url: str) -> int:
+    """The database a redis:// URL names (its path, or a ``db`` query parameter), 0 by default."""
+    parts = urlsplit(url)
+    named = parts.path.strip("/") or parse_qs(parts.query).get("db", ["0"])[0]
+    return int(named) if named.isdigit() else 0
 
 
 @lru_cache(maxsize=1)

@@ -25,7 +25,7 @@ differences, because an entry and its indexes live in different slots and so can
 entry, then updates the indexes again, so an invalidation that ran between the first two steps
 cannot leave the entry unindexed; an invalidation's ``UNLINK`` is split per slot; ``clear()`` scans
 every primary. Reads are single-key. A store built with ``cluster_factory`` decides on its first
-contact whether the node it was given is part of a cluster (``INFO cluster``) and, if so, switches
+contact whether the node it was given is part of a cluster (``HELLO``) and, if so, switches
 to the cluster client. Redis replicates asynchronously: a primary that crashes (rather than being
 failed over by ``CLUSTER FAILOVER`` or Sentinel, which wait for the replica to catch up) may take
 the last writes it acknowledged with it, invalidations included.
@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -91,6 +92,8 @@ DRAIN_PAGE_SIZE = 200
 DRAIN_CONCURRENCY = 2
 #: GETs that may wait on the pipelined read connection at once; past that a read is a miss.
 PIPELINED_READS_MAX_PENDING = 4096
+#: How often an invalidation that found every pooled connection in use looks for a free one.
+BUSY_POLL_SECONDS = 0.002
 
 # A member's score only ever rises: a registry member stands for a whole leaf, so a short-lived
 # write must not lower it below the expiry of the leaf's longer-lived entries (the pruning below
@@ -201,22 +204,90 @@ def _untag(text: str) -> str:
     return "" if inner == "%" else unquote(inner)
 
 
-#: Refusals by their error code. redis-py's own message of a failed pipeline command quotes the
-#: command's arguments (keys with tenant ids, cached bodies), which must not reach logs or status.
+#: Refusals by their error code (NOPERM: see :func:`_permission_text`). redis-py's own message of
+#: a failed pipeline command quotes the command's arguments (keys with tenant ids, cached bodies),
+#: which must not reach logs or status.
 _REFUSALS: tuple[tuple[type[redis_errors.ResponseError], str], ...] = (
     (redis_errors.OutOfMemoryError, "OOM, used memory is above maxmemory"),
     (redis_errors.ReadOnlyError, "READONLY, the server is a read-only replica"),
-    (redis_errors.NoPermissionError, "NOPERM, the user lacks a permission"),
     (redis_errors.ExecAbortError, "EXECABORT, a transaction was refused"),
 )
+
+#: Error replies that are no refusal of the command but an outage: the server cannot serve any
+#: command of the slot right now (the cluster lost a shard, a primary is down, a resharding).
+_UNAVAILABLE_REPLIES: tuple[tuple[type[redis_errors.ResponseError], str], ...] = (
+    (redis_errors.MasterDownError, "MASTERDOWN, the link with the primary is down"),
+    (redis_errors.ClusterDownError, "CLUSTERDOWN, the cluster cannot serve the slot"),
+    (redis_errors.TryAgainError, "TRYAGAIN, the slot is being resharded"),
+)
+
+#: The end of a NOPERM message that names the command refused (never its arguments).
+_NOPERM_COMMAND = re.compile(r"to run the '([a-z0-9|_-]+)' command$")
+
+#: Messages of redis-py's cluster client that name nodes only (never a command's arguments), and
+#: the wording of the first one shortened.
+_CLUSTER_MESSAGES = (
+    "Redis Cluster cannot be connected",
+    "All slots are not covered",
+    "Cluster mode is not enabled",
+)
+_NO_NODE_ANSWERED = (
+    "Redis Cluster cannot be connected. Please provide at least one reachable node: ",
+    "no node answered: ",
+)
+
+
+def _permission_text(exc: BaseException) -> str:
+    """What a NOPERM refusal was about: the command, or the keys (never the keys' names)."""
+    message = str(exc)
+    if (named := _NOPERM_COMMAND.search(message)) is not None:
+        return f"NOPERM, the user may not run {named.group(1).upper()}"
+    if message.endswith("one of the keys used as arguments"):
+        return "NOPERM, the user may not access the cache's keys (its ACL needs ~{prefix}:*)"
+    return "NOPERM, the user lacks a permission"
+
+
+def _refusal_in(exc: BaseException) -> redis_errors.NoPermissionError | None:
+    """The permission refusal behind ``exc`` (the cluster client wraps the one it met)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None or isinstance(seen, redis_errors.NoPermissionError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _translate_cluster_error(exc: redis_errors.RedisClusterException) -> BackendError:
+    """redis-py's cluster client's own exceptions, which do not derive from ``RedisError``: no
+    node answers, a slot has no node, a node refused the client's discovery commands."""
+    if (refusal := _refusal_in(exc)) is not None:
+        return BackendRejectedError(f"Redis refused the command: {_permission_text(refusal)}")
+    if isinstance(exc, redis_errors.SlotNotCoveredError):
+        return BackendUnavailableError("Redis Cluster unavailable: a slot has no node")
+    if isinstance(exc, redis_errors.CrossSlotTransactionError | redis_errors.InvalidPipelineStack):
+        return BackendRejectedError(
+            f"the cluster client refused the command ({type(exc).__name__})"
+        )
+    message = str(exc)
+    shown = message if message.startswith(_CLUSTER_MESSAGES) else type(exc).__name__
+    return BackendUnavailableError(
+        f"Redis Cluster unavailable: {shown.replace(*_NO_NODE_ANSWERED)}"
+    )
 
 
 def _translate(exc: BaseException) -> BackendError:
     if isinstance(exc, redis_errors.ResponseError):
+        for unavailable, text in _UNAVAILABLE_REPLIES:
+            if isinstance(exc, unavailable):
+                return BackendUnavailableError(f"Redis cannot serve the command: {text}")
+        if isinstance(exc, redis_errors.NoPermissionError):
+            return BackendRejectedError(f"Redis refused the command: {_permission_text(exc)}")
         for refusal, text in _REFUSALS:
             if isinstance(exc, refusal):
                 return BackendRejectedError(f"Redis refused the command: {text}")
         return BackendRejectedError(f"Redis refused the command ({type(exc).__name__})")
+    if isinstance(exc, redis_errors.RedisClusterException):
+        return _translate_cluster_error(exc)
     if isinstance(exc, (redis_errors.TimeoutError, asyncio.TimeoutError, TimeoutError)):
         return BackendUnavailableError("Redis did not answer in time")
     if isinstance(exc, redis_errors.MaxConnectionsError) or (
@@ -227,7 +298,14 @@ def _translate(exc: BaseException) -> BackendError:
     return BackendUnavailableError(f"Redis unavailable: {type(exc).__name__}: {exc}")
 
 
-_REDIS_FAILURES = (redis_errors.RedisError, OSError, asyncio.TimeoutError)
+#: Everything a client of any topology raises when Redis fails. The cluster client's own
+#: exceptions (no node reachable, a slot without a node) do not derive from ``RedisError``.
+_REDIS_FAILURES = (
+    redis_errors.RedisError,
+    redis_errors.RedisClusterException,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 
 @asynccontextmanager
@@ -270,11 +348,17 @@ class RedisStore(CacheStore):
     def _use(self, client: RedisClient) -> None:
         self._client = client
         self._reads = None
+        options = (
+            client.get_connection_kwargs()
+            if isinstance(client, RedisCluster)
+            else client.connection_pool.connection_kwargs
+        )
+        #: A command's time budget: how long an invalidation waits for a pooled connection.
+        self._command_timeout: float = options.get("socket_timeout") or 5.0
         if isinstance(client, Redis) and (opener := channel_opener(client)) is not None:
-            timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
             self._reads = PipelinedReader(
                 opener,
-                timeout=timeout or 5.0,
+                timeout=self._command_timeout,
                 max_pending=PIPELINED_READS_MAX_PENDING,
             )
         self._index_add = client.register_script(_INDEX_ADD)
@@ -459,11 +543,19 @@ class RedisStore(CacheStore):
         return True
 
     async def delete(self, key: str, scope: CacheScope | None = None) -> int:
-        async with _redis_errors_translated():
-            if scope is not None:
-                # A fill of this key computed before the deletion must not bring it back.
-                await self._client.unlink(self.generation_keys(scope)[-1])
-            return int(await self._client.unlink(key))
+        if scope is None:
+            async with _redis_errors_translated():
+                return int(await self._client.unlink(key))
+        # A fill of this key computed before the deletion must not bring it back; once the
+        # generation is retired, the entry is a miss wherever it is read, so removing it only
+        # frees its memory.
+        await self._retire(self.generation_keys(scope)[-1])
+        try:
+            async with _redis_errors_translated():
+                return int(await self._client.unlink(key))
+        except BackendError as exc:
+            logger.debug("deleted entry left to expire: %s", exc)
+            return 0
 
     async def add_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
         async with _redis_errors_translated():
@@ -486,7 +578,7 @@ class RedisStore(CacheStore):
         ns = target.namespace
         async with _redis_errors_translated():
             await self._follow_sentinel_master()
-            await self._client.unlink(self._generation_key_of(target))
+        await self._retire(self._generation_key_of(target))
         try:
             async with _redis_errors_translated():
                 if target.tenant_id is None:
@@ -499,6 +591,32 @@ class RedisStore(CacheStore):
         except BackendError as exc:
             logger.debug("invalidated entries left to expire: %s", exc)
             return 0
+
+    async def _retire(self, generation_key: str) -> None:
+        """Deletes a scope's generation: what makes an invalidation (or a deletion) hold.
+
+        A burst of them can find every pooled connection in use (``REDIS_MAX_CONNECTIONS``): this
+        process is busy, Redis is not down, and an invalidation is worth a short wait where a
+        read is not. So it waits for a connection to come free, for at most one command timeout:
+        every connection in use is released within that time unless Redis stops answering, and
+        a pool that stays full that long is reported as Redis not answering in time.
+
+        Raises:
+            BackendError: The generation could not be deleted.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._command_timeout
+        while True:
+            try:
+                async with _redis_errors_translated():
+                    await self._client.unlink(generation_key)
+                return
+            except BackendBusyError as exc:
+                if loop.time() >= deadline:
+                    raise BackendUnavailableError(
+                        f"Redis did not answer in time: {exc} for {self._command_timeout}s"
+                    ) from exc
+            await asyncio.sleep(BUSY_POLL_SECONDS)
 
     async def _follow_sentinel_master(self) -> None:
         """Behind Sentinel, asks it for the master before an invalidation walks the indexes.
