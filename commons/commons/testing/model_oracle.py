@@ -433,18 +433,24 @@ class Model:
         return kind(message, answer)
 
     def _racing_computation(self, answer: Answer, version: int, missed: Update) -> bool:
-        """Whether a computation of the same entry may have stored ``version`` after ``missed``
-        started: a ``MISS`` of that version answered after it started, or a ``STALE`` answer
-        whose background refresh may have run then."""
-        begun = missed.answer.started
+        """Whether a computation of the same entry may have read the data before ``missed``
+        was acknowledged and stored ``version`` after it started: a ``MISS`` of that version
+        running across the update's start, or the background refresh after a ``STALE`` answer
+        sent shortly before the acknowledgement."""
+        begun, acked = missed.answer.started, missed.acked
         for other in self.answers:
             if other is answer or other.method != "GET" or other.path != answer.path:
                 continue
             if other.item != answer.item:
                 continue
-            if other.cache == "MISS" and other.ended > begun and other.version() == version:
+            if (
+                other.cache == "MISS"
+                and other.started < acked
+                and other.ended > begun
+                and other.version() == version
+            ):
                 return True
-            if other.cache == STALE and other.ended + _REFRESH_SECONDS > begun:
+            if other.cache == STALE and begun - _REFRESH_SECONDS < other.ended < acked:
                 return True
         return False
 
