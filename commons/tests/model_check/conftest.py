@@ -206,10 +206,16 @@ class World:
         await asyncio.to_thread(self.redis.kill)
 
     async def restart(self) -> None:
-        """Starts Redis again on the same port, empty (no persistence)."""
-        if self.down:
-            await asyncio.to_thread(self.redis.start)
+        """Starts Redis again on the same port, empty (no persistence), after :meth:`kill` (or
+        if it exited by itself)."""
+        process = self.redis.process
+        if self.down or process is None or process.poll() is not None:
+            await asyncio.to_thread(self._start_again)
             self.down = False
+
+    def _start_again(self) -> None:
+        self.redis.kill()  # closes what is left of the old process
+        self.redis.start()
 
     async def heal(self) -> None:
         """Every fault healed, Redis empty and in its default configuration, both replicas on

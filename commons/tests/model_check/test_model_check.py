@@ -38,6 +38,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.control import current_build_context
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
+from redis.exceptions import ResponseError
 
 from commons.testing.model_oracle import (
     Answer,
@@ -504,13 +505,15 @@ class RequestsAndFaults(Requests):
     async def _paused(self, pause_ms: int, plan: list[At]) -> list[Answer]:
         started = time.monotonic()
         self.world.pause()
+        running = asyncio.ensure_future(self._schedule(plan))
         try:
-            running = self._schedule(plan)
             await asyncio.sleep(pause_ms / 1000)
         finally:
             self.world.resume()
-        self._fault("pause", started, time.monotonic(), True, f"{pause_ms} ms")
-        return await running
+            ended = time.monotonic()
+            answers = await running
+        self._fault("pause", started, ended, True, f"{pause_ms} ms")
+        return answers
 
     @rule(down_ms=st.integers(0, 600), plan=timed(600))
     def kill_redis(self, down_ms: int, plan: list[At]) -> None:
@@ -520,13 +523,15 @@ class RequestsAndFaults(Requests):
     async def _killed(self, down_ms: int, plan: list[At]) -> list[Answer]:
         started = time.monotonic()
         await self.world.kill()
+        running = asyncio.ensure_future(self._schedule(plan))
         try:
-            running = self._schedule(plan)
             await asyncio.sleep(down_ms / 1000)
         finally:
             await self.world.restart()
-        self._fault("kill", started, time.monotonic(), True, f"down {down_ms} ms")
-        return await running
+            ended = time.monotonic()
+            answers = await running
+        self._fault("kill", started, ended, True, f"down {down_ms} ms")
+        return answers
 
     # -- rules: faults that are no outage ----------------------------------------------------------
 
@@ -536,12 +541,16 @@ class RequestsAndFaults(Requests):
         self._step(lambda: self._dropped(kill_at_ms, plan))
 
     async def _dropped(self, kill_at_ms: int, plan: list[At]) -> list[Answer]:
-        running = self._schedule(plan)
-        await asyncio.sleep(kill_at_ms / 1000)
-        at = time.monotonic()
-        killed = await self.admin.execute_command("CLIENT", "KILL", "TYPE", "normal")
+        running = asyncio.ensure_future(self._schedule(plan))
+        try:
+            await asyncio.sleep(kill_at_ms / 1000)
+            at = time.monotonic()
+            # Every connection but the one sending this (CLIENT KILL skips its own).
+            killed = await self.admin.execute_command("CLIENT", "KILL", "TYPE", "normal")
+        finally:
+            answers = await running
         self._fault("client_kill", at, at, False, f"{killed} connections")
-        return await running
+        return answers
 
     @rule(hold_ms=st.integers(0, 500), plan=timed(500))
     def squeeze_memory(self, hold_ms: int, plan: list[At]) -> None:
@@ -556,25 +565,29 @@ class RequestsAndFaults(Requests):
         used = int((await admin.info("memory"))["used_memory"])
         await admin.config_set("maxmemory-policy", "allkeys-lru")
         await admin.config_set("maxmemory", used + 64 * 1024)
-        evicted = 0
+        running: asyncio.Future[list[Answer]] | None = None
         try:
             for n in range(400):
-                await admin.set(f"junk:{self.epoch}:{n}", b"j" * 4096)
+                try:
+                    await admin.set(f"junk:{self.epoch}:{n}", b"j" * 4096)
+                except ResponseError:
+                    break  # OOM: nothing left that Redis can evict
                 if n % 8 == 7:
-                    evicted = int((await admin.info("stats"))["evicted_keys"]) - evicted_before
-                    if evicted:
+                    stats = await admin.info("stats")
+                    if int(stats["evicted_keys"]) > evicted_before:
                         break
-            running = self._schedule(plan)
+            running = asyncio.ensure_future(self._schedule(plan))
             await asyncio.sleep(hold_ms / 1000)
         finally:
             await admin.config_set("maxmemory", 0)
             await admin.config_set("maxmemory-policy", "noeviction")
+            answers = [] if running is None else await running
         evicted = int((await admin.info("stats"))["evicted_keys"]) - evicted_before
         junk = [key async for key in admin.scan_iter(match="junk:*", count=1000)]
         if junk:
             await admin.unlink(*junk)
         self._fault("memory", started, time.monotonic(), False, f"{evicted} keys evicted")
-        return await running
+        return answers
 
     @rule(plan=timed(100, max_size=3))
     def delete_helper_keys(self, plan: list[At]) -> None:
