@@ -25,6 +25,8 @@ reads excused by an outage window (or answered ``STALE``) came.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import sys
 import time
@@ -628,8 +630,7 @@ class RequestsAndFaults(Requests):
         return answers
 
     def _entry_key(self, get: Get) -> str:
-        import hashlib
-
+        """The key our key builders give the entry of ``get`` (see ``commons.cache.keys``)."""
         tenant, user, rid = self._names(get)
         namespace = {"t": "res", "u": "ures", "g": "gres", "s": "sres"}[get.route]
         scope = f"tenant_{tenant}" + (f":user_{user}" if get.route == "u" else "")
@@ -638,8 +639,6 @@ class RequestsAndFaults(Requests):
         return f"{self.world.prefix}:{namespace}:{scope}:/{get.route}/{rid}:{digest}"
 
     def _hostile_bytes(self, target: Get, kind: str, current: bytes) -> bytes:
-        import json
-
         if kind == "garbage":
             return b"\x00\xffnot json at all\x81"
         if kind == "foreign_json":
