@@ -527,7 +527,7 @@ class WindowLog:
     def lines(self) -> list[str]:
         """A small table: per kind, how many old reads were excused and how late they came."""
         out = [
-            f"{self.examples} examples, {self.reads} reads; faults injected: "
+            f"{self.examples} examples run (shrinking's included), {self.reads} reads; faults: "
             + (", ".join(f"{k} x{n}" for k, n in sorted(self.faults.items())) or "none")
         ]
         if not self.since_update:
