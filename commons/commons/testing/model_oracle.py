@@ -1,0 +1,548 @@
+"""The model check's oracle: what replicas sharing one Redis may answer, checked answer by answer.
+
+A driver (``commons/tests/model_check``) sends requests to replica processes and injects faults;
+it hands every answer and every fault to a :class:`Model`, which keeps the truth (the version each
+acknowledged update wrote, per data item) and returns the guarantees each answer broke:
+
+- **answered**: every request gets an answer (no dropped connection), never a 5xx, within
+  :attr:`Bounds.answer_seconds`;
+- **isolation**: the body is the requester's: its tenant (and user, on a user-scoped route), its
+  resource and its query are the request's, whatever was written into Redis;
+- **freshness**: a read that *starts* after an update of the same item was acknowledged answers
+  that update's version or a newer one. Two exceptions, both recorded rather than reported:
+  (a) reads that overlap an *outage window*, from the moment an outage fault starts (Redis paused
+  or down) until :attr:`Bounds.window_seconds` after it ends, and (b) answers marked
+  ``X-FastAPI-Cache: STALE`` (stale-while-revalidate serves old data by design; the next answer
+  that is not ``STALE`` is held to the rule again). Faults that are no outage (dropped
+  connections, eviction, lost helper keys, hostile values) open no window.
+
+Every excused read is kept with how long after the update it missed it started, per kind of
+fault, so that the windows actually observed can be reported (:class:`WindowLog`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "STALE",
+    "Answer",
+    "Bounds",
+    "Excused",
+    "Fault",
+    "ForeignBody",
+    "Item",
+    "MalformedBody",
+    "Model",
+    "NoAnswer",
+    "ServerError",
+    "SlowAnswer",
+    "StaleHit",
+    "StaleLateWrite",
+    "StaleMiss",
+    "StaleMissedEntry",
+    "StaleRead",
+    "UnexpectedStatus",
+    "Update",
+    "Violation",
+    "WindowLog",
+    "WrongResource",
+    "percentile",
+]
+
+#: A data item: ``("tenant", tenant, rid)`` or ``("user", tenant, user, rid)``.
+Item = tuple[str, ...]
+
+#: The ``X-FastAPI-Cache`` value of a stale-while-revalidate answer.
+STALE = "STALE"
+
+
+# -- what happened ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One request the driver sent, and what came back.
+
+    Times are the driver's monotonic clock: ``started`` just before the request was sent,
+    ``ended`` once its answer (or its failure) was received.
+    """
+
+    method: str
+    replica: str
+    #: The path and query sent, e.g. ``/t/r0?q=x``.
+    path: str
+    tenant: str
+    user: str | None
+    #: Whether the body must carry ``user`` too (a user-scoped route).
+    user_scoped: bool
+    rid: str
+    q: str | None
+    item: Item
+    started: float
+    ended: float
+    #: The HTTP status; ``None`` when no answer came (``error`` says why).
+    status: int | None
+    body: bytes = b""
+    #: The ``X-FastAPI-Cache`` header, if any.
+    cache: str | None = None
+    error: str | None = None
+    delay_ms: int = 0
+
+    @property
+    def elapsed(self) -> float:
+        return self.ended - self.started
+
+    def document(self) -> dict[str, object] | None:
+        """The body as a JSON object; ``None`` when it is none."""
+        try:
+            parsed = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return parsed if isinstance(parsed, dict) else None
+
+    def version(self) -> int | None:
+        document = self.document()
+        version = None if document is None else document.get("version")
+        return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+    def describe(self, origin: float) -> str:
+        """One line: what was asked, when, and what came back."""
+        who = (
+            self.tenant
+            if self.user is None or not self.user_scoped
+            else f"{self.tenant}/{self.user}"
+        )
+        head = (
+            f"+{self.started - origin:.3f}s {self.method} {self.path} on {self.replica} as {who}"
+            f" ({self.elapsed * 1000:.0f} ms"
+            + (f", handler delay {self.delay_ms} ms" if self.delay_ms else "")
+            + ")"
+        )
+        if self.status is None:
+            return f"{head} -> no answer: {self.error}"
+        document = self.document()
+        if document is None:
+            shown = self.body[:60]
+            return f"{head} -> {self.status} {self.cache or ''} body {shown!r}".replace("  ", " ")
+        details = ", ".join(f"{k}={v}" for k, v in document.items())
+        return f"{head} -> {self.status} {self.cache or '-'} {{{details}}}"
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A fault the driver injected, from ``started`` until it was healed at ``ended``."""
+
+    kind: str
+    started: float
+    ended: float
+    #: Redis unreachable (paused, killed): opens a window for freshness.
+    outage: bool
+    detail: str = ""
+
+    def describe(self, origin: float) -> str:
+        extra = f" ({self.detail})" if self.detail else ""
+        return (
+            f"+{self.started - origin:.3f}s..+{self.ended - origin:.3f}s fault {self.kind}{extra}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """An acknowledged update: from ``acked`` on, reads of ``item`` owe ``version`` or newer."""
+
+    item: Item
+    version: int
+    acked: float
+    answer: Answer
+
+
+@dataclass(frozen=True, slots=True)
+class Excused:
+    """A read older than an acknowledged update that the rules excuse, and by what."""
+
+    #: The outage's kind, or ``STALE`` for a stale-while-revalidate answer.
+    kind: str
+    #: Seconds from the missed update's acknowledgement to the read's start.
+    since_update: float
+    #: Seconds from the outage's end to the read's start (negative: during the outage).
+    since_fault_end: float | None
+    answer: Answer
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The limits the oracle holds answers to."""
+
+    #: Longest time any request may take.
+    answer_seconds: float
+    #: How long after an outage ends freshness may still lag (see the module docstring).
+    window_seconds: float
+
+
+# -- what went wrong -------------------------------------------------------------------------------
+
+
+class Violation(AssertionError):
+    """A guarantee one answer broke. Each guarantee is a class of its own, so that a test runner
+    that tells failures apart by their type reports each kind separately."""
+
+    guarantee = "a guarantee"
+
+    def __init__(self, message: str, answer: Answer) -> None:
+        super().__init__(message)
+        self.message = message
+        self.answer = answer
+
+
+class NoAnswer(Violation):
+    guarantee = "every request is answered"
+
+
+class ServerError(Violation):
+    guarantee = "never a 5xx"
+
+
+class UnexpectedStatus(Violation):
+    guarantee = "a read answers 200"
+
+
+class SlowAnswer(Violation):
+    guarantee = "every request is answered within the bound"
+
+
+class MalformedBody(Violation):
+    guarantee = "the body is the handler's answer (JSON with the route's fields)"
+
+
+class ForeignBody(Violation):
+    guarantee = "isolation: never another tenant's or user's body"
+
+
+class WrongResource(Violation):
+    guarantee = "the body is the requested resource and query"
+
+
+class StaleRead(Violation):
+    guarantee = "freshness: a read that starts after an acknowledged update sees it"
+
+
+class StaleMiss(StaleRead):
+    """An old version with ``X-FastAPI-Cache: MISS``: the answer was computed for this request,
+    or shared from a computation it joined, and that computation read the data before the update.
+    """
+
+    guarantee = "freshness (MISS): a read sent after an update does not get a value computed before"
+
+
+class StaleHit(StaleRead):
+    """An old version from the cache (``HIT``)."""
+
+    guarantee = "freshness (HIT): no entry older than an acknowledged update is served"
+
+
+class StaleLateWrite(StaleHit):
+    """A ``HIT`` on a value that a computation overlapping the update (it was still running when
+    the update started) had read: it was most likely stored after the update's invalidation."""
+
+    guarantee = (
+        "freshness (HIT): a value computed before an update is not stored after its invalidation"
+    )
+
+
+class StaleMissedEntry(StaleHit):
+    """A ``HIT`` on an entry that was already stored before the update started, and that no
+    computation overlapping the update could have written again: the invalidation missed it."""
+
+    guarantee = "freshness (HIT): an update's invalidation removes every entry stored before it"
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+
+_CONTEXT_BEFORE_SECONDS = 1.0
+#: After a ``STALE`` answer, one background refresh computes and stores the entry again; it is
+#: counted as a computation that may overlap an update for this long after the answer.
+_REFRESH_SECONDS = 0.5
+
+
+class Model:
+    """The truth, and the oracle that holds every answer to it."""
+
+    def __init__(self, bounds: Bounds, origin: float) -> None:
+        self.bounds = bounds
+        #: Times in messages are shown relative to this.
+        self.origin = origin
+        self.answers: list[Answer] = []
+        self.updates: dict[Item, list[Update]] = {}
+        self.faults: list[Fault] = []
+        #: Old reads inside an outage window.
+        self.excused: list[Excused] = []
+        #: Old reads answered ``STALE``.
+        self.stale: list[Excused] = []
+        #: Extra lines for messages (the replicas' state changes, say), by the driver.
+        self.notes: list[str] = []
+
+    def add_fault(self, fault: Fault) -> None:
+        self.faults.append(fault)
+
+    # -- checking ---------------------------------------------------------------------------------
+
+    def check(self, answers: Iterable[Answer]) -> list[Violation]:
+        """Records ``answers`` (one step's) and returns every guarantee they broke."""
+        new = sorted(answers, key=lambda answer: answer.started)
+        self.answers.extend(new)
+        violations: list[Violation] = []
+        # Updates first: a read of this very step may start after one of them was acknowledged.
+        for answer in new:
+            if answer.method != "GET":
+                violations.extend(self._check_update(answer))
+        for answer in new:
+            if answer.method == "GET":
+                violations.extend(self._check_read(answer))
+        return violations
+
+    def _answered(self, answer: Answer, bound: float) -> list[Violation]:
+        found: list[Violation] = []
+        if answer.status is None:
+            found.append(NoAnswer(f"no answer: {answer.error}", answer))
+            return found
+        if answer.status >= 500:
+            found.append(ServerError(f"answered {answer.status}", answer))
+        elif answer.status != 200:
+            found.append(UnexpectedStatus(f"answered {answer.status}", answer))
+        if answer.elapsed > bound:
+            found.append(
+                SlowAnswer(
+                    f"took {answer.elapsed:.3f}s, more than the bound of {bound:.3f}s", answer
+                )
+            )
+        return found
+
+    def _check_update(self, answer: Answer) -> list[Violation]:
+        found = self._answered(answer, self.bounds.answer_seconds)
+        if answer.status != 200:
+            return found
+        version = answer.version()
+        if version is None:
+            found.append(MalformedBody(f"no version in {answer.body[:80]!r}", answer))
+            return found
+        updates = self.updates.setdefault(answer.item, [])
+        updates.append(Update(answer.item, version, answer.ended, answer))
+        updates.sort(key=lambda update: update.acked)
+        return found
+
+    def _check_read(self, answer: Answer) -> list[Violation]:
+        found = self._answered(answer, self.bounds.answer_seconds)
+        if answer.status != 200:
+            return found
+        document = answer.document()
+        version = answer.version()
+        if document is None or version is None or "tenant" not in document:
+            found.append(
+                MalformedBody(
+                    f"served {answer.body[:80]!r} ({answer.cache or 'no cache header'}) "
+                    "as the route's answer",
+                    answer,
+                )
+            )
+            return found
+        if document.get("tenant") != answer.tenant or (
+            answer.user_scoped and document.get("user") != answer.user
+        ):
+            owner = document.get("tenant")
+            if answer.user_scoped:
+                owner = f"{owner}/{document.get('user')}"
+            found.append(
+                ForeignBody(
+                    f"served the body of {owner} ({answer.cache or 'no cache header'}): "
+                    f"{answer.body[:120]!r}",
+                    answer,
+                )
+            )
+            return found
+        if document.get("rid") != answer.rid or document.get("q") != answer.q:
+            found.append(
+                WrongResource(
+                    f"asked for rid={answer.rid} q={answer.q}, got rid={document.get('rid')} "
+                    f"q={document.get('q')}",
+                    answer,
+                )
+            )
+            return found
+        stale = self._freshness(answer, version)
+        if stale is not None:
+            found.append(stale)
+        return found
+
+    def owed(self, item: Item, at: float) -> Update | None:
+        """The newest update of ``item`` acknowledged before ``at``."""
+        acknowledged = [u for u in self.updates.get(item, ()) if u.acked < at]
+        return max(acknowledged, key=lambda update: update.version, default=None)
+
+    def first_missed(self, item: Item, version: int, at: float) -> Update | None:
+        """The earliest acknowledged (before ``at``) update of ``item`` newer than ``version``."""
+        return next(
+            (u for u in self.updates.get(item, ()) if u.acked < at and u.version > version),
+            None,
+        )
+
+    def outage_window(self, answer: Answer) -> Fault | None:
+        """The latest outage whose window the answer overlaps, if any."""
+        overlapping = [
+            fault
+            for fault in self.faults
+            if fault.outage
+            and fault.started <= answer.ended
+            and answer.started <= fault.ended + self.bounds.window_seconds
+        ]
+        return max(overlapping, key=lambda fault: fault.started, default=None)
+
+    def _freshness(self, answer: Answer, version: int) -> Violation | None:
+        owed = self.owed(answer.item, answer.started)
+        if owed is None or version >= owed.version:
+            return None
+        missed = self.first_missed(answer.item, version, answer.started)
+        assert missed is not None
+        since_update = answer.started - missed.acked
+        if answer.cache == STALE:
+            self.stale.append(Excused(STALE, since_update, None, answer))
+            return None
+        window = self.outage_window(answer)
+        if window is not None:
+            self.excused.append(
+                Excused(window.kind, since_update, answer.started - window.ended, answer)
+            )
+            return None
+        kind: type[StaleRead]
+        if answer.cache == "MISS":
+            kind = StaleMiss
+        elif self._racing_computation(answer, version, missed):
+            kind = StaleLateWrite
+        else:
+            kind = StaleMissedEntry
+        message = (
+            f"version {version}, but version {owed.version} was acknowledged "
+            f"{(answer.started - owed.acked) * 1000:.0f} ms before this read started "
+            f"(the first missed update, version {missed.version}, "
+            f"{since_update * 1000:.0f} ms before)"
+        )
+        return kind(message, answer)
+
+    def _racing_computation(self, answer: Answer, version: int, missed: Update) -> bool:
+        """Whether a computation of the same entry may have read the data before ``missed``
+        was acknowledged and stored ``version`` after it started: a ``MISS`` of that version
+        running across the update's start, or the background refresh after a ``STALE`` answer
+        sent shortly before the acknowledgement."""
+        begun, acked = missed.answer.started, missed.acked
+        for other in self.answers:
+            if other is answer or other.method != "GET" or other.path != answer.path:
+                continue
+            if other.item != answer.item:
+                continue
+            if (
+                other.cache == "MISS"
+                and other.started < acked
+                and other.ended > begun
+                and other.version() == version
+            ):
+                return True
+            if other.cache == STALE and begun - _REFRESH_SECONDS < other.ended < acked:
+                return True
+        return False
+
+    # -- reporting --------------------------------------------------------------------------------
+
+    def explain(self, violation: Violation) -> str:
+        """The violation with what led to it: the item's recent history and the faults."""
+        answer = violation.answer
+        lines = [
+            f"{type(violation).__name__}: {violation.guarantee}",
+            f"  {answer.describe(self.origin)}",
+            f"  {violation.message}",
+        ]
+        since = answer.started - _CONTEXT_BEFORE_SECONDS
+        missed = self._missed_for(violation)
+        if missed is not None:
+            since = min(since, missed.answer.started - _CONTEXT_BEFORE_SECONDS)
+        history = [
+            a
+            for a in self.answers
+            if a.item == answer.item and a.ended >= since and a.started <= answer.ended
+        ]
+        if history:
+            lines.append(f"  history of {'/'.join(answer.item)} (times from the example's start):")
+            lines.extend(
+                f"    {'>' if a is answer else ' '} {a.describe(self.origin)}" for a in history
+            )
+        faults = [f for f in self.faults if f.ended + self.bounds.window_seconds >= since]
+        lines.extend(f"  {fault.describe(self.origin)}" for fault in faults)
+        lines.extend(f"  {note}" for note in self.notes)
+        return "\n".join(lines)
+
+    def _missed_for(self, violation: Violation) -> Update | None:
+        if not isinstance(violation, StaleRead):
+            return None
+        version = violation.answer.version()
+        if version is None:
+            return None
+        return self.first_missed(violation.answer.item, version, violation.answer.started)
+
+
+# -- windows ---------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` percentile (0..100) of ``values`` by nearest rank; 0.0 when empty."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[rank]
+
+
+@dataclass
+class WindowLog:
+    """Excused reads gathered over a whole run, summarised per kind of fault."""
+
+    since_update: dict[str, list[float]] = field(default_factory=dict)
+    since_fault_end: dict[str, list[float]] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+    reads: int = 0
+    examples: int = 0
+
+    def add(self, model: Model) -> None:
+        self.examples += 1
+        self.reads += sum(1 for answer in model.answers if answer.method == "GET")
+        for fault in model.faults:
+            self.faults[fault.kind] = self.faults.get(fault.kind, 0) + 1
+        for excused in [*model.excused, *model.stale]:
+            self.since_update.setdefault(excused.kind, []).append(excused.since_update)
+            if excused.since_fault_end is not None:
+                self.since_fault_end.setdefault(excused.kind, []).append(excused.since_fault_end)
+
+    def lines(self) -> list[str]:
+        """A small table: per kind, how many old reads were excused and how late they came."""
+        out = [
+            f"{self.examples} examples run (shrinking's included), {self.reads} reads; faults: "
+            + (", ".join(f"{k} x{n}" for k, n in sorted(self.faults.items())) or "none")
+        ]
+        if not self.since_update:
+            out.append("no read older than an acknowledged update was excused")
+            return out
+        out.append(
+            "excused old reads  | count | after the update: max / p99 (ms) "
+            "| after the fault ended: max (ms)"
+        )
+        for kind in sorted(self.since_update):
+            values = self.since_update[kind]
+            ends = self.since_fault_end.get(kind, [])
+            after_end = f"{max(ends) * 1000:.0f}" if ends else "-"
+            out.append(
+                f"{kind:<18} | {len(values):>5} | {max(values) * 1000:.0f} / "
+                f"{percentile(values, 99) * 1000:.0f} | {after_end}"
+            )
+        return out

@@ -1,0 +1,692 @@
+"""A randomized model check: two replica processes on one real Redis, random requests and faults,
+every answer checked against a model of the truth (``commons.testing.model_oracle``).
+
+Hypothesis's stateful testing drives it. Each rule is one step: GETs and PUTs on random replicas,
+routes, tenants, users, resources and queries (alone, in bursts, or a slow GET racing a PUT), or
+a fault injected while requests run: Redis paused (SIGSTOP) or killed and restarted empty, every
+client connection dropped, memory squeezed under ``allkeys-lru``, the invalidation index's helper
+keys deleted, hostile values written over entries. After every step the oracle checks every
+answer of the step; a broken guarantee fails the example (the kinds a step broke are raised
+together), and Hypothesis shrinks it.
+
+Two tests share the replicas: requests alone (:class:`Requests`), whose examples fail or pass
+within a few steps, and requests under faults (:class:`RequestsAndFaults`).
+
+- ``make test`` runs them bounded: ``MODEL_CHECK_SECONDS`` (default 26) of examples and shrinking
+  for both, a third of it for requests alone; with start-up and the final replay of each failure
+  the module stays well within a minute on 2 cores.
+- ``make chaos`` runs them for ``CHAOS_SECONDS`` (default 600); it prints its seed first, and
+  ``make chaos CHAOS_SEED=<seed>`` replays a run (pytest's ``--hypothesis-seed``).
+
+At the end, the terminal summary gives the windows observed: how long after an update the old
+reads excused by an outage window (or answered ``STALE``) came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.control import current_build_context
+from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
+from redis.exceptions import ResponseError
+
+from commons.testing.model_oracle import (
+    Answer,
+    Fault,
+    ForeignBody,
+    Item,
+    MalformedBody,
+    Model,
+    NoAnswer,
+    ServerError,
+    SlowAnswer,
+    StaleHit,
+    StaleLateWrite,
+    StaleMiss,
+    StaleMissedEntry,
+    UnexpectedStatus,
+    Violation,
+    WindowLog,
+    WrongResource,
+)
+
+pytestmark = [pytest.mark.model_check, pytest.mark.slow]
+
+#: The data space: small, so that random requests meet on the same entries.
+TENANTS = 2
+USERS = 2
+RIDS = 2
+QUERIES: tuple[str | None, ...] = (None, "x")
+REPLICAS = ("A", "B")
+#: ``t``: our decorator; ``u``: ours, per user; ``g``: fastapi-cache2's; ``s``: stale-while-
+#: revalidate. ``t``, ``g`` and ``s`` serve the same (tenant, resource) data.
+TENANT_ROUTES = ("t", "g", "s")
+ROUTES = (*TENANT_ROUTES, "u")
+
+#: Seconds of examples (and shrinking) of both tests together; past them no example is run
+#: except Hypothesis's final replay of each failure it reports.
+RUN_SECONDS = float(os.environ.get("MODEL_CHECK_SECONDS", "26"))
+#: The share of the requests-only test: its examples fail (or pass) in a few steps.
+REQUESTS_SHARE = 1 / 3
+VERBOSE = os.environ.get("MODEL_CHECK_VERBOSE", "") not in ("", "0")
+
+#: In a race, how long the read that may join the slow computation goes ahead of the others.
+REJOIN_HEAD_START_SECONDS = 0.015
+
+#: The order in which the kinds of violation a step found are reported.
+#: A stale HIT comes before a stale MISS: the entry it comes from is served again until its TTL.
+SEVERITY: tuple[type[Violation], ...] = (
+    ForeignBody,
+    MalformedBody,
+    ServerError,
+    NoAnswer,
+    WrongResource,
+    StaleLateWrite,
+    StaleMissedEntry,
+    StaleHit,
+    StaleMiss,
+    UnexpectedStatus,
+    SlowAnswer,
+)
+
+
+# -- what a step does ------------------------------------------------------------------------------
+
+
+class _Compact:
+    """Printed in one short line in Hypothesis's report of a failing example."""
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))
+
+
+@dataclass(frozen=True, repr=False)
+class Get(_Compact):
+    replica: int
+    route: str
+    tenant: int
+    user: int
+    rid: int
+    q: int
+    delay_ms: int = 0
+
+    @property
+    def path(self) -> str:
+        query = f"?q={QUERIES[self.q]}" if QUERIES[self.q] is not None else ""
+        return f"/{self.route}/r{self.rid}{query}"
+
+    @property
+    def who(self) -> str:
+        return f"t{self.tenant}" + (f"/u{self.user}" if self.route == "u" else "")
+
+    def __repr__(self) -> str:
+        delay = f", delay_ms={self.delay_ms}" if self.delay_ms else ""
+        return f"Get({REPLICAS[self.replica]!r}, {self.path!r}, {self.who!r}{delay})"
+
+
+@dataclass(frozen=True, repr=False)
+class Put(_Compact):
+    replica: int
+    user_item: bool
+    tenant: int
+    user: int
+    rid: int
+
+    def __repr__(self) -> str:
+        route = "u" if self.user_item else "t"
+        who = f"t{self.tenant}" + (f"/u{self.user}" if self.user_item else "")
+        return f"Put({REPLICAS[self.replica]!r}, '/{route}/r{self.rid}', {who!r})"
+
+
+Op = Get | Put
+
+
+@dataclass(frozen=True, repr=False)
+class At(_Compact):
+    """An operation started ``ms`` milliseconds into a step."""
+
+    ms: int
+    op: Op
+
+    def __repr__(self) -> str:
+        return f"At({self.ms}, {self.op!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class Race(_Compact):
+    """A slow GET (``leader``), and ``put_after_ms`` into it a PUT of the same data. As soon as
+    the PUT is acknowledged, the leader's entry is read on both replicas (on the leader's, such
+    a read can join the slow computation), with ``also_after_ack`` (other routes of the same
+    data); once the slow GET is answered, the entry is read again on both replicas, with
+    ``also_after_leader``. Extra reads are (replica, route) on the leader's tenant, user,
+    resource and query."""
+
+    leader: Get
+    #: 20 ms or more (the leader has read the data), 40 ms or more before the leader's delay
+    #: ends (the PUT's acknowledgement and the read that may join come before it returns).
+    put_after_ms: int
+    also_after_ack: tuple[tuple[int, str], ...]
+    also_after_leader: tuple[tuple[int, str], ...]
+
+    def __repr__(self) -> str:
+        def reads(pairs: tuple[tuple[int, str], ...]) -> str:
+            return "[" + ", ".join(f"'{REPLICAS[r]} /{route}'" for r, route in pairs) + "]"
+
+        return (
+            f"Race({self.leader!r}, put_after_ms={self.put_after_ms}, "
+            f"also_after_ack={reads(self.also_after_ack)}, "
+            f"also_after_leader={reads(self.also_after_leader)})"
+        )
+
+
+replicas = st.integers(0, len(REPLICAS) - 1)
+delays = st.sampled_from((0, 0, 20, 60, 150))
+
+
+def gets(delay: st.SearchStrategy[int] = delays) -> st.SearchStrategy[Get]:
+    return st.builds(
+        Get,
+        replica=replicas,
+        route=st.sampled_from(ROUTES),
+        tenant=st.integers(0, TENANTS - 1),
+        user=st.integers(0, USERS - 1),
+        rid=st.integers(0, RIDS - 1),
+        q=st.integers(0, len(QUERIES) - 1),
+        delay_ms=delay,
+    )
+
+
+puts = st.builds(
+    Put,
+    replica=replicas,
+    user_item=st.booleans(),
+    tenant=st.integers(0, TENANTS - 1),
+    user=st.integers(0, USERS - 1),
+    rid=st.integers(0, RIDS - 1),
+)
+ops: st.SearchStrategy[Op] = st.one_of(gets(), gets(), puts)
+
+
+def timed(within_ms: int, max_size: int = 4) -> st.SearchStrategy[list[At]]:
+    return st.lists(st.builds(At, ms=st.integers(0, within_ms), op=ops), max_size=max_size)
+
+
+@st.composite
+def races(draw: st.DrawFn) -> Race:
+    leader = draw(gets(delay=st.integers(60, 150)))
+    family = ("u",) if leader.route == "u" else TENANT_ROUTES
+    others = [route for route in family if route != leader.route]
+    extra = (
+        st.lists(st.tuples(replicas, st.sampled_from(others)), max_size=2)
+        if others
+        else st.just([])
+    )
+    return Race(
+        leader=leader,
+        # The PUT lands once the leader has read the data (20 ms) and while it still computes
+        # (its handler sleeps 60 ms or more), with a margin either side for a loaded machine.
+        put_after_ms=draw(st.integers(20, leader.delay_ms - 40)),
+        also_after_ack=tuple(draw(extra)),
+        also_after_leader=tuple(draw(extra)),
+    )
+
+
+HOSTILE_KINDS = ("garbage", "foreign_json", "other_tenant", "truncated")
+
+
+# -- the machine -----------------------------------------------------------------------------------
+
+
+class Requests(RuleBasedStateMachine):
+    """Requests only: GETs alone and in bursts, PUTs, and a slow GET racing a PUT on the other
+    replica.
+
+    One example: a fresh model over the shared world (its own tenants, so nothing an earlier
+    example left behind can be mistaken for this one's data).
+    """
+
+    world: Any = None
+    log: WindowLog | None = None
+    deadline = 0.0
+    examples = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Past the run's time, an example draws its steps but runs none of them (Hypothesis
+        # then finishes quickly: the data it draws stays the same, only nothing is executed),
+        # except Hypothesis's final replay of a failing example, which must run to be reported.
+        self.idle = time.monotonic() > Requests.deadline and not current_build_context().is_final
+        self.steps = 0
+        self.trace: list[str] = []
+        self.failure: Exception | None = None
+        if self.idle:
+            return
+        self.started = time.monotonic()
+        Requests.examples += 1
+        self.epoch = f"e{Requests.examples}"
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(self.world.heal())
+        except BaseException:
+            self.loop.close()
+            raise
+        self.admin = self.world.admin()
+        self.clients = [
+            # A connection per request: a connection the server closed after an earlier answer
+            # can then never be taken for a dropped request.
+            httpx.AsyncClient(
+                base_url=replica.url,
+                timeout=self.world.bounds.answer_seconds + 2.0,
+                limits=httpx.Limits(max_keepalive_connections=0),
+            )
+            for replica in self.world.replicas
+        ]
+        self.model = Model(self.world.bounds, origin=time.monotonic())
+
+    def teardown(self) -> None:
+        if self.idle:
+            return
+        if VERBOSE:
+            print(
+                f"example {self.epoch}: {self.steps} steps, {len(self.model.answers)} answers, "
+                f"{len(self.model.faults)} faults, {time.monotonic() - self.started:.1f}s, "
+                f"{Requests.deadline - time.monotonic():.1f}s left: {' '.join(self.trace)}"
+                + (f" -> {type(self.failure).__name__}" if self.failure else ""),
+                flush=True,
+            )
+        try:
+            self.world.resume()
+            self.loop.run_until_complete(self._close())
+        finally:
+            self.loop.close()
+            if Requests.log is not None:
+                Requests.log.add(self.model)
+        if self.failure is not None:
+            # Hypothesis tells failures apart by the exception's type (and a group's by theirs).
+            raise self.failure
+
+    async def _close(self) -> None:
+        await self.world.restart()
+        for client in self.clients:
+            await client.aclose()
+        await self.admin.aclose()
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def _names(self, op: Op) -> tuple[str, str, str]:
+        return f"{self.epoch}t{op.tenant}", f"u{op.user}", f"r{op.rid}"
+
+    async def _send(self, op: Op) -> Answer:
+        tenant, user, rid = self._names(op)
+        headers = {"X-Tenant": tenant, "X-User": user}
+        item: Item
+        if isinstance(op, Get):
+            method, q, user_scoped = "GET", QUERIES[op.q], op.route == "u"
+            path = f"/{op.route}/{rid}" + (f"?q={q}" if q is not None else "")
+            headers["X-Delay-Ms"] = str(op.delay_ms)
+        else:
+            method, q, user_scoped = "PUT", None, op.user_item
+            path = f"/{'u' if op.user_item else 't'}/{rid}"
+        item = ("user", tenant, user, rid) if user_scoped else ("tenant", tenant, rid)
+        fields: dict[str, Any] = {
+            "method": method,
+            "replica": REPLICAS[op.replica],
+            "path": path,
+            "tenant": tenant,
+            "user": user,
+            "user_scoped": user_scoped,
+            "rid": rid,
+            "q": q,
+            "item": item,
+            "delay_ms": op.delay_ms if isinstance(op, Get) else 0,
+        }
+        client = self.clients[op.replica]
+        started = time.monotonic()
+        try:
+            response = await client.request(method, path, headers=headers)
+        except httpx.HTTPError as exc:
+            ended = time.monotonic()
+            return Answer(
+                **fields, started=started, ended=ended, status=None, error=f"{type(exc).__name__}"
+            )
+        ended = time.monotonic()
+        return Answer(
+            **fields,
+            started=started,
+            ended=ended,
+            status=response.status_code,
+            body=response.content,
+            cache=response.headers.get("x-fastapi-cache"),
+        )
+
+    async def _at(self, at: At) -> Answer:
+        await asyncio.sleep(at.ms / 1000)
+        return await self._send(at.op)
+
+    async def _schedule(self, plan: Sequence[At]) -> list[Answer]:
+        return list(await asyncio.gather(*(self._at(at) for at in plan)))
+
+    # -- checking ----------------------------------------------------------------------------------
+
+    def _step(self, work: Callable[[], Awaitable[list[Answer]]]) -> None:
+        # After a violation the example's remaining steps are drawn but not run, and the violation
+        # is raised at the end (teardown): whether a step fails depends on timing, and Hypothesis
+        # requires every run of the same choices to draw the same data.
+        if self.idle or self.failure is not None:
+            return
+        self.steps += 1
+        self.trace.append(sys._getframe(1).f_code.co_name)
+        self.world.check_alive()
+        answers = self.loop.run_until_complete(work())
+        violations = self.model.check(answers)
+        if violations:
+            rule_name = sys._getframe(1).f_code.co_name
+            self.failure = self._failure(violations, f"step {self.steps} ({rule_name})")
+
+    def _failure(self, violations: list[Violation], where: str) -> Exception:
+        """What the example raises: each kind of violation the step found, once (the first of
+        each, with its history), as one exception or a group of them."""
+        self.model.notes = self.loop.run_until_complete(self._state_changes())
+        by_kind: dict[type[Violation], list[Violation]] = {}
+        for violation in sorted(violations, key=lambda v: SEVERITY.index(type(v))):
+            by_kind.setdefault(type(violation), []).append(violation)
+        found: list[Exception] = []
+        for kind, same in by_kind.items():
+            text = self.model.explain(same[0])
+            if len(same) > 1:
+                text += f"\n  and {len(same) - 1} more in this step:"
+                text += "".join(
+                    f"\n    {v.answer.describe(self.model.origin)}: {v.message}" for v in same[1:6]
+                )
+            text += f"\n  found at {where}; the steps printed after it were drawn but not run"
+            found.append(kind(text, same[0].answer))
+        if len(found) == 1:
+            return found[0]
+        kinds = ", ".join(kind.__name__ for kind in by_kind)
+        return ExceptionGroup(f"{where} broke {len(found)} guarantees: {kinds}", found)
+
+    async def _state_changes(self) -> list[str]:
+        """The replicas' cache state changes during this example (for the failure message)."""
+        offset = time.time() - time.monotonic()
+        lines = []
+        for replica, client in zip(self.world.replicas, self.clients, strict=True):
+            try:
+                status = (await client.get("/_status")).json()
+            except httpx.HTTPError:
+                # A replica closes a connection on which its app raised (a 500): ask again.
+                try:
+                    status = (await client.get("/_status")).json()
+                except httpx.HTTPError as exc:
+                    lines.append(f"replica {replica.name}: /_status failed ({type(exc).__name__})")
+                    continue
+            changes = [
+                f"+{wall - offset - self.model.origin:.3f}s {state}"
+                for wall, state in status["changes"]
+                if wall - offset >= self.model.origin
+            ]
+            lines.append(
+                f"replica {replica.name} cache states: {', '.join(changes) or 'redis throughout'}"
+            )
+        return lines
+
+    def _fault(self, kind: str, started: float, ended: float, outage: bool, detail: str) -> None:
+        self.model.add_fault(Fault(kind, started, ended, outage, detail))
+
+    # -- rules: requests ---------------------------------------------------------------------------
+
+    @rule(get=gets())
+    def get(self, get: Get) -> None:
+        self._step(lambda: self._schedule([At(0, get)]))
+
+    @rule(plan=st.lists(st.builds(At, ms=st.integers(0, 30), op=gets()), min_size=2, max_size=6))
+    def burst(self, plan: list[At]) -> None:
+        """Several GETs at once (within 30 ms)."""
+        self._step(lambda: self._schedule(plan))
+
+    @rule(put=puts)
+    def put(self, put: Put) -> None:
+        self._step(lambda: self._schedule([At(0, put)]))
+
+    @rule(race=races())
+    def race_across_replicas(self, race: Race) -> None:
+        """The PUT on the other replica than the slow GET's."""
+        self._step(lambda: self._race(race, 1 - race.leader.replica))
+
+    async def _race(self, race: Race, put_replica: int) -> list[Answer]:
+        leader = race.leader
+        slow = asyncio.ensure_future(self._send(leader))
+        await asyncio.sleep(race.put_after_ms / 1000)
+        put = Put(put_replica, leader.route == "u", leader.tenant, leader.user, leader.rid)
+        answers = [await self._send(put)]
+
+        def read(replica: int, route: str) -> Get:
+            return replace(leader, replica=replica, route=route, delay_ms=0)
+
+        # First the leader's entry on the leader's replica, alone: whether it joins the slow
+        # computation must not depend on a read on the other replica storing the entry first.
+        rejoin = asyncio.ensure_future(self._send(read(leader.replica, leader.route)))
+        await asyncio.sleep(REJOIN_HEAD_START_SECONDS)
+        others = [read(1 - leader.replica, leader.route), *(read(*r) for r in race.also_after_ack)]
+        answers += await asyncio.gather(slow, rejoin, *map(self._send, others))
+        again = [read(r, leader.route) for r in (leader.replica, 1 - leader.replica)]
+        again += [read(*r) for r in race.also_after_leader]
+        answers += await asyncio.gather(*map(self._send, again))
+        return answers
+
+
+class RequestsAndFaults(Requests):
+    """The requests of :class:`Requests`, the same race with the PUT on the slow GET's replica,
+    and faults injected into Redis while requests run."""
+
+    # -- rules: the same race on one replica -------------------------------------------------------
+
+    @rule(race=races())
+    def race_on_one_replica(self, race: Race) -> None:
+        """The PUT on the slow GET's replica."""
+        self._step(lambda: self._race(race, race.leader.replica))
+
+    # -- rules: outages ----------------------------------------------------------------------------
+
+    @rule(pause_ms=st.integers(100, 800), plan=timed(600))
+    def pause_redis(self, pause_ms: int, plan: list[At]) -> None:
+        """SIGSTOP: Redis black-holed; requests run; SIGCONT after ``pause_ms``."""
+        self._step(lambda: self._paused(pause_ms, plan))
+
+    async def _paused(self, pause_ms: int, plan: list[At]) -> list[Answer]:
+        started = time.monotonic()
+        self.world.pause()
+        running = asyncio.ensure_future(self._schedule(plan))
+        try:
+            await asyncio.sleep(pause_ms / 1000)
+        finally:
+            self.world.resume()
+            ended = time.monotonic()
+            answers = await running
+        self._fault("pause", started, ended, True, f"{pause_ms} ms")
+        return answers
+
+    @rule(down_ms=st.integers(0, 600), plan=timed(600))
+    def kill_redis(self, down_ms: int, plan: list[At]) -> None:
+        """SIGKILL, requests, and Redis started again on the same port, empty."""
+        self._step(lambda: self._killed(down_ms, plan))
+
+    async def _killed(self, down_ms: int, plan: list[At]) -> list[Answer]:
+        started = time.monotonic()
+        await self.world.kill()
+        running = asyncio.ensure_future(self._schedule(plan))
+        try:
+            await asyncio.sleep(down_ms / 1000)
+        finally:
+            await self.world.restart()
+            ended = time.monotonic()
+            answers = await running
+        self._fault("kill", started, ended, True, f"down {down_ms} ms")
+        return answers
+
+    # -- rules: faults that are no outage ----------------------------------------------------------
+
+    @rule(kill_at_ms=st.integers(0, 150), plan=timed(150))
+    def drop_connections(self, kill_at_ms: int, plan: list[At]) -> None:
+        """``CLIENT KILL TYPE normal`` while requests run: every replica connection dropped."""
+        self._step(lambda: self._dropped(kill_at_ms, plan))
+
+    async def _dropped(self, kill_at_ms: int, plan: list[At]) -> list[Answer]:
+        running = asyncio.ensure_future(self._schedule(plan))
+        try:
+            await asyncio.sleep(kill_at_ms / 1000)
+            at = time.monotonic()
+            # Every connection but the one sending this (CLIENT KILL skips its own).
+            killed = await self.admin.execute_command("CLIENT", "KILL", "TYPE", "normal")
+        finally:
+            answers = await running
+        self._fault("client_kill", at, at, False, f"{killed} connections")
+        return answers
+
+    @rule(hold_ms=st.integers(0, 500), plan=timed(500))
+    def squeeze_memory(self, hold_ms: int, plan: list[At]) -> None:
+        """``maxmemory`` just above what Redis uses, ``allkeys-lru``, junk written until keys
+        are evicted; requests run; the memory limit lifted after ``hold_ms``."""
+        self._step(lambda: self._squeezed(hold_ms, plan))
+
+    async def _squeezed(self, hold_ms: int, plan: list[At]) -> list[Answer]:
+        started = time.monotonic()
+        admin = self.admin
+        evicted_before = int((await admin.info("stats"))["evicted_keys"])
+        used = int((await admin.info("memory"))["used_memory"])
+        await admin.config_set("maxmemory-policy", "allkeys-lru")
+        await admin.config_set("maxmemory", used + 64 * 1024)
+        running: asyncio.Future[list[Answer]] | None = None
+        try:
+            for n in range(400):
+                try:
+                    await admin.set(f"junk:{self.epoch}:{n}", b"j" * 4096)
+                except ResponseError:
+                    break  # OOM: nothing left that Redis can evict
+                if n % 8 == 7:
+                    stats = await admin.info("stats")
+                    if int(stats["evicted_keys"]) > evicted_before:
+                        break
+            running = asyncio.ensure_future(self._schedule(plan))
+            await asyncio.sleep(hold_ms / 1000)
+        finally:
+            await admin.config_set("maxmemory", 0)
+            await admin.config_set("maxmemory-policy", "noeviction")
+            answers = [] if running is None else await running
+        evicted = int((await admin.info("stats"))["evicted_keys"]) - evicted_before
+        junk = [key async for key in admin.scan_iter(match="junk:*", count=1000)]
+        if junk:
+            await admin.unlink(*junk)
+        self._fault("memory", started, time.monotonic(), False, f"{evicted} keys evicted")
+        return answers
+
+    @rule(plan=timed(100, max_size=3))
+    def delete_helper_keys(self, plan: list[At]) -> None:
+        """Every helper key of the prefix (index, registries, locks) deleted; then requests."""
+        self._step(lambda: self._helpers_deleted(plan))
+
+    async def _helpers_deleted(self, plan: list[At]) -> list[Answer]:
+        at = time.monotonic()
+        helpers = [
+            key async for key in self.admin.scan_iter(match=f"{self.world.prefix}:#*", count=1000)
+        ]
+        if helpers:
+            await self.admin.delete(*helpers)
+        self._fault("helper_keys", at, at, False, f"{len(helpers)} keys")
+        return await self._schedule(plan)
+
+    @rule(
+        entry=gets(delay=st.just(0)),
+        kind=st.sampled_from(HOSTILE_KINDS),
+        reads=st.lists(replicas, min_size=1, max_size=2),
+    )
+    def hostile_value(self, entry: Get, kind: str, reads: list[int]) -> None:
+        """The target's entry (a GET stores it first) overwritten in Redis: ``garbage`` bytes,
+        ``foreign_json`` (``{"a": 1}``), ``other_tenant`` (a valid body of another tenant's
+        answer), ``truncated`` (the entry's first half); then the target read on ``reads``."""
+        self._step(lambda: self._hostile(entry, kind, reads))
+
+    async def _hostile(self, target: Get, kind: str, reads: list[int]) -> list[Answer]:
+        answers = [await self._send(target)]
+        key = self._entry_key(target)
+        current = await self.admin.get(key)
+        at = time.monotonic()
+        if current is not None:
+            await self.admin.set(key, self._hostile_bytes(target, kind, current), keepttl=True)
+        self._fault("hostile", at, at, False, f"{kind} over {key}" if current else "no entry")
+        for replica in reads:
+            answers.append(await self._send(replace(target, replica=replica)))
+        return answers
+
+    def _entry_key(self, get: Get) -> str:
+        """The key our key builders give the entry of ``get`` (see ``commons.cache.keys``)."""
+        tenant, user, rid = self._names(get)
+        namespace = {"t": "res", "u": "ures", "g": "gres", "s": "sres"}[get.route]
+        scope = f"tenant_{tenant}" + (f":user_{user}" if get.route == "u" else "")
+        q = QUERIES[get.q]
+        digest = hashlib.md5((f"q={q}" if q is not None else "").encode()).hexdigest()
+        return f"{self.world.prefix}:{namespace}:{scope}:/{get.route}/{rid}:{digest}"
+
+    def _hostile_bytes(self, target: Get, kind: str, current: bytes) -> bytes:
+        if kind == "garbage":
+            return b"\x00\xffnot json at all\x81"
+        if kind == "foreign_json":
+            return b'{"a": 1}'
+        if kind == "truncated":
+            return current[: max(1, len(current) // 2)]
+        other = f"{self.epoch}t{(target.tenant + 1) % TENANTS}"
+        body: dict[str, object] = {"tenant": other}
+        if target.route == "u":
+            body["user"] = f"u{target.user}"
+        _, _, rid = self._names(target)
+        body.update({"rid": rid, "q": QUERIES[target.q], "version": 0, "by": "A"})
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+# -- the test --------------------------------------------------------------------------------------
+
+
+def run_machine(
+    machine: type[Requests], seconds: float, steps: int, world: Any, log: WindowLog
+) -> None:
+    Requests.world = world
+    Requests.log = log
+    Requests.deadline = time.monotonic() + seconds
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            # Past the deadline the remaining examples are drawn but not run (a few ms each), so
+            # this only needs to be more than the examples that fit in the time.
+            max_examples=int(os.environ.get("MODEL_CHECK_EXAMPLES", seconds * 3)),
+            stateful_step_count=steps,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+            # No explain phase: it replays variations of a failure under a tracer, which costs
+            # more than the whole run.
+            phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
+        ),
+    )
+
+
+def test_concurrent_requests_answer_as_the_model_says(
+    model_world: Any, window_log: WindowLog
+) -> None:
+    run_machine(Requests, RUN_SECONDS * REQUESTS_SHARE, 10, model_world, window_log)
+
+
+def test_requests_under_faults_answer_as_the_model_says(
+    model_world: Any, window_log: WindowLog
+) -> None:
+    run_machine(RequestsAndFaults, RUN_SECONDS * (1 - REQUESTS_SHARE), 12, model_world, window_log)
