@@ -254,7 +254,10 @@ async def test_a_cluster_that_lost_a_shard_answers_clusterdown_and_that_is_an_ou
     for _ in range(3):
         await service.get("acme")
     assert cache_status().backend == "degraded", cache_status()
-    assert "CLUSTERDOWN" in cache_status().reason
+    # redis-py answers a CLUSTERDOWN by reading the slot map again, which may meet the dead
+    # nodes first: either way an outage, never "Redis refuses reads".
+    reason = cache_status().reason
+    assert "CLUSTERDOWN" in reason or "connecting to" in reason, reason
     await service.get("acme", bound=OPEN_BREAKER_BOUND)
 
     primary.start()
