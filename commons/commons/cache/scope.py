@@ -71,6 +71,7 @@ class ScopedKey(str):
     #: What produced the request this key was built for (the route and its handler), when the
     #: builder was given a routed request: the fastapi-cache2 adapter fingerprints it.
     origin: tuple[object, object] | None
+    _routed: ScopedKey | None
 
     def __new__(
         cls, key: str, scope: CacheScope | None, origin: tuple[object, object] | None = None
@@ -78,11 +79,24 @@ class ScopedKey(str):
         instance = super().__new__(cls, key)
         instance.scope = scope
         instance.origin = origin
+        instance._routed = None
         return instance
 
     def with_origin(self, route: object, handler: object) -> ScopedKey:
-        """This key, for a request served by ``route`` with ``handler``."""
-        return ScopedKey(self, self.scope, (route, handler))
+        """This key, for a request served by ``route`` with ``handler`` (the last one made is
+        kept: a key is requested through one route, as a rule)."""
+        routed = self._routed
+        origin = routed.origin if routed is not None else None
+        if (
+            routed is not None
+            and origin is not None
+            and origin[0] is route
+            and origin[1] is handler
+        ):
+            return routed
+        routed = ScopedKey(self, self.scope, (route, handler))
+        self._routed = routed
+        return routed
 
     @property
     def cacheable(self) -> bool:

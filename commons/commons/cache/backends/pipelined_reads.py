@@ -42,7 +42,7 @@ import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import ConnectionPool, Redis
 
-__all__ = ["PipelinedReader", "ReadChannel", "channel_opener"]
+__all__ = ["PipelinedReader", "ReadChannel", "channel_opener", "encode_command"]
 
 #: Error replies a GET can meet, by their first word; others are plain ``ResponseError``.
 _ERROR_REPLIES: dict[str, type[redis_errors.RedisError]] = {
@@ -109,12 +109,15 @@ Reply = bytes | None | list[bytes | None]
 
 
 def _is_bulk_list(reply: object) -> bool:
-    return isinstance(reply, list) and all(
-        item is None or isinstance(item, bytes) for item in reply
-    )
+    if type(reply) is not list:
+        return False
+    for item in reply:  # noqa: SIM110 - a loop: no generator on every hit
+        if item is not None and type(item) is not bytes:
+            return False
+    return True
 
 
-def _command(name: bytes, keys: list[str]) -> bytes:
+def encode_command(name: bytes, keys: list[str]) -> bytes:
     """``name`` with ``keys`` as arguments, in the protocol's encoding."""
     encoded = [key.encode() for key in keys]
     head = b"*%d\r\n$%d\r\n%b\r\n" % (len(encoded) + 1, len(name), name)
@@ -275,7 +278,7 @@ class PipelinedReader:
 
     async def get(self, key: str) -> bytes | None:
         """The value under ``key``, or ``None`` (see :meth:`mget`)."""
-        reply = await self._call(_command(b"GET", [key]))
+        reply = await self._call(encode_command(b"GET", [key]))
         if isinstance(reply, list):
             raise redis_errors.InvalidResponse("a GET was answered with a list")
         return reply
@@ -287,8 +290,13 @@ class PipelinedReader:
             redis.exceptions.RedisError: The reply did not come (the connection is then closed),
                 or Redis answered with an error.
         """
-        reply = await self._call(_command(b"MGET", keys))
-        if not isinstance(reply, list) or len(reply) != len(keys):
+        return await self.mget_encoded(encode_command(b"MGET", keys), len(keys))
+
+    async def mget_encoded(self, command: bytes, count: int) -> list[bytes | None]:
+        """:meth:`mget` of a command already encoded (:func:`encode_command`) for ``count`` keys:
+        a caller that reads the same keys again and again encodes them once."""
+        reply = await self._call(command)
+        if not isinstance(reply, list) or len(reply) != count:
             raise redis_errors.InvalidResponse("an MGET was not answered with its values")
         return reply
 

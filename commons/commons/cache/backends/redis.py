@@ -63,7 +63,11 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 
 from commons.cache.backends.base import CacheStore, StoredRead
 from commons.cache.backends.expiry import ExpiryMemo
-from commons.cache.backends.pipelined_reads import PipelinedReader, channel_opener
+from commons.cache.backends.pipelined_reads import (
+    PipelinedReader,
+    channel_opener,
+    encode_command,
+)
 from commons.cache.connection import RedisClient, reports_cluster_mode
 from commons.cache.errors import (
     BackendBusyError,
@@ -341,6 +345,7 @@ class RedisStore(CacheStore):
         self._cluster_factory = cluster_factory
         self._expiries = ExpiryMemo()
         self._generation_keys_memo = BoundedMemo[CacheScope, list[str]](4096, 4 * 1024 * 1024)
+        self._read_commands = BoundedMemo[str, tuple[bytes, int]](4096, 4 * 1024 * 1024)
         self._closed = False
         self._reads: PipelinedReader | None = None
         self._use(client)
@@ -417,6 +422,16 @@ class RedisStore(CacheStore):
         """What a read asks for: the entry, then its scope's generations."""
         return [key, *self.generation_keys(scope)]
 
+    def _read_command(self, key: str, scope: CacheScope) -> tuple[bytes, int]:
+        """The encoded ``MGET`` of :meth:`_read_keys`, encoded once per key (a key's text names
+        its scope, so the command is a function of the key)."""
+        known = self._read_commands.get(key)
+        if known is None:
+            keys = self._read_keys(key, scope)
+            known = (encode_command(b"MGET", keys), len(keys))
+            self._read_commands.put(key, known, 2 * len(known[0]))
+        return known
+
     def _generation_key_of(self, target: InvalidationTarget) -> str:
         """The one generation an invalidation of ``target`` replaces."""
         return self.generation_keys(CacheScope(target.namespace, target.tenant_id, target.user_id))[
@@ -450,7 +465,8 @@ class RedisStore(CacheStore):
         try:
             replies: list[bytes | None]
             if reads is not None:
-                replies = await reads.mget(self._read_keys(key, scope))
+                command, count = self._read_command(key, scope)
+                replies = await reads.mget_encoded(command, count)
             elif isinstance(self._client, RedisCluster):
                 # The entry and its generations live in different slots: the entry first, so an
                 # invalidation between the two reads shows as another generation (a miss).
