@@ -94,6 +94,12 @@ DRAIN_CONCURRENCY = 2
 PIPELINED_READS_MAX_PENDING = 4096
 #: How often an invalidation that found every pooled connection in use looks for a free one.
 BUSY_POLL_SECONDS = 0.002
+#: Behind Sentinel, how long an invalidation waits (``WAIT 1 <ms>``) for a replica to confirm it.
+#: Unconfirmed, it is kept and applied again, as during an outage (see :meth:`RedisStore._retire`).
+REPLICA_CONFIRM_TIMEOUT_MS = 100
+#: Behind Sentinel, how often a process asks the Sentinels which server is the master, so that
+#: reads and writes leave a demoted master's pooled connections within about this time.
+SENTINEL_MASTER_CHECK_SECONDS = 1.0
 
 # A member's score only ever rises: a registry member stands for a whole leaf, so a short-lived
 # write must not lower it below the expiry of the leaf's longer-lived entries (the pruning below
@@ -343,6 +349,8 @@ class RedisStore(CacheStore):
         self._generation_keys_memo = BoundedMemo[CacheScope, list[str]](4096, 4 * 1024 * 1024)
         self._closed = False
         self._reads: PipelinedReader | None = None
+        self._master_checked_at = 0.0
+        self._master_check: asyncio.Task[None] | None = None
         self._use(client)
 
     def _use(self, client: RedisClient) -> None:
@@ -445,6 +453,8 @@ class RedisStore(CacheStore):
         """The entry and its scope's generations, in one round trip (``MGET``) on one server."""
         # Until a first contact has ruled a cluster out, reads take redis-py's routed path.
         reads = self._reads if self._cluster_factory is None else None
+        if reads is None:
+            self._check_sentinel_master()
         # A hit's path: the seam is spelled out rather than entered as a context manager, which
         # would cost a hit a generator and two awaits.
         try:
@@ -503,6 +513,7 @@ class RedisStore(CacheStore):
         ttl_ms = int(ttl_seconds * 1000)
         fill_keys = [key, *self.generation_keys(scope)]
         fill_args: list[bytes | int] = [value, ttl_ms, generation or b"", INDEX_GRACE_MS]
+        self._check_sentinel_master()
         async with _redis_errors_translated():
             if isinstance(self._client, RedisCluster):
                 stored = await self._write_on_cluster(self._client, key, value, ttl_ms, scope)
@@ -601,15 +612,18 @@ class RedisStore(CacheStore):
         every connection in use is released within that time unless Redis stops answering, and
         a pool that stays full that long is reported as Redis not answering in time.
 
+        Behind Sentinel, where a replica may be promoted, the deletion must also reach a replica:
+        see :meth:`_unlink_confirmed`.
+
         Raises:
-            BackendError: The generation could not be deleted.
+            BackendError: The generation could not be deleted, or no replica confirmed it.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._command_timeout
         while True:
             try:
                 async with _redis_errors_translated():
-                    await self._client.unlink(generation_key)
+                    await self._unlink_confirmed(generation_key)
                 return
             except BackendBusyError as exc:
                 if loop.time() >= deadline:
@@ -618,6 +632,74 @@ class RedisStore(CacheStore):
                     ) from exc
             await asyncio.sleep(BUSY_POLL_SECONDS)
 
+    async def _unlink_confirmed(self, generation_key: str) -> None:
+        """``UNLINK``s a generation; behind Sentinel with a replica, confirmed by one (``WAIT``).
+
+        Redis replicates asynchronously: a master that crashes, or that Sentinel demotes while
+        the replica it promotes no longer follows it, loses what it acknowledged last. So where
+        Sentinel knows a replica that is not down, the deletion is followed, on the same
+        connection, by ``WAIT 1`` for up to :data:`REPLICA_CONFIRM_TIMEOUT_MS`; without that
+        confirmation it fails as an outage would, and the layer keeps the invalidation, stops
+        reading Redis and applies it again once Redis answers (on the promoted replica after a
+        failover). One server, or Sentinel without a replica up: one ``UNLINK``, no wait.
+        """
+        pool = self._sentinel_pool()
+        if pool is None or not await pool.sentinel_manager.discover_slaves(pool.service_name):
+            await self._client.unlink(generation_key)
+            return
+        # One connection for both commands: WAIT counts the replicas that have this connection's
+        # last write.
+        single = Redis(connection_pool=pool, single_connection_client=True)
+        try:
+            await single.unlink(generation_key)
+            confirmed = int(
+                await single.execute_command("WAIT", 1, REPLICA_CONFIRM_TIMEOUT_MS)  # type: ignore[no-untyped-call]  # redis-py: untyped
+            )
+        finally:
+            await single.aclose()
+        if confirmed < 1:
+            raise BackendUnavailableError(
+                f"no replica confirmed the invalidation within {REPLICA_CONFIRM_TIMEOUT_MS} ms"
+            )
+
+    def _sentinel_pool(self) -> SentinelConnectionPool | None:
+        """The pool of Sentinel's master, when the store talks to one."""
+        pool = self._client.connection_pool if isinstance(self._client, Redis) else None
+        if isinstance(pool, SentinelConnectionPool) and pool.is_master:
+            return pool
+        return None
+
+    def _check_sentinel_master(self) -> None:
+        """Behind Sentinel, asks it for the master at most every
+        :data:`SENTINEL_MASTER_CHECK_SECONDS`, in the background: reads and writes never wait for
+        it. When Sentinel names another master, every connection to the old one is dropped (those
+        in use too: their command fails, is retried once on a new connection, to the new master).
+        Without this, pooled connections to a demoted master would go on serving its reads.
+        """
+        if self._master_check is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._master_checked_at < SENTINEL_MASTER_CHECK_SECONDS:
+            return
+        pool = self._sentinel_pool()
+        if pool is None:
+            return
+        self._master_checked_at = loop.time()
+        self._master_check = loop.create_task(self._recheck_master(pool))
+
+    async def _recheck_master(self, pool: SentinelConnectionPool) -> None:
+        try:
+            known = pool.master_address
+            found = await pool.sentinel_manager.discover_master(pool.service_name)
+            if known is not None and found != known:
+                pool.master_address = found
+                await pool.disconnect(inuse_connections=True)
+        except _REDIS_FAILURES as exc:
+            # No Sentinel answered: the next connection asks again, as before.
+            logger.debug("Sentinel not asked for the master: %s", exc)
+        finally:
+            self._master_check = None
+
     async def _follow_sentinel_master(self) -> None:
         """Behind Sentinel, asks it for the master before an invalidation walks the indexes.
 
@@ -625,8 +707,8 @@ class RedisStore(CacheStore):
         replica, possibly mid-resync); an invalidation that read the indexes there could miss
         entries the new master holds. Asking first drops every connection to an old master.
         """
-        pool = self._client.connection_pool if isinstance(self._client, Redis) else None
-        if isinstance(pool, SentinelConnectionPool) and pool.is_master:
+        pool = self._sentinel_pool()
+        if pool is not None:
             await pool.get_master_address()  # type: ignore[no-untyped-call]  # redis-py: untyped
 
     async def _drain_tenant_leaf(self, leaf: str) -> int:
@@ -804,6 +886,11 @@ class RedisStore(CacheStore):
         if self._closed:
             return
         self._closed = True
+        check, self._master_check = self._master_check, None
+        if check is not None:
+            check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
         try:
             if self._reads is not None:
                 await self._reads.aclose()
