@@ -641,10 +641,11 @@ class RedisStore(CacheStore):
         connection, by ``WAIT 1`` for up to :data:`REPLICA_CONFIRM_TIMEOUT_MS`; without that
         confirmation it fails as an outage would, and the layer keeps the invalidation, stops
         reading Redis and applies it again once Redis answers (on the promoted replica after a
-        failover). One server, or Sentinel without a replica up: one ``UNLINK``, no wait.
+        failover). One server, or Sentinel without a replica that could be promoted (see
+        :func:`_replica_may_be_promoted`): one ``UNLINK``, no wait.
         """
         pool = self._sentinel_pool()
-        if pool is None or not await pool.sentinel_manager.discover_slaves(pool.service_name):
+        if pool is None:
             await self._client.unlink(generation_key)
             return
         # One connection for both commands: WAIT counts the replicas that have this connection's
@@ -652,6 +653,10 @@ class RedisStore(CacheStore):
         single = Redis(connection_pool=pool, single_connection_client=True)
         try:
             await single.unlink(generation_key)
+            connection = single.connection
+            server = (connection.host, connection.port) if connection is not None else None
+            if not await _replica_may_be_promoted(pool, server):
+                return
             confirmed = int(
                 await single.execute_command("WAIT", 1, REPLICA_CONFIRM_TIMEOUT_MS)  # type: ignore[no-untyped-call]  # redis-py: untyped
             )
@@ -898,6 +903,50 @@ class RedisStore(CacheStore):
         except _REDIS_FAILURES:
             # Closing a connection to a server that is gone is not worth an error at shutdown.
             return
+
+
+def _flags(state: dict[str, Any]) -> set[str]:
+    """The flags of a Sentinel state reply (a text in RESP2, a set in RESP3)."""
+    flags = state.get("flags", "")
+    return set(flags.split(",")) if isinstance(flags, str) else set(flags)
+
+
+async def _replica_may_be_promoted(
+    pool: SentinelConnectionPool, server: tuple[str, int] | None
+) -> bool:
+    """Whether what ``server`` acknowledged may be missing from a master Sentinel promotes.
+
+    True on a server that Sentinel does not name as the master (a demoted one, or the old master
+    while a failover is under way: the replica being promoted no longer follows it), and on the
+    master while a replica that Sentinel does not count as down reports itself a replica with
+    its link up. False on the master when its replicas are down or not following yet (the old
+    master of a switch-over before Sentinel converts it), and on the replica being promoted: no
+    replica could confirm anything, and none that Sentinel could promote would hold the old
+    generation. True when no Sentinel answers: nothing says otherwise.
+    """
+    for sentinel in pool.sentinel_manager.sentinels:
+        try:
+            master = await sentinel.sentinel_master(pool.service_name)
+            replicas = await sentinel.sentinel_slaves(pool.service_name)
+        except _REDIS_FAILURES:
+            continue
+        on_master = server == (master.get("ip"), master.get("port"))
+        if "failover_in_progress" in _flags(master):
+            promoted = [
+                (replica.get("ip"), replica.get("port"))
+                for replica in replicas
+                if "promoted" in _flags(replica)
+            ]
+            return server not in promoted
+        if not on_master:
+            return True
+        return any(
+            not _flags(replica) & {"s_down", "o_down", "disconnected"}
+            and replica.get("role-reported") == "slave"
+            and replica.get("master-link-status") == "ok"
+            for replica in replicas
+        )
+    return True
 
 
 def _glob_escape(text: str) -> str:
