@@ -31,6 +31,7 @@ from commons.cache import (
 )
 from commons.testing.redis_cluster import info_field
 from commons.testing.redis_sentinel import LocalSentinel
+from commons.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -169,9 +170,23 @@ _READER = textwrap.dedent(
 )
 
 
-async def test_no_process_serves_an_invalidated_value_after_a_switch_over(
-    client: httpx.AsyncClient, sentinel: LocalSentinel, tmp_path: Path
+def sentinel_switched(sentinel: LocalSentinel, to: RedisServer) -> bool:
+    """Whether Sentinel's record of the master names ``to``, with no failover under way."""
+    assert sentinel.sentinel is not None
+    reply = sentinel.sentinel.command("SENTINEL", "MASTER", sentinel.master_name)
+    values = [part for part in reply.split(b"\r\n") if part and part[:1] not in b"*$"]
+    fields = dict(zip(values[::2], values[1::2], strict=False))
+    flags = fields.get(b"flags", b"").split(b",")
+    return fields.get(b"port") == str(to.port).encode() and b"failover_in_progress" not in flags
+
+
+@pytest.mark.parametrize("moment", ["while_promoting", "after_the_switch"])
+async def test_no_process_serves_an_invalidated_value_through_a_switch_over(
+    client: httpx.AsyncClient, sentinel: LocalSentinel, tmp_path: Path, moment: str
 ) -> None:
+    """An invalidation acknowledged while ``SENTINEL FAILOVER`` runs: once the replica is
+    promoted (the old master still takes writes), or once Sentinel names the new master (the old
+    one still answers as a master until Sentinel converts it, seconds later)."""
     master, replica = sentinel.servers
     await get(client)
     assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"
@@ -204,10 +219,12 @@ async def test_no_process_serves_an_invalidated_value_after_a_switch_over(
             20,
             "SENTINEL FAILOVER being accepted",
         )
-        # The replica is promoted; the old master still takes writes until Sentinel demotes it.
         wait_until(
             lambda: info_field(replica, "replication", "role") == "master", 20, "the promotion"
         )
+        if moment == "after_the_switch":
+            wait_until(lambda: sentinel_switched(sentinel, replica), 20, "the switch")
+        assert info_field(master, "replication", "role") == "master", "demoted too early"
         set_version(client, 2)
         version_file.write_text("2")
         await invalidate_namespace("tenant_config")
@@ -216,8 +233,9 @@ async def test_no_process_serves_an_invalidated_value_after_a_switch_over(
         # This process never serves the old value again, through the whole switch-over.
         deadline = time.monotonic() + 30
         while (
-            sentinel.master_port() != replica.port
+            not sentinel_switched(sentinel, replica)
             or info_field(master, "replication", "master_link_status") != "up"
+            or cache_status().backend != "redis"
         ):
             assert (await get(client)).json() == {"version": 2}
             assert time.monotonic() < deadline, "the switch-over did not complete"
@@ -234,7 +252,47 @@ async def test_no_process_serves_an_invalidated_value_after_a_switch_over(
     served = [json.loads(line) for line in out.decode().splitlines()]
     old = [at for at, version in served if version == 1 and at > acknowledged]
     window = max(old) - acknowledged if old else 0.0
-    print(f"second process served the old value {window:.2f} s after the invalidation")
+    print(
+        f"{moment}: the second process served the old value {window:.2f} s after the"
+        f" invalidation; the switch-over ended {switched - acknowledged:.2f} s after it"
+    )
     assert window <= SWITCH_OVER_WINDOW_SECONDS
     assert served[-1][1] == 2
     assert served[-1][0] > switched
+
+
+async def test_reads_leave_a_demoted_master_within_a_second(
+    client: httpx.AsyncClient, sentinel: LocalSentinel
+) -> None:
+    """A process that only reads learns of the switch-over from Sentinel: its pooled connections
+    to the old master (which answers as a master until Sentinel converts it, seconds later) are
+    dropped, and it reads another process's invalidation on the new master."""
+    master, replica = sentinel.servers
+    await get(client)
+    assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"
+    wait_until(lambda: replica.command("DBSIZE") == master.command("DBSIZE"), 5, "replication")
+    assert sentinel.sentinel is not None
+    wait_until(
+        lambda: (
+            not sentinel.sentinel.command(  # type: ignore[union-attr]
+                "SENTINEL", "FAILOVER", sentinel.master_name
+            ).startswith(b"-")
+        ),
+        20,
+        "SENTINEL FAILOVER being accepted",
+    )
+    wait_until(lambda: sentinel_switched(sentinel, replica), 20, "the switch")
+
+    # Another process invalidates on the new master.
+    set_version(client, 2)
+    replica.command("UNLINK", "test-cache:#gen:{tenant_config}")
+    invalidated = time.monotonic()
+    for _ in range(1000):
+        if (await get(client)).json() == {"version": 2}:
+            break
+        await asyncio.sleep(0.02)
+    left_after = time.monotonic() - invalidated
+    print(f"reads left the demoted master {left_after:.2f} s after the invalidation")
+    assert info_field(master, "replication", "role") == "master"
+    assert left_after <= 1.5
+    assert (await get(client)).json() == {"version": 2}
