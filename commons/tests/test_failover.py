@@ -119,6 +119,7 @@ async def test_an_invalidation_no_replica_received_survives_the_master_crashing(
         assert (await get(client)).json() == {"version": 2}
         assert time.monotonic() - acknowledged < 30, "the cache did not return to Redis"
         await asyncio.sleep(0.05)
+    print(f"back on Redis {time.monotonic() - acknowledged:.2f} s after the invalidation")
     assert info_field(replica, "replication", "role") == "master"
     for _ in range(3):
         assert (await get(client)).json() == {"version": 2}
