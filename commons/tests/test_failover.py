@@ -251,7 +251,7 @@ async def test_no_process_serves_an_invalidation_the_old_master_acknowledged_in_
     old = [at for at, version in served if version == 1 and at > acknowledged]
     window = max(old) - acknowledged if old else 0.0
     print(
-        "the second process served the old value {window:.2f} s after the"
+        f"the second process served the old value {window:.2f} s after the"
         f" invalidation; the switch-over ended {switched - acknowledged:.2f} s after it"
     )
     assert window <= SWITCH_OVER_WINDOW_SECONDS

@@ -356,6 +356,7 @@ class RedisStore(CacheStore):
     def _use(self, client: RedisClient) -> None:
         self._client = client
         self._reads = None
+        self._behind_sentinel = self._sentinel_pool() is not None
         options = (
             client.get_connection_kwargs()
             if isinstance(client, RedisCluster)
@@ -678,10 +679,10 @@ class RedisStore(CacheStore):
         """Behind Sentinel, asks it for the master at most every
         :data:`SENTINEL_MASTER_CHECK_SECONDS`, in the background: reads and writes never wait for
         it. When Sentinel names another master, every connection to the old one is dropped (those
-        in use too: their command fails, is retried once on a new connection, to the new master).
+        in use once their command is answered); new ones go to the new master.
         Without this, pooled connections to a demoted master would go on serving its reads.
         """
-        if self._master_check is not None:
+        if self._master_check is not None or not self._behind_sentinel:
             return
         loop = asyncio.get_running_loop()
         if loop.time() - self._master_checked_at < SENTINEL_MASTER_CHECK_SECONDS:
@@ -698,7 +699,11 @@ class RedisStore(CacheStore):
             found = await pool.sentinel_manager.discover_master(pool.service_name)
             if known is not None and found != known:
                 pool.master_address = found
-                await pool.disconnect(inuse_connections=True)
+                # Idle connections now; those in use once their command is answered (redis-py
+                # disconnects a connection marked so when it is released).
+                for connection in list(getattr(pool, "_in_use_connections", ())):
+                    connection.mark_for_reconnect()
+                await pool.disconnect(inuse_connections=False)
         except _REDIS_FAILURES as exc:
             # No Sentinel answered: the next connection asks again, as before.
             logger.debug("Sentinel not asked for the master: %s", exc)
