@@ -27,8 +27,10 @@ cannot leave the entry unindexed; an invalidation's ``UNLINK`` is split per slot
 every primary. Reads are single-key. A store built with ``cluster_factory`` decides on its first
 contact whether the node it was given is part of a cluster (``HELLO``) and, if so, switches
 to the cluster client. Redis replicates asynchronously: a primary that crashes (rather than being
-failed over by ``CLUSTER FAILOVER`` or Sentinel, which wait for the replica to catch up) may take
-the last writes it acknowledged with it, invalidations included.
+failed over by ``CLUSTER FAILOVER``, which waits for the replica to catch up) may take the last
+writes it acknowledged with it, invalidations included. Behind Sentinel an invalidation is
+confirmed on a replica (``WAIT``) or kept and applied again (see :meth:`RedisStore._retire`); on a
+cluster it is not yet.
 
 Why this design: fastapi-cache2 clears a namespace with ``KEYS`` inside a Lua script, which blocks
 the server for a time that grows with the whole keyspace; ``SCAN`` does not block but still visits
@@ -638,7 +640,7 @@ class RedisStore(CacheStore):
 
         Redis replicates asynchronously: a master that crashes, or that Sentinel demotes while
         the replica it promotes no longer follows it, loses what it acknowledged last. So where
-        Sentinel knows a replica that is not down, the deletion is followed, on the same
+        Sentinel could promote a replica lacking it, the deletion is followed, on the same
         connection, by ``WAIT 1`` for up to :data:`REPLICA_CONFIRM_TIMEOUT_MS`; without that
         confirmation it fails as an outage would, and the layer keeps the invalidation, stops
         reading Redis and applies it again once Redis answers (on the promoted replica after a
@@ -924,8 +926,8 @@ async def _replica_may_be_promoted(
     True on a server that Sentinel does not name as the master (a demoted one, or the old master
     while a failover is under way: the replica being promoted no longer follows it), and on the
     master while a replica that Sentinel does not count as down reports itself a replica with
-    its link up. False on the master when its replicas are down or not following yet (the old
-    master of a switch-over before Sentinel converts it), and on the replica being promoted: no
+    its link up. False on the master when its replicas are down or not following yet (right after
+    a switch-over, until Sentinel converts the old master), and on the replica being promoted: no
     replica could confirm anything, and none that Sentinel could promote would hold the old
     generation. True when no Sentinel answers: nothing says otherwise.
     """
