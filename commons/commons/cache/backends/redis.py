@@ -925,9 +925,10 @@ async def _replica_may_be_promoted(
 
     True on a server that Sentinel does not name as the master (a demoted one, or the old master
     while a failover is under way: the replica being promoted no longer follows it), and on the
-    master while a replica that Sentinel does not count as down reports itself a replica with
-    its link up. False on the master when its replicas are down or not following yet (right after
-    a switch-over, until Sentinel converts the old master), and on the replica being promoted: no
+    master while it has a replica that Sentinel does not count as down and that does not report
+    itself a master. False on the master when its replicas are down or report themselves masters
+    (right after a switch-over, until Sentinel converts the old master), and on the replica being
+    promoted: no
     replica could confirm anything, and none that Sentinel could promote would hold the old
     generation. True when no Sentinel answers: nothing says otherwise.
     """
@@ -947,10 +948,11 @@ async def _replica_may_be_promoted(
             return server not in promoted
         if not on_master:
             return True
+        # A replica whose link is down, or that Sentinel has not asked yet, may still be promoted;
+        # one that reports itself a master (the old master right after a switch-over) may not.
         return any(
             not _flags(replica) & {"s_down", "o_down", "disconnected"}
-            and replica.get("role-reported") == "slave"
-            and replica.get("master-link-status") == "ok"
+            and replica.get("role-reported") != "master"
             for replica in replicas
         )
     return True
