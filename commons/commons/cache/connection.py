@@ -20,7 +20,9 @@ Topologies
   builds. Detection waits for the first
   contact, so a service that starts while Redis is down still finds out when Redis comes back.
 - ``REDIS_SENTINELS`` + ``REDIS_SENTINEL_MASTER``: the master's address comes from the Sentinels
-  and is looked up again whenever a connection to it fails, so the client follows a failover.
+  and is looked up again whenever a connection to it fails, so the client follows a failover; the
+  store also asks about once a second (see ``backends/redis.py``), so pooled connections leave a
+  master that a switch-over demoted.
   ``REDIS_URL`` still gives the scheme, credentials and database; its host and port are not used.
   The Sentinels themselves are reached in plain TCP without a password.
 """

@@ -35,6 +35,9 @@ cannot be applied to Redis, it is kept (:class:`~commons.cache.pending.PendingIn
 the layer degrades at once, whatever the failure count or the kind of failure, so nothing is read
 from Redis until the kept invalidations have been applied there. Other replicas that still reach
 Redis are unaffected; the README's Guarantees section says what holds for them during an outage.
+Behind Sentinel, an invalidation that no replica confirmed (the store's ``WAIT``) fails the same
+way: the master that acknowledged it may be replaced by a replica without it, so it is kept and
+applied again, on whichever server is then the master, before Redis is read again.
 
 Once started, an invalidation runs to its end even if its caller is cancelled (a client that hung
 up, a timeout around the call): applied or kept, never dropped half-way. A burst of invalidations

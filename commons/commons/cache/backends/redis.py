@@ -27,8 +27,10 @@ cannot leave the entry unindexed; an invalidation's ``UNLINK`` is split per slot
 every primary. Reads are single-key. A store built with ``cluster_factory`` decides on its first
 contact whether the node it was given is part of a cluster (``HELLO``) and, if so, switches
 to the cluster client. Redis replicates asynchronously: a primary that crashes (rather than being
-failed over by ``CLUSTER FAILOVER`` or Sentinel, which wait for the replica to catch up) may take
-the last writes it acknowledged with it, invalidations included.
+failed over by ``CLUSTER FAILOVER``, which waits for the replica to catch up) may take the last
+writes it acknowledged with it, invalidations included. Behind Sentinel an invalidation is
+confirmed on a replica (``WAIT``) or kept and applied again (see :meth:`RedisStore._retire`); on a
+cluster it is not yet.
 
 Why this design: fastapi-cache2 clears a namespace with ``KEYS`` inside a Lua script, which blocks
 the server for a time that grows with the whole keyspace; ``SCAN`` does not block but still visits
@@ -98,6 +100,12 @@ DRAIN_CONCURRENCY = 2
 PIPELINED_READS_MAX_PENDING = 4096
 #: How often an invalidation that found every pooled connection in use looks for a free one.
 BUSY_POLL_SECONDS = 0.002
+#: Behind Sentinel, how long an invalidation waits (``WAIT 1 <ms>``) for a replica to confirm it.
+#: Unconfirmed, it is kept and applied again, as during an outage (see :meth:`RedisStore._retire`).
+REPLICA_CONFIRM_TIMEOUT_MS = 100
+#: Behind Sentinel, how often a process asks the Sentinels which server is the master, so that
+#: reads and writes leave a demoted master's pooled connections within about this time.
+SENTINEL_MASTER_CHECK_SECONDS = 1.0
 
 # A member's score only ever rises: a registry member stands for a whole leaf, so a short-lived
 # write must not lower it below the expiry of the leaf's longer-lived entries (the pruning below
@@ -348,11 +356,14 @@ class RedisStore(CacheStore):
         self._read_commands = BoundedMemo[str, tuple[bytes, int]](4096, 4 * 1024 * 1024)
         self._closed = False
         self._reads: PipelinedReader | None = None
+        self._master_checked_at = 0.0
+        self._master_check: asyncio.Task[None] | None = None
         self._use(client)
 
     def _use(self, client: RedisClient) -> None:
         self._client = client
         self._reads = None
+        self._behind_sentinel = self._sentinel_pool() is not None
         options = (
             client.get_connection_kwargs()
             if isinstance(client, RedisCluster)
@@ -460,6 +471,8 @@ class RedisStore(CacheStore):
         """The entry and its scope's generations, in one round trip (``MGET``) on one server."""
         # Until a first contact has ruled a cluster out, reads take redis-py's routed path.
         reads = self._reads if self._cluster_factory is None else None
+        if reads is None:
+            self._check_sentinel_master()
         # A hit's path: the seam is spelled out rather than entered as a context manager, which
         # would cost a hit a generator and two awaits.
         try:
@@ -519,6 +532,7 @@ class RedisStore(CacheStore):
         ttl_ms = int(ttl_seconds * 1000)
         fill_keys = [key, *self.generation_keys(scope)]
         fill_args: list[bytes | int] = [value, ttl_ms, generation or b"", INDEX_GRACE_MS]
+        self._check_sentinel_master()
         async with _redis_errors_translated():
             if isinstance(self._client, RedisCluster):
                 stored = await self._write_on_cluster(self._client, key, value, ttl_ms, scope)
@@ -617,15 +631,18 @@ class RedisStore(CacheStore):
         every connection in use is released within that time unless Redis stops answering, and
         a pool that stays full that long is reported as Redis not answering in time.
 
+        Behind Sentinel, where a replica may be promoted, the deletion must also reach a replica:
+        see :meth:`_unlink_confirmed`.
+
         Raises:
-            BackendError: The generation could not be deleted.
+            BackendError: The generation could not be deleted, or no replica confirmed it.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._command_timeout
         while True:
             try:
                 async with _redis_errors_translated():
-                    await self._client.unlink(generation_key)
+                    await self._unlink_confirmed(generation_key)
                 return
             except BackendBusyError as exc:
                 if loop.time() >= deadline:
@@ -634,6 +651,83 @@ class RedisStore(CacheStore):
                     ) from exc
             await asyncio.sleep(BUSY_POLL_SECONDS)
 
+    async def _unlink_confirmed(self, generation_key: str) -> None:
+        """``UNLINK``s a generation; behind Sentinel with a replica, confirmed by one (``WAIT``).
+
+        Redis replicates asynchronously: a master that crashes, or that Sentinel demotes while
+        the replica it promotes no longer follows it, loses what it acknowledged last. So where
+        Sentinel could promote a replica lacking it, the deletion is followed, on the same
+        connection, by ``WAIT 1`` for up to :data:`REPLICA_CONFIRM_TIMEOUT_MS`; without that
+        confirmation it fails as an outage would, and the layer keeps the invalidation, stops
+        reading Redis and applies it again once Redis answers (on the promoted replica after a
+        failover). One server, or Sentinel without a replica that could be promoted (see
+        :func:`_replica_may_be_promoted`): one ``UNLINK``, no wait.
+        """
+        pool = self._sentinel_pool()
+        if pool is None:
+            await self._client.unlink(generation_key)
+            return
+        # One connection for both commands: WAIT counts the replicas that have this connection's
+        # last write.
+        single = Redis(connection_pool=pool, single_connection_client=True)
+        try:
+            await single.unlink(generation_key)
+            connection = single.connection
+            server = (connection.host, connection.port) if connection is not None else None
+            if not await _replica_may_be_promoted(pool, server):
+                return
+            confirmed = int(
+                await single.execute_command("WAIT", 1, REPLICA_CONFIRM_TIMEOUT_MS)  # type: ignore[no-untyped-call]  # redis-py: untyped
+            )
+        finally:
+            await single.aclose()
+        if confirmed < 1:
+            raise BackendUnavailableError(
+                f"no replica confirmed the invalidation within {REPLICA_CONFIRM_TIMEOUT_MS} ms"
+            )
+
+    def _sentinel_pool(self) -> SentinelConnectionPool | None:
+        """The pool of Sentinel's master, when the store talks to one."""
+        pool = self._client.connection_pool if isinstance(self._client, Redis) else None
+        if isinstance(pool, SentinelConnectionPool) and pool.is_master:
+            return pool
+        return None
+
+    def _check_sentinel_master(self) -> None:
+        """Behind Sentinel, asks it for the master at most every
+        :data:`SENTINEL_MASTER_CHECK_SECONDS`, in the background: reads and writes never wait for
+        it. When Sentinel names another master, every connection to the old one is dropped (those
+        in use once their command is answered); new ones go to the new master.
+        Without this, pooled connections to a demoted master would go on serving its reads.
+        """
+        if self._master_check is not None or not self._behind_sentinel:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._master_checked_at < SENTINEL_MASTER_CHECK_SECONDS:
+            return
+        pool = self._sentinel_pool()
+        if pool is None:
+            return
+        self._master_checked_at = loop.time()
+        self._master_check = loop.create_task(self._recheck_master(pool))
+
+    async def _recheck_master(self, pool: SentinelConnectionPool) -> None:
+        try:
+            known = pool.master_address
+            found = await pool.sentinel_manager.discover_master(pool.service_name)
+            if known is not None and found != known:
+                pool.master_address = found
+                # Idle connections now; those in use once their command is answered (redis-py
+                # disconnects a connection marked so when it is released).
+                for connection in list(getattr(pool, "_in_use_connections", ())):
+                    connection.mark_for_reconnect()
+                await pool.disconnect(inuse_connections=False)
+        except _REDIS_FAILURES as exc:
+            # No Sentinel answered: the next connection asks again, as before.
+            logger.debug("Sentinel not asked for the master: %s", exc)
+        finally:
+            self._master_check = None
+
     async def _follow_sentinel_master(self) -> None:
         """Behind Sentinel, asks it for the master before an invalidation walks the indexes.
 
@@ -641,8 +735,8 @@ class RedisStore(CacheStore):
         replica, possibly mid-resync); an invalidation that read the indexes there could miss
         entries the new master holds. Asking first drops every connection to an old master.
         """
-        pool = self._client.connection_pool if isinstance(self._client, Redis) else None
-        if isinstance(pool, SentinelConnectionPool) and pool.is_master:
+        pool = self._sentinel_pool()
+        if pool is not None:
             await pool.get_master_address()  # type: ignore[no-untyped-call]  # redis-py: untyped
 
     async def _drain_tenant_leaf(self, leaf: str) -> int:
@@ -820,6 +914,11 @@ class RedisStore(CacheStore):
         if self._closed:
             return
         self._closed = True
+        check, self._master_check = self._master_check, None
+        if check is not None:
+            check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
         try:
             if self._reads is not None:
                 await self._reads.aclose()
@@ -827,6 +926,52 @@ class RedisStore(CacheStore):
         except _REDIS_FAILURES:
             # Closing a connection to a server that is gone is not worth an error at shutdown.
             return
+
+
+def _flags(state: dict[str, Any]) -> set[str]:
+    """The flags of a Sentinel state reply (a text in RESP2, a set in RESP3)."""
+    flags = state.get("flags", "")
+    return set(flags.split(",")) if isinstance(flags, str) else set(flags)
+
+
+async def _replica_may_be_promoted(
+    pool: SentinelConnectionPool, server: tuple[str, int] | None
+) -> bool:
+    """Whether what ``server`` acknowledged may be missing from a master Sentinel promotes.
+
+    True on a server that Sentinel does not name as the master (a demoted one, or the old master
+    while a failover is under way: the replica being promoted no longer follows it), and on the
+    master while it has a replica that Sentinel does not count as down and that does not report
+    itself a master. False on the master when its replicas are down or report themselves masters
+    (right after a switch-over, until Sentinel converts the old master), and on the replica being
+    promoted: no
+    replica could confirm anything, and none that Sentinel could promote would hold the old
+    generation. True when no Sentinel answers: nothing says otherwise.
+    """
+    for sentinel in pool.sentinel_manager.sentinels:
+        try:
+            master = await sentinel.sentinel_master(pool.service_name)
+            replicas = await sentinel.sentinel_slaves(pool.service_name)
+        except _REDIS_FAILURES:
+            continue
+        on_master = server == (master.get("ip"), master.get("port"))
+        if "failover_in_progress" in _flags(master):
+            promoted = [
+                (replica.get("ip"), replica.get("port"))
+                for replica in replicas
+                if "promoted" in _flags(replica)
+            ]
+            return server not in promoted
+        if not on_master:
+            return True
+        # A replica whose link is down, or that Sentinel has not asked yet, may still be promoted;
+        # one that reports itself a master (the old master right after a switch-over) may not.
+        return any(
+            not _flags(replica) & {"s_down", "o_down", "disconnected"}
+            and replica.get("role-reported") != "master"
+            for replica in replicas
+        )
+    return True
 
 
 def _glob_escape(text: str) -> str:

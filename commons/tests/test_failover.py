@@ -1,0 +1,296 @@
+"""Invalidations survive a crashed master and a Sentinel switch-over, in every process.
+
+Redis replicates asynchronously, so a master can acknowledge an invalidation its replica never
+receives. Behind Sentinel an invalidation is confirmed on a replica (``WAIT``) and, unconfirmed,
+kept and applied again once Redis answers, on whichever server is then the master. Every process
+asks Sentinel for the master about once a second, so reads leave a demoted master.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from commons.cache import (
+    CacheSettings,
+    cache,
+    cache_status,
+    close_cache,
+    init_cache,
+    invalidate_namespace,
+)
+from commons.testing.redis_cluster import info_field
+from commons.testing.redis_sentinel import LocalSentinel
+from commons.testing.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+#: Longest a process may serve an invalidated value once Sentinel names the new master: its next
+#: look at Sentinel (every second) plus the invalidating process's replay (its probe interval).
+SWITCH_OVER_WINDOW_SECONDS = 3.0
+
+
+@pytest.fixture
+def sentinel() -> Iterator[LocalSentinel]:
+    with LocalSentinel() as running:
+        yield running
+
+
+def sentinel_settings(
+    make_settings: Callable[..., CacheSettings], sentinel: LocalSentinel
+) -> CacheSettings:
+    return make_settings(
+        "redis://unused:1/0",
+        REDIS_SENTINELS=sentinel.sentinels,
+        REDIS_SENTINEL_MASTER=sentinel.master_name,
+    )
+
+
+@pytest.fixture
+async def client(
+    sentinel: LocalSentinel,
+    make_settings: Callable[..., CacheSettings],
+    make_identity_app: Callable[[], FastAPI],
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = make_identity_app()
+    version = app.state.version = {"n": 1}
+
+    @app.get("/config")
+    @cache(namespace="tenant_config")
+    async def config() -> dict[str, int]:
+        return {"version": version["n"]}
+
+    await init_cache(sentinel_settings(make_settings, sentinel))
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    try:
+        yield http
+    finally:
+        await http.aclose()
+        await close_cache()
+
+
+async def get(client: httpx.AsyncClient) -> httpx.Response:
+    return await client.get("/config", headers={"X-Test-Tenant": "t1"})
+
+
+def set_version(client: httpx.AsyncClient, n: int) -> None:
+    app: FastAPI = client._transport.app  # type: ignore[attr-defined]
+    app.state.version["n"] = n
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.05)
+
+
+async def test_an_invalidation_no_replica_received_survives_the_master_crashing(
+    client: httpx.AsyncClient, sentinel: LocalSentinel
+) -> None:
+    master, replica = sentinel.servers
+    await get(client)
+    assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"
+    wait_until(lambda: replica.command("DBSIZE") == master.command("DBSIZE"), 5, "replication")
+
+    # Hold the replication stream: the replica stops reading, and a large write fills the socket
+    # buffers between the two, so what the master writes next stays in its own memory.
+    replica.pause()
+    master.command("SET", "filler", b"x" * (32 << 20))
+    set_version(client, 2)
+    await invalidate_namespace("tenant_config")
+    acknowledged = time.monotonic()
+    master.kill()
+    replica.resume()
+
+    # Sentinel promotes the replica, which never received the invalidation.
+    while sentinel.master_port() != replica.port or cache_status().backend != "redis":
+        assert (await get(client)).json() == {"version": 2}
+        assert time.monotonic() - acknowledged < 30, "the cache did not return to Redis"
+        await asyncio.sleep(0.05)
+    print(f"back on Redis {time.monotonic() - acknowledged:.2f} s after the invalidation")
+    assert info_field(replica, "replication", "role") == "master"
+    for _ in range(3):
+        assert (await get(client)).json() == {"version": 2}
+    assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"
+
+
+# A second process: its own cache layer on the same Sentinel, reading the route every 20 ms and
+# printing what it served, until the stop file appears. Its handler answers the version file.
+_READER = textwrap.dedent(
+    """
+    import asyncio, json, sys, time
+    from pathlib import Path
+    import httpx
+    from fastapi import FastAPI
+    from commons.cache import CacheSettings, cache, close_cache, init_cache
+    from commons.utilities.context import RequestContextMiddleware, set_tenant_id
+
+    sentinels, master_name, version_file, stop_file = sys.argv[1:5]
+    app = FastAPI()
+    app.add_middleware(RequestContextMiddleware)
+
+    @app.get("/config")
+    @cache(namespace="tenant_config")
+    async def config() -> dict[str, int]:
+        set_tenant_id("t1")
+        return {"version": int(Path(version_file).read_text())}
+
+    @app.middleware("http")
+    async def tenant(request, call_next):
+        set_tenant_id("t1")
+        return await call_next(request)
+
+    async def main() -> None:
+        await init_cache(CacheSettings(
+            CACHE_PREFIX="test-cache", CACHE_TTL_SECONDS=60, REDIS_URL="redis://unused:1/0",
+            CACHE_RECOVERY_INTERVAL_SECONDS=0.2, REDIS_SENTINELS=sentinels,
+            REDIS_SENTINEL_MASTER=master_name,
+        ))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            while not Path(stop_file).exists():
+                response = await http.get("/config")
+                print(json.dumps([time.time(), response.json()["version"]]), flush=True)
+                await asyncio.sleep(0.02)
+        await close_cache()
+
+    asyncio.run(main())
+    """
+)
+
+
+def sentinel_switched(sentinel: LocalSentinel, to: RedisServer) -> bool:
+    """Whether Sentinel's record of the master names ``to``, with no failover under way."""
+    assert sentinel.sentinel is not None
+    reply = sentinel.sentinel.command("SENTINEL", "MASTER", sentinel.master_name)
+    values = [part for part in reply.split(b"\r\n") if part and part[:1] not in b"*$"]
+    fields = dict(zip(values[::2], values[1::2], strict=False))
+    flags = fields.get(b"flags", b"").split(b",")
+    return fields.get(b"port") == str(to.port).encode() and b"failover_in_progress" not in flags
+
+
+async def test_no_process_serves_an_invalidation_the_old_master_acknowledged_in_a_switch_over(
+    client: httpx.AsyncClient, sentinel: LocalSentinel, tmp_path: Path
+) -> None:
+    """An invalidation acknowledged while ``SENTINEL FAILOVER`` runs, once the replica is
+    promoted: the old master still takes writes (Sentinel names it until the switch), and loses
+    them when Sentinel converts it into a replica of the new one, seconds later."""
+    master, replica = sentinel.servers
+    await get(client)
+    assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"
+    wait_until(lambda: replica.command("DBSIZE") == master.command("DBSIZE"), 5, "replication")
+    version_file, stop_file = tmp_path / "version", tmp_path / "stop"
+    version_file.write_text("1")
+    reader = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _READER,
+        sentinel.sentinels,
+        sentinel.master_name,
+        str(version_file),
+        str(stop_file),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert reader.stdout is not None
+        # The second process reads the entry (from Redis: it never computed it).
+        assert json.loads(await reader.stdout.readline())[1] == 1
+
+        assert sentinel.sentinel is not None
+        wait_until(
+            lambda: (
+                not sentinel.sentinel.command(  # type: ignore[union-attr]
+                    "SENTINEL", "FAILOVER", sentinel.master_name
+                ).startswith(b"-")
+            ),
+            20,
+            "SENTINEL FAILOVER being accepted",
+        )
+        wait_until(
+            lambda: info_field(replica, "replication", "role") == "master", 20, "the promotion"
+        )
+        assert info_field(master, "replication", "role") == "master", "demoted too early"
+        set_version(client, 2)
+        version_file.write_text("2")
+        await invalidate_namespace("tenant_config")
+        acknowledged = time.time()
+
+        # This process never serves the old value again, through the whole switch-over.
+        deadline = time.monotonic() + 30
+        while (
+            not sentinel_switched(sentinel, replica)
+            or info_field(master, "replication", "master_link_status") != "up"
+            or cache_status().backend != "redis"
+        ):
+            assert (await get(client)).json() == {"version": 2}
+            assert time.monotonic() < deadline, "the switch-over did not complete"
+            await asyncio.sleep(0.05)
+        switched = time.time()
+        for _ in range(40):
+            assert (await get(client)).json() == {"version": 2}
+            await asyncio.sleep(0.05)
+        assert cache_status().backend == "redis"
+    finally:
+        stop_file.write_text("")
+        out, err = await asyncio.wait_for(reader.communicate(), 30)
+    assert reader.returncode == 0, err.decode()
+    served = [json.loads(line) for line in out.decode().splitlines()]
+    old = [at for at, version in served if version == 1 and at > acknowledged]
+    window = max(old) - acknowledged if old else 0.0
+    print(
+        f"the second process served the old value {window:.2f} s after the"
+        f" invalidation; the switch-over ended {switched - acknowledged:.2f} s after it"
+    )
+    assert window <= SWITCH_OVER_WINDOW_SECONDS
+    assert served[-1][1] == 2
+    assert served[-1][0] > switched
+
+
+async def test_reads_leave_a_demoted_master_within_a_second(
+    client: httpx.AsyncClient, sentinel: LocalSentinel
+) -> None:
+    """A process that only reads learns of the switch-over from Sentinel: its pooled connections
+    to the old master (which answers as a master until Sentinel converts it, seconds later) are
+    dropped, and it reads another process's invalidation on the new master."""
+    master, replica = sentinel.servers
+    await get(client)
+    assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"
+    wait_until(lambda: replica.command("DBSIZE") == master.command("DBSIZE"), 5, "replication")
+    assert sentinel.sentinel is not None
+    wait_until(
+        lambda: (
+            not sentinel.sentinel.command(  # type: ignore[union-attr]
+                "SENTINEL", "FAILOVER", sentinel.master_name
+            ).startswith(b"-")
+        ),
+        20,
+        "SENTINEL FAILOVER being accepted",
+    )
+    wait_until(lambda: sentinel_switched(sentinel, replica), 20, "the switch")
+
+    # Another process invalidates on the new master.
+    set_version(client, 2)
+    replica.command("UNLINK", "test-cache:#gen:{tenant_config}")
+    invalidated = time.monotonic()
+    for _ in range(1000):
+        if (await get(client)).json() == {"version": 2}:
+            break
+        await asyncio.sleep(0.02)
+    left_after = time.monotonic() - invalidated
+    print(f"reads left the demoted master {left_after:.2f} s after the invalidation")
+    assert info_field(master, "replication", "role") == "master"
+    assert left_after <= 1.5
+    assert (await get(client)).json() == {"version": 2}
