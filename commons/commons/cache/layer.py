@@ -96,6 +96,7 @@ from commons.cache.errors import (
 )
 from commons.cache.events import CacheEvents
 from commons.cache.keys import scope_of_key
+from commons.cache.memo import BoundedMemo
 from commons.cache.pending import PendingInvalidations
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
 from commons.cache.settings import CacheSettings
@@ -182,6 +183,8 @@ class CacheLayer:
         # Removals on their way to Redis, which outlive a cancelled caller (see _on_redis).
         self._removals: set[asyncio.Task[int]] = set()
         self._generations_asked: dict[CacheScope, asyncio.Future[bytes]] = {}
+        # Values of the memory tier already parsed, by identity (see _validated).
+        self._parsed = BoundedMemo[bytes, tuple[bytes, bytes, ParsedValue]](4096, 32 * 1024 * 1024)
         if not settings.CACHE_ENABLED:
             initial, reason = CacheState.DISABLED, "CACHE_ENABLED is false"
         elif redis is None:
@@ -389,7 +392,16 @@ class CacheLayer:
         raw = read.value
         if raw is None:
             return Lookup(token)
+        in_memory = token.generation is None
+        if in_memory:
+            # The memory tier hands back the very bytes it was given (their hash is kept with
+            # them): each value is parsed once. Bytes read from Redis are new every time.
+            known = self._parsed.get(raw)
+            if known is not None and known[0] is raw and known[1] == fingerprint:
+                return Lookup(token, known[2], read.remaining)
         parsed = parse_value(raw, expected_head(fingerprint, token.generation or b""))
+        if parsed is not None and in_memory:
+            self._parsed.put(raw, (raw, fingerprint, parsed), len(raw))
         if parsed is None:
             reason = rejection_reason(raw, fingerprint)
             if reason is not None:
