@@ -217,6 +217,15 @@ class World:
     def _tune(self) -> None:
         for node in self.nodes:
             self.quick_sync(node)
+        if self.sentinel is not None:
+            # The Sentinel's failover-timeout (5 s in LocalSentinel) is also how long a failover
+            # stays in progress and how soon the same master may be failed over again: 2 s
+            # lets several failovers happen in one example.
+            reply = self._sentinel_node().command(
+                "SENTINEL", "SET", self.sentinel.master_name, "failover-timeout", "2000"
+            )
+            if not reply.startswith(b"+OK"):
+                raise RuntimeError(f"SENTINEL SET failover-timeout: {reply!r}")
 
     def _wait_until_serving(self, replica: Replica, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -365,11 +374,20 @@ class World:
                 )
                 for s in servers
             )
-            if settled and self.sentinel.replica_count() >= 1:
+            # A Sentinel refuses a new failover (INPROG) until the last one is over.
+            over = b"failover_in_progress" not in self._sentinel_node().command(
+                "SENTINEL", "MASTER", self.sentinel.master_name
+            )
+            if settled and over and self.sentinel.replica_count() >= 1:
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError("the Sentinel set-up did not settle in time")
             time.sleep(0.05)
+
+    def _sentinel_node(self) -> RedisServer:
+        assert self.sentinel is not None
+        assert self.sentinel.sentinel is not None
+        return self.sentinel.sentinel
 
     def primaries(self) -> list[RedisServer]:
         """The nodes that take writes now: every cluster primary, the Sentinel's master, or the
