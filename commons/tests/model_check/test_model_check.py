@@ -1,25 +1,40 @@
-"""A randomized model check: two replica processes on one real Redis, random requests and faults,
-every answer checked against a model of the truth (``commons.testing.model_oracle``).
+"""A randomized model check: two replica processes on a real Redis topology, random requests and
+faults, every answer checked against a model of the truth (``commons.testing.model_oracle``).
 
 Hypothesis's stateful testing drives it. Each rule is one step: GETs and PUTs on random replicas,
 routes, tenants, users, resources and queries (alone, in bursts, or a slow GET racing a PUT), or
-a fault injected while requests run: Redis paused (SIGSTOP) or killed and restarted empty, every
-client connection dropped, memory squeezed under ``allkeys-lru``, the invalidation index's helper
-keys deleted, hostile values written over entries. After every step the oracle checks every
-answer of the step; a broken guarantee fails the example (the kinds a step broke are raised
-together), and Hypothesis shrinks it.
+a fault injected while requests run. After every step the oracle checks every answer of the step;
+a broken guarantee fails the example (the kinds a step broke are raised together), and Hypothesis
+shrinks it.
 
-Two tests share the replicas: requests alone (:class:`Requests`), whose examples fail or pass
-within a few steps, and requests under faults (:class:`RequestsAndFaults`).
+The world is parametrized by topology (``conftest.py``), each with its own faults:
+
+- ``single`` (:class:`RequestsAndFaults`): Redis paused (SIGSTOP) or killed and restarted empty,
+  every client connection dropped, memory squeezed under ``allkeys-lru``, the invalidation
+  index's helper keys deleted, hostile values written over entries;
+- ``cluster`` (:class:`ClusterFaults`), 3 primaries and 3 replicas: every node paused, a primary
+  killed until its replica is promoted, ``CLUSTER FAILOVER``, a slot migrated (``ASK``, then
+  ``MOVED``) during an invalidation;
+- ``sentinel`` (:class:`SentinelFaults`): master and replica paused, the master killed until the
+  Sentinel promotes the replica, ``SENTINEL FAILOVER``.
+
+A fault kind in :data:`KNOWN_FAILING_FAULTS` (a known defect) only runs when named in
+``MODEL_CHECK_ENABLE_FAULTS``.
+
+Two tests share the replicas of each world: requests alone (:class:`Requests`), whose examples
+fail or pass within a few steps, and requests under the topology's faults.
 
 - ``make test`` runs them bounded: ``MODEL_CHECK_SECONDS`` (default 26) of examples and shrinking
-  for both, a third of it for requests alone; with start-up and the final replay of each failure
-  the module stays well within a minute on 2 cores.
-- ``make chaos`` runs them for ``CHAOS_SECONDS`` (default 600); it prints its seed first, and
-  ``make chaos CHAOS_SEED=<seed>`` replays a run (pytest's ``--hypothesis-seed``).
+  for both on one server, ``MODEL_CHECK_TOPOLOGY_SECONDS`` (default 16) on each of the others, a
+  third of it for requests alone; a step that is running at the deadline finishes, later steps
+  are not run (except in Hypothesis's final replay of each failure).
+- ``make chaos`` runs them for ``CHAOS_SECONDS`` (default 600) split between the topologies; it
+  prints its seed, and ``make chaos CHAOS_SEED=<seed>`` replays a run (pytest's
+  ``--hypothesis-seed``).
 
-At the end, the terminal summary gives the windows observed: how long after an update the old
-reads excused by an outage window (or answered ``STALE``) came.
+At the end, the terminal summary gives, per topology, how long each kind of fault lasted and the
+windows observed: how long after an update (and after the fault ended) the old reads excused by
+an outage window (or answered ``STALE``) came.
 """
 
 from __future__ import annotations
