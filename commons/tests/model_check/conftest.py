@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ReadOnlyError
 
 from commons.testing.model_oracle import Bounds, WindowLog
 from commons.testing.redis_cluster import LocalRedisCluster, info_field
@@ -398,6 +399,30 @@ class World:
             return [self.sentinel_master()]
         return [self.redis]
 
+    async def _empty_primaries(self) -> None:
+        """Every primary in its default configuration and empty. A failover's old primary may
+        still call itself one for a moment (a write then answers READONLY): asked again."""
+        deadline = time.monotonic() + 15.0
+        while True:
+            primaries = await asyncio.to_thread(self.primaries)
+            wanted = self.cluster.primaries if self.cluster is not None else 1
+            try:
+                if len(primaries) != wanted:
+                    raise ReadOnlyError(f"{len(primaries)} primaries, {wanted} expected")
+                for node in primaries:
+                    admin = self.node_admin(node)
+                    try:
+                        await admin.config_set("maxmemory", 0)
+                        await admin.config_set("maxmemory-policy", DEFAULT_POLICY)
+                        await admin.flushall()
+                    finally:
+                        await admin.aclose()
+                return
+            except ReadOnlyError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
     async def heal(self) -> None:
         """Every fault healed, Redis empty and in its default configuration, both replicas on
         Redis with nothing pending."""
@@ -406,14 +431,7 @@ class World:
         await self.restart()
         if self.topology != "single":
             await self.rejoin()
-        for node in await asyncio.to_thread(self.primaries):
-            admin = self.node_admin(node)
-            try:
-                await admin.config_set("maxmemory", 0)
-                await admin.config_set("maxmemory-policy", DEFAULT_POLICY)
-                await admin.flushall()
-            finally:
-                await admin.aclose()
+        await self._empty_primaries()
         deadline = time.monotonic() + 15.0
         async with httpx.AsyncClient(timeout=1.0) as client:
             while True:
