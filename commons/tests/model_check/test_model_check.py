@@ -795,9 +795,6 @@ class ClusterFaults(FaultsOnEveryTopology):
         running = asyncio.ensure_future(self._schedule(plan))
         try:
             await self._manual_failover(heir)
-            await _until(
-                lambda: self.cluster.role(victim) == "slave", 30, "the old primary's demotion"
-            )
             await asyncio.to_thread(self.cluster.wait_until_healthy, 30.0)
             ended = time.monotonic()
         finally:
