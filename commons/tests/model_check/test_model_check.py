@@ -738,9 +738,25 @@ class ClusterFaults(FaultsOnEveryTopology):
         return cluster
 
     async def _primary_and_replica(self, index: int) -> tuple[RedisServer, RedisServer]:
-        primaries = await asyncio.to_thread(self.world.primaries)
-        primary = primaries[index % len(primaries)]
-        return primary, await asyncio.to_thread(self.cluster.replica_of, primary)
+        """A primary that has a running replica, and that replica. After several failovers a
+        shard can be left with two replicas and another with none (Redis migrates replicas
+        between shards, and an old primary may take a moment to follow its successor)."""
+
+        def pairs() -> list[tuple[RedisServer, RedisServer]]:
+            found = []
+            for primary in self.world.primaries():
+                try:
+                    found.append((primary, self.cluster.replica_of(primary)))
+                except LookupError:
+                    continue
+            return found
+
+        deadline = time.monotonic() + 15.0
+        while not (candidates := await asyncio.to_thread(pairs)):
+            if time.monotonic() > deadline:
+                raise RuntimeError("no cluster primary with a running replica")
+            await asyncio.sleep(0.1)
+        return candidates[index % len(candidates)]
 
     @rule(primary=st.integers(0, 2), plan=timed(2000, max_size=6))
     def kill_primary(self, primary: int, plan: list[At]) -> None:
