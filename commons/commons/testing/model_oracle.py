@@ -511,6 +511,10 @@ class WindowLog:
     since_update: dict[str, list[float]] = field(default_factory=dict)
     since_fault_end: dict[str, list[float]] = field(default_factory=dict)
     faults: dict[str, int] = field(default_factory=dict)
+    #: How long each fault lasted (start to healed: for a failover, until the promotion).
+    fault_seconds: dict[str, list[float]] = field(default_factory=dict)
+    #: Kinds of fault that are outages (open a window).
+    outages: set[str] = field(default_factory=set)
     reads: int = 0
     examples: int = 0
 
@@ -519,6 +523,9 @@ class WindowLog:
         self.reads += sum(1 for answer in model.answers if answer.method == "GET")
         for fault in model.faults:
             self.faults[fault.kind] = self.faults.get(fault.kind, 0) + 1
+            self.fault_seconds.setdefault(fault.kind, []).append(fault.ended - fault.started)
+            if fault.outage:
+                self.outages.add(fault.kind)
         for excused in [*model.excused, *model.stale]:
             self.since_update.setdefault(excused.kind, []).append(excused.since_update)
             if excused.since_fault_end is not None:
@@ -530,6 +537,15 @@ class WindowLog:
             f"{self.examples} examples run (shrinking's included), {self.reads} reads; faults: "
             + (", ".join(f"{k} x{n}" for k, n in sorted(self.faults.items())) or "none")
         ]
+        if self.fault_seconds:
+            out.append(
+                "faults lasted (max, ms): "
+                + ", ".join(
+                    f"{kind} {max(values) * 1000:.0f}"
+                    + (" (outage: opens a window)" if kind in self.outages else " (no window)")
+                    for kind, values in sorted(self.fault_seconds.items())
+                )
+            )
         if not self.since_update:
             out.append("no read older than an acknowledged update was excused")
             return out

@@ -1,9 +1,18 @@
-"""The model check's world: one ``redis-server`` and two replica processes, shared by every example.
+"""The model check's world: a Redis topology and two replica processes, shared by every example.
 
-Starting them costs seconds, so the module starts them once (``model_world``); between examples
-every fault is healed, Redis is emptied and both replicas are back on Redis (:meth:`World.heal`).
-Each replica is ``replica_app.py`` under uvicorn on a free loopback port, with the cache's
-timeouts made small so that faults play out within a step or two.
+The topology is a parameter of the world (``MODEL_CHECK_TOPOLOGIES``, all three by default):
+
+- ``single``: one ``redis-server``; the replicas get its ``REDIS_URL``;
+- ``cluster``: a Redis Cluster of 3 primaries and 3 replicas (:class:`LocalRedisCluster`); the
+  replicas get the ``REDIS_URL`` of one node (the cluster is auto-detected);
+- ``sentinel``: a master, its replica and one Sentinel (:class:`LocalSentinel`); the replicas get
+  ``REDIS_SENTINELS`` and ``REDIS_SENTINEL_MASTER``.
+
+Starting them costs seconds, so the module starts each world once (``model_world``); between
+examples every fault is healed (stopped nodes resumed, killed nodes started again and rejoined),
+Redis is emptied and both replicas are back on Redis (:meth:`World.heal`). Each replica is
+``replica_app.py`` under uvicorn on a free loopback port, with the cache's timeouts made small so
+that faults play out within a step or two.
 """
 
 from __future__ import annotations
@@ -21,9 +30,17 @@ from typing import Any
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ReadOnlyError
 
 from commons.testing.model_oracle import Bounds, WindowLog
-from commons.testing.redis_server import RedisServer, free_port
+from commons.testing.redis_cluster import LocalRedisCluster, bulk_text, info_field
+from commons.testing.redis_sentinel import LocalSentinel
+from commons.testing.redis_server import (
+    RedisServer,
+    find_redis_server,
+    free_port,
+    redis_server_version,
+)
 
 APP = Path(__file__).with_name("replica_app.py")
 PREFIX = "mc"
@@ -51,12 +68,36 @@ BOUNDS = Bounds(
     window_seconds=DEGRADED_TTL_SECONDS + RECOVERY_INTERVAL_SECONDS + 1.0,
 )
 
+#: The topologies a run covers (``MODEL_CHECK_TOPOLOGIES``, comma-separated).
+TOPOLOGIES = ("single", "cluster", "sentinel")
+#: Nodes of the cluster world: 3 primaries, 3 replicas.
+CLUSTER_NODES = 6
+#: On a cluster, a command that times out makes redis-py re-read the slot map from every node it
+#: knows, each within a timeout (README, "Outages per topology"): the single server's bound with
+#: its one Redis timeout replaced by (1 + nodes) of them.
+CLUSTER_BOUNDS = Bounds(
+    answer_seconds=MAX_DELAY_MS / 1000 + (2 + 1 + CLUSTER_NODES) * SOCKET_TIMEOUT_SECONDS + 1.0,
+    window_seconds=BOUNDS.window_seconds,
+)
 
-def replica_env(redis_url: str, db_path: Path, name: str) -> dict[str, str]:
+
+def selected_topologies() -> list[str]:
+    names = [
+        name.strip()
+        for name in os.environ.get("MODEL_CHECK_TOPOLOGIES", ",".join(TOPOLOGIES)).split(",")
+        if name.strip()
+    ]
+    unknown = sorted(set(names) - set(TOPOLOGIES))
+    if unknown:
+        raise ValueError(f"MODEL_CHECK_TOPOLOGIES: unknown {unknown}; known: {TOPOLOGIES}")
+    return names
+
+
+def replica_env(redis_env: dict[str, str], db_path: Path, name: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHE_", "REDIS_"))}
+    env.update(redis_env)
     env.update(
         {
-            "REDIS_URL": redis_url,
             "CACHE_PREFIX": PREFIX,
             "CACHE_TTL_SECONDS": str(TTL_SECONDS),
             "REDIS_SOCKET_TIMEOUT_SECONDS": str(SOCKET_TIMEOUT_SECONDS),
@@ -120,13 +161,16 @@ class Replica:
 
 @dataclass
 class World:
-    """Redis, the replicas, and the faults the driver injects into Redis."""
+    """Redis (one of :data:`TOPOLOGIES`), the replicas, and the faults the driver injects."""
 
     workdir: Path
+    topology: str = "single"
     prefix: str = PREFIX
     bounds: Bounds = BOUNDS
     max_delay_ms: int = MAX_DELAY_MS
     redis: RedisServer = field(default_factory=RedisServer)
+    cluster: LocalRedisCluster | None = None
+    sentinel: LocalSentinel | None = None
     replicas: list[Replica] = field(default_factory=list)
     paused: bool = False
     down: bool = False
@@ -134,7 +178,8 @@ class World:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> World:
-        self.redis.start()
+        redis_env = self._start_redis()
+        self._tune()
         db_path = self.workdir / "data.sqlite"
         create_database(db_path)
         for name in REPLICA_NAMES:
@@ -143,7 +188,7 @@ class World:
             log = log_path.open("wb")
             process = subprocess.Popen(
                 [sys.executable, str(APP), str(port)],
-                env=replica_env(self.redis.url, db_path, name),
+                env=replica_env(redis_env, db_path, name),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
@@ -152,6 +197,36 @@ class World:
         for replica in self.replicas:
             self._wait_until_serving(replica)
         return self
+
+    def _start_redis(self) -> dict[str, str]:
+        """Starts the topology; returns the replicas' Redis variables."""
+        if self.topology == "cluster":
+            self.cluster = LocalRedisCluster(primaries=3, replicas_per_primary=1).start()
+            self.bounds = CLUSTER_BOUNDS
+            return {"REDIS_URL": self.cluster.url}
+        if self.topology == "sentinel":
+            self.sentinel = LocalSentinel().start()
+            return {
+                # The host and port of REDIS_URL are not used with Sentinels.
+                "REDIS_URL": "redis://unused:1/0",
+                "REDIS_SENTINELS": self.sentinel.sentinels,
+                "REDIS_SENTINEL_MASTER": self.sentinel.master_name,
+            }
+        self.redis.start()
+        return {"REDIS_URL": self.redis.url}
+
+    def _tune(self) -> None:
+        for node in self.nodes:
+            self.quick_sync(node)
+        if self.sentinel is not None:
+            # The Sentinel's failover-timeout (5 s in LocalSentinel) is also how long a failover
+            # stays in progress and how soon the same master may be failed over again: 2 s
+            # lets several failovers happen in one example.
+            reply = self._sentinel_node().command(
+                "SENTINEL", "SET", self.sentinel.master_name, "failover-timeout", "2000"
+            )
+            if not reply.startswith(b"+OK"):
+                raise RuntimeError(f"SENTINEL SET failover-timeout: {reply!r}")
 
     def _wait_until_serving(self, replica: Replica, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -173,6 +248,10 @@ class World:
     def stop(self) -> None:
         for replica in self.replicas:
             replica.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
+        if self.sentinel is not None:
+            self.sentinel.stop()
         self.redis.stop()
 
     def check_alive(self) -> None:
@@ -180,42 +259,179 @@ class World:
             if replica.process.poll() is not None:
                 raise RuntimeError(f"replica {replica.name} exited:\n{replica.log_tail()}")
 
+    @property
+    def nodes(self) -> list[RedisServer]:
+        """Every data node of the topology (not the Sentinel)."""
+        if self.cluster is not None:
+            return self.cluster.nodes
+        if self.sentinel is not None:
+            return self.sentinel.servers
+        return [self.redis]
+
     # -- faults (called from the example's event loop) ---------------------------------------
 
     def admin(self) -> Redis:
-        """A client of our own for the driver's Redis commands (never one of the replicas')."""
-        return Redis(
-            host=self.redis.host,
-            port=self.redis.port,
-            socket_timeout=5,
-            socket_connect_timeout=5,
-        )
+        """A client of our own for the driver's Redis commands (never one of the replicas'); on
+        a cluster or behind Sentinel, of the first node (the faults of those topologies address
+        their nodes themselves, see :meth:`node_admin`)."""
+        node = self.nodes[0]
+        return self.node_admin(node)
+
+    @staticmethod
+    def node_admin(node: RedisServer) -> Redis:
+        """A plain client of one node."""
+        return Redis(host=node.host, port=node.port, socket_timeout=5, socket_connect_timeout=5)
 
     def pause(self) -> None:
-        self.redis.pause()
+        """SIGSTOP on every data node: the whole topology black-holed."""
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.pause()
         self.paused = True
 
     def resume(self) -> None:
         if self.paused:
-            self.redis.resume()
+            for node in self.nodes:
+                if node.process is not None and node.process.poll() is None:
+                    node.resume()
             self.paused = False
 
     async def kill(self) -> None:
+        """SIGKILL of the single server (the ``single`` topology's fault)."""
+        assert self.topology == "single"
         self.paused = False
         self.down = True
         await asyncio.to_thread(self.redis.kill)
 
     async def restart(self) -> None:
         """Starts Redis again on the same port, empty (no persistence), after :meth:`kill` (or
-        if it exited by itself)."""
+        if it exited by itself). The other topologies' killed nodes are started again by
+        :meth:`rejoin`."""
+        if self.topology != "single":
+            return
         process = self.redis.process
         if self.down or process is None or process.poll() is not None:
-            await asyncio.to_thread(self._start_again)
+            await asyncio.to_thread(self._start_again, self.redis)
             self.down = False
 
-    def _start_again(self) -> None:
-        self.redis.kill()  # closes what is left of the old process
-        self.redis.start()
+    @classmethod
+    def _start_again(cls, node: RedisServer) -> None:
+        node.kill()  # closes what is left of the old process
+        node.start()
+        cls.quick_sync(node)
+
+    @staticmethod
+    def quick_sync(node: RedisServer) -> None:
+        """No wait before a full resynchronisation (``repl-diskless-sync-delay`` is 5 s by
+        default): a node that rejoins as a replica is in sync within a step."""
+        node.command("CONFIG", "SET", "repl-diskless-sync-delay", "0")
+
+    @staticmethod
+    def is_dead(node: RedisServer) -> bool:
+        return node.process is None or node.process.poll() is not None
+
+    async def rejoin(self) -> None:
+        """Cluster and Sentinel: every killed node started again (with its cluster
+        configuration: it rejoins as a replica of the node that took over), and the topology
+        settled: every node linked, the Sentinel naming a master with its replica."""
+        for node in self.nodes:
+            if self.is_dead(node):
+                await asyncio.to_thread(self._start_again, node)
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.wait_until_healthy, 30.0)
+        if self.sentinel is not None:
+            await asyncio.to_thread(self.settle_sentinel, 30.0)
+
+    def sentinel_master(self) -> RedisServer:
+        """The server the Sentinel names as master."""
+        assert self.sentinel is not None
+        port = self.sentinel.master_port()
+        return next(s for s in self.sentinel.servers if s.port == port)
+
+    def settle_sentinel(self, timeout: float) -> None:
+        """Waits until the Sentinel names a master that says it is one, and the other server
+        replicates it. An old master (restarted, or demoted by a switch-over) is told to
+        replicate the new one at once, as the Sentinel itself does only after 8 s or more."""
+        assert self.sentinel is not None
+        deadline = time.monotonic() + timeout
+        told: set[int] = set()
+        while True:
+            port = self.sentinel.master_port()
+            servers = self.sentinel.servers
+            for server in servers:
+                if port is None or server.port == port or server.port in told:
+                    continue
+                if info_field(server, "replication", "master_port") != str(port):
+                    server.command("REPLICAOF", "127.0.0.1", port)
+                    told.add(server.port)
+            settled = port is not None and all(
+                info_field(s, "replication", "role") == ("master" if s.port == port else "slave")
+                and (
+                    s.port == port
+                    or (
+                        info_field(s, "replication", "master_link_status") == "up"
+                        and info_field(s, "replication", "master_port") == str(port)
+                    )
+                )
+                for s in servers
+            )
+            # A Sentinel refuses a new failover (INPROG) until the last one is over.
+            over = b"failover_in_progress" not in self._sentinel_node().command(
+                "SENTINEL", "MASTER", self.sentinel.master_name
+            )
+            if settled and over and self.sentinel.replica_count() >= 1:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Sentinel set-up did not settle in time")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _serves_slots(node: RedisServer) -> bool:
+        """Whether a cluster node serves slots by its own account (a primary that was failed
+        over can call itself one, without slots, for a moment)."""
+        for line in bulk_text(node.command("CLUSTER", "NODES")).splitlines():
+            fields = line.split()
+            if len(fields) > 2 and "myself" in fields[2]:
+                return len(fields) > 8
+        return False
+
+    def _sentinel_node(self) -> RedisServer:
+        assert self.sentinel is not None
+        assert self.sentinel.sentinel is not None
+        return self.sentinel.sentinel
+
+    def primaries(self) -> list[RedisServer]:
+        """The nodes that take writes now: every cluster primary, the Sentinel's master, or the
+        single server."""
+        if self.cluster is not None:
+            return sorted(
+                (node for node in self.cluster.current_primaries() if self._serves_slots(node)),
+                key=lambda node: node.port,
+            )
+        if self.sentinel is not None:
+            return [self.sentinel_master()]
+        return [self.redis]
+
+    async def _empty_primaries(self) -> None:
+        """Every primary in its default configuration and empty. A failover's old primary may
+        still call itself one for a moment (a write then answers READONLY): asked again."""
+        deadline = time.monotonic() + 15.0
+        while True:
+            primaries = await asyncio.to_thread(self.primaries)
+            try:
+                for node in primaries:
+                    admin = self.node_admin(node)
+                    try:
+                        await admin.config_set("maxmemory", 0)
+                        await admin.config_set("maxmemory-policy", DEFAULT_POLICY)
+                        await admin.flushall()
+                    finally:
+                        await admin.aclose()
+                return
+            except ReadOnlyError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
 
     async def heal(self) -> None:
         """Every fault healed, Redis empty and in its default configuration, both replicas on
@@ -223,13 +439,9 @@ class World:
         self.check_alive()
         self.resume()
         await self.restart()
-        admin = self.admin()
-        try:
-            await admin.config_set("maxmemory", 0)
-            await admin.config_set("maxmemory-policy", DEFAULT_POLICY)
-            await admin.flushall()
-        finally:
-            await admin.aclose()
+        if self.topology != "single":
+            await self.rejoin()
+        await self._empty_primaries()
         deadline = time.monotonic() + 15.0
         async with httpx.AsyncClient(timeout=1.0) as client:
             while True:
@@ -243,9 +455,16 @@ class World:
                 await asyncio.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def model_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    world = World(tmp_path_factory.mktemp("model-check"))
+@pytest.fixture(scope="module", params=selected_topologies())
+def model_world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
+    """One world per topology, shared by the module's tests (pytest orders the tests so that
+    each world is started once)."""
+    topology = str(request.param)
+    if topology == "cluster" and redis_server_version(find_redis_server()) < (7,):
+        pytest.skip("the cluster world needs redis-server 7+")
+    world = World(tmp_path_factory.mktemp(f"model-check-{topology}"), topology=topology)
     try:
         world.start()
         yield world
