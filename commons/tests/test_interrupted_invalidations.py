@@ -27,6 +27,7 @@ from commons.cache import (
     init_cache,
     invalidate_namespace,
 )
+from commons.cache.cache import current_layer
 from commons.testing.redis_server import RedisServer
 from commons.utilities.context import get_tenant_id
 
@@ -107,6 +108,9 @@ async def test_an_invalidation_whose_caller_gives_up_is_still_applied(
         own_redis.resume()
 
     # Applied then, or kept and applied on the way back: either way before anything is read.
+    layer = current_layer()
+    assert layer is not None
+    await layer.removals_settled()
     await wait_until(lambda: cache_status().backend == "redis")
     await wait_until(lambda: cache_status().pending_invalidations == 0)
     after = await service.get("acme")

@@ -222,13 +222,18 @@ class CacheLayer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._removals:
-            # Each ends within the Redis timeouts; cut short, one could be neither applied nor
-            # kept (a process shutting down still owes Redis the invalidations it acknowledged).
-            await asyncio.gather(*self._removals, return_exceptions=True)
+        # Each ends within the Redis timeouts; cut short, one could be neither applied nor kept
+        # (a process shutting down still owes Redis the invalidations it acknowledged).
+        await self.removals_settled()
         if self._redis is not None:
             await self._redis.aclose()
         await self._memory.aclose()
+
+    async def removals_settled(self) -> None:
+        """Returns once every invalidation, deletion and flush under way (their callers may have
+        given up) has been applied to Redis or kept for it."""
+        while self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
 
     # -- state ---------------------------------------------------------------------------------
 
