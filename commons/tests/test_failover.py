@@ -2,9 +2,9 @@
 switch-over, in every process.
 
 Redis replicates asynchronously, so a master can acknowledge an invalidation its replica never
-receives. Behind Sentinel an invalidation is confirmed on a replica (``WAIT``) and, unconfirmed,
-kept and applied again once Redis answers, on whichever server is then the master. Every process
-asks Sentinel for the master about once a second, so reads leave a demoted master.
+receives. Behind Sentinel and on a cluster an invalidation is confirmed on a replica (``WAIT``) and,
+unconfirmed, kept and applied again once Redis answers, on whichever server is then the master.
+Every process asks Sentinel for the master about once a second, so reads leave a demoted master.
 """
 
 from __future__ import annotations
