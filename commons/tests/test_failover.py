@@ -1,9 +1,10 @@
-"""Invalidations survive a crashed master and a Sentinel switch-over, in every process.
+"""Invalidations survive a crashed master (behind Sentinel or on a cluster) and a Sentinel
+switch-over, in every process.
 
 Redis replicates asynchronously, so a master can acknowledge an invalidation its replica never
-receives. Behind Sentinel an invalidation is confirmed on a replica (``WAIT``) and, unconfirmed,
-kept and applied again once Redis answers, on whichever server is then the master. Every process
-asks Sentinel for the master about once a second, so reads leave a demoted master.
+receives. Behind Sentinel and on a cluster an invalidation is confirmed on a replica (``WAIT``) and,
+unconfirmed, kept and applied again once Redis answers, on whichever server is then the master.
+Every process asks Sentinel for the master about once a second, so reads leave a demoted master.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from commons.cache import (
     init_cache,
     invalidate_namespace,
 )
-from commons.testing.redis_cluster import info_field
+from commons.testing.redis_cluster import LocalRedisCluster, info_field
 from commons.testing.redis_sentinel import LocalSentinel
-from commons.testing.redis_server import RedisServer
+from commons.testing.redis_server import RedisServer, find_redis_server, redis_server_version
 
 pytestmark = pytest.mark.slow
 
@@ -294,3 +295,71 @@ async def test_reads_leave_a_demoted_master_within_a_second(
     assert info_field(master, "replication", "role") == "master"
     assert left_after <= 1.5
     assert (await get(client)).json() == {"version": 2}
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[LocalRedisCluster]:
+    """A cluster of the test's own: the test kills one of its primaries."""
+    binary = find_redis_server()
+    if redis_server_version(binary) < (7,):
+        pytest.skip(f"the cluster fixture needs redis-server 7+ ({binary} is older)")
+    with LocalRedisCluster(primaries=3, replicas_per_primary=1) as cluster:
+        yield cluster
+
+
+async def test_an_invalidation_no_replica_received_survives_a_cluster_primary_crashing(
+    own_cluster: LocalRedisCluster,
+    make_settings: Callable[..., CacheSettings],
+    make_identity_app: Callable[[], FastAPI],
+) -> None:
+    app = make_identity_app()
+    version = app.state.version = {"n": 1}
+
+    @app.get("/config")
+    @cache(namespace="tenant_config")
+    async def config() -> dict[str, int]:
+        return {"version": version["n"]}
+
+    await init_cache(make_settings(own_cluster.url))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    try:
+        await get(client)
+        assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"
+        # Every generation key of the namespace carries its hash tag: one slot, one shard.
+        primary = own_cluster.owner_of_slot(own_cluster.key_slot("{tenant_config}"))
+        replica = own_cluster.replica_of(primary)
+        wait_until(lambda: replica.command("DBSIZE") == primary.command("DBSIZE"), 5, "replication")
+        # CLUSTER SLOTS lists a replica once the nodes have heard of its replication offset.
+        wait_until(
+            lambda: all(
+                str(replica.port).encode() in node.command("CLUSTER", "SLOTS")
+                for node in own_cluster.current_primaries()
+            ),
+            5,
+            "the replica in the slot map",
+        )
+
+        # Hold that shard's replication stream (see the Sentinel test above).
+        replica.pause()
+        primary.command("SET", "{tenant_config}:filler", b"x" * (32 << 20))
+        set_version(client, 2)
+        await invalidate_namespace("tenant_config")
+        # Unconfirmed: kept, as during an outage.
+        assert cache_status().backend == "degraded"
+        assert cache_status().pending_invalidations == 1
+        acknowledged = time.monotonic()
+        primary.kill()
+        replica.resume()
+
+        # The cluster promotes the replica (cluster-node-timeout), which never received it.
+        while own_cluster.role(replica) != "master" or cache_status().backend != "redis":
+            assert (await get(client)).json() == {"version": 2}
+            assert time.monotonic() - acknowledged < 30, "the cache did not return to Redis"
+            await asyncio.sleep(0.05)
+        print(f"back on Redis {time.monotonic() - acknowledged:.2f} s after the invalidation")
+        for _ in range(3):
+            assert (await get(client)).json() == {"version": 2}
+        assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"
+    finally:
+        await client.aclose()
+        await close_cache()

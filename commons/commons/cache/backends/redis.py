@@ -30,7 +30,7 @@ to the cluster client. Redis replicates asynchronously: a primary that crashes (
 failed over by ``CLUSTER FAILOVER``, which waits for the replica to catch up) may take the last
 writes it acknowledged with it, invalidations included. Behind Sentinel an invalidation is
 confirmed on a replica (``WAIT``) or kept and applied again (see :meth:`RedisStore._retire`); on a
-cluster it is not yet.
+cluster too, on a replica of the primary owning the generation's slot.
 
 Why this design: fastapi-cache2 clears a namespace with ``KEYS`` inside a Lua script, which blocks
 the server for a time that grows with the whole keyspace; ``SCAN`` does not block but still visits
@@ -100,9 +100,13 @@ DRAIN_CONCURRENCY = 2
 PIPELINED_READS_MAX_PENDING = 4096
 #: How often an invalidation that found every pooled connection in use looks for a free one.
 BUSY_POLL_SECONDS = 0.002
-#: Behind Sentinel, how long an invalidation waits (``WAIT 1 <ms>``) for a replica to confirm it.
+#: Behind Sentinel and on a cluster, how long an invalidation waits (``WAIT 1 <ms>``) for a replica
+#: to confirm it.
 #: Unconfirmed, it is kept and applied again, as during an outage (see :meth:`RedisStore._retire`).
 REPLICA_CONFIRM_TIMEOUT_MS = 100
+#: On a cluster, how often an invalidation may read the slot map again when it lists no replica
+#: of the generation's primary (``CLUSTER SLOTS`` omits a replica without a replication offset).
+SLOT_MAP_RECHECK_SECONDS = 1.0
 #: Behind Sentinel, how often a process asks the Sentinels which server is the master, so that
 #: reads and writes leave a demoted master's pooled connections within about this time.
 SENTINEL_MASTER_CHECK_SECONDS = 1.0
@@ -357,6 +361,7 @@ class RedisStore(CacheStore):
         self._closed = False
         self._reads: PipelinedReader | None = None
         self._master_checked_at = 0.0
+        self._slot_map_read_at = 0.0
         self._master_check: asyncio.Task[None] | None = None
         self._use(client)
 
@@ -660,9 +665,14 @@ class RedisStore(CacheStore):
         connection, by ``WAIT 1`` for up to :data:`REPLICA_CONFIRM_TIMEOUT_MS`; without that
         confirmation it fails as an outage would, and the layer keeps the invalidation, stops
         reading Redis and applies it again once Redis answers (on the promoted replica after a
-        failover). One server, or Sentinel without a replica that could be promoted (see
-        :func:`_replica_may_be_promoted`): one ``UNLINK``, no wait.
+        failover). On a cluster, the same where the primary owning the generation's slot has a
+        replica (see :meth:`_unlink_confirmed_on_cluster`). One server, or Sentinel without a
+        replica that could be promoted (see :func:`_replica_may_be_promoted`): one ``UNLINK``, no
+        wait.
         """
+        if isinstance(self._client, RedisCluster):
+            await self._unlink_confirmed_on_cluster(self._client, generation_key)
+            return
         pool = self._sentinel_pool()
         if pool is None:
             await self._client.unlink(generation_key)
@@ -685,6 +695,74 @@ class RedisStore(CacheStore):
             raise BackendUnavailableError(
                 f"no replica confirmed the invalidation within {REPLICA_CONFIRM_TIMEOUT_MS} ms"
             )
+
+    async def _unlink_confirmed_on_cluster(self, client: RedisCluster, key: str) -> None:
+        """``UNLINK``s ``key`` on the primary owning its slot and, where the client's slot map
+        lists a replica of that primary, waits on the same connection for one to confirm it
+        (``WAIT 1``, :data:`REPLICA_CONFIRM_TIMEOUT_MS`).
+
+        ``CLUSTER SLOTS`` leaves out the replicas the cluster counts as failed, and those that
+        have no replication offset yet (a new cluster, before its first write): a map without a
+        replica for the slot is read again, at most every :data:`SLOT_MAP_RECHECK_SECONDS`. A map
+        that names another primary (``MOVED``: a failover, a resharding) is corrected by a routed
+        ``UNLINK``, and the confirmed one tried again. Unconfirmed, the map is read again too, so
+        that a replica the cluster has failed since is not waited for when the invalidation is
+        applied again.
+
+        Raises:
+            BackendUnavailableError: No replica confirmed the deletion, or the slot kept moving.
+        """
+        await client.initialize()
+        slot = client.keyslot(key)
+        for _ in range(2):
+            nodes = client.nodes_manager.slots_cache.get(slot) or []
+            loop = asyncio.get_running_loop()
+            if len(nodes) < 2 and loop.time() - self._slot_map_read_at >= SLOT_MAP_RECHECK_SECONDS:
+                await self._read_slot_map(client)
+                nodes = client.nodes_manager.slots_cache.get(slot) or []
+            if len(nodes) < 2:
+                await client.unlink(key)
+                return
+            primary = nodes[0]
+            connection = primary.acquire_connection()
+            replies: list[Any] = []
+            try:
+                await primary.disconnect_if_needed(connection)
+                await connection.send_packed_command(
+                    connection.pack_commands(
+                        [("UNLINK", key), ("WAIT", 1, REPLICA_CONFIRM_TIMEOUT_MS)]
+                    )
+                )
+                for _command in range(2):
+                    try:
+                        replies.append(await connection.read_response())
+                    except redis_errors.ResponseError as exc:
+                        replies.append(exc)
+            except BaseException:
+                await connection.disconnect()
+                raise
+            finally:
+                primary.release(connection)
+            unlinked, confirmed = replies
+            if isinstance(unlinked, redis_errors.MovedError | redis_errors.AskError):
+                await client.unlink(key)
+                continue
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
+            if int(confirmed) >= 1:
+                return
+            with contextlib.suppress(*_REDIS_FAILURES):
+                await self._read_slot_map(client)
+            raise BackendUnavailableError(
+                f"no replica confirmed the invalidation within {REPLICA_CONFIRM_TIMEOUT_MS} ms"
+            )
+        raise BackendUnavailableError("the invalidation's slot moved while it was applied")
+
+    async def _read_slot_map(self, client: RedisCluster) -> None:
+        """Reads the cluster's slot map again (``CLUSTER SLOTS``), replicas included."""
+        self._slot_map_read_at = asyncio.get_running_loop().time()
+        await client.nodes_manager.initialize()
 
     def _sentinel_pool(self) -> SentinelConnectionPool | None:
         """The pool of Sentinel's master, when the store talks to one."""
