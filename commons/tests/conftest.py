@@ -17,9 +17,10 @@ import pytest
 from fastapi import Depends, FastAPI, Header
 from redis.asyncio import Redis
 
-from commons.cache import CacheSettings, close_cache, init_cache
+from commons.cache import CacheSettings, cache, close_cache, init_cache
 from commons.cache.settings import cache_settings
 from commons.testing.redis_cluster import LocalRedisCluster
+from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import (
     RedisServer,
     find_redis_server,
@@ -162,3 +163,40 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         yield http
+
+
+@pytest.fixture
+def sentinel() -> Iterator[LocalSentinel]:
+    """A master, its replica and one Sentinel of the test's own."""
+    with LocalSentinel() as running:
+        yield running
+
+
+@pytest.fixture
+async def sentinel_client(
+    sentinel: LocalSentinel, make_identity_app: Callable[[], FastAPI]
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of an app whose ``GET /config`` (namespace ``tenant_config``) answers
+    ``{"version": n}`` from ``app.state.version["n"]`` (1 at first), cached on the master that
+    ``sentinel`` names."""
+    app = make_identity_app()
+    version = app.state.version = {"n": 1}
+
+    @app.get("/config")
+    @cache(namespace="tenant_config")
+    async def config() -> dict[str, int]:
+        return {"version": version["n"]}
+
+    # REDIS_URL's host and port are not used with Sentinels: they name the master.
+    settings = settings_for_tests(
+        "redis://unused:1/0",
+        REDIS_SENTINELS=sentinel.sentinels,
+        REDIS_SENTINEL_MASTER=sentinel.master_name,
+    )
+    await init_cache(settings)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    try:
+        yield http
+    finally:
+        await http.aclose()
+        await close_cache()

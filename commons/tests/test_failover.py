@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -42,42 +42,8 @@ SWITCH_OVER_WINDOW_SECONDS = 3.0
 
 
 @pytest.fixture
-def sentinel() -> Iterator[LocalSentinel]:
-    with LocalSentinel() as running:
-        yield running
-
-
-def sentinel_settings(
-    make_settings: Callable[..., CacheSettings], sentinel: LocalSentinel
-) -> CacheSettings:
-    return make_settings(
-        "redis://unused:1/0",
-        REDIS_SENTINELS=sentinel.sentinels,
-        REDIS_SENTINEL_MASTER=sentinel.master_name,
-    )
-
-
-@pytest.fixture
-async def client(
-    sentinel: LocalSentinel,
-    make_settings: Callable[..., CacheSettings],
-    make_identity_app: Callable[[], FastAPI],
-) -> AsyncIterator[httpx.AsyncClient]:
-    app = make_identity_app()
-    version = app.state.version = {"n": 1}
-
-    @app.get("/config")
-    @cache(namespace="tenant_config")
-    async def config() -> dict[str, int]:
-        return {"version": version["n"]}
-
-    await init_cache(sentinel_settings(make_settings, sentinel))
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-    try:
-        yield http
-    finally:
-        await http.aclose()
-        await close_cache()
+def client(sentinel_client: httpx.AsyncClient) -> httpx.AsyncClient:
+    return sentinel_client
 
 
 async def get(client: httpx.AsyncClient) -> httpx.Response:

@@ -7,18 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
 from commons.cache import (
-    CacheSettings,
-    cache,
     cache_status,
-    close_cache,
-    init_cache,
     invalidate_namespace,
 )
 from commons.testing.redis_sentinel import LocalSentinel
@@ -27,38 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def sentinel() -> Iterator[LocalSentinel]:
-    with LocalSentinel() as running:
-        yield running
-
-
-@pytest.fixture
-async def client(
-    sentinel: LocalSentinel,
-    make_settings: Callable[..., CacheSettings],
-    make_identity_app: Callable[[], FastAPI],
-) -> AsyncIterator[httpx.AsyncClient]:
-    app = make_identity_app()
-    version = app.state.version = {"n": 1}
-
-    @app.get("/config")
-    @cache(namespace="tenant_config")
-    async def config() -> dict[str, int]:
-        return {"version": version["n"]}
-
-    # REDIS_URL's host and port are not used with Sentinels: they name the master.
-    settings = make_settings(
-        "redis://unused:1/0",
-        REDIS_SENTINELS=sentinel.sentinels,
-        REDIS_SENTINEL_MASTER=sentinel.master_name,
-    )
-    await init_cache(settings)
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-    try:
-        yield http
-    finally:
-        await http.aclose()
-        await close_cache()
+def client(sentinel_client: httpx.AsyncClient) -> httpx.AsyncClient:
+    return sentinel_client
 
 
 async def get(client: httpx.AsyncClient, tenant: str = "t1") -> httpx.Response:
