@@ -34,8 +34,8 @@ def _entry_keys(prefix: str, entries: int) -> list[tuple[str, str]]:
 
 
 async def _fill_ours(entries: int) -> None:
-    from commons.cache.cache import current_layer
     from commons.cache.scope import CacheScope, ScopedKey
+    from commons.testing import current_layer
 
     layer = current_layer()
     assert layer is not None

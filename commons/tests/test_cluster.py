@@ -29,8 +29,8 @@ from commons.cache import (
     tenant_user_cache_key_builder,
 )
 from commons.cache.backends.redis import RedisStore
-from commons.cache.cache import current_layer
 from commons.cache.scope import CacheScope, InvalidationTarget
+from commons.testing import current_layer
 from commons.testing.redis_cluster import LocalRedisCluster, bulk_text
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,8 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from commons.cache import CacheSettings, cache, close_cache, init_cache
-from commons.cache.cache import current_layer
 from commons.cache.layer import CacheLayer
+from commons.testing import current_layer
 from commons.testing.entries import fill, route_fingerprint_of
 
 TENANT = {"X-Test-Tenant": "acme"}

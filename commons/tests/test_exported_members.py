@@ -82,3 +82,11 @@ def test_errors_form_one_tree_under_cache_error() -> None:
         "BackendRejectedError",
     ):
         assert issubclass(getattr(commons.cache, name), commons.cache.CacheError)
+
+
+def test_no_module_of_the_package_is_hidden_by_an_exported_name() -> None:
+    import pkgutil
+
+    modules = {info.name for info in pkgutil.iter_modules(commons.cache.__path__)}
+    hidden = modules & set(commons.cache.__all__)
+    assert not hidden, f"`import commons.cache.<name>` returns the export, not the module: {hidden}"

@@ -21,7 +21,7 @@ from commons.cache import (
     close_cache,
     init_cache,
 )
-from commons.cache.cache import current_layer
+from commons.testing import current_layer
 from commons.testing.redis_server import RedisServer, free_port
 from commons.utilities.context import get_tenant_id
 

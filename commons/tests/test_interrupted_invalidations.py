@@ -27,7 +27,7 @@ from commons.cache import (
     init_cache,
     invalidate_namespace,
 )
-from commons.cache.cache import current_layer
+from commons.testing import current_layer
 from commons.testing.redis_server import RedisServer
 from commons.utilities.context import get_tenant_id
 

@@ -17,9 +17,9 @@ from redis.asyncio import Redis
 from commons.cache import CacheSettings, cache, close_cache, init_cache, invalidate_namespace
 from commons.cache.backends import redis as redis_backend
 from commons.cache.backends.redis import RedisStore
-from commons.cache.cache import current_layer
 from commons.cache.layer import CacheLayer
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
+from commons.testing import current_layer
 from commons.testing.entries import fill, served
 from commons.utilities.context import set_tenant_id, set_user_id
 

@@ -23,8 +23,8 @@ from commons.cache import (
     init_cache,
     invalidate_namespace,
 )
-from commons.cache.cache import current_layer
 from commons.cache.metrics import PrometheusEvents
+from commons.testing import current_layer
 from commons.testing.redis_server import RedisServer
 from commons.utilities.context import set_tenant_id, set_user_id
 

@@ -31,8 +31,8 @@ from commons.cache import (
     invalidate_namespace,
     tenant_user_cache_key_builder,
 )
-from commons.cache.cache import current_layer
 from commons.cache.cli import app as cli_app
+from commons.testing import current_layer
 from commons.testing.redis_cluster import LocalRedisCluster
 from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import RedisServer, find_redis_server, supports_tls

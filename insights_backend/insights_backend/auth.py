@@ -50,7 +50,9 @@ ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
 }
 
-_bearer = HTTPBearer(auto_error=False, description="A JWT from `python -m insights_backend.token`.")
+_bearer = HTTPBearer(
+    auto_error=False, description="A JWT from `python -m insights_backend.dev_token`."
+)
 
 
 def _unauthorized(detail: str) -> HTTPException:

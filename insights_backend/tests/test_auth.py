@@ -10,7 +10,7 @@ import jwt
 import pytest
 from httpx import AsyncClient
 
-from insights_backend import token as token_command
+from insights_backend import dev_token as token_command
 
 Bearer = Callable[..., dict[str, str]]
 

@@ -8,7 +8,6 @@ Import everything from here::
 ``invalidation.py``.
 """
 
-from commons.cache.cache import cache_status, close_cache, init_cache
 from commons.cache.decorator import cache
 from commons.cache.errors import (
     BackendError,
@@ -20,6 +19,7 @@ from commons.cache.errors import (
 from commons.cache.events import CacheEvents, LookupOutcome
 from commons.cache.invalidation import invalidate_namespace
 from commons.cache.keys import tenant_cache_key_builder, tenant_user_cache_key_builder
+from commons.cache.lifecycle import cache_status, close_cache, init_cache
 from commons.cache.middleware import PrivateCacheControlMiddleware
 from commons.cache.settings import CacheSettings, cache_settings
 from commons.cache.status import CacheState, CacheStatus

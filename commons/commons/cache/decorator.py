@@ -58,7 +58,6 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
-from commons.cache.cache import current_layer
 from commons.cache.entry import ParsedValue, RejectReason, decode_payload, encode_payload
 from commons.cache.events import LookupOutcome
 from commons.cache.http import (
@@ -69,6 +68,7 @@ from commons.cache.http import (
 )
 from commons.cache.keys import tenant_cache_key_builder
 from commons.cache.layer import CacheLayer, FillToken, Lookup
+from commons.cache.lifecycle import current_layer
 from commons.cache.memo import BoundedMemo
 from commons.cache.rendering import (
     adapter_for,

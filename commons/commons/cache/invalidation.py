@@ -8,7 +8,7 @@ read again (see ``layer.py``).
 
 from __future__ import annotations
 
-from commons.cache.cache import current_layer
+from commons.cache.lifecycle import current_layer
 from commons.cache.scope import InvalidationTarget
 
 __all__ = ["invalidate_namespace"]

@@ -10,10 +10,10 @@ import inspect
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from commons.cache.cache import current_layer
 from commons.cache.decorator import PRODUCER
 from commons.cache.entry import BODY, parse_any
 from commons.cache.layer import CacheLayer
+from commons.cache.lifecycle import current_layer
 from commons.cache.rendering import route_fingerprint
 
 __all__ = [

@@ -1,9 +1,9 @@
-"""``python -m insights_backend.token --tenant 1 --user alice [--admin]``: prints a dev token.
+"""``python -m insights_backend.dev_token --tenant 1 --user alice [--admin]``: prints a dev token.
 
 The token is signed with ``JWT_SECRET`` (from the environment or ``.env``, else the development
 secret the service also falls back to), so the running service accepts it::
 
-    TOKEN=$(python -m insights_backend.token --tenant 1 --user alice)
+    TOKEN=$(python -m insights_backend.dev_token --tenant 1 --user alice)
     curl -H "Authorization: Bearer $TOKEN" localhost:8000/v1/tenant/config
 """
 
@@ -19,7 +19,7 @@ from insights_backend.tokens import Identity, mint_token
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m insights_backend.token", description="Mint a development bearer token."
+        prog="python -m insights_backend.dev_token", description="Mint a development bearer token."
     )
     parser.add_argument("--tenant", type=int, required=True, help="tenant id (e.g. 1)")
     parser.add_argument("--user", required=True, help="username within the tenant (e.g. alice)")
