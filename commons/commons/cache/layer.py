@@ -620,6 +620,10 @@ class CacheLayer:
 
     # -- locks (single-flight across replicas) --------------------------------------------------
 
+    def lock_key(self, key: str) -> str:
+        """The key of the replicas' lock around computing the entry under ``key``."""
+        return f"{self.prefix}:#lock:{key}"
+
     async def try_lock(self, key: str, token: bytes, ttl_ms: int) -> bool | None:
         """Takes a short lock; ``None`` when no shared store can hold one right now."""
         if self._state is not CacheState.REDIS or self._redis is None:

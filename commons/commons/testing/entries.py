@@ -10,7 +10,7 @@ import inspect
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from commons.cache.decorator import PRODUCER
+from commons.cache.cached_route import PRODUCER
 from commons.cache.entry import BODY, parse_any
 from commons.cache.layer import CacheLayer
 from commons.cache.lifecycle import current_layer

@@ -1,0 +1,132 @@
+"""What one decorated handler knows on every request: how to call it, render its result as its
+route would, fingerprint what it renders, and the prepared replays of its stored answers."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+from fastapi.dependencies.utils import get_typed_return_annotation
+from fastapi.routing import APIRoute
+from fastapi_cache.coder import Coder
+from pydantic import TypeAdapter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from commons.cache.entry import ParsedValue, decode_payload
+from commons.cache.http import PreparedResponse, prepare
+from commons.cache.memo import BoundedMemo
+from commons.cache.rendering import adapter_for, json_bytes, render_as_route, route_fingerprint
+
+__all__ = ["PRODUCER", "CachedRoute", "PreparedResponses"]
+
+#: Who wrote an entry, as its fingerprint says (the other decorator's entries are misses here).
+PRODUCER = "commons.cache"
+#: Bounds of the prepared responses each route keeps (entries, and bytes of stored values).
+_PREPARED_MAX_ENTRIES = 1024
+_PREPARED_MAX_BYTES = 32 * 1024 * 1024
+
+
+class PreparedResponses:
+    """Prepared responses by key, reused while the stored bytes are the same (bounded).
+
+    Comparing the stored bytes with the remembered ones costs one ``memcmp`` (nothing for the
+    memory store, which hands back the very object); decoding, re-encoding headers and hashing
+    the body for the ETag then happen once per stored value instead of on every hit.
+    """
+
+    def __init__(self) -> None:
+        self._memo = BoundedMemo[str, tuple[bytes, PreparedResponse]](
+            _PREPARED_MAX_ENTRIES, _PREPARED_MAX_BYTES
+        )
+
+    def get(self, key: str, value: ParsedValue, private: bool) -> PreparedResponse | None:
+        """The prepared form of ``value``; ``None`` when its payload is no readable response."""
+        found = self._memo.get(key)
+        if found is not None and found[0] == value.raw and found[1].private is private:
+            return found[1]
+        entry = decode_payload(value.kind, value.payload)
+        if entry is None:
+            return None
+        prepared = prepare(entry, private=private)
+        self.put(key, value.raw, prepared)
+        return prepared
+
+    def put(self, key: str, raw: bytes, prepared: PreparedResponse) -> None:
+        self._memo.put(key, (raw, prepared), len(raw) + len(key))
+
+
+class CachedRoute:
+    """One decorated handler and its caching options (``@cache``'s arguments)."""
+
+    def __init__(
+        self,
+        func: Callable[..., Awaitable[Any]],
+        *,
+        coder: type[Coder] | None,
+        expire: int | None,
+        stale_seconds: int,
+        lock: bool | None,
+    ) -> None:
+        self.func = func
+        self.coder = coder
+        self.expire = expire
+        self.stale_seconds = stale_seconds
+        #: ``distributed_lock``: ``None`` follows ``CACHE_DISTRIBUTED_LOCK``.
+        self.lock = lock
+        self.is_coroutine = inspect.iscoroutinefunction(func)
+        self.prepared = PreparedResponses()
+        #: The endpoint FastAPI mounts (the decorated function), set once it is built.
+        self.endpoint: Callable[..., Any] | None = None
+        self._adapter: list[TypeAdapter[Any] | None] = []
+        self._last_fingerprint: tuple[object, bytes] | None = None
+
+    async def call_handler(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.is_coroutine:
+            return await self.func(*args, **kwargs)
+        return await run_in_threadpool(self.func, *args, **kwargs)
+
+    def _own_route(self, request: Request) -> APIRoute | None:
+        """The route ``request`` came through, if it is this handler's (not a direct call)."""
+        route = request.scope.get("route")
+        endpoint = self.endpoint
+        if isinstance(route, APIRoute) and (
+            inspect.unwrap(route.endpoint, stop=lambda f: f is endpoint) is endpoint
+        ):
+            return route
+        return None
+
+    def fingerprint(self, request: Request) -> bytes:
+        """What this route renders, for the stored values (see ``rendering.route_fingerprint``)."""
+        route = request.scope.get("route")
+        last = self._last_fingerprint
+        if last is not None and last[0] is route:
+            return last[1]  # a handler is mounted on one route, as a rule: the hit path's case
+        fingerprint = route_fingerprint(
+            self._own_route(request), self.func, producer=PRODUCER, coder=self.coder
+        )
+        self._last_fingerprint = (route, fingerprint)
+        return fingerprint
+
+    async def render(self, result: Any, request: Request, status_code: int | None) -> Response:
+        """The response FastAPI would send for ``result`` on this route."""
+        if isinstance(result, Response):
+            return result
+        if self.coder is not None:
+            body = self.coder.encode(result)
+            return Response(body, status_code or 200, media_type="application/json")
+        route = self._own_route(request)
+        if route is not None:
+            return await render_as_route(route, result, status_code, self.is_coroutine)
+        # Called outside its route: render through the return annotation.
+        if not self._adapter:
+            self._adapter.append(adapter_for(get_typed_return_annotation(self.func)))
+        type_adapter = self._adapter[0]
+        if type_adapter is None:
+            rendered = json_bytes(result)
+        else:
+            value = type_adapter.validate_python(result, from_attributes=True)
+            rendered = type_adapter.dump_json(value, by_alias=True)
+        return Response(rendered, status_code or 200, media_type="application/json")

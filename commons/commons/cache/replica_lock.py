@@ -1,0 +1,89 @@
+"""One computation across replicas: a short lock in Redis around a miss (``distributed_lock``).
+
+The holder computes and stores; the others poll for the entry while the lock is held, take the
+lock over if it is released without an entry (the holder failed), and compute on their own once
+``CACHE_LOCK_TIMEOUT_SECONDS`` has passed. The lock is ``SET NX PX`` with a random token under a
+key the layer mints (``layer.lock_key``); only the holder's token releases it, and it expires by
+itself after the same time if its holder dies. Without a shared store (the memory backend, or
+Redis unavailable) the request just computes: single-flight still holds per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from commons.cache.layer import CacheLayer
+
+__all__ = ["under_replica_lock"]
+
+T = TypeVar("T")
+
+#: How often a replica waiting for another's computation looks for its entry.
+_POLL_SECONDS = 0.02
+
+
+async def under_replica_lock(
+    layer: CacheLayer,
+    key: str,
+    compute: Callable[[], Awaitable[T]],
+    stored: Callable[[], Awaitable[T | None]],
+    *,
+    wait: bool = True,
+) -> T | None:
+    """``compute()`` under the replicas' lock for ``key``, or what another replica stored.
+
+    Args:
+        compute: Computes and stores the entry.
+        stored: The fresh entry stored right now, if any.
+        wait: Wait for another replica's computation; when false, give up at once (``None``) if
+            another replica holds the lock (a background refresh someone else already runs).
+
+    Returns:
+        The outcome; ``None`` only when ``wait`` is false and another replica holds the lock.
+    """
+    lock_key = layer.lock_key(key)
+    token = secrets.token_bytes(16)
+    wait_seconds = layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
+    lock_ms = max(int(wait_seconds * 1000), 1)
+    acquired = await layer.try_lock(lock_key, token, lock_ms)
+    if acquired is False:
+        if not wait:
+            return None
+        found, acquired = await _wait_for_holder(layer, lock_key, token, lock_ms, stored)
+        if found is not None:
+            return found
+    try:
+        if acquired:
+            # The previous holder may have stored the entry just before releasing the lock.
+            found = await stored()
+            if found is not None:
+                return found
+        return await compute()
+    finally:
+        if acquired:
+            await layer.unlock(lock_key, token)
+
+
+async def _wait_for_holder(
+    layer: CacheLayer,
+    lock_key: str,
+    token: bytes,
+    lock_ms: int,
+    stored: Callable[[], Awaitable[T | None]],
+) -> tuple[T | None, bool | None]:
+    """Polls while another replica holds the lock: (its stored entry, None) when it appears,
+    else (None, whether this replica took the lock over) once it is released or times out."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + lock_ms / 1000
+    while loop.time() < deadline:
+        await asyncio.sleep(_POLL_SECONDS)
+        found = await stored()
+        if found is not None:
+            return found, None
+        acquired = await layer.try_lock(lock_key, token, lock_ms)
+        if acquired is not False:
+            return None, acquired
+    return None, False

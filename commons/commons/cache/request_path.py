@@ -1,0 +1,177 @@
+"""A cached route's request path: bypass, HIT, STALE, 304, or a MISS filled once.
+
+Per request:
+
+1. Not a GET/HEAD, caching disabled, or no identity to build a key from: the handler answers,
+   nothing is read or stored (fail closed).
+2. Stored and fresh: replayed with ``X-FastAPI-Cache: HIT``, an ``ETag`` digest of the bytes
+   (``304`` on a matching ``If-None-Match``), ``Cache-Control: max-age=<remaining freshness>``,
+   ``private`` and ``Vary: Authorization`` for tenant- or user-scoped entries. The encoded headers
+   and the ETag of a stored body are computed once and reused while the stored bytes stay the same.
+3. Stored but stale (only with ``stale_ttl``): replayed at once with ``X-FastAPI-Cache: STALE`` and
+   ``max-age=0``; after the response is sent, one refresh per key and process (single-flight, and
+   with ``distributed_lock`` one across replicas) recomputes and stores the entry.
+4. Missing: filled once (``fill.py``); exceptions and non-2xx answers are never stored.
+
+Freshness is ``layer.Lookup.is_fresh``, the one rule (the stale window is written in each entry).
+Every lookup outcome is counted here, once per request (``CacheEvents.lookup``).
+
+Headers and cookies that the route's dependencies set on FastAPI's ``Response`` parameter are sent
+with every answer (HIT or MISS) and never stored; headers the handler sets there are part of the
+stored answer, and a cookie set by the handler makes the answer uncacheable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from fastapi_cache.types import KeyBuilder
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response
+
+from commons.cache.cached_route import CachedRoute
+from commons.cache.entry import RejectReason
+from commons.cache.events import LookupOutcome
+from commons.cache.fill import Call, Fill
+from commons.cache.http import PreparedResponse, replay
+from commons.cache.layer import CacheLayer, Lookup
+from commons.cache.lifecycle import current_layer
+from commons.cache.scope import ScopedKey
+
+__all__ = ["RequestPath"]
+
+_CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
+_HIT, _STALE, _MISS = b"HIT", b"STALE", b"MISS"
+
+
+class _Asked(NamedTuple):
+    """What the request asks of a cached answer besides its key."""
+
+    #: ``If-None-Match`` (``None`` if absent), for a ``304``.
+    if_none_match: str | None
+    #: The client's ``Cache-Control`` (``""`` if absent).
+    cache_control: str
+    head: bool
+    #: Headers the route's dependencies set: sent with this answer, never stored.
+    own_headers: list[tuple[bytes, bytes]] | None
+
+
+def _asked(request: Request, sub_response: object) -> _Asked:
+    """One pass over the raw headers (ASGI servers send their names in lower case): cheaper on
+    every hit than building starlette's ``Headers`` and looking each name up in it."""
+    if_none_match: list[bytes] = []
+    cache_control: list[bytes] = []
+    for name, value in request.scope["headers"]:
+        if name == b"if-none-match":
+            if_none_match.append(value)
+        elif name == b"cache-control":
+            cache_control.append(value)
+    own_headers = (
+        list(sub_response.raw_headers)
+        if isinstance(sub_response, Response) and sub_response.raw_headers
+        else None
+    )
+    return _Asked(
+        b", ".join(if_none_match).decode("latin-1") if if_none_match else None,
+        b", ".join(cache_control).decode("latin-1"),
+        request.scope["method"] == "HEAD",
+        own_headers,
+    )
+
+
+class RequestPath:
+    """Answers the requests of one cached route (see the module docstring)."""
+
+    def __init__(self, route: CachedRoute, namespace: str, key_builder: KeyBuilder) -> None:
+        self.route = route
+        self.namespace = namespace
+        self.key_builder = key_builder
+
+    async def answer(
+        self, request: object, sub_response: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """The route's answer to one call: from the cache, or from the handler."""
+        route, namespace = self.route, self.namespace
+        layer = current_layer()
+        if layer is None or not layer.enabled:
+            if layer is not None:
+                layer.events.lookup(namespace, LookupOutcome.BYPASS_DISABLED)
+            return await route.call_handler(args, kwargs)
+        if not isinstance(request, Request) or request.scope["method"] not in _CACHEABLE_METHODS:
+            return await route.call_handler(args, kwargs)
+        built = self.key_builder(
+            route.func,
+            f"{layer.prefix}:{namespace}",
+            request=request,
+            response=None,
+            args=args,
+            kwargs=kwargs,
+        )
+        key = built if isinstance(built, str) else await built
+        fingerprint = route.fingerprint(request)
+        asked = _asked(request, sub_response)
+        lookup, outcome = await self._read(layer, key, fingerprint, asked.cache_control)
+        if lookup is None:
+            layer.events.lookup(namespace, LookupOutcome.BYPASS_NO_IDENTITY)
+            return await route.call_handler(args, kwargs)
+        private = not isinstance(key, ScopedKey) or key.is_private
+        if lookup.value is not None:
+            prepared = route.prepared.get(key, lookup.value, private)
+            if prepared is None:
+                layer.events.rejected_entry(namespace, RejectReason.FORMAT)
+            elif lookup.is_fresh:
+                layer.events.lookup(namespace, LookupOutcome.HIT)
+                return _replay(prepared, lookup.fresh_for, _HIT, asked)
+            else:
+                layer.events.lookup(namespace, LookupOutcome.STALE)
+                stale = _replay(prepared, 0, _STALE, asked)
+                call = Call(key, fingerprint, private, request, sub_response, args, kwargs)
+                refresh = Fill(route, layer, call, lookup.token)
+                # Runs once the stale answer is sent, while the request's dependencies (a
+                # database session, ...) are still open.
+                stale.background = BackgroundTask(refresh.refresh)
+                return stale
+        layer.events.lookup(namespace, outcome)
+        call = Call(key, fingerprint, private, request, sub_response, args, kwargs)
+        return await self._filled(Fill(route, layer, call, lookup.token), asked)
+
+    async def _read(
+        self, layer: CacheLayer, key: str, fingerprint: bytes, cache_control: str
+    ) -> tuple[Lookup | None, str]:
+        """The lookup (``None``: not to be cached) and the outcome to count if it is a miss."""
+        if cache_control and layer.settings.CACHE_HONOR_CLIENT_NO_CACHE:
+            directives = cache_control.lower()
+            if "no-cache" in directives or "no-store" in directives:
+                # The client asks for a fresh answer: computed, and stored for the next ones.
+                token = await layer.token_now(key)
+                return (None if token is None else Lookup(token)), LookupOutcome.BYPASS_CLIENT
+        return await layer.lookup(key, fingerprint), LookupOutcome.MISS
+
+    async def _filled(self, fill: Fill, asked: _Asked) -> Any:
+        """The answer of a miss: the shared, stored one, or this request's own."""
+        shared = await fill.shared()
+        if fill.error is not None:
+            raise fill.error
+        if shared.prepared is not None:
+            return _replay(shared.prepared, fill.ttl, _MISS, asked)
+        if shared.response is None or shared is not fill.outcome:
+            # Another request's answer that may not be stored (no-store, private, non-2xx, a
+            # cookie, a stream, an exception) is that request's alone: this one runs the handler
+            # itself.
+            return await self.route.call_handler(fill.call.args, fill.call.kwargs)
+        response = shared.response  # this request computed it: its very own answer
+        if asked.own_headers:
+            response.raw_headers.extend(asked.own_headers)
+        return response
+
+
+def _replay(prepared: PreparedResponse, max_age: int, status: bytes, asked: _Asked) -> Response:
+    return replay(
+        prepared,
+        max_age=max_age,
+        status=status,
+        if_none_match=asked.if_none_match,
+        head=asked.head,
+        extra_headers=asked.own_headers,
+    )
