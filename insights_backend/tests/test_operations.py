@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -155,3 +156,12 @@ async def test_the_openapi_schema_declares_every_answer_of_each_route(
     assert put_config["400"]["content"]["application/json"]["schema"] == error_body
     assert "WWW-Authenticate" in config["401"]["headers"]
     assert schema["components"]["schemas"]["ErrorOut"]["required"] == ["detail"]
+
+
+async def test_start_up_ends_with_the_heap_frozen(start_service: StartService) -> None:
+    gc.unfreeze()  # what earlier services in this process froze
+
+    async with start_service():
+        frozen = gc.get_freeze_count()
+
+    assert frozen > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -124,6 +125,26 @@ def scraped(base_url: str) -> dict[str, float]:
     return totals
 
 
+def wait_for_replacement(directory: Path, known: set[int]) -> int:
+    """The process id of a new worker, once its state series says it is on Redis."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for path in directory.glob("gauge_livesum_*.db"):
+            pid = int(path.stem.rpartition("_")[2])
+            if pid not in known and _on_redis(path):
+                return pid
+        time.sleep(0.1)
+    raise AssertionError("no worker replaced the one killed")
+
+
+def _on_redis(path: Path) -> bool:
+    return any(
+        sample.labels.get("state") == "redis" and sample.value == 1
+        for family in MultiProcessCollector.merge([str(path)])
+        for sample in family.samples
+    )
+
+
 def test_two_workers_serve_and_metrics_add_up_both(
     redis_server: RedisServer, bearer: Bearer, tmp_path: Path
 ) -> None:
@@ -138,6 +159,12 @@ def test_two_workers_serve_and_metrics_add_up_both(
             sent += BATCH
         per_process = lookups_per_process(directory)
         scrapes = [scraped(base_url) for _ in range(4)]
+        # A worker killed: uvicorn starts another; the dead one's counts stay in the totals,
+        # its state does not.
+        killed = min(per_process)
+        os.kill(killed, signal.SIGKILL)
+        replacement = wait_for_replacement(directory, set(per_process))
+        after_kill = [scraped(base_url) for _ in range(4)]
 
     assert len(per_process) == 2, f"one worker served all {sent} requests: {per_process}"
     assert all(count > 0 for count in per_process.values())
@@ -147,6 +174,11 @@ def test_two_workers_serve_and_metrics_add_up_both(
         assert metrics["commons_cache_misses_total"] >= 1
         assert metrics["commons_cache_operation_duration_seconds_count"] > 0
         assert metrics["state=redis"] == 2  # both workers, each on Redis
+    assert replacement not in per_process
+    assert not (directory / f"gauge_livesum_{killed}.db").exists()
+    for metrics in after_kill:
+        assert sum(metrics.get(name, 0.0) for name in LOOKUPS) == sent
+        assert metrics["state=redis"] == 2  # the survivor and the replacement
     assert not directory.exists(), "the private metrics directory outlived the service"
 
 
