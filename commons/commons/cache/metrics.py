@@ -101,6 +101,12 @@ def _lookup_labels(name: str) -> list[str]:
     return ["namespace", "reason"] if name == "bypasses" else ["namespace"]
 
 
+def _lookup_series(outcome: str, namespace: str) -> tuple[str, list[str]]:
+    """The series a lookup outcome counts in, and its label values."""
+    name, reason = _LOOKUP_SERIES[outcome]
+    return name, [namespace] if reason is None else [namespace, reason]
+
+
 _DURATION_HELP = "Time reads and writes spent on Redis."
 _DURATION_LABELS = ["namespace", "operation"]
 
@@ -180,8 +186,7 @@ class _RequestPathCollector(Collector):
                 f"commons_cache_{name}", help_text, labels=_lookup_labels(name)
             )
         for (outcome, namespace), count in sorted(lookups.items()):
-            name, reason = _LOOKUP_SERIES[outcome]
-            label_values = [namespace] if reason is None else [namespace, reason]
+            name, label_values = _lookup_series(outcome, namespace)
             families[name].add_metric(label_values, count)
         yield from families.values()
         histogram = HistogramMetricFamily(
@@ -224,8 +229,7 @@ class _MultiprocessRequestPath:
     def lookup(self, namespace: str, outcome: str) -> None:
         child = self._lookups.get((outcome, namespace))
         if child is None:
-            name, reason = _LOOKUP_SERIES[outcome]
-            label_values = [namespace] if reason is None else [namespace, reason]
+            name, label_values = _lookup_series(outcome, namespace)
             # Two threads may both get here: labels() hands both the same child.
             child = self._lookups[(outcome, namespace)] = self._counters[name].labels(*label_values)
         child.inc()
