@@ -14,7 +14,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python commons/pyproject.toml insights_backend/pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ./commons -e ./insights_backend
+	$(BIN)/python -m pip install --quiet -e './commons[metrics,cli]' -e ./insights_backend
 	@touch $@
 
 $(TEST_STAMP): $(STAMP)

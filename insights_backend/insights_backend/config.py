@@ -53,6 +53,11 @@ class ServiceSettings(BaseSettings):
     )
     HOST: str = Field(default="127.0.0.1", description="Address the server listens on.")
     PORT: int = Field(default=8000, ge=1, le=65535, description="Port the server listens on.")
+    WORKERS: int = Field(
+        default=1,
+        ge=1,
+        description="Worker processes of python -m insights_backend (uvicorn --workers).",
+    )
 
     @field_validator("LOGGING_LEVEL", mode="before")
     @classmethod

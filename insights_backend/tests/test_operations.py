@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 from httpx import AsyncClient
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 from commons.testing.redis_server import free_port
 
@@ -71,14 +74,33 @@ async def test_the_docs_page_is_served(memory_client: AsyncClient) -> None:
     assert "swagger-ui" in response.text
 
 
-async def test_metrics_are_exposed_in_prometheus_format(memory_client: AsyncClient) -> None:
-    prometheus_client = pytest.importorskip("prometheus_client")
+def cache_lookups(metrics_text: str) -> dict[str, float]:
+    """``commons_cache_{hits,misses}_total`` of the ``users_me`` namespace in a scrape."""
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name in {"commons_cache_hits_total", "commons_cache_misses_total"}
+        and sample.labels == {"namespace": "users_me"}
+    }
 
-    response = await memory_client.get("/metrics")
+
+async def test_metrics_serve_the_cache_series_in_prometheus_format(
+    client: AsyncClient, bearer: Bearer
+) -> None:
+    # The registry is the process's: other tests' requests are counted too, hence the difference.
+    before = cache_lookups((await client.get("/metrics")).text)
+    for _ in range(3):
+        await client.get("/v1/users/me", headers=bearer(1, "alice"))
+
+    response = await client.get("/metrics")
 
     assert response.status_code == 200
-    assert response.headers["content-type"] == prometheus_client.CONTENT_TYPE_LATEST
-    assert "# TYPE" in response.text
+    assert response.headers["content-type"] == CONTENT_TYPE_LATEST
+    after = cache_lookups(response.text)
+    assert after["commons_cache_misses_total"] - before.get("commons_cache_misses_total", 0) == 1
+    assert after["commons_cache_hits_total"] - before.get("commons_cache_hits_total", 0) == 2
+    assert "commons_cache_backend_state" in response.text
 
 
 async def test_an_empty_database_is_created_and_seeded_at_start_up(
@@ -134,3 +156,12 @@ async def test_the_openapi_schema_declares_every_answer_of_each_route(
     assert put_config["400"]["content"]["application/json"]["schema"] == error_body
     assert "WWW-Authenticate" in config["401"]["headers"]
     assert schema["components"]["schemas"]["ErrorOut"]["required"] == ["detail"]
+
+
+async def test_start_up_ends_with_the_heap_frozen(start_service: StartService) -> None:
+    gc.unfreeze()  # what earlier services in this process froze
+
+    async with start_service():
+        frozen = gc.get_freeze_count()
+
+    assert frozen > 0

@@ -27,24 +27,34 @@ Series (all prefixed ``commons_cache_``):
 - ``operation_duration_seconds{namespace,operation}``: a histogram of the time reads (``get``)
   and writes (``set``) spent on Redis. The in-memory tier's (a dictionary lookup, well under a
   microsecond) are not sampled.
+
+Several worker processes (``uvicorn --workers``, gunicorn): with ``PROMETHEUS_MULTIPROC_DIR`` set
+before ``prometheus_client`` is first imported, every series is kept in that directory's files and
+:func:`exposition_registry` adds up every process's, so ``/metrics`` answers the same totals
+whichever worker serves it. ``backend_state`` then counts the live workers in each state.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
+import glob
+import os
 import threading
 from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 from commons.cache.events import CacheEvents, LookupOutcome
 from commons.cache.status import CacheState
 
-__all__ = ["DURATION_BUCKETS", "PrometheusEvents"]
+__all__ = ["DURATION_BUCKETS", "PrometheusEvents", "exposition_registry", "multiprocess_mode"]
 
 #: Buckets of ``commons_cache_operation_duration_seconds``: a Redis round trip on a LAN takes a few
 #: hundred microseconds, and the default timeouts cap an operation near a second.
@@ -87,22 +97,82 @@ _LOOKUP_HELP = {
 }
 
 
+def _lookup_labels(name: str) -> list[str]:
+    return ["namespace", "reason"] if name == "bypasses" else ["namespace"]
+
+
+def _lookup_series(outcome: str, namespace: str) -> tuple[str, list[str]]:
+    """The series a lookup outcome counts in, and its label values."""
+    name, reason = _LOOKUP_SERIES[outcome]
+    return name, [namespace] if reason is None else [namespace, reason]
+
+
+_DURATION_HELP = "Time reads and writes spent on Redis."
+_DURATION_LABELS = ["namespace", "operation"]
+
+
+def multiprocess_mode() -> bool:
+    """Whether ``prometheus_client`` keeps values in ``PROMETHEUS_MULTIPROC_DIR`` files.
+
+    ``prometheus_client`` decides once, when it is first imported; setting the variable later
+    changes nothing, so this asks its value class rather than the environment.
+    """
+    return values.ValueClass is not values.MutexValue
+
+
+def exposition_registry() -> CollectorRegistry:
+    """The registry a ``/metrics`` endpoint exposes.
+
+    The default registry in one process. In multiprocess mode, a fresh registry whose collector
+    adds up the files of every process, live or dead, so that counters and histograms are the
+    whole service's totals whichever worker answers the scrape.
+    """
+    if not multiprocess_mode():
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+class _RequestPath(Protocol):
+    """Counts the two events of every cached request: a lookup outcome, a Redis duration."""
+
+    def lookup(self, namespace: str, outcome: str) -> None: ...
+
+    def timed(self, namespace: str, operation: str, seconds: float) -> None: ...
+
+
 class _RequestPathCollector(Collector):
     """The series every cached request touches, counted in plain numbers, exposed when scraped.
 
     ``prometheus_client``'s own counters and histograms cost a hit several microseconds each
     (label resolution, a lock and a value object per sample); a hit's whole budget is tens of
     microseconds. Here an event is a dictionary update under one lock, and the exposition is
-    built from those numbers at scrape time, in the same series and types.
+    built from those numbers at scrape time, in the same series and types. One process only: in
+    multiprocess mode :class:`_MultiprocessRequestPath` takes its place.
     """
 
     def __init__(self) -> None:
-        #: Held while the numbers below change or are read (:class:`PrometheusEvents` counts).
+        #: Held while the numbers below change or are read.
         self.lock = threading.Lock()
         #: (outcome, namespace) -> requests.
         self.lookups: dict[tuple[str, str], int] = {}
         #: (operation, namespace) -> per bucket counts (the last one is +Inf), and their sum.
         self.durations: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+
+    def lookup(self, namespace: str, outcome: str) -> None:
+        key = (outcome, namespace)
+        with self.lock:
+            self.lookups[key] = self.lookups.get(key, 0) + 1
+
+    def timed(self, namespace: str, operation: str, seconds: float) -> None:
+        key = (operation, namespace)
+        with self.lock:
+            series = self.durations.get(key)
+            if series is None:
+                series = self.durations[key] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
+            series[0][bisect_left(DURATION_BUCKETS, seconds)] += 1
+            series[1][0] += seconds
 
     def collect(self) -> Iterator[Metric]:
         with self.lock:
@@ -112,17 +182,15 @@ class _RequestPathCollector(Collector):
             }
         families: dict[str, CounterMetricFamily] = {}
         for name, help_text in _LOOKUP_HELP.items():
-            labels = ["namespace", "reason"] if name == "bypasses" else ["namespace"]
-            families[name] = CounterMetricFamily(f"commons_cache_{name}", help_text, labels=labels)
+            families[name] = CounterMetricFamily(
+                f"commons_cache_{name}", help_text, labels=_lookup_labels(name)
+            )
         for (outcome, namespace), count in sorted(lookups.items()):
-            name, reason = _LOOKUP_SERIES[outcome]
-            label_values = [namespace] if reason is None else [namespace, reason]
+            name, label_values = _lookup_series(outcome, namespace)
             families[name].add_metric(label_values, count)
         yield from families.values()
         histogram = HistogramMetricFamily(
-            "commons_cache_operation_duration_seconds",
-            "Time reads and writes spent on Redis.",
-            labels=["namespace", "operation"],
+            "commons_cache_operation_duration_seconds", _DURATION_HELP, labels=_DURATION_LABELS
         )
         bounds = [*(str(float(bound)) for bound in DURATION_BUCKETS), "+Inf"]
         for (operation, namespace), (counts, total) in sorted(durations.items()):
@@ -134,9 +202,73 @@ class _RequestPathCollector(Collector):
         yield histogram
 
 
+class _MultiprocessRequestPath:
+    """The same series as ``prometheus_client`` metrics, whose values live in the files of
+    ``PROMETHEUS_MULTIPROC_DIR``: numbers kept in a process's memory would reach only the scrapes
+    that process happens to answer. A sample costs a few microseconds more; the labelled child of
+    each series is kept, so that labels are resolved once.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._counters = {
+            name: Counter(
+                f"commons_cache_{name}", help_text, _lookup_labels(name), registry=registry
+            )
+            for name, help_text in _LOOKUP_HELP.items()
+        }
+        self._histogram = Histogram(
+            "commons_cache_operation_duration_seconds",
+            _DURATION_HELP,
+            _DURATION_LABELS,
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._lookups: dict[tuple[str, str], Counter] = {}
+        self._durations: dict[tuple[str, str], Histogram] = {}
+
+    def lookup(self, namespace: str, outcome: str) -> None:
+        child = self._lookups.get((outcome, namespace))
+        if child is None:
+            name, label_values = _lookup_series(outcome, namespace)
+            # Two threads may both get here: labels() hands both the same child.
+            child = self._lookups[(outcome, namespace)] = self._counters[name].labels(*label_values)
+        child.inc()
+
+    def timed(self, namespace: str, operation: str, seconds: float) -> None:
+        child = self._durations.get((operation, namespace))
+        if child is None:
+            child = self._durations[(operation, namespace)] = self._histogram.labels(
+                namespace, operation
+            )
+        child.observe(seconds)
+
+
+def _forget_dead_processes() -> None:
+    """Drops the state gauges of processes that are gone (a worker killed and replaced), so that
+    ``backend_state`` counts live workers only. Their counters stay: totals include what dead
+    workers counted. This process drops its own when it exits.
+    """
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        pid = path[: -len(".db")].rpartition("_")[2]
+        if pid.isdigit() and not _running(int(pid)):
+            mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
+    atexit.register(mark_process_dead, os.getpid(), directory)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class _Collectors:
-    request_path: _RequestPathCollector
+    request_path: _RequestPath
     backend_errors: Counter
     invalidations: Counter
     invalidated_entries: Counter
@@ -147,8 +279,13 @@ class _Collectors:
 @functools.cache
 def _collectors(registry: CollectorRegistry) -> _Collectors:
     """The collectors of ``registry``, registered there on first use only."""
-    request_path = _RequestPathCollector()
-    registry.register(request_path)
+    request_path: _RequestPath
+    if multiprocess_mode():
+        _forget_dead_processes()
+        request_path = _MultiprocessRequestPath(registry)
+    else:
+        request_path = collector = _RequestPathCollector()
+        registry.register(collector)
     return _Collectors(
         request_path=request_path,
         backend_errors=Counter(
@@ -177,9 +314,12 @@ def _collectors(registry: CollectorRegistry) -> _Collectors:
         ),
         state=Gauge(
             "commons_cache_backend_state",
-            "1 for the current state (redis, memory, degraded, disabled), 0 for the others.",
+            "1 for the current state (redis, memory, degraded, disabled), 0 for the others; "
+            "with several worker processes, the number of live workers in each state.",
             ["state"],
             registry=registry,
+            # Summed over the live workers: a dead worker's state does not linger.
+            multiprocess_mode="livesum",
         ),
     )
 
@@ -193,23 +333,14 @@ class PrometheusEvents(CacheEvents):
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._metrics = _collectors(registry if registry is not None else REGISTRY)
-        # The two events of every cached request update the collector's numbers in place.
-        request_path = self._metrics.request_path
-        self._lock, self._lookups, self._durations = (
-            request_path.lock,
-            request_path.lookups,
-            request_path.durations,
-        )
+        self._request_path = self._metrics.request_path
         for state in CacheState:
             # Every state is a series from the start, so a dashboard never sees a gap.
             self._metrics.state.labels(state=state.value)
 
     def lookup(self, namespace: str, outcome: str) -> None:
-        if outcome not in _LOOKUP_SERIES:
-            return
-        key = (outcome, namespace)
-        with self._lock:
-            self._lookups[key] = self._lookups.get(key, 0) + 1
+        if outcome in _LOOKUP_SERIES:
+            self._request_path.lookup(namespace, outcome)
 
     def backend_error(self, namespace: str, operation: str) -> None:
         self._metrics.backend_errors.labels(namespace=namespace, operation=operation).inc()
@@ -226,10 +357,4 @@ class PrometheusEvents(CacheEvents):
             self._metrics.state.labels(state=each.value).set(1 if each.value == state else 0)
 
     def timed(self, namespace: str, operation: str, seconds: float) -> None:
-        key = (operation, namespace)
-        with self._lock:
-            series = self._durations.get(key)
-            if series is None:
-                series = self._durations[key] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
-            series[0][bisect_left(DURATION_BUCKETS, seconds)] += 1
-            series[1][0] += seconds
+        self._request_path.timed(namespace, operation, seconds)

@@ -2,25 +2,22 @@
 
 ``/health`` answers 200 whenever the service can serve requests, including while the cache is
 degraded (the cache then serves from memory; that is the point of its fallback), and reports the
-cache's state. Only an unreachable database makes it 503. ``/metrics`` exposes
-prometheus_client's default registry, where the cache registers its metrics, and exists only when
-prometheus_client is installed.
+cache's state. Only an unreachable database makes it 503. ``/metrics`` exposes prometheus_client's
+default registry, where the cache registers its metrics, or with ``PROMETHEUS_MULTIPROC_DIR`` the
+sum of every worker process's (``commons.cache.metrics.exposition_registry``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import prometheus_client
 from fastapi import APIRouter, Request, Response, status
 
 from commons.cache import cache_status
+from commons.cache.metrics import exposition_registry
 from insights_backend.database import Database
 from insights_backend.schemas import HealthReport
-
-try:
-    import prometheus_client
-except ImportError:  # the metrics extra is optional
-    prometheus_client = None  # type: ignore[assignment]
 
 __all__ = ["router"]
 
@@ -50,12 +47,10 @@ async def health(request: Request, response: Response) -> HealthReport:
     )
 
 
-if prometheus_client is not None:
-
-    @router.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        """Prometheus text exposition of the default registry."""
-        return Response(
-            prometheus_client.generate_latest(),
-            media_type=prometheus_client.CONTENT_TYPE_LATEST,
-        )
+@router.get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    """Prometheus text exposition of the cache's metrics (all workers' in multiprocess mode)."""
+    return Response(
+        prometheus_client.generate_latest(exposition_registry()),
+        media_type=prometheus_client.CONTENT_TYPE_LATEST,
+    )
