@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from commons.cache.backends.redis import RedisStore
 from commons.cache.connection import cluster_client_factory, create_redis_client
 from commons.cache.errors import BackendError, BackendRejectedError
+from commons.cache.keyspace import check_key
 from commons.cache.scope import InvalidationTarget
 from commons.cache.settings import CacheSettings
 
@@ -170,7 +171,7 @@ def check(
         if store.is_cluster:
             typer.echo("cluster   the node is part of a Redis Cluster: using the cluster client")
         info = await store.server_info()
-        key, token = f"{settings.CACHE_PREFIX}:#check:{secrets.token_hex(8)}", b"check"
+        key, token = check_key(settings.CACHE_PREFIX, secrets.token_hex(8)), b"check"
         try:
             writable = await store.add_if_absent(key, token, 10_000)
             await store.delete_if_equal(key, token)

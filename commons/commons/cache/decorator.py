@@ -58,6 +58,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
+from commons.cache import keyspace
 from commons.cache.entry import ParsedValue, RejectReason, decode_payload, encode_payload
 from commons.cache.events import LookupOutcome
 from commons.cache.http import (
@@ -408,7 +409,7 @@ async def _under_replica_lock(
     """
     if read_failed:
         return await compute()  # this request's read just failed: do not wait on Redis again
-    lock_key = f"{layer.prefix}:#lock:{key}"
+    lock_key = keyspace.lock_key(layer.prefix, key)
     token = secrets.token_bytes(16)
     wait_seconds = layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
     lock_ms = max(int(wait_seconds * 1000), 1)

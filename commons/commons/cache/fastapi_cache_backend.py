@@ -25,6 +25,7 @@ from collections.abc import Callable
 from fastapi_cache.backends import Backend
 
 from commons.cache.entry import BODY
+from commons.cache.keyspace import split_qualified_namespace
 from commons.cache.layer import CacheLayer, FillToken
 from commons.cache.rendering import route_fingerprint
 from commons.cache.scope import InvalidationTarget, ScopedKey
@@ -117,9 +118,9 @@ class LayerBackend(Backend):
         if key is not None:
             return await layer.delete(key)
         # fastapi-cache2 passes "{prefix}" or "{prefix}:{namespace}".
-        prefix, separator, bare_namespace = (namespace or layer.prefix).partition(":")
+        prefix, bare_namespace = split_qualified_namespace(namespace or layer.prefix)
         if prefix != layer.prefix:
             return 0  # another service's keys
-        if not separator:
+        if bare_namespace is None:
             return await layer.clear()
         return await layer.invalidate(InvalidationTarget(bare_namespace))

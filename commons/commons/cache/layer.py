@@ -95,7 +95,7 @@ from commons.cache.errors import (
     CacheUnavailableError,
 )
 from commons.cache.events import CacheEvents
-from commons.cache.keys import scope_of_key
+from commons.cache.keyspace import scope_of_key
 from commons.cache.memo import BoundedMemo
 from commons.cache.pending import PendingInvalidations
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
@@ -331,7 +331,7 @@ class CacheLayer:
 
         Keys from our builders carry their scope. A plain string key (another key builder, or
         fastapi-cache2's ``clear(key=...)``) is accepted only under this layer's prefix, scoped as
-        its text says (see ``keys.scope_of_key``).
+        its text says (see ``keyspace.scope_of_key``).
         """
         if isinstance(key, ScopedKey):
             return key.scope
