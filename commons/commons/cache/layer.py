@@ -78,8 +78,8 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from commons.cache.backends.base import CacheStore, StoredRead
-from commons.cache.backends.memory import MemoryStore
+from commons.cache.backends.base import CacheStore, LocalStore, ReplicaLocks, StoredRead
+from commons.cache.backends.factory import memory_store
 from commons.cache.entry import (
     ParsedValue,
     expected_head,
@@ -163,14 +163,23 @@ class CacheLayer:
         settings: CacheSettings,
         *,
         redis: CacheStore | None,
-        memory: MemoryStore | None = None,
+        memory: LocalStore | None = None,
         events: CacheEvents | None = None,
     ) -> None:
+        """
+        Args:
+            settings: The cache's settings.
+            redis: The shared store, if one is configured; the replica locks need it to have
+                the :class:`~commons.cache.backends.base.ReplicaLocks` capability.
+            memory: The in-memory tier; by default as ``CACHE_MEMORY_MAX_ENTRIES`` bounds it.
+            events: Receives the cache's events.
+        """
         self.settings = settings
         self.events = events or CacheEvents()
         self.prefix = settings.CACHE_PREFIX
         self._redis = redis
-        self._memory = memory or MemoryStore(settings.CACHE_MEMORY_MAX_ENTRIES)
+        self._locks = redis if isinstance(redis, ReplicaLocks) else None
+        self._memory = memory or memory_store(settings)
         self._pending = PendingInvalidations(settings.CACHE_PENDING_INVALIDATIONS_MAX)
         self._consecutive_failures = 0
         # The operation Redis refuses while it answers (OOM, read-only), or None.
@@ -622,23 +631,25 @@ class CacheLayer:
 
     async def try_lock(self, key: str, token: bytes, ttl_ms: int) -> bool | None:
         """Takes a short lock; ``None`` when no shared store can hold one right now."""
-        if self._state is not CacheState.REDIS or self._redis is None:
+        redis, locks = self._redis, self._locks
+        if self._state is not CacheState.REDIS or redis is None or locks is None:
             return None
         try:
-            acquired = await self._redis.add_if_absent(key, token, ttl_ms)
+            acquired = await locks.add_if_absent(key, token, ttl_ms)
         except BackendError as exc:
-            self._record_failure(self._redis, exc, "", "lock")
+            self._record_failure(redis, exc, "", "lock")
             return None
-        self._record_success(self._redis, "lock")
+        self._record_success(redis, "lock")
         return acquired
 
     async def unlock(self, key: str, token: bytes) -> None:
-        if self._redis is None or self._state is not CacheState.REDIS:
+        redis, locks = self._redis, self._locks
+        if redis is None or locks is None or self._state is not CacheState.REDIS:
             return  # the lock expires by itself
         try:
-            await self._redis.delete_if_equal(key, token)
+            await locks.delete_if_equal(key, token)
         except BackendError as exc:
-            self._record_failure(self._redis, exc, "", "unlock")
+            self._record_failure(redis, exc, "", "unlock")
 
     # -- recovery ------------------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from commons.cache.backends.base import CacheStore, StoredRead
+from commons.cache.backends.base import CacheStore, ReplicaLocks, StoredRead
 from commons.cache.backends.expiry import ExpiryMemo
 from commons.cache.backends.pipelined_reads import (
     PipelinedReader,
@@ -315,7 +315,7 @@ async def _redis_errors_translated() -> AsyncIterator[None]:
         raise _translate(exc) from exc
 
 
-class RedisStore(CacheStore):
+class RedisStore(CacheStore, ReplicaLocks):
     """Stores entries in Redis under one service prefix, with scope indexes for invalidation."""
 
     name = "redis"
@@ -374,6 +374,11 @@ class RedisStore(CacheStore):
     @property
     def client(self) -> RedisClient:
         return self._client
+
+    @property
+    def keyspace(self) -> Keyspace:
+        """The names of this store's helper keys."""
+        return self._keys
 
     @property
     def is_cluster(self) -> bool:
@@ -819,97 +824,24 @@ class RedisStore(CacheStore):
         removed = 0
         async with _redis_errors_translated():
             await self._detect_cluster()
-            async for batch in self._scan_batches(self._keys.all_keys_glob()):
+            async for batch in self.keys_of_prefix():
                 unlinked = int(await self._client.unlink(*batch))
                 removed += unlinked
                 if on_batch is not None:
                     on_batch(unlinked)
         return removed
 
-    async def _scan_batches(self, pattern: str) -> AsyncIterator[Sequence[bytes]]:
+    async def keys_of_prefix(self) -> AsyncIterator[Sequence[bytes]]:
+        """Every key of the prefix, entries and helpers alike, in batches (``SCAN``; redis-py's
+        errors untranslated: callers translate them)."""
         batch: list[bytes] = []
-        async for key in self._client.scan_iter(match=pattern, count=1000):
+        async for key in self._client.scan_iter(match=self._keys.all_keys_glob(), count=1000):
             batch.append(key)
             if len(batch) >= BATCH_SIZE:
                 yield batch
                 batch = []
         if batch:
             yield batch
-
-    # -- operations (read by the commons-cache CLI) -------------------------------------------
-
-    async def count_keys(self, on_batch: Callable[[int], object] | None = None) -> int:
-        """How many keys the prefix holds, entries and indexes alike: what :meth:`clear` removes."""
-        counted = 0
-        async with _redis_errors_translated():
-            async for batch in self._scan_batches(self._keys.all_keys_glob()):
-                counted += len(batch)
-                if on_batch is not None:
-                    on_batch(len(batch))
-        return counted
-
-    async def namespaces(self) -> list[str]:
-        """The namespaces that have a registry under the prefix (one SCAN, matching registries)."""
-        found: set[str] = set()
-        async with _redis_errors_translated():
-            async for key in self._client.scan_iter(match=self._keys.registries_glob(), count=1000):
-                namespace = self._keys.namespace_of_registry(key.decode())
-                if namespace is not None:  # a namespace's registry, not one of its tenants'
-                    found.add(namespace)
-        return sorted(found)
-
-    async def count_entries(self, namespace: str) -> dict[str | None, int]:
-        """Unexpired indexed entries of ``namespace`` per tenant (``None``: no tenant).
-
-        Reads the registries and counts each leaf with ``ZCOUNT`` from the server's time on, so the
-        cost grows with the number of leaves, not of keys. An entry that Redis evicted stays in its
-        leaf until it would have expired, and is counted until then.
-        """
-        counts: dict[str | None, int] = {}
-        names = self._keys
-        async with _redis_errors_translated():
-            seconds, micros = await self._client.time()
-            now_ms = seconds * 1000 + micros // 1000
-            async for leaf, _ in self._client.zscan_iter(
-                names.namespace_registry(namespace), count=BATCH_SIZE
-            ):
-                name = leaf.decode()
-                tenant = names.tenant_of_leaf(namespace, name)
-                leaves = [name]
-                if tenant is not None:
-                    registry = names.tenant_registry(namespace, tenant)
-                    async for user_leaf, _ in self._client.zscan_iter(registry, count=BATCH_SIZE):
-                        leaves.append(user_leaf.decode())
-                pipe = self._client.pipeline(transaction=False)
-                for each in leaves:
-                    pipe.zcount(each, f"({now_ms}", "+inf")
-                live = sum(int(count) for count in await pipe.execute())
-                counts[tenant] = counts.get(tenant, 0) + live
-        return counts
-
-    async def entry_sizes(self, namespace: str, samples: int) -> list[int]:
-        """``MEMORY USAGE`` in bytes of up to ``samples`` entries of ``namespace``."""
-        keys: list[bytes] = []
-        async with _redis_errors_translated():
-            registry = self._keys.namespace_registry(namespace)
-            for leaf in cast(list[bytes], await self._client.zrange(registry, 0, BATCH_SIZE)):
-                if len(keys) >= samples:
-                    break
-                members = await self._client.zrange(leaf, 0, samples - len(keys) - 1)
-                keys.extend(cast(list[bytes], members))
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.memory_usage(key)
-            sizes = await pipe.execute() if keys else []
-        return [int(size) for size in sizes if size is not None]
-
-    async def server_info(self) -> dict[str, Any]:
-        """The server's ``INFO`` (on a cluster: one node's)."""
-        async with _redis_errors_translated():
-            info = await self._client.info()
-        if "redis_version" not in info and info and isinstance(next(iter(info.values())), dict):
-            info = next(iter(info.values()))  # a cluster client answers per node
-        return info
 
     # -- connection ----------------------------------------------------------------------------
 
