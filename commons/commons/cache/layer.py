@@ -523,6 +523,8 @@ class CacheLayer:
         scope = self.scope_of(key) or CacheScope("")
         await self._active_store().write(key, value, ttl_seconds, scope)
 
+    # -- removals: deletion, invalidation, flush ------------------------------------------------
+
     async def delete(self, key: str) -> int:
         """Removes one entry from every tier (kept for Redis while Redis cannot be reached).
 
@@ -531,22 +533,13 @@ class CacheLayer:
         scope = self.scope_of(key)
         if scope is None:
             return 0
-        self._mark_invalidated(scope.namespace)
-        removed = await self._memory.delete(key)
-        if self._redis is None:
-            return removed
-        if self._state is not CacheState.REDIS:
-            self._pending.add_key(key, scope)
-            return removed
-        return removed + await self._on_redis(
-            self._redis.delete(key, scope),
+        return await self._remove(
+            scope.namespace,
+            lambda store: store.delete(key, scope),
             lambda: self._pending.add_key(key, scope),
-            namespace=scope.namespace,
             operation="delete",
             what="a deletion",
         )
-
-    # -- invalidation --------------------------------------------------------------------------
 
     async def invalidate(self, target: InvalidationTarget) -> int:
         """Removes the target's entries; returns how many were removed where that is known.
@@ -554,21 +547,15 @@ class CacheLayer:
         When Redis cannot be reached the invalidation is kept and applied before Redis is read
         again (the returned count then covers the in-memory tier only).
         """
-        if not self.enabled:
-            return 0
-        self._mark_invalidated(target.namespace)
-        removed = await self._memory.invalidate(target)
-        if self._redis is not None and self._state is not CacheState.REDIS:
-            self._pending.add(target)
-        elif self._redis is not None:
-            removed += await self._on_redis(
-                self._redis.invalidate(target),
-                lambda: self._pending.add(target),
-                namespace=target.namespace,
-                operation="invalidate",
-                what="an invalidation",
-            )
-        self.events.invalidated(target.namespace, removed)
+        removed = await self._remove(
+            target.namespace,
+            lambda store: store.invalidate(target),
+            lambda: self._pending.add(target),
+            operation="invalidate",
+            what="an invalidation",
+        )
+        if self.enabled:
+            self.events.invalidated(target.namespace, removed)
         return removed
 
     async def clear(self) -> int:
@@ -576,19 +563,40 @@ class CacheLayer:
 
         While Redis cannot be reached the flush is kept for it, as invalidations are.
         """
-        self._mark_invalidated(None)
-        removed = await self._memory.clear()
+        return await self._remove(
+            None,
+            lambda store: store.clear(),
+            self._pending.add_everything,
+            operation="clear",
+            what="a flush",
+        )
+
+    async def _remove(
+        self,
+        namespace: str | None,
+        removal: Callable[[CacheStore], Coroutine[Any, Any, int]],
+        keep: Callable[[], None],
+        *,
+        operation: str,
+        what: str,
+    ) -> int:
+        """Applies a removal of ``namespace``'s entries (``None``: of every namespace) to every
+        tier: at once in memory; on Redis, or kept for it while Redis cannot be reached.
+
+        A disabled cache (``CACHE_ENABLED=false``) skips every removal: it stores nothing, so
+        there is nothing to remove, and nothing to keep for a Redis it never uses.
+        """
+        if not self.enabled:
+            return 0
+        self._mark_invalidated(namespace)
+        removed = await removal(self._memory)
         if self._redis is None:
             return removed
         if self._state is not CacheState.REDIS:
-            self._pending.add_everything()
+            keep()
             return removed
         return removed + await self._on_redis(
-            self._redis.clear(),
-            self._pending.add_everything,
-            namespace="",
-            operation="clear",
-            what="a flush",
+            removal(self._redis), keep, namespace=namespace or "", operation=operation, what=what
         )
 
     async def _on_redis(
