@@ -2,17 +2,19 @@
 
 The layer sits between the request path and the stores. These specs drive it directly (no app,
 no decorator), on the in-memory tier and on a real Redis: what a read returns after a write, what
-each removal removes, what a disabled cache does, and what is kept for Redis while it
-cannot be reached.
+each removal removes, what a disabled cache does,, what is kept for Redis while it
+cannot be reached, and the fastapi-cache2 adapter's link from a request's read to its write.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from commons.cache.backends.factory import redis_store
+from commons.cache.fastapi_cache_backend import LayerBackend
 from commons.cache.layer import CacheLayer
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
 from commons.cache.settings import CacheSettings
@@ -233,3 +235,36 @@ async def test_a_replica_lock_is_held_once_and_released_by_its_holder_only(
     assert await layer.try_lock("test-cache:#lock:k", b"other", 10_000) is False
     await layer.unlock("test-cache:#lock:k", b"me")
     assert await layer.try_lock("test-cache:#lock:k", b"other", 10_000) is True
+
+
+# -- the fastapi-cache2 adapter: a request's read hands its token to its write ------------------
+
+
+async def test_the_adapter_does_not_store_a_value_read_before_an_invalidation(
+    layer: CacheLayer,
+) -> None:
+    adapter = LayerBackend(lambda: layer)
+    entry = key("config", "acme")
+    assert await adapter.get_with_ttl(entry) == (0, None)
+    await layer.invalidate(InvalidationTarget("config", "acme"))
+
+    await adapter.set(entry, b'{"v":"old"}', 60)
+
+    assert await adapter.get(entry) is None
+
+
+async def test_the_adapter_ties_a_read_to_a_write_of_the_same_key_in_the_same_task_only(
+    layer: CacheLayer,
+) -> None:
+    adapter = LayerBackend(lambda: layer)
+    entry, other = key("config", "acme", path="/a"), key("config", "acme", path="/b")
+    assert await adapter.get_with_ttl(entry) == (0, None)
+    await layer.invalidate(InvalidationTarget("config", "acme"))
+
+    # A task started after the read (it inherits the context) wrote with no read of its own.
+    await asyncio.create_task(adapter.set(entry, b'{"v":"task"}', 60))
+    # Another key in this task was not read at all.
+    await adapter.set(other, b'{"v":"other"}', 60)
+
+    assert await adapter.get(entry) == b'{"v":"task"}'
+    assert await adapter.get(other) == b'{"v":"other"}'
