@@ -30,7 +30,8 @@ brings it to Redis once the permission is granted.
 
 No lost invalidations
 ---------------------
-An invalidation (``invalidate``, ``delete``, ``clear``) always applies to the in-memory tier. If it
+An invalidation (``invalidate``, ``delete``, ``clear``) always applies to the in-memory tier (on a
+cache disabled by ``CACHE_ENABLED=false`` it does nothing: nothing was stored). If it
 cannot be applied to Redis, it is kept (:class:`~commons.cache.pending.PendingInvalidations`) and
 the layer degrades at once, whatever the failure count or the kind of failure, so nothing is read
 from Redis until the kept invalidations have been applied there. Other replicas that still reach
