@@ -45,8 +45,7 @@ def _keys(entries: int) -> list[tuple[str, str]]:
 
 
 async def _measure(url: str, entries: int, hits: int, rounds: int) -> dict[str, float]:
-    from commons.cache.backends.redis import RedisStore
-    from commons.cache.connection import cluster_client_factory, create_redis_client
+    from commons.cache.backends.factory import redis_store
     from commons.cache.scope import CacheScope, InvalidationTarget
     from commons.cache.settings import CacheSettings
 
@@ -57,9 +56,7 @@ async def _measure(url: str, entries: int, hits: int, rounds: int) -> dict[str, 
         REDIS_SOCKET_TIMEOUT_SECONDS=5.0,
         REDIS_CONNECT_TIMEOUT_SECONDS=5.0,
     )
-    store = RedisStore(
-        create_redis_client(settings), PREFIX, cluster_factory=cluster_client_factory(settings)
-    )
+    store = redis_store(settings)
     await store.ping()
     keys = _keys(entries)
 

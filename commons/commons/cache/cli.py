@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -33,8 +32,8 @@ from urllib.parse import urlsplit, urlunsplit
 import typer
 from pydantic import ValidationError
 
-from commons.cache.backends.redis import RedisStore
-from commons.cache.connection import cluster_client_factory, create_redis_client
+from commons.cache.backends.base import OperatorCommands
+from commons.cache.backends.factory import operator_commands
 from commons.cache.errors import BackendError, BackendRejectedError
 from commons.cache.scope import InvalidationTarget
 from commons.cache.settings import CacheSettings
@@ -107,16 +106,12 @@ def _shown_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-def _with_store(settings: CacheSettings, work: Callable[[RedisStore], Awaitable[T]]) -> T:
+def _with_store(settings: CacheSettings, work: Callable[[OperatorCommands], Awaitable[T]]) -> T:
     """Runs ``work`` against the settings' Redis; a Redis failure becomes one line and exit 1."""
 
     async def run() -> T:
         # Built as init_cache() builds it; the first PING also finds out whether it is a cluster.
-        store = RedisStore(
-            create_redis_client(settings),
-            settings.CACHE_PREFIX,
-            cluster_factory=cluster_client_factory(settings),
-        )
+        store = operator_commands(settings)
         try:
             await store.ping()
             return await work(store)
@@ -163,20 +158,13 @@ def check(
         typer.echo("redis     not configured (REDIS_URL unset): each process caches in memory")
         return
 
-    async def probe(store: RedisStore) -> tuple[float, dict[str, Any], bool]:
+    async def probe(store: OperatorCommands) -> tuple[float, dict[str, Any], bool]:
         started = time.perf_counter()
         await store.ping()
         elapsed = time.perf_counter() - started
         if store.is_cluster:
             typer.echo("cluster   the node is part of a Redis Cluster: using the cluster client")
-        info = await store.server_info()
-        key, token = f"{settings.CACHE_PREFIX}:#check:{secrets.token_hex(8)}", b"check"
-        try:
-            writable = await store.add_if_absent(key, token, 10_000)
-            await store.delete_if_equal(key, token)
-        except BackendRejectedError:
-            writable = False
-        return elapsed, info, writable
+        return elapsed, await store.server_info(), await store.accepts_writes()
 
     typer.echo(f"redis     {_shown_url(settings.REDIS_URL)}")
     elapsed, info, writable = _with_store(settings, probe)
@@ -216,7 +204,7 @@ def stats(
     """Entries per namespace (per tenant with --by-tenant) and memory used, for CACHE_PREFIX."""
     settings = _redis_settings("count")
 
-    async def gather(store: RedisStore) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    async def gather(store: OperatorCommands) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         rows = []
         for namespace in await store.namespaces():
             per_tenant = await store.count_entries(namespace)
@@ -335,8 +323,8 @@ def flush(
 
     with typer.progressbar(length=found, label=f"flushing {prefix}", file=sys.stderr) as bar:
 
-        async def remove(store: RedisStore) -> int:
-            return await store.clear(on_batch=bar.update)
+        async def remove(store: OperatorCommands) -> int:
+            return await store.flush(on_batch=bar.update)
 
         removed = _with_store(settings, remove)
     typer.echo(f"removed {removed} keys of prefix {prefix}")

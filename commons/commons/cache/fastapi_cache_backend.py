@@ -9,22 +9,29 @@ fastapi-cache2's decorator stores goes through the same rules as ours:
   the route, garbage, or another library's bytes are misses, never a 500 from its decoder.
 - Only JSON is stored: a coder that produces anything else (``PickleCoder``) is refused, with one
   warning per namespace, and nothing is ever unpickled.
-- The decorator reads, computes and then writes in one request: the read's fill token is kept for
-  that request's write (a context variable, since fastapi-cache2 passes nothing between the two),
-  so a value computed before an invalidation is not stored after it.
+- The decorator reads, computes and then writes in one request, but its ``Backend`` interface
+  (``get_with_ttl(key)``, then ``set(key, value, expire)``) passes nothing from the read to the
+  write. So the read's fill token is kept for that write (:class:`_ReadForWrite`), so that a value
+  computed before an invalidation is not stored after it. The link is explicit and narrow: it
+  holds for the task that read and for the key it read, once; any other ``set()`` is a write with
+  no read before it and takes a fresh token (``CacheLayer.token_now``).
 - ``clear()`` never touches a key outside ``CACHE_PREFIX``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 from fastapi_cache.backends import Backend
 
 from commons.cache.entry import BODY
+from commons.cache.keyspace import split_qualified_namespace
 from commons.cache.layer import CacheLayer, FillToken
 from commons.cache.rendering import route_fingerprint
 from commons.cache.scope import InvalidationTarget, ScopedKey
@@ -35,10 +42,39 @@ logger = logging.getLogger("commons.cache")
 
 _PRODUCER = "fastapi-cache2"
 
-# The fill token of the current request's last read, for its write (see the module docstring).
-_last_read: contextvars.ContextVar[tuple[str, FillToken] | None] = contextvars.ContextVar(
-    "commons_cache_fastapi_cache2_read", default=None
-)
+_TaskRef = weakref.ref[asyncio.Task[Any]] | None
+
+
+class _ReadForWrite:
+    """The fill token of a task's last read, handed to that task's write of the same key.
+
+    fastapi-cache2's decorator calls ``get_with_ttl`` and then ``set`` in the request's own task.
+    The token is kept in a context variable together with that task, and given out only to a
+    ``set()`` of the same key in the same task, once: a task started by the handler inherits the
+    variable but not the read, and a second ``set()`` takes a fresh token. (The task is held
+    weakly: the variable lives in the task's own context.)
+    """
+
+    _last: contextvars.ContextVar[tuple[_TaskRef, str, FillToken] | None] = contextvars.ContextVar(
+        "commons_cache_fastapi_cache2_read", default=None
+    )
+
+    @classmethod
+    def remember(cls, key: str, token: FillToken) -> None:
+        task = asyncio.current_task()
+        cls._last.set((None if task is None else weakref.ref(task), key, token))
+
+    @classmethod
+    def take(cls, key: str) -> FillToken | None:
+        """The token of this task's read of ``key``, if it is the last read and not yet taken."""
+        last = cls._last.get()
+        if last is None or last[1] != key:
+            return None
+        reader = None if last[0] is None else last[0]()
+        if reader is not asyncio.current_task():
+            return None
+        cls._last.set(None)
+        return last[2]
 
 
 def _fingerprint(key: str) -> bytes:
@@ -69,7 +105,7 @@ class LayerBackend(Backend):
         lookup = await layer.lookup(key, _fingerprint(key))
         if lookup is None:
             return 0, None
-        _last_read.set((key, lookup.token))
+        _ReadForWrite.remember(key, lookup.token)
         value = lookup.value
         if value is None or value.kind != BODY:
             return 0, None
@@ -85,8 +121,7 @@ class LayerBackend(Backend):
         if not _is_json(value):
             self._refuse(layer, key)
             return
-        read = _last_read.get()
-        token = read[1] if read is not None and read[0] == key else await layer.token_now(key)
+        token = _ReadForWrite.take(key) or await layer.token_now(key)
         if token is None:
             return
         await layer.store(
@@ -117,9 +152,9 @@ class LayerBackend(Backend):
         if key is not None:
             return await layer.delete(key)
         # fastapi-cache2 passes "{prefix}" or "{prefix}:{namespace}".
-        prefix, separator, bare_namespace = (namespace or layer.prefix).partition(":")
+        prefix, bare_namespace = split_qualified_namespace(namespace or layer.prefix)
         if prefix != layer.prefix:
             return 0  # another service's keys
-        if not separator:
+        if bare_namespace is None:
             return await layer.clear()
         return await layer.invalidate(InvalidationTarget(bare_namespace))

@@ -1,6 +1,7 @@
 r"""Multi-tenant and user-aware cache-key builders (fastapi-cache2 ``KeyBuilder`` compatible).
 
-Keys are exactly::
+They take a request's identity, path and query to the inputs of an entry key; the key's text is
+written by ``keyspace.py``, which owns the key format. Keys are exactly::
 
     {CACHE_PREFIX}:{namespace}:tenant_{tenant_id}:{url_path}:{md5}
     {CACHE_PREFIX}:{namespace}:tenant_{tenant_id}:user_{user_id}:{url_path}:{md5}
@@ -28,6 +29,7 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import Response
 
+from commons.cache.keyspace import entry_key, split_qualified_namespace, uncacheable_key
 from commons.cache.memo import BoundedMemo
 from commons.cache.scope import CacheScope, ScopedKey
 from commons.utilities.context import get_tenant_id, get_user_id
@@ -35,7 +37,6 @@ from commons.utilities.context import get_tenant_id, get_user_id
 __all__ = [
     "canonical_query_digest",
     "key_path",
-    "scope_of_key",
     "tenant_cache_key_builder",
     "tenant_user_cache_key_builder",
 ]
@@ -84,37 +85,9 @@ def key_path(path: str) -> str:
 _key_memo = BoundedMemo[tuple[str, str, str | None, str, bytes], ScopedKey](4096, 4 * 1024 * 1024)
 
 
-def _split_namespace(qualified_namespace: str) -> str:
-    # fastapi-cache2 passes "{prefix}:{namespace}"; a prefix never holds ':'.
-    _, _, namespace = qualified_namespace.partition(":")
-    return namespace
-
-
-def scope_of_key(prefix: str, key: str) -> CacheScope | None:
-    """The scope a key's text names, or ``None`` for a key outside ``prefix``.
-
-    ``{prefix}:{ns}:tenant_{t}:user_{u}:...`` is scoped to that user,
-    ``{prefix}:{ns}:tenant_{t}:...`` to that tenant (a path always starts with ``/``, so it is
-    never read as an id), anything else under the prefix to its namespace. Helper keys
-    (``{prefix}:#...``) are no entries.
-    """
-    head, sep, rest = key.partition(":")
-    if not sep or head != prefix or rest.startswith("#"):
-        return None
-    namespace, _, rest = rest.partition(":")
-    tenant_part, _, rest = rest.partition(":")
-    if not tenant_part.startswith("tenant_") or len(tenant_part) == len("tenant_"):
-        return CacheScope(namespace)
-    tenant_id = tenant_part[len("tenant_") :]
-    user_part = rest.partition(":")[0]
-    if user_part.startswith("user_") and len(user_part) > len("user_"):
-        return CacheScope(namespace, tenant_id, user_part[len("user_") :])
-    return CacheScope(namespace, tenant_id)
-
-
 def _uncacheable(qualified_namespace: str, reason: str) -> ScopedKey:
     logger.warning("serving uncached: %s (namespace %r)", reason, qualified_namespace)
-    return ScopedKey(f"{qualified_namespace}:#uncacheable", None)
+    return ScopedKey(uncacheable_key(qualified_namespace), None)
 
 
 def _build(
@@ -155,15 +128,13 @@ def _build_new(
 ) -> ScopedKey:
     if not _VALID_ID.fullmatch(tenant_id):
         return _uncacheable(qualified_namespace, "tenant id holds ':' or whitespace")
-    scope_text = f"tenant_{tenant_id}"
-    if user_id is not None:
-        if not _VALID_ID.fullmatch(user_id):
-            return _uncacheable(qualified_namespace, "user id holds ':' or whitespace")
-        scope_text = f"{scope_text}:user_{user_id}"
+    if user_id is not None and not _VALID_ID.fullmatch(user_id):
+        return _uncacheable(qualified_namespace, "user id holds ':' or whitespace")
     path = key_path(request.scope["path"])
-    key = f"{qualified_namespace}:{scope_text}:{path}:{canonical_query_digest(request)}"
-    scope = CacheScope(_split_namespace(qualified_namespace), tenant_id, user_id)
-    return ScopedKey(key, scope)
+    key = entry_key(qualified_namespace, tenant_id, user_id, path, canonical_query_digest(request))
+    # fastapi-cache2 passes "{prefix}:{namespace}"; a bare prefix is the empty namespace.
+    namespace = split_qualified_namespace(qualified_namespace)[1] or ""
+    return ScopedKey(key, CacheScope(namespace, tenant_id, user_id))
 
 
 def tenant_cache_key_builder(

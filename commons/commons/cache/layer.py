@@ -30,7 +30,8 @@ brings it to Redis once the permission is granted.
 
 No lost invalidations
 ---------------------
-An invalidation (``invalidate``, ``delete``, ``clear``) always applies to the in-memory tier. If it
+An invalidation (``invalidate``, ``delete``, ``clear``) always applies to the in-memory tier (on a
+cache disabled by ``CACHE_ENABLED=false`` it does nothing: nothing was stored). If it
 cannot be applied to Redis, it is kept (:class:`~commons.cache.pending.PendingInvalidations`) and
 the layer degrades at once, whatever the failure count or the kind of failure, so nothing is read
 from Redis until the kept invalidations have been applied there. Other replicas that still reach
@@ -78,8 +79,8 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from commons.cache.backends.base import CacheStore, StoredRead
-from commons.cache.backends.memory import MemoryStore
+from commons.cache.backends.base import CacheStore, LocalStore, ReplicaLocks, StoredRead
+from commons.cache.backends.factory import memory_store
 from commons.cache.entry import (
     ParsedValue,
     expected_head,
@@ -95,7 +96,7 @@ from commons.cache.errors import (
     CacheUnavailableError,
 )
 from commons.cache.events import CacheEvents
-from commons.cache.keys import scope_of_key
+from commons.cache.keyspace import lock_key, scope_of_key
 from commons.cache.memo import BoundedMemo
 from commons.cache.pending import PendingInvalidations
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
@@ -163,14 +164,23 @@ class CacheLayer:
         settings: CacheSettings,
         *,
         redis: CacheStore | None,
-        memory: MemoryStore | None = None,
+        memory: LocalStore | None = None,
         events: CacheEvents | None = None,
     ) -> None:
+        """
+        Args:
+            settings: The cache's settings.
+            redis: The shared store, if one is configured; the replica locks need it to have
+                the :class:`~commons.cache.backends.base.ReplicaLocks` capability.
+            memory: The in-memory tier; by default as ``CACHE_MEMORY_MAX_ENTRIES`` bounds it.
+            events: Receives the cache's events.
+        """
         self.settings = settings
         self.events = events or CacheEvents()
         self.prefix = settings.CACHE_PREFIX
         self._redis = redis
-        self._memory = memory or MemoryStore(settings.CACHE_MEMORY_MAX_ENTRIES)
+        self._locks = redis if isinstance(redis, ReplicaLocks) else None
+        self._memory = memory or memory_store(settings)
         self._pending = PendingInvalidations(settings.CACHE_PENDING_INVALIDATIONS_MAX)
         self._consecutive_failures = 0
         # The operation Redis refuses while it answers (OOM, read-only), or None.
@@ -331,7 +341,7 @@ class CacheLayer:
 
         Keys from our builders carry their scope. A plain string key (another key builder, or
         fastapi-cache2's ``clear(key=...)``) is accepted only under this layer's prefix, scoped as
-        its text says (see ``keys.scope_of_key``).
+        its text says (see ``keyspace.scope_of_key``).
         """
         if isinstance(key, ScopedKey):
             return key.scope
@@ -514,6 +524,8 @@ class CacheLayer:
         scope = self.scope_of(key) or CacheScope("")
         await self._active_store().write(key, value, ttl_seconds, scope)
 
+    # -- removals: deletion, invalidation, flush ------------------------------------------------
+
     async def delete(self, key: str) -> int:
         """Removes one entry from every tier (kept for Redis while Redis cannot be reached).
 
@@ -522,22 +534,13 @@ class CacheLayer:
         scope = self.scope_of(key)
         if scope is None:
             return 0
-        self._mark_invalidated(scope.namespace)
-        removed = await self._memory.delete(key)
-        if self._redis is None:
-            return removed
-        if self._state is not CacheState.REDIS:
-            self._pending.add_key(key, scope)
-            return removed
-        return removed + await self._on_redis(
-            self._redis.delete(key, scope),
+        return await self._remove(
+            scope.namespace,
+            lambda store: store.delete(key, scope),
             lambda: self._pending.add_key(key, scope),
-            namespace=scope.namespace,
             operation="delete",
             what="a deletion",
         )
-
-    # -- invalidation --------------------------------------------------------------------------
 
     async def invalidate(self, target: InvalidationTarget) -> int:
         """Removes the target's entries; returns how many were removed where that is known.
@@ -545,21 +548,15 @@ class CacheLayer:
         When Redis cannot be reached the invalidation is kept and applied before Redis is read
         again (the returned count then covers the in-memory tier only).
         """
-        if not self.enabled:
-            return 0
-        self._mark_invalidated(target.namespace)
-        removed = await self._memory.invalidate(target)
-        if self._redis is not None and self._state is not CacheState.REDIS:
-            self._pending.add(target)
-        elif self._redis is not None:
-            removed += await self._on_redis(
-                self._redis.invalidate(target),
-                lambda: self._pending.add(target),
-                namespace=target.namespace,
-                operation="invalidate",
-                what="an invalidation",
-            )
-        self.events.invalidated(target.namespace, removed)
+        removed = await self._remove(
+            target.namespace,
+            lambda store: store.invalidate(target),
+            lambda: self._pending.add(target),
+            operation="invalidate",
+            what="an invalidation",
+        )
+        if self.enabled:
+            self.events.invalidated(target.namespace, removed)
         return removed
 
     async def clear(self) -> int:
@@ -567,19 +564,40 @@ class CacheLayer:
 
         While Redis cannot be reached the flush is kept for it, as invalidations are.
         """
-        self._mark_invalidated(None)
-        removed = await self._memory.clear()
+        return await self._remove(
+            None,
+            lambda store: store.clear(),
+            self._pending.add_everything,
+            operation="clear",
+            what="a flush",
+        )
+
+    async def _remove(
+        self,
+        namespace: str | None,
+        removal: Callable[[CacheStore], Coroutine[Any, Any, int]],
+        keep: Callable[[], None],
+        *,
+        operation: str,
+        what: str,
+    ) -> int:
+        """Applies a removal of ``namespace``'s entries (``None``: of every namespace) to every
+        tier: at once in memory; on Redis, or kept for it while Redis cannot be reached.
+
+        A disabled cache (``CACHE_ENABLED=false``) skips every removal: it stores nothing, so
+        there is nothing to remove, and nothing to keep for a Redis it never uses.
+        """
+        if not self.enabled:
+            return 0
+        self._mark_invalidated(namespace)
+        removed = await removal(self._memory)
         if self._redis is None:
             return removed
         if self._state is not CacheState.REDIS:
-            self._pending.add_everything()
+            keep()
             return removed
         return removed + await self._on_redis(
-            self._redis.clear(),
-            self._pending.add_everything,
-            namespace="",
-            operation="clear",
-            what="a flush",
+            removal(self._redis), keep, namespace=namespace or "", operation=operation, what=what
         )
 
     async def _on_redis(
@@ -622,27 +640,29 @@ class CacheLayer:
 
     def lock_key(self, key: str) -> str:
         """The key of the replicas' lock around computing the entry under ``key``."""
-        return f"{self.prefix}:#lock:{key}"
+        return lock_key(self.prefix, key)
 
     async def try_lock(self, key: str, token: bytes, ttl_ms: int) -> bool | None:
         """Takes a short lock; ``None`` when no shared store can hold one right now."""
-        if self._state is not CacheState.REDIS or self._redis is None:
+        redis, locks = self._redis, self._locks
+        if self._state is not CacheState.REDIS or redis is None or locks is None:
             return None
         try:
-            acquired = await self._redis.add_if_absent(key, token, ttl_ms)
+            acquired = await locks.add_if_absent(key, token, ttl_ms)
         except BackendError as exc:
-            self._record_failure(self._redis, exc, "", "lock")
+            self._record_failure(redis, exc, "", "lock")
             return None
-        self._record_success(self._redis, "lock")
+        self._record_success(redis, "lock")
         return acquired
 
     async def unlock(self, key: str, token: bytes) -> None:
-        if self._redis is None or self._state is not CacheState.REDIS:
+        redis, locks = self._redis, self._locks
+        if redis is None or locks is None or self._state is not CacheState.REDIS:
             return  # the lock expires by itself
         try:
-            await self._redis.delete_if_equal(key, token)
+            await locks.delete_if_equal(key, token)
         except BackendError as exc:
-            self._record_failure(self._redis, exc, "", "unlock")
+            self._record_failure(redis, exc, "", "unlock")
 
     # -- recovery ------------------------------------------------------------------------------
 

@@ -13,9 +13,7 @@ from datetime import UTC, datetime
 
 from fastapi_cache import FastAPICache
 
-from commons.cache.backends.memory import MemoryStore
-from commons.cache.backends.redis import RedisStore
-from commons.cache.connection import cluster_client_factory, create_redis_client
+from commons.cache.backends.factory import memory_store, redis_store
 from commons.cache.events import CacheEvents
 from commons.cache.fastapi_cache_backend import LayerBackend
 from commons.cache.http import CACHE_STATUS_HEADER
@@ -63,15 +61,11 @@ async def init_cache(
     await close_cache()
     redis = None
     if settings.CACHE_ENABLED and settings.REDIS_URL is not None:
-        redis = RedisStore(
-            create_redis_client(settings),
-            settings.CACHE_PREFIX,
-            cluster_factory=cluster_client_factory(settings),
-        )
+        redis = redis_store(settings)
     layer = CacheLayer(
         settings,
         redis=redis,
-        memory=MemoryStore(settings.CACHE_MEMORY_MAX_ENTRIES),
+        memory=memory_store(settings),
         events=events if events is not None else _default_events(),
     )
     try:

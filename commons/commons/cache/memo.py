@@ -3,7 +3,8 @@
 The hit path remembers what it computed for inputs that repeat (query digests, keys, prepared
 responses, expiries). Whatever a client sends can become such an input, so every memo is bounded
 twice: by entries and by the bytes it holds. An item larger than a sixty-fourth of the byte budget
-is not remembered at all, so one huge request cannot flush what many ordinary ones share. When
+is not remembered at all (unless the memo says otherwise), so one huge request cannot flush what
+many ordinary ones share. When
 full, the memo starts over: simpler and cheaper on every hit than an LRU, and the inputs that
 matter come back at once.
 """
@@ -23,10 +24,19 @@ class BoundedMemo(Generic[K, V]):
 
     __slots__ = ("_bytes", "_items", "_max_bytes", "_max_entries", "_max_item_bytes")
 
-    def __init__(self, max_entries: int, max_bytes: int) -> None:
+    def __init__(
+        self, max_entries: int, max_bytes: int, *, max_item_bytes: int | None = None
+    ) -> None:
+        """
+        Args:
+            max_entries: Items held at most.
+            max_bytes: Sum of the items' sizes held at most.
+            max_item_bytes: An item larger than this is not remembered; a sixty-fourth of
+                ``max_bytes`` by default.
+        """
         self._max_entries = max_entries
         self._max_bytes = max_bytes
-        self._max_item_bytes = max(max_bytes // 64, 1)
+        self._max_item_bytes = max(max_bytes // 64, 1) if max_item_bytes is None else max_item_bytes
         self._items: dict[K, tuple[V, int]] = {}
         self._bytes = 0
 

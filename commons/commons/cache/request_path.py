@@ -35,6 +35,7 @@ from commons.cache.entry import RejectReason
 from commons.cache.events import LookupOutcome
 from commons.cache.fill import Call, Fill
 from commons.cache.http import PreparedResponse, replay
+from commons.cache.keyspace import qualified_namespace
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
 from commons.cache.scope import ScopedKey
@@ -102,7 +103,7 @@ class RequestPath:
             return await route.call_handler(args, kwargs)
         built = self.key_builder(
             route.func,
-            f"{layer.prefix}:{namespace}",
+            qualified_namespace(layer.prefix, namespace),
             request=request,
             response=None,
             args=args,

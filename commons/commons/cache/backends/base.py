@@ -1,9 +1,20 @@
-"""The store contract every backend implements.
+"""The store contract every backend implements, and the capabilities some stores add to it.
 
 A store only ever sees keys and bytes. It knows nothing of FastAPI, of the decorator or of how keys
 are built; the scope passed with each read and write is all it needs to find the entries an
 invalidation targets. Stores raise :class:`~commons.cache.errors.BackendError` subclasses and
 nothing else.
+
+The contract (:class:`CacheStore`) is what every store does: read, write with a time to live,
+delete, invalidate a scope, clear, ping, close. What only some stores do is a separate, named
+capability, so that code needing it says so in its types:
+
+- :class:`LocalStore`: the entries live in this process; a read answers synchronously (the
+  layer's in-memory tier serves hits without a coroutine) and the store knows its size.
+- :class:`ReplicaLocks`: short locks that replicas sharing the store can take (the decorator's
+  ``distributed_lock``).
+- :class:`OperatorCommands`: what ``commons-cache`` (``cli.py``) asks of a shared store: counts,
+  sizes, the server's state, a flush with progress.
 
 Generations
 -----------
@@ -20,11 +31,12 @@ generations: ``uses_generations`` is false and it reports ``None``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from commons.cache.scope import CacheScope, InvalidationTarget
 
-__all__ = ["CacheStore", "StoredRead"]
+__all__ = ["CacheStore", "LocalStore", "OperatorCommands", "ReplicaLocks", "StoredRead"]
 
 
 class StoredRead(NamedTuple):
@@ -82,14 +94,6 @@ class CacheStore(ABC):
         """Removes every key of this store's prefix; returns how many were removed."""
 
     @abstractmethod
-    async def add_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
-        """Stores ``value`` only when ``key`` is absent (a lock); True when it was stored."""
-
-    @abstractmethod
-    async def delete_if_equal(self, key: str, value: bytes) -> bool:
-        """Removes ``key`` only while it still holds ``value`` (releasing one's own lock)."""
-
-    @abstractmethod
     async def ping(self) -> None:
         """Returns when the store answers; raises BackendError otherwise."""
 
@@ -107,3 +111,84 @@ class CacheStore(ABC):
     async def set(self, key: str, value: bytes, ttl_seconds: float, scope: CacheScope) -> None:
         """Stores ``value`` unconditionally."""
         await self.write(key, value, ttl_seconds, scope)
+
+
+class LocalStore(CacheStore):
+    """A store whose entries live in this process: it reads without I/O and knows its size.
+
+    The layer's in-memory tier is one: a hit on it costs no coroutine, which is most of what a
+    hit costs in memory.
+    """
+
+    @abstractmethod
+    def read_now(self, key: str) -> StoredRead:
+        """What :meth:`read` returns, synchronously (a local store has no generations)."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """How many entries the store holds."""
+
+
+class ReplicaLocks(ABC):
+    """Short locks in a store that several processes share (single-flight across replicas)."""
+
+    @abstractmethod
+    async def add_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
+        """Stores ``value`` only when ``key`` is absent (a lock); True when it was stored."""
+
+    @abstractmethod
+    async def delete_if_equal(self, key: str, value: bytes) -> bool:
+        """Removes ``key`` only while it still holds ``value`` (releasing one's own lock)."""
+
+
+class OperatorCommands(ABC):
+    """What an operator asks of a shared store from a shell: check it, count it, flush it.
+
+    Every command touches the keys of the store's prefix only; failures raise BackendError.
+    """
+
+    @property
+    @abstractmethod
+    def is_cluster(self) -> bool:
+        """Whether the store is a cluster (known after the first :meth:`ping`)."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Returns when the store answers (and finds out whether it is a cluster)."""
+
+    @abstractmethod
+    async def server_info(self) -> dict[str, Any]:
+        """The server's own description of itself (Redis: ``INFO``)."""
+
+    @abstractmethod
+    async def accepts_writes(self) -> bool:
+        """Whether the store stores a (throw-away) key; False when it refuses."""
+
+    @abstractmethod
+    async def namespaces(self) -> list[str]:
+        """The namespaces that hold entries (or did, until their last entry expired)."""
+
+    @abstractmethod
+    async def count_entries(self, namespace: str) -> dict[str | None, int]:
+        """Unexpired entries of ``namespace`` per tenant (``None``: no tenant)."""
+
+    @abstractmethod
+    async def entry_sizes(self, namespace: str, samples: int) -> list[int]:
+        """The sizes in bytes of up to ``samples`` entries of ``namespace``."""
+
+    @abstractmethod
+    async def invalidate(self, target: InvalidationTarget) -> int:
+        """:meth:`CacheStore.invalidate`: removes the target's entries; how many."""
+
+    @abstractmethod
+    async def count_keys(self, on_batch: Callable[[int], object] | None = None) -> int:
+        """How many keys the prefix holds, entries and helpers alike: what :meth:`flush`
+        removes; ``on_batch(n)`` as they are counted."""
+
+    @abstractmethod
+    async def flush(self, on_batch: Callable[[int], object] | None = None) -> int:
+        """Removes every key of the prefix; ``on_batch(n)`` after each batch; how many."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Releases connections."""

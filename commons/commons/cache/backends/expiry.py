@@ -9,7 +9,9 @@ invalidation is seen at once; only the remaining time can be off, and only when 
 stored identical bytes again later, in which case the remembered expiry is the earlier one and
 ``max-age`` errs short. Within a second of the remembered expiry the store asks Redis again.
 
-Bounded by entries and by bytes held; when full it starts over.
+Bounded by entries and by bytes held (a :class:`~commons.cache.memo.BoundedMemo`); when full it
+starts over. Unlike other memos it remembers large values too (within its byte budget): a large
+entry is the one whose second round trip costs most.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+
+from commons.cache.memo import BoundedMemo
 
 __all__ = ["ExpiryMemo"]
 
@@ -34,11 +38,10 @@ class ExpiryMemo:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._max_entries = max_entries
-        self._max_bytes = max_bytes
         self._clock = clock
-        self._items: dict[str, tuple[bytes, float]] = {}
-        self._bytes = 0
+        self._items = BoundedMemo[str, tuple[bytes, float]](
+            max_entries, max_bytes, max_item_bytes=max_bytes
+        )
 
     def remaining(self, key: str, value: bytes) -> int | None:
         """Whole seconds ``value`` under ``key`` has left, if known and trusted; else None."""
@@ -50,14 +53,7 @@ class ExpiryMemo:
 
     def remember(self, key: str, value: bytes, ttl_seconds: float) -> None:
         """Records that ``value`` under ``key`` expires ``ttl_seconds`` from now."""
-        self.forget(key)
-        if len(self._items) >= self._max_entries or self._bytes + len(value) > self._max_bytes:
-            self._items.clear()
-            self._bytes = 0
-        self._items[key] = (value, self._clock() + ttl_seconds)
-        self._bytes += len(value)
+        self._items.put(key, (value, self._clock() + ttl_seconds), len(value))
 
     def forget(self, key: str) -> None:
-        old = self._items.pop(key, None)
-        if old is not None:
-            self._bytes -= len(old[0])
+        self._items.forget(key)

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from commons.cache.backends.base import CacheStore, StoredRead
+from commons.cache.backends.base import LocalStore, ReplicaLocks, StoredRead
 from commons.cache.scope import CacheScope, InvalidationTarget
 
 __all__ = ["MemoryStore"]
@@ -34,7 +34,7 @@ class _Entry:
     scope: CacheScope | None
 
 
-class MemoryStore(CacheStore):
+class MemoryStore(LocalStore, ReplicaLocks):
     """Bounded LRU store with TTL on a monotonic clock and scope indexes for invalidation."""
 
     name = "memory"
@@ -68,7 +68,6 @@ class MemoryStore(CacheStore):
         return self.read_now(key)
 
     def read_now(self, key: str) -> StoredRead:
-        """:meth:`read` without a coroutine, for the layer's hot path."""
         now = self._clock()
         entry = self._live_entry(key, now)
         if entry is None:

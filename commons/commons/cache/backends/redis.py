@@ -3,7 +3,7 @@
 Entries live under their exact keys (``{prefix}:{namespace}:tenant_...``). Beside them, every write
 records its key in a sorted set, the *leaf index* of its scope, scored by the entry's expiry (server
 time, ms). Leaves are found through two small registries, so an invalidation walks only the indexes
-of the scope it targets::
+of the scope it targets (``keyspace.py`` names them all)::
 
     {prefix}:#reg:{ns}                   tenant leaves of the namespace (and its unscoped leaf)
     {prefix}:#reg:{ns}:t:{tenant}        user leaves of one tenant
@@ -11,11 +11,8 @@ of the scope it targets::
     {prefix}:#idx:{ns}:t:{tenant}:u:{u}  one user's entries           (a leaf)
     {prefix}:#idx:{ns}:-                 entries without a tenant     (a leaf)
 
-``ns``, ``tenant`` and ``u`` are percent-encoded, so no text a caller passes can form another
-scope's index name, a glob pattern or a cluster hash tag. The braces around ``ns`` are literal:
-they are the namespace's cluster hash tag (an empty namespace is written ``{%}``, which no encoded
-text can be), so on Redis Cluster a namespace's registries and leaves share one slot while its
-entries, whose keys are exactly as the guide gives them, spread over every slot.
+A namespace's registries and leaves share its cluster hash tag, so on Redis Cluster they live in
+one slot while its entries, whose keys are exactly as the guide gives them, spread over every slot.
 
 On a cluster
 ------------
@@ -56,14 +53,13 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
-from urllib.parse import quote, unquote
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from commons.cache.backends.base import CacheStore, StoredRead
+from commons.cache.backends.base import CacheStore, ReplicaLocks, StoredRead
 from commons.cache.backends.expiry import ExpiryMemo
 from commons.cache.backends.pipelined_reads import (
     PipelinedReader,
@@ -77,6 +73,7 @@ from commons.cache.errors import (
     BackendRejectedError,
     BackendUnavailableError,
 )
+from commons.cache.keyspace import Keyspace
 from commons.cache.memo import BoundedMemo
 from commons.cache.scope import CacheScope, InvalidationTarget
 
@@ -205,21 +202,6 @@ return 0
 """
 
 
-def _quote(text: str) -> str:
-    return quote(text, safe="")
-
-
-def _tag(namespace: str) -> str:
-    """The namespace's hash tag: its percent-encoded text in braces (``{%}`` when empty)."""
-    return "{" + (_quote(namespace) or "%") + "}"
-
-
-def _untag(text: str) -> str:
-    """The namespace whose :func:`_tag` is ``text``."""
-    inner = text[1:-1] if text.startswith("{") and text.endswith("}") else text
-    return "" if inner == "%" else unquote(inner)
-
-
 #: Refusals by their error code (NOPERM: see :func:`_permission_text`). redis-py's own message of
 #: a failed pipeline command quotes the command's arguments (keys with tenant ids, cached bodies),
 #: which must not reach logs or status.
@@ -333,7 +315,7 @@ async def _redis_errors_translated() -> AsyncIterator[None]:
         raise _translate(exc) from exc
 
 
-class RedisStore(CacheStore):
+class RedisStore(CacheStore, ReplicaLocks):
     """Stores entries in Redis under one service prefix, with scope indexes for invalidation."""
 
     name = "redis"
@@ -356,7 +338,7 @@ class RedisStore(CacheStore):
         self._prefix = prefix
         self._cluster_factory = cluster_factory
         self._expiries = ExpiryMemo()
-        self._generation_keys_memo = BoundedMemo[CacheScope, list[str]](4096, 4 * 1024 * 1024)
+        self._keys = Keyspace(prefix)
         self._read_commands = BoundedMemo[str, tuple[bytes, int]](4096, 4 * 1024 * 1024)
         self._closed = False
         self._reads: PipelinedReader | None = None
@@ -394,45 +376,20 @@ class RedisStore(CacheStore):
         return self._client
 
     @property
+    def keyspace(self) -> Keyspace:
+        """The names of this store's helper keys."""
+        return self._keys
+
+    @property
     def is_cluster(self) -> bool:
         """Whether the store talks to a Redis Cluster (known after the first :meth:`ping`)."""
         return isinstance(self._client, RedisCluster)
 
     # -- index names ---------------------------------------------------------------------------
 
-    def _namespace_registry(self, namespace: str) -> str:
-        return f"{self._prefix}:#reg:{_tag(namespace)}"
-
-    def _tenant_leaf(self, namespace: str, tenant_id: str) -> str:
-        return f"{self._prefix}:#idx:{_tag(namespace)}:t:{_quote(tenant_id)}"
-
-    def _tenant_registry(self, namespace: str, tenant_id: str) -> str:
-        return f"{self._prefix}:#reg:{_tag(namespace)}:t:{_quote(tenant_id)}"
-
-    def _user_leaf(self, namespace: str, tenant_id: str, user_id: str) -> str:
-        return f"{self._tenant_leaf(namespace, tenant_id)}:u:{_quote(user_id)}"
-
-    def _unscoped_leaf(self, namespace: str) -> str:
-        return f"{self._prefix}:#idx:{_tag(namespace)}:-"
-
     def generation_keys(self, scope: CacheScope) -> list[str]:
-        """The keys holding the generations an entry of ``scope`` depends on, widest first.
-
-        ``{prefix}:#gen:{ns}``, then ``...:t:{tenant}``, then ``...:t:{tenant}:u:{user}``: all in
-        the namespace's hash tag, so one ``MGET`` reads them on a cluster too.
-        """
-        known = self._generation_keys_memo.get(scope)
-        if known is not None:
-            return known
-        namespace_key = f"{self._prefix}:#gen:{_tag(scope.namespace)}"
-        keys = [namespace_key]
-        if scope.tenant_id is not None:
-            keys.append(f"{namespace_key}:t:{_quote(scope.tenant_id)}")
-            if scope.user_id is not None:
-                keys.append(f"{keys[-1]}:u:{_quote(scope.user_id)}")
-        size = sum(map(len, keys)) + len(scope.namespace) + 64
-        self._generation_keys_memo.put(scope, keys, size)
-        return keys
+        """The keys holding the generations an entry of ``scope`` depends on, widest first."""
+        return self._keys.generation_keys(scope)
 
     def _read_keys(self, key: str, scope: CacheScope) -> list[str]:
         """What a read asks for: the entry, then its scope's generations."""
@@ -456,17 +413,17 @@ class RedisStore(CacheStore):
 
     def _index_updates(self, key: str, scope: CacheScope) -> list[tuple[str, str]]:
         """(index, member) pairs recording ``key`` under ``scope``."""
-        ns = scope.namespace
+        ns, names = scope.namespace, self._keys
         if scope.tenant_id is None:
-            leaf = self._unscoped_leaf(ns)
-            return [(self._namespace_registry(ns), leaf), (leaf, key)]
-        tenant_leaf = self._tenant_leaf(ns, scope.tenant_id)
-        updates = [(self._namespace_registry(ns), tenant_leaf)]
+            leaf = names.unscoped_leaf(ns)
+            return [(names.namespace_registry(ns), leaf), (leaf, key)]
+        tenant_leaf = names.tenant_leaf(ns, scope.tenant_id)
+        updates = [(names.namespace_registry(ns), tenant_leaf)]
         if scope.user_id is None:
             updates.append((tenant_leaf, key))
         else:
-            user_leaf = self._user_leaf(ns, scope.tenant_id, scope.user_id)
-            updates.append((self._tenant_registry(ns, scope.tenant_id), user_leaf))
+            user_leaf = names.user_leaf(ns, scope.tenant_id, scope.user_id)
+            updates.append((names.tenant_registry(ns, scope.tenant_id), user_leaf))
             updates.append((user_leaf, key))
         return updates
 
@@ -610,7 +567,7 @@ class RedisStore(CacheStore):
         that began before. It is one command, which a full Redis still accepts. Removing the
         entries afterwards only frees their memory: a failure there loses nothing.
         """
-        ns = target.namespace
+        ns, names = target.namespace, self._keys
         async with _redis_errors_translated():
             await self._follow_sentinel_master()
         await self._retire(self._generation_key_of(target))
@@ -618,11 +575,11 @@ class RedisStore(CacheStore):
             async with _redis_errors_translated():
                 if target.tenant_id is None:
                     return await self._drain_registry(
-                        self._namespace_registry(ns), self._drain_tenant_leaf
+                        names.namespace_registry(ns), self._drain_tenant_leaf
                     )
                 if target.user_id is None:
-                    return await self._drain_tenant_leaf(self._tenant_leaf(ns, target.tenant_id))
-                return await self._drain_leaf(self._user_leaf(ns, target.tenant_id, target.user_id))
+                    return await self._drain_tenant_leaf(names.tenant_leaf(ns, target.tenant_id))
+                return await self._drain_leaf(names.user_leaf(ns, target.tenant_id, target.user_id))
         except BackendError as exc:
             logger.debug("invalidated entries left to expire: %s", exc)
             return 0
@@ -819,9 +776,8 @@ class RedisStore(CacheStore):
 
     async def _drain_tenant_leaf(self, leaf: str) -> int:
         """Drains a tenant's leaf, then the user leaves registered under that tenant."""
-        # A leaf's registry has the same name with "#reg" for "#idx"; the unscoped leaf's
-        # registry never exists, so draining it costs one empty read.
-        registry = f"{self._prefix}:#reg:" + leaf[len(f"{self._prefix}:#idx:") :]
+        # The unscoped leaf's registry never exists, so draining it costs one empty read.
+        registry = self._keys.registry_of_leaf(leaf)
         removed = await self._drain_leaf(leaf)
         return removed + await self._drain_registry(registry, self._drain_leaf)
 
@@ -830,11 +786,9 @@ class RedisStore(CacheStore):
         # it is empty, so one refilled by a concurrent write stays findable (and no walk repeats).
         # Leaves are drained a few at a time concurrently: the walk's cost is round trips, and
         # they overlap on separate pooled connections.
-        idx_head, reg_head = f"{self._prefix}:#idx:", f"{self._prefix}:#reg:"
-
         async def drain_and_unregister(leaf: str) -> int:
             removed = await drain(leaf)
-            leaf_registry = reg_head + leaf[len(idx_head) :]
+            leaf_registry = self._keys.registry_of_leaf(leaf)
             await self._unregister_if_drained(keys=[registry, leaf, leaf_registry])
             return removed
 
@@ -870,98 +824,24 @@ class RedisStore(CacheStore):
         removed = 0
         async with _redis_errors_translated():
             await self._detect_cluster()
-            async for batch in self._scan_batches(f"{_glob_escape(self._prefix)}:*"):
+            async for batch in self.keys_of_prefix():
                 unlinked = int(await self._client.unlink(*batch))
                 removed += unlinked
                 if on_batch is not None:
                     on_batch(unlinked)
         return removed
 
-    async def _scan_batches(self, pattern: str) -> AsyncIterator[Sequence[bytes]]:
+    async def keys_of_prefix(self) -> AsyncIterator[Sequence[bytes]]:
+        """Every key of the prefix, entries and helpers alike, in batches (``SCAN``; redis-py's
+        errors untranslated: callers translate them)."""
         batch: list[bytes] = []
-        async for key in self._client.scan_iter(match=pattern, count=1000):
+        async for key in self._client.scan_iter(match=self._keys.all_keys_glob(), count=1000):
             batch.append(key)
             if len(batch) >= BATCH_SIZE:
                 yield batch
                 batch = []
         if batch:
             yield batch
-
-    # -- operations (read by the commons-cache CLI) -------------------------------------------
-
-    async def count_keys(self, on_batch: Callable[[int], object] | None = None) -> int:
-        """How many keys the prefix holds, entries and indexes alike: what :meth:`clear` removes."""
-        counted = 0
-        async with _redis_errors_translated():
-            async for batch in self._scan_batches(f"{_glob_escape(self._prefix)}:*"):
-                counted += len(batch)
-                if on_batch is not None:
-                    on_batch(len(batch))
-        return counted
-
-    async def namespaces(self) -> list[str]:
-        """The namespaces that have a registry under the prefix (one SCAN, matching registries)."""
-        head = f"{self._prefix}:#reg:"
-        found: set[str] = set()
-        async with _redis_errors_translated():
-            async for key in self._client.scan_iter(match=f"{_glob_escape(head)}*", count=1000):
-                rest = key.decode()[len(head) :]
-                if ":" not in rest:  # a namespace's registry, not one of its tenants'
-                    found.add(_untag(rest))
-        return sorted(found)
-
-    async def count_entries(self, namespace: str) -> dict[str | None, int]:
-        """Unexpired indexed entries of ``namespace`` per tenant (``None``: no tenant).
-
-        Reads the registries and counts each leaf with ``ZCOUNT`` from the server's time on, so the
-        cost grows with the number of leaves, not of keys. An entry that Redis evicted stays in its
-        leaf until it would have expired, and is counted until then.
-        """
-        counts: dict[str | None, int] = {}
-        tenant_head = self._tenant_leaf(namespace, "")
-        async with _redis_errors_translated():
-            seconds, micros = await self._client.time()
-            now_ms = seconds * 1000 + micros // 1000
-            async for leaf, _ in self._client.zscan_iter(
-                self._namespace_registry(namespace), count=BATCH_SIZE
-            ):
-                name = leaf.decode()
-                tenant = unquote(name[len(tenant_head) :]) if name.startswith(tenant_head) else None
-                leaves = [name]
-                if tenant is not None:
-                    registry = self._tenant_registry(namespace, tenant)
-                    async for user_leaf, _ in self._client.zscan_iter(registry, count=BATCH_SIZE):
-                        leaves.append(user_leaf.decode())
-                pipe = self._client.pipeline(transaction=False)
-                for each in leaves:
-                    pipe.zcount(each, f"({now_ms}", "+inf")
-                live = sum(int(count) for count in await pipe.execute())
-                counts[tenant] = counts.get(tenant, 0) + live
-        return counts
-
-    async def entry_sizes(self, namespace: str, samples: int) -> list[int]:
-        """``MEMORY USAGE`` in bytes of up to ``samples`` entries of ``namespace``."""
-        keys: list[bytes] = []
-        async with _redis_errors_translated():
-            registry = self._namespace_registry(namespace)
-            for leaf in cast(list[bytes], await self._client.zrange(registry, 0, BATCH_SIZE)):
-                if len(keys) >= samples:
-                    break
-                members = await self._client.zrange(leaf, 0, samples - len(keys) - 1)
-                keys.extend(cast(list[bytes], members))
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.memory_usage(key)
-            sizes = await pipe.execute() if keys else []
-        return [int(size) for size in sizes if size is not None]
-
-    async def server_info(self) -> dict[str, Any]:
-        """The server's ``INFO`` (on a cluster: one node's)."""
-        async with _redis_errors_translated():
-            info = await self._client.info()
-        if "redis_version" not in info and info and isinstance(next(iter(info.values())), dict):
-            info = next(iter(info.values()))  # a cluster client answers per node
-        return info
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -1050,7 +930,3 @@ async def _replica_may_be_promoted(
             for replica in replicas
         )
     return True
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + char if char in "*?[]\\" else char for char in text)

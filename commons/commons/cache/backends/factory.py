@@ -1,0 +1,46 @@
+"""The one place that builds stores from the settings (the service, the CLI and the benchmarks).
+
+A Redis store gets the client of the configured topology with its time budget
+(``connection.py``); with ``REDIS_CLUSTER=auto`` it also gets the means to switch to the cluster
+client when its first contact finds a cluster node.
+"""
+
+from __future__ import annotations
+
+from commons.cache.backends.base import OperatorCommands
+from commons.cache.backends.memory import MemoryStore
+from commons.cache.backends.redis import RedisStore
+from commons.cache.backends.redis_operations import RedisOperations
+from commons.cache.connection import cluster_client_factory, create_redis_client
+from commons.cache.settings import CacheSettings
+
+__all__ = ["memory_store", "operator_commands", "redis_store"]
+
+
+def redis_store(settings: CacheSettings) -> RedisStore:
+    """The Redis store of ``REDIS_URL`` (and the topology settings), under ``CACHE_PREFIX``.
+
+    Nothing is sent to Redis until the store is used.
+
+    Raises:
+        ValueError: REDIS_URL is not set.
+    """
+    return RedisStore(
+        create_redis_client(settings),
+        settings.CACHE_PREFIX,
+        cluster_factory=cluster_client_factory(settings),
+    )
+
+
+def memory_store(settings: CacheSettings) -> MemoryStore:
+    """The in-memory store, bounded by ``CACHE_MEMORY_MAX_ENTRIES``."""
+    return MemoryStore(settings.CACHE_MEMORY_MAX_ENTRIES)
+
+
+def operator_commands(settings: CacheSettings) -> OperatorCommands:
+    """The operator commands on the settings' Redis (what ``commons-cache`` runs).
+
+    Raises:
+        ValueError: REDIS_URL is not set.
+    """
+    return RedisOperations(redis_store(settings))

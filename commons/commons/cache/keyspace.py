@@ -1,0 +1,207 @@
+r"""The key format: every key the cache writes is minted here, and parsed nowhere else.
+
+Entry keys hold one response each; the key builders (``keys.py``) give them their inputs::
+
+    {prefix}:{namespace}:tenant_{tenant}:{url_path}:{md5}
+    {prefix}:{namespace}:tenant_{tenant}:user_{user}:{url_path}:{md5}
+
+``{prefix}:{namespace}`` is the *qualified namespace* fastapi-cache2 hands its key builders. A
+prefix never holds ``:``, and tenant and user ids never do either (the builders refuse them), so
+the text of an entry key names its scope exactly (:func:`scope_of_key`).
+
+Helper keys start with ``{prefix}:#`` and are never entries; no entry key can start so, because a
+namespace would have to begin with ``#`` and a key of that text is read as a helper key, not as an
+entry (:func:`scope_of_key` returns ``None``)::
+
+    {prefix}:#gen:{ns}[:t:{tenant}[:u:{user}]]   a scope's generation (see backends/base.py)
+    {prefix}:#reg:{ns}                           registry: the namespace's tenant leaves
+    {prefix}:#reg:{ns}:t:{tenant}                registry: one tenant's user leaves
+    {prefix}:#idx:{ns}:t:{tenant}[:u:{user}]     leaf: the entries of a tenant (or of a user)
+    {prefix}:#idx:{ns}:-                         leaf: entries without a tenant
+    {prefix}:#lock:{entry key}                   the replica lock of one entry's fill
+    {prefix}:#check:{random}                     ``commons-cache check``'s write probe
+    {prefix}:{namespace}:#uncacheable            what a request without an identity gets (never
+                                                 read or written)
+
+In helper keys ``ns``, ``tenant`` and ``user`` are percent-encoded, so no text a caller passes can
+form another scope's helper key, a glob pattern or a cluster hash tag. The braces around ``ns``
+are literal: they are the namespace's cluster hash tag (an empty namespace is written ``{%}``,
+which no encoded text can be), so on Redis Cluster a namespace's helper keys share one slot.
+
+This module imports no backend; backends import it.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, unquote
+
+from commons.cache.memo import BoundedMemo
+from commons.cache.scope import CacheScope
+
+__all__ = [
+    "Keyspace",
+    "check_key",
+    "entry_key",
+    "glob_escape",
+    "lock_key",
+    "qualified_namespace",
+    "scope_of_key",
+    "split_qualified_namespace",
+    "uncacheable_key",
+]
+
+_TENANT = "tenant_"
+_USER = "user_"
+
+
+# -- entry keys ---------------------------------------------------------------------------------
+
+
+def qualified_namespace(prefix: str, namespace: str) -> str:
+    """``{prefix}:{namespace}``, what fastapi-cache2 passes its key builders."""
+    return f"{prefix}:{namespace}"
+
+
+def split_qualified_namespace(qualified: str) -> tuple[str, str | None]:
+    """``(prefix, namespace)`` of ``{prefix}:{namespace}``; the namespace is ``None`` when the
+    text is a bare prefix (fastapi-cache2's ``clear()`` of everything)."""
+    prefix, separator, namespace = qualified.partition(":")
+    return prefix, namespace if separator else None
+
+
+def entry_key(
+    qualified: str, tenant_id: str, user_id: str | None, url_path: str, query_digest: str
+) -> str:
+    """An entry's key; the ids must hold no ``:`` (the builders check)."""
+    if user_id is None:
+        return f"{qualified}:{_TENANT}{tenant_id}:{url_path}:{query_digest}"
+    return f"{qualified}:{_TENANT}{tenant_id}:{_USER}{user_id}:{url_path}:{query_digest}"
+
+
+def uncacheable_key(qualified: str) -> str:
+    """The key a request gets when it must be served uncached (it is never read or written)."""
+    return f"{qualified}:#uncacheable"
+
+
+def scope_of_key(prefix: str, key: str) -> CacheScope | None:
+    """The scope a key's text names, or ``None`` for a key outside ``prefix``.
+
+    ``{prefix}:{ns}:tenant_{t}:user_{u}:...`` is scoped to that user,
+    ``{prefix}:{ns}:tenant_{t}:...`` to that tenant (a path always starts with ``/``, so it is
+    never read as an id), anything else under the prefix to its namespace. Helper keys
+    (``{prefix}:#...``) are no entries.
+    """
+    head, sep, rest = key.partition(":")
+    if not sep or head != prefix or rest.startswith("#"):
+        return None
+    namespace, _, rest = rest.partition(":")
+    tenant_part, _, rest = rest.partition(":")
+    if not tenant_part.startswith(_TENANT) or len(tenant_part) == len(_TENANT):
+        return CacheScope(namespace)
+    tenant_id = tenant_part[len(_TENANT) :]
+    user_part = rest.partition(":")[0]
+    if user_part.startswith(_USER) and len(user_part) > len(_USER):
+        return CacheScope(namespace, tenant_id, user_part[len(_USER) :])
+    return CacheScope(namespace, tenant_id)
+
+
+# -- helper keys ---------------------------------------------------------------------------------
+
+
+def lock_key(prefix: str, key: str) -> str:
+    """The replica lock of the fill of ``key`` (see the decorator's ``distributed_lock``)."""
+    return f"{prefix}:#lock:{key}"
+
+
+def check_key(prefix: str, token: str) -> str:
+    """A throw-away key that proves Redis accepts writes under ``prefix``."""
+    return f"{prefix}:#check:{token}"
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis glob pattern (``SCAN MATCH``)."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
+
+
+def _quote(text: str) -> str:
+    return quote(text, safe="")
+
+
+def _tag(namespace: str) -> str:
+    """The namespace's hash tag: its percent-encoded text in braces (``{%}`` when empty)."""
+    return "{" + (_quote(namespace) or "%") + "}"
+
+
+def _untag(text: str) -> str:
+    """The namespace whose :func:`_tag` is ``text``."""
+    inner = text[1:-1] if text.startswith("{") and text.endswith("}") else text
+    return "" if inner == "%" else unquote(inner)
+
+
+class Keyspace:
+    """The helper keys of one prefix: generations, and the registries and leaves that index
+    entries by scope (see the module docstring)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._gen = f"{prefix}:#gen:"
+        self._reg = f"{prefix}:#reg:"
+        self._idx = f"{prefix}:#idx:"
+        # An entry's generation keys are asked on every read: kept, bounded in entries and bytes.
+        self._generation_keys = BoundedMemo[CacheScope, list[str]](4096, 4 * 1024 * 1024)
+
+    def all_keys_glob(self) -> str:
+        """The ``SCAN MATCH`` pattern of every key of the prefix, entries and helpers alike."""
+        return f"{glob_escape(self.prefix)}:*"
+
+    def generation_keys(self, scope: CacheScope) -> list[str]:
+        """The keys holding the generations an entry of ``scope`` depends on, widest first.
+
+        ``{prefix}:#gen:{ns}``, then ``...:t:{tenant}``, then ``...:t:{tenant}:u:{user}``: all in
+        the namespace's hash tag, so one ``MGET`` reads them on a cluster too.
+        """
+        known = self._generation_keys.get(scope)
+        if known is not None:
+            return known
+        keys = [self._gen + _tag(scope.namespace)]
+        if scope.tenant_id is not None:
+            keys.append(f"{keys[0]}:t:{_quote(scope.tenant_id)}")
+            if scope.user_id is not None:
+                keys.append(f"{keys[1]}:u:{_quote(scope.user_id)}")
+        size = sum(map(len, keys)) + len(scope.namespace) + 64
+        self._generation_keys.put(scope, keys, size)
+        return keys
+
+    def namespace_registry(self, namespace: str) -> str:
+        return self._reg + _tag(namespace)
+
+    def tenant_registry(self, namespace: str, tenant_id: str) -> str:
+        return f"{self._reg}{_tag(namespace)}:t:{_quote(tenant_id)}"
+
+    def tenant_leaf(self, namespace: str, tenant_id: str) -> str:
+        return f"{self._idx}{_tag(namespace)}:t:{_quote(tenant_id)}"
+
+    def user_leaf(self, namespace: str, tenant_id: str, user_id: str) -> str:
+        return f"{self.tenant_leaf(namespace, tenant_id)}:u:{_quote(user_id)}"
+
+    def unscoped_leaf(self, namespace: str) -> str:
+        return f"{self._idx}{_tag(namespace)}:-"
+
+    def registry_of_leaf(self, leaf: str) -> str:
+        """The registry of the leaves under ``leaf``: a tenant leaf's user leaves. (Other leaves
+        have none: the name is then of a registry that never exists.)"""
+        return self._reg + leaf[len(self._idx) :]
+
+    def tenant_of_leaf(self, namespace: str, leaf: str) -> str | None:
+        """The tenant of a leaf in ``namespace``'s registry; ``None`` for the unscoped leaf."""
+        head = self.tenant_leaf(namespace, "")
+        return unquote(leaf[len(head) :]) if leaf.startswith(head) else None
+
+    def registries_glob(self) -> str:
+        """The ``SCAN MATCH`` pattern of every registry of the prefix."""
+        return f"{glob_escape(self._reg)}*"
+
+    def namespace_of_registry(self, registry: str) -> str | None:
+        """The namespace whose registry is ``registry``; ``None`` for a tenant's registry."""
+        rest = registry[len(self._reg) :]
+        return None if ":" in rest else _untag(rest)
