@@ -13,6 +13,7 @@ from typing import Annotated
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, Header
+from fastapi_cache.decorator import cache as guide_cache
 from prometheus_client import REGISTRY, generate_latest
 
 from commons.cache import (
@@ -22,6 +23,7 @@ from commons.cache import (
     close_cache,
     init_cache,
     invalidate_namespace,
+    tenant_cache_key_builder,
 )
 from commons.cache.metrics import PrometheusEvents
 from commons.testing import current_layer
@@ -80,6 +82,34 @@ async def test_a_miss_then_a_hit_are_counted_in_the_routes_namespace(
     assert (first.headers["X-FastAPI-Cache"], second.headers["X-FastAPI-Cache"]) == ("MISS", "HIT")
     assert sample("commons_cache_misses_total", namespace=namespace) == 1
     assert sample("commons_cache_hits_total", namespace=namespace) == 1
+
+
+def make_guide_app(namespace: str) -> FastAPI:
+    """The guide's own route: fastapi-cache2's decorator with our tenant key builder."""
+    app = FastAPI(dependencies=[Depends(bind_identity)])
+
+    @app.get("/reports")
+    @guide_cache(namespace=namespace, expire=60, key_builder=tenant_cache_key_builder)
+    async def reports() -> dict[str, str]:
+        return {"report": "quarterly"}
+
+    return app
+
+
+async def test_the_guides_decorator_counts_its_misses_hits_and_bypasses_alike(
+    backend: CacheSettings, namespace: str
+) -> None:
+    transport = httpx.ASGITransport(app=make_guide_app(namespace))
+    async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+        first = await client.get("/reports", headers={"X-Tenant": "acme"})
+        second = await client.get("/reports", headers={"X-Tenant": "acme"})
+        anonymous = await client.get("/reports")
+
+    assert (first.headers["X-FastAPI-Cache"], second.headers["X-FastAPI-Cache"]) == ("MISS", "HIT")
+    assert anonymous.status_code == 200
+    assert sample("commons_cache_misses_total", namespace=namespace) == 1
+    assert sample("commons_cache_hits_total", namespace=namespace) == 1
+    assert sample("commons_cache_bypasses_total", namespace=namespace, reason="no_identity") == 1
 
 
 async def test_time_spent_on_redis_is_observed_per_operation(

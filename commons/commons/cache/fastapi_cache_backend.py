@@ -31,7 +31,8 @@ from typing import Any
 from fastapi_cache.backends import Backend
 
 from commons.cache.entry import BODY
-from commons.cache.keyspace import split_qualified_namespace
+from commons.cache.events import LookupOutcome
+from commons.cache.keyspace import namespace_of_key, split_qualified_namespace
 from commons.cache.layer import CacheLayer, FillToken
 from commons.cache.rendering import route_fingerprint
 from commons.cache.scope import InvalidationTarget, ScopedKey
@@ -103,12 +104,20 @@ class LayerBackend(Backend):
         if layer is None:
             return 0, None
         lookup = await layer.lookup(key, _fingerprint(key))
+        namespace = namespace_of_key(layer.prefix, key) or ""
         if lookup is None:
+            # Counted as the decorator counts its own requests (see CacheEvents.lookup).
+            bypass = LookupOutcome.BYPASS_DISABLED
+            if layer.enabled:
+                bypass = LookupOutcome.BYPASS_NO_IDENTITY
+            layer.events.lookup(namespace, bypass)
             return 0, None
         _ReadForWrite.remember(key, lookup.token)
         value = lookup.value
         if value is None or value.kind != BODY:
+            layer.events.lookup(namespace, LookupOutcome.MISS)
             return 0, None
+        layer.events.lookup(namespace, LookupOutcome.HIT)
         return lookup.fresh_for, value.payload
 
     async def get(self, key: str) -> bytes | None:

@@ -44,6 +44,7 @@ __all__ = [
     "entry_key",
     "glob_escape",
     "lock_key",
+    "namespace_of_key",
     "qualified_namespace",
     "scope_of_key",
     "split_qualified_namespace",
@@ -103,6 +104,15 @@ def scope_of_key(prefix: str, key: str) -> CacheScope | None:
     if user_part.startswith(_USER) and len(user_part) > len(_USER):
         return CacheScope(namespace, tenant_id, user_part[len(_USER) :])
     return CacheScope(namespace, tenant_id)
+
+
+def namespace_of_key(prefix: str, key: str) -> str | None:
+    """The namespace a key under ``prefix`` names (an uncacheable key's too); ``None`` for a key
+    outside ``prefix`` or a helper key."""
+    head, sep, rest = key.partition(":")
+    if not sep or head != prefix or rest.startswith("#"):
+        return None
+    return rest.partition(":")[0]
 
 
 # -- helper keys ---------------------------------------------------------------------------------
