@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from fastapi_cache import FastAPICache
 
 from commons.cache.backends.memory import MemoryStore
+from commons.cache.backends.near import NearCache
 from commons.cache.backends.redis import RedisStore
 from commons.cache.connection import cluster_client_factory, create_redis_client
 from commons.cache.events import CacheEvents
@@ -61,18 +62,29 @@ async def init_cache(
     global _layer
     settings = settings or cache_settings()
     await close_cache()
+    events = events if events is not None else _default_events()
     redis = None
     if settings.CACHE_ENABLED and settings.REDIS_URL is not None:
+        near = None
+        if settings.CACHE_NEAR_CACHE:
+            near = NearCache(
+                max_entries=settings.CACHE_MEMORY_MAX_ENTRIES,
+                max_bytes=settings.CACHE_MEMORY_MAX_BYTES,
+                events=events,
+            )
         redis = RedisStore(
             create_redis_client(settings),
             settings.CACHE_PREFIX,
             cluster_factory=cluster_client_factory(settings),
+            near_cache=near,
         )
     layer = CacheLayer(
         settings,
         redis=redis,
-        memory=MemoryStore(settings.CACHE_MEMORY_MAX_ENTRIES),
-        events=events if events is not None else _default_events(),
+        memory=MemoryStore(
+            settings.CACHE_MEMORY_MAX_ENTRIES, max_bytes=settings.CACHE_MEMORY_MAX_BYTES
+        ),
+        events=events,
     )
     try:
         await layer.start()

@@ -27,6 +27,11 @@ Series (all prefixed ``commons_cache_``):
 - ``operation_duration_seconds{namespace,operation}``: a histogram of the time reads (``get``)
   and writes (``set``) spent on Redis. The in-memory tier's (a dictionary lookup, well under a
   microsecond) are not sampled.
+- ``near_hits_total{namespace}``: reads from Redis answered by the near cache (no command sent);
+  they are hits in ``hits_total`` too.
+- ``near_invalidations_total``: invalidation messages Redis sent the near cache.
+- ``near_flushes_total{reason}``: times the near cache was emptied, by reason (``tracking_lost``,
+  ``silence``, ``reader_lost``, ``server_flush``, ``clear``).
 """
 
 from __future__ import annotations
@@ -142,6 +147,9 @@ class _Collectors:
     invalidated_entries: Counter
     rejected_entries: Counter
     state: Gauge
+    near_hits: Counter
+    near_invalidations: Counter
+    near_flushes: Counter
 
 
 @functools.cache
@@ -181,6 +189,23 @@ def _collectors(registry: CollectorRegistry) -> _Collectors:
             ["state"],
             registry=registry,
         ),
+        near_hits=Counter(
+            "commons_cache_near_hits_total",
+            "Reads from Redis answered by the near cache, with no command sent.",
+            ["namespace"],
+            registry=registry,
+        ),
+        near_invalidations=Counter(
+            "commons_cache_near_invalidations_total",
+            "Invalidation messages Redis sent the near cache.",
+            registry=registry,
+        ),
+        near_flushes=Counter(
+            "commons_cache_near_flushes_total",
+            "Times the near cache was emptied, by reason.",
+            ["reason"],
+            registry=registry,
+        ),
     )
 
 
@@ -203,6 +228,8 @@ class PrometheusEvents(CacheEvents):
         for state in CacheState:
             # Every state is a series from the start, so a dashboard never sees a gap.
             self._metrics.state.labels(state=state.value)
+        # A near hit costs microseconds: its counter is looked up once per namespace.
+        self._near_hits: dict[str, Counter] = {}
 
     def lookup(self, namespace: str, outcome: str) -> None:
         if outcome not in _LOOKUP_SERIES:
@@ -233,3 +260,17 @@ class PrometheusEvents(CacheEvents):
                 series = self._durations[key] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
             series[0][bisect_left(DURATION_BUCKETS, seconds)] += 1
             series[1][0] += seconds
+
+    def near_cache_hit(self, namespace: str) -> None:
+        counter = self._near_hits.get(namespace)
+        if counter is None:
+            counter = self._near_hits[namespace] = self._metrics.near_hits.labels(
+                namespace=namespace
+            )
+        counter.inc()
+
+    def near_cache_invalidation(self, keys: int) -> None:
+        self._metrics.near_invalidations.inc()
+
+    def near_cache_flushed(self, reason: str) -> None:
+        self._metrics.near_flushes.labels(reason=reason).inc()
