@@ -443,3 +443,34 @@ async def _one_round(
     await eventually(b_answers_v2, "B answering the new version")
     answers = [(await b.get("/res", headers=tenant)).json() for _ in range(5)]
     assert answers == [{"version": 2}] * 5
+
+
+async def test_a_redis_that_refuses_tracking_turns_it_off_and_hits_read_redis(
+    own_redis: RedisServer, outside: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL without CLIENT TRACKING (as a Redis older than 6 would answer): one warning, no
+    near hit, every read answered by Redis."""
+    own_redis.command("ACL", "SETUSER", "svc", "on", ">pw", "~*", "&*", "+@all", "-client|tracking")
+    recorder = Recorder()
+    near = NearCache(max_entries=100, max_bytes=1 << 20, events=recorder)
+    store = RedisStore(
+        Redis.from_url(f"redis://svc:pw@127.0.0.1:{own_redis.port}/0"), PREFIX, near_cache=near
+    )
+    try:
+        await store.ping()
+        generation = await store.generation(SCOPE)
+        await store.write(KEY, b"v1", 60, SCOPE, generation)
+
+        async def refused() -> bool:
+            assert (await store.read(KEY, SCOPE)).value == b"v1"
+            return "near cache off" in caplog.text
+
+        await eventually(refused, "the warning that it is off")
+        before = (await command_calls(outside)).get("mget", 0)
+        reads = [await store.read(KEY, SCOPE) for _ in range(5)]
+        assert {read.value for read in reads} == {b"v1"}
+        assert (await command_calls(outside)).get("mget", 0) == before + 5
+        assert recorder.near_hits == 0
+        assert not near.live
+    finally:
+        await store.aclose()
