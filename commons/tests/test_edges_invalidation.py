@@ -343,8 +343,8 @@ async def test_a_flush_during_reads_and_writes_leaves_no_old_data_and_later_inva
                     await client.get(url, headers=as_tenant(tenant))
                     sent += 1
                     # A hit answered from memory (the near cache) never waits for I/O: without
-                    # this, sixteen workers would keep the flush from ever running.
-                    await asyncio.sleep(0)
+                    # a pause, sixteen workers would leave the flush no time to run.
+                    await asyncio.sleep(0.001)
                     if flushed.is_set():
                         break
             return sent

@@ -477,7 +477,7 @@ class NearCache:
         self.flush(reason if was_live else None)
         if subscriber is not None:
             if reason is not None:
-                logger.info("near cache emptied: %s", reason)
+                logger.debug("near cache emptied: %s", reason)
             subscriber.close()
 
     async def aclose(self) -> None:
