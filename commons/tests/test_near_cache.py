@@ -474,3 +474,41 @@ async def test_a_redis_that_refuses_tracking_turns_it_off_and_hits_read_redis(
         assert not near.live
     finally:
         await store.aclose()
+
+
+async def test_near_cache_metrics_count_hits_messages_and_flushes(
+    own_redis: RedisServer, outside: Redis
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from commons.cache.metrics import PrometheusEvents
+
+    registry = CollectorRegistry()
+    events = PrometheusEvents(registry)
+    near = NearCache(max_entries=100, max_bytes=1 << 20, events=events)
+    store = RedisStore(Redis.from_url(own_redis.url), PREFIX, near_cache=near)
+    try:
+        await store.ping()
+        await eventually(lambda: _true(near.live), "tracking on")
+        generation = await store.generation(SCOPE)
+        await store.write(KEY, b"v1", 60, SCOPE, generation)
+
+        def sample(name: str, **labels: str) -> float:
+            return registry.get_sample_value(name, labels) or 0.0
+
+        async def near_hit() -> bool:
+            await store.read(KEY, SCOPE)
+            return sample("commons_cache_near_hits_total", namespace="reports") > 0
+
+        await eventually(near_hit, "a near hit counted")
+        await outside.delete(store.generation_keys(SCOPE)[-1])
+        await eventually(
+            lambda: _true(sample("commons_cache_near_invalidations_total") > 0), "a message"
+        )
+        await outside.flushdb()
+        await eventually(
+            lambda: _true(sample("commons_cache_near_flushes_total", reason="server_flush") == 1),
+            "a flush counted",
+        )
+    finally:
+        await store.aclose()
