@@ -139,8 +139,13 @@ class BenchApp:
         await (app or self.main)(scope, receive, send)
 
 
+#: The ``redis`` backend with our near cache off (``CACHE_NEAR_CACHE=false``).
+REDIS_NEAR_OFF = "redis-near-off"
+
+
 def create_app(backend: str = "memory", redis_url: str | None = None) -> BenchApp:
-    """The benchmark app; ``backend`` is ``memory`` or ``redis`` for all three caches."""
+    """The benchmark app; ``backend`` is ``memory`` or ``redis`` for all three caches (or
+    :data:`REDIS_NEAR_OFF`: ``redis`` with our near cache off)."""
     from cashews import cache as cashews_cache
     from fastapi_cache import FastAPICache
     from fastapi_cache.backends.inmemory import InMemoryBackend
@@ -151,14 +156,21 @@ def create_app(backend: str = "memory", redis_url: str | None = None) -> BenchAp
     from commons.cache import cache, close_cache, init_cache, tenant_cache_key_builder
     from commons.cache.settings import CacheSettings
 
-    if backend not in ("memory", "redis") or (backend == "redis" and not redis_url):
+    if backend not in ("memory", "redis", REDIS_NEAR_OFF) or (
+        backend != "memory" and not redis_url
+    ):
         raise ValueError(f"backend {backend!r} needs redis_url for redis")
     calls: Counter[str] = Counter()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        url = redis_url if backend == "redis" else None
-        await init_cache(CacheSettings(REDIS_URL=url, CACHE_PREFIX="bench", CACHE_TTL_SECONDS=TTL))
+        url = redis_url if backend != "memory" else None
+        near = backend != REDIS_NEAR_OFF
+        await init_cache(
+            CacheSettings(
+                REDIS_URL=url, CACHE_PREFIX="bench", CACHE_TTL_SECONDS=TTL, CACHE_NEAR_CACHE=near
+            )
+        )
         # init_cache points fastapi-cache2 at our layer; the reference gets its stock backend.
         FastAPICache.reset()
         client = Redis.from_url(redis_url) if url else None

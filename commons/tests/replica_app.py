@@ -1,7 +1,8 @@
 """A small service for tests that run it as several replicas (uvicorn processes) on one Redis.
 
 - ``GET /res``: cached per tenant (namespace ``res``); reads the tenant's version from SQLite,
-  then takes ``READ_SECONDS`` to answer it (a slow query, an upstream call).
+  then takes ``REPLICA_READ_SECONDS`` (1 s by default) to answer it (a slow query, an upstream
+  call).
 - ``PUT /res``: bumps the tenant's version, commits, and invalidates the tenant's cached entries
   before answering, as a service does after a write.
 - ``GET /health``: answers once the service has started (its lifespan ran).
@@ -28,7 +29,8 @@ from commons.cache import cache, close_cache, init_cache, invalidate_namespace
 from commons.utilities.context import RequestContextMiddleware, get_tenant_id, set_tenant_id
 
 DB_ENV = "REPLICA_DB"
-READ_SECONDS = 1.0
+#: How long a GET takes to compute its answer (``REPLICA_READ_SECONDS``).
+READ_SECONDS = float(os.environ.get("REPLICA_READ_SECONDS", "1.0"))
 
 
 def _connect() -> sqlite3.Connection:

@@ -37,6 +37,7 @@ from commons.cache import (
     invalidate_namespace,
     tenant_cache_key_builder,
 )
+from commons.cache.backends.near import HEARTBEAT_SECONDS, SILENCE_LIMIT_SECONDS
 from commons.cache.status import CacheStatus
 from commons.testing.redis_server import RedisServer
 from commons.utilities.context import get_tenant_id
@@ -230,7 +231,11 @@ async def wait_for_backend(backend: str, within: float = RECOVERY_BOUND) -> floa
 
 
 async def get_until_degraded(service: Service, *, at_most: int = 10) -> int:
-    """GETs until the breaker opens; returns how many requests that took."""
+    """GETs until the breaker opens; returns how many requests that took.
+
+    First waits for the near cache to give up a silent link: until then it answers what it holds.
+    """
+    await asyncio.sleep(SILENCE_LIMIT_SECONDS + HEARTBEAT_SECONDS + 0.2)
     for count in range(1, at_most + 1):
         await service.get()
         if cache_status().backend == "degraded":
@@ -370,6 +375,8 @@ async def test_a_redis_restarted_between_two_requests_goes_unnoticed(
 
     own_redis.kill()
     own_redis.start()
+    # This process notices its closed connections (the near cache then forgets what it held).
+    await asyncio.sleep(0.05)
 
     # The pooled connection is dead; the one retry on a fresh connection hides it.
     assert (await service.get()).headers["X-FastAPI-Cache"] == "MISS"
@@ -432,7 +439,8 @@ async def test_a_redis_busy_in_a_long_command_is_bypassed_until_it_answers_again
     await service.get()
 
     fault_at = datetime.now(UTC)
-    sleeper = asyncio.create_task(asyncio.to_thread(own_redis.command, "DEBUG", "SLEEP", "1"))
+    # Longer than the near cache's silence limit, which answers what it holds until then.
+    sleeper = asyncio.create_task(asyncio.to_thread(own_redis.command, "DEBUG", "SLEEP", "3"))
     await asyncio.sleep(0.05)  # the server is inside DEBUG SLEEP now
     await get_until_degraded(service)
     assert_degraded(cache_status(), because="did not answer in time", after=fault_at)

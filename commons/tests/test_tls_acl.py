@@ -275,9 +275,18 @@ async def test_a_user_without_dangerous_commands_reaches_redis_caches_and_invali
     counting_app: httpx.AsyncClient,
     make_settings: Callable[..., CacheSettings],
 ) -> None:
-    # No INFO, CONFIG, KEYS, ...: the topology is found without them (REDIS_CLUSTER=auto).
+    # No INFO, CONFIG, KEYS, ...: the topology is found without them (REDIS_CLUSTER=auto). One
+    # channel: the near cache's invalidations.
     own_redis.command(
-        "ACL", "SETUSER", "svc", "on", ">s3cret", "~test-cache:*", "+@all", "-@dangerous"
+        "ACL",
+        "SETUSER",
+        "svc",
+        "on",
+        ">s3cret",
+        "~test-cache:*",
+        "&__redis__:invalidate",
+        "+@all",
+        "-@dangerous",
     )
 
     await init_cache(make_settings(f"redis://svc:s3cret@127.0.0.1:{own_redis.port}/0"))

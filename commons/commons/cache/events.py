@@ -47,3 +47,12 @@ class CacheEvents:
 
     def timed(self, namespace: str, operation: str, seconds: float) -> None:
         """Time one read or write spent on Redis (in-memory operations are not timed)."""
+
+    def near_cache_hit(self, namespace: str) -> None:
+        """A read from Redis was answered by the near cache, with no command sent."""
+
+    def near_cache_invalidation(self, keys: int) -> None:
+        """Redis sent an invalidation message naming ``keys`` keys (0: a flush of everything)."""
+
+    def near_cache_flushed(self, reason: str) -> None:
+        """The near cache was emptied: ``reason`` is one of ``backends.near.FlushReason``."""

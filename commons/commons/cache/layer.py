@@ -72,7 +72,6 @@ state (or of what Redis refuses), never one per request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -228,10 +227,13 @@ class CacheLayer:
     async def aclose(self) -> None:
         """Stops the recovery task and closes the stores. Safe to call twice."""
         task, self._recovery_task = self._recovery_task, None
-        if task is not None:
+        # Cancelled again until it ends: redis-py can swallow a cancellation that arrives while
+        # it reconnects (its timeout on disconnecting turns it into an error the probe absorbs).
+        while task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=0.1)
+        if task is not None and not task.cancelled():
+            task.exception()  # seen
         # Each ends within the Redis timeouts; cut short, one could be neither applied nor kept
         # (a process shutting down still owes Redis the invalidations it acknowledged).
         await self.removals_settled()

@@ -59,14 +59,15 @@ async def init_cache(
     global _layer
     settings = settings or cache_settings()
     await close_cache()
+    events = events if events is not None else _default_events()
     redis = None
     if settings.CACHE_ENABLED and settings.REDIS_URL is not None:
-        redis = redis_store(settings)
+        redis = redis_store(settings, serving=events)
     layer = CacheLayer(
         settings,
         redis=redis,
         memory=memory_store(settings),
-        events=events if events is not None else _default_events(),
+        events=events,
     )
     try:
         await layer.start()

@@ -27,6 +27,11 @@ Series (all prefixed ``commons_cache_``):
 - ``operation_duration_seconds{namespace,operation}``: a histogram of the time reads (``get``)
   and writes (``set``) spent on Redis. The in-memory tier's (a dictionary lookup, well under a
   microsecond) are not sampled.
+- ``near_hits_total{namespace}``: reads from Redis answered by the near cache (no command sent);
+  they are hits in ``hits_total`` too.
+- ``near_invalidations_total``: invalidation messages Redis sent the near cache.
+- ``near_flushes_total{reason}``: times the near cache was emptied, by reason (``tracking_lost``,
+  ``silence``, ``reader_lost``, ``server_flush``, ``clear``).
 
 Several worker processes (``uvicorn --workers``, gunicorn): with ``PROMETHEUS_MULTIPROC_DIR`` set
 before ``prometheus_client`` is first imported, every series is kept in that directory's files and
@@ -274,6 +279,9 @@ class _Collectors:
     invalidated_entries: Counter
     rejected_entries: Counter
     state: Gauge
+    near_hits: Counter
+    near_invalidations: Counter
+    near_flushes: Counter
 
 
 @functools.cache
@@ -321,6 +329,23 @@ def _collectors(registry: CollectorRegistry) -> _Collectors:
             # Summed over the live workers: a dead worker's state does not linger.
             multiprocess_mode="livesum",
         ),
+        near_hits=Counter(
+            "commons_cache_near_hits_total",
+            "Reads from Redis answered by the near cache, with no command sent.",
+            ["namespace"],
+            registry=registry,
+        ),
+        near_invalidations=Counter(
+            "commons_cache_near_invalidations_total",
+            "Invalidation messages Redis sent the near cache.",
+            registry=registry,
+        ),
+        near_flushes=Counter(
+            "commons_cache_near_flushes_total",
+            "Times the near cache was emptied, by reason.",
+            ["reason"],
+            registry=registry,
+        ),
     )
 
 
@@ -337,6 +362,8 @@ class PrometheusEvents(CacheEvents):
         for state in CacheState:
             # Every state is a series from the start, so a dashboard never sees a gap.
             self._metrics.state.labels(state=state.value)
+        # A near hit costs microseconds: its counter is looked up once per namespace.
+        self._near_hits: dict[str, Counter] = {}
 
     def lookup(self, namespace: str, outcome: str) -> None:
         if outcome in _LOOKUP_SERIES:
@@ -358,3 +385,17 @@ class PrometheusEvents(CacheEvents):
 
     def timed(self, namespace: str, operation: str, seconds: float) -> None:
         self._request_path.timed(namespace, operation, seconds)
+
+    def near_cache_hit(self, namespace: str) -> None:
+        counter = self._near_hits.get(namespace)
+        if counter is None:
+            counter = self._near_hits[namespace] = self._metrics.near_hits.labels(
+                namespace=namespace
+            )
+        counter.inc()
+
+    def near_cache_invalidation(self, keys: int) -> None:
+        self._metrics.near_invalidations.inc()
+
+    def near_cache_flushed(self, reason: str) -> None:
+        self._metrics.near_flushes.labels(reason=reason).inc()

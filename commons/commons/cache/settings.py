@@ -60,6 +60,19 @@ class CacheSettings(BaseSettings):
         ge=1,
         description="Bound of the in-memory backend (per process); least recently used go first.",
     )
+    CACHE_MEMORY_MAX_BYTES: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Bytes held at most (per process) by each of the in-memory backend (and "
+        "degraded tier) and the near cache, beside their entry bound; least recently used go "
+        "first, and an entry above a sixty-fourth of it is not kept in the near cache.",
+    )
+    CACHE_NEAR_CACHE: bool = Field(
+        default=True,
+        description="Keep Redis hits in process memory, kept coherent by Redis' client "
+        "tracking (one server, Redis 6+; not behind Sentinel or on a cluster). false: every "
+        "hit reads Redis.",
+    )
     REDIS_CONNECT_TIMEOUT_SECONDS: float = Field(
         default=0.5, gt=0, description="Time allowed to open a connection to Redis."
     )

@@ -45,11 +45,15 @@ class ExpiryMemo:
 
     def remaining(self, key: str, value: bytes) -> int | None:
         """Whole seconds ``value`` under ``key`` has left, if known and trusted; else None."""
+        expires_at = self.expires_at(key, value)
+        return None if expires_at is None else math.ceil(expires_at - self._clock())
+
+    def expires_at(self, key: str, value: bytes) -> float | None:
+        """When ``value`` under ``key`` expires (on the memo's clock), if known and trusted."""
         known = self._items.get(key)
         if known is None or known[0] != value:
             return None
-        left = known[1] - self._clock()
-        return math.ceil(left) if left > TRUST_ABOVE_SECONDS else None
+        return known[1] if known[1] - self._clock() > TRUST_ABOVE_SECONDS else None
 
     def remember(self, key: str, value: bytes, ttl_seconds: float) -> None:
         """Records that ``value`` under ``key`` expires ``ttl_seconds`` from now."""

@@ -1,10 +1,11 @@
 """A bounded, per-instance in-memory store.
 
 Unlike fastapi-cache2's ``InMemoryBackend`` (one class-level dict shared by every instance, never
-pruned), each :class:`MemoryStore` owns its entries and holds at most ``max_entries`` of them (the
-least recently used go first). Expiry is measured on the monotonic clock, so a wall-clock jump
-neither revives nor kills entries, and every write reclaims expired entries from a heap ordered by
-expiry, so an entry nobody reads again does not stay in memory.
+pruned), each :class:`MemoryStore` owns its entries and holds at most ``max_entries`` of them and
+``max_bytes`` of their keys, values and bookkeeping (the least recently used go first; a value
+larger than the whole byte budget is not stored). Expiry is measured on the monotonic clock, so a
+wall-clock jump neither revives nor kills entries, and every write reclaims expired entries from a
+heap ordered by expiry, so an entry nobody reads again does not stay in memory.
 
 Everything runs on the event loop's thread without awaiting, so no lock is needed.
 """
@@ -25,6 +26,8 @@ __all__ = ["MemoryStore"]
 
 
 _MISS = StoredRead(0, None)
+#: What an entry costs beyond its key's and value's bytes (objects, index and heap slots).
+ENTRY_OVERHEAD_BYTES = 300
 
 
 @dataclass(slots=True)
@@ -32,6 +35,7 @@ class _Entry:
     value: bytes
     expires_at: float
     scope: CacheScope | None
+    size: int
 
 
 class MemoryStore(LocalStore, ReplicaLocks):
@@ -39,10 +43,18 @@ class MemoryStore(LocalStore, ReplicaLocks):
 
     name = "memory"
 
-    def __init__(self, max_entries: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_entries: int,
+        *,
+        max_bytes: int = 64 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._expiry_heap: list[tuple[float, str]] = []
@@ -51,6 +63,11 @@ class MemoryStore(LocalStore, ReplicaLocks):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def bytes_held(self) -> int:
+        """What the entries held cost, as counted against ``max_bytes``."""
+        return self._bytes
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -85,27 +102,31 @@ class MemoryStore(LocalStore, ReplicaLocks):
         generation: bytes | None = None,
     ) -> bool:
         # One process: invalidations remove entries exactly, there is no generation to check.
-        self._put(key, value, ttl_seconds, scope)
-        return True
+        return self._put(key, value, ttl_seconds, scope)
 
-    def _put(self, key: str, value: bytes, ttl_seconds: float, scope: CacheScope | None) -> None:
+    def _put(self, key: str, value: bytes, ttl_seconds: float, scope: CacheScope | None) -> bool:
         now = self._clock()
         self.reclaim_expired(now)
         if key in self._entries:
             self._remove(key)
+        size = len(key) + len(value) + ENTRY_OVERHEAD_BYTES
+        if size > self._max_bytes:
+            return False
         expires_at = now + ttl_seconds
-        self._entries[key] = _Entry(value, expires_at, scope)
+        self._entries[key] = _Entry(value, expires_at, scope, size)
+        self._bytes += size
         heapq.heappush(self._expiry_heap, (expires_at, key))
         if scope is not None:
             tenants = self._index.setdefault(scope.namespace, {})
             tenants.setdefault(scope.tenant_id, {}).setdefault(scope.user_id, set()).add(key)
-        while len(self._entries) > self._max_entries:
+        while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
             oldest = next(iter(self._entries))
             self._remove(oldest)
         if len(self._expiry_heap) > 2 * len(self._entries) + 1024:
             # Re-set keys leave superseded heap items behind; rebuild before they pile up.
             self._expiry_heap = [(entry.expires_at, k) for k, entry in self._entries.items()]
             heapq.heapify(self._expiry_heap)
+        return True
 
     def reclaim_expired(self, now: float | None = None) -> int:
         """Drops every expired entry; returns how many were dropped."""
@@ -124,6 +145,7 @@ class MemoryStore(LocalStore, ReplicaLocks):
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
+        self._bytes -= entry.size
         scope = entry.scope
         if scope is not None:
             self._unindex(key, scope)
@@ -167,6 +189,7 @@ class MemoryStore(LocalStore, ReplicaLocks):
 
     async def clear(self) -> int:
         removed = len(self._entries)
+        self._bytes = 0
         self._entries.clear()
         self._expiry_heap.clear()
         self._index.clear()
@@ -175,8 +198,7 @@ class MemoryStore(LocalStore, ReplicaLocks):
     async def add_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
         if self._live_entry(key, self._clock()) is not None:
             return False
-        self._put(key, value, ttl_ms / 1000, None)
-        return True
+        return self._put(key, value, ttl_ms / 1000, None)
 
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
         entry = self._live_entry(key, self._clock())

@@ -27,6 +27,13 @@ wait at once; past that a GET is refused at once (:class:`redis.exceptions.MaxCo
 a miss for the layer), as the pool refuses a command past ``REDIS_MAX_CONNECTIONS``.
 
 Errors are raised as redis-py's exceptions, so the store translates them in its one place.
+
+Tracking (for the near cache, ``near.py``): given a :class:`ReadTracking`, the reader sends its
+``CLIENT TRACKING`` command first on every connection it opens (and again on the open one when
+:meth:`PipelinedReader.retrack` is called); the connection records the session it is tracked into
+once the command's ``OK`` is parsed, which in Redis' reply order is before the reply of any read
+sent after it. :meth:`PipelinedReader.mget_tracked` reports that session with the values, and a
+tracked connection that closes reports it lost.
 """
 
 from __future__ import annotations
@@ -36,13 +43,20 @@ import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
+from functools import partial
+from typing import Protocol, cast
 
 import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import ConnectionPool, Redis
 
-__all__ = ["PipelinedReader", "ReadChannel", "channel_opener", "encode_command"]
+__all__ = [
+    "PipelinedReader",
+    "ReadChannel",
+    "ReadTracking",
+    "channel_opener",
+    "encode_command",
+]
 
 #: Error replies a GET can meet, by their first word; others are plain ``ResponseError``.
 _ERROR_REPLIES: dict[str, type[redis_errors.RedisError]] = {
@@ -50,6 +64,19 @@ _ERROR_REPLIES: dict[str, type[redis_errors.RedisError]] = {
     "NOAUTH": redis_errors.AuthenticationError,
     "LOADING": redis_errors.BusyLoadingError,
 }
+
+
+class ReadTracking(Protocol):
+    """Where read connections get their tracking command and report its fate (``near.py``)."""
+
+    def tracking_command(self) -> tuple[int, bytes] | None:
+        """The session to track a connection into and the command that does it, or ``None``."""
+
+    def tracked_connection_lost(self, session: int) -> None:
+        """A connection tracked into ``session`` closed."""
+
+    def tracking_refused(self, message: str) -> None:
+        """Redis answered the tracking command with an error."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +165,19 @@ class _Connection(asyncio.Protocol):
     """
 
     def __init__(
-        self, channel: ReadChannel, loop: asyncio.AbstractEventLoop, timeout: float
+        self,
+        channel: ReadChannel,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        tracking: ReadTracking | None = None,
     ) -> None:
         self.channel = channel
         self.loop = loop
         self.timeout = timeout
         self.broken = False
+        self.tracking = tracking
+        #: The tracking session this connection's reads are tracked into (see the module doc).
+        self.session: int | None = None
         #: Waiting commands: their future and the loop time their reply is due by.
         self.waiting: deque[tuple[asyncio.Future[Reply], float]] = deque()
         self._parser = hiredis.Reader()
@@ -175,6 +209,21 @@ class _Connection(asyncio.Protocol):
         if self._deadline_timer is None:
             self._deadline_timer = self.loop.call_at(due, self._check_deadline)
         return future
+
+    def track(self, session: int, command: bytes) -> None:
+        """Sends the tracking ``command``; reads sent after it are tracked into ``session``."""
+        self.send(command).add_done_callback(partial(self._tracked, session))
+
+    def _tracked(self, session: int, reply: asyncio.Future[Reply]) -> None:
+        # Called back in the order replies were parsed (futures schedule their callbacks, and a
+        # read's waiter, in the order their results are set): before any later read resumes.
+        if reply.cancelled():
+            return
+        error = reply.exception()
+        if error is None and reply.result() == b"OK":
+            self.session = session
+        elif isinstance(error, redis_errors.ResponseError) and self.tracking is not None:
+            self.tracking.tracking_refused(str(error).split(" ", 1)[0])
 
     def _send(self) -> None:
         if self.broken:
@@ -236,6 +285,8 @@ class _Connection(asyncio.Protocol):
         if self.broken:
             return
         self.broken = True
+        if self.session is not None and self.tracking is not None:
+            self.tracking.tracked_connection_lost(self.session)
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
@@ -267,8 +318,10 @@ class PipelinedReader:
         timeout: float,
         max_pending: int,
         open_timeout: float | None = None,
+        tracking: ReadTracking | None = None,
     ) -> None:
         self._open_channel = open_channel
+        self._tracking = tracking
         self._timeout = timeout
         self._open_timeout = 3 * timeout if open_timeout is None else open_timeout
         self._max_pending = max_pending
@@ -278,7 +331,7 @@ class PipelinedReader:
 
     async def get(self, key: str) -> bytes | None:
         """The value under ``key``, or ``None`` (see :meth:`mget`)."""
-        reply = await self._call(encode_command(b"GET", [key]))
+        reply = (await self._call(encode_command(b"GET", [key])))[0]
         if isinstance(reply, list):
             raise redis_errors.InvalidResponse("a GET was answered with a list")
         return reply
@@ -295,25 +348,46 @@ class PipelinedReader:
     async def mget_encoded(self, command: bytes, count: int) -> list[bytes | None]:
         """:meth:`mget` of a command already encoded (:func:`encode_command`) for ``count`` keys:
         a caller that reads the same keys again and again encodes them once."""
-        reply = await self._call(command)
+        reply = (await self._call(command))[0]
         if not isinstance(reply, list) or len(reply) != count:
             raise redis_errors.InvalidResponse("an MGET was not answered with its values")
         return reply
 
-    async def _call(self, command: bytes) -> Reply:
+    async def mget_tracked(
+        self, command: bytes, count: int
+    ) -> tuple[list[bytes | None], int | None]:
+        """:meth:`mget_encoded`, and the tracking session its connection was in at the reply."""
+        reply, connection = await self._call(command)
+        if not isinstance(reply, list) or len(reply) != count:
+            raise redis_errors.InvalidResponse("an MGET was not answered with its values")
+        return reply, connection.session
+
+    def retrack(self) -> None:
+        """Sends the tracking command again on the open connection (a new session began)."""
+        connection = self._connection
+        command = self._tracking.tracking_command() if self._tracking is not None else None
+        if command is None or connection is None or connection.broken:
+            return
+        with contextlib.suppress(RuntimeError):
+            if connection.loop is not asyncio.get_running_loop():
+                return
+            connection.track(*command)
+
+    async def _call(self, command: bytes) -> tuple[Reply, _Connection]:
         connection = self._usable_connection(asyncio.get_running_loop())
         if connection is None:
             connection = await self._connect()
         if len(connection.waiting) >= self._max_pending:
             raise redis_errors.MaxConnectionsError("too many reads are waiting for Redis")
         try:
-            return await connection.send(command)
+            return await connection.send(command), connection
         except redis_errors.BusyLoadingError:
             raise
         except redis_errors.ConnectionError:
             # The connection was dropped (a restarted server): once more, at once, on a new one,
             # as redis-py retries its own commands. A timeout is not retried.
-            return await (await self._connect()).send(command)
+            connection = await self._connect()
+            return await connection.send(command), connection
 
     def _usable_connection(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
         """The open connection, if there is one and ``loop`` can drive it."""
@@ -354,7 +428,12 @@ class PipelinedReader:
         if self._closed:
             channel.close()
             raise redis_errors.ConnectionError("the cache is closed")
-        connection = _Connection(channel, loop, self._timeout)
+        connection = _Connection(channel, loop, self._timeout, self._tracking)
+        if self._tracking is not None and not connection.broken:
+            command = self._tracking.tracking_command()
+            if command is not None:
+                # First on the connection: every read sent on it is tracked.
+                connection.track(*command)
         self._connection = connection
         return connection
 

@@ -50,6 +50,7 @@ import logging
 import math
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -61,6 +62,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 
 from commons.cache.backends.base import CacheStore, ReplicaLocks, StoredRead
 from commons.cache.backends.expiry import ExpiryMemo
+from commons.cache.backends.near import FlushReason, NearCache, ReadTicket
 from commons.cache.backends.pipelined_reads import (
     PipelinedReader,
     channel_opener,
@@ -327,6 +329,7 @@ class RedisStore(CacheStore, ReplicaLocks):
         prefix: str,
         *,
         cluster_factory: Callable[[], RedisCluster] | None = None,
+        near_cache: NearCache | None = None,
     ) -> None:
         """
         Args:
@@ -334,8 +337,12 @@ class RedisStore(CacheStore, ReplicaLocks):
             prefix: The service's ``CACHE_PREFIX``.
             cluster_factory: With a one-server client: builds the cluster client to switch to
                 if that server turns out to be a cluster node (``REDIS_CLUSTER=auto``).
+            near_cache: Keeps what reads find, coherently (``near.py``); used on one server
+                only (not behind Sentinel, not on a cluster).
         """
         self._prefix = prefix
+        self._near_cache = near_cache
+        self._near: NearCache | None = None
         self._cluster_factory = cluster_factory
         self._expiries = ExpiryMemo()
         self._keys = Keyspace(prefix)
@@ -350,6 +357,7 @@ class RedisStore(CacheStore, ReplicaLocks):
     def _use(self, client: RedisClient) -> None:
         self._client = client
         self._reads = None
+        self._near = None
         self._behind_sentinel = self._sentinel_pool() is not None
         options = (
             client.get_connection_kwargs()
@@ -359,11 +367,16 @@ class RedisStore(CacheStore, ReplicaLocks):
         #: A command's time budget: how long an invalidation waits for a pooled connection.
         self._command_timeout: float = options.get("socket_timeout") or 5.0
         if isinstance(client, Redis) and (opener := channel_opener(client)) is not None:
+            near = self._near_cache
             self._reads = PipelinedReader(
                 opener,
                 timeout=self._command_timeout,
                 max_pending=PIPELINED_READS_MAX_PENDING,
+                tracking=near,
             )
+            if near is not None:
+                near.attach(opener, self._reads, timeout=self._command_timeout)
+                self._near = near
         self._index_add = client.register_script(_INDEX_ADD)
         self._fill = client.register_script(_FILL)
         self._ensure_generations = client.register_script(_ENSURE_GENERATIONS)
@@ -379,6 +392,11 @@ class RedisStore(CacheStore, ReplicaLocks):
     def keyspace(self) -> Keyspace:
         """The names of this store's helper keys."""
         return self._keys
+
+    @property
+    def near_cache(self) -> NearCache | None:
+        """The near cache in use (one server only), or ``None``."""
+        return self._near
 
     @property
     def is_cluster(self) -> bool:
@@ -430,47 +448,72 @@ class RedisStore(CacheStore, ReplicaLocks):
     # -- reads ---------------------------------------------------------------------------------
 
     async def read(self, key: str, scope: CacheScope) -> StoredRead:
-        """The entry and its scope's generations, in one round trip (``MGET``) on one server."""
+        """The entry and its scope's generations, in one round trip (``MGET``) on one server; with
+        the near cache, none when it holds them."""
         # Until a first contact has ruled a cluster out, reads take redis-py's routed path.
         reads = self._reads if self._cluster_factory is None else None
+        ticket: ReadTicket | None = None
+        near = self._near
         if reads is None:
             self._check_sentinel_master()
+        elif near is not None:
+            held = near.get(key, scope.namespace)
+            if held is not None:
+                return held
+            near.start()
+            ticket = near.begin(self._read_keys(key, scope))
         # A hit's path: the seam is spelled out rather than entered as a context manager, which
         # would cost a hit a generator and two awaits.
         try:
-            replies: list[bytes | None]
-            if reads is not None:
-                command, count = self._read_command(key, scope)
-                replies = await reads.mget_encoded(command, count)
-            elif isinstance(self._client, RedisCluster):
-                # The entry and its generations live in different slots: the entry first, so an
-                # invalidation between the two reads shows as another generation (a miss).
-                replies = [cast(bytes | None, await self._client.get(key))]
-                replies += cast(
-                    list[bytes | None], await self._client.mget(self.generation_keys(scope))
-                )
-            else:
-                # decode_responses is off: replies are bytes.
-                replies = cast(
-                    list[bytes | None], await self._client.mget(self._read_keys(key, scope))
-                )
+            replies, tracked_in = await self._read_replies(reads, key, scope, ticket)
             value = replies[0]
             generations = replies[1:]
             generation = None if None in generations else b".".join(generations)  # type: ignore[arg-type]
             if value is None:
                 self._expiries.forget(key)
                 return StoredRead(0, None, generation)
-            remaining = self._expiries.remaining(key, value)
-            if remaining is not None:
-                return StoredRead(remaining, value, generation)
-            # First sight of these bytes (or near their expiry): one more round trip.
-            ttl_ms = await self._client.pttl(key)
+            expires_at = self._expiries.expires_at(key, value)
+            if expires_at is None:
+                # First sight of these bytes (or near their expiry): one more round trip.
+                ttl_ms = await self._client.pttl(key)
+                if ttl_ms <= 0:
+                    return StoredRead(0, value, generation)
+                self._expiries.remember(key, value, ttl_ms / 1000)
+                expires_at = time.monotonic() + ttl_ms / 1000
+            read = StoredRead(math.ceil(expires_at - time.monotonic()), value, generation)
+            if ticket is not None and near is not None and generation is not None:
+                near.keep(ticket, tracked_in, read, expires_at)
+            return read
         except _REDIS_FAILURES as exc:
             raise _translate(exc) from exc
-        if ttl_ms <= 0:
-            return StoredRead(0, value, generation)
-        self._expiries.remember(key, value, ttl_ms / 1000)
-        return StoredRead(math.ceil(ttl_ms / 1000), value, generation)
+        finally:
+            if ticket is not None and near is not None:
+                near.end(ticket)
+
+    async def _read_replies(
+        self,
+        reads: PipelinedReader | None,
+        key: str,
+        scope: CacheScope,
+        ticket: ReadTicket | None,
+    ) -> tuple[list[bytes | None], int | None]:
+        """The entry's and its generations' values, and the tracking session of the read (on
+        the pipelined reader with a near cache, else ``None``)."""
+        if reads is not None:
+            command, count = self._read_command(key, scope)
+            if ticket is not None:
+                return await reads.mget_tracked(command, count)
+            return await reads.mget_encoded(command, count), None
+        if isinstance(self._client, RedisCluster):
+            # The entry and its generations live in different slots: the entry first, so an
+            # invalidation between the two reads shows as another generation (a miss).
+            replies = [cast(bytes | None, await self._client.get(key))]
+            replies += cast(
+                list[bytes | None], await self._client.mget(self.generation_keys(scope))
+            )
+            return replies, None
+        # decode_responses is off: replies are bytes.
+        return cast(list[bytes | None], await self._client.mget(self._read_keys(key, scope))), None
 
     async def generation(self, scope: CacheScope) -> bytes:
         keys = self.generation_keys(scope)
@@ -495,17 +538,21 @@ class RedisStore(CacheStore, ReplicaLocks):
         fill_keys = [key, *self.generation_keys(scope)]
         fill_args: list[bytes | int] = [value, ttl_ms, generation or b"", INDEX_GRACE_MS]
         self._check_sentinel_master()
-        async with _redis_errors_translated():
-            if isinstance(self._client, RedisCluster):
-                stored = await self._write_on_cluster(self._client, key, value, ttl_ms, scope)
-            else:
-                pipe = self._client.pipeline(transaction=True)
-                for index, member in self._index_updates(key, scope):
-                    await self._index_add(
-                        keys=[index], args=[member, ttl_ms, INDEX_GRACE_MS], client=pipe
-                    )
-                await self._fill(keys=fill_keys, args=fill_args, client=pipe)
-                stored = bool((await pipe.execute())[-1])
+        try:
+            async with _redis_errors_translated():
+                if isinstance(self._client, RedisCluster):
+                    stored = await self._write_on_cluster(self._client, key, value, ttl_ms, scope)
+                else:
+                    pipe = self._client.pipeline(transaction=True)
+                    for index, member in self._index_updates(key, scope):
+                        await self._index_add(
+                            keys=[index], args=[member, ttl_ms, INDEX_GRACE_MS], client=pipe
+                        )
+                    await self._fill(keys=fill_keys, args=fill_args, client=pipe)
+                    stored = bool((await pipe.execute())[-1])
+        finally:
+            # Read-your-writes in this process: Redis' invalidation message comes later.
+            self._drop_near([key])
         if stored:
             self._expiries.remember(key, value, ttl_seconds)
         return stored
@@ -536,12 +583,19 @@ class RedisStore(CacheStore, ReplicaLocks):
 
     async def delete(self, key: str, scope: CacheScope | None = None) -> int:
         if scope is None:
-            async with _redis_errors_translated():
-                return int(await self._client.unlink(key))
+            try:
+                async with _redis_errors_translated():
+                    return int(await self._client.unlink(key))
+            finally:
+                self._drop_near([key])
         # A fill of this key computed before the deletion must not bring it back; once the
         # generation is retired, the entry is a miss wherever it is read, so removing it only
         # frees its memory.
-        await self._retire(self.generation_keys(scope)[-1])
+        generation_key = self.generation_keys(scope)[-1]
+        try:
+            await self._retire(generation_key)
+        finally:
+            self._drop_near([key, generation_key])
         try:
             async with _redis_errors_translated():
                 return int(await self._client.unlink(key))
@@ -570,7 +624,12 @@ class RedisStore(CacheStore, ReplicaLocks):
         ns, names = target.namespace, self._keys
         async with _redis_errors_translated():
             await self._follow_sentinel_master()
-        await self._retire(self._generation_key_of(target))
+        generation_key = self._generation_key_of(target)
+        try:
+            await self._retire(generation_key)
+        finally:
+            # Whether or not Redis took it: this process serves nothing of the old generation.
+            self._drop_near([generation_key])
         try:
             async with _redis_errors_translated():
                 if target.tenant_id is None:
@@ -583,6 +642,10 @@ class RedisStore(CacheStore, ReplicaLocks):
         except BackendError as exc:
             logger.debug("invalidated entries left to expire: %s", exc)
             return 0
+
+    def _drop_near(self, keys: list[str]) -> None:
+        if self._near is not None:
+            self._near.drop(keys)
 
     async def _retire(self, generation_key: str) -> None:
         """Deletes a scope's generation: what makes an invalidation (or a deletion) hold.
@@ -822,13 +885,17 @@ class RedisStore(CacheStore, ReplicaLocks):
         """Removes every key of the prefix (SCAN, then UNLINK in batches); ``on_batch(n)`` after
         each batch (the CLI's progress bar)."""
         removed = 0
-        async with _redis_errors_translated():
-            await self._detect_cluster()
-            async for batch in self.keys_of_prefix():
-                unlinked = int(await self._client.unlink(*batch))
-                removed += unlinked
-                if on_batch is not None:
-                    on_batch(unlinked)
+        try:
+            async with _redis_errors_translated():
+                await self._detect_cluster()
+                async for batch in self.keys_of_prefix():
+                    unlinked = int(await self._client.unlink(*batch))
+                    removed += unlinked
+                    if on_batch is not None:
+                        on_batch(unlinked)
+        finally:
+            if self._near is not None:
+                self._near.flush(FlushReason.CLEAR)
         return removed
 
     async def keys_of_prefix(self) -> AsyncIterator[Sequence[bytes]]:
@@ -853,6 +920,9 @@ class RedisStore(CacheStore, ReplicaLocks):
                 await self._client.ping(target_nodes=RedisCluster.PRIMARIES)
             else:
                 await self._client.ping()
+        if self._near is not None and self._cluster_factory is None:
+            # Subscribing now, so that the first reads can be kept.
+            self._near.start()
 
     async def _detect_cluster(self) -> None:
         """On the first contact (``REDIS_CLUSTER=auto``): switch to the cluster client if needed."""
@@ -862,6 +932,9 @@ class RedisStore(CacheStore, ReplicaLocks):
         if await reports_cluster_mode(self._client):
             single, single_reads, cluster = self._client, self._reads, factory()
             self._use(cluster)
+            if self._near_cache is not None:
+                # Nodes of a cluster are not tracked here: nothing is kept.
+                await self._near_cache.aclose()
             with contextlib.suppress(*_REDIS_FAILURES):
                 if single_reads is not None:
                     await single_reads.aclose()
@@ -878,6 +951,8 @@ class RedisStore(CacheStore, ReplicaLocks):
             with contextlib.suppress(asyncio.CancelledError):
                 await check
         try:
+            if self._near_cache is not None:
+                await self._near_cache.aclose()
             if self._reads is not None:
                 await self._reads.aclose()
             await self._client.aclose()

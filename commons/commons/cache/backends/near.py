@@ -1,0 +1,593 @@
+"""The near cache: Redis hits answered from this process's memory, kept coherent by Redis itself.
+
+A hit from Redis costs a round trip. Redis 6+ can tell a client when a key it read has changed
+(server-assisted client-side caching, ``CLIENT TRACKING``), so a process may keep what it read
+and answer the same read again locally until Redis says otherwise. This module keeps, per process,
+the entries read from Redis and the scope generations read with them; a read whose entry and
+generations are all held (and the entry unexpired) is answered with no command sent.
+
+How it stays coherent
+---------------------
+- Tracking is the default (not broadcast) mode, redirected: the pipelined read connection runs
+  ``CLIENT TRACKING ON REDIRECT <id>``, where ``<id>`` is a second connection of ours,
+  ``SUBSCRIBE``\\d to ``__redis__:invalidate``. Redis then sends that connection the name of every
+  key the read connection read once the key changes, is deleted, expires or is evicted, and a
+  null message when the database is flushed. RESP2 redirect works on Redis 6 and 7 and on
+  managed services alike; a message drops the keys it names (everything for a null one).
+- A *session* is one life of the subscribed connection. The tracking command is the first
+  command of every read connection and is sent again on the open one when a session begins;
+  Redis answers a connection's commands in order, so a read whose reply comes after the
+  command's ``OK`` was tracked, and only such reads are kept (the connection records the session
+  it is tracked into when the ``OK`` is parsed).
+- The read/fill race: a read registers its keys before it is sent. An invalidation of any of them
+  (a message, or a write by this process) arriving before the result is kept marks the read, and
+  its result is then not kept: between the read and the keeping, the invalidation wins.
+  A flush of any kind in between does the same (an *epoch* counts flushes).
+- What cannot be confirmed is not answered: losing the subscribed connection (closed, killed,
+  ``CLIENT KILL``, full output buffer), hearing nothing on it for :data:`SILENCE_LIMIT_SECONDS`
+  (it is pinged every :data:`HEARTBEAT_SECONDS`, and every hit checks the silence itself, so a
+  busy event loop cannot serve past it), or losing the read connection (Redis forgets what a
+  closed connection tracked) empties the near cache at once; it keeps nothing until a new session
+  is confirmed. A replica cut off from Redis therefore answers nothing from it after at most
+  :data:`SILENCE_LIMIT_SECONDS`.
+- Writes, deletions, invalidations and flushes made by this process drop the keys they touch
+  before they return (the store calls :meth:`NearCache.drop`), so a process reads its own writes
+  although Redis' message for them arrives later.
+- Expiry: an entry is kept with its expiry (from the read's remaining time to live) and never
+  answered past it, since Redis may expire a key that nobody reads only much later. Generations
+  carry no expiry of their own: a fill extends its scope's generations to outlive the entry, so
+  the entry's expiry bounds both, and a generation that goes away early (deleted, evicted) is
+  announced by Redis like any other key.
+- What the near cache answers is exactly what Redis held: the layer validates it as any read
+  (format marker, fingerprint, generation), so garbage or another route version's entry is held
+  perhaps, but never served.
+
+Why not broadcast mode (``BCAST PREFIX``, cashews' choice): every replica would hear of every key
+written under the prefix, including entries it never read, which costs every replica the whole
+service's write traffic. The default mode sends a replica only what it read.
+
+Bounds: at most ``max_entries`` keys (entries and generations) and ``max_bytes`` of their sizes;
+the least recently used entries go first. An entry larger than a sixty-fourth of the byte budget
+is not kept. Redis' own tracking table (``tracking-table-max-keys``) evicts by sending
+invalidations, which this cache handles like any other.
+
+Only one-server set-ups use it (the pipelined reader's): behind Sentinel and on a cluster the
+reads take redis-py's path and nothing is kept here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import hiredis
+from redis import exceptions as redis_errors
+
+from commons.cache.backends.base import StoredRead
+from commons.cache.backends.pipelined_reads import ReadChannel, encode_command
+from commons.cache.events import CacheEvents
+
+__all__ = ["FlushReason", "NearCache", "ReadTicket"]
+
+logger = logging.getLogger("commons.cache")
+
+#: The channel Redis publishes invalidations on for RESP2 clients that redirect to it.
+INVALIDATE_CHANNEL = b"__redis__:invalidate"
+#: How often the subscribed connection is pinged.
+HEARTBEAT_SECONDS = 0.3
+#: Nothing heard on the subscribed connection for this long: the near cache is emptied.
+SILENCE_LIMIT_SECONDS = 1.0
+#: Waits between attempts to subscribe again, doubling up to the last.
+RECONNECT_FIRST_SECONDS = 0.05
+RECONNECT_MAX_SECONDS = 1.0
+#: What a held key costs beyond its key's and value's bytes (objects, dictionary slots).
+ITEM_OVERHEAD_BYTES = 200
+
+
+class FlushReason:
+    """Why the near cache was emptied (the ``reason`` of ``CacheEvents.near_cache_flushed``)."""
+
+    #: The subscribed connection was closed or killed.
+    TRACKING_LOST = "tracking_lost"
+    #: Nothing was heard on the subscribed connection for SILENCE_LIMIT_SECONDS.
+    SILENCE = "silence"
+    #: The read connection was closed: Redis no longer tracks what it read.
+    READER_LOST = "reader_lost"
+    #: Redis announced a flush of its database (FLUSHALL, FLUSHDB).
+    SERVER_FLUSH = "server_flush"
+    #: This process flushed the cache (``clear``).
+    CLEAR = "clear"
+
+
+class Retrackable(Protocol):
+    """The read side: asked to run the tracking command again when a session begins."""
+
+    def retrack(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Generation:
+    """A held generation key; ``alive`` turns false when it is dropped (entries check it)."""
+
+    value: bytes
+    alive: bool = True
+
+
+class _Entry(NamedTuple):
+    value: bytes
+    expires_at: float
+    #: The scope's generations as the read reported them, joined.
+    generation: bytes
+    generations: tuple[_Generation, ...]
+    size: int
+
+
+class ReadTicket(NamedTuple):
+    """A read under way: what was current when it began (see :meth:`NearCache.begin`)."""
+
+    epoch: int
+    touches: int
+    session: int
+    keys: tuple[str, ...]
+
+
+class NearCache:
+    """Entries and generations read from Redis, kept while Redis tracks them for this process.
+
+    Args:
+        max_entries: Keys held at most (entries and generations).
+        max_bytes: Bytes held at most (keys, values and overhead).
+        events: Receives hits, invalidation messages and flushes.
+    """
+
+    def __init__(
+        self, *, max_entries: int, max_bytes: int, events: CacheEvents | None = None
+    ) -> None:
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._max_item_bytes = max(max_bytes // 64, 1)
+        self.events = events or CacheEvents()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._generations: dict[str, _Generation] = {}
+        self._bytes = 0
+        #: Bumped by every flush and every new session: reads begun before are not kept.
+        self._epoch = 0
+        #: Bumped by every invalidation of a key some read is waiting for.
+        self._touches = 0
+        self._touched: dict[str, int] = {}
+        self._inflight: dict[str, int] = {}
+        self._session: int | None = None
+        self._sessions = 0
+        self._heard_at = 0.0
+        self._subscriber: _Subscriber | None = None
+        self._open_channel: Callable[[], Awaitable[ReadChannel]] | None = None
+        self._timeout = 1.0
+        self._reader: Retrackable | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._refused: str | None = None
+        self._closed = False
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def attach(
+        self,
+        open_channel: Callable[[], Awaitable[ReadChannel]],
+        reader: Retrackable,
+        *,
+        timeout: float,
+    ) -> None:
+        """Connects the near cache to the server its reader reads from."""
+        self._open_channel = open_channel
+        self._reader = reader
+        self._timeout = timeout
+
+    def start(self) -> None:
+        """Starts keeping the subscribed connection open (in the background), once per loop."""
+        task = self._task
+        if self._closed or self._refused is not None or self._open_channel is None:
+            return
+        loop = asyncio.get_running_loop()
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        if task is not None:
+            # Started on another event loop, which can no longer drive it.
+            task.cancel()
+            self._lose(FlushReason.TRACKING_LOST)
+        self._task = loop.create_task(self._subscribe_forever(), name="cache-near-tracking")
+
+    @property
+    def live(self) -> bool:
+        """Whether a session is confirmed: reads may be kept and answered."""
+        return self._session is not None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes_held(self) -> int:
+        """What the held entries and generations cost, as counted against ``max_bytes``."""
+        return self._bytes
+
+    # -- the hit path ----------------------------------------------------------------------------
+
+    def get(self, key: str, namespace: str) -> StoredRead | None:
+        """The read of ``key`` as Redis would answer it now, if held; ``None`` otherwise."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = time.monotonic()
+        if now - self._heard_at > SILENCE_LIMIT_SECONDS:
+            self._lose(FlushReason.SILENCE)
+            return None
+        if entry.expires_at <= now:
+            self._drop_entry(key)
+            return None
+        for generation in entry.generations:
+            if not generation.alive:
+                self._drop_entry(key)
+                return None
+        self._entries.move_to_end(key)
+        self.events.near_cache_hit(namespace)
+        return StoredRead(math.ceil(entry.expires_at - now), entry.value, entry.generation)
+
+    # -- filling -----------------------------------------------------------------------------------
+
+    def begin(self, keys: list[str]) -> ReadTicket | None:
+        """Registers a read of ``keys`` about to be sent; ``None`` when nothing could be kept."""
+        session = self._session
+        if session is None:
+            return None
+        inflight = self._inflight
+        for key in keys:
+            inflight[key] = inflight.get(key, 0) + 1
+        return ReadTicket(self._epoch, self._touches, session, tuple(keys))
+
+    def end(self, ticket: ReadTicket) -> None:
+        """The read of ``ticket`` is over (kept or not)."""
+        inflight = self._inflight
+        for key in ticket.keys:
+            left = inflight[key] - 1
+            if left:
+                inflight[key] = left
+            else:
+                del inflight[key]
+                self._touched.pop(key, None)
+
+    def keep(
+        self,
+        ticket: ReadTicket,
+        tracked_in: int | None,
+        read: StoredRead,
+        expires_at: float,
+    ) -> None:
+        """Keeps what the read of ``ticket`` found, if it is still known to be current.
+
+        ``tracked_in`` is the session the read's connection was tracked into when its reply came;
+        ``read`` must hold a value and a generation, ``expires_at`` is the value's expiry.
+        """
+        if not self._admits(ticket, tracked_in) or read.value is None or read.generation is None:
+            return
+        key, generation_keys = ticket.keys[0], ticket.keys[1:]
+        values = read.generation.split(b".")
+        if len(values) != len(generation_keys):
+            return
+        size = len(key) + len(read.value) + ITEM_OVERHEAD_BYTES
+        if size > self._max_item_bytes:
+            return
+        self._drop_entry(key)
+        generations = tuple(map(self._held_generation, generation_keys, values))
+        self._make_room(size)
+        self._entries[key] = _Entry(read.value, expires_at, read.generation, generations, size)
+        self._bytes += size
+
+    def _admits(self, ticket: ReadTicket, tracked_in: int | None) -> bool:
+        if (
+            ticket.epoch != self._epoch
+            or tracked_in is None
+            or tracked_in != self._session
+            or tracked_in != ticket.session
+        ):
+            return False
+        if ticket.touches != self._touches:
+            touched = self._touched
+            for key in ticket.keys:
+                if touched.get(key, 0) > ticket.touches:
+                    return False
+        return True
+
+    def _held_generation(self, key: str, value: bytes) -> _Generation:
+        held = self._generations.get(key)
+        if held is not None:
+            if held.value == value:
+                return held
+            # A change whose message is still on its way: the newer value replaces it.
+            self._drop_generation(key)
+        self._make_room(len(key) + len(value) + ITEM_OVERHEAD_BYTES)
+        held = self._generations[key] = _Generation(value)
+        self._bytes += len(key) + len(value) + ITEM_OVERHEAD_BYTES
+        return held
+
+    def _make_room(self, size: int) -> None:
+        entries = self._entries
+        while entries and (
+            len(entries) + len(self._generations) >= self._max_entries
+            or self._bytes + size > self._max_bytes
+        ):
+            _, oldest = entries.popitem(last=False)
+            self._bytes -= oldest.size
+        if len(self._generations) >= self._max_entries or self._bytes + size > self._max_bytes:
+            # Only generations are left: drop them all (entries that need them then miss).
+            for key in list(self._generations):
+                self._drop_generation(key)
+
+    # -- dropping ----------------------------------------------------------------------------------
+
+    def drop(self, keys: list[str]) -> None:
+        """Forgets ``keys`` (changed by this process, or announced by Redis), and makes every
+        read of them under way keep nothing."""
+        inflight = self._inflight
+        for key in keys:
+            if key in inflight:
+                self._touches += 1
+                self._touched[key] = self._touches
+            self._drop_entry(key)
+            self._drop_generation(key)
+
+    def _drop_entry(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry.size
+
+    def _drop_generation(self, key: str) -> None:
+        held = self._generations.pop(key, None)
+        if held is not None:
+            held.alive = False
+            self._bytes -= len(key) + len(held.value) + ITEM_OVERHEAD_BYTES
+
+    def flush(self, reason: str | None) -> None:
+        """Forgets everything; reads under way keep nothing. ``reason`` is reported (``None``:
+        not an event worth reporting, nothing was held)."""
+        self._epoch += 1
+        for held in self._generations.values():
+            held.alive = False
+        self._entries.clear()
+        self._generations.clear()
+        self._bytes = 0
+        if reason is not None:
+            self.events.near_cache_flushed(reason)
+
+    # -- the read connection's side (pipelined_reads.ReadTracking) --------------------------------
+
+    def tracking_command(self) -> tuple[int, bytes] | None:
+        """The session to track a read connection into and the command that does it."""
+        subscriber, session = self._subscriber, self._session
+        if subscriber is None or session is None:
+            return None
+        command = encode_command(
+            b"CLIENT", ["TRACKING", "ON", "REDIRECT", str(subscriber.client_id)]
+        )
+        return session, command
+
+    def tracked_connection_lost(self, session: int) -> None:
+        """A read connection tracked into ``session`` closed: what it read is no longer tracked."""
+        if session == self._session:
+            self.flush(FlushReason.READER_LOST)
+
+    def tracking_refused(self, message: str) -> None:
+        """Redis refused to track (too old a version, an ACL): the near cache turns itself off."""
+        if self._refused is None:
+            logger.warning("near cache off: Redis refuses client tracking (%s)", message)
+        self._refused = message
+        self._lose(None)
+        task = self._task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    # -- the subscribed connection ---------------------------------------------------------------
+
+    async def _subscribe_forever(self) -> None:
+        delay = RECONNECT_FIRST_SECONDS
+        while not self._closed and self._refused is None:
+            try:
+                subscriber = await self._subscribe()
+            except redis_errors.ResponseError as exc:
+                self.tracking_refused(_first_words(exc))
+                return
+            except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+                logger.debug("near cache: subscribing for invalidations failed: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RECONNECT_MAX_SECONDS)
+                continue
+            delay = RECONNECT_FIRST_SECONDS
+            await subscriber.closed
+
+    async def _subscribe(self) -> _Subscriber:
+        assert self._open_channel is not None
+        loop = asyncio.get_running_loop()
+        subscriber: _Subscriber | None = None
+        try:
+            async with asyncio.timeout(3 * self._timeout):
+                channel = await self._open_channel()
+                subscriber = _Subscriber(channel, loop, self)
+                await asyncio.shield(subscriber.ready)
+        except TimeoutError as exc:
+            if subscriber is not None:
+                subscriber.close()
+            raise redis_errors.TimeoutError("subscribing for invalidations timed out") from exc
+        except BaseException:
+            if subscriber is not None:
+                subscriber.close()
+            raise
+        if self._closed:
+            subscriber.close()
+            raise redis_errors.ConnectionError("the cache is closed")
+        self._begin_session(subscriber)
+        return subscriber
+
+    def _begin_session(self, subscriber: _Subscriber) -> None:
+        self.flush(None)
+        self._sessions += 1
+        self._subscriber = subscriber
+        self._session = self._sessions
+        self._heard_at = time.monotonic()
+        subscriber.schedule_heartbeat()
+        logger.debug("near cache: tracking on (redirect to client %d)", subscriber.client_id)
+        if self._reader is not None:
+            self._reader.retrack()
+
+    def heard(self, subscriber: _Subscriber) -> None:
+        if subscriber is self._subscriber:
+            self._heard_at = time.monotonic()
+
+    def silent_too_long(self, subscriber: _Subscriber) -> bool:
+        """Whether ``subscriber`` has been silent past the limit (it is then given up)."""
+        if subscriber is not self._subscriber:
+            return False
+        if time.monotonic() - self._heard_at > SILENCE_LIMIT_SECONDS:
+            self._lose(FlushReason.SILENCE)
+            return True
+        return False
+
+    def invalidated(self, subscriber: _Subscriber, keys: list[bytes] | None) -> None:
+        """Redis' message: ``keys`` changed (``None``: the database was flushed)."""
+        if subscriber is not self._subscriber:
+            return
+        self.events.near_cache_invalidation(0 if keys is None else len(keys))
+        if keys is None:
+            self.flush(FlushReason.SERVER_FLUSH)
+        else:
+            self.drop([key.decode(errors="surrogateescape") for key in keys])
+
+    def subscriber_lost(self, subscriber: _Subscriber) -> None:
+        if subscriber is self._subscriber:
+            self._lose(FlushReason.TRACKING_LOST)
+
+    def _lose(self, reason: str | None) -> None:
+        """Ends the session: empties the near cache and closes the subscribed connection."""
+        subscriber, self._subscriber = self._subscriber, None
+        was_live = self._session is not None
+        self._session = None
+        self.flush(reason if was_live else None)
+        if subscriber is not None:
+            if reason is not None:
+                logger.debug("near cache emptied: %s", reason)
+            subscriber.close()
+
+    async def aclose(self) -> None:
+        """Closes the subscribed connection and forgets everything. Safe to call twice."""
+        self._closed = True
+        self._lose(None)
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+                await task
+
+
+def _first_words(exc: BaseException) -> str:
+    """An error reply's code and first words (never a key)."""
+    return " ".join(str(exc).split()[:8])
+
+
+class _Subscriber(asyncio.Protocol):
+    """The connection Redis sends invalidations to: ``CLIENT ID``, then ``SUBSCRIBE``, then
+    messages and heartbeat replies, parsed as the event loop hands the bytes over."""
+
+    def __init__(
+        self, channel: ReadChannel, loop: asyncio.AbstractEventLoop, near: NearCache
+    ) -> None:
+        self.channel = channel
+        self.loop = loop
+        self.near = near
+        self.client_id = -1
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._parser = hiredis.Reader()
+        self._heartbeat: asyncio.TimerHandle | None = None
+        transport = channel.transport
+        transport.set_protocol(self)
+        with contextlib.suppress(Exception):
+            transport.resume_reading()
+        if transport.is_closing():
+            self._closed_by_peer()
+            return
+        transport.write(
+            encode_command(b"CLIENT", ["ID"])
+            + encode_command(b"SUBSCRIBE", [INVALIDATE_CHANNEL.decode()])
+        )
+
+    def schedule_heartbeat(self) -> None:
+        self._heartbeat = self.loop.call_later(HEARTBEAT_SECONDS, self._beat)
+
+    def _beat(self) -> None:
+        self._heartbeat = None
+        if self.closed.done() or self.near.silent_too_long(self):
+            return
+        try:
+            self.channel.transport.write(encode_command(b"PING", []))
+        except Exception:  # a transport closed meanwhile
+            self._closed_by_peer()
+            return
+        self.schedule_heartbeat()
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        try:
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                self._handle(reply)
+        except hiredis.ProtocolError:
+            self._closed_by_peer()
+
+    def _handle(self, reply: object) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            if not self.ready.done():
+                # A refusal (an ACL, an unknown command) turns the near cache off; anything else
+                # (LOADING, ...) is tried again like a lost connection.
+                refused = str(reply).startswith(("NOPERM", "ERR"))
+                kind = redis_errors.ResponseError if refused else redis_errors.ConnectionError
+                self.ready.set_exception(kind(str(reply)))
+            self._closed_by_peer()
+            return
+        self.near.heard(self)
+        if isinstance(reply, int) and not self.ready.done():
+            self.client_id = reply
+            return
+        if not isinstance(reply, list) or len(reply) < 2:
+            return
+        kind = reply[0]
+        if kind == b"subscribe" and not self.ready.done() and self.client_id >= 0:
+            self.ready.set_result(None)
+        elif kind == b"message" and len(reply) == 3 and reply[1] == INVALIDATE_CHANNEL:
+            keys = reply[2]
+            self.near.invalidated(self, keys if isinstance(keys, list) else None)
+
+    def eof_received(self) -> bool | None:
+        self._closed_by_peer()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed_by_peer()
+
+    def _closed_by_peer(self) -> None:
+        self.near.subscriber_lost(self)
+        self.close()
+
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if not self.ready.done():
+            self.ready.set_exception(redis_errors.ConnectionError("the connection was lost"))
+            self.ready.exception()  # seen, even when nobody waits for it any more
+        with contextlib.suppress(Exception):
+            self.channel.close()

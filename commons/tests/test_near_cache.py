@@ -1,0 +1,514 @@
+"""The near cache: Redis hits answered from process memory, and never once Redis could disagree.
+
+Every test runs against real redis-server processes; "no command sent" is read from the server's
+own ``INFO commandstats``, invalidations are made by other clients (another replica process, a
+plain client as ``redis-cli`` would be), faults are real (``CLIENT KILL``, ``SIGSTOP``, eviction
+under ``maxmemory``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from commons.cache import CacheSettings, cache, close_cache, init_cache
+from commons.cache.backends.memory import MemoryStore
+from commons.cache.backends.near import FlushReason, NearCache
+from commons.cache.backends.redis import RedisStore
+from commons.cache.errors import BackendError
+from commons.cache.events import CacheEvents
+from commons.cache.layer import CacheLayer
+from commons.cache.scope import CacheScope, InvalidationTarget
+from commons.testing.redis_server import RedisServer
+
+PREFIX = "near-test"
+SCOPE = CacheScope("reports", "t1")
+KEY = f"{PREFIX}:reports:tenant_t1:/r"
+#: How long a test waits for something that takes milliseconds (a message, a reconnection).
+PATIENCE_SECONDS = 5.0
+#: Commands the near cache's own connections send whatever the reads do.
+BACKGROUND_COMMANDS = frozenset({"ping", "info", "client|list", "client|kill", "subscribe"})
+
+
+class Recorder(CacheEvents):
+    """Counts the near cache's events."""
+
+    def __init__(self) -> None:
+        self.near_hits = 0
+        self.messages = 0
+        self.flushes: list[str] = []
+        self.rejected: list[str] = []
+
+    def near_cache_hit(self, namespace: str) -> None:
+        self.near_hits += 1
+
+    def near_cache_invalidation(self, keys: int) -> None:
+        self.messages += 1
+
+    def near_cache_flushed(self, reason: str) -> None:
+        self.flushes.append(reason)
+
+    def rejected_entry(self, namespace: str, reason: str) -> None:
+        self.rejected.append(reason)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Waits until ``check()`` holds, for at most PATIENCE_SECONDS."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PATIENCE_SECONDS
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {PATIENCE_SECONDS} s: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def command_calls(client: Redis) -> dict[str, int]:
+    """Calls per command since the server started, but for the near cache's background ones."""
+    stats = await client.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
+    return {name: count for name, count in calls.items() if name not in BACKGROUND_COMMANDS}
+
+
+def near_of(store: RedisStore) -> NearCache:
+    near = store.near_cache
+    assert near is not None
+    return near
+
+
+@pytest.fixture
+async def outside(own_redis: RedisServer) -> AsyncIterator[Redis]:
+    """A plain client of the test's server: another process's writes, an operator's commands."""
+    client = Redis.from_url(own_redis.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def store(own_redis: RedisServer, recorder: Recorder) -> AsyncIterator[RedisStore]:
+    """A store with a near cache on the test's server, its tracking confirmed."""
+    client = Redis.from_url(own_redis.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    near = NearCache(max_entries=1000, max_bytes=1 << 20, events=recorder)
+    redis_store = RedisStore(client, PREFIX, near_cache=near)
+    await redis_store.ping()
+    try:
+        await eventually(lambda: _true(near.live), "tracking on")
+        yield redis_store
+    finally:
+        await redis_store.aclose()
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def filled(store: RedisStore, recorder: Recorder, value: bytes = b"v1") -> bytes:
+    """Writes ``value`` under KEY and reads it until the near cache answers; its generation."""
+    generation = await store.generation(SCOPE)
+    assert await store.write(KEY, value, 60, SCOPE, generation)
+
+    async def near_hit() -> bool:
+        hits = recorder.near_hits
+        await store.read(KEY, SCOPE)
+        return recorder.near_hits > hits
+
+    await eventually(near_hit, "a near hit")
+    return generation
+
+
+async def test_a_near_hit_sends_redis_no_command(
+    store: RedisStore, recorder: Recorder, outside: Redis
+) -> None:
+    generation = await filled(store, recorder)
+    before = await command_calls(outside)
+    reads = [await store.read(KEY, SCOPE) for _ in range(5)]
+    after = await command_calls(outside)
+    assert {(read.value, read.generation) for read in reads} == {(b"v1", generation)}
+    assert all(0 < read.remaining <= 60 for read in reads)
+    assert after == before
+
+
+async def test_a_generation_deleted_from_outside_is_dropped(
+    store: RedisStore, recorder: Recorder, outside: Redis
+) -> None:
+    """DEL of a generation key (as from redis-cli): Redis' message drops it, the next read asks
+    Redis and reports the generation gone."""
+    generation = await filled(store, recorder)
+    await outside.delete(store.generation_keys(SCOPE)[-1])
+
+    async def gone() -> bool:
+        return (await store.read(KEY, SCOPE)).generation is None
+
+    await eventually(gone, "the deleted generation no longer reported")
+    assert recorder.messages >= 1
+    assert generation is not None
+
+
+async def test_an_entry_expiring_in_redis_is_not_answered_past_its_expiry(
+    store: RedisStore, recorder: Recorder, outside: Redis
+) -> None:
+    await filled(store, recorder)
+    await outside.pexpire(KEY, 300)
+
+    async def expired() -> bool:
+        return (await store.read(KEY, SCOPE)).value is None
+
+    await eventually(expired, "the expired entry no longer answered")
+
+
+async def test_a_flush_of_the_database_empties_it(
+    store: RedisStore, recorder: Recorder, outside: Redis
+) -> None:
+    await filled(store, recorder)
+    await outside.flushdb()
+    await eventually(lambda: _true(FlushReason.SERVER_FLUSH in recorder.flushes), "flushed")
+    assert (await store.read(KEY, SCOPE)).value is None
+
+
+async def test_this_process_reads_its_own_writes_at_once(
+    store: RedisStore, recorder: Recorder
+) -> None:
+    generation = await filled(store, recorder)
+    assert await store.write(KEY, b"v2", 60, SCOPE, generation)
+    assert (await store.read(KEY, SCOPE)).value == b"v2"
+    await store.invalidate(InvalidationTarget("reports", "t1"))
+    assert (await store.read(KEY, SCOPE)).generation is None
+
+
+async def test_an_invalidation_between_the_read_and_the_keeping_wins(
+    store: RedisStore, recorder: Recorder, outside: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read/fill race, provoked: the read's reply is in, then another client deletes the
+    generation and its message is processed, then the read's result would be kept."""
+    generation = await store.generation(SCOPE)
+    assert await store.write(KEY, b"v1", 60, SCOPE, generation)
+    reads = store._reads
+    assert reads is not None
+    original = reads.mget_tracked
+
+    async def raced(command: bytes, count: int) -> tuple[list[bytes | None], int | None]:
+        replies = await original(command, count)
+        messages = recorder.messages
+        await outside.delete(store.generation_keys(SCOPE)[-1])
+        await eventually(lambda: _true(recorder.messages > messages), "the message")
+        return replies
+
+    monkeypatch.setattr(reads, "mget_tracked", raced)
+    raced_read = await store.read(KEY, SCOPE)
+    assert raced_read.generation == generation  # what Redis held when it was read
+    monkeypatch.undo()
+    after = await store.read(KEY, SCOPE)
+    assert after.generation is None
+    assert recorder.near_hits == 0
+
+
+@pytest.mark.parametrize("connection", ["tracking", "reader"])
+async def test_killing_a_tracking_connection_empties_it_until_tracking_is_back(
+    store: RedisStore, recorder: Recorder, outside: Redis, connection: str
+) -> None:
+    """CLIENT KILL of the subscribed connection or of the read connection, and in the same
+    breath a change Redis can no longer announce: the near cache is emptied before it answers
+    again, and answers again once tracking is back."""
+    await filled(store, recorder)
+    clients = await outside.client_list()
+    flag = "P" if connection == "tracking" else "t"
+    victim = next(c for c in clients if flag in c["flags"])
+    pipe = outside.pipeline(transaction=False)
+    pipe.execute_command("CLIENT", "KILL", "ID", victim["id"])
+    pipe.delete(store.generation_keys(SCOPE)[-1])
+    await pipe.execute()
+    reason = FlushReason.TRACKING_LOST if connection == "tracking" else FlushReason.READER_LOST
+    await eventually(lambda: _true(reason in recorder.flushes), f"flushed: {reason}")
+    assert (await store.read(KEY, SCOPE)).generation is None
+    await filled(store, recorder)
+
+
+async def test_a_silent_redis_empties_it_and_it_answers_nothing(
+    store: RedisStore, recorder: Recorder, own_redis: RedisServer
+) -> None:
+    """SIGSTOP of the server (a link that goes silent): within the heartbeat's limit the near
+    cache is emptied, and a read is then Redis' to answer (here: a timeout), never the near
+    cache's; once Redis answers again, so does the near cache."""
+    await filled(store, recorder)
+    own_redis.pause()
+    try:
+        await eventually(lambda: _true(FlushReason.SILENCE in recorder.flushes), "silence")
+        hits = recorder.near_hits
+        with pytest.raises(BackendError):
+            await store.read(KEY, SCOPE)
+        assert recorder.near_hits == hits
+    finally:
+        own_redis.resume()
+    await filled(store, recorder)
+
+
+@pytest.fixture
+def evicting_redis() -> Iterator[RedisServer]:
+    server = RedisServer(extra_args=["--maxmemory", "8mb", "--maxmemory-policy", "allkeys-lru"])
+    with server:
+        yield server
+
+
+async def test_an_evicted_generation_is_dropped(evicting_redis: RedisServer) -> None:
+    recorder = Recorder()
+    near = NearCache(max_entries=1000, max_bytes=1 << 20, events=recorder)
+    store = RedisStore(Redis.from_url(evicting_redis.url), PREFIX, near_cache=near)
+    outside = Redis.from_url(evicting_redis.url)
+    try:
+        await store.ping()
+        await eventually(lambda: _true(near.live), "tracking on")
+        generation = await filled(store, recorder)
+        generation_key = store.generation_keys(SCOPE)[-1]
+        filler = b"x" * 100_000
+        for index in range(2000):
+            await outside.set(f"filler:{index}", filler)
+            if not await outside.exists(generation_key):
+                break
+        assert not await outside.exists(generation_key), "the generation was never evicted"
+
+        async def dropped() -> bool:
+            read = await store.read(KEY, SCOPE)
+            return read.generation != generation or read.value is None
+
+        await eventually(dropped, "the evicted generation no longer reported")
+    finally:
+        await store.aclose()
+        await outside.aclose()
+
+
+async def test_garbage_under_an_entry_key_is_never_served_from_it(
+    store: RedisStore, recorder: Recorder, outside: Redis, make_settings: Callable[..., Any]
+) -> None:
+    """Bytes of another format (or another route version's entry) held by the near cache are
+    validated by the layer as any read: a miss, counted, every time."""
+    layer = CacheLayer(make_settings(None, CACHE_PREFIX=PREFIX), redis=store, events=recorder)
+    await layer.start()
+    try:
+        await store.generation(SCOPE)
+        await outside.set(KEY, b'{"not": "ours"}', ex=60)
+        for _ in range(5):
+            lookup = await layer.lookup(KEY, b"fingerprint")
+            assert lookup is not None
+            assert lookup.value is None
+        await eventually(
+            lambda: _is_miss(layer, recorder), "the garbage held by the near cache, still a miss"
+        )
+    finally:
+        await layer.aclose()
+    assert set(recorder.rejected) == {"format"}
+
+
+async def _is_miss(layer: CacheLayer, recorder: Recorder) -> bool:
+    hits, rejected = recorder.near_hits, len(recorder.rejected)
+    lookup = await layer.lookup(KEY, b"fingerprint")
+    assert lookup is not None
+    assert lookup.value is None
+    assert len(recorder.rejected) == rejected + 1
+    return recorder.near_hits > hits
+
+
+@pytest.mark.parametrize("near_cache", [True, False])
+async def test_cache_near_cache_false_reads_redis_on_every_hit(
+    own_redis: RedisServer,
+    outside: Redis,
+    make_identity_app: Callable[[], FastAPI],
+    make_settings: Callable[..., CacheSettings],
+    near_cache: bool,
+) -> None:
+    app = make_identity_app()
+
+    @app.get("/r")
+    @cache(namespace="reports")
+    async def report() -> dict[str, int]:
+        return {"n": 1}
+
+    await init_cache(make_settings(own_redis.url, CACHE_NEAR_CACHE=near_cache))
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+
+            async def mgets_of_one_hit() -> int:
+                before = (await command_calls(outside)).get("mget", 0)
+                response = await http.get("/r", headers={"X-Test-Tenant": "t1"})
+                assert response.json() == {"n": 1}
+                return (await command_calls(outside)).get("mget", 0) - before
+
+            await mgets_of_one_hit()  # the miss and its fill
+            if near_cache:
+                await eventually(lambda: _is_zero(mgets_of_one_hit()), "a hit with no MGET")
+            else:
+                assert [await mgets_of_one_hit() for _ in range(5)] == [1] * 5
+                flags = {c["flags"] for c in await outside.client_list()}
+                assert not any("t" in each or "P" in each for each in flags)
+    finally:
+        await close_cache()
+
+
+async def _is_zero(count: Awaitable[int]) -> bool:
+    return await count == 0
+
+
+def test_the_byte_bound_keeps_the_memory_backend_bounded() -> None:
+    store = MemoryStore(10_000, max_bytes=1 << 20)
+    value = b"x" * 100_000
+    for index in range(100):
+        asyncio.run(store.write(f"k{index}", value, 60, SCOPE))
+    assert store.bytes_held <= 1 << 20
+    assert len(store) == (1 << 20) // (100_000 + 300)
+    assert store.read_now("k99").value == value
+    assert not asyncio.run(store.write("huge", b"x" * (2 << 20), 60, SCOPE))
+
+
+async def test_the_byte_bound_keeps_the_near_cache_bounded(
+    own_redis: RedisServer, outside: Redis
+) -> None:
+    recorder = Recorder()
+    near = NearCache(max_entries=10_000, max_bytes=256 * 1024, events=recorder)
+    store = RedisStore(Redis.from_url(own_redis.url), PREFIX, near_cache=near)
+    try:
+        await store.ping()
+        await eventually(lambda: _true(near.live), "tracking on")
+        generation = await store.generation(SCOPE)
+        value = b"x" * 3000  # under a sixty-fourth of the budget: kept
+        keys = [f"{KEY}/{index}" for index in range(300)]
+        for key in keys:
+            await store.write(key, value, 60, SCOPE, generation)
+            await store.read(key, SCOPE)
+            assert near.bytes_held <= 256 * 1024
+        assert 0 < len(near) < 300
+        hits = recorder.near_hits
+        assert (await store.read(keys[-1], SCOPE)).value == value
+        assert recorder.near_hits == hits + 1
+    finally:
+        await store.aclose()
+
+
+async def test_an_invalidation_on_one_replica_is_seen_by_the_other(
+    redis_url: str, start_replicas: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    """Two uvicorn processes on one Redis: B answers from its near cache (no MGET), A's PUT
+    invalidates and returns; B answers the new version within PATIENCE_SECONDS, and only it."""
+    database = tmp_path / "replicas.sqlite"
+    with sqlite3.connect(database) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS res (tenant TEXT PRIMARY KEY, version INTEGER)")
+    replica_a, replica_b = start_replicas(
+        REDIS_URL=redis_url,
+        CACHE_PREFIX="near-replicas",
+        REPLICA_DB=str(database),
+        REPLICA_READ_SECONDS="0",
+    )
+    outside = Redis.from_url(redis_url)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=replica_a, timeout=10) as a,
+            httpx.AsyncClient(base_url=replica_b, timeout=10) as b,
+        ):
+            for _ in range(3):
+                await _one_round(a, b, outside, {"X-Test-Tenant": f"t-{uuid.uuid4().hex[:12]}"})
+    finally:
+        await outside.aclose()
+
+
+async def _one_round(
+    a: httpx.AsyncClient, b: httpx.AsyncClient, outside: Redis, tenant: dict[str, str]
+) -> None:
+    assert (await a.get("/res", headers=tenant)).json() == {"version": 1}
+
+    async def b_answers_without_redis() -> bool:
+        before = (await command_calls(outside)).get("mget", 0)
+        assert (await b.get("/res", headers=tenant)).json() == {"version": 1}
+        return (await command_calls(outside)).get("mget", 0) == before
+
+    await eventually(b_answers_without_redis, "B answering from its near cache")
+    assert (await a.put("/res", headers=tenant)).json() == {"version": 2}
+
+    async def b_answers_v2() -> bool:
+        return (await b.get("/res", headers=tenant)).json() == {"version": 2}
+
+    await eventually(b_answers_v2, "B answering the new version")
+    answers = [(await b.get("/res", headers=tenant)).json() for _ in range(5)]
+    assert answers == [{"version": 2}] * 5
+
+
+async def test_a_redis_that_refuses_tracking_turns_it_off_and_hits_read_redis(
+    own_redis: RedisServer, outside: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL without CLIENT TRACKING (as a Redis older than 6 would answer): one warning, no
+    near hit, every read answered by Redis."""
+    own_redis.command("ACL", "SETUSER", "svc", "on", ">pw", "~*", "&*", "+@all", "-client|tracking")
+    recorder = Recorder()
+    near = NearCache(max_entries=100, max_bytes=1 << 20, events=recorder)
+    store = RedisStore(
+        Redis.from_url(f"redis://svc:pw@127.0.0.1:{own_redis.port}/0"), PREFIX, near_cache=near
+    )
+    try:
+        await store.ping()
+        generation = await store.generation(SCOPE)
+        await store.write(KEY, b"v1", 60, SCOPE, generation)
+
+        async def refused() -> bool:
+            assert (await store.read(KEY, SCOPE)).value == b"v1"
+            return "near cache off" in caplog.text
+
+        await eventually(refused, "the warning that it is off")
+        before = (await command_calls(outside)).get("mget", 0)
+        reads = [await store.read(KEY, SCOPE) for _ in range(5)]
+        assert {read.value for read in reads} == {b"v1"}
+        assert (await command_calls(outside)).get("mget", 0) == before + 5
+        assert recorder.near_hits == 0
+        assert not near.live
+    finally:
+        await store.aclose()
+
+
+async def test_near_cache_metrics_count_hits_messages_and_flushes(
+    own_redis: RedisServer, outside: Redis
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from commons.cache.metrics import PrometheusEvents
+
+    registry = CollectorRegistry()
+    events = PrometheusEvents(registry)
+    near = NearCache(max_entries=100, max_bytes=1 << 20, events=events)
+    store = RedisStore(Redis.from_url(own_redis.url), PREFIX, near_cache=near)
+    try:
+        await store.ping()
+        await eventually(lambda: _true(near.live), "tracking on")
+        generation = await store.generation(SCOPE)
+        await store.write(KEY, b"v1", 60, SCOPE, generation)
+
+        def sample(name: str, **labels: str) -> float:
+            return registry.get_sample_value(name, labels) or 0.0
+
+        async def near_hit() -> bool:
+            await store.read(KEY, SCOPE)
+            return sample("commons_cache_near_hits_total", namespace="reports") > 0
+
+        await eventually(near_hit, "a near hit counted")
+        await outside.delete(store.generation_keys(SCOPE)[-1])
+        await eventually(
+            lambda: _true(sample("commons_cache_near_invalidations_total") > 0), "a message"
+        )
+        await outside.flushdb()
+        await eventually(
+            lambda: _true(sample("commons_cache_near_flushes_total", reason="server_flush") == 1),
+            "a flush counted",
+        )
+    finally:
+        await store.aclose()
