@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from fastapi import FastAPI
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from commons.cache import (
@@ -264,6 +265,44 @@ async def test_entries_are_still_read_and_invalidated_while_their_slot_migrates(
     assert response.headers["X-FastAPI-Cache"] == "MISS"
     assert response.json() == {"version": 2}
     assert cache_status().backend == "redis"
+
+
+async def test_an_invalidation_follows_its_generation_to_the_node_importing_it(
+    service: Service, redis_cluster: LocalRedisCluster
+) -> None:
+    """Mid-migration, with the generation already on the importing node (``ASK``) and several
+    pooled connections to that node, an invalidation is applied at once: no replica goes on
+    serving the entry, and this one does not take the redirect for an outage."""
+    await warm(service)
+    generation = "test-cache:#gen:{tenant_config}:t:5"
+    assert generation in await keys_of()
+    slot = redis_cluster.key_slot(generation)
+    source = redis_cluster.owner_of_slot(slot)
+    target = next(p for p in redis_cluster.current_primaries() if p.port != source.port)
+    source_id, target_id = redis_cluster.node_id(source), redis_cluster.node_id(target)
+    bulk_text(target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id))
+    bulk_text(source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id))
+    source_admin = Redis(host=source.host, port=source.port)
+    await source_admin.execute_command(
+        "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", generation
+    )
+    # Concurrent reads open several connections to every node, the importing one included.
+    await asyncio.gather(*(service.get("/config", tenant) for tenant in TENANTS * 3))
+
+    service.versions["config"] = 2
+    await invalidate_namespace("tenant_config", tenant_id="5")
+    assert cache_status().backend == "redis"
+    assert (await service.get("/config", "5")).json() == {"version": 2}
+    # The rest of the slot (the namespace's other generations, its indexes), then its owner.
+    while keys := await source_admin.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        await source_admin.execute_command(
+            "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys
+        )
+    for node in redis_cluster.current_primaries():
+        bulk_text(node.command("CLUSTER", "SETSLOT", slot, "NODE", target_id))
+    assert (await service.get("/config", "5")).json() == {"version": 2}
+    assert cache_status().backend == "redis"
+    await source_admin.aclose()
 
 
 async def test_a_manual_failover_keeps_the_entries_and_invalidation_still_reaches_them(
