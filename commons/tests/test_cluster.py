@@ -305,6 +305,35 @@ async def test_an_invalidation_follows_its_generation_to_the_node_importing_it(
     await source_admin.aclose()
 
 
+async def test_connections_closed_under_running_commands_answer_from_the_handler(
+    service: Service,
+) -> None:
+    """redis-py's cluster client closes every node's connections when a command meets
+    ``CLUSTERDOWN`` (a failing node), also those another request is sending on at that moment,
+    which then fails inside redis-py (``'NoneType' object has no attribute 'writelines'``)
+    rather than with a Redis error. Every request still gets its answer from the handler."""
+    await warm(service)
+    client = cluster_client()
+
+    async def close_under_them() -> None:
+        await asyncio.sleep(0.001)
+        await client.aclose()
+
+    for _ in range(5):
+        service.versions["config"] += 1
+        await invalidate_namespace("tenant_config")
+        *responses, _ = await asyncio.gather(
+            *(service.get("/config", tenant) for tenant in TENANTS * 3), close_under_them()
+        )
+        assert {r.status_code for r in responses} == {200}
+    # Back on Redis before the cache is closed (the probe is not interrupted half-way).
+    for _ in range(100):
+        if cache_status().backend == "redis":
+            break
+        await asyncio.sleep(0.05)
+    assert cache_status().backend == "redis"
+
+
 async def test_a_manual_failover_keeps_the_entries_and_invalidation_still_reaches_them(
     service: Service, redis_cluster: LocalRedisCluster
 ) -> None:

@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -251,6 +252,13 @@ _REDIRECTS_EXHAUSTED = "TTL exhausted"
 #: The end of a NOPERM message that names the command refused (never its arguments).
 _NOPERM_COMMAND = re.compile(r"to run the '([a-z0-9|_-]+)' command$")
 
+#: Errors of redis-py's own making, translated only when raised inside redis-py (see
+#: :func:`_raised_in_client`): its cluster client can hold a slot map that disagrees with its
+#: nodes for a moment (a node failing, a map being read again) and then fails with one of these
+#: (``'NoneType' object has no attribute ...``) where a ``RedisError`` was meant.
+_CLIENT_FAULTS = (AttributeError, KeyError, IndexError, TypeError, ValueError)
+_CLIENT_DIR = os.path.dirname(redis_errors.__file__) + os.sep
+
 #: Messages of redis-py's cluster client that name nodes only (never a command's arguments), and
 #: the wording of the first one shortened.
 _CLUSTER_MESSAGES = (
@@ -309,7 +317,19 @@ def _is_moving(exc: BaseException) -> bool:
     return type(exc) is redis_errors.ClusterError and str(exc).startswith(_REDIRECTS_EXHAUSTED)
 
 
+def _raised_in_client(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside redis-py (its innermost frame is in the package)."""
+    trace = exc.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    return trace is not None and trace.tb_frame.f_code.co_filename.startswith(_CLIENT_DIR)
+
+
 def _translate(exc: BaseException) -> BackendError:
+    if isinstance(exc, _CLIENT_FAULTS):
+        if not _raised_in_client(exc):
+            raise exc  # a mistake of ours: never disguised as an outage
+        return BackendUnavailableError(f"the Redis client failed: {type(exc).__name__}")
     if _is_moving(exc):
         return BackendMovingError(f"a Redis Cluster slot is moving ({type(exc).__name__})")
     if isinstance(exc, redis_errors.ResponseError):
@@ -341,6 +361,7 @@ _REDIS_FAILURES = (
     redis_errors.RedisClusterException,
     OSError,
     asyncio.TimeoutError,
+    *_CLIENT_FAULTS,
 )
 
 
@@ -823,26 +844,35 @@ class RedisStore(CacheStore):
 
     async def _recheck_master(self, pool: SentinelConnectionPool) -> None:
         try:
+            await self._leave_other_servers(pool)
+        finally:
+            self._master_check = None
+
+    @staticmethod
+    async def _leave_other_servers(pool: SentinelConnectionPool) -> None:
+        """Drops every pooled connection to another server than the master Sentinel names.
+
+        Not only when this check is the first to learn of a switch: a connection that redis-py
+        made meanwhile has already told the pool, which then drops its idle connections only,
+        and those that were busy then went back to the pool still talking to the old master.
+        """
+        try:
             found = await pool.sentinel_manager.discover_master(pool.service_name)
-            # Every connection to another server is dropped, not only when this check is the
-            # first to learn of the switch: a connection that redis-py made meanwhile has already
-            # told the pool (which then drops its idle connections only), and those that were
-            # busy then went back to the pool still talking to the old master.
-            pool.master_address = found
-            in_use = list(getattr(pool, "_in_use_connections", ()))
-            idle = list(getattr(pool, "_available_connections", ()))
-            if any(_connected_elsewhere(connection, found) for connection in [*in_use, *idle]):
-                # Idle connections now; those in use once their command is answered (redis-py
-                # disconnects a connection marked so when it is released).
-                for connection in in_use:
-                    if _connected_elsewhere(connection, found):
-                        connection.mark_for_reconnect()
-                await pool.disconnect(inuse_connections=False)
         except _REDIS_FAILURES as exc:
             # No Sentinel answered: the next connection asks again, as before.
             logger.debug("Sentinel not asked for the master: %s", exc)
-        finally:
-            self._master_check = None
+            return
+        pool.master_address = found
+        in_use = list(getattr(pool, "_in_use_connections", ()))
+        idle = list(getattr(pool, "_available_connections", ()))
+        if any(_connected_elsewhere(connection, found) for connection in [*in_use, *idle]):
+            # Idle connections now; those in use once their command is answered (redis-py
+            # disconnects a connection marked so when it is released).
+            for connection in in_use:
+                if _connected_elsewhere(connection, found):
+                    connection.mark_for_reconnect()
+            with contextlib.suppress(*_REDIS_FAILURES):
+                await pool.disconnect(inuse_connections=False)
 
     async def _follow_sentinel_master(self) -> None:
         """Behind Sentinel, asks it for the master before an invalidation walks the indexes.
