@@ -645,7 +645,13 @@ class CacheLayer:
     async def _recover_forever(self) -> None:
         interval = self.settings.CACHE_RECOVERY_INTERVAL_SECONDS
         reported = False
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                # A cancellation (aclose) that the last probe's Redis call turned into a timeout
+                # (redis-py's reply timeout firing with it): without this the task would go on
+                # probing and aclose wait for it forever.
+                raise asyncio.CancelledError
             await asyncio.sleep(interval)
             if self._state is not CacheState.DEGRADED:
                 continue
