@@ -9,7 +9,8 @@ pays for matching the routes registered before it (:class:`BenchApp`):
 - ``/ours/{size}``: ``commons.cache.cache``;
 - ``/fc2/{size}``: fastapi-cache2's stock decorator and backend (``InMemoryBackend`` or
   ``RedisBackend``), keyed per tenant with our key builder;
-- ``/cashews/{size}``: cashews' ``@cache`` (``mem://`` or ``redis://``), keyed per tenant.
+- ``/cashews/{size}``: cashews' ``@cache`` (``mem://`` or ``redis://``; on ``redis`` with
+  ``client_side=True``, its near cache, and without on ``redis-near-off``), keyed per tenant.
 
 ``size`` is ``small`` (~0.9 KB JSON object) or ``large`` (a list of 200 pydantic items, ~20 KB).
 Every route binds the same fixed tenant in an async dependency, as a service's auth would.
@@ -177,7 +178,12 @@ def create_app(backend: str = "memory", redis_url: str | None = None) -> BenchAp
         FastAPICache.init(
             RedisBackend(client) if client is not None else InMemoryBackend(), prefix="fc2"
         )
-        cashews_cache.setup(redis_url if url else "mem://")
+        if url is None:
+            cashews_cache.setup("mem://")
+        else:
+            # Beside our near cache, cashews' own client-side cache; beside ours without it,
+            # cashews' plain Redis backend.
+            cashews_cache.setup(url, client_side=near)
         try:
             yield
         finally:

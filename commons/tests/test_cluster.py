@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from fastapi import FastAPI
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from commons.cache import (
@@ -263,6 +264,73 @@ async def test_entries_are_still_read_and_invalidated_while_their_slot_migrates(
     response = await service.get("/config", "5")
     assert response.headers["X-FastAPI-Cache"] == "MISS"
     assert response.json() == {"version": 2}
+    assert cache_status().backend == "redis"
+
+
+async def test_an_invalidation_follows_its_generation_to_the_node_importing_it(
+    service: Service, redis_cluster: LocalRedisCluster
+) -> None:
+    """Mid-migration, with the generation already on the importing node (``ASK``) and several
+    pooled connections to that node, an invalidation is applied at once: no replica goes on
+    serving the entry, and this one does not take the redirect for an outage."""
+    await warm(service)
+    generation = "test-cache:#gen:{tenant_config}:t:5"
+    assert generation in await keys_of()
+    slot = redis_cluster.key_slot(generation)
+    source = redis_cluster.owner_of_slot(slot)
+    target = next(p for p in redis_cluster.current_primaries() if p.port != source.port)
+    source_id, target_id = redis_cluster.node_id(source), redis_cluster.node_id(target)
+    bulk_text(target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id))
+    bulk_text(source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id))
+    source_admin = Redis(host=source.host, port=source.port)
+    await source_admin.execute_command(
+        "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", generation
+    )
+    # Concurrent reads open several connections to every node, the importing one included.
+    await asyncio.gather(*(service.get("/config", tenant) for tenant in TENANTS * 3))
+
+    service.versions["config"] = 2
+    await invalidate_namespace("tenant_config", tenant_id="5")
+    assert cache_status().backend == "redis"
+    assert (await service.get("/config", "5")).json() == {"version": 2}
+    # The rest of the slot (the namespace's other generations, its indexes), then its owner.
+    while keys := await source_admin.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        await source_admin.execute_command(
+            "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys
+        )
+    for node in redis_cluster.current_primaries():
+        bulk_text(node.command("CLUSTER", "SETSLOT", slot, "NODE", target_id))
+    assert (await service.get("/config", "5")).json() == {"version": 2}
+    assert cache_status().backend == "redis"
+    await source_admin.aclose()
+
+
+async def test_connections_closed_under_running_commands_answer_from_the_handler(
+    service: Service,
+) -> None:
+    """redis-py's cluster client closes every node's connections when a command meets
+    ``CLUSTERDOWN`` (a failing node), also those another request is sending on at that moment,
+    which then fails inside redis-py (``'NoneType' object has no attribute 'writelines'``)
+    rather than with a Redis error. Every request still gets its answer from the handler."""
+    await warm(service)
+    client = cluster_client()
+
+    async def close_under_them() -> None:
+        await asyncio.sleep(0.001)
+        await client.aclose()
+
+    for _ in range(5):
+        service.versions["config"] += 1
+        await invalidate_namespace("tenant_config")
+        *responses, _ = await asyncio.gather(
+            *(service.get("/config", tenant) for tenant in TENANTS * 3), close_under_them()
+        )
+        assert {r.status_code for r in responses} == {200}
+    # Back on Redis before the cache is closed (the probe is not interrupted half-way).
+    for _ in range(100):
+        if cache_status().backend == "redis":
+            break
+        await asyncio.sleep(0.05)
     assert cache_status().backend == "redis"
 
 

@@ -30,6 +30,8 @@ from commons.cache import (
     init_cache,
     invalidate_namespace,
 )
+from commons.cache.backends.redis import RedisStore
+from commons.testing import current_layer
 from commons.testing.redis_cluster import LocalRedisCluster, info_field
 from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import RedisServer, find_redis_server, redis_server_version
@@ -261,6 +263,53 @@ async def test_reads_leave_a_demoted_master_within_a_second(
     assert info_field(master, "replication", "role") == "master"
     assert left_after <= 1.5
     assert (await get(client)).json() == {"version": 2}
+
+
+async def test_reads_leave_a_demoted_master_whoever_learned_of_the_switch_first(
+    client: httpx.AsyncClient, sentinel: LocalSentinel
+) -> None:
+    """A connection that was busy when the process learned of the switch-over (a new connection
+    asked Sentinel first and only the idle ones were dropped) goes back to the pool still talking
+    to the old master; it too is dropped within a second, and reads see another process's
+    invalidation on the new master."""
+    master, replica = sentinel.servers
+    await get(client)
+    assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"
+    wait_until(lambda: replica.command("DBSIZE") == master.command("DBSIZE"), 5, "replication")
+    layer = current_layer()
+    assert layer is not None
+    assert isinstance(layer._redis, RedisStore)
+    pool = layer._redis.client.connection_pool
+    busy = await pool.get_connection()
+    assert sentinel.sentinel is not None
+    wait_until(
+        lambda: (
+            not sentinel.sentinel.command(  # type: ignore[union-attr]
+                "SENTINEL", "FAILOVER", sentinel.master_name
+            ).startswith(b"-")
+        ),
+        20,
+        "SENTINEL FAILOVER being accepted",
+    )
+    wait_until(lambda: sentinel_switched(sentinel, replica), 20, "the switch")
+    # A new connection asks Sentinel, which names the new master: the idle connections are
+    # dropped, the busy one is not; released last, it is the next one reads take.
+    fresh = await pool.get_connection()
+    assert (fresh.port, busy.port) == (replica.port, master.port)
+    await pool.release(fresh)
+    await pool.release(busy)
+
+    set_version(client, 2)
+    replica.command("UNLINK", "test-cache:#gen:{tenant_config}")
+    invalidated = time.monotonic()
+    for _ in range(1000):
+        if (await get(client)).json() == {"version": 2}:
+            break
+        await asyncio.sleep(0.02)
+    left_after = time.monotonic() - invalidated
+    print(f"reads left the demoted master {left_after:.2f} s after the invalidation")
+    assert info_field(master, "replication", "role") == "master"
+    assert left_after <= 1.5
 
 
 @pytest.fixture

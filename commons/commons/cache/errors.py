@@ -8,6 +8,7 @@ Tree::
         ├── BackendUnavailableError    Redis cannot be reached in time (refused, timeout, auth),
         │                              or cannot serve the command (CLUSTERDOWN, no node answers)
         ├── BackendBusyError           every pooled connection is in use (a burst, not an outage)
+        │   └── BackendMovingError     a cluster slot is moving between nodes (a resharding)
         └── BackendRejectedError       Redis answered but refused the command (OOM, READONLY)
 
 Configuration mistakes are :class:`pydantic.ValidationError` from :class:`CacheSettings`, raised
@@ -21,6 +22,7 @@ from __future__ import annotations
 __all__ = [
     "BackendBusyError",
     "BackendError",
+    "BackendMovingError",
     "BackendRejectedError",
     "BackendUnavailableError",
     "CacheError",
@@ -47,6 +49,11 @@ class BackendUnavailableError(BackendError):
 
 class BackendBusyError(BackendError):
     """Every connection of the client's pool is in use: this process is busy, Redis is not down."""
+
+
+class BackendMovingError(BackendBusyError):
+    """A Redis Cluster slot is moving to another node and the command's redirects (``ASK``,
+    ``MOVED``, ``TRYAGAIN``) did not settle: transient, as a busy pool is, and no outage."""
 
 
 class BackendRejectedError(BackendError):

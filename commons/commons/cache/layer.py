@@ -671,6 +671,7 @@ class CacheLayer:
     async def _recover_forever(self) -> None:
         interval = self.settings.CACHE_RECOVERY_INTERVAL_SECONDS
         reported = False
+        # A cancellation redis-py turns into a timeout is sent again by aclose until this ends.
         while True:
             await asyncio.sleep(interval)
             if self._state is not CacheState.DEGRADED:

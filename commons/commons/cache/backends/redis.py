@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
 import secrets
 import time
@@ -57,7 +58,7 @@ from typing import Any, cast
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from commons.cache.backends.base import CacheStore, ReplicaLocks, StoredRead
@@ -72,6 +73,7 @@ from commons.cache.connection import RedisClient, reports_cluster_mode
 from commons.cache.errors import (
     BackendBusyError,
     BackendError,
+    BackendMovingError,
     BackendRejectedError,
     BackendUnavailableError,
 )
@@ -103,6 +105,8 @@ BUSY_POLL_SECONDS = 0.002
 #: to confirm it.
 #: Unconfirmed, it is kept and applied again, as during an outage (see :meth:`RedisStore._retire`).
 REPLICA_CONFIRM_TIMEOUT_MS = 100
+#: On a cluster, how many redirects (``ASK``, ``MOVED``) an invalidation's deletion follows.
+MAX_REDIRECTS = 5
 #: On a cluster, how often an invalidation may read the slot map again when it lists no replica
 #: of the generation's primary (``CLUSTER SLOTS`` omits a replica without a replication offset).
 SLOT_MAP_RECHECK_SECONDS = 1.0
@@ -214,15 +218,30 @@ _REFUSALS: tuple[tuple[type[redis_errors.ResponseError], str], ...] = (
 )
 
 #: Error replies that are no refusal of the command but an outage: the server cannot serve any
-#: command of the slot right now (the cluster lost a shard, a primary is down, a resharding).
+#: command of the slot right now (the cluster lost a shard, a primary is down).
 _UNAVAILABLE_REPLIES: tuple[tuple[type[redis_errors.ResponseError], str], ...] = (
     (redis_errors.MasterDownError, "MASTERDOWN, the link with the primary is down"),
     (redis_errors.ClusterDownError, "CLUSTERDOWN, the cluster cannot serve the slot"),
-    (redis_errors.TryAgainError, "TRYAGAIN, the slot is being resharded"),
 )
+
+#: Replies of a slot that is moving to another node: ``ASK`` and ``MOVED`` (``MovedError`` is an
+#: ``AskError``), and ``TRYAGAIN`` (a command whose keys are on both nodes for the moment).
+_MOVING_REPLIES = (redis_errors.AskError, redis_errors.TryAgainError)
+#: What redis-py's cluster client raises when a command's redirects do not settle. In redis-py
+#: 8.1 that happens during every slot migration under load: on ``ASK`` it sends ``ASKING`` on one
+#: pooled connection of the importing node and the command on another, which the node then sends
+#: back (``MOVED``) to the migrating one, and so on.
+_REDIRECTS_EXHAUSTED = "TTL exhausted"
 
 #: The end of a NOPERM message that names the command refused (never its arguments).
 _NOPERM_COMMAND = re.compile(r"to run the '([a-z0-9|_-]+)' command$")
+
+#: Errors of redis-py's own making, translated only when raised inside redis-py (see
+#: :func:`_raised_in_client`): its cluster client can hold a slot map that disagrees with its
+#: nodes for a moment (a node failing, a map being read again) and then fails with one of these
+#: (``'NoneType' object has no attribute ...``) where a ``RedisError`` was meant.
+_CLIENT_FAULTS = (AttributeError, KeyError, IndexError, TypeError, ValueError)
+_CLIENT_DIR = os.path.dirname(redis_errors.__file__) + os.sep
 
 #: Messages of redis-py's cluster client that name nodes only (never a command's arguments), and
 #: the wording of the first one shortened.
@@ -275,7 +294,28 @@ def _translate_cluster_error(exc: redis_errors.RedisClusterException) -> Backend
     )
 
 
+def _is_moving(exc: BaseException) -> bool:
+    """Whether ``exc`` says a cluster slot is moving (a resharding), which is no outage."""
+    if isinstance(exc, _MOVING_REPLIES):
+        return True
+    return type(exc) is redis_errors.ClusterError and str(exc).startswith(_REDIRECTS_EXHAUSTED)
+
+
+def _raised_in_client(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside redis-py (its innermost frame is in the package)."""
+    trace = exc.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    return trace is not None and trace.tb_frame.f_code.co_filename.startswith(_CLIENT_DIR)
+
+
 def _translate(exc: BaseException) -> BackendError:
+    if isinstance(exc, _CLIENT_FAULTS):
+        if not _raised_in_client(exc):
+            raise exc  # a mistake of ours: never disguised as an outage
+        return BackendUnavailableError(f"the Redis client failed: {type(exc).__name__}")
+    if _is_moving(exc):
+        return BackendMovingError(f"a Redis Cluster slot is moving ({type(exc).__name__})")
     if isinstance(exc, redis_errors.ResponseError):
         for unavailable, text in _UNAVAILABLE_REPLIES:
             if isinstance(exc, unavailable):
@@ -305,6 +345,7 @@ _REDIS_FAILURES = (
     redis_errors.RedisClusterException,
     OSError,
     asyncio.TimeoutError,
+    *_CLIENT_FAULTS,
 )
 
 
@@ -723,61 +764,73 @@ class RedisStore(CacheStore, ReplicaLocks):
 
         ``CLUSTER SLOTS`` leaves out the replicas the cluster counts as failed, and those that
         have no replication offset yet (a new cluster, before its first write): a map without a
-        replica for the slot is read again, at most every :data:`SLOT_MAP_RECHECK_SECONDS`. A map
-        that names another primary (``MOVED``: a failover, a resharding) is corrected by a routed
-        ``UNLINK``, and the confirmed one tried again. Unconfirmed, the map is read again too, so
-        that a replica the cluster has failed since is not waited for when the invalidation is
-        applied again.
+        replica for the slot is read again, at most every :data:`SLOT_MAP_RECHECK_SECONDS`.
+        Redirects are followed here, up to :data:`MAX_REDIRECTS`: ``MOVED`` (a failover, the end
+        of a resharding) reads the slot map again; ``ASK`` (the key already moved to the node
+        importing the slot) sends ``ASKING`` and the commands on one connection of that node,
+        which redis-py 8.1's own redirect does not (see :data:`_REDIRECTS_EXHAUSTED`).
+        Unconfirmed, the map is read again too, so that a replica the cluster has failed since
+        is not waited for when the invalidation is applied again.
 
         Raises:
-            BackendUnavailableError: No replica confirmed the deletion, or the slot kept moving.
+            BackendUnavailableError: No replica confirmed the deletion.
+            BackendMovingError: The slot kept moving.
         """
         await client.initialize()
         slot = client.keyslot(key)
-        for _ in range(2):
-            nodes = client.nodes_manager.slots_cache.get(slot) or []
-            loop = asyncio.get_running_loop()
-            if len(nodes) < 2 and loop.time() - self._slot_map_read_at >= SLOT_MAP_RECHECK_SECONDS:
+        node, confirm = await self._slot_owner(client, slot)
+        asking = False
+        for _ in range(MAX_REDIRECTS + 1):
+            commands: list[tuple[Any, ...]] = [("UNLINK", key)]
+            if confirm:
+                commands.append(("WAIT", 1, REPLICA_CONFIRM_TIMEOUT_MS))
+            if asking:
+                commands.insert(0, ("ASKING",))
+            replies = await _exchange(node, commands)
+            if asking:
+                replies = replies[1:]
+            unlinked, asking = replies[0], False
+            if isinstance(unlinked, redis_errors.MovedError):
                 await self._read_slot_map(client)
-                nodes = client.nodes_manager.slots_cache.get(slot) or []
-            if len(nodes) < 2:
-                await client.unlink(key)
-                return
-            primary = nodes[0]
-            connection = primary.acquire_connection()
-            replies: list[Any] = []
-            try:
-                await primary.disconnect_if_needed(connection)
-                await connection.send_packed_command(
-                    connection.pack_commands(
-                        [("UNLINK", key), ("WAIT", 1, REPLICA_CONFIRM_TIMEOUT_MS)]
-                    )
-                )
-                for _command in range(2):
-                    try:
-                        replies.append(await connection.read_response())
-                    except redis_errors.ResponseError as exc:
-                        replies.append(exc)
-            except BaseException:
-                await connection.disconnect()
-                raise
-            finally:
-                primary.release(connection)
-            unlinked, confirmed = replies
-            if isinstance(unlinked, redis_errors.MovedError | redis_errors.AskError):
-                await client.unlink(key)
+                node, confirm = await self._slot_owner(client, slot)
+                continue
+            if isinstance(unlinked, redis_errors.AskError):
+                node, asking = await self._node_asked(client, unlinked), True
+                confirm = _has_replica(client, node)
                 continue
             for reply in replies:
                 if isinstance(reply, BaseException):
                     raise reply
-            if int(confirmed) >= 1:
+            if not confirm or int(replies[1]) >= 1:
                 return
             with contextlib.suppress(*_REDIS_FAILURES):
                 await self._read_slot_map(client)
             raise BackendUnavailableError(
                 f"no replica confirmed the invalidation within {REPLICA_CONFIRM_TIMEOUT_MS} ms"
             )
-        raise BackendUnavailableError("the invalidation's slot moved while it was applied")
+        raise BackendMovingError("the invalidation's slot kept moving while it was applied")
+
+    async def _slot_owner(self, client: RedisCluster, slot: int) -> tuple[ClusterNode, bool]:
+        """The primary owning ``slot`` in the client's slot map, and whether the map lists a
+        replica of it (read again, at most every :data:`SLOT_MAP_RECHECK_SECONDS`, if not)."""
+        nodes = client.nodes_manager.slots_cache.get(slot) or []
+        loop = asyncio.get_running_loop()
+        if len(nodes) < 2 and loop.time() - self._slot_map_read_at >= SLOT_MAP_RECHECK_SECONDS:
+            await self._read_slot_map(client)
+            nodes = client.nodes_manager.slots_cache.get(slot) or []
+        if not nodes:
+            raise redis_errors.SlotNotCoveredError(f"slot {slot} has no node")
+        return nodes[0], len(nodes) >= 2
+
+    async def _node_asked(self, client: RedisCluster, asked: redis_errors.AskError) -> ClusterNode:
+        """The node an ``ASK`` names (the slot map read again if the client does not know it)."""
+        node = client.nodes_manager.get_node(host=asked.host, port=asked.port)
+        if node is None:
+            await self._read_slot_map(client)
+            node = client.nodes_manager.get_node(host=asked.host, port=asked.port)
+        if node is None:
+            raise BackendMovingError("a slot moves to a node the cluster does not list yet")
+        return node
 
     async def _read_slot_map(self, client: RedisCluster) -> None:
         """Reads the cluster's slot map again (``CLUSTER SLOTS``), replicas included."""
@@ -811,20 +864,35 @@ class RedisStore(CacheStore, ReplicaLocks):
 
     async def _recheck_master(self, pool: SentinelConnectionPool) -> None:
         try:
-            known = pool.master_address
+            await self._leave_other_servers(pool)
+        finally:
+            self._master_check = None
+
+    @staticmethod
+    async def _leave_other_servers(pool: SentinelConnectionPool) -> None:
+        """Drops every pooled connection to another server than the master Sentinel names.
+
+        Not only when this check is the first to learn of a switch: a connection that redis-py
+        made meanwhile has already told the pool, which then drops its idle connections only,
+        and those that were busy then went back to the pool still talking to the old master.
+        """
+        try:
             found = await pool.sentinel_manager.discover_master(pool.service_name)
-            if known is not None and found != known:
-                pool.master_address = found
-                # Idle connections now; those in use once their command is answered (redis-py
-                # disconnects a connection marked so when it is released).
-                for connection in list(getattr(pool, "_in_use_connections", ())):
-                    connection.mark_for_reconnect()
-                await pool.disconnect(inuse_connections=False)
         except _REDIS_FAILURES as exc:
             # No Sentinel answered: the next connection asks again, as before.
             logger.debug("Sentinel not asked for the master: %s", exc)
-        finally:
-            self._master_check = None
+            return
+        pool.master_address = found
+        in_use = list(getattr(pool, "_in_use_connections", ()))
+        idle = list(getattr(pool, "_available_connections", ()))
+        if any(_connected_elsewhere(connection, found) for connection in [*in_use, *idle]):
+            # Idle connections now; those in use once their command is answered (redis-py
+            # disconnects a connection marked so when it is released).
+            for connection in in_use:
+                if _connected_elsewhere(connection, found):
+                    connection.mark_for_reconnect()
+            with contextlib.suppress(*_REDIS_FAILURES):
+                await pool.disconnect(inuse_connections=False)
 
     async def _follow_sentinel_master(self) -> None:
         """Behind Sentinel, asks it for the master before an invalidation walks the indexes.
@@ -961,6 +1029,11 @@ class RedisStore(CacheStore, ReplicaLocks):
             return
 
 
+def _connected_elsewhere(connection: Any, master: tuple[str, int]) -> bool:
+    """Whether a pooled connection is open to another server than ``master``."""
+    return bool(connection.is_connected) and (connection.host, connection.port) != master
+
+
 def _flags(state: dict[str, Any]) -> set[str]:
     """The flags of a Sentinel state reply (a text in RESP2, a set in RESP3)."""
     flags = state.get("flags", "")
@@ -1005,3 +1078,32 @@ async def _replica_may_be_promoted(
             for replica in replicas
         )
     return True
+
+
+async def _exchange(node: ClusterNode, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Sends ``commands`` at once on one pooled connection of a cluster node; their replies, an
+    error reply as its exception (not raised)."""
+    connection = node.acquire_connection()
+    replies: list[Any] = []
+    try:
+        await node.disconnect_if_needed(connection)
+        await connection.send_packed_command(connection.pack_commands(commands))
+        for _command in commands:
+            try:
+                replies.append(await connection.read_response())
+            except redis_errors.ResponseError as exc:
+                replies.append(exc)
+    except BaseException:
+        await connection.disconnect()
+        raise
+    finally:
+        node.release(connection)
+    return replies
+
+
+def _has_replica(client: RedisCluster, primary: ClusterNode) -> bool:
+    """Whether the client's slot map lists a replica of ``primary``."""
+    return any(
+        len(nodes) > 1 and nodes[0] is primary
+        for nodes in client.nodes_manager.slots_cache.values()
+    )
