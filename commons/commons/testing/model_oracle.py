@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "DEGRADED",
     "STALE",
     "Answer",
     "Bounds",
@@ -160,6 +161,10 @@ class Update:
     answer: Answer
 
 
+#: The kind of an old read excused because its replica was degraded (see Model.excuse_degraded).
+DEGRADED = "degraded"
+
+
 @dataclass(frozen=True, slots=True)
 class Excused:
     """A read older than an acknowledged update that the rules excuse, and by what."""
@@ -228,6 +233,8 @@ class WrongResource(Violation):
 
 class StaleRead(Violation):
     guarantee = "freshness: a read that starts after an acknowledged update sees it"
+    #: The version the answer carried.
+    version = -1
 
 
 class StaleMiss(StaleRead):
@@ -288,6 +295,40 @@ class Model:
 
     def add_fault(self, fault: Fault) -> None:
         self.faults.append(fault)
+
+    def excuse_degraded(
+        self, violations: list[Violation], degraded: dict[str, list[tuple[float, float]]]
+    ) -> list[Violation]:
+        """``violations`` without the old reads that a *degraded* replica answered.
+
+        The README's outage rule, whatever made the replica degrade (a switch-over whose failed
+        commands opened its breaker, say): while degraded, a replica serves its own memory tier,
+        which no other replica's invalidation reaches, for at most ``CACHE_DEGRADED_TTL_SECONDS``.
+        ``degraded`` holds each replica's degraded periods as it reported them (driver's clock;
+        a period still under way ends at ``inf``). Those reads are recorded as excused, kind
+        ``degraded``, with their lateness, so the measured window is reported.
+        """
+        kept: list[Violation] = []
+        for violation in violations:
+            answer = violation.answer
+            period = next(
+                (
+                    (start, end)
+                    for start, end in degraded.get(answer.replica, ())
+                    if start <= answer.ended and answer.started <= end
+                ),
+                None,
+            )
+            if not isinstance(violation, StaleRead) or period is None:
+                kept.append(violation)
+                continue
+            missed = self.first_missed(answer.item, violation.version, answer.started)
+            since_update = answer.started - missed.acked if missed is not None else math.inf
+            if since_update > self.bounds.window_seconds:
+                kept.append(violation)  # older than the degraded tier may keep anything
+                continue
+            self.excused.append(Excused(DEGRADED, since_update, answer.started - period[1], answer))
+        return kept
 
     # -- checking ---------------------------------------------------------------------------------
 
@@ -430,7 +471,9 @@ class Model:
             f"(the first missed update, version {missed.version}, "
             f"{since_update * 1000:.0f} ms before)"
         )
-        return kind(message, answer)
+        violation = kind(message, answer)
+        violation.version = version
+        return violation
 
     def _racing_computation(self, answer: Answer, version: int, missed: Update) -> bool:
         """Whether a computation of the same entry may have read the data before ``missed``

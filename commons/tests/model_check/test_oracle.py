@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
 
 from commons.testing.model_oracle import (
+    DEGRADED,
     STALE,
     Answer,
     Bounds,
@@ -165,6 +167,22 @@ def test_faults_that_are_no_outage_open_no_window(model: Model) -> None:
     model.check([update(1.0, 1, ended=1.1)])
 
     assert kinds(model, read(1.2, 0)) == [StaleMissedEntry]
+
+
+def test_an_old_read_of_a_replica_that_reported_itself_degraded_is_excused_within_the_window(
+    model: Model,
+) -> None:
+    """A switch-over (no outage fault) that opened a replica's breaker: its memory tier is the
+    README's degraded window, no more."""
+    model.check([update(1.0, 1, ended=1.1)])
+    during, after, too_late = read(1.5, 0), read(2.5, 0), read(5.6, 0)
+    violations = [v for answer in (during, after, too_late) for v in model.check([answer])]
+    degraded = {during.replica: [(1.2, 2.0), (5.0, math.inf)]}
+
+    kept = model.excuse_degraded(violations, degraded)
+
+    assert [violation.answer for violation in kept] == [after, too_late]
+    assert [(e.kind, e.answer) for e in model.excused] == [(DEGRADED, during)]
 
 
 def test_the_window_log_summarises_excused_reads_per_fault() -> None:
