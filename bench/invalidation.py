@@ -43,7 +43,7 @@ async def _fill_ours(entries: int) -> None:
     for start in range(0, len(keys), 50):
         await asyncio.gather(
             *(
-                layer.set(ScopedKey(key, CacheScope(NAMESPACE, tenant)), VALUE, 3600)
+                layer.write_raw(ScopedKey(key, CacheScope(NAMESPACE, tenant)), VALUE, 3600)
                 for key, tenant in keys[start : start + 50]
             )
         )

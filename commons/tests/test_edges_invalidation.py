@@ -267,7 +267,7 @@ async def test_a_request_after_an_invalidation_never_joins_a_stale_entrys_refres
 
 FLUSH_TENANTS = [f"f{n:02d}" for n in range(20)]
 FLUSH_PATHS = range(100)
-FOREIGN_KEYS = 500_000
+FOREIGN_KEYS = 200_000
 
 
 async def flush_through_the_guide_api(settings: CacheSettings) -> None:
