@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from commons.cache import CacheSettings, cache, close_cache, init_cache
 from commons.cache.settings import cache_settings
+from commons.testing.processes import stop_process
 from commons.testing.redis_cluster import LocalRedisCluster
 from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import (
@@ -106,13 +107,7 @@ def start_replicas(tmp_path: Path) -> Iterator[Callable[..., list[str]]]:
         yield start
     finally:
         for process in started:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
+            stop_process(process)
 
 
 @pytest.fixture

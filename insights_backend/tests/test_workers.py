@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from commons.testing.processes import stop_process
 from commons.testing.redis_server import RedisServer, free_port
 from insights_backend.__main__ import metrics_directory
 from insights_backend.config import ServiceSettings
@@ -65,12 +66,7 @@ def running_service(tmp_path: Path, **env: str) -> Iterator[str]:
             time.sleep(0.05)
         yield base_url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, timeout=15)
 
 
 def _answers(base_url: str) -> bool:

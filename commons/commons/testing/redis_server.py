@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from commons.testing.processes import stop_process
+
 __all__ = [
     "REDIS_SERVER_ENV",
     "RedisServer",
@@ -200,12 +202,7 @@ class RedisServer:
         """Stops the server and removes its working directory."""
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+            stop_process(self.process)
         if self.process is not None and self.process.stderr is not None:
             self.process.stderr.close()
         self.process = None
