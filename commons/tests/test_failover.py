@@ -65,6 +65,22 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
+def switch_over(sentinel: LocalSentinel, replica: RedisServer) -> None:
+    """``SENTINEL FAILOVER`` (asked again until accepted), then waits until ``replica`` is the
+    master Sentinel names."""
+    assert sentinel.sentinel is not None
+    wait_until(
+        lambda: (
+            not sentinel.sentinel.command(  # type: ignore[union-attr]
+                "SENTINEL", "FAILOVER", sentinel.master_name
+            ).startswith(b"-")
+        ),
+        20,
+        "SENTINEL FAILOVER being accepted",
+    )
+    wait_until(lambda: sentinel_switched(sentinel, replica), 20, "the switch")
+
+
 async def test_an_invalidation_no_replica_received_survives_the_master_crashing(
     client: httpx.AsyncClient, sentinel: LocalSentinel
 ) -> None:
@@ -238,17 +254,7 @@ async def test_reads_leave_a_demoted_master_within_a_second(
     await get(client)
     assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"
     wait_until(lambda: replica.command("DBSIZE") == master.command("DBSIZE"), 5, "replication")
-    assert sentinel.sentinel is not None
-    wait_until(
-        lambda: (
-            not sentinel.sentinel.command(  # type: ignore[union-attr]
-                "SENTINEL", "FAILOVER", sentinel.master_name
-            ).startswith(b"-")
-        ),
-        20,
-        "SENTINEL FAILOVER being accepted",
-    )
-    wait_until(lambda: sentinel_switched(sentinel, replica), 20, "the switch")
+    switch_over(sentinel, replica)
 
     # Another process invalidates on the new master.
     set_version(client, 2)
@@ -281,17 +287,7 @@ async def test_reads_leave_a_demoted_master_whoever_learned_of_the_switch_first(
     assert isinstance(layer._redis, RedisStore)
     pool = layer._redis.client.connection_pool
     busy = await pool.get_connection()
-    assert sentinel.sentinel is not None
-    wait_until(
-        lambda: (
-            not sentinel.sentinel.command(  # type: ignore[union-attr]
-                "SENTINEL", "FAILOVER", sentinel.master_name
-            ).startswith(b"-")
-        ),
-        20,
-        "SENTINEL FAILOVER being accepted",
-    )
-    wait_until(lambda: sentinel_switched(sentinel, replica), 20, "the switch")
+    switch_over(sentinel, replica)
     # A new connection asks Sentinel, which names the new master: the idle connections are
     # dropped, the busy one is not; released last, it is the next one reads take.
     fresh = await pool.get_connection()
