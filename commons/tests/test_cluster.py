@@ -32,7 +32,7 @@ from commons.cache import (
 from commons.cache.backends.redis import RedisStore
 from commons.cache.scope import CacheScope, InvalidationTarget
 from commons.testing import current_layer
-from commons.testing.redis_cluster import LocalRedisCluster, bulk_text
+from commons.testing.redis_cluster import LocalRedisCluster, bulk_text, info_field
 
 pytestmark = pytest.mark.slow
 
@@ -156,6 +156,26 @@ async def test_a_cached_route_misses_then_hits(service: Service) -> None:
         assert await cache_header(service, "/config", tenant) == "MISS"
     for tenant in TENANTS:
         assert await cache_header(service, "/config", tenant) == "HIT"
+
+
+async def test_a_burst_of_hits_shares_one_read_connection_per_primary(
+    service: Service, redis_cluster: LocalRedisCluster
+) -> None:
+    """Hits travel pipelined on one connection per primary, not on a pooled connection each."""
+    await warm(service)
+    await warm(service)  # the read connections are open now
+    before = {
+        node.port: int(info_field(node, "clients", "connected_clients"))
+        for node in redis_cluster.current_primaries()
+    }
+    responses = await asyncio.gather(*(service.get("/config", tenant) for tenant in TENANTS * 20))
+    assert {r.headers["X-FastAPI-Cache"] for r in responses} == {"HIT"}
+    assert all(r.json() == {"version": 1} for r in responses)
+    after = {
+        node.port: int(info_field(node, "clients", "connected_clients"))
+        for node in redis_cluster.current_primaries()
+    }
+    assert after == before
 
 
 async def test_invalidating_a_namespace_removes_its_entries_from_every_primary(

@@ -44,17 +44,19 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 
 __all__ = [
     "PipelinedReader",
     "ReadChannel",
     "ReadTracking",
     "channel_opener",
+    "connection_opener",
     "encode_command",
 ]
 
@@ -106,17 +108,28 @@ def channel_opener(client: Redis) -> Callable[[], Awaitable[ReadChannel]] | None
     pool = client.connection_pool
     if type(pool) is not ConnectionPool:
         return None
+    return connection_opener(pool.connection_class, pool.connection_kwargs)
+
+
+def connection_opener(
+    connection_class: type[AbstractConnection], connection_kwargs: dict[str, Any]
+) -> Callable[[], Awaitable[ReadChannel]] | None:
+    """Opens connections of ``connection_class`` with ``connection_kwargs`` (a pool's, or a
+    cluster node's) for a :class:`PipelinedReader`.
+
+    ``None`` if this redis-py hides a connection's streams.
+    """
     # RESP2 whatever the URL asks: a GET's reply is then a bulk string, nil or an error, and no
     # push message can come between replies.
-    options = {**pool.connection_kwargs, "protocol": 2}
+    options = {**connection_kwargs, "protocol": 2}
     # redis-py keeps a connection's streams private (they have been there since its asyncio
     # client began); a version without them keeps reads on redis-py's own path.
-    unconnected = pool.connection_class(**options)
+    unconnected = connection_class(**options)
     if not hasattr(unconnected, "_writer"):
         return None
 
     async def open_channel() -> ReadChannel:
-        connection = pool.connection_class(**options)
+        connection = connection_class(**options)
         await connection.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
         writer = getattr(connection, "_writer", None)
         if not isinstance(writer, asyncio.StreamWriter):

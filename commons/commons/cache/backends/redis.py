@@ -62,6 +62,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from commons.cache.backends.base import CacheStore, ReplicaLocks, StoredRead
+from commons.cache.backends.cluster_reads import ClusterReads
 from commons.cache.backends.expiry import ExpiryMemo
 from commons.cache.backends.near import FlushReason, NearCache, ReadTicket
 from commons.cache.backends.pipelined_reads import (
@@ -390,6 +391,7 @@ class RedisStore(CacheStore, ReplicaLocks):
         self._read_commands = BoundedMemo[str, tuple[bytes, int]](4096, 4 * 1024 * 1024)
         self._closed = False
         self._reads: PipelinedReader | None = None
+        self._cluster_reads: ClusterReads | None = None
         self._master_checked_at = 0.0
         self._slot_map_read_at = 0.0
         self._master_check: asyncio.Task[None] | None = None
@@ -398,6 +400,7 @@ class RedisStore(CacheStore, ReplicaLocks):
     def _use(self, client: RedisClient) -> None:
         self._client = client
         self._reads = None
+        self._cluster_reads = None
         self._near = None
         self._behind_sentinel = self._sentinel_pool() is not None
         options = (
@@ -407,7 +410,11 @@ class RedisStore(CacheStore, ReplicaLocks):
         )
         #: A command's time budget: how long an invalidation waits for a pooled connection.
         self._command_timeout: float = options.get("socket_timeout") or 5.0
-        if isinstance(client, Redis) and (opener := channel_opener(client)) is not None:
+        if isinstance(client, RedisCluster):
+            self._cluster_reads = ClusterReads(
+                client, timeout=self._command_timeout, max_pending=PIPELINED_READS_MAX_PENDING
+            )
+        elif isinstance(client, Redis) and (opener := channel_opener(client)) is not None:
             near = self._near_cache
             self._reads = PipelinedReader(
                 opener,
@@ -546,12 +553,15 @@ class RedisStore(CacheStore, ReplicaLocks):
                 return await reads.mget_tracked(command, count)
             return await reads.mget_encoded(command, count), None
         if isinstance(self._client, RedisCluster):
+            generation_keys = self.generation_keys(scope)
+            if self._cluster_reads is not None:
+                routed = await self._cluster_reads.read(key, generation_keys)
+                if routed is not None:
+                    return routed, None
             # The entry and its generations live in different slots: the entry first, so an
             # invalidation between the two reads shows as another generation (a miss).
             replies = [cast(bytes | None, await self._client.get(key))]
-            replies += cast(
-                list[bytes | None], await self._client.mget(self.generation_keys(scope))
-            )
+            replies += cast(list[bytes | None], await self._client.mget(generation_keys))
             return replies, None
         # decode_responses is off: replies are bytes.
         return cast(list[bytes | None], await self._client.mget(self._read_keys(key, scope))), None
@@ -1023,6 +1033,8 @@ class RedisStore(CacheStore, ReplicaLocks):
                 await self._near_cache.aclose()
             if self._reads is not None:
                 await self._reads.aclose()
+            if self._cluster_reads is not None:
+                await self._cluster_reads.aclose()
             await self._client.aclose()
         except _REDIS_FAILURES:
             # Closing a connection to a server that is gone is not worth an error at shutdown.
