@@ -299,35 +299,49 @@ class Model:
     def excuse_degraded(
         self, violations: list[Violation], degraded: dict[str, list[tuple[float, float]]]
     ) -> list[Violation]:
-        """``violations`` without the old reads that a *degraded* replica answered.
+        """``violations`` without the old reads that the README's outage rule allows.
 
-        The README's outage rule, whatever made the replica degrade (a switch-over whose failed
-        commands opened its breaker, say): while degraded, a replica serves its own memory tier,
-        which no other replica's invalidation reaches, for at most ``CACHE_DEGRADED_TTL_SECONDS``.
+        Whatever made a replica degrade (a switch-over whose failed commands opened its breaker,
+        say), two kinds of old read follow, each for a bounded time:
+
+        - the degraded replica serves its own memory tier, which no other replica's invalidation
+          reaches, for at most ``CACHE_DEGRADED_TTL_SECONDS``: its old reads within
+          ``window_seconds`` of the missed update are excused;
+        - an update that a replica acknowledged while degraded had its invalidation kept, to be
+          applied once that replica reaches Redis again: other replicas may serve the old entry
+          from Redis until then, so their old reads are excused until ``window_seconds`` after
+          that degraded period ends.
+
         ``degraded`` holds each replica's degraded periods as it reported them (driver's clock;
-        a period still under way ends at ``inf``). Those reads are recorded as excused, kind
-        ``degraded``, with their lateness, so the measured window is reported.
+        a period still under way ends at ``inf``). Excused reads are recorded, kind ``degraded``,
+        with their lateness, so the measured window is reported.
         """
         kept: list[Violation] = []
+        window = self.bounds.window_seconds
         for violation in violations:
             answer = violation.answer
-            period = next(
-                (
-                    (start, end)
-                    for start, end in degraded.get(answer.replica, ())
-                    if start <= answer.ended and answer.started <= end
-                ),
-                None,
-            )
-            if not isinstance(violation, StaleRead) or period is None:
+            if not isinstance(violation, StaleRead):
                 kept.append(violation)
                 continue
             missed = self.first_missed(answer.item, violation.version, answer.started)
             since_update = answer.started - missed.acked if missed is not None else math.inf
-            if since_update > self.bounds.window_seconds:
-                kept.append(violation)  # older than the degraded tier may keep anything
-                continue
-            self.excused.append(Excused(DEGRADED, since_update, answer.started - period[1], answer))
+            reader = _period_overlapping(degraded, answer.replica, answer.started, answer.ended)
+            updater = None
+            if missed is not None:
+                update = missed.answer
+                updater = _period_overlapping(
+                    degraded, update.replica, update.started, missed.acked
+                )
+            if reader is not None and since_update <= window:
+                self.excused.append(
+                    Excused(DEGRADED, since_update, answer.started - reader[1], answer)
+                )
+            elif updater is not None and answer.started <= updater[1] + window:
+                self.excused.append(
+                    Excused(DEGRADED, since_update, answer.started - updater[1], answer)
+                )
+            else:
+                kept.append(violation)
         return kept
 
     # -- checking ---------------------------------------------------------------------------------
@@ -605,3 +619,10 @@ class WindowLog:
                 f"{percentile(values, 99) * 1000:.0f} | {after_end}"
             )
         return out
+
+
+def _period_overlapping(
+    periods: dict[str, list[tuple[float, float]]], replica: str, start: float, end: float
+) -> tuple[float, float] | None:
+    """The first of ``replica``'s ``periods`` that overlaps ``[start, end]``, if any."""
+    return next((p for p in periods.get(replica, ()) if p[0] <= end and start <= p[1]), None)

@@ -185,6 +185,31 @@ def test_an_old_read_of_a_replica_that_reported_itself_degraded_is_excused_withi
     assert [(e.kind, e.answer) for e in model.excused] == [(DEGRADED, during)]
 
 
+def test_an_update_acknowledged_while_degraded_excuses_old_reads_until_it_recovers(
+    model: Model,
+) -> None:
+    """The updater's invalidation is kept until it reaches Redis again (the README's outage
+    rule): another replica may serve the old entry from Redis until then, and not after."""
+    model.check([update(1.0, 1, ended=1.3)])
+    before_recovery, within_window, too_late = read(1.5, 0), read(5.5, 0), read(6.5, 0)
+    violations = [
+        v for answer in (before_recovery, within_window, too_late) for v in model.check([answer])
+    ]
+    degraded = {"B": [(1.2, 3.0)]}
+
+    kept = model.excuse_degraded(violations, degraded)
+
+    assert [violation.answer for violation in kept] == [too_late]
+    assert [e.answer for e in model.excused] == [before_recovery, within_window]
+
+
+def test_an_updater_degraded_only_after_its_acknowledgement_excuses_nothing(model: Model) -> None:
+    model.check([update(1.0, 1, ended=1.1)])
+    violations = model.check([read(1.5, 0)])
+
+    assert model.excuse_degraded(violations, {"B": [(1.2, 3.0)]}) == violations
+
+
 def test_the_window_log_summarises_excused_reads_per_fault() -> None:
     model = Model(BOUNDS, origin=0.0)
     model.add_fault(Fault("kill", started=2.0, ended=2.5, outage=True))
