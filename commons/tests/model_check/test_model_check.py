@@ -940,11 +940,11 @@ class ClusterFaults(FaultsOnEveryTopology):
             # The new owner first, then the old one, then the others (as redis-cli does).
             bulk_text(dest.command("CLUSTER", "SETSLOT", slot, "NODE", dest_id))
             bulk_text(source.command("CLUSTER", "SETSLOT", slot, "NODE", dest_id))
-            for node in others:
+            for node in (n for n in others if n is not dest):
                 reply = node.command("CLUSTER", "SETSLOT", slot, "NODE", dest_id)
                 # A restarted primary the cluster has turned into a replica since it was listed
                 # learns the slot's owner from its master.
-                if node is not dest and b"only with masters" not in reply:
+                if b"only with masters" not in reply:
                     bulk_text(reply)
             ended = time.monotonic()
         finally:
