@@ -25,9 +25,10 @@ from commons.cache.backends.memory import MemoryStore
 from commons.cache.backends.near import FlushReason, NearCache
 from commons.cache.backends.redis import RedisStore
 from commons.cache.errors import BackendError
-from commons.cache.events import CacheEvents
 from commons.cache.layer import CacheLayer
 from commons.cache.scope import CacheScope, InvalidationTarget
+from commons.testing.events import NEAR_CACHE_BACKGROUND_COMMANDS
+from commons.testing.events import RecordedEvents as Recorder
 from commons.testing.redis_server import RedisServer
 
 PREFIX = "near-test"
@@ -36,29 +37,7 @@ KEY = f"{PREFIX}:reports:tenant_t1:/r"
 #: How long a test waits for something that takes milliseconds (a message, a reconnection).
 PATIENCE_SECONDS = 5.0
 #: Commands the near cache's own connections send whatever the reads do.
-BACKGROUND_COMMANDS = frozenset({"ping", "info", "client|list", "client|kill", "subscribe"})
-
-
-class Recorder(CacheEvents):
-    """Counts the near cache's events."""
-
-    def __init__(self) -> None:
-        self.near_hits = 0
-        self.messages = 0
-        self.flushes: list[str] = []
-        self.rejected: list[str] = []
-
-    def near_cache_hit(self, namespace: str) -> None:
-        self.near_hits += 1
-
-    def near_cache_invalidation(self, keys: int) -> None:
-        self.messages += 1
-
-    def near_cache_flushed(self, reason: str) -> None:
-        self.flushes.append(reason)
-
-    def rejected_entry(self, namespace: str, reason: str) -> None:
-        self.rejected.append(reason)
+BACKGROUND_COMMANDS = NEAR_CACHE_BACKGROUND_COMMANDS
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:

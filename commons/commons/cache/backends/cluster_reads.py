@@ -1,4 +1,4 @@
-"""Reads on a Redis Cluster: one pipelined reader per primary, routed by the client's slot map.
+"""Reads on a Redis Cluster: per primary, a pipelined reader and a near cache of its own.
 
 redis-py's cluster client spends most of a hit's time around each command: finding the slot's
 node, checking a connection out of that node's pool and back in, arming a read, parsing. A hit on
@@ -18,89 +18,272 @@ outage, as on one server, and the caller's breaker counts it.
 
 The order of the two reads is kept (the entry first, then the generations): an invalidation in
 between shows as another generation, a miss.
+
+The near cache, per primary
+---------------------------
+Redis tracks the keys a connection read on the server that connection is open to, and can only
+redirect its messages to a connection on that same server. So each primary gets its own
+:class:`~commons.cache.backends.near.NearCache` (its subscribed connection, its sessions), with
+``1/n`` of the configured bounds for ``n`` primaries. An entry is kept by its slot's primary's
+near cache, its generations by their namespace slot's primary's, and the entry holds on to those
+generations: whatever drops one of them (a message, a lost or silent connection on that other
+primary) makes the entry miss. A hit is answered only while the generations' primary's session is
+confirmed too. A ``MOVED`` or ``ASK`` from a primary empties its near cache (reason ``moved``): it
+no longer serves a slot it may hold keys of. A slot migrated away deletes its keys on the old
+owner, which announces them like any deletion; a primary demoted by a failover keeps announcing
+what the replication stream changes, and an invalidation is confirmed by a replica before it
+returns (``WAIT``), so its message is on its way when it does.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
+from commons.cache.backends.base import StoredRead
+from commons.cache.backends.near import FlushReason, NearCache, ReadTicket
 from commons.cache.backends.pipelined_reads import (
     PipelinedReader,
     connection_opener,
     encode_command,
 )
+from commons.cache.memo import BoundedMemo
 
-__all__ = ["ClusterReads"]
+__all__ = ["ClusterRead", "ClusterReadPlan", "ClusterReads"]
 
 #: Error replies that say the slot is served elsewhere or not at all right now.
 _ROUTING_REPLIES = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+#: Of those, the ones that say this primary no longer serves the slot.
+_MOVED_REPLIES = ("MOVED", "ASK")
+
+
+@dataclass(slots=True)
+class _Primary:
+    """What this process keeps per primary: its reader, and its near cache (or ``None``)."""
+
+    reader: PipelinedReader
+    near: NearCache | None
+
+
+class ClusterReadPlan(NamedTuple):
+    """A read under way whose result the near caches may keep (see :meth:`ClusterReads.begin`)."""
+
+    entry_primary: _Primary
+    entry_near: NearCache
+    entry_ticket: ReadTicket
+    generations_primary: _Primary
+    generations_near: NearCache
+    generations_ticket: ReadTicket
+
+
+class ClusterRead(NamedTuple):
+    """The replies of one read and the tracking sessions they came in (``None``: untracked)."""
+
+    replies: list[bytes | None]
+    entry_session: int | None
+    generations_session: int | None
 
 
 class ClusterReads:
-    """Pipelined reads on the primaries of ``client``'s cluster.
+    """Pipelined reads, and near caches, on the primaries of ``client``'s cluster.
 
     Args:
         client: The cluster client whose slot map routes the reads.
         timeout: Seconds a read waits for its reply.
         max_pending: Reads that may wait on one primary at once.
+        near_cache: The configured near cache, whose events and bounds the primaries' near
+            caches share (``None``: reads are not kept).
     """
 
-    def __init__(self, client: RedisCluster, *, timeout: float, max_pending: int) -> None:
+    def __init__(
+        self,
+        client: RedisCluster,
+        *,
+        timeout: float,
+        max_pending: int,
+        near_cache: NearCache | None = None,
+    ) -> None:
         self._client = client
         self._timeout = timeout
         self._max_pending = max_pending
-        #: Readers by node name (``host:port``); a node's reader lives as long as the store.
-        self._readers: dict[str, PipelinedReader] = {}
+        self._near_cache = near_cache
+        #: By node name (``host:port``); a node's reader lives as long as the store.
+        self._primaries: dict[str, _Primary] = {}
+        self._encoded = BoundedMemo[str, tuple[bytes, bytes]](4096, 4 * 1024 * 1024)
         self._closed = False
 
-    async def read(self, key: str, generation_keys: list[str]) -> list[bytes | None] | None:
-        """The entry under ``key``, then the values of ``generation_keys``; ``None`` when the
-        slot map cannot route them here (the caller then reads through redis-py).
+    @property
+    def near_caches(self) -> list[NearCache]:
+        """The primaries' near caches opened so far."""
+        return [primary.near for primary in self._primaries.values() if primary.near is not None]
+
+    # -- the hit path --------------------------------------------------------------------------
+
+    def held(self, key: str, generation_keys: list[str], namespace: str) -> StoredRead | None:
+        """The read of ``key`` as the cluster would answer it now, if the near caches hold it."""
+        if self._near_cache is None:
+            return None
+        generations = self._primary_for(generation_keys[0])
+        if generations is None or generations.near is None or not generations.near.confirmed():
+            return None
+        entry = self._primary_for(key)
+        if entry is None or entry.near is None:
+            return None
+        return entry.near.get(key, namespace)
+
+    def begin(self, key: str, generation_keys: list[str]) -> ClusterReadPlan | None:
+        """Registers a read about to be sent with both near caches; ``None`` when nothing could
+        be kept (no near cache, no confirmed session, an unknown slot)."""
+        entry = self._primary_for(key)
+        generations = self._primary_for(generation_keys[0])
+        if entry is None or generations is None:
+            return None
+        entry_near, generations_near = entry.near, generations.near
+        if entry_near is None or generations_near is None:
+            return None
+        entry_near.start()
+        generations_near.start()
+        entry_ticket = entry_near.begin([key])
+        if entry_ticket is None:
+            return None
+        generations_ticket = generations_near.begin(generation_keys)
+        if generations_ticket is None:
+            entry_near.end(entry_ticket)
+            return None
+        return ClusterReadPlan(
+            entry, entry_near, entry_ticket, generations, generations_near, generations_ticket
+        )
+
+    def keep(self, plan: ClusterReadPlan, read: ClusterRead, stored: StoredRead, at: float) -> None:
+        """Keeps what the read of ``plan`` found (``stored``, expiring ``at``), if both near
+        caches still know it to be current."""
+        if stored.value is None or stored.generation is None:
+            return
+        held = plan.generations_near.hold_generations(
+            plan.generations_ticket, read.generations_session, stored.generation
+        )
+        if held is not None:
+            plan.entry_near.keep_entry(plan.entry_ticket, read.entry_session, stored, at, held)
+
+    def end(self, plan: ClusterReadPlan) -> None:
+        """The read of ``plan`` is over (kept or not)."""
+        plan.entry_near.end(plan.entry_ticket)
+        plan.generations_near.end(plan.generations_ticket)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def read(
+        self, key: str, generation_keys: list[str], plan: ClusterReadPlan | None = None
+    ) -> ClusterRead | None:
+        """The entry under ``key``, then the values of ``generation_keys``, read on their slots'
+        primaries (``plan``'s, when the near caches wait for them); ``None`` when the slot map
+        cannot route them here (the caller then reads through redis-py).
 
         Raises:
             redis.exceptions.RedisError: A timeout, or an error reply that is not about routing.
         """
-        entry_reader = self._reader_for(key)
-        generations_reader = self._reader_for(generation_keys[0])
-        if entry_reader is None or generations_reader is None:
-            return None
+        if plan is not None:
+            entry, generations = plan.entry_primary, plan.generations_primary
+        else:
+            found_entry = self._primary_for(key)
+            found_generations = self._primary_for(generation_keys[0])
+            if found_entry is None or found_generations is None:
+                return None
+            entry, generations = found_entry, found_generations
+        tracked = plan is not None
+        entry_command, generations_command = self._commands(key, generation_keys)
         try:
-            value = await entry_reader.get(key)
-            generations = await generations_reader.mget_encoded(
-                encode_command(b"MGET", generation_keys), len(generation_keys)
+            value, entry_session = await self._ask(entry, entry_command, 1, tracked)
+            values, generations_session = await self._ask(
+                generations, generations_command, len(generation_keys), tracked
             )
+        except _Rerouted:
+            return None
+        return ClusterRead([value[0], *values], entry_session, generations_session)
+
+    def _commands(self, key: str, generation_keys: list[str]) -> tuple[bytes, bytes]:
+        """The encoded reads of the entry and of its generations, encoded once per key (a key's
+        text names its scope, so both are functions of the key)."""
+        known = self._encoded.get(key)
+        if known is None:
+            known = (encode_command(b"MGET", [key]), encode_command(b"MGET", generation_keys))
+            self._encoded.put(key, known, 2 * (len(known[0]) + len(known[1])))
+        return known
+
+    async def _ask(
+        self, primary: _Primary, command: bytes, count: int, tracked: bool
+    ) -> tuple[list[bytes | None], int | None]:
+        """One command's values (and tracking session) from ``primary``'s reader.
+
+        Raises:
+            _Rerouted: The read belongs to redis-py's path (see the module doc).
+        """
+        # Both are MGETs (of one key for the entry), answered as a list of values.
+        try:
+            if tracked:
+                return await primary.reader.mget_tracked(command, count)
+            return await primary.reader.mget_encoded(command, count), None
         except redis_errors.TimeoutError:
             raise
-        except redis_errors.ConnectionError:
+        except redis_errors.ConnectionError as exc:
             # A node that cannot be reached may have been replaced: redis-py finds out.
-            return None
+            raise _Rerouted from exc
         except redis_errors.ResponseError as exc:
-            if str(exc).startswith(_ROUTING_REPLIES):
-                return None
-            raise
-        return [value, *generations]
+            message = str(exc)
+            if not message.startswith(_ROUTING_REPLIES):
+                raise
+            if message.startswith(_MOVED_REPLIES) and primary.near is not None:
+                primary.near.flush(FlushReason.MOVED)
+            raise _Rerouted from exc
 
-    def _reader_for(self, key: str) -> PipelinedReader | None:
-        """The reader of the primary the slot map names for ``key``, opened on first use."""
+    def _primary_for(self, key: str) -> _Primary | None:
+        """The reader (and near cache) of the primary the slot map names for ``key``, opened on
+        first use; ``None`` for a slot the map does not cover."""
         client = self._client
         owners = client.nodes_manager.slots_cache.get(client.keyslot(key))
         if not owners or self._closed:
             return None
         node = owners[0]
-        reader = self._readers.get(node.name)
-        if reader is None:
+        primary = self._primaries.get(node.name)
+        if primary is None:
             opener = connection_opener(node.connection_class, node.connection_kwargs)
             if opener is None:
                 return None
-            reader = self._readers[node.name] = PipelinedReader(
-                opener, timeout=self._timeout, max_pending=self._max_pending
+            near = None
+            if self._near_cache is not None:
+                near = self._near_cache.for_node(max(len(client.get_primaries()), 1))
+            reader = PipelinedReader(
+                opener, timeout=self._timeout, max_pending=self._max_pending, tracking=near
             )
-        return reader
+            if near is not None:
+                near.attach(opener, reader, timeout=self._timeout)
+            primary = self._primaries[node.name] = _Primary(reader, near)
+        return primary
+
+    # -- this process's own changes ------------------------------------------------------------
+
+    def drop(self, keys: list[str]) -> None:
+        """Forgets ``keys`` in every primary's near cache (their slots may have moved)."""
+        for near in self.near_caches:
+            near.drop(keys)
+
+    def flush(self, reason: str) -> None:
+        """Empties every primary's near cache."""
+        for near in self.near_caches:
+            near.flush(reason)
 
     async def aclose(self) -> None:
-        """Closes every reader; later reads go through redis-py."""
+        """Closes every reader and near cache; later reads go through redis-py."""
         self._closed = True
-        readers, self._readers = self._readers, {}
-        for reader in readers.values():
-            await reader.aclose()
+        primaries, self._primaries = self._primaries, {}
+        for primary in primaries.values():
+            if primary.near is not None:
+                await primary.near.aclose()
+            await primary.reader.aclose()
+
+
+class _Rerouted(Exception):
+    """A read that redis-py's routed path must answer instead."""

@@ -104,6 +104,9 @@ class FlushReason:
     SERVER_FLUSH = "server_flush"
     #: This process flushed the cache (``clear``).
     CLEAR = "clear"
+    #: A read found that the server no longer serves a slot it was asked for (a cluster's
+    #: failover or slot migration): what it holds is no longer known to be tracked.
+    MOVED = "moved"
 
 
 class Retrackable(Protocol):
@@ -176,6 +179,15 @@ class NearCache:
 
     # -- set-up ----------------------------------------------------------------------------------
 
+    def for_node(self, share: int) -> NearCache:
+        """A near cache of its own for one of ``share`` servers (a cluster's primaries): the same
+        events, ``1/share`` of this one's bounds."""
+        return NearCache(
+            max_entries=max(self._max_entries // share, 1),
+            max_bytes=max(self._max_bytes // share, 1),
+            events=self.events,
+        )
+
     def attach(
         self,
         open_channel: Callable[[], Awaitable[ReadChannel]],
@@ -206,6 +218,16 @@ class NearCache:
     def live(self) -> bool:
         """Whether a session is confirmed: reads may be kept and answered."""
         return self._session is not None
+
+    def confirmed(self) -> bool:
+        """Whether a session is live and its connection was heard from within the silence limit
+        (checked here too: a busy event loop may run a hit before the heartbeat's check)."""
+        if self._session is None:
+            return False
+        if time.monotonic() - self._heard_at > SILENCE_LIMIT_SECONDS:
+            self._lose(FlushReason.SILENCE)
+            return False
+        return True
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -269,20 +291,45 @@ class NearCache:
     ) -> None:
         """Keeps what the read of ``ticket`` found, if it is still known to be current.
 
-        ``tracked_in`` is the session the read's connection was tracked into when its reply came;
-        ``read`` must hold a value and a generation, ``expires_at`` is the value's expiry.
+        ``ticket`` covers the entry's key, then its generations' keys; ``tracked_in`` is the
+        session the read's connection was tracked into when its reply came; ``read`` must hold a
+        value and a generation, ``expires_at`` is the value's expiry.
         """
-        if not self._admits(ticket, tracked_in) or read.value is None or read.generation is None:
+        if read.value is None or read.generation is None:
             return
-        key, generation_keys = ticket.keys[0], ticket.keys[1:]
-        values = read.generation.split(b".")
-        if len(values) != len(generation_keys):
+        entry_ticket = ReadTicket(ticket.epoch, ticket.touches, ticket.session, ticket.keys[:1])
+        generations_ticket = ticket._replace(keys=ticket.keys[1:])
+        generations = self.hold_generations(generations_ticket, tracked_in, read.generation)
+        if generations is not None:
+            self.keep_entry(entry_ticket, tracked_in, read, expires_at, generations)
+
+    def hold_generations(
+        self, ticket: ReadTicket, tracked_in: int | None, joined: bytes
+    ) -> tuple[_Generation, ...] | None:
+        """Holds the generations the read of ``ticket`` (their keys) found, ``joined`` as a read
+        reports them; ``None`` (nothing held) if they are not known to be current."""
+        values = joined.split(b".")
+        if len(values) != len(ticket.keys) or not self._admits(ticket, tracked_in):
+            return None
+        return tuple(map(self._held_generation, ticket.keys, values))
+
+    def keep_entry(
+        self,
+        ticket: ReadTicket,
+        tracked_in: int | None,
+        read: StoredRead,
+        expires_at: float,
+        generations: tuple[_Generation, ...],
+    ) -> None:
+        """Keeps the entry the read of ``ticket`` (its one key) found, valid while
+        ``generations`` (held here or by another server's near cache) are."""
+        if read.value is None or read.generation is None or not self._admits(ticket, tracked_in):
             return
+        key = ticket.keys[0]
         size = len(key) + len(read.value) + ITEM_OVERHEAD_BYTES
-        if size > self._max_item_bytes:
+        if size > self._max_item_bytes or not all(held.alive for held in generations):
             return
         self._drop_entry(key)
-        generations = tuple(map(self._held_generation, generation_keys, values))
         self._make_room(size)
         self._entries[key] = _Entry(read.value, expires_at, read.generation, generations, size)
         self._bytes += size

@@ -412,7 +412,10 @@ class RedisStore(CacheStore, ReplicaLocks):
         self._command_timeout: float = options.get("socket_timeout") or 5.0
         if isinstance(client, RedisCluster):
             self._cluster_reads = ClusterReads(
-                client, timeout=self._command_timeout, max_pending=PIPELINED_READS_MAX_PENDING
+                client,
+                timeout=self._command_timeout,
+                max_pending=PIPELINED_READS_MAX_PENDING,
+                near_cache=self._near_cache,
             )
         elif isinstance(client, Redis) and (opener := channel_opener(client)) is not None:
             near = self._near_cache
@@ -497,7 +500,9 @@ class RedisStore(CacheStore, ReplicaLocks):
 
     async def read(self, key: str, scope: CacheScope) -> StoredRead:
         """The entry and its scope's generations, in one round trip (``MGET``) on one server; with
-        the near cache, none when it holds them."""
+        the near cache, none when it holds them. On a cluster, see :meth:`_read_on_cluster`."""
+        if self._cluster_reads is not None:
+            return await self._read_on_cluster(self._cluster_reads, key, scope)
         # Until a first contact has ruled a cluster out, reads take redis-py's routed path.
         reads = self._reads if self._cluster_factory is None else None
         ticket: ReadTicket | None = None
@@ -514,22 +519,8 @@ class RedisStore(CacheStore, ReplicaLocks):
         # would cost a hit a generator and two awaits.
         try:
             replies, tracked_in = await self._read_replies(reads, key, scope, ticket)
-            value = replies[0]
-            generations = replies[1:]
-            generation = None if None in generations else b".".join(generations)  # type: ignore[arg-type]
-            if value is None:
-                self._expiries.forget(key)
-                return StoredRead(0, None, generation)
-            expires_at = self._expiries.expires_at(key, value)
-            if expires_at is None:
-                # First sight of these bytes (or near their expiry): one more round trip.
-                ttl_ms = await self._client.pttl(key)
-                if ttl_ms <= 0:
-                    return StoredRead(0, value, generation)
-                self._expiries.remember(key, value, ttl_ms / 1000)
-                expires_at = time.monotonic() + ttl_ms / 1000
-            read = StoredRead(math.ceil(expires_at - time.monotonic()), value, generation)
-            if ticket is not None and near is not None and generation is not None:
+            read, expires_at = await self._stored_read(key, replies)
+            if ticket is not None and near is not None and expires_at is not None:
                 near.keep(ticket, tracked_in, read, expires_at)
             return read
         except _REDIS_FAILURES as exc:
@@ -537,6 +528,57 @@ class RedisStore(CacheStore, ReplicaLocks):
         finally:
             if ticket is not None and near is not None:
                 near.end(ticket)
+
+    async def _read_on_cluster(
+        self, cluster: ClusterReads, key: str, scope: CacheScope
+    ) -> StoredRead:
+        """A read on a cluster: from the primaries' near caches when they hold it, else on the
+        slots' primaries' pipelined connections (kept by their near caches), else through
+        redis-py (a redirect, an unknown slot)."""
+        generation_keys = self.generation_keys(scope)
+        held = cluster.held(key, generation_keys, scope.namespace)
+        if held is not None:
+            return held
+        plan = cluster.begin(key, generation_keys)
+        try:
+            routed = await cluster.read(key, generation_keys, plan)
+            if routed is not None:
+                replies = routed.replies
+            else:
+                # The entry and its generations live in different slots: the entry first, so an
+                # invalidation between the two reads shows as another generation (a miss).
+                replies = [cast(bytes | None, await self._client.get(key))]
+                replies += cast(list[bytes | None], await self._client.mget(generation_keys))
+            read, expires_at = await self._stored_read(key, replies)
+            if plan is not None and routed is not None and expires_at is not None:
+                cluster.keep(plan, routed, read, expires_at)
+            return read
+        except _REDIS_FAILURES as exc:
+            raise _translate(exc) from exc
+        finally:
+            if plan is not None:
+                cluster.end(plan)
+
+    async def _stored_read(
+        self, key: str, replies: list[bytes | None]
+    ) -> tuple[StoredRead, float | None]:
+        """What a read's replies (the entry's value, then its generations') say, and when the
+        value expires (``None``: no value, or about to expire)."""
+        value = replies[0]
+        generations = replies[1:]
+        generation = None if None in generations else b".".join(generations)  # type: ignore[arg-type]
+        if value is None:
+            self._expiries.forget(key)
+            return StoredRead(0, None, generation), None
+        expires_at = self._expiries.expires_at(key, value)
+        if expires_at is None:
+            # First sight of these bytes (or near their expiry): one more round trip.
+            ttl_ms = await self._client.pttl(key)
+            if ttl_ms <= 0:
+                return StoredRead(0, value, generation), None
+            self._expiries.remember(key, value, ttl_ms / 1000)
+            expires_at = time.monotonic() + ttl_ms / 1000
+        return StoredRead(math.ceil(expires_at - time.monotonic()), value, generation), expires_at
 
     async def _read_replies(
         self,
@@ -552,17 +594,6 @@ class RedisStore(CacheStore, ReplicaLocks):
             if ticket is not None:
                 return await reads.mget_tracked(command, count)
             return await reads.mget_encoded(command, count), None
-        if isinstance(self._client, RedisCluster):
-            generation_keys = self.generation_keys(scope)
-            if self._cluster_reads is not None:
-                routed = await self._cluster_reads.read(key, generation_keys)
-                if routed is not None:
-                    return routed, None
-            # The entry and its generations live in different slots: the entry first, so an
-            # invalidation between the two reads shows as another generation (a miss).
-            replies = [cast(bytes | None, await self._client.get(key))]
-            replies += cast(list[bytes | None], await self._client.mget(generation_keys))
-            return replies, None
         # decode_responses is off: replies are bytes.
         return cast(list[bytes | None], await self._client.mget(self._read_keys(key, scope))), None
 
@@ -697,6 +728,8 @@ class RedisStore(CacheStore, ReplicaLocks):
     def _drop_near(self, keys: list[str]) -> None:
         if self._near is not None:
             self._near.drop(keys)
+        elif self._cluster_reads is not None:
+            self._cluster_reads.drop(keys)
 
     async def _retire(self, generation_key: str) -> None:
         """Deletes a scope's generation: what makes an invalidation (or a deletion) hold.
@@ -974,6 +1007,8 @@ class RedisStore(CacheStore, ReplicaLocks):
         finally:
             if self._near is not None:
                 self._near.flush(FlushReason.CLEAR)
+            if self._cluster_reads is not None:
+                self._cluster_reads.flush(FlushReason.CLEAR)
         return removed
 
     async def keys_of_prefix(self) -> AsyncIterator[Sequence[bytes]]:
@@ -1011,7 +1046,7 @@ class RedisStore(CacheStore, ReplicaLocks):
             single, single_reads, cluster = self._client, self._reads, factory()
             self._use(cluster)
             if self._near_cache is not None:
-                # Nodes of a cluster are not tracked here: nothing is kept.
+                # Each primary gets a near cache of its own (cluster_reads.py), shaped after it.
                 await self._near_cache.aclose()
             with contextlib.suppress(*_REDIS_FAILURES):
                 if single_reads is not None:
