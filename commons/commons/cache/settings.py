@@ -70,8 +70,8 @@ class CacheSettings(BaseSettings):
     CACHE_NEAR_CACHE: bool = Field(
         default=True,
         description="Keep Redis hits in process memory, kept coherent by Redis' client "
-        "tracking (one server, Redis 6+; not behind Sentinel or on a cluster). false: every "
-        "hit reads Redis.",
+        "tracking (Redis 6+; on one server, and per primary on a cluster; not behind "
+        "Sentinel). false: every hit reads Redis.",
     )
     REDIS_CONNECT_TIMEOUT_SECONDS: float = Field(
         default=0.5, gt=0, description="Time allowed to open a connection to Redis."

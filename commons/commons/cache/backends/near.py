@@ -51,8 +51,9 @@ the least recently used entries go first. An entry larger than a sixty-fourth of
 is not kept. Redis' own tracking table (``tracking-table-max-keys``) evicts by sending
 invalidations, which this cache handles like any other.
 
-Only one-server set-ups use it (the pipelined reader's): behind Sentinel and on a cluster the
-reads take redis-py's path and nothing is kept here.
+One server's reads use one near cache; on a cluster each primary has its own
+(``cluster_reads.py``), and an entry held by one may depend on generations held by another (see
+:meth:`NearCache.keep_entry`). Behind Sentinel the reads take redis-py's path and nothing is kept.
 """
 
 from __future__ import annotations

@@ -379,8 +379,9 @@ class RedisStore(CacheStore, ReplicaLocks):
             prefix: The service's ``CACHE_PREFIX``.
             cluster_factory: With a one-server client: builds the cluster client to switch to
                 if that server turns out to be a cluster node (``REDIS_CLUSTER=auto``).
-            near_cache: Keeps what reads find, coherently (``near.py``); used on one server
-                only (not behind Sentinel, not on a cluster).
+            near_cache: Keeps what reads find, coherently (``near.py``): on one server this one,
+                on a cluster one per primary shaped after it (``cluster_reads.py``); not used
+                behind Sentinel.
         """
         self._prefix = prefix
         self._near_cache = near_cache
@@ -446,7 +447,8 @@ class RedisStore(CacheStore, ReplicaLocks):
 
     @property
     def near_cache(self) -> NearCache | None:
-        """The near cache in use (one server only), or ``None``."""
+        """The near cache in use on one server, or ``None`` (on a cluster each primary has its
+        own, see ``cluster_reads.py``)."""
         return self._near
 
     @property
