@@ -37,11 +37,12 @@ returns (``WAIT``), so its message is on its way when it does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from redis import exceptions as redis_errors
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from commons.cache.backends.base import StoredRead
 from commons.cache.backends.near import FlushReason, NearCache, ReadTicket
@@ -51,6 +52,7 @@ from commons.cache.backends.pipelined_reads import (
     encode_command,
 )
 from commons.cache.memo import BoundedMemo
+from commons.cache.scope import CacheScope
 
 __all__ = ["ClusterRead", "ClusterReadPlan", "ClusterReads"]
 
@@ -79,6 +81,24 @@ class ClusterReadPlan(NamedTuple):
     generations_ticket: ReadTicket
 
 
+class _Route(NamedTuple):
+    """Where a read of one key goes: its two commands encoded, their slots, and the primaries
+    the slot map named for them when the route was last resolved."""
+
+    generation_keys: list[str]
+    entry_slot: int
+    generations_slot: int
+    entry_command: bytes
+    generations_command: bytes
+    entry_owner: ClusterNode | None = None
+    entry_primary: _Primary | None = None
+    generations_owner: ClusterNode | None = None
+    generations_primary: _Primary | None = None
+    #: The two primaries' near caches (``None`` without).
+    entry_near: NearCache | None = None
+    generations_near: NearCache | None = None
+
+
 class ClusterRead(NamedTuple):
     """The replies of one read and the tracking sessions they came in (``None``: untracked)."""
 
@@ -92,6 +112,7 @@ class ClusterReads:
 
     Args:
         client: The cluster client whose slot map routes the reads.
+        generation_keys: The keys of the generations an entry of a scope depends on.
         timeout: Seconds a read waits for its reply.
         max_pending: Reads that may wait on one primary at once.
         near_cache: The configured near cache, whose events and bounds the primaries' near
@@ -101,18 +122,20 @@ class ClusterReads:
     def __init__(
         self,
         client: RedisCluster,
+        generation_keys: Callable[[CacheScope], list[str]],
         *,
         timeout: float,
         max_pending: int,
         near_cache: NearCache | None = None,
     ) -> None:
         self._client = client
+        self._generation_keys = generation_keys
         self._timeout = timeout
         self._max_pending = max_pending
         self._near_cache = near_cache
         #: By node name (``host:port``); a node's reader lives as long as the store.
         self._primaries: dict[str, _Primary] = {}
-        self._encoded = BoundedMemo[str, tuple[bytes, bytes]](4096, 4 * 1024 * 1024)
+        self._routes = BoundedMemo[str, _Route](4096, 4 * 1024 * 1024)
         self._closed = False
 
     @property
@@ -122,23 +145,24 @@ class ClusterReads:
 
     # -- the hit path --------------------------------------------------------------------------
 
-    def held(self, key: str, generation_keys: list[str], namespace: str) -> StoredRead | None:
-        """The read of ``key`` as the cluster would answer it now, if the near caches hold it."""
-        if self._near_cache is None:
-            return None
-        generations = self._primary_for(generation_keys[0])
-        if generations is None or generations.near is None or not generations.near.confirmed():
-            return None
-        entry = self._primary_for(key)
-        if entry is None or entry.near is None:
-            return None
-        return entry.near.get(key, namespace)
+    def held(self, key: str, scope: CacheScope) -> StoredRead | None:
+        """The read of ``key`` as the cluster would answer it now, if the near caches hold it.
 
-    def begin(self, key: str, generation_keys: list[str]) -> ClusterReadPlan | None:
+        Along the primaries its last read went to, without asking the slot map again: what a
+        primary's near cache holds stays tracked by that primary wherever the slot went since
+        (a migrated key is deleted there and announced; a demoted primary applies its
+        successor's writes), and whatever ends its session empties it.
+        """
+        route = self._routes.get(key)
+        if route is None or route.entry_near is None or route.generations_near is None:
+            return None
+        return route.entry_near.get(key, scope.namespace, route.generations_near)
+
+    def begin(self, key: str, scope: CacheScope) -> ClusterReadPlan | None:
         """Registers a read about to be sent with both near caches; ``None`` when nothing could
         be kept (no near cache, no confirmed session, an unknown slot)."""
-        entry = self._primary_for(key)
-        generations = self._primary_for(generation_keys[0])
+        route = self._route(key, scope)
+        entry, generations = route.entry_primary, route.generations_primary
         if entry is None or generations is None:
             return None
         entry_near, generations_near = entry.near, generations.near
@@ -149,13 +173,21 @@ class ClusterReads:
         entry_ticket = entry_near.begin([key])
         if entry_ticket is None:
             return None
-        generations_ticket = generations_near.begin(generation_keys)
+        generations_ticket = generations_near.begin(route.generation_keys)
         if generations_ticket is None:
             entry_near.end(entry_ticket)
             return None
         return ClusterReadPlan(
             entry, entry_near, entry_ticket, generations, generations_near, generations_ticket
         )
+
+    def start(self) -> None:
+        """Opens every known primary's near cache (in the background), so that the first reads
+        can be kept."""
+        for node in self._client.get_primaries():
+            primary = self._primary_of(node)
+            if primary is not None and primary.near is not None:
+                primary.near.start()
 
     def keep(self, plan: ClusterReadPlan, read: ClusterRead, stored: StoredRead, at: float) -> None:
         """Keeps what the read of ``plan`` found (``stored``, expiring ``at``), if both near
@@ -176,41 +208,72 @@ class ClusterReads:
     # -- reading -------------------------------------------------------------------------------
 
     async def read(
-        self, key: str, generation_keys: list[str], plan: ClusterReadPlan | None = None
+        self, key: str, scope: CacheScope, plan: ClusterReadPlan | None = None
     ) -> ClusterRead | None:
-        """The entry under ``key``, then the values of ``generation_keys``, read on their slots'
+        """The entry under ``key``, then its ``scope``'s generations, read on their slots'
         primaries (``plan``'s, when the near caches wait for them); ``None`` when the slot map
         cannot route them here (the caller then reads through redis-py).
 
         Raises:
             redis.exceptions.RedisError: A timeout, or an error reply that is not about routing.
         """
+        route = self._route(key, scope)
         if plan is not None:
             entry, generations = plan.entry_primary, plan.generations_primary
         else:
-            found_entry = self._primary_for(key)
-            found_generations = self._primary_for(generation_keys[0])
+            found_entry, found_generations = route.entry_primary, route.generations_primary
             if found_entry is None or found_generations is None:
                 return None
             entry, generations = found_entry, found_generations
         tracked = plan is not None
-        entry_command, generations_command = self._commands(key, generation_keys)
         try:
-            value, entry_session = await self._ask(entry, entry_command, 1, tracked)
+            value, entry_session = await self._ask(entry, route.entry_command, 1, tracked)
             values, generations_session = await self._ask(
-                generations, generations_command, len(generation_keys), tracked
+                generations, route.generations_command, len(route.generation_keys), tracked
             )
         except _Rerouted:
             return None
         return ClusterRead([value[0], *values], entry_session, generations_session)
 
-    def _commands(self, key: str, generation_keys: list[str]) -> tuple[bytes, bytes]:
-        """The encoded reads of the entry and of its generations, encoded once per key (a key's
-        text names its scope, so both are functions of the key)."""
-        known = self._encoded.get(key)
+    def _route(self, key: str, scope: CacheScope) -> _Route:
+        """Where the reads of ``key`` go and what they send, worked out once per key (a key's
+        text names its scope, so its generations' keys are a function of it) and resolved
+        again whenever the slot map names other primaries for it."""
+        known = self._routes.get(key)
         if known is None:
-            known = (encode_command(b"MGET", [key]), encode_command(b"MGET", generation_keys))
-            self._encoded.put(key, known, 2 * (len(known[0]) + len(known[1])))
+            keyslot = self._client.keyslot
+            generation_keys = self._generation_keys(scope)
+            known = _Route(
+                generation_keys,
+                keyslot(key),
+                keyslot(generation_keys[0]),
+                encode_command(b"MGET", [key]),
+                encode_command(b"MGET", generation_keys),
+            )
+        slots = self._client.nodes_manager.slots_cache
+        entry_owners = slots.get(known.entry_slot)
+        generations_owners = slots.get(known.generations_slot)
+        entry_owner = entry_owners[0] if entry_owners else None
+        generations_owner = generations_owners[0] if generations_owners else None
+        if (
+            entry_owner is not known.entry_owner
+            or generations_owner is not known.generations_owner
+            or known.entry_primary is None
+        ):
+            entry_primary = self._primary_of(entry_owner)
+            generations_primary = self._primary_of(generations_owner)
+            known = known._replace(
+                entry_owner=entry_owner,
+                entry_primary=entry_primary,
+                generations_owner=generations_owner,
+                generations_primary=generations_primary,
+                entry_near=entry_primary.near if entry_primary is not None else None,
+                generations_near=(
+                    generations_primary.near if generations_primary is not None else None
+                ),
+            )
+            size = 2 * (len(known.entry_command) + len(known.generations_command)) + 256
+            self._routes.put(key, known, size)
         return known
 
     async def _ask(
@@ -239,28 +302,26 @@ class ClusterReads:
                 primary.near.flush(FlushReason.MOVED)
             raise _Rerouted from exc
 
-    def _primary_for(self, key: str) -> _Primary | None:
-        """The reader (and near cache) of the primary the slot map names for ``key``, opened on
-        first use; ``None`` for a slot the map does not cover."""
-        client = self._client
-        owners = client.nodes_manager.slots_cache.get(client.keyslot(key))
-        if not owners or self._closed:
+    def _primary_of(self, node: ClusterNode | None) -> _Primary | None:
+        """The reader (and near cache) of ``node``, opened on first use; ``None`` for no node
+        (a slot the map does not cover)."""
+        if node is None:
             return None
-        node = owners[0]
         primary = self._primaries.get(node.name)
-        if primary is None:
-            opener = connection_opener(node.connection_class, node.connection_kwargs)
-            if opener is None:
-                return None
-            near = None
-            if self._near_cache is not None:
-                near = self._near_cache.for_node(max(len(client.get_primaries()), 1))
-            reader = PipelinedReader(
-                opener, timeout=self._timeout, max_pending=self._max_pending, tracking=near
-            )
-            if near is not None:
-                near.attach(opener, reader, timeout=self._timeout)
-            primary = self._primaries[node.name] = _Primary(reader, near)
+        if primary is not None or self._closed:
+            return primary
+        opener = connection_opener(node.connection_class, node.connection_kwargs)
+        if opener is None:
+            return None
+        near = None
+        if self._near_cache is not None:
+            near = self._near_cache.for_node(max(len(self._client.get_primaries()), 1))
+        reader = PipelinedReader(
+            opener, timeout=self._timeout, max_pending=self._max_pending, tracking=near
+        )
+        if near is not None:
+            near.attach(opener, reader, timeout=self._timeout)
+        primary = self._primaries[node.name] = _Primary(reader, near)
         return primary
 
     # -- this process's own changes ------------------------------------------------------------

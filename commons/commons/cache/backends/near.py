@@ -220,12 +220,13 @@ class NearCache:
         """Whether a session is confirmed: reads may be kept and answered."""
         return self._session is not None
 
-    def confirmed(self) -> bool:
+    def confirmed(self, now: float | None = None) -> bool:
         """Whether a session is live and its connection was heard from within the silence limit
-        (checked here too: a busy event loop may run a hit before the heartbeat's check)."""
+        (checked here too: a busy event loop may run a hit before the heartbeat's check);
+        ``now`` is ``time.monotonic()`` if the caller has it."""
         if self._session is None:
             return False
-        if time.monotonic() - self._heard_at > SILENCE_LIMIT_SECONDS:
+        if (time.monotonic() if now is None else now) - self._heard_at > SILENCE_LIMIT_SECONDS:
             self._lose(FlushReason.SILENCE)
             return False
         return True
@@ -240,14 +241,22 @@ class NearCache:
 
     # -- the hit path ----------------------------------------------------------------------------
 
-    def get(self, key: str, namespace: str) -> StoredRead | None:
-        """The read of ``key`` as Redis would answer it now, if held; ``None`` otherwise."""
+    def get(
+        self, key: str, namespace: str, generations_from: NearCache | None = None
+    ) -> StoredRead | None:
+        """The read of ``key`` as Redis would answer it now, if held; ``None`` otherwise.
+
+        ``generations_from``: the near cache holding the entry's generations, when another
+        server's (a cluster's): its session must be confirmed too.
+        """
         entry = self._entries.get(key)
         if entry is None:
             return None
         now = time.monotonic()
         if now - self._heard_at > SILENCE_LIMIT_SECONDS:
             self._lose(FlushReason.SILENCE)
+            return None
+        if generations_from is not None and not generations_from.confirmed(now):
             return None
         if entry.expires_at <= now:
             self._drop_entry(key)

@@ -414,6 +414,7 @@ class RedisStore(CacheStore, ReplicaLocks):
         if isinstance(client, RedisCluster):
             self._cluster_reads = ClusterReads(
                 client,
+                self.generation_keys,
                 timeout=self._command_timeout,
                 max_pending=PIPELINED_READS_MAX_PENDING,
                 near_cache=self._near_cache,
@@ -503,8 +504,12 @@ class RedisStore(CacheStore, ReplicaLocks):
     async def read(self, key: str, scope: CacheScope) -> StoredRead:
         """The entry and its scope's generations, in one round trip (``MGET``) on one server; with
         the near cache, none when it holds them. On a cluster, see :meth:`_read_on_cluster`."""
-        if self._cluster_reads is not None:
-            return await self._read_on_cluster(self._cluster_reads, key, scope)
+        cluster = self._cluster_reads
+        if cluster is not None:
+            held = cluster.held(key, scope)
+            if held is not None:
+                return held
+            return await self._read_on_cluster(cluster, key, scope)
         # Until a first contact has ruled a cluster out, reads take redis-py's routed path.
         reads = self._reads if self._cluster_factory is None else None
         ticket: ReadTicket | None = None
@@ -534,19 +539,16 @@ class RedisStore(CacheStore, ReplicaLocks):
     async def _read_on_cluster(
         self, cluster: ClusterReads, key: str, scope: CacheScope
     ) -> StoredRead:
-        """A read on a cluster: from the primaries' near caches when they hold it, else on the
-        slots' primaries' pipelined connections (kept by their near caches), else through
-        redis-py (a redirect, an unknown slot)."""
-        generation_keys = self.generation_keys(scope)
-        held = cluster.held(key, generation_keys, scope.namespace)
-        if held is not None:
-            return held
-        plan = cluster.begin(key, generation_keys)
+        """A read on a cluster that its primaries' near caches do not hold: on the slots'
+        primaries' pipelined connections (kept by their near caches), else through redis-py (a
+        redirect, an unknown slot)."""
+        plan = cluster.begin(key, scope)
         try:
-            routed = await cluster.read(key, generation_keys, plan)
+            routed = await cluster.read(key, scope, plan)
             if routed is not None:
                 replies = routed.replies
             else:
+                generation_keys = self.generation_keys(scope)
                 # The entry and its generations live in different slots: the entry first, so an
                 # invalidation between the two reads shows as another generation (a miss).
                 replies = [cast(bytes | None, await self._client.get(key))]
@@ -1035,9 +1037,11 @@ class RedisStore(CacheStore, ReplicaLocks):
                 await self._client.ping(target_nodes=RedisCluster.PRIMARIES)
             else:
                 await self._client.ping()
+        # Subscribing now, so that the first reads can be kept.
         if self._near is not None and self._cluster_factory is None:
-            # Subscribing now, so that the first reads can be kept.
             self._near.start()
+        elif self._cluster_reads is not None:
+            self._cluster_reads.start()
 
     async def _detect_cluster(self) -> None:
         """On the first contact (``REDIS_CLUSTER=auto``): switch to the cluster client if needed."""
