@@ -192,8 +192,11 @@ class CacheLayer:
         # Removals on their way to Redis, which outlive a cancelled caller (see _on_redis).
         self._removals: set[asyncio.Task[int]] = set()
         self._generations_asked: dict[CacheScope, asyncio.Future[bytes]] = {}
-        # Values of the memory tier already parsed, by identity (see _validated).
-        self._parsed = BoundedMemo[bytes, tuple[bytes, bytes, ParsedValue]](4096, 32 * 1024 * 1024)
+        # The last value parsed under each key, with the fingerprint and generation it was
+        # checked against (see _validated).
+        self._parsed = BoundedMemo[str, tuple[bytes, bytes, bytes | None, ParsedValue]](
+            4096, 32 * 1024 * 1024
+        )
         if not settings.CACHE_ENABLED:
             initial, reason = CacheState.DISABLED, "CACHE_ENABLED is false"
         elif redis is None:
@@ -391,7 +394,7 @@ class CacheLayer:
             if self._consecutive_failures or self._refused is not None:
                 self._record_success(store, "get")
         token = FillToken(stamp, generation)
-        lookup = self._validated(read, token, fingerprint, scope.namespace)
+        lookup = self._validated(read, token, fingerprint, key, scope.namespace)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "cache %s namespace=%s key=%s backend=%s",
@@ -403,27 +406,31 @@ class CacheLayer:
         return lookup
 
     def _validated(
-        self, read: StoredRead, token: FillToken, fingerprint: bytes, namespace: str
+        self, read: StoredRead, token: FillToken, fingerprint: bytes, key: str, namespace: str
     ) -> Lookup:
         """``read`` as a lookup: its value only if of this fingerprint and generation."""
         raw = read.value
         if raw is None:
             return Lookup(token)
-        in_memory = token.generation is None
-        if in_memory:
-            # The memory tier hands back the very bytes it was given (their hash is kept with
-            # them): each value is parsed once. Bytes read from Redis are new every time.
-            known = self._parsed.get(raw)
-            if known is not None and known[0] is raw and known[1] == fingerprint:
-                return Lookup(token, known[2], read.remaining)
+        # The memory store and the near cache hand back the very bytes object they hold: a value
+        # is parsed once, not on every hit. Bytes read from Redis itself are new every time and
+        # take the place of the last ones kept for their key.
+        known = self._parsed.get(key)
+        if (
+            known is not None
+            and known[0] is raw
+            and known[1] == fingerprint
+            and known[2] == token.generation
+        ):
+            return Lookup(token, known[3], read.remaining)
         parsed = parse_value(raw, expected_head(fingerprint, token.generation or b""))
-        if parsed is not None and in_memory:
-            self._parsed.put(raw, (raw, fingerprint, parsed), len(raw))
         if parsed is None:
             reason = rejection_reason(raw, fingerprint)
             if reason is not None:
                 self.events.rejected_entry(namespace, reason)
             return Lookup(token)
+        entry = (raw, fingerprint, token.generation, parsed)
+        self._parsed.put(key, entry, len(key) + len(raw))
         return Lookup(token, parsed, read.remaining)
 
     async def _generation(self, store: CacheStore, scope: CacheScope) -> bytes:
