@@ -165,19 +165,28 @@ class _RequestPathCollector(Collector):
         #: (operation, namespace) -> per bucket counts (the last one is +Inf), and their sum.
         self.durations: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
 
+    # The two events of the request path take the lock with acquire() and release(): a ``with``
+    # statement costs every request two bound-method objects (its __enter__ and __exit__).
+
     def lookup(self, namespace: str, outcome: str) -> None:
         key = (outcome, namespace)
-        with self.lock:
+        self.lock.acquire()
+        try:
             self.lookups[key] = self.lookups.get(key, 0) + 1
+        finally:
+            self.lock.release()
 
     def timed(self, namespace: str, operation: str, seconds: float) -> None:
         key = (operation, namespace)
-        with self.lock:
+        self.lock.acquire()
+        try:
             series = self.durations.get(key)
             if series is None:
                 series = self.durations[key] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
             series[0][bisect_left(DURATION_BUCKETS, seconds)] += 1
             series[1][0] += seconds
+        finally:
+            self.lock.release()
 
     def collect(self) -> Iterator[Metric]:
         with self.lock:
