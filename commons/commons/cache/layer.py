@@ -204,6 +204,11 @@ class CacheLayer:
         else:
             initial, reason = CacheState.DEGRADED, "not connected yet"
         self._state = initial
+        # Both follow the state, decided once per change rather than on every request (comparing
+        # the state with a CacheState member also costs an object on Python 3.11, whose enum
+        # class finds its members through __getattr__). No change leads to or from DISABLED.
+        self._enabled = initial is not CacheState.DISABLED
+        self._active: CacheStore = self._memory
         self._reason = reason
         self._since = datetime.now(UTC)
 
@@ -258,7 +263,7 @@ class CacheLayer:
 
     @property
     def enabled(self) -> bool:
-        return self._state is not CacheState.DISABLED
+        return self._enabled
 
     def status(self) -> CacheStatus:
         return CacheStatus(
@@ -277,6 +282,8 @@ class CacheLayer:
         if changed:
             self._refused = None
         self._state, self._reason, self._since = state, reason, datetime.now(UTC)
+        redis = self._redis
+        self._active = redis if state is CacheState.REDIS and redis is not None else self._memory
         self._log_state()
         if changed:
             self.events.state_changed(state.value)
@@ -287,9 +294,7 @@ class CacheLayer:
         logger.log(level, "cache backend: %s (%s)", self._state.value, self._reason)
 
     def _active_store(self) -> CacheStore:
-        if self._state is CacheState.REDIS and self._redis is not None:
-            return self._redis
-        return self._memory
+        return self._active
 
     def _record_success(self, store: CacheStore, operation: str) -> None:
         if store is not self._redis:
