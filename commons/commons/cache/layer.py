@@ -342,7 +342,9 @@ class CacheLayer:
 
     def _stamp(self, namespace: str) -> int:
         """The clock of the namespace's last invalidation in this process."""
-        return max(self._cleared_at, self._invalidated_at.get(namespace, 0))
+        invalidated_at = self._invalidated_at.get(namespace, 0)
+        # Not max(): it would build an iterator on every request.
+        return invalidated_at if invalidated_at > self._cleared_at else self._cleared_at
 
     # -- scopes --------------------------------------------------------------------------------
 
