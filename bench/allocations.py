@@ -17,6 +17,9 @@ Requests are direct ASGI calls (no HTTP client in the figures). Per request, aft
   (small tuples, lists, dicts, floats) cost no allocator call and are not counted;
 - blocks kept: ``sys.getallocatedblocks()`` after the requests and a full collection, minus
   before, per request (what a hit leaves behind; memos filled during the warm-up do not count);
+- per key: what a cached key keeps alive once it has been missed and hit (its stored entry, and
+  what the hit path remembers of it), in KiB and in objects the cyclic collector tracks (a full
+  collection walks every one of them);
 - collections: the cyclic collector's runs per 1,000 requests (``gc.callbacks``), by generation,
   at the default thresholds. A collection runs when container objects outlive their request
   (cycles, or objects kept), so transient objects freed by reference counting never trigger one.
@@ -64,7 +67,7 @@ class AsgiClient:
     async def _send(self, message: dict[str, Any]) -> None:
         self.messages.append(message)
 
-    async def get(self, path: str) -> None:
+    async def get(self, path: str, query: bytes = b"") -> None:
         self.messages.clear()
         scope = {
             "type": "http",
@@ -74,7 +77,7 @@ class AsgiClient:
             "scheme": "http",
             "path": path,
             "raw_path": path.encode(),
-            "query_string": b"",
+            "query_string": query,
             "root_path": "",
             "headers": [(b"host", b"bench"), (b"accept", b"*/*")],
             "client": ("127.0.0.1", 50000),
@@ -157,6 +160,30 @@ async def _kept_and_collections(
     return kept, [1000 * count / requests for count in counts]
 
 
+async def _kept_per_key(client: AsgiClient, path: str, keys: int) -> dict[str, float]:
+    """What each cached key keeps alive (its entry and what the hit path remembers of it): blocks,
+    GC-tracked objects (what a full collection walks) and KiB, over ``keys`` new keys."""
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    objects, blocks = len(gc.get_objects()), sys.getallocatedblocks()
+    for index in range(keys):
+        query = b"key=%d" % index
+        for _ in range(3):  # a miss (stored), then hits (on Redis, the second fills the near cache)
+            await client.get(path, query)
+        if index % 50 == 0:
+            await asyncio.sleep(0.01)  # the near cache's session stays confirmed
+    gc.collect()
+    kept_bytes = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return {
+        "blocks": (sys.getallocatedblocks() - blocks) / keys,
+        "tracked_objects": (len(gc.get_objects()) - objects) / keys,
+        "kib": kept_bytes / keys / 1024,
+    }
+
+
 async def _measure_app(
     counter: AllocationCounter, backend: str, redis_url: str | None, requests: int, windows: int
 ) -> dict:
@@ -185,6 +212,7 @@ async def _measure_app(
                     "kept_blocks": kept,
                     "collections_per_1000": collections,
                 }
+            figures[f"{size}/ours"]["per_key"] = await _kept_per_key(client, f"/ours/{size}", 500)
     return figures
 
 
@@ -200,6 +228,8 @@ def _row(backend: str, size: str, figures: dict[str, dict[str, Any]]) -> list[An
         round(floor["bytes"] / 1024, 1),
         fmt_ratio(ours["bytes"] / floor["bytes"]),
         round(ours["kept_blocks"], 2),
+        round(ours["per_key"]["kib"], 1),
+        round(ours["per_key"]["tracked_objects"], 1),
         "/".join(f"{count:.1f}" for count in ours["collections_per_1000"]),
         "/".join(f"{count:.1f}" for count in floor["collections_per_1000"]),
         "/".join(f"{count:.1f}" for count in nocache["collections_per_1000"]),
@@ -231,6 +261,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             "KiB allocated floor",
             "ours/floor",
             "blocks kept per HIT (ours)",
+            "KiB kept per key (ours)",
+            "GC-tracked objects per key (ours)",
             "GCs per 1k (gen 0/1/2) ours",
             "GCs per 1k (gen 0/1/2) floor",
             "GCs per 1k (gen 0/1/2) no cache",
@@ -244,6 +276,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             f"hook in front of them (bench/_alloc_counter.c) over {requests} requests, the "
             f"median of {windows} windows. "
             "Blocks kept: sys.getallocatedblocks() after a full collection, per request. "
+            "Per key: what 500 new keys (a miss, then two hits each) keep alive, per key: its "
+            "entry and what the hit path remembers of it (tracemalloc), and the objects a full "
+            "collection walks (gc.get_objects()). "
             "GCs: the cyclic collector's runs per 1,000 requests at default thresholds. "
             "The floor returns the same pre-serialised bytes from a plain FastAPI route; no cache "
             "builds the answer in the handler and FastAPI validates and serialises it."
