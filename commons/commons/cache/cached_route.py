@@ -46,6 +46,11 @@ class PreparedResponses:
         """The prepared form of ``value``; ``None`` when its payload is no readable response."""
         found = self._memo.get(key)
         if found is not None and found[0] == value.raw and found[1].private is private:
+            if found[0] is not value.raw:
+                # The same bytes in another object (read from Redis): the newest is kept, so an
+                # older copy (the bytes the fill wrote, once the near cache holds the ones it
+                # read) is not kept alive beside it.
+                self.put(key, value.raw, found[1])
             return found[1]
         entry = decode_payload(value.kind, value.payload)
         if entry is None:

@@ -173,7 +173,8 @@ def replay(
         head: True for a ``HEAD`` request: the same headers, no body.
         extra_headers: Per-request headers to add (set by the route's dependencies).
     """
-    max_age = max(max_age, 0)
+    if max_age < 0:
+        max_age = 0
     if if_none_match is not None and etag_matches(if_none_match, prepared.etag):
         cache_control = _cache_control(prepared.private, max_age)
         headers = [*prepared.not_modified_headers, (b"cache-control", cache_control)]

@@ -192,8 +192,11 @@ class CacheLayer:
         # Removals on their way to Redis, which outlive a cancelled caller (see _on_redis).
         self._removals: set[asyncio.Task[int]] = set()
         self._generations_asked: dict[CacheScope, asyncio.Future[bytes]] = {}
-        # Values of the memory tier already parsed, by identity (see _validated).
-        self._parsed = BoundedMemo[bytes, tuple[bytes, bytes, ParsedValue]](4096, 32 * 1024 * 1024)
+        # The last value parsed under each key, with the fingerprint and generation it was
+        # checked against (see _validated).
+        self._parsed = BoundedMemo[str, tuple[bytes, bytes, bytes | None, ParsedValue]](
+            4096, 32 * 1024 * 1024
+        )
         if not settings.CACHE_ENABLED:
             initial, reason = CacheState.DISABLED, "CACHE_ENABLED is false"
         elif redis is None:
@@ -201,6 +204,11 @@ class CacheLayer:
         else:
             initial, reason = CacheState.DEGRADED, "not connected yet"
         self._state = initial
+        # Both follow the state, decided once per change rather than on every request (comparing
+        # the state with a CacheState member also costs an object on Python 3.11, whose enum
+        # class finds its members through __getattr__). No change leads to or from DISABLED.
+        self._enabled = initial is not CacheState.DISABLED
+        self._active: CacheStore = self._memory
         self._reason = reason
         self._since = datetime.now(UTC)
 
@@ -255,7 +263,7 @@ class CacheLayer:
 
     @property
     def enabled(self) -> bool:
-        return self._state is not CacheState.DISABLED
+        return self._enabled
 
     def status(self) -> CacheStatus:
         return CacheStatus(
@@ -274,6 +282,8 @@ class CacheLayer:
         if changed:
             self._refused = None
         self._state, self._reason, self._since = state, reason, datetime.now(UTC)
+        redis = self._redis
+        self._active = redis if state is CacheState.REDIS and redis is not None else self._memory
         self._log_state()
         if changed:
             self.events.state_changed(state.value)
@@ -284,9 +294,7 @@ class CacheLayer:
         logger.log(level, "cache backend: %s (%s)", self._state.value, self._reason)
 
     def _active_store(self) -> CacheStore:
-        if self._state is CacheState.REDIS and self._redis is not None:
-            return self._redis
-        return self._memory
+        return self._active
 
     def _record_success(self, store: CacheStore, operation: str) -> None:
         if store is not self._redis:
@@ -334,7 +342,9 @@ class CacheLayer:
 
     def _stamp(self, namespace: str) -> int:
         """The clock of the namespace's last invalidation in this process."""
-        return max(self._cleared_at, self._invalidated_at.get(namespace, 0))
+        invalidated_at = self._invalidated_at.get(namespace, 0)
+        # Not max(): it would build an iterator on every request.
+        return invalidated_at if invalidated_at > self._cleared_at else self._cleared_at
 
     # -- scopes --------------------------------------------------------------------------------
 
@@ -391,7 +401,7 @@ class CacheLayer:
             if self._consecutive_failures or self._refused is not None:
                 self._record_success(store, "get")
         token = FillToken(stamp, generation)
-        lookup = self._validated(read, token, fingerprint, scope.namespace)
+        lookup = self._validated(read, token, fingerprint, key, scope.namespace)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "cache %s namespace=%s key=%s backend=%s",
@@ -403,27 +413,31 @@ class CacheLayer:
         return lookup
 
     def _validated(
-        self, read: StoredRead, token: FillToken, fingerprint: bytes, namespace: str
+        self, read: StoredRead, token: FillToken, fingerprint: bytes, key: str, namespace: str
     ) -> Lookup:
         """``read`` as a lookup: its value only if of this fingerprint and generation."""
         raw = read.value
         if raw is None:
             return Lookup(token)
-        in_memory = token.generation is None
-        if in_memory:
-            # The memory tier hands back the very bytes it was given (their hash is kept with
-            # them): each value is parsed once. Bytes read from Redis are new every time.
-            known = self._parsed.get(raw)
-            if known is not None and known[0] is raw and known[1] == fingerprint:
-                return Lookup(token, known[2], read.remaining)
+        # The memory store and the near cache hand back the very bytes object they hold: a value
+        # is parsed once, not on every hit. Bytes read from Redis itself are new every time and
+        # take the place of the last ones kept for their key.
+        known = self._parsed.get(key)
+        if (
+            known is not None
+            and known[0] is raw
+            and known[1] == fingerprint
+            and known[2] == token.generation
+        ):
+            return Lookup(token, known[3], read.remaining)
         parsed = parse_value(raw, expected_head(fingerprint, token.generation or b""))
-        if parsed is not None and in_memory:
-            self._parsed.put(raw, (raw, fingerprint, parsed), len(raw))
         if parsed is None:
             reason = rejection_reason(raw, fingerprint)
             if reason is not None:
                 self.events.rejected_entry(namespace, reason)
             return Lookup(token)
+        entry = (raw, fingerprint, token.generation, parsed)
+        self._parsed.put(key, entry, len(key) + len(raw))
         return Lookup(token, parsed, read.remaining)
 
     async def _generation(self, store: CacheStore, scope: CacheScope) -> bytes:

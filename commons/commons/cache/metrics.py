@@ -113,6 +113,7 @@ def _lookup_series(outcome: str, namespace: str) -> tuple[str, list[str]]:
 
 
 _DURATION_HELP = "Time reads and writes spent on Redis."
+_NEAR_HITS_HELP = "Reads from Redis answered by the near cache, with no command sent."
 _DURATION_LABELS = ["namespace", "operation"]
 
 
@@ -140,11 +141,14 @@ def exposition_registry() -> CollectorRegistry:
 
 
 class _RequestPath(Protocol):
-    """Counts the two events of every cached request: a lookup outcome, a Redis duration."""
+    """Counts the events of every cached request: a lookup outcome, a Redis duration, a near
+    hit."""
 
     def lookup(self, namespace: str, outcome: str) -> None: ...
 
     def timed(self, namespace: str, operation: str, seconds: float) -> None: ...
+
+    def near_hit(self, namespace: str) -> None: ...
 
 
 class _RequestPathCollector(Collector):
@@ -164,20 +168,38 @@ class _RequestPathCollector(Collector):
         self.lookups: dict[tuple[str, str], int] = {}
         #: (operation, namespace) -> per bucket counts (the last one is +Inf), and their sum.
         self.durations: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+        #: namespace -> reads answered by the near cache.
+        self.near_hits: dict[str, int] = {}
+
+    # The events of the request path take the lock with acquire() and release(): a ``with``
+    # statement costs every request two bound-method objects (its __enter__ and __exit__).
 
     def lookup(self, namespace: str, outcome: str) -> None:
         key = (outcome, namespace)
-        with self.lock:
+        self.lock.acquire()
+        try:
             self.lookups[key] = self.lookups.get(key, 0) + 1
+        finally:
+            self.lock.release()
 
     def timed(self, namespace: str, operation: str, seconds: float) -> None:
         key = (operation, namespace)
-        with self.lock:
+        self.lock.acquire()
+        try:
             series = self.durations.get(key)
             if series is None:
                 series = self.durations[key] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
             series[0][bisect_left(DURATION_BUCKETS, seconds)] += 1
             series[1][0] += seconds
+        finally:
+            self.lock.release()
+
+    def near_hit(self, namespace: str) -> None:
+        self.lock.acquire()
+        try:
+            self.near_hits[namespace] = self.near_hits.get(namespace, 0) + 1
+        finally:
+            self.lock.release()
 
     def collect(self) -> Iterator[Metric]:
         with self.lock:
@@ -185,6 +207,7 @@ class _RequestPathCollector(Collector):
             durations = {
                 key: (list(counts), total[0]) for key, (counts, total) in self.durations.items()
             }
+            near_hits = dict(self.near_hits)
         families: dict[str, CounterMetricFamily] = {}
         for name, help_text in _LOOKUP_HELP.items():
             families[name] = CounterMetricFamily(
@@ -205,6 +228,10 @@ class _RequestPathCollector(Collector):
                 buckets.append((bound, float(cumulative)))
             histogram.add_metric([namespace, operation], buckets, total)
         yield histogram
+        near = CounterMetricFamily("commons_cache_near_hits", _NEAR_HITS_HELP, labels=["namespace"])
+        for namespace, count in sorted(near_hits.items()):
+            near.add_metric([namespace], count)
+        yield near
 
 
 class _MultiprocessRequestPath:
@@ -228,8 +255,12 @@ class _MultiprocessRequestPath:
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
+        self._near_hits = Counter(
+            "commons_cache_near_hits_total", _NEAR_HITS_HELP, ["namespace"], registry=registry
+        )
         self._lookups: dict[tuple[str, str], Counter] = {}
         self._durations: dict[tuple[str, str], Histogram] = {}
+        self._near_hits_by_namespace: dict[str, Counter] = {}
 
     def lookup(self, namespace: str, outcome: str) -> None:
         child = self._lookups.get((outcome, namespace))
@@ -246,6 +277,12 @@ class _MultiprocessRequestPath:
                 namespace, operation
             )
         child.observe(seconds)
+
+    def near_hit(self, namespace: str) -> None:
+        child = self._near_hits_by_namespace.get(namespace)
+        if child is None:
+            child = self._near_hits_by_namespace[namespace] = self._near_hits.labels(namespace)
+        child.inc()
 
 
 def _forget_dead_processes() -> None:
@@ -279,7 +316,6 @@ class _Collectors:
     invalidated_entries: Counter
     rejected_entries: Counter
     state: Gauge
-    near_hits: Counter
     near_invalidations: Counter
     near_flushes: Counter
 
@@ -329,12 +365,6 @@ def _collectors(registry: CollectorRegistry) -> _Collectors:
             # Summed over the live workers: a dead worker's state does not linger.
             multiprocess_mode="livesum",
         ),
-        near_hits=Counter(
-            "commons_cache_near_hits_total",
-            "Reads from Redis answered by the near cache, with no command sent.",
-            ["namespace"],
-            registry=registry,
-        ),
         near_invalidations=Counter(
             "commons_cache_near_invalidations_total",
             "Invalidation messages Redis sent the near cache.",
@@ -362,8 +392,6 @@ class PrometheusEvents(CacheEvents):
         for state in CacheState:
             # Every state is a series from the start, so a dashboard never sees a gap.
             self._metrics.state.labels(state=state.value)
-        # A near hit costs microseconds: its counter is looked up once per namespace.
-        self._near_hits: dict[str, Counter] = {}
 
     def lookup(self, namespace: str, outcome: str) -> None:
         if outcome in _LOOKUP_SERIES:
@@ -387,12 +415,7 @@ class PrometheusEvents(CacheEvents):
         self._request_path.timed(namespace, operation, seconds)
 
     def near_cache_hit(self, namespace: str) -> None:
-        counter = self._near_hits.get(namespace)
-        if counter is None:
-            counter = self._near_hits[namespace] = self._metrics.near_hits.labels(
-                namespace=namespace
-            )
-        counter.inc()
+        self._request_path.near_hit(namespace)
 
     def near_cache_invalidation(self, keys: int) -> None:
         self._metrics.near_invalidations.inc()

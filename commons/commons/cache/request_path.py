@@ -88,6 +88,8 @@ class RequestPath:
         self.route = route
         self.namespace = namespace
         self.key_builder = key_builder
+        # The last prefix seen and the qualified namespace under it (a hit does not format it).
+        self._qualified = ("", qualified_namespace("", namespace))
 
     async def answer(
         self, request: object, sub_response: object, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -103,7 +105,7 @@ class RequestPath:
             return await route.call_handler(args, kwargs)
         built = self.key_builder(
             route.func,
-            qualified_namespace(layer.prefix, namespace),
+            self._qualified_namespace(layer.prefix),
             request=request,
             response=None,
             args=args,
@@ -112,7 +114,11 @@ class RequestPath:
         key = built if isinstance(built, str) else await built
         fingerprint = route.fingerprint(request)
         asked = _asked(request, sub_response)
-        lookup, outcome = await self._read(layer, key, fingerprint, asked.cache_control)
+        fresh_asked = _asks_for_fresh(layer, asked.cache_control)
+        if fresh_asked:
+            lookup = await _unread(layer, key)
+        else:
+            lookup = await layer.lookup(key, fingerprint)
         if lookup is None:
             layer.events.lookup(namespace, LookupOutcome.BYPASS_NO_IDENTITY)
             return await route.call_handler(args, kwargs)
@@ -133,21 +139,17 @@ class RequestPath:
                 # database session, ...) are still open.
                 stale.background = BackgroundTask(refresh.refresh)
                 return stale
-        layer.events.lookup(namespace, outcome)
+        layer.events.lookup(
+            namespace, LookupOutcome.BYPASS_CLIENT if fresh_asked else LookupOutcome.MISS
+        )
         call = Call(key, fingerprint, private, request, sub_response, args, kwargs)
         return await self._filled(Fill(route, layer, call, lookup.token), asked)
 
-    async def _read(
-        self, layer: CacheLayer, key: str, fingerprint: bytes, cache_control: str
-    ) -> tuple[Lookup | None, str]:
-        """The lookup (``None``: not to be cached) and the outcome to count if it is a miss."""
-        if cache_control and layer.settings.CACHE_HONOR_CLIENT_NO_CACHE:
-            directives = cache_control.lower()
-            if "no-cache" in directives or "no-store" in directives:
-                # The client asks for a fresh answer: computed, and stored for the next ones.
-                token = await layer.token_now(key)
-                return (None if token is None else Lookup(token)), LookupOutcome.BYPASS_CLIENT
-        return await layer.lookup(key, fingerprint), LookupOutcome.MISS
+    def _qualified_namespace(self, prefix: str) -> str:
+        known = self._qualified
+        if known[0] != prefix:
+            known = self._qualified = (prefix, qualified_namespace(prefix, self.namespace))
+        return known[1]
 
     async def _filled(self, fill: Fill, asked: _Asked) -> Any:
         """The answer of a miss: the shared, stored one, or this request's own."""
@@ -165,6 +167,21 @@ class RequestPath:
         if asked.own_headers:
             response.raw_headers.extend(asked.own_headers)
         return response
+
+
+def _asks_for_fresh(layer: CacheLayer, cache_control: str) -> bool:
+    """Whether the client's ``Cache-Control`` refuses a stored answer (and the settings let it)."""
+    if not cache_control or not layer.settings.CACHE_HONOR_CLIENT_NO_CACHE:
+        return False
+    directives = cache_control.lower()
+    return "no-cache" in directives or "no-store" in directives
+
+
+async def _unread(layer: CacheLayer, key: str) -> Lookup | None:
+    """A lookup that read nothing, for a client that asks for a fresh answer: computed, and
+    stored for the next ones (``None``: not to be cached)."""
+    token = await layer.token_now(key)
+    return None if token is None else Lookup(token)
 
 
 def _replay(prepared: PreparedResponse, max_age: int, status: bytes, asked: _Asked) -> Response:

@@ -53,6 +53,10 @@ class ExpiryMemo:
         known = self._items.get(key)
         if known is None or known[0] != value:
             return None
+        if known[0] is not value:
+            # The same bytes in another object (read back): the newest is kept, so an older copy
+            # (the bytes this store wrote, once the near cache holds the ones read) is freed.
+            self._items.put(key, (value, known[1]), len(value))
         return known[1] if known[1] - self._clock() > TRUST_ABOVE_SECONDS else None
 
     def remember(self, key: str, value: bytes, ttl_seconds: float) -> None:
