@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -166,6 +167,13 @@ def sentinel_switched(sentinel: LocalSentinel, to: RedisServer) -> bool:
     return fields.get(b"port") == str(to.port).encode() and b"failover_in_progress" not in flags
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Replaces ``path``'s content in one step: the other process never reads it half-written."""
+    staged = path.with_suffix(".staged")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
 async def test_no_process_serves_an_invalidation_the_old_master_acknowledged_in_a_switch_over(
     client: httpx.AsyncClient, sentinel: LocalSentinel, tmp_path: Path
 ) -> None:
@@ -177,7 +185,7 @@ async def test_no_process_serves_an_invalidation_the_old_master_acknowledged_in_
     assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"
     wait_until(lambda: replica.command("DBSIZE") == master.command("DBSIZE"), 5, "replication")
     version_file, stop_file = tmp_path / "version", tmp_path / "stop"
-    version_file.write_text("1")
+    write_atomically(version_file, "1")
     reader = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -209,7 +217,7 @@ async def test_no_process_serves_an_invalidation_the_old_master_acknowledged_in_
         )
         assert info_field(master, "replication", "role") == "master", "demoted too early"
         set_version(client, 2)
-        version_file.write_text("2")
+        write_atomically(version_file, "2")
         await invalidate_namespace("tenant_config")
         acknowledged = time.time()
 
