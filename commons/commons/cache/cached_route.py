@@ -25,7 +25,7 @@ __all__ = ["PRODUCER", "CachedRoute", "PreparedResponses"]
 #: Who wrote an entry, as its fingerprint says (the other decorator's entries are misses here).
 PRODUCER = "commons.cache"
 #: Bounds of the prepared responses each route keeps (entries, and bytes of stored values).
-_PREPARED_MAX_ENTRIES = 1024
+_PREPARED_MAX_ENTRIES = 16_384
 _PREPARED_MAX_BYTES = 32 * 1024 * 1024
 
 

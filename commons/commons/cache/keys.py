@@ -52,7 +52,7 @@ _EMPTY_QUERY_DIGEST = hashlib.md5(b"", usedforsecurity=False).hexdigest()
 # Query strings repeat (pagination, filters): their digests are kept, up to a bound in entries and
 # bytes (any client can send long, distinct query strings), so a hit does not parse and hash the
 # same query again.
-_digest_memo = BoundedMemo[bytes, str](4096, 2 * 1024 * 1024)
+_digest_memo = BoundedMemo[bytes, str](16_384, 8 * 1024 * 1024)
 _MEMO_OVERHEAD_BYTES = 200
 
 
@@ -82,7 +82,9 @@ def key_path(path: str) -> str:
 
 # A key is a function of these inputs only; a hit finds its key again instead of validating the
 # ids and formatting, hashing and scoping it anew. Bounded in entries and bytes.
-_key_memo = BoundedMemo[tuple[str, str, str | None, str, bytes], ScopedKey](4096, 4 * 1024 * 1024)
+_key_memo = BoundedMemo[tuple[str, str, str | None, str, bytes], ScopedKey](
+    16_384, 16 * 1024 * 1024
+)
 
 
 def _uncacheable(qualified_namespace: str, reason: str) -> ScopedKey:

@@ -195,7 +195,7 @@ class CacheLayer:
         # The last value parsed under each key, with the fingerprint and generation it was
         # checked against (see _validated).
         self._parsed = BoundedMemo[str, tuple[bytes, bytes, bytes | None, ParsedValue]](
-            4096, 32 * 1024 * 1024
+            16_384, 32 * 1024 * 1024
         )
         if not settings.CACHE_ENABLED:
             initial, reason = CacheState.DISABLED, "CACHE_ENABLED is false"
@@ -420,12 +420,13 @@ class CacheLayer:
         if raw is None:
             return Lookup(token)
         # The memory store and the near cache hand back the very bytes object they hold: a value
-        # is parsed once, not on every hit. Bytes read from Redis itself are new every time and
-        # take the place of the last ones kept for their key.
+        # is parsed once, not on every hit. Bytes read from Redis itself are new every time:
+        # equal ones are the same value (comparing is cheaper than parsing); others take the
+        # place of the last ones kept for their key.
         known = self._parsed.get(key)
         if (
             known is not None
-            and known[0] is raw
+            and (known[0] is raw or known[0] == raw)
             and known[1] == fingerprint
             and known[2] == token.generation
         ):

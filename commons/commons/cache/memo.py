@@ -4,9 +4,9 @@ The hit path remembers what it computed for inputs that repeat (query digests, k
 responses, expiries). Whatever a client sends can become such an input, so every memo is bounded
 twice: by entries and by the bytes it holds. An item larger than a sixty-fourth of the byte budget
 is not remembered at all (unless the memo says otherwise), so one huge request cannot flush what
-many ordinary ones share. When
-full, the memo starts over: simpler and cheaper on every hit than an LRU, and the inputs that
-matter come back at once.
+many ordinary ones share. When full, the oldest quarter goes (in the order items were
+remembered): a read costs one dictionary lookup, as cheap as it gets on every hit, and a working
+set a little above the bound loses a quarter of it, not all of it at once.
 """
 
 from __future__ import annotations
@@ -58,9 +58,27 @@ class BoundedMemo(Generic[K, V]):
         if size > self._max_item_bytes:
             return
         if len(self._items) >= self._max_entries or self._bytes + size > self._max_bytes:
-            self.clear()
+            self._make_room(size)
         self._items[key] = (value, size)
         self._bytes += size
+
+    def _make_room(self, size: int) -> None:
+        """Forgets the oldest items until a quarter of each budget is free and ``size`` fits
+        (amortised over the puts that filled that quarter: constant time per put)."""
+        count_goal = self._max_entries * 3 // 4
+        bytes_goal = min(self._max_bytes * 3 // 4, self._max_bytes - size)
+        items = self._items
+        count, held = len(items), self._bytes
+        oldest: list[K] = []
+        for key, (_, item_size) in items.items():
+            if count <= count_goal and held <= bytes_goal:
+                break
+            oldest.append(key)
+            count -= 1
+            held -= item_size
+        for key in oldest:
+            del items[key]
+        self._bytes = held
 
     def forget(self, key: K) -> None:
         old = self._items.pop(key, None)

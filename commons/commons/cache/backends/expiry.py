@@ -33,7 +33,7 @@ class ExpiryMemo:
 
     def __init__(
         self,
-        max_entries: int = 4096,
+        max_entries: int = 16_384,
         max_bytes: int = 16 * 1024 * 1024,
         *,
         clock: Callable[[], float] = time.monotonic,

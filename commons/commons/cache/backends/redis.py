@@ -389,7 +389,7 @@ class RedisStore(CacheStore, ReplicaLocks):
         self._cluster_factory = cluster_factory
         self._expiries = ExpiryMemo()
         self._keys = Keyspace(prefix)
-        self._read_commands = BoundedMemo[str, tuple[bytes, int]](4096, 4 * 1024 * 1024)
+        self._read_commands = BoundedMemo[str, tuple[bytes, int]](16_384, 16 * 1024 * 1024)
         self._closed = False
         self._reads: PipelinedReader | None = None
         self._cluster_reads: ClusterReads | None = None
