@@ -5,6 +5,7 @@ Every test uses a namespace of its own, so the process-wide counters of other te
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -127,6 +128,25 @@ async def test_time_spent_on_redis_is_observed_per_operation(
     else:  # the in-memory tier's sub-microsecond operations are not sampled
         assert sample(count, namespace=namespace, operation="get") == 0
         assert sample(count, namespace=namespace, operation="set") == 0
+
+
+async def test_a_near_cache_hit_is_counted_but_not_timed_as_a_redis_operation(
+    backend: CacheSettings, backend_name: str, client: httpx.AsyncClient, namespace: str
+) -> None:
+    if backend_name != "redis":
+        pytest.skip("the near cache keeps Redis hits")
+    near_hits = "commons_cache_near_hits_total"
+    requests = 0
+    while sample(near_hits, namespace=namespace) == 0:
+        assert requests < 100, "no near-cache hit"
+        await client.get("/reports", headers={"X-Tenant": "acme"})
+        requests += 1
+        await asyncio.sleep(0.01)
+
+    assert sample(near_hits, namespace=namespace) == 1
+    assert sample("commons_cache_hits_total", namespace=namespace) == requests - 1
+    count = "commons_cache_operation_duration_seconds_count"
+    assert sample(count, namespace=namespace, operation="get") == requests - 1
 
 
 async def test_a_request_without_a_tenant_is_a_bypass_for_lack_of_identity(

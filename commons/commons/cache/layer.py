@@ -383,9 +383,11 @@ class CacheLayer:
             try:
                 read = await store.read(key, scope)
             except BackendError as exc:
+                self.events.timed(scope.namespace, "get", time.perf_counter() - started)
                 self._record_failure(store, exc, scope.namespace, "get")
                 return Lookup(FillToken(stamp, None, redis_failed=True))
-            finally:
+            if not read.from_memory:
+                # A near-cache hit sent no command (see StoredRead.from_memory).
                 self.events.timed(scope.namespace, "get", time.perf_counter() - started)
             generation = read.generation
             if generation is None:

@@ -47,6 +47,9 @@ class StoredRead(NamedTuple):
     #: The scope's generation at the read; ``None`` when the store has none, or lost one (a
     #: store that uses generations then serves nothing until :meth:`CacheStore.generation`).
     generation: bytes | None = None
+    #: Answered from this process's memory (the near cache) with no command sent: not a Redis
+    #: operation, so not timed as one.
+    from_memory: bool = False
 
 
 class CacheStore(ABC):

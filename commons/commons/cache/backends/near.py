@@ -267,7 +267,9 @@ class NearCache:
                 return None
         self._entries.move_to_end(key)
         self.events.near_cache_hit(namespace)
-        return StoredRead(math.ceil(entry.expires_at - now), entry.value, entry.generation)
+        return StoredRead(
+            math.ceil(entry.expires_at - now), entry.value, entry.generation, from_memory=True
+        )
 
     # -- filling -----------------------------------------------------------------------------------
 
