@@ -113,18 +113,29 @@ class LocalRedisCluster:
         deadline = time.monotonic() + timeout
 
         def healthy() -> bool:
-            running = [n for n in self.nodes if n.process is not None and n.answers_ping()]
-            for node in running:
-                if info_field(node, "cluster", "cluster_state") != "ok":
-                    return False
-                role = info_field(node, "replication", "role")
-                if role == "slave" and info_field(node, "replication", "master_link_status") != (
-                    "up"
-                ):
-                    return False
-            return bool(running)
+            return not self._unhealthy()
 
-        self._wait(healthy, deadline)
+        try:
+            self._wait(healthy, deadline)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {'; '.join(self._unhealthy())}") from None
+
+    def _unhealthy(self) -> list[str]:
+        """Why the cluster is not healthy yet, per node (empty: it is)."""
+        running = [n for n in self.nodes if n.process is not None and n.answers_ping()]
+        if not running:
+            return ["no node answers"]
+        found = []
+        for node in running:
+            state = info_field(node, "cluster", "cluster_state")
+            if state != "ok":
+                found.append(f"{node.port}: cluster_state {state}")
+            role = info_field(node, "replication", "role")
+            link = info_field(node, "replication", "master_link_status")
+            if role == "slave" and link != "up":
+                master = info_field(node, "replication", "master_port")
+                found.append(f"{node.port}: replica of {master}, link {link}")
+        return found
 
     @staticmethod
     def _wait(condition: object, deadline: float) -> None:
