@@ -10,7 +10,7 @@ The service-level behaviour on a cluster (failovers, migrations under requests) 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -23,13 +23,13 @@ from commons.testing.events import NEAR_CACHE_BACKGROUND_COMMANDS as BACKGROUND_
 from commons.testing.events import RecordedEvents as Recorder
 from commons.testing.redis_cluster import LocalRedisCluster, bulk_text
 from commons.testing.redis_server import RedisServer
+from commons.testing.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
 PREFIX = "cluster-reads"
 NAMESPACE = "reports"
 TENANTS = [str(n) for n in range(12)]
-PATIENCE_SECONDS = 5.0
 #: How soon another store's invalidation must be seen (the near cache's promise on loopback).
 COHERENCE_SECONDS = 0.05
 
@@ -40,15 +40,6 @@ def key_of(tenant: str) -> str:
 
 def scope_of(tenant: str) -> CacheScope:
     return CacheScope(NAMESPACE, tenant)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + PATIENCE_SECONDS
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {PATIENCE_SECONDS} s: {what}")
-        await asyncio.sleep(0.01)
 
 
 def read_commands(cluster: LocalRedisCluster) -> dict[int, int]:

@@ -30,24 +30,13 @@ from commons.cache.scope import CacheScope, InvalidationTarget
 from commons.testing.events import NEAR_CACHE_BACKGROUND_COMMANDS
 from commons.testing.events import RecordedEvents as Recorder
 from commons.testing.redis_server import RedisServer
+from commons.testing.waiting import eventually
 
 PREFIX = "near-test"
 SCOPE = CacheScope("reports", "t1")
 KEY = f"{PREFIX}:reports:tenant_t1:/r"
-#: How long a test waits for something that takes milliseconds (a message, a reconnection).
-PATIENCE_SECONDS = 5.0
 #: Commands the near cache's own connections send whatever the reads do.
 BACKGROUND_COMMANDS = NEAR_CACHE_BACKGROUND_COMMANDS
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Waits until ``check()`` holds, for at most PATIENCE_SECONDS."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + PATIENCE_SECONDS
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {PATIENCE_SECONDS} s: {what}")
-        await asyncio.sleep(0.01)
 
 
 async def command_calls(client: Redis) -> dict[str, int]:
