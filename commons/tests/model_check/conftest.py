@@ -341,7 +341,9 @@ class World:
             if self.is_dead(node):
                 await asyncio.to_thread(self._start_again, node)
         if self.cluster is not None:
-            await asyncio.to_thread(self.cluster.wait_until_healthy, 30.0)
+            # A node killed right after a switch-over rejoins with a full resynchronisation,
+            # which has been seen to take more than 30 s on a busy machine.
+            await asyncio.to_thread(self.cluster.wait_until_healthy, 60.0)
         if self.sentinel is not None:
             await asyncio.to_thread(self.settle_sentinel, 30.0)
 
