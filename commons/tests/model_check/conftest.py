@@ -341,8 +341,8 @@ class World:
             if self.is_dead(node):
                 await asyncio.to_thread(self._start_again, node)
         if self.cluster is not None:
-            # A node killed right after a switch-over rejoins with a full resynchronisation,
-            # which has been seen to take more than 30 s on a busy machine.
+            # Once, after a switch-over and a slot migration, it did not settle within 30 s (the
+            # cause is not known yet: the timeout's message now names the nodes and why).
             await asyncio.to_thread(self.cluster.wait_until_healthy, 60.0)
         if self.sentinel is not None:
             await asyncio.to_thread(self.settle_sentinel, 30.0)
