@@ -15,6 +15,7 @@ pays for matching the routes registered before it (:class:`BenchApp`):
 ``size`` is ``small`` (~0.9 KB JSON object) or ``large`` (a list of 200 pydantic items, ~20 KB).
 Every route binds the same fixed tenant in an async dependency, as a service's auth would.
 ``/stampede/...`` routes sleep 100 ms and count their calls (``/calls``) for the stampede benchmark.
+``/metrics`` serves our Prometheus series (what the HIT benchmark's hits were: near-cache or Redis).
 
 Serve it with ``python -c 'from bench._apps import serve; serve()' --backend memory --port N``.
 """
@@ -258,6 +259,13 @@ def create_app(backend: str = "memory", redis_url: str | None = None) -> BenchAp
     @app.get("/calls")
     async def get_calls() -> Response:
         return Response(json.dumps(dict(calls)), media_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Our counters (hits, near-cache hits): the HIT benchmark checks what its hits were."""
+        from prometheus_client import REGISTRY, generate_latest
+
+        return Response(generate_latest(REGISTRY), media_type="text/plain")
 
     return BenchApp(app, by_path)
 
