@@ -337,3 +337,33 @@ async def test_a_redis_hit_after_a_write_asks_for_the_entry_only(redis_url: str)
     finally:
         await store.aclose()
         await probe.aclose()
+
+
+@pytest.mark.parametrize("topology", ["redis", pytest.param("cluster", marks=pytest.mark.slow)])
+async def test_a_fill_keeps_its_scopes_generations_alive_as_long_as_its_entry(
+    topology: str, request: pytest.FixtureRequest
+) -> None:
+    """An entry is served only while its scope's generations are there: a generation that expired
+    before it would make it, and every entry of its scope with it, a miss at once. A generation is
+    made with a short life (a scope that is read but never filled leaves nothing behind for long);
+    the first fill under it makes it live at least as long as the entry."""
+    url = request.getfixturevalue("redis_url" if topology == "redis" else "redis_cluster_url")
+    connect = Redis.from_url if topology == "redis" else RedisCluster.from_url
+    store = RedisStore(connect(url), "lifetime")
+    probe = connect(url)
+    scope = CacheScope("reports", "t1")
+    entry_key = "lifetime:reports:tenant_t1:/r:d41d8cd98f00b204e9800998ecf8427e"
+    try:
+        generation = await store.generation(scope)
+        made_for = {name: await probe.pttl(name) for name in store.generation_keys(scope)}
+        await store.write(entry_key, b"body", 3600, scope, generation)
+
+        entry_ms = await probe.pttl(entry_key)
+        assert entry_ms > max(made_for.values()), "an entry that outlives a new generation"
+        for name in store.generation_keys(scope):
+            assert await probe.pttl(name) >= entry_ms, name
+        read = await store.read(entry_key, scope)
+        assert (read.value, read.generation) == (b"body", generation)
+    finally:
+        await store.aclose()
+        await probe.aclose()

@@ -191,6 +191,19 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
+# On a cluster, a fill's part in the namespace's slot: its scope's generations (KEYS) are kept
+# alive at least ARGV[1] ms, as _FILL does on one server. A retired generation is not made again.
+_KEEP_GENERATIONS = """
+local keep_ms = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local current = redis.call('PTTL', KEYS[i])
+  if current >= 0 and current < keep_ms then
+    redis.call('PEXPIRE', KEYS[i], keep_ms)
+  end
+end
+return 1
+"""
+
 # The generations of a scope (KEYS), each created with a random value (ARGV) where missing.
 _ENSURE_GENERATIONS = """
 local seen = {}
@@ -627,7 +640,9 @@ class RedisStore(CacheStore, ReplicaLocks):
         try:
             async with _redis_errors_translated():
                 if isinstance(self._client, RedisCluster):
-                    stored = await self._write_on_cluster(self._client, key, value, ttl_ms, scope)
+                    stored = await self._write_on_cluster(
+                        self._client, key, value, ttl_ms, scope, keep_generations=bool(generation)
+                    )
                 else:
                     pipe = self._client.pipeline(transaction=True)
                     for index, member in self._index_updates(key, scope):
@@ -644,27 +659,45 @@ class RedisStore(CacheStore, ReplicaLocks):
         return stored
 
     async def _write_on_cluster(
-        self, client: RedisCluster, key: str, value: bytes, ttl_ms: int, scope: CacheScope
+        self,
+        client: RedisCluster,
+        key: str,
+        value: bytes,
+        ttl_ms: int,
+        scope: CacheScope,
+        *,
+        keep_generations: bool,
     ) -> bool:
-        # The indexes share the namespace's slot, the entry is elsewhere: index, entry, index.
-        # EVAL rather than EVALSHA: a cluster transaction cannot load a script that a promoted
-        # replica has never seen. The generations are not checked here (they are in another
-        # slot than the entry): a read never serves an entry of another generation anyway.
+        # The indexes and the generations share the namespace's slot, the entry is elsewhere:
+        # index (and generations), entry, index. EVAL rather than EVALSHA: a cluster transaction
+        # cannot load a script that a promoted replica has never seen. The generations are not
+        # compared here (they are in another slot than the entry): a read never serves an entry
+        # of another generation anyway. A fill keeps them alive as long as its entry, as on one
+        # server: made with a short life, they would otherwise turn the scope's every entry into
+        # a miss at once.
         updates = self._index_updates(key, scope)
+        generation_keys = self.generation_keys(scope) if keep_generations else []
 
-        async def index() -> None:
+        async def index(*, with_generations: bool) -> None:
             # redis-py 8.1 runs a cluster transaction on a client that has not (re)read the slot
             # map on connections it cannot close; reading the map first avoids that (a no-op
             # when it is current).
             await client.initialize()
             pipe = client.pipeline(transaction=True)
+            if with_generations and generation_keys:
+                pipe.eval(
+                    _KEEP_GENERATIONS,
+                    len(generation_keys),
+                    *generation_keys,
+                    ttl_ms + INDEX_GRACE_MS,
+                )
             for name, member in updates:
                 pipe.eval(_INDEX_ADD, 1, name, member, ttl_ms, INDEX_GRACE_MS)
             await pipe.execute()
 
-        await index()
+        await index(with_generations=True)
         await client.set(key, value, px=ttl_ms)
-        await index()
+        await index(with_generations=False)
         return True
 
     async def delete(self, key: str, scope: CacheScope | None = None) -> int:
