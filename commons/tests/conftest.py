@@ -5,10 +5,14 @@
 - ``own_redis``: a server of the test's own, for tests that stop, kill or reconfigure it.
 - ``backend``: parametrized over ``memory`` and ``redis``; initialises the cache with the settings
   the test gets back, and closes it afterwards.
+
+Tests marked ``every_event_loop`` run on asyncio's event loop and on uvloop's (what uvicorn runs
+when it is installed): their transports fail differently under a closed connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import subprocess
@@ -35,6 +39,22 @@ from commons.testing.redis_server import (
     redis_server_version,
 )
 from commons.utilities.context import RequestContextMiddleware, set_tenant_id, set_user_id
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """asyncio's loop for every test; uvloop's too for those marked ``every_event_loop``."""
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop
+    }
+    if item.get_closest_marker("every_event_loop") is not None:
+        try:
+            import uvloop
+        except ImportError:  # not on every platform: uvicorn runs asyncio's loop there
+            return factories
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
 
 
 @pytest.fixture(scope="session")

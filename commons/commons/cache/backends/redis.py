@@ -253,9 +253,15 @@ _NOPERM_COMMAND = re.compile(r"to run the '([a-z0-9|_-]+)' command$")
 #: Errors of redis-py's own making, translated only when raised inside redis-py (see
 #: :func:`_raised_in_client`): its cluster client can hold a slot map that disagrees with its
 #: nodes for a moment (a node failing, a map being read again) and then fails with one of these
-#: (``'NoneType' object has no attribute ...``) where a ``RedisError`` was meant.
-_CLIENT_FAULTS = (AttributeError, KeyError, IndexError, TypeError, ValueError)
+#: (``'NoneType' object has no attribute ...``) where a ``RedisError`` was meant; and a command
+#: written on a connection that redis-py (or the server) closed meanwhile fails in the transport
+#: below it: ``RuntimeError: ... the handler is closed`` under uvloop, ``TypeError`` or
+#: ``AttributeError`` in asyncio's own transports on CPython 3.12+.
+_CLIENT_FAULTS = (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError)
 _CLIENT_DIR = os.path.dirname(redis_errors.__file__) + os.sep
+#: Where the frames below redis-py come from: asyncio (its streams and transports) and uvloop
+#: (whose frames are named after its Cython sources, ``uvloop/handles/...``).
+_BELOW_CLIENT = (os.path.dirname(asyncio.__file__) + os.sep, "uvloop" + os.sep)
 
 #: Messages of redis-py's cluster client that name nodes only (never a command's arguments), and
 #: the wording of the first one shortened.
@@ -316,11 +322,16 @@ def _is_moving(exc: BaseException) -> bool:
 
 
 def _raised_in_client(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised inside redis-py (its innermost frame is in the package)."""
+    """Whether ``exc`` was raised inside redis-py: its innermost frame is in the package, or only
+    frames of the event loop and its transports (:data:`_BELOW_CLIENT`) follow redis-py's."""
+    innermost = None
     trace = exc.__traceback__
-    while trace is not None and trace.tb_next is not None:
+    while trace is not None:
+        filename = trace.tb_frame.f_code.co_filename
+        if not filename.startswith(_BELOW_CLIENT) and f"{os.sep}uvloop{os.sep}" not in filename:
+            innermost = filename
         trace = trace.tb_next
-    return trace is not None and trace.tb_frame.f_code.co_filename.startswith(_CLIENT_DIR)
+    return innermost is not None and innermost.startswith(_CLIENT_DIR)
 
 
 def _translate(exc: BaseException) -> BackendError:
