@@ -162,47 +162,57 @@ redis.call('ZREM', KEYS[1], unpack(keys))
 return {removed, redis.call('ZCARD', KEYS[1])}
 """
 
+# Lua: keeps the generations KEYS[first..] alive at least `keep_ms` (a retired one is not made
+# again). Part of a fill: of _FILL on one server, of _KEEP_GENERATIONS on a cluster.
+_KEEP_GENERATIONS_ALIVE = """
+for i = first, #KEYS do
+  local current = redis.call('PTTL', KEYS[i])
+  if current >= 0 and current < keep_ms then
+    redis.call('PEXPIRE', KEYS[i], keep_ms)
+  end
+end
+"""
+
 # A fill: the entry is stored only while its scope's generations (KEYS[2..]) are still the ones its
 # read saw (ARGV[3], joined with '.'); a missing generation refuses it too. The generations are
 # kept alive at least as long as the entry. ARGV[3] empty: an unconditional write.
-_FILL = """
-local expected = ARGV[3]
+_FILL = (
+    """
 local keep_ms = tonumber(ARGV[2]) + tonumber(ARGV[4])
-if expected ~= '' then
+local first = 2
+if ARGV[3] ~= '' then
   local seen = {}
-  for i = 2, #KEYS do
+  for i = first, #KEYS do
     local value = redis.call('GET', KEYS[i])
     if not value then
       return 0
     end
     seen[#seen + 1] = value
   end
-  if table.concat(seen, '.') ~= expected then
+  if table.concat(seen, '.') ~= ARGV[3] then
     return 0
   end
-  for i = 2, #KEYS do
-    local current = redis.call('PTTL', KEYS[i])
-    if current >= 0 and current < keep_ms then
-      redis.call('PEXPIRE', KEYS[i], keep_ms)
-    end
-  end
+"""
+    + _KEEP_GENERATIONS_ALIVE
+    + """
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
+)
 
-# On a cluster, a fill's part in the namespace's slot: its scope's generations (KEYS) are kept
-# alive at least ARGV[1] ms, as _FILL does on one server. A retired generation is not made again.
-_KEEP_GENERATIONS = """
+# On a cluster, a fill's part in the namespace's slot (the entry is in another): its scope's
+# generations (KEYS) are kept alive at least ARGV[1] ms.
+_KEEP_GENERATIONS = (
+    """
 local keep_ms = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  local current = redis.call('PTTL', KEYS[i])
-  if current >= 0 and current < keep_ms then
-    redis.call('PEXPIRE', KEYS[i], keep_ms)
-  end
-end
+local first = 1
+"""
+    + _KEEP_GENERATIONS_ALIVE
+    + """
 return 1
 """
+)
 
 # The generations of a scope (KEYS), each created with a random value (ARGV) where missing.
 _ENSURE_GENERATIONS = """
