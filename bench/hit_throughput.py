@@ -73,7 +73,6 @@ UVICORN_VARIANTS = {
     REDIS_NEAR_OFF: ("floor", "ours", "cashews"),
     "frozen": ("floor", "ours"),
 }
-CACHED = ("ours", "fc2", "cashews")
 #: Keep-alive connections of the load generator, one request in flight on each (the issue's setup).
 CONNECTIONS = 16
 
@@ -332,8 +331,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         measured[("uvicorn + gc.freeze", "redis")] = _uvicorn(
             "redis", server.url, seconds, rounds, UVICORN_VARIANTS["frozen"], freeze=True
         )
-    runs = {"requests": requests, "inproc_rounds": inproc_rounds, "seconds": seconds}
-    return summarize(measured, **runs, rounds=rounds)
+    return summarize(
+        measured, requests=requests, inproc_rounds=inproc_rounds, seconds=seconds, rounds=rounds
+    )
 
 
 def summarize(

@@ -269,9 +269,15 @@ _NOPERM_COMMAND = re.compile(r"to run the '([a-z0-9|_-]+)' command$")
 #: ``AttributeError`` in asyncio's own transports on CPython 3.12+.
 _CLIENT_FAULTS = (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError)
 _CLIENT_DIR = os.path.dirname(redis_errors.__file__) + os.sep
-#: Where the frames below redis-py come from: asyncio (its streams and transports) and uvloop
-#: (whose frames are named after its Cython sources, ``uvloop/handles/...``).
-_BELOW_CLIENT = (os.path.dirname(asyncio.__file__) + os.sep, "uvloop" + os.sep)
+#: Where the frames below redis-py come from: asyncio (its streams and transports).
+_ASYNCIO_DIR = os.path.dirname(asyncio.__file__) + os.sep
+
+
+def _in_event_loop(filename: str) -> bool:
+    """Whether a frame is the event loop's: asyncio's, or uvloop's (whose frames are named after
+    its Cython sources, ``uvloop/handles/...``, or after its installed files)."""
+    return filename.startswith(_ASYNCIO_DIR) or "uvloop" in filename.split(os.sep)
+
 
 #: Messages of redis-py's cluster client that name nodes only (never a command's arguments), and
 #: the wording of the first one shortened.
@@ -333,12 +339,12 @@ def _is_moving(exc: BaseException) -> bool:
 
 def _raised_in_client(exc: BaseException) -> bool:
     """Whether ``exc`` was raised inside redis-py: its innermost frame is in the package, or only
-    frames of the event loop and its transports (:data:`_BELOW_CLIENT`) follow redis-py's."""
+    frames of the event loop and its transports (:func:`_in_event_loop`) follow redis-py's."""
     innermost = None
     trace = exc.__traceback__
     while trace is not None:
         filename = trace.tb_frame.f_code.co_filename
-        if not filename.startswith(_BELOW_CLIENT) and f"{os.sep}uvloop{os.sep}" not in filename:
+        if not _in_event_loop(filename):
             innermost = filename
         trace = trace.tb_next
     return innermost is not None and innermost.startswith(_CLIENT_DIR)
@@ -661,8 +667,10 @@ class RedisStore(CacheStore, ReplicaLocks):
         try:
             async with _redis_errors_translated():
                 if isinstance(self._client, RedisCluster):
+                    # A fill (under a generation) keeps its scope's generations alive.
+                    kept_alive = self.generation_keys(scope) if generation else []
                     stored = await self._write_on_cluster(
-                        self._client, key, value, ttl_ms, scope, keep_generations=bool(generation)
+                        self._client, key, value, ttl_ms, scope, kept_alive
                     )
                 else:
                     pipe = self._client.pipeline(transaction=True)
@@ -686,39 +694,33 @@ class RedisStore(CacheStore, ReplicaLocks):
         value: bytes,
         ttl_ms: int,
         scope: CacheScope,
-        *,
-        keep_generations: bool,
+        generation_keys: list[str],
     ) -> bool:
         # The indexes and the generations share the namespace's slot, the entry is elsewhere:
         # index (and generations), entry, index. EVAL rather than EVALSHA: a cluster transaction
         # cannot load a script that a promoted replica has never seen. The generations are not
         # compared here (they are in another slot than the entry): a read never serves an entry
-        # of another generation anyway. A fill keeps them alive as long as its entry, as on one
-        # server: made with a short life, they would otherwise turn the scope's every entry into
-        # a miss at once.
+        # of another generation anyway. A fill keeps ``generation_keys`` alive as long as its
+        # entry, as on one server: made with a short life, they would otherwise turn the scope's
+        # every entry into a miss at once.
         updates = self._index_updates(key, scope)
-        generation_keys = self.generation_keys(scope) if keep_generations else []
 
-        async def index(*, with_generations: bool) -> None:
+        async def index(kept_alive: list[str]) -> None:
             # redis-py 8.1 runs a cluster transaction on a client that has not (re)read the slot
             # map on connections it cannot close; reading the map first avoids that (a no-op
             # when it is current).
             await client.initialize()
             pipe = client.pipeline(transaction=True)
-            if with_generations and generation_keys:
-                pipe.eval(
-                    _KEEP_GENERATIONS,
-                    len(generation_keys),
-                    *generation_keys,
-                    ttl_ms + INDEX_GRACE_MS,
-                )
+            if kept_alive:
+                keep_ms = ttl_ms + INDEX_GRACE_MS
+                pipe.eval(_KEEP_GENERATIONS, len(kept_alive), *kept_alive, keep_ms)
             for name, member in updates:
                 pipe.eval(_INDEX_ADD, 1, name, member, ttl_ms, INDEX_GRACE_MS)
             await pipe.execute()
 
-        await index(with_generations=True)
+        await index(generation_keys)
         await client.set(key, value, px=ttl_ms)
-        await index(with_generations=False)
+        await index([])
         return True
 
     async def delete(self, key: str, scope: CacheScope | None = None) -> int:
