@@ -30,7 +30,6 @@ Topologies
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
@@ -39,7 +38,6 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -61,11 +59,23 @@ def _retry() -> Retry:
     return Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
 
 
-@lru_cache(maxsize=1)
-def _driver_info() -> DriverInfo:
-    # redis-py otherwise reads its own version from the package metadata for every new
-    # connection (milliseconds of event-loop time each), which a burst of reconnects multiplies.
-    return DriverInfo()
+def _without_client_setinfo() -> dict[str, Any]:
+    """The connection options that keep redis-py from sending ``CLIENT SETINFO`` on connecting.
+
+    redis-py names itself that way to a server that reports 7.2 or later (Valkey does too) and
+    ignores a refusal, which ``ACL LOG`` still records: without it, the one documented ACL line
+    holds on Redis 6.2, 7.0, 7.2+ and Valkey alike, and no new connection reads redis-py's version
+    from the package metadata (milliseconds of event-loop time, multiplied by a burst of
+    reconnects). redis-py 7.1+ takes ``driver_info=None``; older releases ``lib_name=None``.
+    """
+    try:
+        import redis.driver_info  # noqa: F401 - only asks whether this redis-py has it
+    except ImportError:
+        return {"lib_name": None, "lib_version": None}
+    return {"driver_info": None}
+
+
+_NO_CLIENT_SETINFO = _without_client_setinfo()
 
 
 def _timeouts(settings: CacheSettings) -> dict[str, Any]:
@@ -74,7 +84,7 @@ def _timeouts(settings: CacheSettings) -> dict[str, Any]:
         "socket_timeout": settings.REDIS_SOCKET_TIMEOUT_SECONDS,
         "health_check_interval": 0,
         "decode_responses": False,
-        "driver_info": _driver_info(),
+        **_NO_CLIENT_SETINFO,
     }
 
 
@@ -220,11 +230,12 @@ def _create_sentinel_master_client(settings: CacheSettings) -> Redis:
     }
     if parts.scheme == "rediss":
         options["ssl"] = True
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    sentinel = Sentinel(
         sentinels,
         sentinel_kwargs={
             "socket_connect_timeout": settings.REDIS_CONNECT_TIMEOUT_SECONDS,
             "socket_timeout": settings.REDIS_SOCKET_TIMEOUT_SECONDS,
+            **_NO_CLIENT_SETINFO,
         },
     )
     master: SentinelMasterClient = sentinel.master_for(
