@@ -22,7 +22,12 @@ from commons.cache.cli import app
 from commons.cache.connection import cluster_client_factory, create_redis_client
 from commons.cache.scope import CacheScope
 from commons.cache.settings import CacheSettings
-from commons.testing.redis_server import RedisServer, free_port
+from commons.testing.redis_server import (
+    RedisServer,
+    find_redis_server,
+    free_port,
+    server_name_and_version,
+)
 
 PREFIX = "svc-a"
 
@@ -107,14 +112,24 @@ def stats_json(redis_url: str) -> dict[str, dict[str, object]]:
 # -- check -------------------------------------------------------------------------------------
 
 
+def test_check_names_each_server_its_version_and_its_mode(each_server: RedisServer) -> None:
+    # Valkey reports redis_version 7.2.4 (the Redis it is compatible with) and server_mode, not
+    # redis_mode: the check names what runs.
+    result = invoke(each_server.url, "check")
+
+    assert result.exit_code == 0, result.output
+    server = server_name_and_version(each_server.binary or find_redis_server())
+    assert f"server    ok: {server}, standalone mode" in result.stdout
+
+
 def test_check_reports_version_mode_and_warns_about_an_eviction_policy_that_is_not_allkeys(
     redis_url: str,
 ) -> None:
     result = invoke(redis_url, "check")
 
     assert result.exit_code == 0, result.output
-    assert "Redis 7." in result.stdout or "Redis 6." in result.stdout
-    assert "standalone mode" in result.stdout
+    server = server_name_and_version(find_redis_server())  # Redis 6.2, 7.x or Valkey
+    assert f"server    ok: {server}, standalone mode" in result.stdout
     assert "noeviction" in result.stdout
     assert "write     ok" in result.stdout
     assert result.stderr.startswith("warning: maxmemory-policy is noeviction")
@@ -388,7 +403,8 @@ def test_stats_invalidate_and_flush_reach_every_primary_of_a_cluster(
 
         checked = invoke(redis_cluster_url, "check")
         assert checked.exit_code == 0, checked.output
-        assert "cluster mode" in checked.stdout
+        server = server_name_and_version(find_redis_server())
+        assert f"server    ok: {server}, cluster mode" in checked.stdout
         assert stats_json(redis_cluster_url)["reports"]["entries"] == 60
         invalidated = invoke(redis_cluster_url, "invalidate", "reports", "--tenant", "t3")
         assert invalidated.stdout == "removed 5 entries of namespace reports for tenant t3\n"

@@ -141,6 +141,19 @@ def _maxmemory(info: dict[str, Any]) -> str:
 # -- check -------------------------------------------------------------------------------------
 
 
+def server_identity(info: dict[str, Any]) -> str:
+    """Names the server, its version and its mode from its ``INFO``: ``Redis 7.0.15, standalone
+    mode`` or ``Valkey 9.1.2, cluster mode``.
+
+    Valkey reports ``redis_version`` as the Redis release it is compatible with (7.2.4) and its
+    mode as ``server_mode``; its own name and version are ``server_name`` and ``valkey_version``.
+    """
+    name = str(info.get("server_name") or "redis")
+    version = info.get(f"{name}_version") or info.get("redis_version", "?")
+    mode = info.get("redis_mode") or info.get("server_mode") or "standalone"
+    return f"{name.capitalize()} {version}, {mode} mode"
+
+
 @app.command()
 def check(
     strict: Annotated[
@@ -168,11 +181,7 @@ def check(
 
     typer.echo(f"redis     {_shown_url(settings.REDIS_URL)}")
     elapsed, info, writable = _with_store(settings, probe)
-    mode = info.get("redis_mode", "standalone")
-    typer.echo(
-        f"server    ok: Redis {info.get('redis_version', '?')}, {mode} mode, "
-        f"PING {elapsed * 1000:.1f} ms"
-    )
+    typer.echo(f"server    ok: {server_identity(info)}, PING {elapsed * 1000:.1f} ms")
     policy = str(info.get("maxmemory_policy", "unknown"))
     typer.echo(f"eviction  {policy}, maxmemory {_maxmemory(info)}")
     warnings = []
