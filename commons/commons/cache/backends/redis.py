@@ -372,12 +372,15 @@ def _translate(exc: BaseException) -> BackendError:
     if isinstance(exc, (redis_errors.TimeoutError, asyncio.TimeoutError, TimeoutError)):
         return BackendUnavailableError("Redis did not answer in time")
     if isinstance(exc, redis_errors.MaxConnectionsError) or (
-        # BlockingConnectionPool's wait for a free connection ran out: this process is busy.
-        isinstance(exc, redis_errors.ConnectionError) and str(exc) == "No connection available."
+        # BlockingConnectionPool's wait for a free connection ran out, or (redis-py before 7)
+        # the pool is full: this process is busy.
+        isinstance(exc, redis_errors.ConnectionError) and str(exc) in _POOL_FULL_MESSAGES
     ):
         return BackendBusyError("every pooled connection to Redis is in use")
     return BackendUnavailableError(f"Redis unavailable: {type(exc).__name__}: {exc}")
 
+
+_POOL_FULL_MESSAGES = ("No connection available.", "Too many connections")
 
 #: Everything a client of any topology raises when Redis fails. The cluster client's own
 #: exceptions (no node reachable, a slot without a node) do not derive from ``RedisError``.
@@ -1189,13 +1192,17 @@ async def _replica_may_be_promoted(
     return True
 
 
+_DISCONNECTS_IF_NEEDED = hasattr(ClusterNode, "disconnect_if_needed")
+
+
 async def _exchange(node: ClusterNode, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Sends ``commands`` at once on one pooled connection of a cluster node; their replies, an
     error reply as its exception (not raised)."""
     connection = node.acquire_connection()
     replies: list[Any] = []
     try:
-        await node.disconnect_if_needed(connection)
+        if _DISCONNECTS_IF_NEEDED:  # redis-py 7.2+: a connection marked for a reconnect
+            await node.disconnect_if_needed(connection)
         await connection.send_packed_command(connection.pack_commands(commands))
         for _command in commands:
             try:
