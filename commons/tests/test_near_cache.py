@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from commons.cache.layer import CacheLayer
 from commons.cache.scope import CacheScope, InvalidationTarget
 from commons.testing.events import NEAR_CACHE_BACKGROUND_COMMANDS
 from commons.testing.events import RecordedEvents as Recorder
+from commons.testing.proxy import LoopbackProxy
 from commons.testing.redis_server import RedisServer
 from commons.testing.waiting import eventually
 
@@ -223,6 +225,126 @@ async def test_a_silent_redis_empties_it_and_it_answers_nothing(
     finally:
         own_redis.resume()
     await filled(store, recorder)
+
+
+# -- the bound that needs no model: faults tracking cannot see ---------------------------------
+
+MAX_AGE = 1.0
+
+
+@pytest.fixture
+async def proxied_store(
+    own_redis: RedisServer, recorder: Recorder
+) -> AsyncIterator[tuple[RedisStore, LoopbackProxy]]:
+    """A store with a near cache (maximum age MAX_AGE) reaching the test's server through a
+    loopback proxy, its tracking confirmed."""
+    with LoopbackProxy(own_redis.port) as proxy:
+        client = Redis.from_url(proxy.url, socket_timeout=0.3, socket_connect_timeout=0.3)
+        near = NearCache(
+            max_entries=1000, max_bytes=1 << 20, events=recorder, max_age_seconds=MAX_AGE
+        )
+        redis_store = RedisStore(client, PREFIX, near_cache=near)
+        await redis_store.ping()
+        try:
+            await eventually(lambda: _true(near.live), "tracking on")
+            yield redis_store, proxy
+        finally:
+            await redis_store.aclose()
+
+
+async def answers_after(store: RedisStore, changed_at: float, seconds: float) -> list[tuple]:
+    """Reads KEY for ``seconds``: (seconds since ``changed_at``, value, from memory) of each
+    answer; a read that fails (a connection being replaced) answers nothing."""
+    answers: list[tuple] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            read = await store.read(KEY, SCOPE)
+        except BackendError:
+            continue
+        answers.append((time.monotonic() - changed_at, read.value, read.from_memory))
+        await asyncio.sleep(0.02)
+    return answers
+
+
+async def test_a_read_connection_dropped_silently_is_answered_from_no_longer_than_the_maximum_age(
+    proxied_store: tuple[RedisStore, LoopbackProxy], recorder: Recorder, outside: Redis
+) -> None:
+    """A NAT or load balancer drops the idle read connection: Redis forgets what it tracked and
+    tells nobody, the subscribed connection stays healthy. Another process's write then reaches
+    no one; the old value is answered from memory at most MAX_AGE after it was read."""
+    store, proxy = proxied_store
+    await filled(store, recorder)
+    (reader,) = proxy.connections_that_sent(b"TRACKING")
+    reader.sever_silently()
+    await outside.set(KEY, b"v2", keepttl=True)
+    changed_at = time.monotonic()
+
+    answers = await answers_after(store, changed_at, MAX_AGE + 2.0)
+
+    assert any(value == b"v1" for _, value, _ in answers), "the fault fooled tracking"
+    assert [at for at, value, _ in answers if value == b"v1"][-1] < MAX_AGE
+    assert answers[-1][1] == b"v2"
+
+
+async def test_swapdb_which_redis_announces_to_no_one_is_answered_no_longer_than_the_maximum_age(
+    proxied_store: tuple[RedisStore, LoopbackProxy],
+    recorder: Recorder,
+    outside: Redis,
+    own_redis: RedisServer,
+) -> None:
+    store, _ = proxied_store
+    await filled(store, recorder)
+    other_database = Redis.from_url(own_redis.url.removesuffix("/0") + "/1")
+    try:
+        await other_database.set(KEY, b"v2", ex=60)
+        await outside.swapdb(0, 1)
+    finally:
+        await other_database.aclose()
+    changed_at = time.monotonic()
+
+    answers = await answers_after(store, changed_at, MAX_AGE + 1.0)
+
+    # Redis 7.0 announces nothing of a SWAPDB to a tracking client (later releases may).
+    assert all(at < MAX_AGE for at, value, _ in answers if value == b"v1")
+    assert answers[-1][1] == b"v2"
+
+
+async def test_past_the_maximum_age_a_hit_reads_redis_once_and_is_held_again(
+    proxied_store: tuple[RedisStore, LoopbackProxy], recorder: Recorder, outside: Redis
+) -> None:
+    store, _ = proxied_store
+    await filled(store, recorder)
+    await asyncio.sleep(MAX_AGE)
+    before = await command_calls(outside)
+
+    reads = [await store.read(KEY, SCOPE) for _ in range(5)]
+
+    after = await command_calls(outside)
+    assert [read.from_memory for read in reads] == [False, True, True, True, True]
+    assert {read.value for read in reads} == {b"v1"}
+    assert after.get("mget", 0) - before.get("mget", 0) == 1
+
+
+async def test_a_late_reply_does_not_lengthen_a_held_entrys_life_past_redis_expiry(
+    proxied_store: tuple[RedisStore, LoopbackProxy], outside: Redis
+) -> None:
+    """Redis counts the time to live it reports from when it ran PTTL; a reply that arrives
+    200 ms later must not keep the entry in memory 200 ms past Redis' own expiry."""
+    store, proxy = proxied_store
+    # Redis' own expiry cycle would announce the key's end and hide the fault: it expires keys
+    # only when they are read, and the held entry's expiry is all that ends it.
+    await outside.execute_command("DEBUG", "SET-ACTIVE-EXPIRE", "0")
+    await store.generation(SCOPE)
+    proxy.delay_replies(0.2)  # within the client's 0.3 s socket timeout
+    await outside.set(KEY, b"v1", px=1500)
+    expired_at = time.monotonic() + 1.5  # Redis' expiry is no later than this
+
+    answers = await answers_after(store, expired_at, 2.5)
+
+    held = [at for at, value, from_memory in answers if value == b"v1" and from_memory]
+    assert held, answers
+    assert held[-1] < 0
 
 
 @pytest.fixture

@@ -73,6 +73,14 @@ class CacheSettings(BaseSettings):
         "tracking (Redis 6+; on one server, and per primary on a cluster; not behind "
         "Sentinel). false: every hit reads Redis.",
     )
+    CACHE_NEAR_CACHE_MAX_AGE_SECONDS: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="The longest the near cache answers an entry after reading it from Redis; "
+        "then one hit reads Redis again (a round trip per key per period). Bounds how stale an "
+        "answer can be when tracking is fooled (a connection dropped silently, SWAPDB).",
+    )
     REDIS_CONNECT_TIMEOUT_SECONDS: float = Field(
         default=0.5, gt=0, description="Time allowed to open a connection to Redis."
     )

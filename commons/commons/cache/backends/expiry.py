@@ -59,9 +59,18 @@ class ExpiryMemo:
             self._items.put(key, (value, known[1]), len(value))
         return known[1] if known[1] - self._clock() > TRUST_ABOVE_SECONDS else None
 
-    def remember(self, key: str, value: bytes, ttl_seconds: float) -> None:
-        """Records that ``value`` under ``key`` expires ``ttl_seconds`` from now."""
-        self._items.put(key, (value, self._clock() + ttl_seconds), len(value))
+    def remember(
+        self, key: str, value: bytes, ttl_seconds: float, *, measured_at: float | None = None
+    ) -> None:
+        """Records that ``value`` under ``key`` expires ``ttl_seconds`` after ``measured_at``
+        (on the memo's clock; now by default).
+
+        Pass when the command that told (or set) the time to live was sent: Redis counts it from
+        some moment after that, so the expiry errs early, never late, whatever delays the reply
+        (the network, a busy event loop).
+        """
+        start = self._clock() if measured_at is None else measured_at
+        self._items.put(key, (value, start + ttl_seconds), len(value))
 
     def forget(self, key: str) -> None:
         self._items.forget(key)

@@ -38,6 +38,7 @@ def redis_store(settings: CacheSettings, *, serving: CacheEvents | None = None) 
             max_entries=settings.CACHE_MEMORY_MAX_ENTRIES,
             max_bytes=settings.CACHE_MEMORY_MAX_BYTES,
             events=serving,
+            max_age_seconds=settings.CACHE_NEAR_CACHE_MAX_AGE_SECONDS,
         )
     return RedisStore(
         create_redis_client(settings),

@@ -42,6 +42,16 @@ How it stays coherent
   (format marker, fingerprint, generation), so garbage or another route version's entry is held
   perhaps, but never served.
 
+The bound that needs no model
+-----------------------------
+Everything above relies on Redis telling this process, and on this process noticing when it
+cannot be told. Faults outside that model can fool both: a read connection dropped silently by a
+NAT or a load balancer (Redis forgets what it tracked, this side never hears), a ``SWAPDB`` (which
+sends no message), a proxy that moves to another server. So no entry is answered more than
+``max_age_seconds`` (``CACHE_NEAR_CACHE_MAX_AGE_SECONDS``) after the read that brought it was
+sent: the next hit then reads Redis (one round trip per key per period, a hit, not a miss) and
+keeps what it reads afresh. Whatever the fault, an answer from memory is at most that old.
+
 Why not broadcast mode (``BCAST PREFIX``, cashews' choice): every replica would hear of every key
 written under the prefix, including entries it never read, which costs every replica the whole
 service's write traffic. The default mode sends a replica only what it read.
@@ -88,6 +98,8 @@ SILENCE_LIMIT_SECONDS = 1.0
 #: Waits between attempts to subscribe again, doubling up to the last.
 RECONNECT_FIRST_SECONDS = 0.05
 RECONNECT_MAX_SECONDS = 1.0
+#: The default of CACHE_NEAR_CACHE_MAX_AGE_SECONDS.
+DEFAULT_MAX_AGE_SECONDS = 5.0
 #: What a held key costs beyond its key's and value's bytes (objects, dictionary slots).
 ITEM_OVERHEAD_BYTES = 200
 
@@ -127,6 +139,9 @@ class _Generation:
 class _Entry(NamedTuple):
     value: bytes
     expires_at: float
+    #: Past this (the read's send time plus the maximum age, or the expiry if sooner) the entry
+    #: is read from Redis again.
+    answer_until: float
     #: The scope's generations as the read reported them, joined.
     generation: bytes
     generations: tuple[_Generation, ...]
@@ -140,6 +155,8 @@ class ReadTicket(NamedTuple):
     touches: int
     session: int
     keys: tuple[str, ...]
+    #: When the read was registered, before it was sent (``time.monotonic()``).
+    sent_at: float
 
 
 class NearCache:
@@ -149,13 +166,21 @@ class NearCache:
         max_entries: Keys held at most (entries and generations).
         max_bytes: Bytes held at most (keys, values and overhead).
         events: Receives hits, invalidation messages and flushes.
+        max_age_seconds: The longest an entry is answered after the read that brought it was
+            sent; then it is read from Redis again (see "The bound that needs no model").
     """
 
     def __init__(
-        self, *, max_entries: int, max_bytes: int, events: CacheEvents | None = None
+        self,
+        *,
+        max_entries: int,
+        max_bytes: int,
+        events: CacheEvents | None = None,
+        max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
     ) -> None:
         self._max_entries = max_entries
         self._max_bytes = max_bytes
+        self._max_age = max_age_seconds
         self._max_item_bytes = max(max_bytes // 64, 1)
         self.events = events or CacheEvents()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -187,6 +212,7 @@ class NearCache:
             max_entries=max(self._max_entries // share, 1),
             max_bytes=max(self._max_bytes // share, 1),
             events=self.events,
+            max_age_seconds=self._max_age,
         )
 
     def attach(
@@ -258,7 +284,7 @@ class NearCache:
             return None
         if generations_from is not None and not generations_from.confirmed(now):
             return None
-        if entry.expires_at <= now:
+        if entry.answer_until <= now:
             self._drop_entry(key)
             return None
         for generation in entry.generations:
@@ -281,7 +307,7 @@ class NearCache:
         inflight = self._inflight
         for key in keys:
             inflight[key] = inflight.get(key, 0) + 1
-        return ReadTicket(self._epoch, self._touches, session, tuple(keys))
+        return ReadTicket(self._epoch, self._touches, session, tuple(keys), time.monotonic())
 
     def end(self, ticket: ReadTicket) -> None:
         """The read of ``ticket`` is over (kept or not)."""
@@ -309,7 +335,7 @@ class NearCache:
         """
         if read.value is None or read.generation is None:
             return
-        entry_ticket = ReadTicket(ticket.epoch, ticket.touches, ticket.session, ticket.keys[:1])
+        entry_ticket = ticket._replace(keys=ticket.keys[:1])
         generations_ticket = ticket._replace(keys=ticket.keys[1:])
         generations = self.hold_generations(generations_ticket, tracked_in, read.generation)
         if generations is not None:
@@ -341,9 +367,12 @@ class NearCache:
         size = len(key) + len(read.value) + ITEM_OVERHEAD_BYTES
         if size > self._max_item_bytes or not all(held.alive for held in generations):
             return
+        answer_until = min(expires_at, ticket.sent_at + self._max_age)
         self._drop_entry(key)
         self._make_room(size)
-        self._entries[key] = _Entry(read.value, expires_at, read.generation, generations, size)
+        self._entries[key] = _Entry(
+            read.value, expires_at, answer_until, read.generation, generations, size
+        )
         self._bytes += size
 
     def _admits(self, ticket: ReadTicket, tracked_in: int | None) -> bool:

@@ -619,12 +619,14 @@ class RedisStore(CacheStore, ReplicaLocks):
             return StoredRead(0, None, generation), None
         expires_at = self._expiries.expires_at(key, value)
         if expires_at is None:
-            # First sight of these bytes (or near their expiry): one more round trip.
+            # First sight of these bytes (or near their expiry): one more round trip. Its clock
+            # starts when it is sent: a late reply must not lengthen the entry's life.
+            sent_at = time.monotonic()
             ttl_ms = await self._client.pttl(key)
             if ttl_ms <= 0:
                 return StoredRead(0, value, generation), None
-            self._expiries.remember(key, value, ttl_ms / 1000)
-            expires_at = time.monotonic() + ttl_ms / 1000
+            self._expiries.remember(key, value, ttl_ms / 1000, measured_at=sent_at)
+            expires_at = sent_at + ttl_ms / 1000
         return StoredRead(math.ceil(expires_at - time.monotonic()), value, generation), expires_at
 
     async def _read_replies(
@@ -667,6 +669,7 @@ class RedisStore(CacheStore, ReplicaLocks):
         fill_keys = [key, *self.generation_keys(scope)]
         fill_args: list[bytes | int] = [value, ttl_ms, generation or b"", INDEX_GRACE_MS]
         self._check_sentinel_master()
+        sent_at = time.monotonic()
         try:
             async with _redis_errors_translated():
                 if isinstance(self._client, RedisCluster):
@@ -687,7 +690,7 @@ class RedisStore(CacheStore, ReplicaLocks):
             # Read-your-writes in this process: Redis' invalidation message comes later.
             self._drop_near([key])
         if stored:
-            self._expiries.remember(key, value, ttl_seconds)
+            self._expiries.remember(key, value, ttl_seconds, measured_at=sent_at)
         return stored
 
     async def _write_on_cluster(

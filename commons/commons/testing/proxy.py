@@ -1,0 +1,212 @@
+"""A loopback TCP proxy between a client and a Redis server, for faults of the network itself.
+
+Killing or pausing the server breaks every connection alike and both ends notice. The faults that
+fool a client are one-sided: a NAT or load balancer that drops one idle connection (the server
+closes it and forgets what it tracked, the client hears nothing), a path that delays one direction.
+The proxy runs in a thread of its own (any event loop, any process may use it) and forwards each
+accepted connection to the server; each :class:`ProxiedConnection` can then be:
+
+- :meth:`~ProxiedConnection.sever_silently`: the server's side is closed (the server sees the
+  client go), the client's side stays open and hears nothing more; what it sends goes nowhere.
+- :meth:`~ProxiedConnection.delay_replies`: every byte from the server reaches the client that
+  much later (in order).
+
+Connections are told apart by what the client sent (:attr:`ProxiedConnection.sent`): the near
+cache's read connection starts with ``CLIENT TRACKING``, its subscribed one sends ``SUBSCRIBE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from commons.testing.redis_server import free_port
+
+__all__ = ["LoopbackProxy", "ProxiedConnection"]
+
+#: How much of what the client sent a connection keeps, to be told apart by.
+_SENT_KEPT_BYTES = 4096
+
+
+@dataclass(eq=False)
+class ProxiedConnection:
+    """One client connection through the proxy, and the server connection it is forwarded to."""
+
+    _proxy: LoopbackProxy
+    _client_writer: asyncio.StreamWriter
+    _server_writer: asyncio.StreamWriter
+    #: The first bytes the client sent (up to 4 KiB).
+    sent: bytearray = field(default_factory=bytearray)
+    severed: bool = False
+    reply_delay: float = 0.0
+
+    def sever_silently(self) -> None:
+        """Closes the server's side only: the client is told nothing, ever."""
+        self._proxy.call(self._sever)
+
+    def delay_replies(self, seconds: float) -> None:
+        """From now on, what the server sends reaches the client ``seconds`` later."""
+        self.reply_delay = seconds
+
+    def _sever(self) -> None:
+        self.severed = True
+        self._server_writer.close()
+
+
+class LoopbackProxy:
+    """Forwards ``127.0.0.1:<port>`` to ``127.0.0.1:<upstream_port>``.
+
+    Args:
+        upstream_port: The server's port.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self.connections: list[ProxiedConnection] = []
+        #: The reply delay of connections accepted from now on.
+        self.reply_delay = 0.0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> LoopbackProxy:
+        self._thread.start()
+        self._server = self.call(self._listen)
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.call(self._close)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        self._loop.close()
+
+    def __enter__(self) -> LoopbackProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Runs ``function`` (or awaits the coroutine it returns) on the proxy's loop."""
+        done: Future[Any] = Future()
+
+        def run() -> None:
+            try:
+                result = function()
+            except BaseException as exc:
+                done.set_exception(exc)
+                return
+            if asyncio.iscoroutine(result):
+                task = self._loop.create_task(result)
+                task.add_done_callback(lambda t: _copy_outcome(t, done))
+            else:
+                done.set_result(result)
+
+        self._loop.call_soon_threadsafe(run)
+        return done.result(timeout=10)
+
+    def delay_replies(self, seconds: float) -> None:
+        """Delays the server's bytes by ``seconds`` on every connection, and on new ones."""
+        self.reply_delay = seconds
+        for connection in list(self.connections):
+            connection.delay_replies(seconds)
+
+    def connections_that_sent(self, marker: bytes) -> list[ProxiedConnection]:
+        """The connections whose first bytes contain ``marker`` (e.g. ``b"TRACKING"``)."""
+        return [c for c in list(self.connections) if marker in c.sent and not c.severed]
+
+    async def _listen(self) -> asyncio.Server:
+        return await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for connection in self.connections:
+            connection._client_writer.close()
+            connection._server_writer.close()
+
+    async def _accept(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            server_reader, server_writer = await asyncio.open_connection(
+                "127.0.0.1", self.upstream_port
+            )
+        except OSError:
+            client_writer.close()
+            return
+        connection = ProxiedConnection(self, client_writer, server_writer)
+        connection.reply_delay = self.reply_delay
+        self.connections.append(connection)
+        await asyncio.gather(
+            self._to_server(connection, client_reader, server_writer),
+            self._to_client(connection, server_reader, client_writer),
+            return_exceptions=True,
+        )
+
+    async def _to_server(
+        self,
+        connection: ProxiedConnection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        while data := await reader.read(65536):
+            if len(connection.sent) < _SENT_KEPT_BYTES:
+                connection.sent += data[: _SENT_KEPT_BYTES - len(connection.sent)]
+            if connection.severed:
+                continue  # the client's bytes go nowhere
+            writer.write(data)
+            await writer.drain()
+        if not connection.severed:
+            writer.close()
+
+    async def _to_client(
+        self,
+        connection: ProxiedConnection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        # Read as bytes arrive, write each chunk once its delay (if any) has passed since then.
+        chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def read() -> None:
+            while data := await reader.read(65536):
+                chunks.put_nowait((time.monotonic(), data))
+            chunks.put_nowait((time.monotonic(), b""))
+
+        reading = asyncio.create_task(read())
+        try:
+            while True:
+                arrived, data = await chunks.get()
+                if connection.severed:
+                    return
+                if not data:
+                    writer.close()  # the server closed: the client hears it
+                    return
+                wait = arrived + connection.reply_delay - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+        finally:
+            reading.cancel()
+
+
+def _copy_outcome(task: asyncio.Task[Any], done: Future[Any]) -> None:
+    if task.cancelled():
+        done.cancel()
+    elif (exc := task.exception()) is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(task.result())
