@@ -231,19 +231,46 @@ async def test_head_after_get_is_a_hit_with_the_get_s_headers_and_no_body(
     assert calls.count == 1
 
 
-async def test_get_after_head_is_a_hit_with_the_full_body(
+async def test_a_head_miss_is_never_stored_and_the_next_get_computes_its_full_body(
     backend: CacheSettings, client: httpx.AsyncClient, calls: Calls
 ) -> None:
     head = await client.head("/report", headers=TENANT)
 
     get = await client.get("/report", headers=TENANT)
+    again = await client.get("/report", headers=TENANT)
 
     assert head.headers["x-fastapi-cache"] == "MISS"
     assert head.content == b""
-    assert get.headers["x-fastapi-cache"] == "HIT"
+    assert get.headers["x-fastapi-cache"] == "MISS"
     assert get.json() == {"title": "Quarterly", "rows": list(range(20))}
+    assert again.headers["x-fastapi-cache"] == "HIT"
     assert head.headers["content-length"] == str(len(get.content))
-    assert calls.count == 1
+    assert calls.count == 2
+
+
+async def test_a_headers_only_answer_to_head_is_never_served_to_a_get(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+
+    @app.api_route("/rows", methods=["GET", "HEAD"])
+    @cache(namespace="rows", expire=60)
+    async def rows(request: Request) -> Any:
+        if request.method == "HEAD":  # headers only: counting the rows costs nothing
+            return Response(headers={"X-Rows": "20"})
+        return {"rows": list(range(20))}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        heads = [await client.head("/rows", headers=TENANT) for _ in range(2)]
+        gets = [await client.get("/rows", headers=TENANT) for _ in range(2)]
+        head_after_get = await client.head("/rows", headers=TENANT)
+
+    assert [head.headers["x-rows"] for head in heads] == ["20", "20"]
+    assert [get.json() for get in gets] == [{"rows": list(range(20))}] * 2
+    assert [get.headers["x-fastapi-cache"] for get in gets] == ["MISS", "HIT"]
+    assert head_after_get.headers["x-fastapi-cache"] == "HIT"
+    assert head_after_get.headers["content-length"] == str(len(gets[0].content))
 
 
 # -- never stored ----------------------------------------------------------------------------

@@ -11,7 +11,9 @@ Per request:
 3. Stored but stale (only with ``stale_ttl``): replayed at once with ``X-FastAPI-Cache: STALE`` and
    ``max-age=0``; after the response is sent, one refresh per key and process (single-flight, and
    with ``distributed_lock`` one across replicas) recomputes and stores the entry.
-4. Missing: filled once (``fill.py``); exceptions and non-2xx answers are never stored.
+4. Missing: filled once (``fill.py``); exceptions and non-2xx answers are never stored. A HEAD
+   that misses is answered by the handler and never stored (a GET's entry answers a HEAD, never
+   the other way round), and a HEAD on a stale entry starts no refresh.
 
 Freshness is ``layer.Lookup.is_fresh``, the one rule (the stale window is written in each entry).
 Every lookup outcome is counted here, once per request (``CacheEvents.lookup``).
@@ -33,8 +35,8 @@ from starlette.responses import Response
 from commons.cache.cached_route import CachedRoute
 from commons.cache.entry import RejectReason
 from commons.cache.events import LookupOutcome
-from commons.cache.fill import Call, Fill
-from commons.cache.http import PreparedResponse, replay
+from commons.cache.fill import Call, Fill, handler_response
+from commons.cache.http import CACHE_STATUS_HEADER, PreparedResponse, replay
 from commons.cache.keyspace import qualified_namespace
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
@@ -44,6 +46,7 @@ __all__ = ["RequestPath"]
 
 _CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 _HIT, _STALE, _MISS = b"HIT", b"STALE", b"MISS"
+_STATUS_NAME = CACHE_STATUS_HEADER.lower().encode("latin-1")
 
 
 class _Asked(NamedTuple):
@@ -132,18 +135,37 @@ class RequestPath:
                 return _replay(prepared, lookup.fresh_for, _HIT, asked)
             else:
                 layer.events.lookup(namespace, LookupOutcome.STALE)
-                stale = _replay(prepared, 0, _STALE, asked)
                 call = Call(key, fingerprint, private, request, sub_response, args, kwargs)
-                refresh = Fill(route, layer, call, lookup.token)
-                # Runs once the stale answer is sent, while the request's dependencies (a
-                # database session, ...) are still open.
-                stale.background = BackgroundTask(refresh.refresh)
-                return stale
+                return self._stale(prepared, Fill(route, layer, call, lookup.token), asked)
         layer.events.lookup(
             namespace, LookupOutcome.BYPASS_CLIENT if fresh_asked else LookupOutcome.MISS
         )
         call = Call(key, fingerprint, private, request, sub_response, args, kwargs)
+        if asked.head:
+            return await self._head_miss(call, asked)
         return await self._filled(Fill(route, layer, call, lookup.token), asked)
+
+    def _stale(self, prepared: PreparedResponse, refresh: Fill, asked: _Asked) -> Response:
+        """A stale entry's answer, and after it one background refresh (a GET's only: see
+        :meth:`_head_miss`)."""
+        stale = _replay(prepared, 0, _STALE, asked)
+        if not asked.head:
+            # Runs once the stale answer is sent, while the request's dependencies (a database
+            # session, ...) are still open.
+            stale.background = BackgroundTask(refresh.refresh)
+        return stale
+
+    async def _head_miss(self, call: Call, asked: _Asked) -> Response:
+        """A HEAD that found no entry: the handler answers it, and nothing is stored or shared.
+
+        A HEAD may be answered from a GET's entry, never the other way round: a handler may
+        answer HEAD with headers only, and that answer stored would be every GET's empty body.
+        """
+        response = await handler_response(self.route, call)
+        response.raw_headers.append((_STATUS_NAME, _MISS))
+        if asked.own_headers:
+            response.raw_headers.extend(asked.own_headers)
+        return response
 
     def _qualified_namespace(self, prefix: str) -> str:
         known = self._qualified
