@@ -21,8 +21,9 @@ Every stored value, in Redis and in memory, for both decorators, is one JSON arr
 
 A hit checks the marker, fingerprint and generation with one ``startswith`` of the bytes it
 expects; only a value that fails it is parsed further, to say why. An envelope is validated field
-by field before anything of it is sent (a status that is no 2xx integer, a header that cannot be
-sent, a body of the wrong type: a miss, never a 5xx).
+by field before anything of it is sent (a status that is no 2xx integer, a header name that is no
+HTTP token or a value with a control character, a body of the wrong type: a miss, never a 5xx),
+and its framing headers (``content-length``, ``transfer-encoding``) are never replayed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import NamedTuple
 __all__ = [
     "BODY",
     "ENVELOPE",
+    "NOT_STORED_HEADERS",
     "CachedResponse",
     "ParsedValue",
     "RejectReason",
@@ -56,7 +58,16 @@ BODY = b"b"
 ENVELOPE = b"e"
 # What follows the head: the kind, then the stale window (at most ten digits).
 _TAIL = re.compile(rb'"([be])",([0-9]{1,10}),')
-_FORBIDDEN_IN_HEADERS = ("\r", "\n", "\x00")
+# HTTP's grammar (RFC 9110, 5.1 and 5.5): a name is a token; a value is visible characters
+# (obs-text included) with single spaces or tabs between them, no control character anywhere.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?")
+#: Headers never stored nor replayed from storage: a replay computes its own framing and type,
+#: and a stored ``content-length`` or ``transfer-encoding`` that disagreed with the body would
+#: make the server drop the connection.
+NOT_STORED_HEADERS = frozenset(
+    {"content-length", "content-type", "transfer-encoding", "connection"}
+)
 
 
 class RejectReason:
@@ -178,8 +189,9 @@ def _refuse_constant(name: str) -> object:
     raise ValueError(f"{name} is no JSON value")
 
 
-def _sendable(text: object) -> str:
-    if not isinstance(text, str) or any(char in text for char in _FORBIDDEN_IN_HEADERS):
+def _sendable(text: object, grammar: re.Pattern[str] = _FIELD_VALUE) -> str:
+    """``text`` if it is a header value (or, with ``_TOKEN``, a name) a server can send."""
+    if not isinstance(text, str) or grammar.fullmatch(text) is None:
         raise ValueError("not a header text")
     text.encode("latin-1")
     return text
@@ -198,7 +210,9 @@ def _checked_envelope(envelope: object) -> CachedResponse | None:
     for pair in headers:
         if not isinstance(pair, list) or len(pair) != 2:
             return None
-        pairs.append((_sendable(pair[0]), _sendable(pair[1])))
+        name, value = _sendable(pair[0], _TOKEN), _sendable(pair[1])
+        if name.lower() not in NOT_STORED_HEADERS:
+            pairs.append((name, value))
     if "body" in envelope:
         text = envelope["body"]
         if not isinstance(text, str):

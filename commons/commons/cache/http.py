@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from starlette.responses import Response
 
-from commons.cache.entry import CachedResponse
+from commons.cache.entry import NOT_STORED_HEADERS, CachedResponse
 
 __all__ = [
     "CACHE_STATUS_HEADER",
@@ -39,9 +39,6 @@ __all__ = [
 CACHE_STATUS_HEADER = "X-FastAPI-Cache"
 
 _STATUS_NAME = CACHE_STATUS_HEADER.lower().encode("latin-1")
-_NOT_STORED_HEADERS = frozenset(
-    {"content-length", "content-type", "transfer-encoding", "connection"}
-)
 # Headers a 304 repeats from the 200 it stands for (RFC 9110, 15.4.5).
 _NOT_MODIFIED_HEADERS = frozenset({b"etag", b"vary", b"content-location", b"expires", b"date"})
 _FORBIDDING_DIRECTIVES = ("no-store", "no-cache", "private")
@@ -80,7 +77,7 @@ def cacheable_response(response: Response) -> CachedResponse | None:
     kept = tuple(
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in response.raw_headers
-        if name.decode("latin-1").lower() not in _NOT_STORED_HEADERS
+        if name.decode("latin-1").lower() not in NOT_STORED_HEADERS
     )
     return CachedResponse(body, response.status_code, media_type, kept)
 
