@@ -86,10 +86,11 @@ async def served(key: str) -> bytes | None:
     return lookup.value.payload
 
 
-def route_fingerprint_of(app: FastAPI, path: str) -> bytes:
-    """The fingerprint ``@cache`` gives the entries of ``app``'s GET route at ``path``."""
+def route_fingerprint_of(app: FastAPI, path: str, *, producer: str = PRODUCER) -> bytes:
+    """The fingerprint ``@cache`` gives the entries of ``app``'s GET route at ``path`` (or, with
+    ``producer="fastapi-cache2"``, fastapi-cache2's decorator through our backend)."""
     for route in app.routes:
         if isinstance(route, APIRoute) and route.path == path and "GET" in (route.methods or ()):
             handler = inspect.unwrap(route.endpoint)
-            return route_fingerprint(route, handler, producer=PRODUCER)
+            return route_fingerprint(route, handler, producer=producer)
     raise LookupError(f"no GET route at {path}")
