@@ -28,6 +28,22 @@ async def test_tenant_config_is_a_miss_then_a_hit(client: AsyncClient, bearer: B
     assert first.json()["display_name"] == "Acme Corp"
 
 
+async def test_no_client_forces_the_tenant_config_to_be_recomputed(
+    client: AsyncClient, bearer: Bearer
+) -> None:
+    headers = bearer(1, "alice")
+    await client.get("/v1/tenant/config", headers=headers)
+
+    statuses = [
+        (await client.get("/v1/tenant/config", headers={**headers, "Cache-Control": d})).headers[
+            CACHE_HEADER
+        ]
+        for d in ["no-cache", "no-store"] * 3
+    ]
+
+    assert statuses == ["HIT"] * 6
+
+
 async def test_users_me_is_a_miss_then_a_hit(client: AsyncClient, bearer: Bearer) -> None:
     first = await client.get("/v1/users/me", headers=bearer(1, "alice"))
     second = await client.get("/v1/users/me", headers=bearer(1, "alice"))

@@ -9,6 +9,8 @@
   Tenant- or user-scoped answers say ``Cache-Control: private, max-age=<remaining>`` and
   ``Vary: Authorization``: a shared proxy or CDN must never hand one tenant's answer to another.
 - A ``HEAD`` request gets the headers of the ``GET`` (``Content-Length`` included) and no body.
+- A client's ``Cache-Control: no-cache`` / ``no-store`` (:func:`asks_for_fresh`) skips the stored
+  entry only when the settings honour it; otherwise no client can force recomputation.
 
 A hit does no work beyond this: :func:`prepare` encodes a stored response's headers and ETag once,
 the decorator keeps the result while the stored bytes stay the same, and :func:`replay` only adds
@@ -28,6 +30,7 @@ __all__ = [
     "CACHE_STATUS_HEADER",
     "CachedBytesResponse",
     "PreparedResponse",
+    "asks_for_fresh",
     "cacheable_response",
     "entry_etag",
     "etag_matches",
@@ -58,6 +61,14 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return any(
         candidate.strip().removeprefix("W/") == etag for candidate in if_none_match.split(",")
     )
+
+
+def asks_for_fresh(cache_control: str) -> bool:
+    """Whether a request's ``Cache-Control`` refuses a stored answer (``no-cache`` or
+    ``no-store`` among its directives, in any case); honoured only with
+    ``CACHE_HONOR_CLIENT_NO_CACHE=true``, on both decorators."""
+    directives = cache_control.lower()
+    return "no-cache" in directives or "no-store" in directives
 
 
 def cacheable_response(response: Response) -> CachedResponse | None:

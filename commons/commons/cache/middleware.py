@@ -17,6 +17,14 @@ answers with a digest of their bytes; this middleware gives any response that ca
   ``If-None-Match`` matches it gets ``304`` with no body. That needs the whole body before the
   headers go out, so only those answers are held back (a cached JSON body, in memory anyway);
   answers of our decorator, which are tagged already, pass through untouched.
+
+It also makes fastapi-cache2's decorator follow our rule for a client's ``Cache-Control``
+(``CACHE_HONOR_CLIENT_NO_CACHE``). Left alone, that decorator recomputes on exactly ``no-cache``
+and bypasses the cache on exactly ``no-store``, whatever the setting, and ignores the same
+directives in a list. So a request asking for a fresh answer reaches the app without its
+``Cache-Control`` unless the setting honours it, and with exactly ``no-cache`` when it does (a
+recomputation that is stored, as ours does). Request directives are addressed to caches only
+(RFC 9111, 5.2.1), so no handler loses anything it may rely on.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from __future__ import annotations
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from commons.cache.http import CACHE_STATUS_HEADER, entry_etag, etag_matches
+from commons.cache.http import CACHE_STATUS_HEADER, asks_for_fresh, entry_etag, etag_matches
+from commons.cache.lifecycle import current_layer
 
 __all__ = ["PrivateCacheControlMiddleware"]
 
@@ -61,6 +70,7 @@ class PrivateCacheControlMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope = _under_the_client_rule(scope)
         start: Message | None = None
         body: list[bytes] = []
 
@@ -84,6 +94,19 @@ class PrivateCacheControlMiddleware:
             await _send_tagged(scope, start, b"".join(body), send)
 
         await self.app(scope, receive, send_cached)
+
+
+def _under_the_client_rule(scope: Scope) -> Scope:
+    """The request as both decorators must see it (see the module docstring)."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    asked = [value for name, value in headers if name == b"cache-control"]
+    if not asked or not asks_for_fresh(b", ".join(asked).decode("latin-1")):
+        return scope
+    kept = [(name, value) for name, value in headers if name != b"cache-control"]
+    layer = current_layer()
+    if layer is not None and layer.settings.CACHE_HONOR_CLIENT_NO_CACHE:
+        kept.append((b"cache-control", b"no-cache"))
+    return {**scope, "headers": kept}
 
 
 async def _send_tagged(scope: Scope, start: Message, body: bytes, send: Send) -> None:

@@ -36,7 +36,7 @@ from commons.cache.cached_route import CachedRoute
 from commons.cache.entry import RejectReason
 from commons.cache.events import LookupOutcome
 from commons.cache.fill import Call, Fill, handler_response
-from commons.cache.http import CACHE_STATUS_HEADER, PreparedResponse, replay
+from commons.cache.http import CACHE_STATUS_HEADER, PreparedResponse, asks_for_fresh, replay
 from commons.cache.keyspace import qualified_namespace
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
@@ -195,8 +195,7 @@ def _asks_for_fresh(layer: CacheLayer, cache_control: str) -> bool:
     """Whether the client's ``Cache-Control`` refuses a stored answer (and the settings let it)."""
     if not cache_control or not layer.settings.CACHE_HONOR_CLIENT_NO_CACHE:
         return False
-    directives = cache_control.lower()
-    return "no-cache" in directives or "no-store" in directives
+    return asks_for_fresh(cache_control)
 
 
 async def _unread(layer: CacheLayer, key: str) -> Lookup | None:
