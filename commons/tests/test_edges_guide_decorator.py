@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi_cache import FastAPICache
 from fastapi_cache.coder import PickleCoder
 from fastapi_cache.decorator import cache as guide_cache
@@ -240,6 +240,33 @@ async def test_such_a_body_stored_by_an_earlier_deploy_is_a_miss_never_a_500(
         answers = [await client.get("/meta", headers=ACME) for _ in range(2)]
 
     assert [(r.status_code, r.json()) for r in answers] == [(200, body)] * 2
+
+
+# -- answers that vary on a request header ------------------------------------------------------
+
+
+async def test_an_answer_that_says_vary_is_never_served_to_another_value_of_the_header(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/greeting")
+    @guide_cache(namespace="greeting", key_builder=tenant_cache_key_builder)
+    async def greeting(request: Request, response: Response) -> dict[str, str]:
+        language = request.headers.get("Accept-Language", "en")
+        runs.append(language)
+        response.headers["Vary"] = "Accept-Language"
+        return {"greeting": {"fr": "Bonjour", "en": "Hello"}[language]}
+
+    async with client_for(app) as client:
+        answers = [
+            (await client.get("/greeting", headers={**ACME, "Accept-Language": lang})).json()
+            for lang in ["fr", "en", "fr", "en"]
+        ]
+
+    assert answers == [{"greeting": g} for g in ["Bonjour", "Hello", "Bonjour", "Hello"]]
+    assert runs == ["fr", "en", "fr", "en"]
 
 
 # -- ETag and If-None-Match ------------------------------------------------------------------------

@@ -48,3 +48,8 @@ def test_ordinary_headers_survive_the_round_trip() -> None:
     )
 
     assert decode_payload(*encode_payload(response)) == response
+
+
+@pytest.mark.parametrize("vary", ["Accept-Language", "*", "X-Session, Accept"])
+def test_an_envelope_that_says_vary_is_refused_as_an_older_deploy_stored_it(vary: str) -> None:
+    assert decode_payload(ENVELOPE, envelope_with([["Vary", vary]])) is None

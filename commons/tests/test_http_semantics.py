@@ -273,6 +273,62 @@ async def test_a_headers_only_answer_to_head_is_never_served_to_a_get(
     assert head_after_get.headers["content-length"] == str(len(gets[0].content))
 
 
+# -- Vary ------------------------------------------------------------------------------------
+
+#: Answers that depend on a request header, and say so; each request, and what it must get.
+VARYING: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "accept-language": (
+        "Accept-Language",
+        [("fr", "Bonjour"), ("en", "Hello"), ("fr", "Bonjour"), ("en", "Hello")],
+    ),
+    "a-session-of-one-user": (
+        "X-Session",
+        [("alice", "alice's report"), ("bob", "bob's report"), ("alice", "alice's report")],
+    ),
+    "two-headers": (
+        "Accept-Language, X-Session",
+        [("fr", "Bonjour"), ("en", "Hello")],
+    ),
+}
+
+
+def varying_app(make_identity_app: Callable[[], FastAPI], vary: str, calls: Calls) -> FastAPI:
+    app = make_identity_app()
+    greetings = {"fr": "Bonjour", "en": "Hello"}
+
+    @app.get("/varying")
+    @cache(namespace="varying", expire=60)
+    async def varying(request: Request) -> JSONResponse:
+        calls.count += 1
+        asked = request.headers.get("X-Asked", "")
+        body = greetings.get(asked, f"{asked}'s report")
+        return JSONResponse({"body": body}, headers={"Vary": vary})
+
+    return app
+
+
+@pytest.mark.parametrize("case", VARYING.values(), ids=list(VARYING))
+async def test_an_answer_that_varies_on_a_request_header_is_never_served_to_another_value(
+    backend: CacheSettings,
+    make_identity_app: Callable[[], FastAPI],
+    calls: Calls,
+    case: tuple[str, list[tuple[str, str]]],
+) -> None:
+    vary, requests = case
+    app = varying_app(make_identity_app, vary, calls)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        answers = []
+        for asked, _ in requests:
+            # The value is sent under every header the answer varies on.
+            headers = {name.strip(): asked for name in vary.split(",")}
+            response = await client.get("/varying", headers={**TENANT, **headers, "X-Asked": asked})
+            answers.append(response.json()["body"])
+
+    assert answers == [expected for _, expected in requests]
+    assert calls.count == len(requests)  # not stored: each answer is its own request's
+
+
 # -- never stored ----------------------------------------------------------------------------
 
 

@@ -19,6 +19,8 @@ fastapi-cache2's decorator stores goes through the same rules as ours:
   computed before an invalidation is not stored after it. The link is explicit and narrow: it
   holds for the task that read and for the key it read, once; any other ``set()`` is a write with
   no read before it and takes a fresh token (``CacheLayer.token_now``).
+- An answer whose handler set ``Vary`` on the decorator's ``Response`` is not stored (with our key
+  builders, which keep that response with the key): the key does not hold what it varies on.
 - ``clear()`` never touches a key outside ``CACHE_PREFIX``.
 """
 
@@ -34,6 +36,7 @@ from typing import Any
 
 from fastapi_cache.backends import Backend
 from fastapi_cache.coder import JsonCoder
+from starlette.responses import Response
 
 from commons.cache.entry import BODY, RejectReason
 from commons.cache.events import LookupOutcome
@@ -105,6 +108,14 @@ def _is_json(value: bytes) -> bool:
     return True
 
 
+def _varies(key: str) -> bool:
+    """Whether the handler said ``Vary`` on the response of the request ``key`` was built for:
+    that answer may only go to requests with the same values of those headers, which the key
+    does not hold, so it is not stored (``Vary: *`` included)."""
+    response = key.response if isinstance(key, ScopedKey) else None
+    return isinstance(response, Response) and "vary" in response.headers
+
+
 _SPEC_TYPE = b'"_spec_type"'
 
 
@@ -167,6 +178,8 @@ class LayerBackend(Backend):
             return
         if not _decodes(value):
             self._refuse(layer, key, _NOT_DECODABLE)
+            return
+        if _varies(key):
             return
         token = _ReadForWrite.take(key) or await layer.token_now(key)
         if token is None:

@@ -1,7 +1,9 @@
 """The HTTP rules of cached responses: what may be stored, and the headers a cached answer carries.
 
 - Only 2xx responses with a body in memory are stored; never one that sets a cookie, is streamed,
-  says ``Cache-Control: no-store`` / ``no-cache`` / ``private`` itself, or ``Vary: *``.
+  says ``Cache-Control: no-store`` / ``no-cache`` / ``private`` itself, or says ``Vary`` (on
+  anything: ``*``, ``Accept-Language``, a session header): the key holds the route, query and
+  identity only, so an answer that depends on other request headers is its own request's.
 - ``ETag`` is a digest of the stored body (the first 128 bits of its SHA-256, in hex, quoted), so
   every process and replica agrees on it, and ``If-None-Match`` (a list, weak or strong, or ``*``)
   answers ``304`` with no body.
@@ -79,7 +81,9 @@ def cacheable_response(response: Response) -> CachedResponse | None:
     if not isinstance(body, bytes):
         return None  # streamed or file responses
     headers = response.headers
-    if "set-cookie" in headers or headers.get("vary", "").strip() == "*":
+    if "set-cookie" in headers or "vary" in headers:
+        # An answer that varies on request headers may only be served to requests with the same
+        # values of them, which the key does not hold: it is its own request's.
         return None
     cache_control = headers.get("cache-control", "").lower()
     if any(directive in cache_control for directive in _FORBIDDING_DIRECTIVES):
@@ -126,17 +130,13 @@ def prepare(cached: CachedResponse, *, private: bool) -> PreparedResponse:
     """Encodes ``cached``'s headers and computes its ETag, once per stored body."""
     etag = entry_etag(cached.body)
     headers: list[tuple[bytes, bytes]] = []
-    vary: list[str] = []
     for name, value in cached.headers:
         lowered = name.lower()
         if lowered in ("etag", "cache-control", CACHE_STATUS_HEADER.lower()):
             continue  # the cache's own, set below or per request
-        if lowered == "vary":
-            vary.append(value)
-            continue
         headers.append((lowered.encode("latin-1"), value.encode("latin-1")))
-    if private and not any("authorization" in value.lower() for value in vary):
-        vary.append("Authorization")
+    # Stored answers never vary (see cacheable_response); scoped ones say so to shared caches.
+    vary = ["Authorization"] if private else []
     encoded_etag = etag.encode("latin-1")
     headers.append((b"content-type", cached.media_type.encode("latin-1")))
     if cached.status_code >= 200 and cached.status_code not in (204, 304):
