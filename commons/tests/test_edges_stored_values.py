@@ -263,7 +263,7 @@ async def plant_envelope(raw_redis: Redis, key: bytes, headers: list[list[str]])
         }
     ).encode()
     head = expected_head(fingerprint, generation)
-    planted = stored_value(head=head, kind=ENVELOPE, stale_seconds=0, payload=payload)
+    planted = stored_value(head=head, kind=ENVELOPE, stale_seconds=0, lifetime=60, payload=payload)
     assert await raw_redis.set(key, planted, keepttl=True)
 
 

@@ -20,7 +20,8 @@ from commons.cache import (
     init_cache,
     tenant_user_cache_key_builder,
 )
-from commons.testing.entries import age_entry
+from commons.cache.entry import parse_any
+from commons.testing.entries import age_entry, stored_value, write_raw
 
 TENANT = {"X-Test-Tenant": "acme"}
 KEY_OF_EMPTY_QUERY = hashlib.md5(b"").hexdigest()
@@ -211,6 +212,128 @@ async def test_max_age_on_a_hit_is_the_entry_s_remaining_time_to_live(
     assert again.headers["cache-control"] == "private, max-age=42"
     assert later.headers["cache-control"] == "private, max-age=17"
     assert later.headers["etag"] == hit.headers["etag"]
+
+
+# -- Age -------------------------------------------------------------------------------------
+
+REPORT_KEY = f"test-cache:reports:tenant_acme:/report:{KEY_OF_EMPTY_QUERY}"
+
+
+async def test_age_is_the_seconds_since_the_entry_was_stored_on_every_stored_answer(
+    backend: CacheSettings, client: httpx.AsyncClient
+) -> None:
+    miss = await client.get("/report", headers=TENANT)
+    hit = await client.get("/report", headers=TENANT)
+    await age_entry(REPORT_KEY, 53)  # stored for 60 s: stored 7 s ago
+    older = await client.get("/report", headers=TENANT)
+    not_modified = await client.get(
+        "/report", headers={**TENANT, "If-None-Match": miss.headers["etag"]}
+    )
+
+    assert "age" not in miss.headers  # computed for this request, not served from storage
+    assert hit.headers["age"] == "0"
+    assert (older.headers["age"], older.headers["cache-control"]) == ("7", "private, max-age=53")
+    assert (not_modified.status_code, not_modified.headers["age"]) == (304, "7")
+
+
+async def test_two_instances_of_the_service_give_one_entry_the_same_age(
+    backend: CacheSettings, app: FastAPI, make_identity_app: Callable[[], FastAPI], calls: Calls
+) -> None:
+    other = make_identity_app()
+    other.router.routes.extend(app.router.routes)
+    transports = [httpx.ASGITransport(app=each) for each in (app, other)]
+    async with (
+        httpx.AsyncClient(transport=transports[0], base_url="http://a") as first,
+        httpx.AsyncClient(transport=transports[1], base_url="http://b") as second,
+    ):
+        await first.get("/report", headers=TENANT)
+        await age_entry(REPORT_KEY, 48)
+        ages = [(await c.get("/report", headers=TENANT)).headers["age"] for c in (first, second)]
+
+    assert ages == ["12", "12"]
+
+
+async def test_an_entry_stored_in_the_previous_shape_is_served_without_age(
+    backend: CacheSettings, client: httpx.AsyncClient
+) -> None:
+    """Entries written before the format carried their lifetime (marker 2) are still answers
+    until they expire: never a 500, and no made-up Age."""
+    miss = await client.get("/report", headers=TENANT)
+    remaining, raw = await stored_value(REPORT_KEY)
+    assert raw is not None
+    fingerprint, generation, value = parse_any(raw) or pytest.fail("unreadable entry")
+    previous = b'["commons.cache",2,"%s","%s","%s",%d,%s]' % (
+        fingerprint,
+        generation,
+        value.kind,
+        value.stale_seconds,
+        value.payload,
+    )
+    await write_raw(REPORT_KEY, previous, remaining)
+
+    hit = await client.get("/report", headers=TENANT)
+
+    assert (hit.status_code, hit.headers["x-fastapi-cache"]) == (200, "HIT")
+    assert hit.content == miss.content
+    assert "age" not in hit.headers
+
+
+# -- Cache-Status (RFC 9211) -----------------------------------------------------------------
+
+
+async def test_cache_status_names_the_cache_and_says_hit_with_ttl_or_why_it_went_forward(
+    backend: CacheSettings, client: httpx.AsyncClient
+) -> None:
+    miss = await client.get("/report", headers=TENANT)
+    hit = await client.get("/report", headers=TENANT)
+    not_modified = await client.get(
+        "/report", headers={**TENANT, "If-None-Match": miss.headers["etag"]}
+    )
+    not_stored = await client.get("/no-store", headers=TENANT)
+    no_identity = await client.get("/report")
+
+    assert miss.headers["cache-status"] == "test-cache; fwd=miss; stored"
+    assert hit.headers["cache-status"] == "test-cache; hit; ttl=60"
+    assert not_modified.headers["cache-status"] == "test-cache; hit; ttl=60"
+    assert not_stored.headers["cache-status"] == "test-cache; fwd=miss"
+    assert no_identity.headers["cache-status"] == "test-cache; fwd=bypass"
+
+
+async def test_cache_status_says_collapsed_when_a_request_got_another_s_computation(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+    gate = asyncio.Event()
+
+    @app.get("/slow")
+    @cache(namespace="slow", expire=60)
+    async def slow() -> dict[str, bool]:
+        await gate.wait()
+        return {"ok": True}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        requests = [asyncio.create_task(client.get("/slow", headers=TENANT)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        gate.set()
+        statuses = sorted(r.headers["cache-status"] for r in await asyncio.gather(*requests))
+
+    assert statuses == [
+        "test-cache; fwd=miss; collapsed",
+        "test-cache; fwd=miss; collapsed",
+        "test-cache; fwd=miss; stored",
+    ]
+
+
+async def test_cache_status_says_the_client_asked_for_a_fresh_answer_when_it_is_honoured(
+    backend: CacheSettings, make_settings: Callable[..., CacheSettings], client: httpx.AsyncClient
+) -> None:
+    await init_cache(make_settings(backend.REDIS_URL, CACHE_HONOR_CLIENT_NO_CACHE=True))
+    await client.get("/report", headers=TENANT)
+
+    forced = await client.get("/report", headers={**TENANT, "Cache-Control": "no-cache"})
+
+    assert forced.headers["cache-status"] == "test-cache; fwd=request; stored"
 
 
 # -- HEAD ------------------------------------------------------------------------------------

@@ -156,3 +156,15 @@ async def test_honouring_clients_recomputes_and_stores_on_either_decorator(
 
     assert (forced.headers.get("x-fastapi-cache"), forced.json()) == ("MISS", {"run": 2})
     assert (after.headers.get("x-fastapi-cache"), after.json()) == ("HIT", {"run": 2})
+
+
+async def test_with_the_middleware_guide_answers_carry_cache_status_too(
+    client: httpx.AsyncClient,
+) -> None:
+    miss = await client.get("/guide", headers={"X-Test-Tenant": "a"})
+    hit = await client.get("/guide", headers={"X-Test-Tenant": "a"})
+    ours = await client.get("/ours", headers={"X-Test-Tenant": "a"})
+
+    assert miss.headers["cache-status"] == "test-cache; fwd=miss"
+    assert hit.headers["cache-status"] == "test-cache; hit; ttl=60"
+    assert ours.headers["cache-status"] == "test-cache; fwd=miss; stored"  # its own, kept

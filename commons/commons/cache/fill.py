@@ -40,6 +40,8 @@ class Outcome:
     prepared: PreparedResponse | None = None
     #: The handler's own response, sent as it is by the request that computed it only.
     response: Response | None = None
+    #: Whether ``prepared`` was written to the store (``Cache-Status: stored``).
+    stored: bool = False
 
 
 class Call(NamedTuple):
@@ -169,14 +171,14 @@ class Fill:
             payload,
             kind=kind,
             expire=self.ttl,
-            stale_seconds=route.stale_seconds,
+            stale_seconds=route.stale_window(self.layer.settings.CACHE_STALE_IF_ERROR_SECONDS),
             fingerprint=self.call.fingerprint,
             token=token or self.token,
         )
         prepared = prepare(entry, private=self.call.private)
         if raw is not None:
             route.prepared.put(self.key, raw, prepared)
-        self.outcome = Outcome(prepared=prepared)
+        self.outcome = Outcome(prepared=prepared, stored=raw is not None)
         return self.outcome
 
     async def _stored(self) -> Outcome | Lookup | None:

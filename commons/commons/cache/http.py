@@ -11,18 +11,23 @@
   Tenant- or user-scoped answers say ``Cache-Control: private, max-age=<remaining>`` and
   ``Vary: Authorization``: a shared proxy or CDN must never hand one tenant's answer to another.
 - A ``HEAD`` request gets the headers of the ``GET`` (``Content-Length`` included) and no body.
+- ``Age`` says how long ago a stored answer was stored; ``Cache-Status`` (RFC 9211,
+  :func:`cache_status`) how the answer was served (:class:`Served`).
 - A client's ``Cache-Control: no-cache`` / ``no-store`` (:func:`asks_for_fresh`) skips the stored
   entry only when the settings honour it; otherwise no client can force recomputation.
 
 A hit does no work beyond this: :func:`prepare` encodes a stored response's headers and ETag once,
 the decorator keeps the result while the stored bytes stay the same, and :func:`replay` only adds
-the per-request ``Cache-Control`` and status headers around the stored body.
+the per-request ``Cache-Control``, ``Age`` and status headers around the stored body (the same
+ones again for every hit within one second).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from starlette.responses import Response
 
@@ -32,10 +37,14 @@ __all__ = [
     "CACHE_STATUS_HEADER",
     "CachedBytesResponse",
     "PreparedResponse",
+    "Served",
     "asks_for_fresh",
+    "cache_status",
+    "cache_status_name",
     "cacheable_response",
     "entry_etag",
     "etag_matches",
+    "labelled",
     "prepare",
     "replay",
 ]
@@ -44,6 +53,7 @@ __all__ = [
 CACHE_STATUS_HEADER = "X-FastAPI-Cache"
 
 _STATUS_NAME = CACHE_STATUS_HEADER.lower().encode("latin-1")
+_CACHE_STATUS = b"cache-status"
 # Headers a 304 repeats from the 200 it stands for (RFC 9110, 15.4.5).
 _NOT_MODIFIED_HEADERS = frozenset({b"etag", b"vary", b"content-location", b"expires", b"date"})
 _FORBIDDING_DIRECTIVES = ("no-store", "no-cache", "private")
@@ -121,9 +131,9 @@ class PreparedResponse:
     headers: tuple[tuple[bytes, bytes], ...]
     #: Headers of a 304 answer: ETag and Vary.
     not_modified_headers: tuple[tuple[bytes, bytes], ...]
-    #: The last full answer's headers with their ``max-age`` and status: hits within the same
-    #: second send the same ones.
-    last_sent: tuple[int, bytes, tuple[tuple[bytes, bytes], ...]] | None = None
+    #: The last full answer's headers with their ``max-age`` and how it was served: hits within
+    #: the same second send the same ones.
+    last_sent: tuple[int, Served, tuple[tuple[bytes, bytes], ...]] | None = None
 
 
 def prepare(cached: CachedResponse, *, private: bool) -> PreparedResponse:
@@ -162,11 +172,62 @@ def _cache_control(private: bool, max_age: int) -> bytes:
     return (b"private, max-age=%d" if private else b"max-age=%d") % max_age
 
 
+class Served(NamedTuple):
+    """How one answer was served, for its cache headers (one small tuple per request)."""
+
+    #: ``X-FastAPI-Cache``: ``b"HIT"``, ``b"STALE"`` or ``b"MISS"``.
+    status: bytes
+    #: ``Cache-Status`` after the cache's name (RFC 9211): ``b"hit"``, ``b"fwd=miss; stored"``...
+    detail: bytes
+    #: The cache's name in ``Cache-Status`` (:func:`cache_status_name`).
+    name: bytes
+    #: ``Cache-Status``'s ``ttl``: seconds of freshness left (negative once stale); hits only.
+    ttl: int | None = None
+    #: ``Age``: seconds since the answer was stored; ``None`` when it was not (or is not known).
+    age: int | None = None
+
+
+_TOKEN_NAME = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*")
+
+
+def cache_status_name(prefix: str) -> bytes:
+    """The cache's name in ``Cache-Status``: ``CACHE_PREFIX``, as a token when it is one, else as
+    a quoted string (RFC 8941), or ``commons.cache`` when it cannot be written as either."""
+    if _TOKEN_NAME.fullmatch(prefix):
+        return prefix.encode("ascii")
+    if prefix.isascii() and prefix.isprintable():
+        return b'"%s"' % prefix.replace("\\", "\\\\").replace('"', '\\"').encode("ascii")
+    return b"commons.cache"
+
+
+def cache_status(served: Served) -> bytes:
+    """The ``Cache-Status`` value of an answer served as ``served``."""
+    value = b"%s; %s" % (served.name, served.detail)
+    return value if served.ttl is None else b"%s; ttl=%d" % (value, served.ttl)
+
+
+def labelled(result: object, sub_response: object, status: bytes) -> object:
+    """``result`` with the ``Cache-Status`` value ``status``, however the route sends it: on the
+    response itself, or on FastAPI's ``Response`` parameter, whose headers FastAPI adds to the
+    response it renders."""
+    target = result if isinstance(result, Response) else sub_response
+    if isinstance(target, Response):
+        target.raw_headers.append((_CACHE_STATUS, status))
+    return result
+
+
+def _served_headers(served: Served) -> list[tuple[bytes, bytes]]:
+    headers = [(_STATUS_NAME, served.status), (_CACHE_STATUS, cache_status(served))]
+    if served.age is not None:
+        headers.append((b"age", b"%d" % served.age))
+    return headers
+
+
 def replay(
     prepared: PreparedResponse,
     *,
     max_age: int,
-    status: bytes,
+    served: Served,
     if_none_match: str | None,
     head: bool,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
@@ -176,7 +237,7 @@ def replay(
     Args:
         prepared: The stored response.
         max_age: Seconds the answer stays fresh (``Cache-Control: max-age``).
-        status: The ``X-FastAPI-Cache`` value: ``b"HIT"``, ``b"STALE"`` or ``b"MISS"``.
+        served: How it was served: ``X-FastAPI-Cache``, ``Cache-Status`` and ``Age``.
         if_none_match: The request's ``If-None-Match`` header, if any.
         head: True for a ``HEAD`` request: the same headers, no body.
         extra_headers: Per-request headers to add (set by the route's dependencies).
@@ -186,17 +247,17 @@ def replay(
     if if_none_match is not None and etag_matches(if_none_match, prepared.etag):
         cache_control = _cache_control(prepared.private, max_age)
         headers = [*prepared.not_modified_headers, (b"cache-control", cache_control)]
-        headers.append((_STATUS_NAME, status))
+        headers.extend(_served_headers(served))
         if extra_headers:
             headers.extend(extra_headers)
         return CachedBytesResponse(b"", 304, headers)
     last = prepared.last_sent
-    if last is not None and last[0] == max_age and last[1] == status:
+    if last is not None and last[0] == max_age and last[1] == served:
         headers = list(last[2])
     else:
         cache_control = _cache_control(prepared.private, max_age)
-        full = (*prepared.headers, (b"cache-control", cache_control), (_STATUS_NAME, status))
-        prepared.last_sent = (max_age, status, full)
+        full = (*prepared.headers, (b"cache-control", cache_control), *_served_headers(served))
+        prepared.last_sent = (max_age, served, full)
         headers = list(full)
     if extra_headers:
         headers.extend(extra_headers)

@@ -24,6 +24,7 @@ __all__ = [
     "served",
     "stored_payload",
     "stored_value",
+    "write_raw",
 ]
 
 
@@ -51,7 +52,12 @@ async def age_entry(key: str, remaining_seconds: float) -> None:
     _, raw = await stored_value(key)
     if raw is None:
         raise LookupError(f"nothing is stored under {key!r}")
-    await _layer().write_raw(key, raw, remaining_seconds)
+    await write_raw(key, raw, remaining_seconds)
+
+
+async def write_raw(key: str, value: bytes, ttl_seconds: float) -> None:
+    """Writes exactly ``value`` under ``key`` for ``ttl_seconds``, bypassing every rule."""
+    await _layer().write_raw(key, value, ttl_seconds)
 
 
 #: The fingerprint of the entries :func:`fill` writes and :func:`served` reads.
