@@ -75,7 +75,23 @@ def _without_client_setinfo() -> dict[str, Any]:
     return {"driver_info": None}
 
 
-_NO_CLIENT_SETINFO = _without_client_setinfo()
+def _without_maintenance_notifications() -> dict[str, Any]:
+    """The connection option that keeps redis-py 8+ from sending ``CLIENT MAINT_NOTIFICATIONS``
+    on every RESP3 connection it opens.
+
+    That handshake is for managed servers that announce their own maintenance; Redis 6.2 refuses
+    it under the documented ACL line and records each refusal in ``ACL LOG``. The cache follows
+    failovers and slot moves by itself (the breaker, redirects, Sentinel), so it asks for none.
+    """
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+    except ImportError:  # redis-py before 8: no such handshake
+        return {}
+    return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+
+
+#: What every connection the cache opens is told not to send on connecting (see above).
+_NO_CLIENT_SETINFO = {**_without_client_setinfo(), **_without_maintenance_notifications()}
 
 
 def _timeouts(settings: CacheSettings) -> dict[str, Any]:
