@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -270,3 +272,43 @@ async def test_with_the_lock_concurrent_misses_still_run_the_handler_once_per_pr
 
     assert gate.calls == 1
     assert {r.content for r in responses} == {b'{"calls":1}'}
+
+
+async def cancel_while_computing(client: httpx.AsyncClient, gate: Gate, by: str) -> None:
+    """A GET given a deadline that passes while its handler computes, as middleware and task
+    groups set one: anyio's cancel scope (which cancels every await again until the scope is
+    left) or asyncio's own timeout (which cancels once)."""
+    if by == "anyio":
+        with anyio.move_on_after(0.3):
+            await client.get("/report", headers=TENANT)
+    else:
+        with suppress(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await client.get("/report", headers=TENANT)
+    assert gate.entered.is_set()
+
+
+@pytest.mark.parametrize("cancelled_by", ["anyio", "asyncio"])
+async def test_a_cancelled_leader_releases_the_replicas_lock_at_once(
+    redis_url: str,
+    make_settings: Callable[..., CacheSettings],
+    make_identity_app: Callable[[], FastAPI],
+    cancelled_by: str,
+) -> None:
+    await init_cache(make_settings(redis_url, CACHE_LOCK_TIMEOUT_SECONDS=5))
+    gate = Gate()
+    try:
+        async with client_for(locked_app(make_identity_app, gate, True)) as client:
+            await cancel_while_computing(client, gate, cancelled_by)
+            lock_after_cancel, _ = await lock_state(redis_url)
+            gate.open.set()
+            started = time.monotonic()
+            response = await client.get("/report", headers=TENANT)
+            waited = time.monotonic() - started
+    finally:
+        await close_cache()
+
+    assert lock_after_cancel is None
+    assert response.status_code == 200
+    assert waited < 1.0  # not the lock's 5 s
+    assert gate.calls == 2

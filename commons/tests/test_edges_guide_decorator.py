@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -25,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi_cache import FastAPICache
 from fastapi_cache.coder import PickleCoder
 from fastapi_cache.decorator import cache as guide_cache
@@ -39,7 +40,7 @@ from commons.cache import (
     invalidate_namespace,
     tenant_cache_key_builder,
 )
-from commons.testing.entries import stored_value
+from commons.testing.entries import fill, route_fingerprint_of, stored_value
 from commons.utilities.context import get_tenant_id
 
 ACME = {"X-Test-Tenant": "acme"}
@@ -191,6 +192,81 @@ async def test_a_pickle_planted_in_redis_is_never_unpickled_into_an_answer(
     expected = (200, {"route": "a", "tenant": "acme"})
     assert (first.status_code, first.json()) == expected
     assert [(r.status_code, r.json()) for r in after_plant] == [expected] * 2
+
+
+# -- bodies fastapi-cache2's decoder cannot read back --------------------------------------------
+
+#: Bodies whose JSON fastapi-cache2's decoder turns into an exception: it reads every object with
+#: a ``_spec_type`` key as a date, datetime or decimal.
+UNDECODABLE_BODIES: dict[str, dict[str, Any]] = {
+    "an-unknown-spec-type": {"meta": {"_spec_type": "custom", "val": 1}},
+    "a-datetime-that-does-not-parse": {"when": {"_spec_type": "datetime", "val": "soon"}},
+    "a-decimal-that-does-not-parse": {"price": {"_spec_type": "decimal", "val": "ten"}},
+    "a-spec-type-without-its-value": {"meta": {"_spec_type": "date"}},
+}
+
+
+def build_meta_app(make_identity_app: Callable[[], FastAPI], body: dict[str, Any]) -> FastAPI:
+    app = make_identity_app()
+
+    @app.get("/meta")
+    @guide_cache(namespace="meta", key_builder=tenant_cache_key_builder)
+    async def meta() -> dict[str, Any]:
+        return body
+
+    return app
+
+
+@pytest.mark.parametrize("body", UNDECODABLE_BODIES.values(), ids=list(UNDECODABLE_BODIES))
+async def test_a_body_fastapi_cache2_cannot_decode_is_answered_every_time_never_a_500(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI], body: dict[str, Any]
+) -> None:
+    async with client_for(build_meta_app(make_identity_app, body)) as client:
+        answers = [await client.get("/meta", headers=ACME) for _ in range(4)]
+
+    assert [(r.status_code, r.json()) for r in answers] == [(200, body)] * 4
+
+
+@pytest.mark.parametrize("body", UNDECODABLE_BODIES.values(), ids=list(UNDECODABLE_BODIES))
+async def test_such_a_body_stored_by_an_earlier_deploy_is_a_miss_never_a_500(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI], body: dict[str, Any]
+) -> None:
+    app = build_meta_app(make_identity_app, body)
+    key = f"{backend.CACHE_PREFIX}:meta:tenant_acme:/meta:{MD5_OF_NOTHING}"
+    fingerprint = route_fingerprint_of(app, "/meta", producer="fastapi-cache2")
+    assert await fill(key, json.dumps(body).encode(), 60, fingerprint=fingerprint) is not None
+
+    async with client_for(app) as client:
+        answers = [await client.get("/meta", headers=ACME) for _ in range(2)]
+
+    assert [(r.status_code, r.json()) for r in answers] == [(200, body)] * 2
+
+
+# -- answers that vary on a request header ------------------------------------------------------
+
+
+async def test_an_answer_that_says_vary_is_never_served_to_another_value_of_the_header(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/greeting")
+    @guide_cache(namespace="greeting", key_builder=tenant_cache_key_builder)
+    async def greeting(request: Request, response: Response) -> dict[str, str]:
+        language = request.headers.get("Accept-Language", "en")
+        runs.append(language)
+        response.headers["Vary"] = "Accept-Language"
+        return {"greeting": {"fr": "Bonjour", "en": "Hello"}[language]}
+
+    async with client_for(app) as client:
+        answers = [
+            (await client.get("/greeting", headers={**ACME, "Accept-Language": lang})).json()
+            for lang in ["fr", "en", "fr", "en"]
+        ]
+
+    assert answers == [{"greeting": g} for g in ["Bonjour", "Hello", "Bonjour", "Hello"]]
+    assert runs == ["fr", "en", "fr", "en"]
 
 
 # -- ETag and If-None-Match ------------------------------------------------------------------------

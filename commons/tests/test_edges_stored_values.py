@@ -10,7 +10,9 @@ the guide's ``fastapi_cache.decorator.cache`` with ``tenant_cache_key_builder``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,6 +30,7 @@ from commons.cache import (
     init_cache,
     tenant_cache_key_builder,
 )
+from commons.cache.entry import ENVELOPE, expected_head, parse_any, stored_value
 
 ACME = {"X-Test-Tenant": "acme"}
 NAMESPACE = "items"
@@ -214,3 +217,72 @@ async def test_a_new_response_model_never_reads_the_old_deploys_entries(
     assert summary(v1_after_v2) == (200, "MISS", v1_body)
     assert rejected_by_v2 == [(NAMESPACE, "fingerprint")]
     assert events.rejected == [(NAMESPACE, "fingerprint")] * 2
+
+
+# -- stored headers a server cannot send ---------------------------------------------------------
+
+#: Envelopes in today's format whose headers would break the response if replayed as they are.
+HOSTILE_HEADERS: dict[str, list[list[str]]] = {
+    "a-name-that-is-no-token": [["x bad", "1"]],
+    "a-name-with-a-colon": [["x-bad:", "1"]],
+    "an-empty-name": [["", "1"]],
+    "a-value-with-a-control-character": [["x-forged", "a\x01b"]],
+    "a-value-with-a-delete": [["x-forged", "a\x7fb"]],
+    "a-content-length-that-is-no-number": [["content-length", "abc"]],
+    "a-content-length-that-lies": [["content-length", "3"]],
+    "a-transfer-encoding": [["transfer-encoding", "chunked"]],
+}
+
+
+@pytest.fixture
+def replica(redis_url: str, start_replicas: Callable[..., list[str]], tmp_path: Path) -> str:
+    """One uvicorn process serving ``replica_app`` (``GET /res``, namespace ``res``) on Redis."""
+    return start_replicas(
+        1,
+        REDIS_URL=redis_url,
+        CACHE_PREFIX="hostile",
+        REPLICA_DB=str(tmp_path / "replica.sqlite"),
+        REPLICA_READ_SECONDS="0",
+    )[0]
+
+
+async def plant_envelope(raw_redis: Redis, key: bytes, headers: list[list[str]]) -> None:
+    """Rewrites the entry under ``key`` as a well-formed envelope of the same route and generation
+    with the same body and ``headers``, as a writable Redis could hold it."""
+    stored = await raw_redis.get(key)
+    assert stored is not None
+    parsed = parse_any(stored)
+    assert parsed is not None
+    fingerprint, generation, value = parsed
+    payload = json.dumps(
+        {
+            "status": 200,
+            "media_type": "application/json",
+            "headers": headers,
+            "body": value.payload.decode(),
+        }
+    ).encode()
+    head = expected_head(fingerprint, generation)
+    planted = stored_value(head=head, kind=ENVELOPE, stale_seconds=0, lifetime=60, payload=payload)
+    assert await raw_redis.set(key, planted, keepttl=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("headers", HOSTILE_HEADERS.values(), ids=list(HOSTILE_HEADERS))
+async def test_stored_headers_a_server_cannot_send_never_break_the_answer(
+    replica: str, raw_redis: Redis, headers: list[list[str]]
+) -> None:
+    """Through a real server (uvicorn): the answer is the route's body with its true length,
+    whether the envelope is refused (a miss) or served without the framing headers."""
+    async with httpx.AsyncClient(base_url=replica, timeout=10) as client:
+        first = await client.get("/res", headers=ACME)
+        await plant_envelope(raw_redis, await only_entry_key(raw_redis), headers)
+        after = [await client.get("/res", headers=ACME) for _ in range(3)]
+
+    assert first.json() == {"version": 1}
+    for response in after:
+        assert response.status_code == 200
+        assert response.json() == {"version": 1}
+        assert response.headers["content-length"] == str(len(response.content))
+        assert "transfer-encoding" not in response.headers
+        assert "x-forged" not in response.headers

@@ -20,7 +20,8 @@ from commons.cache import (
     init_cache,
     tenant_user_cache_key_builder,
 )
-from commons.testing.entries import age_entry
+from commons.cache.entry import parse_any
+from commons.testing.entries import age_entry, stored_value, write_raw
 
 TENANT = {"X-Test-Tenant": "acme"}
 KEY_OF_EMPTY_QUERY = hashlib.md5(b"").hexdigest()
@@ -213,6 +214,128 @@ async def test_max_age_on_a_hit_is_the_entry_s_remaining_time_to_live(
     assert later.headers["etag"] == hit.headers["etag"]
 
 
+# -- Age -------------------------------------------------------------------------------------
+
+REPORT_KEY = f"test-cache:reports:tenant_acme:/report:{KEY_OF_EMPTY_QUERY}"
+
+
+async def test_age_is_the_seconds_since_the_entry_was_stored_on_every_stored_answer(
+    backend: CacheSettings, client: httpx.AsyncClient
+) -> None:
+    miss = await client.get("/report", headers=TENANT)
+    hit = await client.get("/report", headers=TENANT)
+    await age_entry(REPORT_KEY, 53)  # stored for 60 s: stored 7 s ago
+    older = await client.get("/report", headers=TENANT)
+    not_modified = await client.get(
+        "/report", headers={**TENANT, "If-None-Match": miss.headers["etag"]}
+    )
+
+    assert "age" not in miss.headers  # computed for this request, not served from storage
+    assert hit.headers["age"] == "0"
+    assert (older.headers["age"], older.headers["cache-control"]) == ("7", "private, max-age=53")
+    assert (not_modified.status_code, not_modified.headers["age"]) == (304, "7")
+
+
+async def test_two_instances_of_the_service_give_one_entry_the_same_age(
+    backend: CacheSettings, app: FastAPI, make_identity_app: Callable[[], FastAPI], calls: Calls
+) -> None:
+    other = make_identity_app()
+    other.router.routes.extend(app.router.routes)
+    transports = [httpx.ASGITransport(app=each) for each in (app, other)]
+    async with (
+        httpx.AsyncClient(transport=transports[0], base_url="http://a") as first,
+        httpx.AsyncClient(transport=transports[1], base_url="http://b") as second,
+    ):
+        await first.get("/report", headers=TENANT)
+        await age_entry(REPORT_KEY, 48)
+        ages = [(await c.get("/report", headers=TENANT)).headers["age"] for c in (first, second)]
+
+    assert ages == ["12", "12"]
+
+
+async def test_an_entry_stored_in_the_previous_shape_is_served_without_age(
+    backend: CacheSettings, client: httpx.AsyncClient
+) -> None:
+    """Entries written before the format carried their lifetime (marker 2) are still answers
+    until they expire: never a 500, and no made-up Age."""
+    miss = await client.get("/report", headers=TENANT)
+    remaining, raw = await stored_value(REPORT_KEY)
+    assert raw is not None
+    fingerprint, generation, value = parse_any(raw) or pytest.fail("unreadable entry")
+    previous = b'["commons.cache",2,"%s","%s","%s",%d,%s]' % (
+        fingerprint,
+        generation,
+        value.kind,
+        value.stale_seconds,
+        value.payload,
+    )
+    await write_raw(REPORT_KEY, previous, remaining)
+
+    hit = await client.get("/report", headers=TENANT)
+
+    assert (hit.status_code, hit.headers["x-fastapi-cache"]) == (200, "HIT")
+    assert hit.content == miss.content
+    assert "age" not in hit.headers
+
+
+# -- Cache-Status (RFC 9211) -----------------------------------------------------------------
+
+
+async def test_cache_status_names_the_cache_and_says_hit_with_ttl_or_why_it_went_forward(
+    backend: CacheSettings, client: httpx.AsyncClient
+) -> None:
+    miss = await client.get("/report", headers=TENANT)
+    hit = await client.get("/report", headers=TENANT)
+    not_modified = await client.get(
+        "/report", headers={**TENANT, "If-None-Match": miss.headers["etag"]}
+    )
+    not_stored = await client.get("/no-store", headers=TENANT)
+    no_identity = await client.get("/report")
+
+    assert miss.headers["cache-status"] == "test-cache; fwd=miss; stored"
+    assert hit.headers["cache-status"] == "test-cache; hit; ttl=60"
+    assert not_modified.headers["cache-status"] == "test-cache; hit; ttl=60"
+    assert not_stored.headers["cache-status"] == "test-cache; fwd=miss"
+    assert no_identity.headers["cache-status"] == "test-cache; fwd=bypass"
+
+
+async def test_cache_status_says_collapsed_when_a_request_got_another_s_computation(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+    gate = asyncio.Event()
+
+    @app.get("/slow")
+    @cache(namespace="slow", expire=60)
+    async def slow() -> dict[str, bool]:
+        await gate.wait()
+        return {"ok": True}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        requests = [asyncio.create_task(client.get("/slow", headers=TENANT)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        gate.set()
+        statuses = sorted(r.headers["cache-status"] for r in await asyncio.gather(*requests))
+
+    assert statuses == [
+        "test-cache; fwd=miss; collapsed",
+        "test-cache; fwd=miss; collapsed",
+        "test-cache; fwd=miss; stored",
+    ]
+
+
+async def test_cache_status_says_the_client_asked_for_a_fresh_answer_when_it_is_honoured(
+    backend: CacheSettings, make_settings: Callable[..., CacheSettings], client: httpx.AsyncClient
+) -> None:
+    await init_cache(make_settings(backend.REDIS_URL, CACHE_HONOR_CLIENT_NO_CACHE=True))
+    await client.get("/report", headers=TENANT)
+
+    forced = await client.get("/report", headers={**TENANT, "Cache-Control": "no-cache"})
+
+    assert forced.headers["cache-status"] == "test-cache; fwd=request; stored"
+
+
 # -- HEAD ------------------------------------------------------------------------------------
 
 
@@ -231,19 +354,102 @@ async def test_head_after_get_is_a_hit_with_the_get_s_headers_and_no_body(
     assert calls.count == 1
 
 
-async def test_get_after_head_is_a_hit_with_the_full_body(
+async def test_a_head_miss_is_never_stored_and_the_next_get_computes_its_full_body(
     backend: CacheSettings, client: httpx.AsyncClient, calls: Calls
 ) -> None:
     head = await client.head("/report", headers=TENANT)
 
     get = await client.get("/report", headers=TENANT)
+    again = await client.get("/report", headers=TENANT)
 
     assert head.headers["x-fastapi-cache"] == "MISS"
     assert head.content == b""
-    assert get.headers["x-fastapi-cache"] == "HIT"
+    assert get.headers["x-fastapi-cache"] == "MISS"
     assert get.json() == {"title": "Quarterly", "rows": list(range(20))}
+    assert again.headers["x-fastapi-cache"] == "HIT"
     assert head.headers["content-length"] == str(len(get.content))
-    assert calls.count == 1
+    assert calls.count == 2
+
+
+async def test_a_headers_only_answer_to_head_is_never_served_to_a_get(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+
+    @app.api_route("/rows", methods=["GET", "HEAD"])
+    @cache(namespace="rows", expire=60)
+    async def rows(request: Request) -> Any:
+        if request.method == "HEAD":  # headers only: counting the rows costs nothing
+            return Response(headers={"X-Rows": "20"})
+        return {"rows": list(range(20))}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        heads = [await client.head("/rows", headers=TENANT) for _ in range(2)]
+        gets = [await client.get("/rows", headers=TENANT) for _ in range(2)]
+        head_after_get = await client.head("/rows", headers=TENANT)
+
+    assert [head.headers["x-rows"] for head in heads] == ["20", "20"]
+    assert [get.json() for get in gets] == [{"rows": list(range(20))}] * 2
+    assert [get.headers["x-fastapi-cache"] for get in gets] == ["MISS", "HIT"]
+    assert head_after_get.headers["x-fastapi-cache"] == "HIT"
+    assert head_after_get.headers["content-length"] == str(len(gets[0].content))
+
+
+# -- Vary ------------------------------------------------------------------------------------
+
+#: Answers that depend on a request header, and say so; each request, and what it must get.
+VARYING: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "accept-language": (
+        "Accept-Language",
+        [("fr", "Bonjour"), ("en", "Hello"), ("fr", "Bonjour"), ("en", "Hello")],
+    ),
+    "a-session-of-one-user": (
+        "X-Session",
+        [("alice", "alice's report"), ("bob", "bob's report"), ("alice", "alice's report")],
+    ),
+    "two-headers": (
+        "Accept-Language, X-Session",
+        [("fr", "Bonjour"), ("en", "Hello")],
+    ),
+}
+
+
+def varying_app(make_identity_app: Callable[[], FastAPI], vary: str, calls: Calls) -> FastAPI:
+    app = make_identity_app()
+    greetings = {"fr": "Bonjour", "en": "Hello"}
+
+    @app.get("/varying")
+    @cache(namespace="varying", expire=60)
+    async def varying(request: Request) -> JSONResponse:
+        calls.count += 1
+        asked = request.headers.get("X-Asked", "")
+        body = greetings.get(asked, f"{asked}'s report")
+        return JSONResponse({"body": body}, headers={"Vary": vary})
+
+    return app
+
+
+@pytest.mark.parametrize("case", VARYING.values(), ids=list(VARYING))
+async def test_an_answer_that_varies_on_a_request_header_is_never_served_to_another_value(
+    backend: CacheSettings,
+    make_identity_app: Callable[[], FastAPI],
+    calls: Calls,
+    case: tuple[str, list[tuple[str, str]]],
+) -> None:
+    vary, requests = case
+    app = varying_app(make_identity_app, vary, calls)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        answers = []
+        for asked, _ in requests:
+            # The value is sent under every header the answer varies on.
+            headers = {name.strip(): asked for name in vary.split(",")}
+            response = await client.get("/varying", headers={**TENANT, **headers, "X-Asked": asked})
+            answers.append(response.json()["body"])
+
+    assert answers == [expected for _, expected in requests]
+    assert calls.count == len(requests)  # not stored: each answer is its own request's
 
 
 # -- never stored ----------------------------------------------------------------------------

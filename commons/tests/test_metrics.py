@@ -6,6 +6,7 @@ Every test uses a namespace of its own, so the process-wide counters of other te
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,7 @@ from commons.cache import (
 )
 from commons.cache.metrics import PrometheusEvents
 from commons.testing import current_layer
+from commons.testing.entries import age_entry
 from commons.testing.redis_server import RedisServer
 from commons.utilities.context import set_tenant_id, set_user_id
 
@@ -183,6 +185,32 @@ async def test_a_client_refusing_stored_entries_is_a_client_policy_bypass(
         )
     finally:
         await close_cache()
+
+
+async def test_a_stale_entry_served_on_an_error_is_counted_beside_the_miss(
+    backend: CacheSettings, namespace: str
+) -> None:
+    failing = [False]
+    app = FastAPI(dependencies=[Depends(bind_identity)])
+
+    @app.get("/reports")
+    @cache(namespace=namespace, expire=60, stale_if_error=30)
+    async def reports() -> dict[str, str]:
+        if failing[0]:
+            raise RuntimeError("upstream down")
+        return {"report": "quarterly"}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
+        await client.get("/reports", headers={"X-Tenant": "acme"})
+        key = f"test-cache:{namespace}:tenant_acme:/reports:{hashlib.md5(b'').hexdigest()}"
+        await age_entry(key, 20)
+        failing[0] = True
+        stale = await client.get("/reports", headers={"X-Tenant": "acme"})
+
+    assert stale.headers["X-FastAPI-Cache"] == "STALE"
+    assert sample("commons_cache_stale_if_error_total", namespace=namespace) == 1
+    assert sample("commons_cache_misses_total", namespace=namespace) == 2
 
 
 async def test_invalidations_count_the_calls_and_the_entries_they_removed(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -14,6 +14,7 @@ from commons.cache import (
     CacheSettings,
     PrivateCacheControlMiddleware,
     cache,
+    init_cache,
     tenant_cache_key_builder,
 )
 from commons.utilities.context import RequestContextMiddleware, set_tenant_id
@@ -86,3 +87,84 @@ async def test_responses_that_did_not_go_through_the_cache_are_untouched(
     response = await client.get("/uncached")
     assert response.headers["cache-control"] == "max-age=60"
     assert "vary" not in response.headers
+
+
+# -- one rule for a client's Cache-Control on both decorators -------------------------------------
+
+
+def build_counting_app() -> tuple[FastAPI, list[int]]:
+    """``/guide`` and ``/ours`` behind the middleware, each answering how many times a handler
+    ran so far: a recomputed answer differs from the stored one."""
+    app = FastAPI(dependencies=[Depends(bind_tenant)])
+    runs = [0]
+
+    @app.get("/guide")
+    @guide_cache(expire=60, namespace="guide", key_builder=tenant_cache_key_builder)
+    async def guide_route() -> dict[str, int]:
+        runs[0] += 1
+        return {"run": runs[0]}
+
+    @app.get("/ours")
+    @cache(expire=60, namespace="ours")
+    async def our_route() -> dict[str, int]:
+        runs[0] += 1
+        return {"run": runs[0]}
+
+    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(PrivateCacheControlMiddleware)
+    return app, runs
+
+
+DIRECTIVES = ["no-cache", "no-store", "max-age=0, no-cache", "No-Store"]
+
+
+@pytest.mark.parametrize("path", ["/guide", "/ours"])
+@pytest.mark.parametrize("directive", DIRECTIVES)
+async def test_by_default_no_client_forces_recomputation_on_either_decorator(
+    backend: CacheSettings, path: str, directive: str
+) -> None:
+    app, runs = build_counting_app()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        await http.get(path, headers={"X-Test-Tenant": "a"})
+        forced = [
+            await http.get(path, headers={"X-Test-Tenant": "a", "Cache-Control": directive})
+            for _ in range(3)
+        ]
+
+    assert [(r.headers.get("x-fastapi-cache"), r.json()) for r in forced] == [
+        ("HIT", {"run": 1})
+    ] * 3
+    assert runs == [1]
+
+
+@pytest.mark.parametrize("path", ["/guide", "/ours"])
+@pytest.mark.parametrize("directive", DIRECTIVES)
+async def test_honouring_clients_recomputes_and_stores_on_either_decorator(
+    backend: CacheSettings,
+    make_settings: Callable[..., CacheSettings],
+    path: str,
+    directive: str,
+) -> None:
+    await init_cache(make_settings(backend.REDIS_URL, CACHE_HONOR_CLIENT_NO_CACHE=True))
+    app, _ = build_counting_app()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        await http.get(path, headers={"X-Test-Tenant": "a"})
+        forced = await http.get(path, headers={"X-Test-Tenant": "a", "Cache-Control": directive})
+        after = await http.get(path, headers={"X-Test-Tenant": "a"})
+
+    assert (forced.headers.get("x-fastapi-cache"), forced.json()) == ("MISS", {"run": 2})
+    assert (after.headers.get("x-fastapi-cache"), after.json()) == ("HIT", {"run": 2})
+
+
+async def test_with_the_middleware_guide_answers_carry_cache_status_too(
+    client: httpx.AsyncClient,
+) -> None:
+    miss = await client.get("/guide", headers={"X-Test-Tenant": "a"})
+    hit = await client.get("/guide", headers={"X-Test-Tenant": "a"})
+    ours = await client.get("/ours", headers={"X-Test-Tenant": "a"})
+
+    assert miss.headers["cache-status"] == "test-cache; fwd=miss"
+    assert hit.headers["cache-status"] == "test-cache; hit; ttl=60"
+    assert ours.headers["cache-status"] == "test-cache; fwd=miss; stored"  # its own, kept

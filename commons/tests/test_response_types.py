@@ -154,7 +154,7 @@ async def clients(
 
 
 def without_cache_headers(response: httpx.Response) -> dict[str, str]:
-    skipped = {"x-fastapi-cache", "etag", "cache-control", "vary"}
+    skipped = {"x-fastapi-cache", "etag", "cache-control", "vary", "cache-status", "age"}
     return {k: v for k, v in response.headers.items() if k not in skipped}
 
 

@@ -9,6 +9,10 @@ Metrics of several workers: with ``PROMETHEUS_MULTIPROC_DIR`` set, every worker 
 in files there and ``/metrics`` adds them up; the directory's ``*.db`` files are removed at
 start-up (left over from an earlier run they would be counted again). With ``WORKERS`` above 1
 and the variable unset, a fresh private temporary directory is used and removed on exit.
+
+Several workers need ``REDIS_URL``: without it each worker would keep its own in-memory cache,
+and an invalidation made by the worker that answered a PUT would never reach the others, which
+would go on serving the old answer. The service refuses to start rather than serve stale data.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
+from commons.cache import CacheSettings
 from insights_backend.config import ServiceSettings, apply_service_environment
 from insights_backend.database import open_database
 
@@ -94,14 +99,28 @@ async def prepare_database(url: str) -> None:
         pass
 
 
+def workers_refusal(workers: int, cache: CacheSettings) -> str | None:
+    """Why ``workers`` processes cannot serve with these cache settings, if they cannot."""
+    if workers == 1 or not cache.CACHE_ENABLED or cache.REDIS_URL is not None:
+        return None
+    return (
+        f"WORKERS={workers} needs REDIS_URL: each worker would keep its own in-memory cache and "
+        "never see the others' invalidations (set REDIS_URL, or run WORKERS=1)"
+    )
+
+
 def main() -> None:
     """Applies the service's environment defaults, then runs the server until interrupted."""
     # Before anything reads settings: the cache's settings load when the routes are imported.
     apply_service_environment()
     try:
         settings = ServiceSettings()
+        cache = CacheSettings()
     except ValidationError as error:
         raise SystemExit(f"insights_backend: invalid settings: {error}") from None
+    refusal = workers_refusal(settings.WORKERS, cache)
+    if refusal is not None:
+        raise SystemExit(f"insights_backend: {refusal}")
     if settings.WORKERS > 1:
         asyncio.run(prepare_database(settings.DATABASE_URL))
     with metrics_directory(settings.WORKERS):

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
 from httpx import AsyncClient
+
+from commons.testing.entries import age_entry
+from insights_backend.routes.insights import STALE_IF_ERROR_SECONDS
 
 Bearer = Callable[..., dict[str, str]]
 
@@ -26,6 +32,22 @@ async def test_tenant_config_is_a_miss_then_a_hit(client: AsyncClient, bearer: B
     assert second.headers[CACHE_HEADER] == "HIT"
     assert second.json() == first.json()
     assert first.json()["display_name"] == "Acme Corp"
+
+
+async def test_no_client_forces_the_tenant_config_to_be_recomputed(
+    client: AsyncClient, bearer: Bearer
+) -> None:
+    headers = bearer(1, "alice")
+    await client.get("/v1/tenant/config", headers=headers)
+
+    statuses = [
+        (await client.get("/v1/tenant/config", headers={**headers, "Cache-Control": d})).headers[
+            CACHE_HEADER
+        ]
+        for d in ["no-cache", "no-store"] * 3
+    ]
+
+    assert statuses == ["HIT"] * 6
 
 
 async def test_users_me_is_a_miss_then_a_hit(client: AsyncClient, bearer: Bearer) -> None:
@@ -158,3 +180,22 @@ async def test_insights_show_only_the_callers_tenant(client: AsyncClient, bearer
     assert globex.headers[CACHE_HEADER] == "MISS"
     assert len(acme_ids) == len(globex_ids) == 50
     assert not acme_ids & globex_ids
+
+
+async def test_insights_are_answered_from_a_recently_stale_page_while_the_database_fails(
+    client: AsyncClient, bearer: Bearer, tmp_path: Path
+) -> None:
+    headers = bearer(1, "alice")
+    first = await client.get("/v1/insights?page=1&size=5", headers=headers)
+    key = f"ib-cache:insights:tenant_1:/v1/insights:{hashlib.md5(b'page=1&size=5').hexdigest()}"
+    # CACHE_TTL_SECONDS (300) fresh, then STALE_IF_ERROR_SECONDS (300): stale for 60 s now.
+    await age_entry(key, STALE_IF_ERROR_SECONDS - 60)
+    with sqlite3.connect(tmp_path / "insights.db") as database:
+        database.execute("DROP TABLE insights")  # every query of the handler fails now
+
+    stale = await client.get("/v1/insights?page=1&size=5", headers=headers)
+
+    assert (stale.status_code, stale.content) == (200, first.content)
+    assert stale.headers[CACHE_HEADER] == "STALE"
+    assert stale.headers["cache-status"] == "ib-cache; fwd=stale; fwd-status=500; ttl=-60"
+    assert stale.headers["age"] == "360"

@@ -218,3 +218,29 @@ def test_a_bad_workers_value_fails_at_start_up_naming_the_variable(
     assert result.returncode != 0
     assert "WORKERS" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_several_workers_without_redis_refuse_to_start_naming_workers_and_redis_url(
+    tmp_path: Path,
+) -> None:
+    # Each worker would keep its own memory cache: one worker's invalidation after a PUT would
+    # never reach the others, which would go on serving the old answer.
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")
+    }
+    environment.update(WORKERS="2", PORT=str(free_port()))
+    started = subprocess.run(
+        [sys.executable, "-m", "insights_backend"],
+        env=environment,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert started.returncode != 0
+    message = started.stderr.decode()
+    assert "WORKERS" in message
+    assert "REDIS_URL" in message

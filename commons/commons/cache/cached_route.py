@@ -72,13 +72,18 @@ class CachedRoute:
         *,
         coder: type[Coder] | None,
         expire: int | None,
-        stale_seconds: int,
+        stale_ttl: int,
+        stale_if_error: int | None,
         lock: bool | None,
     ) -> None:
         self.func = func
         self.coder = coder
         self.expire = expire
-        self.stale_seconds = stale_seconds
+        #: Seconds a stale entry is answered at once while one refresh runs (0: never).
+        self.stale_ttl = stale_ttl
+        #: Seconds a stale entry may stand in for a failed computation; ``None`` follows
+        #: ``CACHE_STALE_IF_ERROR_SECONDS``.
+        self.stale_if_error = stale_if_error
         #: ``distributed_lock``: ``None`` follows ``CACHE_DISTRIBUTED_LOCK``.
         self.lock = lock
         self.is_coroutine = inspect.iscoroutinefunction(func)
@@ -87,6 +92,14 @@ class CachedRoute:
         self.endpoint: Callable[..., Any] | None = None
         self._adapter: list[TypeAdapter[Any] | None] = []
         self._last_fingerprint: tuple[object, bytes] | None = None
+
+    def stale_if_error_seconds(self, default: int) -> int:
+        """``stale_if_error``, or ``default`` (the setting) when the decorator left it out."""
+        return default if self.stale_if_error is None else self.stale_if_error
+
+    def stale_window(self, default_stale_if_error: int) -> int:
+        """Seconds an entry is kept past its freshness: long enough for either use of it."""
+        return max(self.stale_ttl, self.stale_if_error_seconds(default_stale_if_error))
 
     async def call_handler(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.is_coroutine:

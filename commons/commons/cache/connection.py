@@ -66,24 +66,35 @@ _CONNECTION_PARAMETERS = inspect.signature(Connection).parameters
 
 
 @cache
-def _without_client_setinfo(client_class: type) -> dict[str, Any]:
-    """The options that keep ``client_class`` from sending ``CLIENT SETINFO`` on connecting.
+def _quiet_handshake(client_class: type) -> dict[str, Any]:
+    """The options that keep ``client_class`` from announcing itself on connecting.
 
-    redis-py names itself that way to a server that reports 7.2 or later (Valkey does too) and
-    ignores a refusal, which ``ACL LOG`` still records: without it, the one documented ACL line
-    holds on Redis 6.2, 7.0, 7.2+ and Valkey alike, and no new connection reads redis-py's version
-    from the package metadata (milliseconds of event-loop time, multiplied by a burst of
-    reconnects). Newer redis-py clients take ``driver_info=None``, older ones (and the cluster
-    client until it caught up) ``lib_name=None``; this asks the class which it has.
+    - ``CLIENT SETINFO``: redis-py names itself that way to a server that reports 7.2 or later
+      (Valkey does too) and ignores a refusal, which ``ACL LOG`` still records. Without it, the
+      one documented ACL line holds on Redis 6.2, 7.0, 7.2+ and Valkey alike, and no new
+      connection reads redis-py's version from the package metadata (milliseconds of event-loop
+      time, multiplied by a burst of reconnects). Newer clients take ``driver_info=None``, older
+      ones (and the cluster client until it caught up) ``lib_name=None``.
+    - ``CLIENT MAINT_NOTIFICATIONS`` (redis-py 8+, on every RESP3 connection): for managed
+      servers that announce their own maintenance; Redis 6.2 refuses it under the documented ACL
+      line. The cache follows failovers and slot moves by itself (the breaker, redirects,
+      Sentinel), so it asks for none.
+
+    Each is asked of the class's own signature: redis-py's releases added them class by class.
     """
     parameters = inspect.signature(client_class).parameters
+    options: dict[str, Any] = {}
     if "driver_info" in parameters:
-        return {"driver_info": None}
-    if "lib_name" in parameters and "driver_info" not in _CONNECTION_PARAMETERS:
-        return {"lib_name": None, "lib_version": None}
-    # redis-py 7.2's cluster client passes lib_name on to connections that deprecate it: it
-    # keeps naming itself there (a refusal is ignored).
-    return {}
+        options["driver_info"] = None
+    elif "lib_name" in parameters and "driver_info" not in _CONNECTION_PARAMETERS:
+        options.update(lib_name=None, lib_version=None)
+    # (redis-py 7.2's cluster client passes lib_name on to connections that deprecate it: it
+    # keeps naming itself there, and a refusal is ignored.)
+    if "maint_notifications_config" in parameters:
+        from redis.maint_notifications import MaintNotificationsConfig
+
+        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    return options
 
 
 def _timeouts(settings: CacheSettings) -> dict[str, Any]:
@@ -139,7 +150,7 @@ def create_redis_client(settings: CacheSettings) -> RedisClient:
         retry_on_timeout=False,
         **_timeouts(settings),
         **_tls_options(settings),
-        **_without_client_setinfo(Redis),
+        **_quiet_handshake(Redis),
     )
     return Redis.from_pool(pool)
 
@@ -155,7 +166,7 @@ def create_cluster_client(settings: CacheSettings) -> RedisCluster:
         retry=_retry(),
         **_timeouts(settings),
         **_tls_options(settings),
-        **_without_client_setinfo(RedisCluster),
+        **_quiet_handshake(RedisCluster),
     )
 
 
@@ -236,7 +247,7 @@ def _create_sentinel_master_client(settings: CacheSettings) -> Redis:
         "username": unquote(parts.username) if parts.username else None,
         "password": unquote(parts.password) if parts.password else None,
         "db": int(parts.path.strip("/") or 0),
-        **_without_client_setinfo(Redis),
+        **_quiet_handshake(Redis),
     }
     if parts.scheme == "rediss":
         options["ssl"] = True
@@ -245,7 +256,7 @@ def _create_sentinel_master_client(settings: CacheSettings) -> Redis:
         sentinel_kwargs={
             "socket_connect_timeout": settings.REDIS_CONNECT_TIMEOUT_SECONDS,
             "socket_timeout": settings.REDIS_SOCKET_TIMEOUT_SECONDS,
-            **_without_client_setinfo(Redis),
+            **_quiet_handshake(Redis),
         },
     )
     master: SentinelMasterClient = sentinel.master_for(

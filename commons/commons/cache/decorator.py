@@ -11,12 +11,12 @@ This module only decorates: it checks the arguments and gives the endpoint the `
 HIT, STALE, 304), ``fill.py``'s (a MISS computed once) and ``replica_lock.py``'s (once across
 replicas); ``cached_route.py`` holds what the route knows (rendering, fingerprint, replays).
 
-Stale-while-revalidate: an entry is written for ``expire + stale_ttl`` seconds and says in its
-header how many of them are its stale window (see ``entry.py``); it is fresh while more than that
-many seconds remain. The remaining time comes from the store's own clock (Redis's for Redis), so
-replicas agree on freshness whatever their clocks say. Every stored value also carries the route's
-fingerprint (``rendering.route_fingerprint``), so an entry of another version of the route is a
-miss.
+Stale entries (stale-while-revalidate, stale-if-error): an entry is written for ``expire +
+max(stale_ttl, stale_if_error)`` seconds and says in its header how many of them are its stale
+window (see ``entry.py``); it is fresh while more than that many seconds remain. The remaining
+time comes from the store's own clock (Redis's for Redis), so replicas agree on freshness
+whatever their clocks say. Every stored value also carries the route's fingerprint
+(``rendering.route_fingerprint``), so an entry of another version of the route is a miss.
 """
 
 from __future__ import annotations
@@ -55,7 +55,11 @@ def _param_of_type(signature: Signature, kind: type) -> Parameter | None:
 
 
 def _check_arguments(
-    namespace: str, coder: type[Coder] | None, expire: int | None, stale_ttl: int | None
+    namespace: str,
+    coder: type[Coder] | None,
+    expire: int | None,
+    stale_ttl: int | None,
+    stale_if_error: int | None,
 ) -> None:
     if ":" in namespace:
         raise ValueError(f"cache namespace {namespace!r} must not contain ':'")
@@ -65,6 +69,16 @@ def _check_arguments(
         raise ValueError("expire must not be negative")
     if stale_ttl is not None and stale_ttl < 0:
         raise ValueError("stale_ttl must not be negative")
+    if stale_if_error is not None and stale_if_error < 0:
+        raise ValueError("stale_if_error must not be negative")
+
+
+def _injectable(namespace: str) -> tuple[Parameter, Parameter]:
+    """The ``Request`` and ``Response`` parameters added to a route that lacks them."""
+    return (
+        Parameter(name=f"{namespace}_request", annotation=Request, kind=Parameter.KEYWORD_ONLY),
+        Parameter(name=f"{namespace}_response", annotation=Response, kind=Parameter.KEYWORD_ONLY),
+    )
 
 
 def _with_injected(
@@ -89,6 +103,7 @@ def cache(
     *,
     distributed_lock: bool | None = None,
     stale_ttl: int | None = None,
+    stale_if_error: int | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R | Response]]]:
     """Caches a route's responses.
 
@@ -103,24 +118,18 @@ def cache(
             ``CACHE_DISTRIBUTED_LOCK`` by default.
         stale_ttl: Seconds an entry is kept past its freshness and served (``X-FastAPI-Cache:
             STALE``) while one background refresh recomputes it; ``None`` (default): never.
+        stale_if_error: Seconds an entry may be served once stale when computing a fresh answer
+            fails (the handler raises, or answers 5xx): ``X-FastAPI-Cache: STALE``, the failure
+            logged and counted. Never an invalidated entry. ``CACHE_STALE_IF_ERROR_SECONDS`` by
+            default (0: never).
 
     Raises:
         ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, or a
-            negative ``expire`` / ``stale_ttl``.
+            negative ``expire`` / ``stale_ttl`` / ``stale_if_error``.
     """
-    _check_arguments(namespace, coder, expire, stale_ttl)
-    stale_seconds = stale_ttl or 0
+    _check_arguments(namespace, coder, expire, stale_ttl, stale_if_error)
     chosen_key_builder: KeyBuilder = key_builder or tenant_cache_key_builder
-    injected_request = Parameter(
-        name=f"{injected_dependency_namespace}_request",
-        annotation=Request,
-        kind=Parameter.KEYWORD_ONLY,
-    )
-    injected_response = Parameter(
-        name=f"{injected_dependency_namespace}_response",
-        annotation=Response,
-        kind=Parameter.KEYWORD_ONLY,
-    )
+    injected_request, injected_response = _injectable(injected_dependency_namespace)
 
     def decorate(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R | Response]]:
         signature = get_typed_signature(func)
@@ -131,7 +140,12 @@ def cache(
         request_name = injected_request.name if request_param is None else request_param.name
         response_name = injected_response.name if response_param is None else response_param.name
         route = CachedRoute(
-            func, coder=coder, expire=expire, stale_seconds=stale_seconds, lock=distributed_lock
+            func,
+            coder=coder,
+            expire=expire,
+            stale_ttl=stale_ttl or 0,
+            stale_if_error=stale_if_error,
+            lock=distributed_lock,
         )
         answer = RequestPath(route, namespace, chosen_key_builder).answer
 

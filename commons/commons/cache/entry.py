@@ -2,11 +2,12 @@
 
 Every stored value, in Redis and in memory, for both decorators, is one JSON array::
 
-    ["commons.cache",2,"<fingerprint>","<generation>","<kind>",<stale seconds>,<payload>]
+    ["commons.cache",3,"<fingerprint>","<generation>","<kind>",<stale seconds>,<lifetime>,<payload>]
 
-- ``"commons.cache",2`` is the format marker. Bytes without it (garbage, another library's value,
+- ``"commons.cache",3`` is the format marker. Bytes without it (garbage, another library's value,
   an older deploy's format) are never served: the read is a miss, counted as a rejected entry, and
-  the fill overwrites them.
+  the fill overwrites them. The previous shape (marker ``2``, no ``lifetime``), which deploys
+  before ``Age`` wrote, is still read until its entries expire: served, without ``Age``.
 - ``fingerprint`` names what the route renders (see ``rendering.route_fingerprint``): another
   fingerprint is a miss, so during a rolling deploy old and new replicas each see the other's
   entries as misses, never as errors or as the wrong shape.
@@ -16,13 +17,18 @@ Every stored value, in Redis and in memory, for both decorators, is one JSON arr
 - ``kind`` is ``b`` when ``payload`` is the response body itself (a ``200 application/json``
   answer: a hit sends those bytes without decoding anything) or ``e`` for an envelope object with
   status, media type, headers and body (any other answer).
-- ``stale seconds`` is the stale-while-revalidate window at the end of the entry's life: the entry
-  is fresh while more than that many seconds remain.
+- ``stale seconds`` is the stale window at the end of the entry's life (stale-while-revalidate,
+  stale-if-error): the entry is fresh while more than that many seconds remain.
+- ``lifetime`` is the time to live the entry was written with: its age is that minus the time it
+  has left, both on the store's own clock (Redis's for Redis), so every replica agrees on it
+  whatever its own clock says.
 
 A hit checks the marker, fingerprint and generation with one ``startswith`` of the bytes it
 expects; only a value that fails it is parsed further, to say why. An envelope is validated field
-by field before anything of it is sent (a status that is no 2xx integer, a header that cannot be
-sent, a body of the wrong type: a miss, never a 5xx).
+by field before anything of it is sent (a status that is no 2xx integer, a header name that is no
+HTTP token or a value with a control character, a ``Vary`` header, which only an older deploy
+stored, a body of the wrong type: a miss, never a 5xx),
+and its framing headers (``content-length``, ``transfer-encoding``) are never replayed.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import NamedTuple
 __all__ = [
     "BODY",
     "ENVELOPE",
+    "NOT_STORED_HEADERS",
     "CachedResponse",
     "ParsedValue",
     "RejectReason",
@@ -50,13 +57,25 @@ __all__ = [
 ]
 
 _JSON = "application/json"
-FORMAT_MARK = b'["commons.cache",2,'
+FORMAT_MARK = b'["commons.cache",3,'
+#: The previous shape's marker: the same fields but ``lifetime``.
+_PREVIOUS_MARK = b'["commons.cache",2,'
 #: Payload kinds.
 BODY = b"b"
 ENVELOPE = b"e"
-# What follows the head: the kind, then the stale window (at most ten digits).
-_TAIL = re.compile(rb'"([be])",([0-9]{1,10}),')
-_FORBIDDEN_IN_HEADERS = ("\r", "\n", "\x00")
+# What follows the head: the kind, the stale window and the lifetime (at most ten digits each).
+_TAIL = re.compile(rb'"([be])",([0-9]{1,10}),([0-9]{1,10}),')
+_PREVIOUS_TAIL = re.compile(rb'"([be])",([0-9]{1,10}),')
+# HTTP's grammar (RFC 9110, 5.1 and 5.5): a name is a token; a value is visible characters
+# (obs-text included) with single spaces or tabs between them, no control character anywhere.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?")
+#: Headers never stored nor replayed from storage: a replay computes its own framing and type,
+#: and a stored ``content-length`` or ``transfer-encoding`` that disagreed with the body would
+#: make the server drop the connection.
+NOT_STORED_HEADERS = frozenset(
+    {"content-length", "content-type", "transfer-encoding", "connection"}
+)
 
 
 class RejectReason:
@@ -90,6 +109,8 @@ class ParsedValue(NamedTuple):
     stale_seconds: int
     #: Where the payload starts in ``raw`` (it ends one byte before the end).
     offset: int
+    #: Seconds the entry was written to live; ``None`` in the previous shape.
+    lifetime: int | None = None
 
     @property
     def payload(self) -> bytes:
@@ -101,16 +122,34 @@ def expected_head(fingerprint: bytes, generation: bytes) -> bytes:
     return b'%s"%s","%s",' % (FORMAT_MARK, fingerprint, generation)
 
 
-def stored_value(*, head: bytes, kind: bytes, stale_seconds: int, payload: bytes) -> bytes:
-    """The bytes to store: ``head`` (from :func:`expected_head`), then kind, window, payload."""
-    return b'%s"%s",%d,%s]' % (head, kind, stale_seconds, payload)
+def stored_value(
+    *, head: bytes, kind: bytes, stale_seconds: int, lifetime: int, payload: bytes
+) -> bytes:
+    """The bytes to store: ``head`` (from :func:`expected_head`), then kind, stale window,
+    lifetime and payload."""
+    return b'%s"%s",%d,%d,%s]' % (head, kind, stale_seconds, lifetime, payload)
 
 
 def parse_value(raw: bytes, head: bytes) -> ParsedValue | None:
-    """``raw`` parsed, if it starts with ``head`` and is well formed; else ``None``."""
-    if not raw.startswith(head) or raw[-1:] != b"]":
+    """``raw`` parsed, if it starts with ``head`` (or is the same value in the previous shape)
+    and is well formed; else ``None``."""
+    if raw[-1:] != b"]":
         return None
+    if not raw.startswith(head):
+        return _parse_previous(raw, head)
     tail = _TAIL.match(raw, len(head))
+    if tail is None or tail.end() >= len(raw) - 1:
+        return None
+    return ParsedValue(raw, tail[1], int(tail[2]), tail.end(), int(tail[3]))
+
+
+def _parse_previous(raw: bytes, head: bytes) -> ParsedValue | None:
+    """``raw`` in the previous shape with ``head``'s fingerprint and generation (only a value
+    that did not start with today's head gets here)."""
+    fields = head[len(FORMAT_MARK) :]
+    if not raw.startswith(_PREVIOUS_MARK) or not raw.startswith(fields, len(_PREVIOUS_MARK)):
+        return None
+    tail = _PREVIOUS_TAIL.match(raw, len(_PREVIOUS_MARK) + len(fields))
     if tail is None or tail.end() >= len(raw) - 1:
         return None
     return ParsedValue(raw, tail[1], int(tail[2]), tail.end())
@@ -121,16 +160,17 @@ def parse_any(raw: bytes) -> tuple[bytes, bytes, ParsedValue] | None:
 
     For inspection (operators, tests); a hit uses :func:`parse_value` with the head it expects.
     """
-    if not raw.startswith(FORMAT_MARK + b'"'):
+    mark = next((m for m in (FORMAT_MARK, _PREVIOUS_MARK) if raw.startswith(m + b'"')), None)
+    if mark is None:
         return None
-    start = len(FORMAT_MARK) + 1
+    start = len(mark) + 1
     end = raw.find(b'"', start)
     if end < 0 or raw[end : end + 3] != b'","':
         return None
     generation_end = raw.find(b'",', end + 3)
     if generation_end < 0:
         return None
-    parsed = parse_value(raw, raw[: generation_end + 2])
+    parsed = parse_value(raw, FORMAT_MARK + raw[len(mark) : generation_end + 2])
     if parsed is None:
         return None
     return raw[start:end], raw[end + 3 : generation_end], parsed
@@ -178,8 +218,9 @@ def _refuse_constant(name: str) -> object:
     raise ValueError(f"{name} is no JSON value")
 
 
-def _sendable(text: object) -> str:
-    if not isinstance(text, str) or any(char in text for char in _FORBIDDEN_IN_HEADERS):
+def _sendable(text: object, grammar: re.Pattern[str] = _FIELD_VALUE) -> str:
+    """``text`` if it is a header value (or, with ``_TOKEN``, a name) a server can send."""
+    if not isinstance(text, str) or grammar.fullmatch(text) is None:
         raise ValueError("not a header text")
     text.encode("latin-1")
     return text
@@ -198,7 +239,11 @@ def _checked_envelope(envelope: object) -> CachedResponse | None:
     for pair in headers:
         if not isinstance(pair, list) or len(pair) != 2:
             return None
-        pairs.append((_sendable(pair[0]), _sendable(pair[1])))
+        name, value = _sendable(pair[0], _TOKEN), _sendable(pair[1])
+        if name.lower() == "vary":
+            return None  # stored by an older deploy: its key did not hold what it varies on
+        if name.lower() not in NOT_STORED_HEADERS:
+            pairs.append((name, value))
     if "body" in envelope:
         text = envelope["body"]
         if not isinstance(text, str):

@@ -39,6 +39,10 @@ class CacheEvents:
         garbage, another library's value, an older format) or ``fingerprint`` (written by another
         version of the route). The read was a miss and the fill overwrites the value."""
 
+    def served_stale_on_error(self, namespace: str) -> None:
+        """Computing a fresh answer failed and a stale entry was served instead
+        (``stale_if_error``); the request was counted once already, as a miss."""
+
     def invalidated(self, namespace: str, removed: int) -> None:
         """An invalidation of ``namespace`` removed ``removed`` entries."""
 

@@ -9,12 +9,18 @@ fastapi-cache2's decorator stores goes through the same rules as ours:
   the route, garbage, or another library's bytes are misses, never a 500 from its decoder.
 - Only JSON is stored: a coder that produces anything else (``PickleCoder``) is refused, with one
   warning per namespace, and nothing is ever unpickled.
+- Only what fastapi-cache2's JSON decoder reads back is stored or served: it turns every object
+  with a ``_spec_type`` key into a date, datetime or decimal and raises for any other, so such a
+  body stored would make every hit a 500. It is not stored (one warning per namespace), and one
+  stored by an earlier deploy is a miss.
 - The decorator reads, computes and then writes in one request, but its ``Backend`` interface
   (``get_with_ttl(key)``, then ``set(key, value, expire)``) passes nothing from the read to the
   write. So the read's fill token is kept for that write (:class:`_ReadForWrite`), so that a value
   computed before an invalidation is not stored after it. The link is explicit and narrow: it
   holds for the task that read and for the key it read, once; any other ``set()`` is a write with
   no read before it and takes a fresh token (``CacheLayer.token_now``).
+- An answer whose handler set ``Vary`` on the decorator's ``Response`` is not stored (with our key
+  builders, which keep that response with the key): the key does not hold what it varies on.
 - ``clear()`` never touches a key outside ``CACHE_PREFIX``.
 """
 
@@ -29,8 +35,10 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi_cache.backends import Backend
+from fastapi_cache.coder import JsonCoder
+from starlette.responses import Response
 
-from commons.cache.entry import BODY
+from commons.cache.entry import BODY, RejectReason
 from commons.cache.events import LookupOutcome
 from commons.cache.keyspace import namespace_of_key, split_qualified_namespace
 from commons.cache.layer import CacheLayer, FillToken
@@ -42,6 +50,14 @@ __all__ = ["LayerBackend"]
 logger = logging.getLogger("commons.cache")
 
 _PRODUCER = "fastapi-cache2"
+_NOT_JSON = (
+    "its coder does not produce JSON (PickleCoder?); cached values are JSON only, so that a "
+    "writable Redis cannot run code"
+)
+_NOT_DECODABLE = (
+    "an answer holds a '_spec_type' key that fastapi-cache2's decoder cannot read back; "
+    "such answers are not stored"
+)
 
 _TaskRef = weakref.ref[asyncio.Task[Any]] | None
 
@@ -92,12 +108,39 @@ def _is_json(value: bytes) -> bool:
     return True
 
 
+def _varies(key: str) -> bool:
+    """Whether the handler said ``Vary`` on the response of the request ``key`` was built for:
+    that answer may only go to requests with the same values of those headers, which the key
+    does not hold, so it is not stored (``Vary: *`` included)."""
+    response = key.response if isinstance(key, ScopedKey) else None
+    return isinstance(response, Response) and "vary" in response.headers
+
+
+_SPEC_TYPE = b'"_spec_type"'
+
+
+def _decodes(value: bytes) -> bool:
+    """Whether fastapi-cache2's JSON decoder reads ``value`` back (see the module docstring).
+
+    Only a value holding its marker key can fail: the others cost one substring search.
+    """
+    if _SPEC_TYPE not in value:
+        return True
+    try:
+        JsonCoder.decode(value)
+    # Its converters (pendulum, Decimal) fail in ways of their own; any failure here would be
+    # a 500 on every hit.
+    except Exception:
+        return False
+    return True
+
+
 class LayerBackend(Backend):
     """fastapi-cache2 backend over whichever layer ``init_cache()`` installed last."""
 
     def __init__(self, layer: Callable[[], CacheLayer | None]) -> None:
         self._layer = layer
-        self._warned_namespaces: set[str] = set()
+        self._warned_namespaces: set[tuple[str, str]] = set()
 
     async def get_with_ttl(self, key: str) -> tuple[int, bytes | None]:
         layer = self._layer()
@@ -114,6 +157,9 @@ class LayerBackend(Backend):
             return 0, None
         _ReadForWrite.remember(key, lookup.token)
         value = lookup.value
+        if value is not None and not _decodes(value.payload):
+            layer.events.rejected_entry(namespace, RejectReason.FORMAT)
+            value = None
         if value is None or value.kind != BODY:
             layer.events.lookup(namespace, LookupOutcome.MISS)
             return 0, None
@@ -128,7 +174,12 @@ class LayerBackend(Backend):
         if layer is None:
             return
         if not _is_json(value):
-            self._refuse(layer, key)
+            self._refuse(layer, key, _NOT_JSON)
+            return
+        if not _decodes(value):
+            self._refuse(layer, key, _NOT_DECODABLE)
+            return
+        if _varies(key):
             return
         token = _ReadForWrite.take(key) or await layer.token_now(key)
         if token is None:
@@ -143,16 +194,12 @@ class LayerBackend(Backend):
             token=token,
         )
 
-    def _refuse(self, layer: CacheLayer, key: str) -> None:
+    def _refuse(self, layer: CacheLayer, key: str, why: str) -> None:
         scope = layer.scope_of(key)
         namespace = scope.namespace if scope is not None else ""
-        if namespace not in self._warned_namespaces:
-            self._warned_namespaces.add(namespace)
-            logger.warning(
-                "not caching namespace %r: its coder does not produce JSON (PickleCoder?); "
-                "cached values are JSON only, so that a writable Redis cannot run code",
-                namespace,
-            )
+        if (namespace, why) not in self._warned_namespaces:
+            self._warned_namespaces.add((namespace, why))
+            logger.warning("not caching namespace %r: %s", namespace, why)
 
     async def clear(self, namespace: str | None = None, key: str | None = None) -> int:
         layer = self._layer()

@@ -27,7 +27,7 @@ from commons.cache.layer import CacheLayer, FillToken, Lookup
 from commons.cache.replica_lock import under_replica_lock
 from commons.cache.singleflight import SingleFlight
 
-__all__ = ["Call", "Fill", "Outcome"]
+__all__ = ["Call", "Fill", "Outcome", "handler_response"]
 
 logger = logging.getLogger("commons.cache")
 
@@ -40,6 +40,8 @@ class Outcome:
     prepared: PreparedResponse | None = None
     #: The handler's own response, sent as it is by the request that computed it only.
     response: Response | None = None
+    #: Whether ``prepared`` was written to the store (``Cache-Status: stored``).
+    stored: bool = False
 
 
 class Call(NamedTuple):
@@ -59,6 +61,22 @@ class Call(NamedTuple):
 _flights: SingleFlight[Outcome] = SingleFlight()
 
 
+async def handler_response(route: CachedRoute, call: Call) -> Response:
+    """The handler's answer to ``call``, rendered as its route would send it."""
+    sub_response = call.sub_response if isinstance(call.sub_response, Response) else None
+    headers_before = list(sub_response.raw_headers) if sub_response is not None else []
+    result = await route.call_handler(call.args, call.kwargs)
+    status_code = sub_response.status_code or None if sub_response is not None else None
+    response = await route.render(result, call.request, status_code)
+    if sub_response is not None and not isinstance(result, Response):
+        # Headers the handler set on FastAPI's Response are part of its answer, as FastAPI
+        # would send them; those the dependencies set are added per request.
+        response.raw_headers.extend(
+            pair for pair in sub_response.raw_headers if pair not in headers_before
+        )
+    return response
+
+
 def _flight_key(key: str, token: FillToken) -> Hashable:
     """One computation per key and generation: later reads of a newer one never join it."""
     return (key, token.stamp, token.generation)
@@ -73,8 +91,6 @@ class Fill:
         self.call = call
         self.key = call.key
         self.token = token
-        sub_response = call.sub_response
-        self.sub_response = sub_response if isinstance(sub_response, Response) else None
         self.ttl = route.expire or layer.settings.CACHE_TTL_SECONDS
         use_lock = layer.settings.CACHE_DISTRIBUTED_LOCK if route.lock is None else route.lock
         # A request whose read from Redis just failed does not wait on Redis again for a lock.
@@ -143,17 +159,8 @@ class Fill:
         ``token`` is the fill token of the read this computation follows (the request's own by
         default): the value is stored only if nothing invalidated its scope since.
         """
-        route, sub_response = self.route, self.sub_response
-        headers_before = list(sub_response.raw_headers) if sub_response is not None else []
-        result = await route.call_handler(self.call.args, self.call.kwargs)
-        status_code = sub_response.status_code or None if sub_response is not None else None
-        response = await route.render(result, self.call.request, status_code)
-        if sub_response is not None and not isinstance(result, Response):
-            # Headers the handler set on FastAPI's Response are part of its answer, as FastAPI
-            # would send them; those the dependencies set are added per request.
-            response.raw_headers.extend(
-                pair for pair in sub_response.raw_headers if pair not in headers_before
-            )
+        route = self.route
+        response = await handler_response(route, self.call)
         entry = cacheable_response(response)
         if entry is None:
             self.outcome = Outcome(response=response)
@@ -164,14 +171,14 @@ class Fill:
             payload,
             kind=kind,
             expire=self.ttl,
-            stale_seconds=route.stale_seconds,
+            stale_seconds=route.stale_window(self.layer.settings.CACHE_STALE_IF_ERROR_SECONDS),
             fingerprint=self.call.fingerprint,
             token=token or self.token,
         )
         prepared = prepare(entry, private=self.call.private)
         if raw is not None:
             route.prepared.put(self.key, raw, prepared)
-        self.outcome = Outcome(prepared=prepared)
+        self.outcome = Outcome(prepared=prepared, stored=raw is not None)
         return self.outcome
 
     async def _stored(self) -> Outcome | Lookup | None:

@@ -1,7 +1,9 @@
 """The HTTP rules of cached responses: what may be stored, and the headers a cached answer carries.
 
 - Only 2xx responses with a body in memory are stored; never one that sets a cookie, is streamed,
-  says ``Cache-Control: no-store`` / ``no-cache`` / ``private`` itself, or ``Vary: *``.
+  says ``Cache-Control: no-store`` / ``no-cache`` / ``private`` itself, or says ``Vary`` (on
+  anything: ``*``, ``Accept-Language``, a session header): the key holds the route, query and
+  identity only, so an answer that depends on other request headers is its own request's.
 - ``ETag`` is a digest of the stored body (the first 128 bits of its SHA-256, in hex, quoted), so
   every process and replica agrees on it, and ``If-None-Match`` (a list, weak or strong, or ``*``)
   answers ``304`` with no body.
@@ -9,28 +11,40 @@
   Tenant- or user-scoped answers say ``Cache-Control: private, max-age=<remaining>`` and
   ``Vary: Authorization``: a shared proxy or CDN must never hand one tenant's answer to another.
 - A ``HEAD`` request gets the headers of the ``GET`` (``Content-Length`` included) and no body.
+- ``Age`` says how long ago a stored answer was stored; ``Cache-Status`` (RFC 9211,
+  :func:`cache_status`) how the answer was served (:class:`Served`).
+- A client's ``Cache-Control: no-cache`` / ``no-store`` (:func:`asks_for_fresh`) skips the stored
+  entry only when the settings honour it; otherwise no client can force recomputation.
 
 A hit does no work beyond this: :func:`prepare` encodes a stored response's headers and ETag once,
 the decorator keeps the result while the stored bytes stay the same, and :func:`replay` only adds
-the per-request ``Cache-Control`` and status headers around the stored body.
+the per-request ``Cache-Control``, ``Age`` and status headers around the stored body (the same
+ones again for every hit within one second).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from starlette.responses import Response
 
-from commons.cache.entry import CachedResponse
+from commons.cache.entry import NOT_STORED_HEADERS, CachedResponse
 
 __all__ = [
     "CACHE_STATUS_HEADER",
     "CachedBytesResponse",
     "PreparedResponse",
+    "Served",
+    "asks_for_fresh",
+    "cache_status",
+    "cache_status_name",
     "cacheable_response",
     "entry_etag",
     "etag_matches",
+    "labelled",
     "prepare",
     "replay",
 ]
@@ -39,9 +53,7 @@ __all__ = [
 CACHE_STATUS_HEADER = "X-FastAPI-Cache"
 
 _STATUS_NAME = CACHE_STATUS_HEADER.lower().encode("latin-1")
-_NOT_STORED_HEADERS = frozenset(
-    {"content-length", "content-type", "transfer-encoding", "connection"}
-)
+_CACHE_STATUS = b"cache-status"
 # Headers a 304 repeats from the 200 it stands for (RFC 9110, 15.4.5).
 _NOT_MODIFIED_HEADERS = frozenset({b"etag", b"vary", b"content-location", b"expires", b"date"})
 _FORBIDDING_DIRECTIVES = ("no-store", "no-cache", "private")
@@ -63,6 +75,14 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     )
 
 
+def asks_for_fresh(cache_control: str) -> bool:
+    """Whether a request's ``Cache-Control`` refuses a stored answer (``no-cache`` or
+    ``no-store`` among its directives, in any case); honoured only with
+    ``CACHE_HONOR_CLIENT_NO_CACHE=true``, on both decorators."""
+    directives = cache_control.lower()
+    return "no-cache" in directives or "no-store" in directives
+
+
 def cacheable_response(response: Response) -> CachedResponse | None:
     """The storable form of a response, or None when it must not be stored."""
     if not 200 <= response.status_code < 300:
@@ -71,7 +91,9 @@ def cacheable_response(response: Response) -> CachedResponse | None:
     if not isinstance(body, bytes):
         return None  # streamed or file responses
     headers = response.headers
-    if "set-cookie" in headers or headers.get("vary", "").strip() == "*":
+    if "set-cookie" in headers or "vary" in headers:
+        # An answer that varies on request headers may only be served to requests with the same
+        # values of them, which the key does not hold: it is its own request's.
         return None
     cache_control = headers.get("cache-control", "").lower()
     if any(directive in cache_control for directive in _FORBIDDING_DIRECTIVES):
@@ -80,7 +102,7 @@ def cacheable_response(response: Response) -> CachedResponse | None:
     kept = tuple(
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in response.raw_headers
-        if name.decode("latin-1").lower() not in _NOT_STORED_HEADERS
+        if name.decode("latin-1").lower() not in NOT_STORED_HEADERS
     )
     return CachedResponse(body, response.status_code, media_type, kept)
 
@@ -109,26 +131,22 @@ class PreparedResponse:
     headers: tuple[tuple[bytes, bytes], ...]
     #: Headers of a 304 answer: ETag and Vary.
     not_modified_headers: tuple[tuple[bytes, bytes], ...]
-    #: The last full answer's headers with their ``max-age`` and status: hits within the same
-    #: second send the same ones.
-    last_sent: tuple[int, bytes, tuple[tuple[bytes, bytes], ...]] | None = None
+    #: The last full answer's headers with their ``max-age`` and how it was served: hits within
+    #: the same second send the same ones.
+    last_sent: tuple[int, Served, tuple[tuple[bytes, bytes], ...]] | None = None
 
 
 def prepare(cached: CachedResponse, *, private: bool) -> PreparedResponse:
     """Encodes ``cached``'s headers and computes its ETag, once per stored body."""
     etag = entry_etag(cached.body)
     headers: list[tuple[bytes, bytes]] = []
-    vary: list[str] = []
     for name, value in cached.headers:
         lowered = name.lower()
         if lowered in ("etag", "cache-control", CACHE_STATUS_HEADER.lower()):
             continue  # the cache's own, set below or per request
-        if lowered == "vary":
-            vary.append(value)
-            continue
         headers.append((lowered.encode("latin-1"), value.encode("latin-1")))
-    if private and not any("authorization" in value.lower() for value in vary):
-        vary.append("Authorization")
+    # Stored answers never vary (see cacheable_response); scoped ones say so to shared caches.
+    vary = ["Authorization"] if private else []
     encoded_etag = etag.encode("latin-1")
     headers.append((b"content-type", cached.media_type.encode("latin-1")))
     if cached.status_code >= 200 and cached.status_code not in (204, 304):
@@ -154,11 +172,62 @@ def _cache_control(private: bool, max_age: int) -> bytes:
     return (b"private, max-age=%d" if private else b"max-age=%d") % max_age
 
 
+class Served(NamedTuple):
+    """How one answer was served, for its cache headers (one small tuple per request)."""
+
+    #: ``X-FastAPI-Cache``: ``b"HIT"``, ``b"STALE"`` or ``b"MISS"``.
+    status: bytes
+    #: ``Cache-Status`` after the cache's name (RFC 9211): ``b"hit"``, ``b"fwd=miss; stored"``...
+    detail: bytes
+    #: The cache's name in ``Cache-Status`` (:func:`cache_status_name`).
+    name: bytes
+    #: ``Cache-Status``'s ``ttl``: seconds of freshness left (negative once stale); hits only.
+    ttl: int | None = None
+    #: ``Age``: seconds since the answer was stored; ``None`` when it was not (or is not known).
+    age: int | None = None
+
+
+_TOKEN_NAME = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*")
+
+
+def cache_status_name(prefix: str) -> bytes:
+    """The cache's name in ``Cache-Status``: ``CACHE_PREFIX``, as a token when it is one, else as
+    a quoted string (RFC 8941), or ``commons.cache`` when it cannot be written as either."""
+    if _TOKEN_NAME.fullmatch(prefix):
+        return prefix.encode("ascii")
+    if prefix.isascii() and prefix.isprintable():
+        return b'"%s"' % prefix.replace("\\", "\\\\").replace('"', '\\"').encode("ascii")
+    return b"commons.cache"
+
+
+def cache_status(served: Served) -> bytes:
+    """The ``Cache-Status`` value of an answer served as ``served``."""
+    value = b"%s; %s" % (served.name, served.detail)
+    return value if served.ttl is None else b"%s; ttl=%d" % (value, served.ttl)
+
+
+def labelled(result: object, sub_response: object, status: bytes) -> object:
+    """``result`` with the ``Cache-Status`` value ``status``, however the route sends it: on the
+    response itself, or on FastAPI's ``Response`` parameter, whose headers FastAPI adds to the
+    response it renders."""
+    target = result if isinstance(result, Response) else sub_response
+    if isinstance(target, Response):
+        target.raw_headers.append((_CACHE_STATUS, status))
+    return result
+
+
+def _served_headers(served: Served) -> list[tuple[bytes, bytes]]:
+    headers = [(_STATUS_NAME, served.status), (_CACHE_STATUS, cache_status(served))]
+    if served.age is not None:
+        headers.append((b"age", b"%d" % served.age))
+    return headers
+
+
 def replay(
     prepared: PreparedResponse,
     *,
     max_age: int,
-    status: bytes,
+    served: Served,
     if_none_match: str | None,
     head: bool,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
@@ -168,7 +237,7 @@ def replay(
     Args:
         prepared: The stored response.
         max_age: Seconds the answer stays fresh (``Cache-Control: max-age``).
-        status: The ``X-FastAPI-Cache`` value: ``b"HIT"``, ``b"STALE"`` or ``b"MISS"``.
+        served: How it was served: ``X-FastAPI-Cache``, ``Cache-Status`` and ``Age``.
         if_none_match: The request's ``If-None-Match`` header, if any.
         head: True for a ``HEAD`` request: the same headers, no body.
         extra_headers: Per-request headers to add (set by the route's dependencies).
@@ -178,17 +247,17 @@ def replay(
     if if_none_match is not None and etag_matches(if_none_match, prepared.etag):
         cache_control = _cache_control(prepared.private, max_age)
         headers = [*prepared.not_modified_headers, (b"cache-control", cache_control)]
-        headers.append((_STATUS_NAME, status))
+        headers.extend(_served_headers(served))
         if extra_headers:
             headers.extend(extra_headers)
         return CachedBytesResponse(b"", 304, headers)
     last = prepared.last_sent
-    if last is not None and last[0] == max_age and last[1] == status:
+    if last is not None and last[0] == max_age and last[1] == served:
         headers = list(last[2])
     else:
         cache_control = _cache_control(prepared.private, max_age)
-        full = (*prepared.headers, (b"cache-control", cache_control), (_STATUS_NAME, status))
-        prepared.last_sent = (max_age, status, full)
+        full = (*prepared.headers, (b"cache-control", cache_control), *_served_headers(served))
+        prepared.last_sent = (max_age, served, full)
         headers = list(full)
     if extra_headers:
         headers.extend(extra_headers)

@@ -93,7 +93,12 @@ def _uncacheable(qualified_namespace: str, reason: str) -> ScopedKey:
 
 
 def _build(
-    qualified_namespace: str, request: Request | None, func: object, *, per_user: bool
+    qualified_namespace: str,
+    request: Request | None,
+    func: object,
+    response: Response | None,
+    *,
+    per_user: bool,
 ) -> ScopedKey:
     if request is None:
         return _uncacheable(qualified_namespace, "no request to build a key from")
@@ -117,9 +122,11 @@ def _build(
             size = 2 * (len(path) + len(query)) + len(built) + _MEMO_OVERHEAD_BYTES
             _key_memo.put(memo_key, built, size)
     route = request.scope.get("route")
-    if route is None or built.scope is None:
+    if built.scope is None:
         return built
-    return built.with_origin(route, func)
+    if route is not None:
+        built = built.with_origin(route, func)
+    return built if response is None else built.with_response(response)
 
 
 def _build_new(
@@ -155,7 +162,8 @@ def tenant_cache_key_builder(
             fingerprinted by).
         namespace: ``"{CACHE_PREFIX}:{namespace}"``, as fastapi-cache2's decorator passes it.
         request: The request being served.
-        response: Unused; part of the protocol.
+        response: The request's response, when the decorator has one (fastapi-cache2's): kept
+            with the key, so that an answer whose handler set ``Vary`` on it is not stored.
         args: Unused; part of the protocol.
         kwargs: Unused; part of the protocol.
 
@@ -163,7 +171,7 @@ def tenant_cache_key_builder(
         ``{prefix}:{namespace}:tenant_{tenant_id}:{url_path}:{md5}``, or an uncacheable key when no
         tenant is bound.
     """
-    return _build(namespace, request, func, per_user=False)
+    return _build(namespace, request, func, response, per_user=False)
 
 
 def tenant_user_cache_key_builder(
@@ -181,4 +189,4 @@ def tenant_user_cache_key_builder(
         ``{prefix}:{namespace}:tenant_{tenant_id}:user_{user_id}:{url_path}:{md5}``, or an
         uncacheable key when the tenant or the user is missing.
     """
-    return _build(namespace, request, func, per_user=True)
+    return _build(namespace, request, func, response, per_user=True)

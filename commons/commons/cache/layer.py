@@ -151,6 +151,12 @@ class Lookup(NamedTuple):
         return self.remaining - stale
 
     @property
+    def age(self) -> int | None:
+        """Seconds since the value was stored (``None``: stored in the previous shape)."""
+        lifetime = self.value.lifetime if self.value is not None else None
+        return None if lifetime is None else max(lifetime - self.remaining, 0)
+
+    @property
     def is_fresh(self) -> bool:
         return self.value is not None and (self.value.stale_seconds == 0 or self.fresh_for > 0)
 
@@ -515,6 +521,7 @@ class CacheLayer:
             head=expected_head(fingerprint, generation or b""),
             kind=kind,
             stale_seconds=stale_seconds,
+            lifetime=expire + stale_seconds,
             payload=payload,
         )
         started = time.perf_counter()

@@ -315,6 +315,7 @@ class _Collectors:
     invalidations: Counter
     invalidated_entries: Counter
     rejected_entries: Counter
+    stale_on_error: Counter
     state: Gauge
     near_invalidations: Counter
     near_flushes: Counter
@@ -354,6 +355,12 @@ def _collectors(registry: CollectorRegistry) -> _Collectors:
             "commons_cache_rejected_entries_total",
             "Stored values not served: not this cache's format, or another route version's.",
             ["namespace", "reason"],
+            registry=registry,
+        ),
+        stale_on_error=Counter(
+            "commons_cache_stale_if_error_total",
+            "Stale entries served because computing a fresh answer failed (stale_if_error).",
+            ["namespace"],
             registry=registry,
         ),
         state=Gauge(
@@ -406,6 +413,9 @@ class PrometheusEvents(CacheEvents):
 
     def rejected_entry(self, namespace: str, reason: str) -> None:
         self._metrics.rejected_entries.labels(namespace=namespace, reason=reason).inc()
+
+    def served_stale_on_error(self, namespace: str) -> None:
+        self._metrics.stale_on_error.labels(namespace=namespace).inc()
 
     def state_changed(self, state: str) -> None:
         for each in CacheState:

@@ -12,23 +12,44 @@ answers with a digest of their bytes; this middleware gives any response that ca
 
 - ``Cache-Control: private`` and ``Vary: Authorization`` unless it is already ``private`` or
   ``no-store`` (headers only, rewritten before the first message is sent);
+- ``Cache-Status`` (RFC 9211) when the decorator did not send one: ``hit; ttl=<max-age>`` or
+  ``fwd=miss`` (fastapi-cache2's backend interface does not say whether it stored, nor how old an
+  entry is: no ``stored``, no ``Age``);
 - a ``200`` whose ETag is not a quoted tag gets ours (:func:`~commons.cache.http.entry_etag`, the
   first 128 bits of the body's SHA-256, the same in every process and replica), and a request whose
   ``If-None-Match`` matches it gets ``304`` with no body. That needs the whole body before the
   headers go out, so only those answers are held back (a cached JSON body, in memory anyway);
   answers of our decorator, which are tagged already, pass through untouched.
+
+It also makes fastapi-cache2's decorator follow our rule for a client's ``Cache-Control``
+(``CACHE_HONOR_CLIENT_NO_CACHE``). Left alone, that decorator recomputes on exactly ``no-cache``
+and bypasses the cache on exactly ``no-store``, whatever the setting, and ignores the same
+directives in a list. So a request asking for a fresh answer reaches the app without its
+``Cache-Control`` unless the setting honours it, and with exactly ``no-cache`` when it does (a
+recomputation that is stored, as ours does). Request directives are addressed to caches only
+(RFC 9111, 5.2.1), so no handler loses anything it may rely on.
 """
 
 from __future__ import annotations
 
+import re
+
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from commons.cache.http import CACHE_STATUS_HEADER, entry_etag, etag_matches
+from commons.cache.http import (
+    CACHE_STATUS_HEADER,
+    asks_for_fresh,
+    cache_status_name,
+    entry_etag,
+    etag_matches,
+)
+from commons.cache.lifecycle import current_layer
 
 __all__ = ["PrivateCacheControlMiddleware"]
 
 _STATUS_HEADER = CACHE_STATUS_HEADER.lower()
+_MAX_AGE = re.compile(r"max-age=(\d+)")
 # What a 304 keeps of the 200 it stands for (RFC 9110, 15.4.5), besides the cache's own header.
 _NOT_MODIFIED_KEEPS = ("etag", "vary", "cache-control", "expires", "content-location", "date")
 
@@ -46,6 +67,22 @@ def _make_private(headers: MutableHeaders) -> None:
         headers["vary"] = f"{vary}, Authorization"
 
 
+def _add_cache_status(headers: MutableHeaders) -> None:
+    """``Cache-Status`` (RFC 9211) for an answer of fastapi-cache2's decorator, from what it
+    says: ``hit`` with the ``max-age`` it sent as ``ttl``, or ``fwd=miss`` (whether the answer
+    was stored, and its ``Age``, are not known here). Ours already carry theirs."""
+    layer = current_layer()
+    if layer is None or "cache-status" in headers:
+        return
+    name = cache_status_name(layer.prefix).decode("ascii")
+    if headers[_STATUS_HEADER] != "HIT":
+        headers["cache-status"] = f"{name}; fwd=miss"
+        return
+    max_age = _MAX_AGE.search(headers.get("cache-control", ""))
+    ttl = f"; ttl={max_age[1]}" if max_age is not None else ""
+    headers["cache-status"] = f"{name}; hit{ttl}"
+
+
 def _needs_our_etag(message: Message, headers: MutableHeaders) -> bool:
     etag = headers.get("etag", "")
     return message["status"] == 200 and not etag.startswith(('"', 'W/"'))
@@ -61,6 +98,7 @@ class PrivateCacheControlMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope = _under_the_client_rule(scope)
         start: Message | None = None
         body: list[bytes] = []
 
@@ -70,6 +108,7 @@ class PrivateCacheControlMiddleware:
                 headers = MutableHeaders(scope=message)
                 if _STATUS_HEADER in headers:
                     _make_private(headers)
+                    _add_cache_status(headers)
                     if _needs_our_etag(message, headers):
                         start = message  # held until the whole body is known
                         return
@@ -84,6 +123,19 @@ class PrivateCacheControlMiddleware:
             await _send_tagged(scope, start, b"".join(body), send)
 
         await self.app(scope, receive, send_cached)
+
+
+def _under_the_client_rule(scope: Scope) -> Scope:
+    """The request as both decorators must see it (see the module docstring)."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    asked = [value for name, value in headers if name == b"cache-control"]
+    if not asked or not asks_for_fresh(b", ".join(asked).decode("latin-1")):
+        return scope
+    kept = [(name, value) for name, value in headers if name != b"cache-control"]
+    layer = current_layer()
+    if layer is not None and layer.settings.CACHE_HONOR_CLIENT_NO_CACHE:
+        kept.append((b"cache-control", b"no-cache"))
+    return {**scope, "headers": kept}
 
 
 async def _send_tagged(scope: Scope, start: Message, body: bytes, send: Send) -> None:

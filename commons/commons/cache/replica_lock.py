@@ -6,6 +6,12 @@ lock over if it is released without an entry (the holder failed), and compute on
 key the layer mints (``layer.lock_key``); only the holder's token releases it, and it expires by
 itself after the same time if its holder dies. Without a shared store (the memory backend, or
 Redis unavailable) the request just computes: single-flight still holds per process.
+
+A holder that is cancelled (its client went away, a deadline around the call) still releases the
+lock at once, so the others take over instead of waiting for it to expire. An anyio deadline
+(``fail_after``, a task group: what middleware uses) cancels every ``await`` again until its scope
+is left, the release in a ``finally`` included; so the release runs shielded, bounded by one
+connect and one reply timeout of Redis.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+import anyio
 
 from commons.cache.layer import CacheLayer
 
@@ -64,7 +72,15 @@ async def under_replica_lock(
         return await compute()
     finally:
         if acquired:
-            await layer.unlock(lock_key, token)
+            await _release(layer, lock_key, token)
+
+
+async def _release(layer: CacheLayer, lock_key: str, token: bytes) -> None:
+    """Releases the lock even while the holder is being cancelled (see the module docstring)."""
+    settings = layer.settings
+    bound = settings.REDIS_CONNECT_TIMEOUT_SECONDS + settings.REDIS_SOCKET_TIMEOUT_SECONDS
+    with anyio.move_on_after(bound, shield=True):
+        await layer.unlock(lock_key, token)
 
 
 async def _wait_for_holder(

@@ -8,10 +8,18 @@ Per request:
    (``304`` on a matching ``If-None-Match``), ``Cache-Control: max-age=<remaining freshness>``,
    ``private`` and ``Vary: Authorization`` for tenant- or user-scoped entries. The encoded headers
    and the ETag of a stored body are computed once and reused while the stored bytes stay the same.
-3. Stored but stale (only with ``stale_ttl``): replayed at once with ``X-FastAPI-Cache: STALE`` and
-   ``max-age=0``; after the response is sent, one refresh per key and process (single-flight, and
-   with ``distributed_lock`` one across replicas) recomputes and stores the entry.
-4. Missing: filled once (``fill.py``); exceptions and non-2xx answers are never stored.
+3. Stored but stale for less than ``stale_ttl``: replayed at once with ``X-FastAPI-Cache:
+   STALE`` and ``max-age=0``; after the response is sent, one refresh per key and process
+   (single-flight, and with ``distributed_lock`` one across replicas) recomputes and stores it.
+4. Missing: filled once (``fill.py``); exceptions and non-2xx answers are never stored. A HEAD
+   that misses is answered by the handler and never stored (a GET's entry answers a HEAD, never
+   the other way round), and a HEAD on a stale entry starts no refresh.
+5. Stale past ``stale_ttl`` but within ``stale_if_error``: computed as a miss; if that fails (an
+   exception, or a 5xx answer) the stale entry is answered instead (``_Miss``).
+
+Every answer says how it was served: ``X-FastAPI-Cache``, ``Cache-Status`` (RFC 9211: the cache's
+name, then ``hit; ttl=`` or ``fwd=<why>`` with ``stored`` / ``collapsed``) and, when it comes from
+storage, ``Age`` (``layer.Lookup.age``).
 
 Freshness is ``layer.Lookup.is_fresh``, the one rule (the stale window is written in each entry).
 Every lookup outcome is counted here, once per request (``CacheEvents.lookup``).
@@ -23,18 +31,29 @@ stored answer, and a cookie set by the handler makes the answer uncacheable.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NamedTuple
 
 from fastapi_cache.types import KeyBuilder
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from commons.cache.cached_route import CachedRoute
 from commons.cache.entry import RejectReason
 from commons.cache.events import LookupOutcome
-from commons.cache.fill import Call, Fill
-from commons.cache.http import PreparedResponse, replay
+from commons.cache.fill import Call, Fill, handler_response
+from commons.cache.http import (
+    CACHE_STATUS_HEADER,
+    PreparedResponse,
+    Served,
+    asks_for_fresh,
+    cache_status,
+    cache_status_name,
+    labelled,
+    replay,
+)
 from commons.cache.keyspace import qualified_namespace
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
@@ -44,6 +63,10 @@ __all__ = ["RequestPath"]
 
 _CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 _HIT, _STALE, _MISS = b"HIT", b"STALE", b"MISS"
+_STATUS_NAME = CACHE_STATUS_HEADER.lower().encode("latin-1")
+_CACHE_STATUS_NAME = b"cache-status"
+
+logger = logging.getLogger("commons.cache")
 
 
 class _Asked(NamedTuple):
@@ -81,6 +104,15 @@ def _asked(request: Request, sub_response: object) -> _Asked:
     )
 
 
+class _Stale(NamedTuple):
+    """A stale entry past its stale-while-revalidate window, kept in case computing fails."""
+
+    prepared: PreparedResponse
+    lookup: Lookup
+    #: Whether it went stale recently enough to stand in for a failed computation.
+    allowed: bool
+
+
 class RequestPath:
     """Answers the requests of one cached route (see the module docstring)."""
 
@@ -88,8 +120,9 @@ class RequestPath:
         self.route = route
         self.namespace = namespace
         self.key_builder = key_builder
-        # The last prefix seen and the qualified namespace under it (a hit does not format it).
-        self._qualified = ("", qualified_namespace("", namespace))
+        # The last prefix seen, the qualified namespace under it, and the cache's name in
+        # Cache-Status (a hit formats neither).
+        self._qualified = ("", qualified_namespace("", namespace), cache_status_name(""))
 
     async def answer(
         self, request: object, sub_response: object, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -97,15 +130,16 @@ class RequestPath:
         """The route's answer to one call: from the cache, or from the handler."""
         route, namespace = self.route, self.namespace
         layer = current_layer()
-        if layer is None or not layer.enabled:
-            if layer is not None:
-                layer.events.lookup(namespace, LookupOutcome.BYPASS_DISABLED)
+        if layer is None:
             return await route.call_handler(args, kwargs)
+        if not layer.enabled:
+            layer.events.lookup(namespace, LookupOutcome.BYPASS_DISABLED)
+            return await self._bypassed(layer, sub_response, args, kwargs)
         if not isinstance(request, Request) or request.scope["method"] not in _CACHEABLE_METHODS:
-            return await route.call_handler(args, kwargs)
+            return await self._bypassed(layer, sub_response, args, kwargs)
         built = self.key_builder(
             route.func,
-            self._qualified_namespace(layer.prefix),
+            self._names(layer.prefix)[0],
             request=request,
             response=None,
             args=args,
@@ -121,60 +155,190 @@ class RequestPath:
             lookup = await layer.lookup(key, fingerprint)
         if lookup is None:
             layer.events.lookup(namespace, LookupOutcome.BYPASS_NO_IDENTITY)
-            return await route.call_handler(args, kwargs)
+            return await self._bypassed(layer, sub_response, args, kwargs)
         private = not isinstance(key, ScopedKey) or key.is_private
+        stale = None
         if lookup.value is not None:
             prepared = route.prepared.get(key, lookup.value, private)
             if prepared is None:
                 layer.events.rejected_entry(namespace, RejectReason.FORMAT)
             elif lookup.is_fresh:
                 layer.events.lookup(namespace, LookupOutcome.HIT)
-                return _replay(prepared, lookup.fresh_for, _HIT, asked)
-            else:
+                served = self.served(layer, _HIT, b"hit", lookup)
+                return _replay(prepared, lookup.fresh_for, served, asked)
+            elif -lookup.fresh_for < route.stale_ttl:
                 layer.events.lookup(namespace, LookupOutcome.STALE)
-                stale = _replay(prepared, 0, _STALE, asked)
                 call = Call(key, fingerprint, private, request, sub_response, args, kwargs)
-                refresh = Fill(route, layer, call, lookup.token)
-                # Runs once the stale answer is sent, while the request's dependencies (a
-                # database session, ...) are still open.
-                stale.background = BackgroundTask(refresh.refresh)
-                return stale
+                return self._revalidated(
+                    layer, prepared, lookup, Fill(route, layer, call, lookup.token), asked
+                )
+            else:
+                stale = self._kept_if_error(layer, prepared, lookup)
         layer.events.lookup(
             namespace, LookupOutcome.BYPASS_CLIENT if fresh_asked else LookupOutcome.MISS
         )
         call = Call(key, fingerprint, private, request, sub_response, args, kwargs)
-        return await self._filled(Fill(route, layer, call, lookup.token), asked)
+        if asked.head:
+            return await self._head_miss(layer, call, asked)
+        reason = b"fwd=request" if fresh_asked else b"fwd=stale" if stale else b"fwd=miss"
+        fill = Fill(route, layer, call, lookup.token)
+        return await _Miss(self, layer, fill, asked, reason, stale).answer()
 
-    def _qualified_namespace(self, prefix: str) -> str:
+    def _names(self, prefix: str) -> tuple[str, bytes]:
+        """The qualified namespace under ``prefix`` and the cache's name in ``Cache-Status``."""
         known = self._qualified
         if known[0] != prefix:
-            known = self._qualified = (prefix, qualified_namespace(prefix, self.namespace))
-        return known[1]
+            qualified = qualified_namespace(prefix, self.namespace)
+            known = self._qualified = (prefix, qualified, cache_status_name(prefix))
+        return known[1], known[2]
 
-    async def _filled(self, fill: Fill, asked: _Asked) -> Any:
-        """The answer of a miss: the shared, stored one, or this request's own."""
+    def served(
+        self, layer: CacheLayer, status: bytes, detail: bytes, lookup: Lookup | None = None
+    ) -> Served:
+        """How an answer is served: its ``X-FastAPI-Cache`` ``status``, its ``Cache-Status``
+        ``detail`` and, for a stored entry's answer, its ``ttl`` and ``Age``."""
+        name = self._names(layer.prefix)[1]
+        if lookup is None:
+            return Served(status, detail, name)
+        return Served(status, detail, name, lookup.fresh_for, lookup.age)
+
+    def _kept_if_error(
+        self, layer: CacheLayer, prepared: PreparedResponse, lookup: Lookup
+    ) -> _Stale:
+        allowed = self.route.stale_if_error_seconds(layer.settings.CACHE_STALE_IF_ERROR_SECONDS)
+        return _Stale(prepared, lookup, -lookup.fresh_for <= allowed)
+
+    def _revalidated(
+        self,
+        layer: CacheLayer,
+        prepared: PreparedResponse,
+        lookup: Lookup,
+        refresh: Fill,
+        asked: _Asked,
+    ) -> Response:
+        """A stale entry's answer, and after it one background refresh (a GET's only: see
+        :meth:`_head_miss`)."""
+        stale = _replay(prepared, 0, self.served(layer, _STALE, b"hit", lookup), asked)
+        if not asked.head:
+            # Runs once the stale answer is sent, while the request's dependencies (a database
+            # session, ...) are still open.
+            stale.background = BackgroundTask(refresh.refresh)
+        return stale
+
+    async def _head_miss(self, layer: CacheLayer, call: Call, asked: _Asked) -> Response:
+        """A HEAD that found no entry: the handler answers it, and nothing is stored or shared.
+
+        A HEAD may be answered from a GET's entry, never the other way round: a handler may
+        answer HEAD with headers only, and that answer stored would be every GET's empty body.
+        """
+        response = await handler_response(self.route, call)
+        served = self.served(layer, _MISS, b"fwd=miss")
+        response.raw_headers.extend(
+            [(_STATUS_NAME, _MISS), (_CACHE_STATUS_NAME, cache_status(served))]
+        )
+        if asked.own_headers:
+            response.raw_headers.extend(asked.own_headers)
+        return response
+
+    async def _bypassed(
+        self, layer: CacheLayer, sub_response: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """The handler's answer to a request the cache does not take part in, saying so."""
+        result = await self.route.call_handler(args, kwargs)
+        return labelled(result, sub_response, cache_status(self.served(layer, b"", b"fwd=bypass")))
+
+
+class _Miss:
+    """One request's miss: the shared, stored answer, this request's own, or, when computing a
+    fresh answer fails and the route allows it, the stale entry the lookup found
+    (``stale_if_error``).
+
+    A failure is an exception (other than an ``HTTPException`` below 500: a 404 is an answer) or
+    a 5xx answer (RFC 5861, 4). The stale entry is only ever one the lookup validated against
+    the scope's generations now: an invalidated entry is never one of them.
+    """
+
+    def __init__(
+        self,
+        path: RequestPath,
+        layer: CacheLayer,
+        fill: Fill,
+        asked: _Asked,
+        reason: bytes,
+        stale: _Stale | None,
+    ) -> None:
+        self.path = path
+        self.layer = layer
+        self.fill = fill
+        self.asked = asked
+        #: ``Cache-Status``'s ``fwd`` parameter: why the request went to the handler.
+        self.reason = reason
+        self.stale = stale if stale is not None and stale.allowed else None
+
+    async def answer(self) -> Any:
+        fill, asked = self.fill, self.asked
         shared = await fill.shared()
         if fill.error is not None:
-            raise fill.error
+            return self._stale_or_raise(fill.error)
         if shared.prepared is not None:
-            return _replay(shared.prepared, fill.ttl, _MISS, asked)
+            if shared is not fill.outcome:
+                detail = self.reason + b"; collapsed"
+            else:
+                detail = self.reason + b"; stored" if shared.stored else self.reason
+            served = self.path.served(self.layer, _MISS, detail)
+            return _replay(shared.prepared, fill.ttl, served, asked)
         if shared.response is None or shared is not fill.outcome:
             # Another request's answer that may not be stored (no-store, private, non-2xx, a
             # cookie, a stream, an exception) is that request's alone: this one runs the handler
             # itself.
-            return await self.route.call_handler(fill.call.args, fill.call.kwargs)
+            return await self._own_computation()
         response = shared.response  # this request computed it: its very own answer
+        if response.status_code >= 500 and self.stale is not None:
+            return self._stale_answer(response.status_code, None)
+        labelled(response, None, self._cache_status())
         if asked.own_headers:
             response.raw_headers.extend(asked.own_headers)
         return response
+
+    async def _own_computation(self) -> Any:
+        call = self.fill.call
+        try:
+            result = await self.path.route.call_handler(call.args, call.kwargs)
+        except Exception as exc:
+            return self._stale_or_raise(exc)
+        if isinstance(result, Response) and result.status_code >= 500 and self.stale is not None:
+            return self._stale_answer(result.status_code, None)
+        return labelled(result, call.sub_response, self._cache_status())
+
+    def _cache_status(self) -> bytes:
+        return cache_status(self.path.served(self.layer, _MISS, self.reason))
+
+    def _stale_or_raise(self, error: Exception) -> Response:
+        if self.stale is None or (isinstance(error, HTTPException) and error.status_code < 500):
+            raise error
+        status = error.status_code if isinstance(error, HTTPException) else 500
+        return self._stale_answer(status, error)
+
+    def _stale_answer(self, failed_status: int, error: Exception | None) -> Response:
+        stale, namespace = self.stale, self.path.namespace
+        assert stale is not None  # only called when there is one
+        logger.warning(
+            "serving a stale entry of namespace %r: computing a fresh answer failed (%d)",
+            namespace,
+            failed_status,
+            exc_info=error,
+        )
+        self.layer.events.served_stale_on_error(namespace)
+        detail = b"fwd=stale; fwd-status=%d" % failed_status
+        served = self.path.served(self.layer, _STALE, detail, stale.lookup)
+        return _replay(stale.prepared, 0, served, self.asked)
 
 
 def _asks_for_fresh(layer: CacheLayer, cache_control: str) -> bool:
     """Whether the client's ``Cache-Control`` refuses a stored answer (and the settings let it)."""
     if not cache_control or not layer.settings.CACHE_HONOR_CLIENT_NO_CACHE:
         return False
-    directives = cache_control.lower()
-    return "no-cache" in directives or "no-store" in directives
+    return asks_for_fresh(cache_control)
 
 
 async def _unread(layer: CacheLayer, key: str) -> Lookup | None:
@@ -184,11 +348,11 @@ async def _unread(layer: CacheLayer, key: str) -> Lookup | None:
     return None if token is None else Lookup(token)
 
 
-def _replay(prepared: PreparedResponse, max_age: int, status: bytes, asked: _Asked) -> Response:
+def _replay(prepared: PreparedResponse, max_age: int, served: Served, asked: _Asked) -> Response:
     return replay(
         prepared,
         max_age=max_age,
-        status=status,
+        served=served,
         if_none_match=asked.if_none_match,
         head=asked.head,
         extra_headers=asked.own_headers,

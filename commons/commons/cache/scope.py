@@ -71,6 +71,9 @@ class ScopedKey(str):
     #: What produced the request this key was built for (the route and its handler), when the
     #: builder was given a routed request: the fastapi-cache2 adapter fingerprints it.
     origin: tuple[object, object] | None
+    #: The response of the request this key was built for, when the builder was given one
+    #: (fastapi-cache2's decorator gives it): its adapter reads the headers the handler set.
+    response: object | None
     _routed: ScopedKey | None
 
     def __new__(
@@ -79,8 +82,16 @@ class ScopedKey(str):
         instance = super().__new__(cls, key)
         instance.scope = scope
         instance.origin = origin
+        instance.response = None
         instance._routed = None
         return instance
+
+    def with_response(self, response: object) -> ScopedKey:
+        """This key for one request, with its ``response`` (a new key each time: it is that
+        request's alone)."""
+        own = ScopedKey(self, self.scope, self.origin)
+        own.response = response
+        return own
 
     def with_origin(self, route: object, handler: object) -> ScopedKey:
         """This key, for a request served by ``route`` with ``handler`` (the last one made is

@@ -130,6 +130,13 @@ class CacheSettings(BaseSettings):
         description="Default of @cache(distributed_lock=...): a short Redis lock so that "
         "replicas compute a missing entry once.",
     )
+    CACHE_STALE_IF_ERROR_SECONDS: int = Field(
+        default=0,
+        ge=0,
+        description="Default of @cache(stale_if_error=...): when computing a fresh answer fails "
+        "(the handler raises or answers 5xx), an entry stale for at most this many seconds is "
+        "served instead (never an invalidated one). 0: never.",
+    )
     CACHE_HONOR_CLIENT_NO_CACHE: bool = Field(
         default=False,
         description="true: a request's Cache-Control: no-cache / no-store skips the stored "

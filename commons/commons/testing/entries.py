@@ -24,6 +24,7 @@ __all__ = [
     "served",
     "stored_payload",
     "stored_value",
+    "write_raw",
 ]
 
 
@@ -51,7 +52,12 @@ async def age_entry(key: str, remaining_seconds: float) -> None:
     _, raw = await stored_value(key)
     if raw is None:
         raise LookupError(f"nothing is stored under {key!r}")
-    await _layer().write_raw(key, raw, remaining_seconds)
+    await write_raw(key, raw, remaining_seconds)
+
+
+async def write_raw(key: str, value: bytes, ttl_seconds: float) -> None:
+    """Writes exactly ``value`` under ``key`` for ``ttl_seconds``, bypassing every rule."""
+    await _layer().write_raw(key, value, ttl_seconds)
 
 
 #: The fingerprint of the entries :func:`fill` writes and :func:`served` reads.
@@ -86,10 +92,11 @@ async def served(key: str) -> bytes | None:
     return lookup.value.payload
 
 
-def route_fingerprint_of(app: FastAPI, path: str) -> bytes:
-    """The fingerprint ``@cache`` gives the entries of ``app``'s GET route at ``path``."""
+def route_fingerprint_of(app: FastAPI, path: str, *, producer: str = PRODUCER) -> bytes:
+    """The fingerprint ``@cache`` gives the entries of ``app``'s GET route at ``path`` (or, with
+    ``producer="fastapi-cache2"``, fastapi-cache2's decorator through our backend)."""
     for route in app.routes:
         if isinstance(route, APIRoute) and route.path == path and "GET" in (route.methods or ()):
             handler = inspect.unwrap(route.endpoint)
-            return route_fingerprint(route, handler, producer=PRODUCER)
+            return route_fingerprint(route, handler, producer=producer)
     raise LookupError(f"no GET route at {path}")

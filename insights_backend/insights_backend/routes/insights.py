@@ -3,6 +3,9 @@
 Every query parameter is part of the cache key, in canonical order: ``?page=2&size=5`` and
 ``?size=5&page=2`` share one entry, ``?page=3&size=5`` has its own.
 
+When the database fails, a page that went stale at most ``STALE_IF_ERROR_SECONDS`` ago is
+answered instead (``stale_if_error``), never one a write invalidated.
+
 ``page`` and ``size`` are bounded in the signature, so an out-of-range value is a 422 that the
 OpenAPI schema declares: the database computes ``OFFSET (page - 1) * size`` in 64-bit integers, and
 an unbounded page number overflowed it (a 500).
@@ -28,6 +31,10 @@ MAX_PAGE_SIZE = 100
 #: offset ``(MAX_PAGE - 1) * MAX_PAGE_SIZE`` stays far inside SQLite's 64-bit integers.
 MAX_PAGE = 1_000_000
 
+#: While the database fails, a page that went stale at most this long ago is answered instead
+#: (``X-FastAPI-Cache: STALE``): a list of insights a few minutes old beats an error page.
+STALE_IF_ERROR_SECONDS = 300
+
 router = APIRouter(prefix="/v1", tags=["insights"], responses=AUTHENTICATED_RESPONSES)
 
 
@@ -38,7 +45,7 @@ def _contains(text: str) -> str:
 
 
 @router.get("/insights", response_model=InsightPage)
-@cache(namespace="insights")
+@cache(namespace="insights", stale_if_error=STALE_IF_ERROR_SECONDS)
 async def list_insights(
     identity: CurrentIdentity,
     session: Session,
