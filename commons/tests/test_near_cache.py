@@ -233,15 +233,21 @@ MAX_AGE = 1.0
 
 
 @pytest.fixture
+def max_age() -> float:
+    """The near cache's maximum age in ``proxied_store`` (a test overrides it to see past it)."""
+    return MAX_AGE
+
+
+@pytest.fixture
 async def proxied_store(
-    own_redis: RedisServer, recorder: Recorder
+    own_redis: RedisServer, recorder: Recorder, max_age: float
 ) -> AsyncIterator[tuple[RedisStore, LoopbackProxy]]:
-    """A store with a near cache (maximum age MAX_AGE) reaching the test's server through a
+    """A store with a near cache (maximum age ``max_age``) reaching the test's server through a
     loopback proxy, its tracking confirmed."""
     with LoopbackProxy(own_redis.port) as proxy:
         client = Redis.from_url(proxy.url, socket_timeout=0.3, socket_connect_timeout=0.3)
         near = NearCache(
-            max_entries=1000, max_bytes=1 << 20, events=recorder, max_age_seconds=MAX_AGE
+            max_entries=1000, max_bytes=1 << 20, events=recorder, max_age_seconds=max_age
         )
         redis_store = RedisStore(client, PREFIX, near_cache=near)
         await redis_store.ping()
@@ -345,6 +351,62 @@ async def test_a_late_reply_does_not_lengthen_a_held_entrys_life_past_redis_expi
     held = [at for at, value, from_memory in answers if value == b"v1" and from_memory]
     assert held, answers
     assert held[-1] < 0
+
+
+@pytest.mark.parametrize("max_age", [60.0])
+async def test_a_subscribed_connection_whose_delay_grows_slowly_is_caught_as_silent(
+    proxied_store: tuple[RedisStore, LoopbackProxy], recorder: Recorder, outside: Redis
+) -> None:
+    """Replies keep coming every few hundred milliseconds, each later than the last: how late
+    they are counts, not how often they come, so invalidations are never answered past the
+    silence limit after them."""
+    store, proxy = proxied_store
+    await filled(store, recorder)
+    (subscriber,) = proxy.connections_that_sent(b"SUBSCRIBE")
+    for step in range(1, 11):  # 0.15 s more every 0.25 s: gaps stay far below the limit
+        subscriber.delay_replies(0.15 * step)
+        await asyncio.sleep(0.25)
+    await store.read(KEY, SCOPE)  # held again, on whichever session is current
+    await outside.set(KEY, b"v2", keepttl=True)
+    changed_at = time.monotonic()
+
+    answers = await answers_after(store, changed_at, 2.5)
+
+    assert all(at < 1.3 for at, value, _ in answers if value == b"v1"), answers
+    assert answers[-1][1] == b"v2"
+
+
+async def test_tracking_refused_is_asked_again_and_the_near_cache_comes_back(
+    own_redis: RedisServer, outside: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL that refuses CLIENT TRACKING, then grants it (as after a failover behind one
+    address, or an operator's fix): the near cache is off only while Redis refuses."""
+    own_redis.command("ACL", "SETUSER", "svc", "on", ">pw", "~*", "&*", "+@all", "-client|tracking")
+    recorder = Recorder()
+    near = NearCache(max_entries=100, max_bytes=1 << 20, events=recorder)
+    store = RedisStore(
+        Redis.from_url(f"redis://svc:pw@127.0.0.1:{own_redis.port}/0"), PREFIX, near_cache=near
+    )
+    try:
+        await store.ping()
+        generation = await store.generation(SCOPE)
+        await store.write(KEY, b"v1", 60, SCOPE, generation)
+
+        async def refused() -> bool:
+            await store.read(KEY, SCOPE)
+            return "near cache off" in caplog.text
+
+        await eventually(refused, "the warning that it is off")
+        own_redis.command("ACL", "SETUSER", "svc", "+client|tracking")
+
+        async def near_hit() -> bool:
+            assert (await store.read(KEY, SCOPE)).value == b"v1"
+            return recorder.near_hits > 0
+
+        await eventually(near_hit, "a near hit once Redis tracks again", patience=8.0)
+        assert caplog.text.count("near cache off") == 1
+    finally:
+        await store.aclose()
 
 
 @pytest.fixture

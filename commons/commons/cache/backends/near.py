@@ -24,12 +24,16 @@ How it stays coherent
   its result is then not kept: between the read and the keeping, the invalidation wins.
   A flush of any kind in between does the same (an *epoch* counts flushes).
 - What cannot be confirmed is not answered: losing the subscribed connection (closed, killed,
-  ``CLIENT KILL``, full output buffer), hearing nothing on it for :data:`SILENCE_LIMIT_SECONDS`
-  (it is pinged every :data:`HEARTBEAT_SECONDS`, and every hit checks the silence itself, so a
-  busy event loop cannot serve past it), or losing the read connection (Redis forgets what a
-  closed connection tracked) empties the near cache at once; it keeps nothing until a new session
-  is confirmed. A replica cut off from Redis therefore answers nothing from it after at most
-  :data:`SILENCE_LIMIT_SECONDS`.
+  ``CLIENT KILL``, full output buffer), no reply on it to a ping sent within the last
+  :data:`SILENCE_LIMIT_SECONDS` (it is pinged every :data:`HEARTBEAT_SECONDS`; lateness counts
+  from when the ping was sent, so a link whose delay grows slowly is caught as one that went
+  quiet; every hit checks it itself, so a busy event loop cannot serve past it), or losing the
+  read connection (Redis forgets what a closed connection tracked) empties the near cache at
+  once; it keeps nothing until a new session is confirmed. A replica cut off from Redis therefore
+  answers nothing from it after at most :data:`SILENCE_LIMIT_SECONDS`.
+- A refused ``CLIENT TRACKING`` (an ACL, a server behind one address that changed under it)
+  turns the near cache off while Redis refuses: it asks again after 1 s, then after twice as
+  long each time, up to a minute.
 - Writes, deletions, invalidations and flushes made by this process drop the keys they touch
   before they return (the store calls :meth:`NearCache.drop`), so a process reads its own writes
   although Redis' message for them arrives later.
@@ -73,7 +77,7 @@ import contextlib
 import logging
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -98,6 +102,9 @@ SILENCE_LIMIT_SECONDS = 1.0
 #: Waits between attempts to subscribe again, doubling up to the last.
 RECONNECT_FIRST_SECONDS = 0.05
 RECONNECT_MAX_SECONDS = 1.0
+#: After Redis refused to track, waits before asking again, doubling up to the last.
+REFUSED_RETRY_FIRST_SECONDS = 1.0
+REFUSED_RETRY_MAX_SECONDS = 60.0
 #: The default of CACHE_NEAR_CACHE_MAX_AGE_SECONDS.
 DEFAULT_MAX_AGE_SECONDS = 5.0
 #: What a held key costs beyond its key's and value's bytes (objects, dictionary slots).
@@ -200,7 +207,10 @@ class NearCache:
         self._timeout = 1.0
         self._reader: Retrackable | None = None
         self._task: asyncio.Task[None] | None = None
+        #: Why Redis refuses to track, while it does; asked again from ``_refused_until`` on.
         self._refused: str | None = None
+        self._refused_until = 0.0
+        self._refused_retry = REFUSED_RETRY_FIRST_SECONDS
         self._closed = False
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -230,8 +240,12 @@ class NearCache:
     def start(self) -> None:
         """Starts keeping the subscribed connection open (in the background), once per loop."""
         task = self._task
-        if self._closed or self._refused is not None or self._open_channel is None:
+        if self._closed or self._open_channel is None:
             return
+        if self._refused is not None:
+            if time.monotonic() < self._refused_until:
+                return
+            self._refused = None  # time to ask again
         loop = asyncio.get_running_loop()
         if task is not None and not task.done() and task.get_loop() is loop:
             return
@@ -368,6 +382,7 @@ class NearCache:
         if size > self._max_item_bytes or not all(held.alive for held in generations):
             return
         answer_until = min(expires_at, ticket.sent_at + self._max_age)
+        self._refused_retry = REFUSED_RETRY_FIRST_SECONDS  # tracking works
         self._drop_entry(key)
         self._make_room(size)
         self._entries[key] = _Entry(
@@ -469,9 +484,18 @@ class NearCache:
             self.flush(FlushReason.READER_LOST)
 
     def tracking_refused(self, message: str) -> None:
-        """Redis refused to track (too old a version, an ACL): the near cache turns itself off."""
+        """Redis refused to track (too old a version, an ACL, a failover behind one address that
+        redirects to a connection the new server never had): the near cache is off while it
+        refuses, asked again after 1 s, then after twice as long each time, up to a minute."""
         if self._refused is None:
-            logger.warning("near cache off: Redis refuses client tracking (%s)", message)
+            if self._refused_retry == REFUSED_RETRY_FIRST_SECONDS:
+                logger.warning(
+                    "near cache off while Redis refuses client tracking (%s); asked again "
+                    "from time to time",
+                    message,
+                )
+            self._refused_until = time.monotonic() + self._refused_retry
+            self._refused_retry = min(2 * self._refused_retry, REFUSED_RETRY_MAX_SECONDS)
         self._refused = message
         self._lose(None)
         task = self._task
@@ -530,9 +554,11 @@ class NearCache:
         if self._reader is not None:
             self._reader.retrack()
 
-    def heard(self, subscriber: _Subscriber) -> None:
+    def heard(self, subscriber: _Subscriber, probe_sent_at: float) -> None:
+        """A heartbeat's reply: the connection was current when that probe was sent (how late a
+        reply is counts, not only how often replies come)."""
         if subscriber is self._subscriber:
-            self._heard_at = time.monotonic()
+            self._heard_at = max(self._heard_at, probe_sent_at)
 
     def silent_too_long(self, subscriber: _Subscriber) -> bool:
         """Whether ``subscriber`` has been silent past the limit (it is then given up)."""
@@ -599,6 +625,8 @@ class _Subscriber(asyncio.Protocol):
         self.closed: asyncio.Future[None] = loop.create_future()
         self._parser = hiredis.Reader()
         self._heartbeat: asyncio.TimerHandle | None = None
+        #: When each PING whose reply is still to come was sent, oldest first.
+        self._probes: deque[float] = deque()
         transport = channel.transport
         transport.set_protocol(self)
         with contextlib.suppress(Exception):
@@ -620,6 +648,7 @@ class _Subscriber(asyncio.Protocol):
             return
         try:
             self.channel.transport.write(encode_command(b"PING", []))
+            self._probes.append(time.monotonic())
         except Exception:  # a transport closed meanwhile
             self._closed_by_peer()
             return
@@ -644,14 +673,15 @@ class _Subscriber(asyncio.Protocol):
                 self.ready.set_exception(kind(str(reply)))
             self._closed_by_peer()
             return
-        self.near.heard(self)
         if isinstance(reply, int) and not self.ready.done():
             self.client_id = reply
             return
         if not isinstance(reply, list) or len(reply) < 2:
             return
         kind = reply[0]
-        if kind == b"subscribe" and not self.ready.done() and self.client_id >= 0:
+        if kind == b"pong" and self._probes:
+            self.near.heard(self, self._probes.popleft())
+        elif kind == b"subscribe" and not self.ready.done() and self.client_id >= 0:
             self.ready.set_result(None)
         elif kind == b"message" and len(reply) == 3 and reply[1] == INVALIDATE_CHANNEL:
             keys = reply[2]
