@@ -376,13 +376,13 @@ async def test_a_subscribed_connection_whose_delay_grows_slowly_is_caught_as_sil
     assert answers[-1][1] == b"v2"
 
 
-async def test_tracking_refused_is_asked_again_and_the_near_cache_comes_back(
-    own_redis: RedisServer, outside: Redis, caplog: pytest.LogCaptureFixture
-) -> None:
-    """An ACL that refuses CLIENT TRACKING, then grants it (as after a failover behind one
-    address, or an operator's fix): the near cache is off only while Redis refuses."""
+@pytest.fixture
+async def refused_tracking(
+    own_redis: RedisServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[tuple[RedisStore, NearCache]]:
+    """A store whose user may not run CLIENT TRACKING (as a Redis older than 6 would answer),
+    KEY written, read until the near cache has said it is off."""
     own_redis.command("ACL", "SETUSER", "svc", "on", ">pw", "~*", "&*", "+@all", "-client|tracking")
-    recorder = Recorder()
     near = NearCache(max_entries=100, max_bytes=1 << 20, events=recorder)
     store = RedisStore(
         Redis.from_url(f"redis://svc:pw@127.0.0.1:{own_redis.port}/0"), PREFIX, near_cache=near
@@ -393,20 +393,33 @@ async def test_tracking_refused_is_asked_again_and_the_near_cache_comes_back(
         await store.write(KEY, b"v1", 60, SCOPE, generation)
 
         async def refused() -> bool:
-            await store.read(KEY, SCOPE)
+            assert (await store.read(KEY, SCOPE)).value == b"v1"
             return "near cache off" in caplog.text
 
         await eventually(refused, "the warning that it is off")
-        own_redis.command("ACL", "SETUSER", "svc", "+client|tracking")
-
-        async def near_hit() -> bool:
-            assert (await store.read(KEY, SCOPE)).value == b"v1"
-            return recorder.near_hits > 0
-
-        await eventually(near_hit, "a near hit once Redis tracks again", patience=8.0)
-        assert caplog.text.count("near cache off") == 1
+        yield store, near
     finally:
         await store.aclose()
+
+
+async def test_tracking_refused_is_asked_again_and_the_near_cache_comes_back(
+    refused_tracking: tuple[RedisStore, NearCache],
+    own_redis: RedisServer,
+    recorder: Recorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis refuses CLIENT TRACKING, then grants it (an operator's fix, a failover behind one
+    address): the near cache is off only while Redis refuses."""
+    store, _ = refused_tracking
+    own_redis.command("ACL", "SETUSER", "svc", "+client|tracking")
+
+    async def near_hit() -> bool:
+        assert (await store.read(KEY, SCOPE)).value == b"v1"
+        return recorder.near_hits > 0
+
+    await eventually(near_hit, "a near hit once Redis tracks again", patience=8.0)
+    warnings = caplog.get_records("setup") + caplog.get_records("call")
+    assert sum("near cache off" in record.getMessage() for record in warnings) == 1
 
 
 @pytest.fixture
@@ -598,34 +611,19 @@ async def _one_round(
 
 
 async def test_a_redis_that_refuses_tracking_turns_it_off_and_hits_read_redis(
-    own_redis: RedisServer, outside: Redis, caplog: pytest.LogCaptureFixture
+    refused_tracking: tuple[RedisStore, NearCache], recorder: Recorder, outside: Redis
 ) -> None:
-    """An ACL without CLIENT TRACKING (as a Redis older than 6 would answer): one warning, no
-    near hit, every read answered by Redis."""
-    own_redis.command("ACL", "SETUSER", "svc", "on", ">pw", "~*", "&*", "+@all", "-client|tracking")
-    recorder = Recorder()
-    near = NearCache(max_entries=100, max_bytes=1 << 20, events=recorder)
-    store = RedisStore(
-        Redis.from_url(f"redis://svc:pw@127.0.0.1:{own_redis.port}/0"), PREFIX, near_cache=near
-    )
-    try:
-        await store.ping()
-        generation = await store.generation(SCOPE)
-        await store.write(KEY, b"v1", 60, SCOPE, generation)
+    """While Redis refuses CLIENT TRACKING: one warning, no near hit, every read answered by
+    Redis."""
+    store, near = refused_tracking
+    before = (await command_calls(outside)).get("mget", 0)
 
-        async def refused() -> bool:
-            assert (await store.read(KEY, SCOPE)).value == b"v1"
-            return "near cache off" in caplog.text
+    reads = [await store.read(KEY, SCOPE) for _ in range(5)]
 
-        await eventually(refused, "the warning that it is off")
-        before = (await command_calls(outside)).get("mget", 0)
-        reads = [await store.read(KEY, SCOPE) for _ in range(5)]
-        assert {read.value for read in reads} == {b"v1"}
-        assert (await command_calls(outside)).get("mget", 0) == before + 5
-        assert recorder.near_hits == 0
-        assert not near.live
-    finally:
-        await store.aclose()
+    assert {read.value for read in reads} == {b"v1"}
+    assert (await command_calls(outside)).get("mget", 0) == before + 5
+    assert recorder.near_hits == 0
+    assert not near.live
 
 
 async def test_near_cache_metrics_count_hits_messages_and_flushes(
