@@ -113,6 +113,28 @@ async def test_a_near_hit_sends_redis_no_command(
     assert after == before
 
 
+async def test_other_fills_of_the_scope_leave_its_held_generations_alone(
+    store: RedisStore, recorder: Recorder, own_redis: RedisServer
+) -> None:
+    """Another replica's misses in the same scope store entries under the same generations; if
+    each fill re-armed them, Redis would announce each to every replica, whose near caches would
+    then read Redis on every hit of the scope after every miss."""
+    other = RedisStore(Redis.from_url(own_redis.url), PREFIX)
+    try:
+        generation = await filled(store, recorder)
+        messages = recorder.messages
+        for n in range(5):
+            assert await other.write(f"{KEY}/{n}", b"x", 60, SCOPE, generation)
+        await asyncio.sleep(0.1)  # a message, if any, has arrived
+
+        hits = recorder.near_hits
+        assert (await store.read(KEY, SCOPE)).value == b"v1"
+        assert recorder.near_hits == hits + 1
+        assert recorder.messages == messages
+    finally:
+        await other.aclose()
+
+
 async def test_a_generation_deleted_from_outside_is_dropped(
     store: RedisStore, recorder: Recorder, outside: Redis
 ) -> None:

@@ -164,11 +164,14 @@ return {removed, redis.call('ZCARD', KEYS[1])}
 
 # Lua: keeps the generations KEYS[first..] alive at least `keep_ms` (a retired one is not made
 # again). Part of a fill: of _FILL on one server, of _KEEP_GENERATIONS on a cluster.
+# A generation that would die before keep_ms is given twice that: re-armed once per keep_ms, not
+# by every fill, since Redis announces each PEXPIRE to every process tracking the key (their near
+# caches would drop the scope's generations on every miss).
 _KEEP_GENERATIONS_ALIVE = """
 for i = first, #KEYS do
   local current = redis.call('PTTL', KEYS[i])
   if current >= 0 and current < keep_ms then
-    redis.call('PEXPIRE', KEYS[i], keep_ms)
+    redis.call('PEXPIRE', KEYS[i], 2 * keep_ms)
   end
 end
 """
