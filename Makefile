@@ -107,8 +107,9 @@ COMPAT_TESTS := commons/tests/test_store_contract.py commons/tests/test_near_cac
 	commons/tests/test_faults.py commons/tests/test_guide_decorator.py \
 	commons/tests/test_tls_acl.py commons/tests/test_cli.py insights_backend/tests
 COMPAT_VENV := .venv-compat
-# The newest-versions run takes the newest Python this machine has.
-NEWEST_PYTHON ?= $(shell command -v python3.13 || command -v python3.12 || echo $(PYTHON))
+# The newest-versions run takes the newest Python on PATH that runs (a pyenv shim may not).
+NEWEST_PYTHON ?= $(shell for p in python3.14 python3.13 python3.12; do \
+	$$p -c '' 2>/dev/null && { echo $$p; exit; }; done; echo $(PYTHON))
 KEY_PACKAGES := '^(redis|fastapi|starlette|pydantic|pydantic-settings|fastapi-cache2|hiredis) '
 test-compat: test-compat-versions test-compat-servers
 
