@@ -19,7 +19,10 @@ from __future__ import annotations
 from commons.cache.backends.base import CacheStore
 from commons.cache.scope import CacheScope, InvalidationTarget
 
-__all__ = ["PendingInvalidations"]
+__all__ = ["PendingInvalidations", "PendingItem"]
+
+#: One kept item: an invalidation target, one key (with its scope when known), or a flush (None).
+PendingItem = InvalidationTarget | tuple[str, CacheScope | None] | None
 
 
 class PendingInvalidations:
@@ -50,6 +53,22 @@ class PendingInvalidations:
 
     def keys(self) -> list[str]:
         return list(self._keys)
+
+    def items(self) -> list[PendingItem]:
+        """What is kept, as items that :meth:`add_item` takes back (the journal's lines)."""
+        if self._everything is not None:
+            return [None]
+        keys: list[PendingItem] = [(key, scope) for key, (scope, _) in self._keys.items()]
+        return [*self._targets, *keys]
+
+    def add_item(self, item: PendingItem) -> None:
+        """Keeps ``item`` (one of :meth:`items`)."""
+        if item is None:
+            self.add_everything()
+        elif isinstance(item, InvalidationTarget):
+            self.add(item)
+        else:
+            self.add_key(*item)
 
     def _next(self) -> int:
         self._seq += 1
