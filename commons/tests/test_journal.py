@@ -65,7 +65,7 @@ def test_a_line_cut_short_or_malformed_reads_as_an_error_not_an_item(line: bytes
 async def test_a_journal_left_by_an_ended_process_is_taken_over_and_removed(
     tmp_path: Path,
 ) -> None:
-    first = InvalidationJournal(tmp_path)
+    first = InvalidationJournal(tmp_path, "svc")
     assert await first.open() == []
     await first.append(InvalidationTarget("ns", "acme"))
     await first.append(None)
@@ -73,7 +73,7 @@ async def test_a_journal_left_by_an_ended_process_is_taken_over_and_removed(
     assert first.path is not None
     assert first.path.exists()
 
-    second = InvalidationJournal(tmp_path)
+    second = InvalidationJournal(tmp_path, "svc")
     assert await second.open() == [InvalidationTarget("ns", "acme"), None]
     assert not first.path.exists()
     await second.rewrite(list)  # all applied
@@ -81,12 +81,25 @@ async def test_a_journal_left_by_an_ended_process_is_taken_over_and_removed(
     assert _journal_contents(tmp_path) == []
 
 
+async def test_a_journal_of_another_service_is_left_to_it(tmp_path: Path) -> None:
+    other_service = InvalidationJournal(tmp_path, "svc.other")
+    await other_service.open()
+    await other_service.append(InvalidationTarget("ns"))
+    await other_service.aclose()
+
+    ours = InvalidationJournal(tmp_path, "svc")
+    assert await ours.open() == []
+    await ours.aclose()
+    assert other_service.path is not None
+    assert other_service.path.read_bytes() == encode_item(InvalidationTarget("ns"))
+
+
 async def test_the_journal_of_a_live_process_is_left_to_it(tmp_path: Path) -> None:
-    live = InvalidationJournal(tmp_path)
+    live = InvalidationJournal(tmp_path, "svc")
     await live.open()
     await live.append(InvalidationTarget("ns"))
 
-    other = InvalidationJournal(tmp_path)
+    other = InvalidationJournal(tmp_path, "svc")
     assert await other.open() == []
     await other.aclose()
     await live.aclose()

@@ -7,13 +7,14 @@ A process that stops or crashes during the outage would take it along, and once 
 there, as one JSON line, and flushed to disk (``fsync``) before the request that made it returns.
 ``init_cache()`` reads the journal back and applies it to Redis before reading anything from it.
 
-One file per process: ``<pid>-<random>.jsonl``, held under an exclusive ``flock`` for the life of
-the layer. The kernel releases the lock when the process ends, however it ends (``kill -9``
-included), so a file nobody holds is an orphan: a starting process takes over every orphan it
-can lock, copies its lines into its own file (flushed) and only then removes it. Several
-workers of one service can share the directory; a file is created under another name and locked
-before it is renamed into view, so no one takes over a live process's file. Two processes racing
-for one orphan may both apply it: an invalidation applied twice removes nothing more.
+One file per process: ``<prefix>@<pid>-<random>.jsonl`` (the prefix percent-encoded, so no other
+prefix's files match), held under an exclusive ``flock`` for the life of the layer. The kernel
+releases the lock when the process ends, however it ends (``kill -9`` included), so a file nobody
+holds is an orphan: a starting process takes over every orphan it can lock, copies its lines into
+its own file (flushed) and only then removes it. Several workers of one service can share the
+directory; a file is created under another name and locked before it is renamed into view, so no one
+takes over a live process's file. Two processes racing for one orphan may both apply it: an
+invalidation applied twice removes nothing more.
 
 The file holds what is kept: it is appended to while Redis is away and rewritten (a new file,
 flushed, renamed over the old one) with what is still kept after every replay, so it is empty
@@ -35,6 +36,7 @@ import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote
 
 from commons.cache.pending import PendingItem as JournalItem
 from commons.cache.scope import CacheScope, InvalidationTarget
@@ -83,8 +85,11 @@ def _text(value: object) -> str | None:
 class InvalidationJournal:
     """This process's journal file in ``directory``, and the orphans it takes over."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, prefix: str) -> None:
         self._directory = directory
+        # Files are named after the service's prefix: a directory shared by two services never
+        # hands one service's invalidations to the other.
+        self._name = quote(prefix, safe="")
         self._file: IO[bytes] | None = None
         self._path: Path | None = None
         self._buffer: list[bytes] = []
@@ -107,7 +112,7 @@ class InvalidationJournal:
         return await asyncio.to_thread(self._open_sync)
 
     def _open_sync(self) -> list[JournalItem]:
-        hidden = self._directory / f".{os.getpid()}-{secrets.token_hex(6)}.new"
+        hidden = self._directory / f".{self._name}@{os.getpid()}-{secrets.token_hex(6)}.new"
         handle = hidden.open("ab")
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         self._path = hidden.with_name(hidden.name[1:].removesuffix(".new") + _SUFFIX)
@@ -116,7 +121,7 @@ class InvalidationJournal:
         self._file = handle
         items: list[JournalItem] = []
         taken: list[Path] = []
-        for orphan in sorted(self._directory.glob(f"*{_SUFFIX}")):
+        for orphan in sorted(self._directory.glob(f"{self._name}@*{_SUFFIX}")):
             lines = self._lines_of_orphan(orphan) if orphan != self._path else None
             if lines is not None:
                 taken.append(orphan)
@@ -126,7 +131,7 @@ class InvalidationJournal:
         # Only once their items are on disk here.
         for orphan in taken:
             orphan.unlink(missing_ok=True)
-        for unfinished in self._directory.glob(".*.new"):
+        for unfinished in self._directory.glob(f".{self._name}@*.new"):
             # A rewrite or a start-up cut short: the file it was to replace still holds it all.
             if self._lines_of_orphan(unfinished) is not None:
                 unfinished.unlink(missing_ok=True)

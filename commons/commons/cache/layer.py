@@ -188,7 +188,7 @@ class CacheLayer:
         self._pending = PendingInvalidations(settings.CACHE_PENDING_INVALIDATIONS_MAX)
         journal_dir = settings.CACHE_INVALIDATION_JOURNAL
         self._journal = (
-            InvalidationJournal(Path(journal_dir))
+            InvalidationJournal(Path(journal_dir), settings.CACHE_PREFIX)
             if journal_dir is not None and redis is not None and settings.CACHE_ENABLED
             else None
         )
