@@ -16,9 +16,6 @@ import asyncio
 import gc
 import os
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated
@@ -30,16 +27,15 @@ from redis.asyncio import Redis
 
 from commons.cache import CacheSettings, cache, close_cache, init_cache
 from commons.cache.settings import cache_settings
-from commons.testing.processes import stop_process
 from commons.testing.redis_cluster import LocalRedisCluster
 from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import (
     RedisServer,
     find_redis_server,
-    free_port,
     named_redis_server,
     redis_server_version,
 )
+from commons.testing.service_process import ServiceProcess
 from commons.utilities.context import RequestContextMiddleware, set_tenant_id, set_user_id
 
 
@@ -68,68 +64,47 @@ def redis_server() -> Iterator[RedisServer]:
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-def _wait_until_ready(base_url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"replica exited at start-up:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"replica at {base_url} did not start:\n{log.read_text()}")
-
-
 @pytest.fixture
-def start_replicas(tmp_path: Path) -> Iterator[Callable[..., list[str]]]:
-    """``start_replicas(count=2, **env)``: replicas of ``replica_app.py`` (uvicorn processes)
-    with ``env`` added to an environment free of cache variables; returns their base URLs once
-    they answer. They are stopped after the test."""
-    started: list[subprocess.Popen[bytes]] = []
+def replica_processes(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """``replica_processes(**env)``: a :class:`ServiceProcess` (not started yet) with ``env``
+    added to an environment free of cache variables. Every one is stopped after the test."""
+    made: list[ServiceProcess] = []
 
-    def start(count: int = 2, **env: str) -> list[str]:
+    def make(**env: str) -> ServiceProcess:
         environment = {
             k: v for k, v in os.environ.items() if not k.startswith(("CACHE_", "REDIS_"))
         }
         environment.update(env)
-        urls: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-        for _ in range(count):
-            port = free_port()
-            log = tmp_path / f"replica-{len(started)}.log"
-            with log.open("wb") as output:
-                process = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "uvicorn",
-                        "replica_app:app",
-                        "--app-dir",
-                        str(TESTS_DIR),
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                        "--log-level",
-                        "warning",
-                    ],
-                    env=environment,
-                    cwd=tmp_path,
-                    stdout=output,
-                    stderr=subprocess.STDOUT,
-                )
-            started.append(process)
-            urls.append((f"http://127.0.0.1:{port}", process, log))
-        for base_url, process, log in urls:
-            _wait_until_ready(base_url, process, log)
-        return [base_url for base_url, _, _ in urls]
+        replica = ServiceProcess(
+            "replica_app:app", TESTS_DIR, environment, tmp_path, f"replica-{len(made)}"
+        )
+        made.append(replica)
+        return replica
 
     try:
-        yield start
+        yield make
     finally:
-        for process in started:
-            stop_process(process)
+        for replica in made:
+            replica.stop()
+
+
+@pytest.fixture
+def start_replicas(
+    replica_processes: Callable[..., ServiceProcess],
+) -> Callable[..., list[str]]:
+    """``start_replicas(count=2, **env)``: replicas of ``replica_app.py`` (uvicorn processes)
+    with ``env`` added to an environment free of cache variables; returns their base URLs once
+    they answer. They are stopped after the test."""
+
+    def start(count: int = 2, **env: str) -> list[str]:
+        replicas = [replica_processes(**env) for _ in range(count)]
+        for replica in replicas:
+            replica.spawn()
+        for replica in replicas:
+            replica.wait_until_ready()
+        return [replica.url for replica in replicas]
+
+    return start
 
 
 @pytest.fixture

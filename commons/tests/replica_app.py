@@ -6,6 +6,7 @@
 - ``PUT /res``: bumps the tenant's version, commits, and invalidates the tenant's cached entries
   before answering, as a service does after a write.
 - ``GET /health``: answers once the service has started (its lifespan ran).
+- ``GET /cache-status``: ``cache_status()``'s backend and kept invalidations.
 
 Configured by the environment: ``REPLICA_DB`` (the SQLite file every replica shares) and the
 cache's own variables (``REDIS_URL``, ``CACHE_PREFIX``, ...). The tenant is taken from the
@@ -25,7 +26,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header
 
-from commons.cache import cache, close_cache, init_cache, invalidate_namespace
+from commons.cache import cache, cache_status, close_cache, init_cache, invalidate_namespace
 from commons.utilities.context import RequestContextMiddleware, get_tenant_id, set_tenant_id
 
 DB_ENV = "REPLICA_DB"
@@ -89,6 +90,12 @@ app.add_middleware(RequestContextMiddleware)
 @app.get("/health")
 async def health() -> dict[str, bool]:
     return {"ok": True}
+
+
+@app.get("/cache-status")
+async def status() -> dict[str, object]:
+    current = cache_status()
+    return {"backend": current.backend, "pending_invalidations": current.pending_invalidations}
 
 
 @app.get("/res")

@@ -196,3 +196,40 @@ async def test_applying_removes_what_each_kept_invalidation_names_and_empties_th
         "globex",
         "bob",
     ]
+
+
+def test_a_namespace_absorbs_every_kept_key_and_target_of_its_tenants_and_users() -> None:
+    pending = PendingInvalidations(100)
+    pending.add(target("profile", "acme", "alice"))
+    pending.add(target("other", "acme"))
+    pending.add_key("k-tenant", CacheScope("profile", "acme"))
+    pending.add_key("k-user", CacheScope("profile", "globex", "bob"))
+    pending.add_key("k-namespace", CacheScope("profile"))
+    pending.add_key("k-other", CacheScope("other", "globex"))
+
+    pending.add(target("profile"))
+
+    assert pending.targets() == [target("other", "acme"), target("profile")]
+    assert pending.keys() == ["k-other"]
+    pending.add_key("k-later", CacheScope("profile", "initech", "carol"))
+    assert pending.keys() == ["k-other"]
+
+
+def test_a_renewed_invalidation_moves_behind_the_others() -> None:
+    pending = pending_with(target("a", "t1"), target("b"), target("a", "t1"))
+
+    assert pending.targets() == [target("b"), target("a", "t1")]
+
+
+def test_what_is_kept_reads_back_as_the_same_set() -> None:
+    pending = pending_with(target("a", "t1"), target("b", "t2", "u2"))
+    pending.add_key("k", CacheScope("c", "t3"))
+    pending.add_key("foreign", None)
+
+    copy = PendingInvalidations(100)
+    for item in pending.items():
+        copy.add_item(item)
+
+    assert copy.items() == pending.items()
+    copy.add_everything()
+    assert copy.items() == [None]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -196,3 +198,18 @@ def test_the_memory_bound_must_be_a_positive_integer(
     monkeypatch: pytest.MonkeyPatch, value: str
 ) -> None:
     load_fails_naming(monkeypatch, "CACHE_MEMORY_MAX_ENTRIES", value)
+
+
+def test_an_invalidation_journal_that_is_not_a_directory_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CACHE_INVALIDATION_JOURNAL", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="CACHE_INVALIDATION_JOURNAL: no such directory"):
+        CacheSettings()
+
+
+def test_an_invalidation_journal_directory_is_accepted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CACHE_INVALIDATION_JOURNAL", str(tmp_path))
+    assert str(tmp_path) == CacheSettings().CACHE_INVALIDATION_JOURNAL

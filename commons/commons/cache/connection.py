@@ -22,7 +22,8 @@ Topologies
 - ``REDIS_SENTINELS`` + ``REDIS_SENTINEL_MASTER``: the master's address comes from the Sentinels
   and is looked up again whenever a connection to it fails, so the client follows a failover; the
   store also asks about once a second (see ``backends/redis.py``), so pooled connections leave a
-  master that a switch-over demoted.
+  master that a switch-over demoted. Every Sentinel is asked at once, and while none answers the
+  last master known is used as long as it says it is one (``sentinel_master.py``).
   ``REDIS_URL`` still gives the scheme, credentials and database; its host and port are not used.
   The Sentinels themselves are reached in plain TCP without a password.
 """
@@ -44,6 +45,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from commons.cache.sentinel_master import MasterPool
 from commons.cache.settings import CacheSettings
 
 __all__ = [
@@ -260,6 +262,9 @@ def _create_sentinel_master_client(settings: CacheSettings) -> Redis:
         },
     )
     master: SentinelMasterClient = sentinel.master_for(
-        settings.REDIS_SENTINEL_MASTER, redis_class=SentinelMasterClient, **options
+        settings.REDIS_SENTINEL_MASTER,
+        redis_class=SentinelMasterClient,
+        connection_pool_class=MasterPool,
+        **options,
     )
     return master

@@ -36,6 +36,9 @@ cannot be applied to Redis, it is kept (:class:`~commons.cache.pending.PendingIn
 the layer degrades at once, whatever the failure count or the kind of failure, so nothing is read
 from Redis until the kept invalidations have been applied there. Other replicas that still reach
 Redis are unaffected; the README's Guarantees section says what holds for them during an outage.
+With ``CACHE_INVALIDATION_JOURNAL`` each kept item is also written to disk before the removal
+returns (``journal.py``), and :meth:`CacheLayer.start` applies what earlier processes left there
+before anything is read from Redis: a stop or a crash during the outage loses nothing.
 Behind Sentinel, an invalidation that no replica confirmed (the store's ``WAIT``) fails the same
 way: the master that acknowledged it may be replaced by a replica without it, so it is kept and
 applied again, on whichever server is then the master, before Redis is read again.
@@ -76,6 +79,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from commons.cache.backends.base import CacheStore, LocalStore, ReplicaLocks, StoredRead
@@ -95,9 +99,10 @@ from commons.cache.errors import (
     CacheUnavailableError,
 )
 from commons.cache.events import CacheEvents
+from commons.cache.journal import InvalidationJournal
 from commons.cache.keyspace import lock_key, scope_of_key
 from commons.cache.memo import BoundedMemo
-from commons.cache.pending import PendingInvalidations
+from commons.cache.pending import PendingInvalidations, PendingItem
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
 from commons.cache.settings import CacheSettings
 from commons.cache.status import CacheState, CacheStatus
@@ -187,6 +192,12 @@ class CacheLayer:
         self._locks = redis if isinstance(redis, ReplicaLocks) else None
         self._memory = memory or memory_store(settings)
         self._pending = PendingInvalidations(settings.CACHE_PENDING_INVALIDATIONS_MAX)
+        journal_dir = settings.CACHE_INVALIDATION_JOURNAL
+        self._journal = (
+            InvalidationJournal(Path(journal_dir), settings.CACHE_PREFIX)
+            if journal_dir is not None and redis is not None and settings.CACHE_ENABLED
+            else None
+        )
         self._consecutive_failures = 0
         # The operation Redis refuses while it answers (OOM, read-only), or None.
         self._refused: str | None = None
@@ -225,8 +236,11 @@ class CacheLayer:
         if self._state is not CacheState.DEGRADED or self._redis is None:
             self._log_state()
             return
+        await self._open_journal()
         try:
             await self._redis.ping()
+            # What the journal kept from a stop or crash during an outage, before any read.
+            await self._pending.apply_to(self._redis)
         except BackendError as exc:
             if self.settings.CACHE_FAIL_FAST:
                 raise CacheUnavailableError(
@@ -236,7 +250,34 @@ class CacheLayer:
             self._transition(CacheState.DEGRADED, _start_up_failure(exc))
         else:
             self._transition(CacheState.REDIS, "connected")
+            await self._forget_applied()
         self._recovery_task = asyncio.create_task(self._recover_forever(), name="cache-recovery")
+
+    async def _open_journal(self) -> None:
+        """Takes back what earlier processes kept in the journal (see ``journal.py``)."""
+        if self._journal is None:
+            return
+        try:
+            items = await self._journal.open()
+        except OSError as exc:
+            logger.error("invalidation journal not opened, kept invalidations not durable: %s", exc)
+            self._journal = None
+            return
+        for item in items:
+            self._pending.add_item(item)
+        if items:
+            logger.warning("invalidation journal: %d kept invalidations to apply", len(items))
+
+    async def _forget_applied(self) -> None:
+        """The journal keeps only what is still pending (nothing, once a replay succeeded)."""
+        if self._journal is not None:
+            await self._journal.rewrite(self._pending.items)
+
+    async def _keep(self, item: PendingItem) -> None:
+        """Keeps a removal for Redis: in memory at once, on disk before returning."""
+        self._pending.add_item(item)
+        if self._journal is not None:
+            await self._journal.append(item)
 
     async def aclose(self) -> None:
         """Stops the recovery task and closes the stores. Safe to call twice."""
@@ -251,6 +292,9 @@ class CacheLayer:
         # Each ends within the Redis timeouts; cut short, one could be neither applied nor kept
         # (a process shutting down still owes Redis the invalidations it acknowledged).
         await self.removals_settled()
+        if self._journal is not None:
+            # What is still kept stays on disk for the next process.
+            await self._journal.aclose()
         if self._redis is not None:
             await self._redis.aclose()
         await self._memory.aclose()
@@ -563,7 +607,7 @@ class CacheLayer:
         return await self._remove(
             scope.namespace,
             lambda store: store.delete(key, scope),
-            lambda: self._pending.add_key(key, scope),
+            (key, scope),
             operation="delete",
             what="a deletion",
         )
@@ -577,7 +621,7 @@ class CacheLayer:
         removed = await self._remove(
             target.namespace,
             lambda store: store.invalidate(target),
-            lambda: self._pending.add(target),
+            target,
             operation="invalidate",
             what="an invalidation",
         )
@@ -593,7 +637,7 @@ class CacheLayer:
         return await self._remove(
             None,
             lambda store: store.clear(),
-            self._pending.add_everything,
+            None,
             operation="clear",
             what="a flush",
         )
@@ -602,7 +646,7 @@ class CacheLayer:
         self,
         namespace: str | None,
         removal: Callable[[CacheStore], Coroutine[Any, Any, int]],
-        keep: Callable[[], None],
+        item: PendingItem,
         *,
         operation: str,
         what: str,
@@ -620,16 +664,16 @@ class CacheLayer:
         if self._redis is None:
             return removed
         if self._state is not CacheState.REDIS:
-            keep()
+            await self._keep(item)
             return removed
         return removed + await self._on_redis(
-            removal(self._redis), keep, namespace=namespace or "", operation=operation, what=what
+            removal(self._redis), item, namespace=namespace or "", operation=operation, what=what
         )
 
     async def _on_redis(
         self,
         removal: Coroutine[Any, Any, int],
-        keep: Callable[[], None],
+        item: PendingItem,
         *,
         namespace: str,
         operation: str,
@@ -648,8 +692,8 @@ class CacheLayer:
                 return await removal
             except BackendError as exc:
                 self.events.backend_error(namespace, operation)
-                keep()
                 self._degrade(f"{what} could not reach Redis: {exc}")
+                await self._keep(item)
                 return 0
 
         task = asyncio.ensure_future(apply())
@@ -736,4 +780,5 @@ class CacheLayer:
             f"{dropped} in-memory entries dropped",
         )
         await self._memory.clear()
+        await self._forget_applied()
         return True

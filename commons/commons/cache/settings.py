@@ -7,6 +7,7 @@ the variable, so a misconfigured service fails at start-up rather than on its fi
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -112,6 +113,13 @@ class CacheSettings(BaseSettings):
         ge=1,
         description="Invalidations remembered during an outage before they are widened to "
         "whole namespaces.",
+    )
+    CACHE_INVALIDATION_JOURNAL: str | None = Field(
+        default=None,
+        description="A local directory where invalidations kept during a Redis outage are "
+        "written (and flushed to disk) before the request that made them returns; the next "
+        "start applies them to Redis before reading it, after a crash too. Unset: kept "
+        "invalidations live in process memory only and are lost with the process.",
     )
     CACHE_DEGRADED_TTL_SECONDS: int = Field(
         default=30,
@@ -244,6 +252,17 @@ class CacheSettings(BaseSettings):
             return None
         if not Path(value).is_file():
             raise ValueError(f"{info.field_name}: no such file: {value}")
+        return value
+
+    @field_validator("CACHE_INVALIDATION_JOURNAL")
+    @classmethod
+    def _journal_is_a_writable_directory(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not Path(value).is_dir():
+            raise ValueError(f"CACHE_INVALIDATION_JOURNAL: no such directory: {value}")
+        if not os.access(value, os.W_OK | os.X_OK):
+            raise ValueError(f"CACHE_INVALIDATION_JOURNAL: directory not writable: {value}")
         return value
 
     @model_validator(mode="after")

@@ -14,7 +14,10 @@ acknowledged update wrote, per data item) and returns the guarantees each answer
   or down) until :attr:`Bounds.window_seconds` after it ends, and (b) answers marked
   ``X-FastAPI-Cache: STALE`` (stale-while-revalidate serves old data by design; the next answer
   that is not ``STALE`` is held to the rule again). Faults that are no outage (dropped
-  connections, eviction, lost helper keys, hostile values) open no window.
+  connections, eviction, lost helper keys, hostile values) open no window. An outage's window
+  also ends once the driver saw every replica back on Redis with nothing pending
+  (:attr:`Fault.healed`), and a degraded replica's excuse (:meth:`Model.excuse_degraded`) never
+  outlasts the window of a fault that may degrade one: every excuse is bounded in time.
 
 Every excused read is kept with how long after the update it missed it started, per kind of
 fault, so that the windows actually observed can be reported (:class:`WindowLog`).
@@ -143,6 +146,22 @@ class Fault:
     #: Redis unreachable (paused, killed): opens a window for freshness.
     outage: bool
     detail: str = ""
+    #: Whether a replica may degrade because of it, which excuses old reads for a bounded time
+    #: (:meth:`Model.excuse_degraded`); ``None``: every fault may (a switch-over's failed
+    #: commands, dropped connections), except those the README promises no window for.
+    degrades: bool | None = None
+    #: When every replica was seen back on Redis with nothing pending, if the driver waited
+    #: for it: no outage excuse outlives that (each dropped its memory tier on the way back).
+    healed: float | None = None
+
+    @property
+    def may_degrade(self) -> bool:
+        return self.degrades is not False
+
+    def window_end(self, window: float) -> float:
+        """The last moment a read may start and be excused by this fault."""
+        end = self.ended + window
+        return end if self.healed is None else min(end, self.healed)
 
     def describe(self, origin: float) -> str:
         extra = f" ({self.detail})" if self.detail else ""
@@ -313,14 +332,17 @@ class Model:
           that degraded period ends.
 
         ``degraded`` holds each replica's degraded periods as it reported them (driver's clock;
-        a period still under way ends at ``inf``). Excused reads are recorded, kind ``degraded``,
-        with their lateness, so the measured window is reported.
+        a period still under way ends at ``inf``). Either excuse also needs a fault that may
+        degrade a replica, from whose start until ``window_seconds`` after whose end the read
+        starts: a replica that stays degraded longer (its Sentinels away, say) is no excuse,
+        whatever the fault. Excused reads are recorded, kind ``degraded``, with their lateness,
+        so the measured window is reported.
         """
         kept: list[Violation] = []
         window = self.bounds.window_seconds
         for violation in violations:
             answer = violation.answer
-            if not isinstance(violation, StaleRead):
+            if not isinstance(violation, StaleRead) or not self._in_a_fault_window(answer):
                 kept.append(violation)
                 continue
             missed = self.first_missed(answer.item, violation.version, answer.started)
@@ -343,6 +365,15 @@ class Model:
             else:
                 kept.append(violation)
         return kept
+
+    def _in_a_fault_window(self, answer: Answer) -> bool:
+        """Whether the read starts between the start of a fault that may degrade a replica and
+        ``window_seconds`` after its end."""
+        window = self.bounds.window_seconds
+        return any(
+            fault.may_degrade and fault.started <= answer.started <= fault.window_end(window)
+            for fault in self.faults
+        )
 
     # -- checking ---------------------------------------------------------------------------------
 
@@ -452,7 +483,7 @@ class Model:
             for fault in self.faults
             if fault.outage
             and fault.started <= answer.ended
-            and answer.started <= fault.ended + self.bounds.window_seconds
+            and answer.started <= fault.window_end(self.bounds.window_seconds)
         ]
         return max(overlapping, key=lambda fault: fault.started, default=None)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -111,8 +113,19 @@ class LocalSentinel:
             time.sleep(0.05)
         return promoted
 
+    def pause_sentinel(self) -> None:
+        """SIGSTOP the Sentinel: it accepts connections and answers nothing (a black hole)."""
+        assert self._sentinel_process is not None
+        os.kill(self._sentinel_process.pid, signal.SIGSTOP)
+
+    def resume_sentinel(self) -> None:
+        """SIGCONT after :meth:`pause_sentinel`."""
+        assert self._sentinel_process is not None
+        os.kill(self._sentinel_process.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         if self._sentinel_process is not None:
+            os.kill(self._sentinel_process.pid, signal.SIGCONT)
             self._sentinel_process.terminate()
             try:
                 self._sentinel_process.wait(timeout=10)

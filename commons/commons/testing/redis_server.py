@@ -162,6 +162,12 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
+    @property
+    def data_dir(self) -> Path | None:
+        """The server's working directory (``SAVE`` writes ``dump.rdb`` there, which the next
+        :meth:`start` loads), once started."""
+        return Path(self._workdir.name) if self._workdir is not None else None
+
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Starts the server and waits until it answers PING."""
         if self._workdir is None:

@@ -9,6 +9,9 @@ default, which ``make test`` runs, each for a bounded time):
 - ``sentinel``: a master, its replica and one Sentinel (:class:`LocalSentinel`); the replicas get
   ``REDIS_SENTINELS`` and ``REDIS_SENTINEL_MASTER``.
 
+Each replica keeps its invalidation journal (``CACHE_INVALIDATION_JOURNAL``) in a directory of its
+own, which a replica killed and started again takes back.
+
 Starting them costs seconds, so the module starts each world once (``model_world``); between
 examples every fault is healed (stopped nodes resumed, killed nodes started again and rejoined),
 Redis is emptied and both replicas are back on Redis (:meth:`World.heal`). Each replica is
@@ -134,6 +137,16 @@ def create_database(path: Path) -> None:
         conn.close()
 
 
+def _spawn(port: int, env: dict[str, str], log: Any, workdir: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(APP), str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+    )
+
+
 @dataclass
 class Replica:
     name: str
@@ -141,6 +154,21 @@ class Replica:
     process: subprocess.Popen[bytes]
     log_path: Path
     log: Any
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def launch(cls, name: str, env: dict[str, str], workdir: Path) -> Replica:
+        """Starts ``replica_app.py`` on a free port; :meth:`World.wait_until_serving` waits."""
+        log_path, port = workdir / f"replica-{name}.log", free_port()
+        log = log_path.open("ab")
+        return cls(name, port, _spawn(port, env, log, workdir), log_path, log, env)
+
+    def crash_and_restart(self) -> None:
+        """SIGKILL (nothing of its shutdown runs), then the same replica started again on the
+        same port, with the same environment (its invalidation journal included)."""
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self.process = _spawn(self.port, self.env, self.log, self.log_path.parent)
 
     @property
     def url(self) -> str:
@@ -176,6 +204,7 @@ class World:
     sentinel: LocalSentinel | None = None
     replicas: list[Replica] = field(default_factory=list)
     paused: bool = False
+    sentinels_paused: bool = False
     down: bool = False
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -186,19 +215,13 @@ class World:
         db_path = self.workdir / "data.sqlite"
         create_database(db_path)
         for name in REPLICA_NAMES:
-            port = free_port()
-            log_path = self.workdir / f"replica-{name}.log"
-            log = log_path.open("wb")
-            process = subprocess.Popen(
-                [sys.executable, str(APP), str(port)],
-                env=replica_env(redis_env, db_path, name),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-            )
-            self.replicas.append(Replica(name, port, process, log_path, log))
+            journal = self.workdir / f"journal-{name}"
+            journal.mkdir()
+            env = replica_env(redis_env, db_path, name)
+            env["CACHE_INVALIDATION_JOURNAL"] = str(journal)
+            self.replicas.append(Replica.launch(name, env, self.workdir))
         for replica in self.replicas:
-            self._wait_until_serving(replica)
+            self.wait_until_serving(replica)
         return self
 
     def _start_redis(self) -> dict[str, str]:
@@ -231,7 +254,10 @@ class World:
             if not reply.startswith(b"+OK"):
                 raise RuntimeError(f"SENTINEL SET failover-timeout: {reply!r}")
 
-    def _wait_until_serving(self, replica: Replica, timeout: float = 30.0) -> None:
+    def wait_until_serving(
+        self, replica: Replica, timeout: float = 30.0, *, on_redis: bool = True
+    ) -> None:
+        """Until the replica answers ``/_status`` (and, ``on_redis``, is on Redis)."""
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=1.0) as client:
             while time.monotonic() < deadline:
@@ -243,7 +269,7 @@ class World:
                     status = client.get(f"{replica.url}/_status").json()
                 except httpx.HTTPError:
                     status = None
-                if status is not None and status["backend"] == "redis":
+                if status is not None and (status["backend"] == "redis" or not on_redis):
                     return
                 time.sleep(0.05)
         raise RuntimeError(f"replica {replica.name} did not start:\n{replica.log_tail()}")
@@ -292,30 +318,46 @@ class World:
                 node.pause()
         self.paused = True
 
+    def pause_sentinels(self) -> None:
+        """SIGSTOP on the Sentinel: it accepts connections and answers nothing."""
+        assert self.sentinel is not None
+        self.sentinel.pause_sentinel()
+        self.sentinels_paused = True
+
     def resume(self) -> None:
+        if self.sentinels_paused and self.sentinel is not None:
+            self.sentinel.resume_sentinel()
+            self.sentinels_paused = False
         if self.paused:
             for node in self.nodes:
                 if node.process is not None and node.process.poll() is None:
                     node.resume()
             self.paused = False
 
-    async def kill(self) -> None:
-        """SIGKILL of the single server (the ``single`` topology's fault)."""
+    async def kill(self, *, keep_data: bool = False) -> None:
+        """SIGKILL of the single server (the ``single`` topology's fault); ``keep_data``: what
+        it holds is saved first (``SAVE``), and :meth:`restart` brings it back, as a Redis
+        with persistence comes back after a crash."""
         assert self.topology == "single"
+        if keep_data:
+            await asyncio.to_thread(self.redis.command, "SAVE")
         self.paused = False
         self.down = True
         await asyncio.to_thread(self.redis.kill)
 
     async def restart(self) -> None:
-        """Starts Redis again on the same port, empty (no persistence), after :meth:`kill` (or
-        if it exited by itself). The other topologies' killed nodes are started again by
-        :meth:`rejoin`."""
+        """Starts Redis again on the same port after :meth:`kill` (or if it exited by itself):
+        empty, unless the kill kept its data. The other topologies' killed nodes are started
+        again by :meth:`rejoin`."""
         if self.topology != "single":
             return
         process = self.redis.process
         if self.down or process is None or process.poll() is not None:
             await asyncio.to_thread(self._start_again, self.redis)
             self.down = False
+        # Loaded, if there was any: the next start is empty again.
+        if self.redis.data_dir is not None:
+            (self.redis.data_dir / "dump.rdb").unlink(missing_ok=True)
 
     @classmethod
     def _start_again(cls, node: RedisServer) -> None:

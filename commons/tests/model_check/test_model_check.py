@@ -11,12 +11,15 @@ The world is parametrized by topology (``conftest.py``), each with its own fault
 
 - ``single`` (:class:`RequestsAndFaults`): Redis paused (SIGSTOP) or killed and restarted empty,
   every client connection dropped, memory squeezed under ``allkeys-lru``, the invalidation
-  index's helper keys deleted, hostile values written over entries;
+  index's helper keys deleted, hostile values written over entries, and a replica killed
+  (SIGKILL) and started again while Redis is down after a PUT it acknowledged, Redis coming back
+  with its data (its invalidation must come back from the replica's journal);
 - ``cluster`` (:class:`ClusterFaults`), 3 primaries and 3 replicas: every node paused, a primary
   killed until its replica is promoted, ``CLUSTER FAILOVER``, a slot migrated (``ASK``, then
   ``MOVED``) during an invalidation;
 - ``sentinel`` (:class:`SentinelFaults`): master and replica paused, the master killed until the
-  Sentinel promotes the replica, ``SENTINEL FAILOVER``.
+  Sentinel promotes the replica, ``SENTINEL FAILOVER``, the Sentinel paused while the master
+  answers (no window at all: no replica may degrade).
 
 A fault kind in :data:`KNOWN_FAILING_FAULTS` (a known defect) only runs when named in
 ``MODEL_CHECK_ENABLE_FAULTS``.
@@ -521,8 +524,17 @@ class Requests(RuleBasedStateMachine):
             )
         return lines
 
-    def _fault(self, kind: str, started: float, ended: float, outage: bool, detail: str) -> None:
-        self.model.add_fault(Fault(kind, started, ended, outage, detail))
+    def _fault(
+        self,
+        kind: str,
+        started: float,
+        ended: float,
+        outage: bool,
+        detail: str,
+        degrades: bool | None = None,
+        healed: float | None = None,
+    ) -> None:
+        self.model.add_fault(Fault(kind, started, ended, outage, detail, degrades, healed))
 
     # -- rules: requests ---------------------------------------------------------------------------
 
@@ -603,6 +615,8 @@ class FaultsOnEveryTopology(Requests):
 class RequestsAndFaults(FaultsOnEveryTopology):
     """One server: requests, and faults injected into Redis while requests run."""
 
+    restarted = False
+
     @rule(down_ms=st.integers(0, 600), plan=timed(600))
     def kill_redis(self, down_ms: int, plan: list[At]) -> None:
         """SIGKILL, requests, and Redis started again on the same port, empty."""
@@ -620,6 +634,59 @@ class RequestsAndFaults(FaultsOnEveryTopology):
             answers = await running
         self._fault("kill", started, ended, True, f"down {down_ms} ms")
         return answers
+
+    # A replica takes about two seconds to start: once an example, so that the bounded run
+    # still reaches the other faults.
+    @precondition(lambda self: not self.restarted)
+    @rule(put=puts, down_ms=st.integers(0, 600), plan=timed(300))
+    def restart_replica_in_outage(self, put: Put, down_ms: int, plan: list[At]) -> None:
+        """The PUT's item cached on both replicas; Redis killed (its data saved first); the PUT
+        on one replica (its invalidation kept, and journaled) and requests; that replica killed
+        (SIGKILL) and started again while Redis is still down; Redis back with the data from
+        before the PUT ``down_ms`` later; once both replicas are back on Redis with nothing
+        pending, the item read on both again."""
+        self.restarted = True
+        self._step(lambda: self._restarted_in_outage(put, down_ms, plan))
+
+    async def _restarted_in_outage(self, put: Put, down_ms: int, plan: list[At]) -> list[Answer]:
+        victim = self.world.replicas[put.replica]
+        # The PUT's item cached on both replicas first: Redis keeps it through the outage.
+        reads = [_item_read(put, replica) for replica in range(len(self.world.replicas))]
+        answers = list(await asyncio.gather(*map(self._send, reads)))
+        started = time.monotonic()
+        # Killed, not paused: a paused server still reads the invalidation waiting in its
+        # socket buffer once resumed, and a killed one must come back with its data.
+        await self.world.kill(keep_data=True)
+        try:
+            answers += [await self._send(put), *await self._schedule(plan)]
+            await asyncio.to_thread(victim.crash_and_restart)
+            await asyncio.to_thread(self.world.wait_until_serving, victim, on_redis=False)
+            await asyncio.sleep(down_ms / 1000)
+        finally:
+            await self.world.restart()
+            ended = time.monotonic()
+        healed = await self._until_healed()
+        detail = f"replica {victim.name} killed and started"
+        self._fault("restart", started, ended, True, detail, healed=healed)
+        # Nothing excuses an old answer now: the invalidation must have come back.
+        return answers + list(await asyncio.gather(*map(self._send, reads)))
+
+    async def _until_healed(self, within: float = 10.0) -> float:
+        """When every replica is back on Redis with nothing pending (the driver's clock)."""
+
+        async def healed() -> bool:
+            for client in self.clients:
+                status = (await client.get("/_status")).json()
+                if status["backend"] != "redis" or status["pending_invalidations"]:
+                    return False
+            return True
+
+        deadline = time.monotonic() + within
+        while not await healed():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the replicas did not come back to Redis in {within} s")
+            await asyncio.sleep(0.02)
+        return time.monotonic()
 
     # -- rules: faults that are no outage ----------------------------------------------------------
 
@@ -729,6 +796,12 @@ class RequestsAndFaults(FaultsOnEveryTopology):
         _, _, rid = self._names(target)
         body.update({"rid": rid, "q": QUERIES[target.q], "version": 0, "by": "A"})
         return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _item_read(put: Put, replica: int) -> Get:
+    """A GET of what ``put`` updates, on ``replica``."""
+    route = "u" if put.user_item else "t"
+    return Get(replica, route, put.tenant, put.user, put.rid, 0)
 
 
 async def _until(condition: Callable[[], bool], within: float, what: str) -> None:
@@ -1009,6 +1082,32 @@ class SentinelFaults(FaultsOnEveryTopology):
             answers = await running
         self._fault("kill_master", started, ended, True, f"port {victim.port} -> {heir.port}")
         await self.world.rejoin()
+        return answers
+
+    # Below the Sentinel's down-after time (1 s): resumed, it must not take the master for down.
+    @rule(put=puts, away_ms=st.integers(100, 400), plan=timed(400, max_size=6))
+    def sentinels_away(self, put: Put, away_ms: int, plan: list[At]) -> None:
+        """The PUT's item cached on both replicas; SIGSTOP on the Sentinel, the master up; the
+        PUT, then the item read on both replicas, and requests; the Sentinel resumed after
+        ``away_ms``. No replica may degrade, so the oracle excuses no old read (the README
+        promises none)."""
+        self._step(lambda: self._sentinels_away(put, away_ms, plan))
+
+    async def _sentinels_away(self, put: Put, away_ms: int, plan: list[At]) -> list[Answer]:
+        reads = [_item_read(put, replica) for replica in range(len(self.world.replicas))]
+        answers = list(await asyncio.gather(*map(self._send, reads)))
+        started = time.monotonic()
+        self.world.pause_sentinels()
+        running = asyncio.ensure_future(self._schedule(plan))
+        try:
+            answers.append(await self._send(put))
+            answers += await asyncio.gather(*map(self._send, reads))
+            await asyncio.sleep(max(0.0, started + away_ms / 1000 - time.monotonic()))
+        finally:
+            self.world.resume()
+            ended = time.monotonic()
+            answers += await running
+        self._fault("sentinels_away", started, ended, False, f"{away_ms} ms", degrades=False)
         return answers
 
     @rule(plan=timed(600))

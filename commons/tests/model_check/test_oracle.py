@@ -174,6 +174,7 @@ def test_an_old_read_of_a_replica_that_reported_itself_degraded_is_excused_withi
 ) -> None:
     """A switch-over (no outage fault) that opened a replica's breaker: its memory tier is the
     README's degraded window, no more."""
+    model.add_fault(Fault("sentinel_failover", started=1.0, ended=1.4, outage=False))
     model.check([update(1.0, 1, ended=1.1)])
     during, after, too_late = read(1.5, 0), read(2.5, 0), read(5.6, 0)
     violations = [v for answer in (during, after, too_late) for v in model.check([answer])]
@@ -190,6 +191,7 @@ def test_an_update_acknowledged_while_degraded_excuses_old_reads_until_it_recove
 ) -> None:
     """The updater's invalidation is kept until it reaches Redis again (the README's outage
     rule): another replica may serve the old entry from Redis until then, and not after."""
+    model.add_fault(Fault("sentinel_failover", started=1.0, ended=2.8, outage=False))
     model.check([update(1.0, 1, ended=1.3)])
     before_recovery, within_window, too_late = read(1.5, 0), read(5.5, 0), read(6.5, 0)
     violations = [
@@ -204,10 +206,45 @@ def test_an_update_acknowledged_while_degraded_excuses_old_reads_until_it_recove
 
 
 def test_an_updater_degraded_only_after_its_acknowledgement_excuses_nothing(model: Model) -> None:
+    model.add_fault(Fault("sentinel_failover", started=1.0, ended=2.8, outage=False))
     model.check([update(1.0, 1, ended=1.1)])
     violations = model.check([read(1.5, 0)])
 
     assert model.excuse_degraded(violations, {"B": [(1.2, 3.0)]}) == violations
+
+
+def test_a_degraded_period_excuses_old_reads_only_until_the_window_after_its_fault(
+    model: Model,
+) -> None:
+    """The updater stays degraded long after the fault that degraded it (its Sentinels away,
+    say): the excuse ends ``window_seconds`` after the fault, not with the degraded period."""
+    model.add_fault(Fault("sentinel_failover", started=1.0, ended=1.5, outage=False))
+    model.check([update(1.0, 1, ended=1.3)])
+    within, too_late = read(4.4, 0), read(4.6, 0)
+    violations = [v for answer in (within, too_late) for v in model.check([answer])]
+
+    kept = model.excuse_degraded(violations, {"B": [(1.2, math.inf)]})
+
+    assert [violation.answer for violation in kept] == [too_late]
+    assert [e.answer for e in model.excused] == [within]
+
+
+def test_no_fault_no_excuse_for_a_degraded_replica(model: Model) -> None:
+    model.check([update(1.0, 1, ended=1.3)])
+    violations = model.check([read(1.5, 0)])
+
+    assert model.excuse_degraded(violations, {"B": [(1.2, 3.0)], "A": [(1.2, 3.0)]}) == violations
+
+
+def test_a_fault_the_readme_promises_no_window_for_excuses_no_degraded_replica(
+    model: Model,
+) -> None:
+    """Sentinels away, master up: no process degrades, so none is excused if it does."""
+    model.add_fault(Fault("sentinels_away", started=1.0, ended=2.0, outage=False, degrades=False))
+    model.check([update(1.0, 1, ended=1.3)])
+    violations = model.check([read(1.5, 0)])
+
+    assert model.excuse_degraded(violations, {"B": [(1.2, 3.0)], "A": [(1.2, 3.0)]}) == violations
 
 
 def test_the_window_log_summarises_excused_reads_per_fault() -> None:

@@ -59,7 +59,6 @@ from typing import Any, cast
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import SentinelConnectionPool
 
 from commons.cache.backends.base import CacheStore, ReplicaLocks, StoredRead
 from commons.cache.backends.cluster_reads import ClusterReads
@@ -81,6 +80,12 @@ from commons.cache.errors import (
 from commons.cache.keyspace import Keyspace
 from commons.cache.memo import BoundedMemo
 from commons.cache.scope import CacheScope, InvalidationTarget
+from commons.cache.sentinel_master import (
+    MasterPool,
+    SentinelView,
+    replica_may_be_promoted,
+    reports_master_role,
+)
 
 __all__ = ["RedisStore"]
 
@@ -743,8 +748,10 @@ class RedisStore(CacheStore, ReplicaLocks):
         # generation is retired, the entry is a miss wherever it is read, so removing it only
         # frees its memory.
         generation_key = self.generation_keys(scope)[-1]
+        async with _redis_errors_translated():
+            view = await self._follow_sentinel_master()
         try:
-            await self._retire(generation_key)
+            await self._retire(generation_key, view)
         finally:
             self._drop_near([key, generation_key])
         try:
@@ -774,10 +781,10 @@ class RedisStore(CacheStore, ReplicaLocks):
         """
         ns, names = target.namespace, self._keys
         async with _redis_errors_translated():
-            await self._follow_sentinel_master()
+            view = await self._follow_sentinel_master()
         generation_key = self._generation_key_of(target)
         try:
-            await self._retire(generation_key)
+            await self._retire(generation_key, view)
         finally:
             # Whether or not Redis took it: this process serves nothing of the old generation.
             self._drop_near([generation_key])
@@ -800,7 +807,7 @@ class RedisStore(CacheStore, ReplicaLocks):
         elif self._cluster_reads is not None:
             self._cluster_reads.drop(keys)
 
-    async def _retire(self, generation_key: str) -> None:
+    async def _retire(self, generation_key: str, view: SentinelView | None) -> None:
         """Deletes a scope's generation: what makes an invalidation (or a deletion) hold.
 
         A burst of them can find every pooled connection in use (``REDIS_MAX_CONNECTIONS``): this
@@ -820,7 +827,7 @@ class RedisStore(CacheStore, ReplicaLocks):
         while True:
             try:
                 async with _redis_errors_translated():
-                    await self._unlink_confirmed(generation_key)
+                    await self._unlink_confirmed(generation_key, view)
                 return
             except BackendBusyError as exc:
                 if loop.time() >= deadline:
@@ -829,7 +836,7 @@ class RedisStore(CacheStore, ReplicaLocks):
                     ) from exc
             await asyncio.sleep(BUSY_POLL_SECONDS)
 
-    async def _unlink_confirmed(self, generation_key: str) -> None:
+    async def _unlink_confirmed(self, generation_key: str, view: SentinelView | None) -> None:
         """``UNLINK``s a generation; behind Sentinel with a replica, confirmed by one (``WAIT``).
 
         Redis replicates asynchronously: a master that crashes, or that Sentinel demotes while
@@ -840,8 +847,10 @@ class RedisStore(CacheStore, ReplicaLocks):
         reading Redis and applies it again once Redis answers (on the promoted replica after a
         failover). On a cluster, the same where the primary owning the generation's slot has a
         replica (see :meth:`_unlink_confirmed_on_cluster`). One server, or Sentinel without a
-        replica that could be promoted (see :func:`_replica_may_be_promoted`): one ``UNLINK``, no
-        wait.
+        replica that could be promoted (see :func:`replica_may_be_promoted`, which reads
+        ``view``, the Sentinels' answer of this invalidation): one ``UNLINK``, no wait. With no
+        answer (every Sentinel away) the master that answers takes it if it says it is a master,
+        confirmed by a replica.
         """
         if isinstance(self._client, RedisCluster):
             await self._unlink_confirmed_on_cluster(self._client, generation_key)
@@ -854,10 +863,15 @@ class RedisStore(CacheStore, ReplicaLocks):
         # last write.
         single = Redis(connection_pool=pool, single_connection_client=True)
         try:
+            if view is None or not view.names_a_master:
+                # The last master known, no Sentinel naming it now: only while it says so.
+                await single.initialize()
+                if single.connection is None or not await reports_master_role(single.connection):
+                    raise BackendUnavailableError("no Sentinel names a master, nor does the server")
             await single.unlink(generation_key)
             connection = single.connection
             server = (connection.host, connection.port) if connection is not None else None
-            if not await _replica_may_be_promoted(pool, server):
+            if not replica_may_be_promoted(view, server):
                 return
             confirmed = int(
                 await single.execute_command("WAIT", 1, REPLICA_CONFIRM_TIMEOUT_MS)  # type: ignore[no-untyped-call]  # redis-py: untyped
@@ -949,10 +963,10 @@ class RedisStore(CacheStore, ReplicaLocks):
         self._slot_map_read_at = asyncio.get_running_loop().time()
         await client.nodes_manager.initialize()
 
-    def _sentinel_pool(self) -> SentinelConnectionPool | None:
+    def _sentinel_pool(self) -> MasterPool | None:
         """The pool of Sentinel's master, when the store talks to one."""
         pool = self._client.connection_pool if isinstance(self._client, Redis) else None
-        if isinstance(pool, SentinelConnectionPool) and pool.is_master:
+        if isinstance(pool, MasterPool) and pool.is_master:
             return pool
         return None
 
@@ -974,14 +988,14 @@ class RedisStore(CacheStore, ReplicaLocks):
         self._master_checked_at = loop.time()
         self._master_check = loop.create_task(self._recheck_master(pool))
 
-    async def _recheck_master(self, pool: SentinelConnectionPool) -> None:
+    async def _recheck_master(self, pool: MasterPool) -> None:
         try:
             await self._leave_other_servers(pool)
         finally:
             self._master_check = None
 
     @staticmethod
-    async def _leave_other_servers(pool: SentinelConnectionPool) -> None:
+    async def _leave_other_servers(pool: MasterPool) -> None:
         """Drops every pooled connection to another server than the master Sentinel names.
 
         Not only when this check is the first to learn of a switch: a connection that redis-py
@@ -989,12 +1003,14 @@ class RedisStore(CacheStore, ReplicaLocks):
         and those that were busy then went back to the pool still talking to the old master.
         """
         try:
-            found = await pool.sentinel_manager.discover_master(pool.service_name)
+            view = await pool.ask()
         except _REDIS_FAILURES as exc:
-            # No Sentinel answered: the next connection asks again, as before.
             logger.debug("Sentinel not asked for the master: %s", exc)
             return
-        pool.master_address = found
+        if view is None or not view.names_a_master:
+            # No Sentinel names a master: the connections stay where they are.
+            return
+        found = view.address
         in_use = list(getattr(pool, "_in_use_connections", ()))
         idle = list(getattr(pool, "_available_connections", ()))
         if any(_connected_elsewhere(connection, found) for connection in [*in_use, *idle]):
@@ -1006,16 +1022,19 @@ class RedisStore(CacheStore, ReplicaLocks):
             with contextlib.suppress(*_REDIS_FAILURES):
                 await pool.disconnect(inuse_connections=False)
 
-    async def _follow_sentinel_master(self) -> None:
-        """Behind Sentinel, asks it for the master before an invalidation walks the indexes.
+    async def _follow_sentinel_master(self) -> SentinelView | None:
+        """Behind Sentinel, asks it for the master before an invalidation walks the indexes;
+        returns the answer (``None``: no Sentinel answered, or not behind Sentinel).
 
         After a failover, pooled connections to the demoted master still answer reads (as a
         replica, possibly mid-resync); an invalidation that read the indexes there could miss
         entries the new master holds. Asking first drops every connection to an old master.
         """
         pool = self._sentinel_pool()
-        if pool is not None:
-            await pool.get_master_address()  # type: ignore[no-untyped-call]  # redis-py: untyped
+        if pool is None:
+            return None
+        _, view = await pool.locate_master()
+        return view
 
     async def _drain_tenant_leaf(self, leaf: str) -> int:
         """Drains a tenant's leaf, then the user leaves registered under that tenant."""
@@ -1150,52 +1169,6 @@ class RedisStore(CacheStore, ReplicaLocks):
 def _connected_elsewhere(connection: Any, master: tuple[str, int]) -> bool:
     """Whether a pooled connection is open to another server than ``master``."""
     return bool(connection.is_connected) and (connection.host, connection.port) != master
-
-
-def _flags(state: dict[str, Any]) -> set[str]:
-    """The flags of a Sentinel state reply (a text in RESP2, a set in RESP3)."""
-    flags = state.get("flags", "")
-    return set(flags.split(",")) if isinstance(flags, str) else set(flags)
-
-
-async def _replica_may_be_promoted(
-    pool: SentinelConnectionPool, server: tuple[str, int] | None
-) -> bool:
-    """Whether what ``server`` acknowledged may be missing from a master Sentinel promotes.
-
-    True on a server that Sentinel does not name as the master (a demoted one, or the old master
-    while a failover is under way: the replica being promoted no longer follows it), and on the
-    master while it has a replica that Sentinel does not count as down and that does not report
-    itself a master. False on the master when its replicas are down or report themselves masters
-    (right after a switch-over, until Sentinel converts the old master), and on the replica being
-    promoted: no
-    replica could confirm anything, and none that Sentinel could promote would hold the old
-    generation. True when no Sentinel answers: nothing says otherwise.
-    """
-    for sentinel in pool.sentinel_manager.sentinels:
-        try:
-            master = await sentinel.sentinel_master(pool.service_name)
-            replicas = await sentinel.sentinel_slaves(pool.service_name)
-        except _REDIS_FAILURES:
-            continue
-        on_master = server == (master.get("ip"), master.get("port"))
-        if "failover_in_progress" in _flags(master):
-            promoted = [
-                (replica.get("ip"), replica.get("port"))
-                for replica in replicas
-                if "promoted" in _flags(replica)
-            ]
-            return server not in promoted
-        if not on_master:
-            return True
-        # A replica whose link is down, or that Sentinel has not asked yet, may still be promoted;
-        # one that reports itself a master (the old master right after a switch-over) may not.
-        return any(
-            not _flags(replica) & {"s_down", "o_down", "disconnected"}
-            and replica.get("role-reported") != "master"
-            for replica in replicas
-        )
-    return True
 
 
 _DISCONNECTS_IF_NEEDED = hasattr(ClusterNode, "disconnect_if_needed")

@@ -1,0 +1,79 @@
+"""A service worker for tests: a uvicorn process that can be stopped, killed and started again."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from commons.testing.processes import stop_process
+from commons.testing.redis_server import free_port
+
+__all__ = ["ServiceProcess"]
+
+
+class ServiceProcess:
+    """One uvicorn process serving ``app`` (``module:attribute`` in ``app_dir``) on a port of its
+    own, with exactly ``env`` as its environment; the port survives a stop or a kill, so
+    :meth:`start` serves the same address again. Its ``GET /health`` answers once it serves."""
+
+    def __init__(
+        self, app: str, app_dir: Path, env: dict[str, str], workdir: Path, name: str
+    ) -> None:
+        self.env = env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = workdir / f"{name}.log"
+        self._app, self._app_dir = app, app_dir
+        self._workdir, self._name, self._starts = workdir, name, 0
+
+    def spawn(self) -> None:
+        """Starts the process; :meth:`wait_until_ready` waits for it to serve."""
+        self._starts += 1
+        self.log = self._workdir / f"{self._name}-{self._starts}.log"
+        command = [sys.executable, "-m", "uvicorn", self._app, "--app-dir", str(self._app_dir)]
+        address = ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        with self.log.open("wb") as output:
+            self.process = subprocess.Popen(  # noqa: S603 - our interpreter, our arguments
+                [*command, *address],
+                env=self.env,
+                cwd=self._workdir,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_until_ready(self, timeout: float = 30) -> None:
+        """Returns once ``GET /health`` answers 200 (the lifespan's start-up has run)."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self._name} exited at start-up:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self._name} at {self.url} did not start:\n{self.log.read_text()}")
+
+    def start(self) -> ServiceProcess:
+        """Starts the process and returns once it serves."""
+        self.spawn()
+        self.wait_until_ready()
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM: uvicorn runs the lifespan's shutdown (``close_cache()``), then exits."""
+        if self.process is not None:
+            stop_process(self.process)
+
+    def kill(self) -> None:
+        """SIGKILL: the process ends at once; nothing of its shutdown runs."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
