@@ -418,7 +418,9 @@ async def test_expired_entries_leave_no_index_garbage_behind(
     for n in range(200):
         await store("reports", f"t{n % 100}", path=f"/v1/r/{n}", ttl=1)
 
-    await asyncio.sleep(1.4)
+    # A generation outlives its scope's last entry by at most that entry's lifetime plus the
+    # grace (re-armed to twice it, once per lifetime): 2 x 1.2 s here.
+    await asyncio.sleep(2.6)
     survivor = await store("reports", "t0", path="/v1/r/new")
     newcomer = await store("reports", "t-new", path="/v1/r/new")
 
