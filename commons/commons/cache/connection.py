@@ -258,6 +258,9 @@ def _create_sentinel_master_client(settings: CacheSettings) -> Redis:
         sentinel_kwargs={
             "socket_connect_timeout": settings.REDIS_CONNECT_TIMEOUT_SECONDS,
             "socket_timeout": settings.REDIS_SOCKET_TIMEOUT_SECONDS,
+            # Not redis-py's default for a client (three retries with back-off up to 10 s each,
+            # from 6.0): a Sentinel that does not answer costs one timeout.
+            "retry": _retry(),
             **_quiet_handshake(Redis),
         },
     )
