@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -233,3 +235,93 @@ def test_what_is_kept_reads_back_as_the_same_set() -> None:
     assert copy.items() == pending.items()
     copy.add_everything()
     assert copy.items() == [None]
+
+
+# -- many kept: the order, the widening and the release stay exact -----------------------------
+
+
+def test_renewals_keep_the_order_of_the_latest_requests_across_a_large_set() -> None:
+    # Past a few hundred items the set is split into shards: the order must not follow them.
+    pending = PendingInvalidations(10_000)
+    wanted: dict[object, None] = {}
+    for n in range(3_000):
+        each = target(f"ns{n % 7}", f"t{n}", f"u{n}" if n % 2 else None)
+        pending.add(each)
+        pending.add_key(f"key{n}", CacheScope(f"other{n % 5}", f"t{n}", "u"))
+        wanted[each] = None
+        wanted[f"key{n}"] = None
+        if n % 3 == 0:  # an older one asked again: it moves behind every other
+            again = n // 2
+            older = target(f"ns{again % 7}", f"t{again}", f"u{again}" if again % 2 else None)
+            pending.add(older)
+            pending.add_key(f"key{again}", CacheScope(f"other{again % 5}", f"t{again}", "u"))
+            for moved in (older, f"key{again}"):
+                del wanted[moved]
+                wanted[moved] = None
+
+    assert pending.targets() == [each for each in wanted if isinstance(each, InvalidationTarget)]
+    assert pending.keys() == [each for each in wanted if isinstance(each, str)]
+    assert len(pending) == 6_000
+
+
+async def test_a_large_set_is_replayed_oldest_first_and_emptied() -> None:
+    store = MemoryStore(10)
+    pending = PendingInvalidations(10_000)
+    for n in range(2_000):
+        pending.add(target("ns", f"t{n}"))
+    pending.add(target("ns", "t0"))  # renewed: now the newest
+    order = pending.targets()
+
+    await pending.apply_to(store)
+
+    assert order[-1] == target("ns", "t0")
+    assert order[0] == target("ns", "t1")
+    assert not pending
+    assert pending.targets() == []
+
+
+async def test_a_widening_keeps_only_the_namespaces_still_kept() -> None:
+    pending = PendingInvalidations(3)
+    pending.add(target("gone", "t1"))
+    pending.add_key("k0", CacheScope("gone", "t2"))
+    pending.add(target("gone"))  # absorbs both
+    await pending.apply_to(MemoryStore(10))
+    pending.add(target("a", "t1"))
+    pending.add_key("k", CacheScope("b", "t1"))
+    pending.add(target("a", "t2"))
+
+    pending.add(target("c", "t1", "u1"))
+
+    assert set(pending.targets()) == {target("a"), target("b"), target("c")}
+    assert pending.keys() == []
+
+
+async def test_a_key_of_unknown_namespace_widens_to_a_flush_only_while_it_is_kept() -> None:
+    pending = PendingInvalidations(2)
+    pending.add_key("foreign", None)
+    await pending.apply_to(MemoryStore(10))
+    pending.add(target("a", "t1"))
+    pending.add(target("a", "t2"))
+
+    pending.add(target("b", "t1"))
+
+    assert not pending.everything
+    assert set(pending.targets()) == {target("a"), target("b")}
+
+
+def test_after_widening_a_large_set_everything_replaced_is_freed_without_the_collector() -> None:
+    pending = PendingInvalidations(5_000)
+    gc.collect()
+    gc.disable()
+    try:
+        for n in range(5_001):
+            pending.add_key(f"key{n}", CacheScope(f"ns{n % 3}", f"t{n}", f"u{n}"))
+        assert set(pending.targets()) == {target("ns0"), target("ns1"), target("ns2")}
+        # What the widening replaced is freed a share per call: these calls finish it.
+        for n in range(5_001):
+            pending.add(target(f"ns{n % 3}", f"t{n}"))
+        assert len(pending) == 3
+        # Nothing it let go of was left in a reference cycle.
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
