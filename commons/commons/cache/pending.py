@@ -15,20 +15,20 @@ added while it runs are applied by the same call.
 
 Cost: keeping n invalidations costs O(n) in all, and a call that keeps one more never copies or
 frees the whole set (``python -m bench pending``: with 100,000 kept, and with the set widened at
-10,000, the longest call held the event loop 0.3 ms). Whether an item is covered is a look-up of
-the at most three targets that could cover it (its namespace, its tenant, itself), and what a wider
-item absorbs is found in indexes by namespace, tenant and user, so each item is indexed and removed
-once. Every map and index past 512 entries is split into 64 shards by hash: CPython grows a dict or
-a set by copying it whole, so one that held 87,000 items once held the loop 3.5 ms as it grew. The
-order is a linked list: a renewed item moves to the end and an absorbed or applied one leaves in
-O(1), so the replay takes the oldest item first and never copies the set. A widening reads the
-number of items kept per namespace, counted as they come and go, so it is O(namespaces); it and a
-flush start from empty sets, and what they replaced is freed 256 entries per later call rather than
-all in one. What a single call can still do at once is absorb: a wider item that covers m kept ones
-removes them in that call (each item is absorbed at most once, so the total stays O(n); 10,000 of
-one namespace took 22 ms). (The first version scanned every kept target on every call: 10,000 kept
-invalidations took 11.9 s of event-loop time, one call near the bound 17 ms; the next widened by
-reading every item, 1.0-1.3 ms in one call.)
+10,000, the longest call held the event loop 0.23-0.42 ms over four runs). Whether an item is
+covered is a look-up of the at most three targets that could cover it (its namespace, its tenant,
+itself), and what a wider item absorbs is found in indexes by namespace, tenant and user, so each
+item is indexed and removed once. Every map and index past 512 entries is split into 64 shards by
+hash: CPython grows a dict or a set by copying it whole, so one that held 87,000 items once held
+the loop 3.5 ms as it grew. The order is a linked list: a renewed item moves to the end and an
+absorbed or applied one leaves in O(1), so the replay takes the oldest item first and never copies
+the set. A widening reads the number of items kept per namespace, counted as they come and go, so
+it is O(namespaces); it and a flush start from empty sets, and what they replaced is freed 256
+entries per later call rather than all in one. What a single call can still do at once is absorb: a
+wider item that covers m kept ones removes them in that call (each item is absorbed at most once,
+so the total stays O(n); 10,000 of one namespace took 22 ms). (The first version scanned every kept
+target on every call: 10,000 kept invalidations took 11.9 s of event-loop time, one call near the
+bound 17 ms; the next widened by reading every item, 1.0-1.3 ms in one call.)
 """
 
 from __future__ import annotations
