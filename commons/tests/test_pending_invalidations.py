@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import gc
+from typing import Any
+from unittest.mock import patch
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from commons.cache import pending as pending_module
 from commons.cache.backends.memory import MemoryStore
 from commons.cache.pending import PendingInvalidations
 from commons.cache.scope import CacheScope, InvalidationTarget
@@ -325,3 +328,101 @@ def test_after_widening_a_large_set_everything_replaced_is_freed_without_the_col
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+class _Model:
+    """What the set keeps, by brute force: each call scans everything kept."""
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self.everything = False
+        self.widened = False
+        self.kept: dict[InvalidationTarget | str, CacheScope | None] = {}
+
+    def _renew_covering(self, scope: CacheScope | None) -> bool:
+        for kept in self.kept:
+            if isinstance(kept, InvalidationTarget) and scope is not None and kept.matches(scope):
+                self.kept[kept] = self.kept.pop(kept)
+                return True
+        return False
+
+    def add(self, new: InvalidationTarget) -> None:
+        as_scope = CacheScope(new.namespace, new.tenant_id, new.user_id)
+        if self.everything or self._renew_covering(as_scope):
+            return
+        for kept, scope in list(self.kept.items()):
+            if isinstance(kept, InvalidationTarget):
+                scope = CacheScope(kept.namespace, kept.tenant_id, kept.user_id)
+            if scope is not None and new.matches(scope):
+                del self.kept[kept]
+        self.kept[new] = None
+        self._compact()
+
+    def add_key(self, key: str, scope: CacheScope | None) -> None:
+        if self.everything or self._renew_covering(scope):
+            return
+        self.kept.pop(key, None)
+        self.kept[key] = scope
+        self._compact()
+
+    def _compact(self) -> None:
+        if len(self.kept) <= self.max_items:
+            return
+        self.widened = True
+        if any(isinstance(kept, str) and scope is None for kept, scope in self.kept.items()):
+            self.everything, self.kept = True, {}
+            return
+        namespaces = {
+            kept.namespace if isinstance(kept, InvalidationTarget) else scope.namespace  # type: ignore[union-attr]
+            for kept, scope in self.kept.items()
+        }
+        self.kept = {target(namespace): None for namespace in namespaces}
+
+
+scopes = st.builds(
+    lambda namespace, tenant, user: CacheScope(namespace, tenant, user if tenant else None),
+    st.sampled_from(["a", "b", "c"]),
+    st.one_of(st.none(), st.sampled_from(["t1", "t2"])),
+    st.one_of(st.none(), st.sampled_from(["u1", "u2"])),
+)
+operations = st.one_of(
+    st.tuples(st.just("add"), invalidation_targets),
+    st.tuples(st.just("key"), st.sampled_from(["k1", "k2", "k3", "k4"]), scopes),
+    st.tuples(st.just("foreign"), st.sampled_from(["f1", "f2"])),
+    st.tuples(st.just("flush")),
+    st.tuples(st.just("apply")),
+)
+
+
+@given(st.lists(operations, max_size=80), st.integers(min_value=1, max_value=12))
+async def test_the_set_keeps_what_scanning_everything_would_keep(
+    steps: list[tuple[Any, ...]], max_items: int
+) -> None:
+    # Tiny shards and release steps, so that a few items go through splitting and freeing.
+    with (
+        patch.object(pending_module, "_SPLIT_AT", 2),
+        patch.object(pending_module, "_RELEASE_BATCH", 2),
+    ):
+        pending, model = PendingInvalidations(max_items), _Model(max_items)
+        for step in steps:
+            if step[0] == "add":
+                pending.add(step[1])
+                model.add(step[1])
+            elif step[0] in ("key", "foreign"):
+                scope = step[2] if step[0] == "key" else None
+                pending.add_key(step[1], scope)
+                model.add_key(step[1], scope)
+            elif step[0] == "flush":
+                pending.add_everything()
+                model.everything, model.kept = True, {}
+            else:
+                await pending.apply_to(MemoryStore(10))
+                model.everything, model.kept, model.widened = False, {}, False
+            assert pending.everything == model.everything
+            assert len(pending) == int(model.everything) + len(model.kept)
+            wanted_targets = [kept for kept in model.kept if isinstance(kept, InvalidationTarget)]
+            if model.widened:  # the namespaces a widening keeps come in no particular order
+                assert set(pending.targets()) == set(wanted_targets)
+            else:
+                assert pending.targets() == wanted_targets
+            assert pending.keys() == [kept for kept in model.kept if isinstance(kept, str)]
