@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+from typing import Any
+from unittest.mock import patch
+
 from hypothesis import given
 from hypothesis import strategies as st
 
+from commons.cache import pending as pending_module
 from commons.cache.backends.memory import MemoryStore
 from commons.cache.pending import PendingInvalidations
 from commons.cache.scope import CacheScope, InvalidationTarget
@@ -233,3 +238,191 @@ def test_what_is_kept_reads_back_as_the_same_set() -> None:
     assert copy.items() == pending.items()
     copy.add_everything()
     assert copy.items() == [None]
+
+
+# -- many kept: the order, the widening and the release stay exact -----------------------------
+
+
+def test_renewals_keep_the_order_of_the_latest_requests_across_a_large_set() -> None:
+    # Past a few hundred items the set is split into shards: the order must not follow them.
+    pending = PendingInvalidations(10_000)
+    wanted: dict[object, None] = {}
+    for n in range(3_000):
+        each = target(f"ns{n % 7}", f"t{n}", f"u{n}" if n % 2 else None)
+        pending.add(each)
+        pending.add_key(f"key{n}", CacheScope(f"other{n % 5}", f"t{n}", "u"))
+        wanted[each] = None
+        wanted[f"key{n}"] = None
+        if n % 3 == 0:  # an older one asked again: it moves behind every other
+            again = n // 2
+            older = target(f"ns{again % 7}", f"t{again}", f"u{again}" if again % 2 else None)
+            pending.add(older)
+            pending.add_key(f"key{again}", CacheScope(f"other{again % 5}", f"t{again}", "u"))
+            for moved in (older, f"key{again}"):
+                del wanted[moved]
+                wanted[moved] = None
+
+    assert pending.targets() == [each for each in wanted if isinstance(each, InvalidationTarget)]
+    assert pending.keys() == [each for each in wanted if isinstance(each, str)]
+    assert len(pending) == 6_000
+
+
+async def test_a_large_set_is_replayed_oldest_first_and_emptied() -> None:
+    store = MemoryStore(10)
+    pending = PendingInvalidations(10_000)
+    for n in range(2_000):
+        pending.add(target("ns", f"t{n}"))
+    pending.add(target("ns", "t0"))  # renewed: now the newest
+    order = pending.targets()
+
+    await pending.apply_to(store)
+
+    assert order[-1] == target("ns", "t0")
+    assert order[0] == target("ns", "t1")
+    assert not pending
+    assert pending.targets() == []
+
+
+async def test_a_widening_keeps_only_the_namespaces_still_kept() -> None:
+    pending = PendingInvalidations(3)
+    pending.add(target("gone", "t1"))
+    pending.add_key("k0", CacheScope("gone", "t2"))
+    pending.add(target("gone"))  # absorbs both
+    await pending.apply_to(MemoryStore(10))
+    pending.add(target("a", "t1"))
+    pending.add_key("k", CacheScope("b", "t1"))
+    pending.add(target("a", "t2"))
+
+    pending.add(target("c", "t1", "u1"))
+
+    assert set(pending.targets()) == {target("a"), target("b"), target("c")}
+    assert pending.keys() == []
+
+
+async def test_a_key_of_unknown_namespace_widens_to_a_flush_only_while_it_is_kept() -> None:
+    pending = PendingInvalidations(2)
+    pending.add_key("foreign", None)
+    await pending.apply_to(MemoryStore(10))
+    pending.add(target("a", "t1"))
+    pending.add(target("a", "t2"))
+
+    pending.add(target("b", "t1"))
+
+    assert not pending.everything
+    assert set(pending.targets()) == {target("a"), target("b")}
+
+
+def test_after_widening_a_large_set_everything_replaced_is_freed_without_the_collector() -> None:
+    pending = PendingInvalidations(5_000)
+    gc.collect()
+    gc.disable()
+    try:
+        for n in range(5_001):
+            pending.add_key(f"key{n}", CacheScope(f"ns{n % 3}", f"t{n}", f"u{n}"))
+        assert set(pending.targets()) == {target("ns0"), target("ns1"), target("ns2")}
+        # What the widening replaced is freed a share per call: these calls finish it.
+        for n in range(5_001):
+            pending.add(target(f"ns{n % 3}", f"t{n}"))
+        assert len(pending) == 3
+        # Nothing it let go of was left in a reference cycle.
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+class _Model:
+    """What the set keeps, by brute force: each call scans everything kept."""
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self.everything = False
+        self.widened = False
+        self.kept: dict[InvalidationTarget | str, CacheScope | None] = {}
+
+    def _renew_covering(self, scope: CacheScope | None) -> bool:
+        for kept in self.kept:
+            if isinstance(kept, InvalidationTarget) and scope is not None and kept.matches(scope):
+                self.kept[kept] = self.kept.pop(kept)
+                return True
+        return False
+
+    def add(self, new: InvalidationTarget) -> None:
+        as_scope = CacheScope(new.namespace, new.tenant_id, new.user_id)
+        if self.everything or self._renew_covering(as_scope):
+            return
+        for kept, scope in list(self.kept.items()):
+            if isinstance(kept, InvalidationTarget):
+                scope = CacheScope(kept.namespace, kept.tenant_id, kept.user_id)
+            if scope is not None and new.matches(scope):
+                del self.kept[kept]
+        self.kept[new] = None
+        self._compact()
+
+    def add_key(self, key: str, scope: CacheScope | None) -> None:
+        if self.everything or self._renew_covering(scope):
+            return
+        self.kept.pop(key, None)
+        self.kept[key] = scope
+        self._compact()
+
+    def _compact(self) -> None:
+        if len(self.kept) <= self.max_items:
+            return
+        self.widened = True
+        if any(isinstance(kept, str) and scope is None for kept, scope in self.kept.items()):
+            self.everything, self.kept = True, {}
+            return
+        namespaces = {
+            kept.namespace if isinstance(kept, InvalidationTarget) else scope.namespace  # type: ignore[union-attr]
+            for kept, scope in self.kept.items()
+        }
+        self.kept = {target(namespace): None for namespace in namespaces}
+
+
+scopes = st.builds(
+    lambda namespace, tenant, user: CacheScope(namespace, tenant, user if tenant else None),
+    st.sampled_from(["a", "b", "c"]),
+    st.one_of(st.none(), st.sampled_from(["t1", "t2"])),
+    st.one_of(st.none(), st.sampled_from(["u1", "u2"])),
+)
+operations = st.one_of(
+    st.tuples(st.just("add"), invalidation_targets),
+    st.tuples(st.just("key"), st.sampled_from(["k1", "k2", "k3", "k4"]), scopes),
+    st.tuples(st.just("foreign"), st.sampled_from(["f1", "f2"])),
+    st.tuples(st.just("flush")),
+    st.tuples(st.just("apply")),
+)
+
+
+@given(st.lists(operations, max_size=80), st.integers(min_value=1, max_value=12))
+async def test_the_set_keeps_what_scanning_everything_would_keep(
+    steps: list[tuple[Any, ...]], max_items: int
+) -> None:
+    # Tiny shards and release steps, so that a few items go through splitting and freeing.
+    with (
+        patch.object(pending_module, "_SPLIT_AT", 2),
+        patch.object(pending_module, "_RELEASE_BATCH", 2),
+    ):
+        pending, model = PendingInvalidations(max_items), _Model(max_items)
+        for step in steps:
+            if step[0] == "add":
+                pending.add(step[1])
+                model.add(step[1])
+            elif step[0] in ("key", "foreign"):
+                scope = step[2] if step[0] == "key" else None
+                pending.add_key(step[1], scope)
+                model.add_key(step[1], scope)
+            elif step[0] == "flush":
+                pending.add_everything()
+                model.everything, model.kept = True, {}
+            else:
+                await pending.apply_to(MemoryStore(10))
+                model.everything, model.kept, model.widened = False, {}, False
+            assert pending.everything == model.everything
+            assert len(pending) == int(model.everything) + len(model.kept)
+            wanted_targets = [kept for kept in model.kept if isinstance(kept, InvalidationTarget)]
+            if model.widened:  # the namespaces a widening keeps come in no particular order
+                assert set(pending.targets()) == set(wanted_targets)
+            else:
+                assert pending.targets() == wanted_targets
+            assert pending.keys() == [kept for kept in model.kept if isinstance(kept, str)]

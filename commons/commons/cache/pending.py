@@ -13,15 +13,29 @@ applied (an invalidation asked for during the replay must also remove what other
 the meantime), so a replay cut short by a failure leaves the rest for the next attempt and items
 added while it runs are applied by the same call.
 
-Cost: keeping n invalidations costs O(n) in all. Whether an item is covered is a look-up of the at
-most three targets that could cover it (its namespace, its tenant, itself), and what a wider item
-absorbs is found in indexes by namespace, tenant and user, so each item is indexed and removed
-once. A renewed item moves to the end, so the replay takes the oldest item first and never copies
-the set. (The first version scanned every kept target on every call: 10,000 kept invalidations
-took 11.9 s of event-loop time, one call near the bound 17 ms.)
+Cost: keeping n invalidations costs O(n) in all, and a call that keeps one more never copies or
+frees the whole set (``python -m bench pending``: with 100,000 kept, and with the set widened at
+10,000, the longest call held the event loop 0.23-0.42 ms over four runs). Whether an item is
+covered is a look-up of the at most three targets that could cover it (its namespace, its tenant,
+itself), and what a wider item absorbs is found in indexes by namespace, tenant and user, so each
+item is indexed and removed once. Every map and index past 512 entries is split into 64 shards by
+hash: CPython grows a dict or a set by copying it whole, so one that held 87,000 items once held
+the loop 3.5 ms as it grew. The order is a linked list: a renewed item moves to the end and an
+absorbed or applied one leaves in O(1), so the replay takes the oldest item first and never copies
+the set. A widening reads the number of items kept per namespace, counted as they come and go, so
+it is O(namespaces); it and a flush start from empty sets, and what they replaced is freed 256
+entries per later call rather than all in one. What a single call can still do at once is absorb: a
+wider item that covers m kept ones removes them in that call (each item is absorbed at most once,
+so the total stays O(n); 10,000 of one namespace took 22 ms). (The first version scanned every kept
+target on every call: 10,000 kept invalidations took 11.9 s of event-loop time, one call near the
+bound 17 ms; the next widened by reading every item, 1.0-1.3 ms in one call.)
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterator
+from typing import Any, Generic, TypeVar
 
 from commons.cache.backends.base import CacheStore
 from commons.cache.scope import CacheScope, InvalidationTarget
@@ -30,6 +44,167 @@ __all__ = ["PendingInvalidations", "PendingItem"]
 
 #: One kept item: an invalidation target, one key (with its scope when known), or a flush (None).
 PendingItem = InvalidationTarget | tuple[str, CacheScope | None] | None
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+T = TypeVar("T")
+
+#: A target or a key's scope as the maps hold it: (namespace, tenant, user). A tuple hashes in C,
+#: the dataclass in Python code, and each call hashes several.
+_Scope = tuple[str, str | None, str | None]
+
+#: A container past this many entries is split into _WIDTH shards: CPython grows a dict or a set
+#: by copying it whole, so an unsplit one of 87,000 items held the loop 3 ms when it grew.
+_SPLIT_AT = 512
+_WIDTH = 64
+#: Entries freed per call when a widening or a flush lets go of what it replaced.
+_RELEASE_BATCH = 256
+
+
+class _Shards(Generic[K, V]):
+    """A dict split by hash into shards once it is large, so that no growth copies much of it."""
+
+    __slots__ = ("_len", "_mask", "_shards")
+
+    def __init__(self) -> None:
+        self._shards: list[dict[K, V]] = [{}]
+        self._mask = 0
+        self._len = 0
+
+    # The shard is chosen by bits above those a shard's own table uses (``hash >> 16``), so
+    # that its keys still spread in it; written out in each method, the hottest code here.
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._shards[(hash(key) >> 16) & self._mask]
+
+    def __iter__(self) -> Iterator[K]:
+        for shard in self._shards:
+            yield from shard
+
+    def get(self, key: K) -> V | None:
+        return self._shards[(hash(key) >> 16) & self._mask].get(key)
+
+    def put(self, key: K, value: V) -> None:
+        shard = self._shards[(hash(key) >> 16) & self._mask]
+        if key not in shard:
+            self._len += 1
+        shard[key] = value
+        if self._len > _SPLIT_AT and not self._mask:
+            self._split()
+
+    def pop(self, key: K) -> V | None:
+        shard = self._shards[(hash(key) >> 16) & self._mask]
+        if key not in shard:
+            return None
+        self._len -= 1
+        return shard.pop(key)
+
+    def _split(self) -> None:
+        (whole,) = self._shards
+        self._mask = mask = _WIDTH - 1
+        shards: list[dict[K, V]] = [{} for _ in range(_WIDTH)]
+        self._shards = shards
+        for key, value in whole.items():
+            shards[(hash(key) >> 16) & mask][key] = value
+
+    def detach(self) -> list[dict[K, V]]:
+        """Empties this and returns what it held, for :func:`_released` to free bit by bit."""
+        shards, self._shards, self._mask, self._len = self._shards, [{}], 0, 0
+        return shards
+
+
+class _Link:
+    __slots__ = ("next", "prev")
+
+    def __init__(self) -> None:
+        self.prev: _Link = self
+        self.next: _Link = self
+
+
+#: Where an unlinked node points: at itself it would be a cycle, freed only by the collector.
+_UNLINKED = _Link()
+
+
+class _Node(_Link, Generic[T]):
+    """One kept item in the replay order; ``scope`` is a key's (None for a target)."""
+
+    __slots__ = ("item", "scope", "seq")
+
+    def __init__(self, item: T, scope: CacheScope | None, seq: int) -> None:
+        self.prev = self.next = _UNLINKED
+        self.item = item
+        self.scope = scope
+        self.seq = seq
+
+
+class _Order(Generic[T]):
+    """Kept items, oldest request first: a doubly linked list, so that moving a renewed item to
+    the end or removing one anywhere is O(1) and the order never needs one large copy."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self) -> None:
+        self._head = _Link()
+
+    def append(self, node: _Node[T]) -> None:
+        tail = self._head.prev
+        node.prev, node.next = tail, self._head
+        tail.next = self._head.prev = node
+
+    def remove(self, node: _Node[T]) -> None:
+        node.prev.next, node.next.prev = node.next, node.prev
+        # A node left pointing at its neighbours would be freed only by the cyclic collector.
+        node.prev = node.next = _UNLINKED
+
+    def move_to_end(self, node: _Node[T]) -> None:
+        self.remove(node)
+        self.append(node)
+
+    def first(self) -> _Node[T] | None:
+        node = self._head.next
+        return None if node is self._head else node  # type: ignore[return-value]
+
+    def __iter__(self) -> Iterator[_Node[T]]:
+        node = self._head.next
+        while node is not self._head:
+            yield node  # type: ignore[misc]
+            node = node.next
+
+    def detach(self) -> _Link:
+        """Empties this and returns the old chain's head, for :func:`_released`."""
+        head, self._head = self._head, _Link()
+        return head
+
+
+def _released(chains: list[_Link], shards: list[dict[Any, Any]]) -> Iterator[None]:
+    """Frees what a widening or a flush replaced, _RELEASE_BATCH entries per step.
+
+    Dropping it at once would free every kept item in one call: O(n) on the event loop.
+    """
+    done = 0
+    for head in chains:
+        while head.next is not head:
+            node = head.next
+            head.next = node.next
+            node.prev = node.next = _UNLINKED
+            done += 1
+            if done % _RELEASE_BATCH == 0:
+                yield
+        head.prev = head.next = _UNLINKED
+    while shards:
+        shard = shards[-1]
+        if not shard:
+            shards.pop()
+            continue
+        _, value = shard.popitem()
+        if isinstance(value, _Shards):  # an index's members: freed the same way
+            shards.extend(value.detach())
+        done += 1
+        if done % _RELEASE_BATCH == 0:
+            yield
 
 
 class PendingInvalidations:
@@ -40,14 +215,21 @@ class PendingInvalidations:
         self._seq = 0
         #: Sequence number of the pending flush, or None.
         self._everything: int | None = None
-        # Oldest request first: a renewed item moves to the end.
-        self._targets: dict[InvalidationTarget, int] = {}
-        # key -> (its scope, or None when its namespace is unknown; sequence number)
-        self._keys: dict[str, tuple[CacheScope | None, int]] = {}
+        # What earlier widenings and flushes let go of, still being freed.
+        self._releasing: deque[Iterator[None]] = deque()
+        self._targets: _Shards[_Scope, _Node[InvalidationTarget]] = _Shards()
+        self._target_order: _Order[InvalidationTarget] = _Order()
+        # key -> its node (its scope, or None when its namespace is unknown; sequence number)
+        self._keys: _Shards[str, _Node[str]] = _Shards()
+        self._key_order: _Order[str] = _Order()
         # What a wider target absorbs: targets below a namespace or a tenant, keys below a
         # namespace, a tenant or a user (each key under all three of its scope).
-        self._targets_below: dict[tuple[str, str | None], set[InvalidationTarget]] = {}
-        self._keys_below: dict[tuple[str, str | None, str | None], set[str]] = {}
+        self._targets_below: _Shards[tuple[str, str | None], _Shards[_Scope, None]] = _Shards()
+        self._keys_below: _Shards[_Scope, _Shards[str, None]] = _Shards()
+        # Kept items per namespace, and keys without one: what a widening keeps, known without
+        # looking at the items.
+        self._per_namespace: dict[str, int] = {}
+        self._unscoped_keys = 0
 
     def __len__(self) -> int:
         return int(self._everything is not None) + len(self._targets) + len(self._keys)
@@ -61,17 +243,17 @@ class PendingInvalidations:
         return self._everything is not None
 
     def targets(self) -> list[InvalidationTarget]:
-        return list(self._targets)
+        return [node.item for node in self._target_order]
 
     def keys(self) -> list[str]:
-        return list(self._keys)
+        return [node.item for node in self._key_order]
 
     def items(self) -> list[PendingItem]:
         """What is kept, as items that :meth:`add_item` takes back (the journal's lines)."""
         if self._everything is not None:
             return [None]
-        keys: list[PendingItem] = [(key, scope) for key, (scope, _) in self._keys.items()]
-        return [*self._targets, *keys]
+        keys: list[PendingItem] = [(node.item, node.scope) for node in self._key_order]
+        return [*self.targets(), *keys]
 
     def add_item(self, item: PendingItem) -> None:
         """Keeps ``item`` (one of :meth:`items`)."""
@@ -83,8 +265,14 @@ class PendingInvalidations:
             self.add_key(*item)
 
     def _next(self) -> int:
+        self._release_some()
         self._seq += 1
         return self._seq
+
+    def _release_some(self) -> None:
+        """One step of freeing what was replaced: a bounded share of it on each call."""
+        if self._releasing and next(self._releasing[0], StopIteration) is StopIteration:
+            self._releasing.popleft()
 
     def add(self, target: InvalidationTarget) -> None:
         """Keeps an invalidation of ``target``."""
@@ -92,22 +280,29 @@ class PendingInvalidations:
         if self._everything is not None:
             self._everything = seq
             return
-        covering = self._covering(target.namespace, target.tenant_id, target.user_id)
+        ns, tenant, user = scope = (target.namespace, target.tenant_id, target.user_id)
+        covering = self._covering(ns, tenant, user)
         if covering is not None:
             self._renew(covering, seq)
             return
-        ns, tenant = target.namespace, target.tenant_id
-        if target.user_id is None:
-            for narrower in self._targets_below.pop((ns, tenant), set()):
+        if user is None:
+            for narrower in self._targets_below.pop((ns, tenant)) or ():
                 self._drop_target(narrower)
-        for key in list(self._keys_below.get((ns, tenant, target.user_id), ())):
+        for key in self._keys_below.pop(scope) or ():
             self._drop_key(key)
-        self._targets[target] = seq
-        if tenant is not None:
-            self._targets_below.setdefault((ns, None), set()).add(target)
-            if target.user_id is not None:
-                self._targets_below.setdefault((ns, tenant), set()).add(target)
+        self._keep_target(target, seq)
         self._compact()
+
+    def _keep_target(self, target: InvalidationTarget, seq: int) -> None:
+        node = _Node(target, None, seq)
+        ns, tenant, user = scope = (target.namespace, target.tenant_id, target.user_id)
+        self._targets.put(scope, node)
+        self._target_order.append(node)
+        if tenant is not None:
+            self._index(self._targets_below, (ns, None), scope)
+            if user is not None:
+                self._index(self._targets_below, (ns, tenant), scope)
+        self._count(ns, 1)
 
     def add_key(self, key: str, scope: CacheScope | None) -> None:
         """Keeps the removal of one key; ``scope`` lets a wider item cover it."""
@@ -120,47 +315,76 @@ class PendingInvalidations:
             if covering is not None:
                 self._renew(covering, seq)
                 return
-        self._keys.pop(key, None)  # renewed: to the end
-        self._keys[key] = (scope, seq)
+        if key in self._keys:
+            self._drop_key(key)  # renewed: to the end
+        node = _Node(key, scope, seq)
+        self._keys.put(key, node)
+        self._key_order.append(node)
         for level in _levels(scope):
-            self._keys_below.setdefault(level, set()).add(key)
+            self._index(self._keys_below, level, key)
+        self._count(scope.namespace if scope is not None else None, 1)
         self._compact()
+
+    @staticmethod
+    def _index(index: _Shards[Any, _Shards[T, None]], level: Hashable, member: T) -> None:
+        below = index.get(level)
+        if below is None:
+            below = _Shards()
+            index.put(level, below)
+        below.put(member, None)
+
+    @staticmethod
+    def _unindex(index: _Shards[Any, _Shards[T, None]], level: Hashable, member: T) -> None:
+        below = index.get(level)
+        if below is not None:
+            below.pop(member)
+            if not below:
+                index.pop(level)
+
+    def _count(self, namespace: str | None, change: int) -> None:
+        """Counts kept items by namespace (None: a key whose namespace is unknown)."""
+        if namespace is None:
+            self._unscoped_keys += change
+            return
+        left = self._per_namespace.get(namespace, 0) + change
+        if left:
+            self._per_namespace[namespace] = left
+        else:
+            del self._per_namespace[namespace]
 
     def _covering(
         self, namespace: str, tenant_id: str | None, user_id: str | None
-    ) -> InvalidationTarget | None:
+    ) -> _Node[InvalidationTarget] | None:
         """The kept target that covers this scope, if any: at most three look-ups."""
-        for candidate in (
-            InvalidationTarget(namespace),
-            InvalidationTarget(namespace, tenant_id) if tenant_id is not None else None,
-            InvalidationTarget(namespace, tenant_id, user_id) if user_id is not None else None,
-        ):
-            if candidate is not None and candidate in self._targets:
-                return candidate
-        return None
+        targets = self._targets
+        node = targets.get((namespace, None, None))
+        if node is None and tenant_id is not None:
+            node = targets.get((namespace, tenant_id, None))
+            if node is None and user_id is not None:
+                node = targets.get((namespace, tenant_id, user_id))
+        return node
 
-    def _renew(self, target: InvalidationTarget, seq: int) -> None:
-        del self._targets[target]
-        self._targets[target] = seq
+    def _renew(self, node: _Node[InvalidationTarget], seq: int) -> None:
+        node.seq = seq
+        self._target_order.move_to_end(node)
 
-    def _drop_target(self, target: InvalidationTarget) -> None:
-        del self._targets[target]
-        if target.tenant_id is not None:
-            for level in ((target.namespace, None), (target.namespace, target.tenant_id)):
-                below = self._targets_below.get(level)
-                if below is not None:
-                    below.discard(target)
-                    if not below:
-                        del self._targets_below[level]
+    def _drop_target(self, scope: _Scope) -> None:
+        node = self._targets.pop(scope)
+        assert node is not None
+        self._target_order.remove(node)
+        namespace, tenant, _ = scope
+        if tenant is not None:
+            for level in ((namespace, None), (namespace, tenant)):
+                self._unindex(self._targets_below, level, scope)
+        self._count(namespace, -1)
 
     def _drop_key(self, key: str) -> None:
-        scope, _ = self._keys.pop(key)
-        for level in _levels(scope):
-            below = self._keys_below.get(level)
-            if below is not None:
-                below.discard(key)
-                if not below:
-                    del self._keys_below[level]
+        node = self._keys.pop(key)
+        assert node is not None
+        self._key_order.remove(node)
+        for level in _levels(node.scope):
+            self._unindex(self._keys_below, level, key)
+        self._count(node.scope.namespace if node.scope is not None else None, -1)
 
     def add_everything(self) -> None:
         """Keeps a service-wide flush; it covers every other item."""
@@ -172,23 +396,29 @@ class PendingInvalidations:
         self._forget_all()
 
     def _forget_all(self) -> None:
-        self._targets.clear()
-        self._keys.clear()
-        self._targets_below.clear()
-        self._keys_below.clear()
+        """Starts empty in O(1); what was kept is freed a bounded share per later call."""
+        if not (self._targets or self._keys):
+            return
+        chains = [self._target_order.detach(), self._key_order.detach()]
+        shards: list[dict[Any, Any]] = []
+        for index in (self._targets, self._keys, self._targets_below, self._keys_below):
+            shards.extend(index.detach())
+        self._releasing.append(_released(chains, shards))
+        self._per_namespace = {}
+        self._unscoped_keys = 0
 
     def _compact(self) -> None:
+        """Past the bound, widens to whole namespaces: O(namespaces), from the counts kept."""
         if len(self) <= self._max_items:
             return
-        namespaces = {target.namespace for target in self._targets}
-        for scope, _ in self._keys.values():
-            if scope is None:
-                self.add_everything()
-                return
-            namespaces.add(scope.namespace)
+        if self._unscoped_keys:
+            self.add_everything()
+            return
+        namespaces = list(self._per_namespace)
         seq = self._next()
         self._forget_all()
-        self._targets = {InvalidationTarget(namespace): seq for namespace in namespaces}
+        for namespace in namespaces:
+            self._keep_target(InvalidationTarget(namespace), seq)
 
     async def apply_to(self, store: CacheStore) -> int:
         """Applies every pending item to ``store``, oldest first; returns the entries removed.
@@ -198,29 +428,33 @@ class PendingInvalidations:
         """
         removed = 0
         while self:
+            self._release_some()
             if self._everything is not None:
                 seq = self._everything
                 removed += await store.clear()
                 if self._everything == seq:
                     self._everything = None
-            elif self._targets:
-                target, seq = next(iter(self._targets.items()))
+            elif (target_node := self._target_order.first()) is not None:
+                target, seq = target_node.item, target_node.seq
                 removed += await store.invalidate(target)
-                if self._targets.get(target) == seq:
-                    self._drop_target(target)
-            else:
-                key, (scope, seq) = next(iter(self._keys.items()))
+                kept_as = (target.namespace, target.tenant_id, target.user_id)
+                current = self._targets.get(kept_as)
+                if current is not None and current.seq == seq:
+                    self._drop_target(kept_as)
+            elif (key_node := self._key_order.first()) is not None:
+                key, scope, seq = key_node.item, key_node.scope, key_node.seq
                 removed += await store.delete(key, scope)
-                if key in self._keys and self._keys[key][1] == seq:
+                current_key = self._keys.get(key)
+                if current_key is not None and current_key.seq == seq:
                     self._drop_key(key)
         return removed
 
 
-def _levels(scope: CacheScope | None) -> list[tuple[str, str | None, str | None]]:
+def _levels(scope: CacheScope | None) -> list[_Scope]:
     """The index entries of a key of ``scope``: its namespace, its tenant, its user."""
     if scope is None:
         return []
-    levels: list[tuple[str, str | None, str | None]] = [(scope.namespace, None, None)]
+    levels: list[_Scope] = [(scope.namespace, None, None)]
     if scope.tenant_id is not None:
         levels.append((scope.namespace, scope.tenant_id, None))
         if scope.user_id is not None:
