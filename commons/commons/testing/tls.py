@@ -40,11 +40,20 @@ def make_certificates(
     key, csr, cert = directory / "server.key", directory / "server.csr", directory / "server.pem"
     extensions = directory / "server.ext"
     names = ",".join([*(f"DNS:{name}" for name in host_names), "IP:127.0.0.1"])
-    extensions.write_text(f"subjectAltName={names}\n", encoding="utf-8")
+    # The extensions X.509 strict verification asks for (Python 3.13's default context): a CA
+    # with critical basic constraints and key usage, a leaf naming its issuer's key.
+    extensions.write_text(
+        f"subjectAltName={names}\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n",
+        encoding="utf-8",
+    )
     _openssl("genrsa", "-out", str(ca_key), "2048")
     _openssl(
         "req", "-x509", "-new", "-key", str(ca_key), "-sha256", "-days", "2",
         "-subj", "/CN=commons test CA", "-out", str(ca_cert),
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
     )  # fmt: skip
     _openssl("genrsa", "-out", str(key), "2048")
     _openssl("req", "-new", "-key", str(key), "-subj", "/CN=localhost", "-out", str(csr))
