@@ -9,6 +9,7 @@ later GET receives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import uuid
 from collections.abc import Callable
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 def replicas(redis_url: str, start_replicas: Callable[..., list[str]], tmp_path: Path) -> list[str]:
     """Two replicas of ``replica_app`` on the session's Redis; their base URLs."""
     database = tmp_path / "replicas.sqlite"
-    with sqlite3.connect(database) as conn:
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
         conn.execute("CREATE TABLE IF NOT EXISTS res (tenant TEXT PRIMARY KEY, version INTEGER)")
     return start_replicas(
         REDIS_URL=redis_url, CACHE_PREFIX="replica-test", REPLICA_DB=str(database)

@@ -9,6 +9,7 @@ runs), Redis comes back with its data, and the process starts again.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
@@ -180,7 +181,7 @@ def test_an_invalidation_kept_during_an_outage_outlives_the_process_that_kept_it
     journal = tmp_path / "journal"
     journal.mkdir()
     database = tmp_path / "replicas.sqlite"
-    with sqlite3.connect(database) as conn:
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
         conn.execute("CREATE TABLE IF NOT EXISTS res (tenant TEXT PRIMARY KEY, version INTEGER)")
     with RedisServer(extra_args=PERSISTENT) as redis:
         env = {

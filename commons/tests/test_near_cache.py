@@ -9,6 +9,7 @@ under ``maxmemory``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 import uuid
@@ -591,7 +592,7 @@ async def test_an_invalidation_on_one_replica_is_seen_by_the_other(
     """Two uvicorn processes on one Redis: B answers from its near cache (no MGET), A's PUT
     invalidates and returns; B answers the new version within PATIENCE_SECONDS, and only it."""
     database = tmp_path / "replicas.sqlite"
-    with sqlite3.connect(database) as conn:
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
         conn.execute("CREATE TABLE IF NOT EXISTS res (tenant TEXT PRIMARY KEY, version INTEGER)")
     replica_a, replica_b = start_replicas(
         REDIS_URL=redis_url,

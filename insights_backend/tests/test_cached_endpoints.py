@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 from collections.abc import Callable
@@ -190,7 +191,7 @@ async def test_insights_are_answered_from_a_recently_stale_page_while_the_databa
     key = f"ib-cache:insights:tenant_1:/v1/insights:{hashlib.md5(b'page=1&size=5').hexdigest()}"
     # CACHE_TTL_SECONDS (300) fresh, then STALE_IF_ERROR_SECONDS (300): stale for 60 s now.
     await age_entry(key, STALE_IF_ERROR_SECONDS - 60)
-    with sqlite3.connect(tmp_path / "insights.db") as database:
+    with contextlib.closing(sqlite3.connect(tmp_path / "insights.db")) as database, database:
         database.execute("DROP TABLE insights")  # every query of the handler fails now
 
     stale = await client.get("/v1/insights?page=1&size=5", headers=headers)
