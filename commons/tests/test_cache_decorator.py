@@ -197,6 +197,108 @@ async def test_key_builder_chooses_the_scope_of_the_entry(
     assert (await stored(key))[1] == alice.content
 
 
+def language_key_builder(
+    func: Callable[..., Any], namespace: str = "", *, request: Request | None = None, **_: Any
+) -> str:
+    """A team's own builder: its own key text, with the request's language and no tenant."""
+    assert request is not None
+    return f"{namespace}:{request.headers.get('accept-language')}:{request.url.path}"
+
+
+def language_user_key_builder(
+    func: Callable[..., Any], namespace: str = "", *, request: Request | None = None, **_: Any
+) -> str:
+    """A team's builder that wraps ours, adding the language to a user's key."""
+    assert request is not None
+    built = tenant_user_cache_key_builder(func, namespace, request=request)
+    return f"{built}:{request.headers.get('accept-language')}"
+
+
+@pytest.fixture
+def language_app(make_identity_app: Callable[[], FastAPI]) -> tuple[FastAPI, dict[str, int]]:
+    """``GET /items`` cached in namespace ``items`` by :func:`language_key_builder`; answers
+    ``{"tenant", "lang", "version"}`` from the dict returned beside the app."""
+    app = make_identity_app()
+    version = {"n": 1}
+
+    @app.get("/items")
+    @cache(namespace="items", key_builder=language_key_builder)
+    async def items(request: Request) -> dict[str, Any]:
+        lang = request.headers.get("accept-language")
+        return {"tenant": get_tenant_id(), "lang": lang, "version": version["n"]}
+
+    return app, version
+
+
+async def test_a_custom_key_builders_entries_are_removed_by_invalidating_their_tenant(
+    backend: CacheSettings, language_app: tuple[FastAPI, dict[str, int]]
+) -> None:
+    app, version = language_app
+    french = {**ACME, "Accept-Language": "fr"}
+    async with client_for(app) as client:
+        first = await client.get("/items", headers=french)
+        hit = await client.get("/items", headers=french)
+        version["n"] = 2
+        removed = await invalidate_namespace("items", tenant_id="acme")
+        after = await client.get("/items", headers=french)
+
+    assert [r.headers["X-FastAPI-Cache"] for r in (first, hit, after)] == ["MISS", "HIT", "MISS"]
+    assert removed == 1
+    assert after.json() == {"tenant": "acme", "lang": "fr", "version": 2}
+
+
+async def test_a_custom_key_builder_that_omits_the_tenant_never_serves_one_tenant_to_another(
+    backend: CacheSettings, language_app: tuple[FastAPI, dict[str, int]], redis_keys: RedisKeys
+) -> None:
+    app, _ = language_app
+    async with client_for(app) as client:
+        acme = await client.get("/items", headers={**ACME, "Accept-Language": "fr"})
+        globex = await client.get(
+            "/items", headers={"X-Test-Tenant": "globex", "Accept-Language": "fr"}
+        )
+        nobody = await client.get("/items", headers={"Accept-Language": "fr"})
+
+    assert (acme.json()["tenant"], globex.json()["tenant"]) == ("acme", "globex")
+    assert globex.headers["X-FastAPI-Cache"] == "MISS"
+    assert nobody.json()["tenant"] is None
+    assert nobody.headers["cache-status"].endswith("fwd=bypass")
+    if backend.REDIS_URL is not None:
+        entries = {key for key in await redis_keys() if ":#" not in key}
+        prefix = f"{backend.CACHE_PREFIX}:items"
+        assert entries == {
+            f"{prefix}:tenant_acme:~{prefix}:fr:/items",
+            f"{prefix}:tenant_globex:~{prefix}:fr:/items",
+        }
+
+
+async def test_a_builder_wrapping_ours_keeps_its_user_scope_for_invalidation(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/prefs")
+    @cache(namespace="prefs", key_builder=language_user_key_builder)
+    async def prefs() -> dict[str, int]:
+        runs.append(str(get_user_id()))
+        return {"run": len(runs)}
+
+    alice = {**ACME, "X-Test-User": "alice", "Accept-Language": "fr"}
+    bob = {**ACME, "X-Test-User": "bob", "Accept-Language": "fr"}
+    async with client_for(app) as client:
+        await client.get("/prefs", headers=alice)
+        await client.get("/prefs", headers=bob)
+        removed = await invalidate_namespace("prefs", tenant_id="acme", user_id="alice")
+        alice_after = await client.get("/prefs", headers=alice)
+        bob_after = await client.get("/prefs", headers=bob)
+
+    assert removed == 1
+    assert (alice_after.headers["X-FastAPI-Cache"], bob_after.headers["X-FastAPI-Cache"]) == (
+        "MISS",
+        "HIT",
+    )
+
+
 async def test_a_custom_coder_renders_the_stored_body(
     backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
 ) -> None:

@@ -12,6 +12,11 @@ parameters kept in the order the client sent them, so ``?a=1&b=2`` and ``?b=2&a=
 percent-encoded (``%25``, ``%3F``, ``%23``, ``%5C``): ``/items/a%3Fb`` (the path ``/items/a?b``)
 and ``/items/a%253Fb`` (the path ``/items/a%3Fb``) are two paths, so two keys.
 
+Any other key builder's text (:func:`scoped_key`) is scoped the same way: by the identity bound
+to the request, never by what the text happens to say, so invalidating the tenant reaches every
+entry a route stores, and a builder that leaves the tenant out cannot share an entry between two
+tenants.
+
 Fail closed: when the identity a builder needs is missing (or cannot be written into a key without
 ambiguity), the builder returns a key whose ``cacheable`` is false. The cache then neither reads nor
 writes anything for that request; the handler answers it. There is never a shared fallback key.
@@ -29,7 +34,13 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import Response
 
-from commons.cache.keyspace import entry_key, split_qualified_namespace, uncacheable_key
+from commons.cache.keyspace import (
+    entry_key,
+    foreign_entry_key,
+    scope_of_key,
+    split_qualified_namespace,
+    uncacheable_key,
+)
 from commons.cache.memo import BoundedMemo
 from commons.cache.scope import CacheScope, ScopedKey
 from commons.utilities.context import get_tenant_id, get_user_id
@@ -37,6 +48,7 @@ from commons.utilities.context import get_tenant_id, get_user_id
 __all__ = [
     "canonical_query_digest",
     "key_path",
+    "scoped_key",
     "tenant_cache_key_builder",
     "tenant_user_cache_key_builder",
 ]
@@ -144,6 +156,36 @@ def _build_new(
     # fastapi-cache2 passes "{prefix}:{namespace}"; a bare prefix is the empty namespace.
     namespace = split_qualified_namespace(qualified_namespace)[1] or ""
     return ScopedKey(key, CacheScope(namespace, tenant_id, user_id))
+
+
+def scoped_key(built: str, qualified_namespace: str) -> ScopedKey:
+    """The key, with its scope, of an entry whose text a key builder returned.
+
+    Our builders' keys carry their scope already. Any other text is scoped by the request's bound
+    identity: kept as it is when it names exactly that tenant (and user, if any) in this
+    namespace, as a builder wrapping ours does; otherwise stored inside the bound tenant's scope
+    (``keyspace.foreign_entry_key``), so ``invalidate_namespace(ns, tenant_id=...)`` removes it.
+    No tenant bound: uncacheable, as with our builders.
+    """
+    if isinstance(built, ScopedKey):
+        return built
+    tenant_id = get_tenant_id()
+    if tenant_id is None:
+        return _uncacheable(qualified_namespace, "no tenant bound to the request")
+    if not _VALID_ID.fullmatch(tenant_id):
+        return _uncacheable(qualified_namespace, "tenant id holds ':' or whitespace")
+    prefix, namespace = split_qualified_namespace(qualified_namespace)
+    named = scope_of_key(prefix, built)
+    if (
+        named is not None
+        and named.namespace == (namespace or "")
+        and named.tenant_id == tenant_id
+        and named.user_id in (None, get_user_id())
+        and built.startswith(qualified_namespace + ":")
+    ):
+        return ScopedKey(built, named)
+    key = foreign_entry_key(qualified_namespace, tenant_id, built)
+    return ScopedKey(key, CacheScope(namespace or "", tenant_id))
 
 
 def tenant_cache_key_builder(

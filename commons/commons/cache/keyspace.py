@@ -4,6 +4,7 @@ Entry keys hold one response each; the key builders (``keys.py``) give them thei
 
     {prefix}:{namespace}:tenant_{tenant}:{url_path}:{md5}
     {prefix}:{namespace}:tenant_{tenant}:user_{user}:{url_path}:{md5}
+    {prefix}:{namespace}:tenant_{tenant}:~{text}      another key builder's text, in its tenant
 
 ``{prefix}:{namespace}`` is the *qualified namespace* fastapi-cache2 hands its key builders. A
 prefix never holds ``:``, and tenant and user ids never do either (the builders refuse them), so
@@ -42,6 +43,7 @@ __all__ = [
     "Keyspace",
     "check_key",
     "entry_key",
+    "foreign_entry_key",
     "glob_escape",
     "lock_key",
     "namespace_of_key",
@@ -77,6 +79,15 @@ def entry_key(
     if user_id is None:
         return f"{qualified}:{_TENANT}{tenant_id}:{url_path}:{query_digest}"
     return f"{qualified}:{_TENANT}{tenant_id}:{_USER}{user_id}:{url_path}:{query_digest}"
+
+
+def foreign_entry_key(qualified: str, tenant_id: str, text: str) -> str:
+    """The key of an entry whose text another key builder wrote, placed in the tenant's scope.
+
+    ``~`` cannot begin a path (``/``) or a user part (``user_``), so the text, whatever it
+    holds, never reads as another scope (:func:`scope_of_key` reads the tenant only).
+    """
+    return f"{qualified}:{_TENANT}{tenant_id}:~{text}"
 
 
 def uncacheable_key(qualified: str) -> str:

@@ -54,10 +54,10 @@ from commons.cache.http import (
     labelled,
     replay,
 )
+from commons.cache.keys import scoped_key
 from commons.cache.keyspace import qualified_namespace
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
-from commons.cache.scope import ScopedKey
 
 __all__ = ["RequestPath"]
 
@@ -137,15 +137,16 @@ class RequestPath:
             return await self._bypassed(layer, sub_response, args, kwargs)
         if not isinstance(request, Request) or request.scope["method"] not in _CACHEABLE_METHODS:
             return await self._bypassed(layer, sub_response, args, kwargs)
+        qualified = self._names(layer.prefix)[0]
         built = self.key_builder(
             route.func,
-            self._names(layer.prefix)[0],
+            qualified,
             request=request,
             response=None,
             args=args,
             kwargs=kwargs,
         )
-        key = built if isinstance(built, str) else await built
+        key = scoped_key(built if isinstance(built, str) else await built, qualified)
         fingerprint = route.fingerprint(request)
         asked = _asked(request, sub_response)
         fresh_asked = _asks_for_fresh(layer, asked.cache_control)
@@ -156,7 +157,7 @@ class RequestPath:
         if lookup is None:
             layer.events.lookup(namespace, LookupOutcome.BYPASS_NO_IDENTITY)
             return await self._bypassed(layer, sub_response, args, kwargs)
-        private = not isinstance(key, ScopedKey) or key.is_private
+        private = key.is_private
         stale = None
         if lookup.value is not None:
             prepared = route.prepared.get(key, lookup.value, private)
