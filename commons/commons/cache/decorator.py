@@ -60,6 +60,7 @@ def _check_arguments(
     expire: int | None,
     stale_ttl: int | None,
     stale_if_error: int | None,
+    client_max_age: int | None,
 ) -> None:
     if ":" in namespace:
         raise ValueError(f"cache namespace {namespace!r} must not contain ':'")
@@ -71,6 +72,8 @@ def _check_arguments(
         raise ValueError("stale_ttl must not be negative")
     if stale_if_error is not None and stale_if_error < 0:
         raise ValueError("stale_if_error must not be negative")
+    if client_max_age is not None and client_max_age < 0:
+        raise ValueError("client_max_age must not be negative")
 
 
 def _injectable(namespace: str) -> tuple[Parameter, Parameter]:
@@ -104,6 +107,7 @@ def cache(
     distributed_lock: bool | None = None,
     stale_ttl: int | None = None,
     stale_if_error: int | None = None,
+    client_max_age: int | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R | Response]]]:
     """Caches a route's responses.
 
@@ -122,12 +126,17 @@ def cache(
             fails (the handler raises, or answers 5xx): ``X-FastAPI-Cache: STALE``, the failure
             logged and counted. Never an invalidated entry. ``CACHE_STALE_IF_ERROR_SECONDS`` by
             default (0: never).
+        client_max_age: Seconds a client (a browser, an HTTP client's cache) may reuse an
+            answer without asking again: ``Cache-Control: max-age`` of at most this and the
+            entry's remaining freshness. ``None`` (default): ``no-cache``, the client revalidates
+            every time with the ``ETag`` (a ``304`` when nothing changed), so it never uses an
+            answer from before an update.
 
     Raises:
         ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, or a
-            negative ``expire`` / ``stale_ttl`` / ``stale_if_error``.
+            negative ``expire`` / ``stale_ttl`` / ``stale_if_error`` / ``client_max_age``.
     """
-    _check_arguments(namespace, coder, expire, stale_ttl, stale_if_error)
+    _check_arguments(namespace, coder, expire, stale_ttl, stale_if_error, client_max_age)
     chosen_key_builder: KeyBuilder = key_builder or tenant_cache_key_builder
     injected_request, injected_response = _injectable(injected_dependency_namespace)
 
@@ -146,6 +155,7 @@ def cache(
             stale_ttl=stale_ttl or 0,
             stale_if_error=stale_if_error,
             lock=distributed_lock,
+            client_max_age=client_max_age,
         )
         answer = RequestPath(route, namespace, chosen_key_builder).answer
 

@@ -5,12 +5,15 @@ Per request:
 1. Not a GET/HEAD, caching disabled, or no identity to build a key from: the handler answers,
    nothing is read or stored (fail closed).
 2. Stored and fresh: replayed with ``X-FastAPI-Cache: HIT``, an ``ETag`` digest of the bytes
-   (``304`` on a matching ``If-None-Match``), ``Cache-Control: max-age=<remaining freshness>``,
-   ``private`` and ``Vary: Authorization`` for tenant- or user-scoped entries. The encoded headers
-   and the ETag of a stored body are computed once and reused while the stored bytes stay the same.
+   (``304`` on a matching ``If-None-Match``), ``Cache-Control: no-cache`` (the client revalidates:
+   a cheap ``304``) or, with ``client_max_age``, ``max-age=<that, at most the remaining
+   freshness>``, ``private`` and ``Vary: Authorization`` for tenant- or user-scoped entries.
+   The encoded headers and the ETag of a stored body are computed once and reused while the
+   stored bytes stay the same.
 3. Stored but stale for less than ``stale_ttl``: replayed at once with ``X-FastAPI-Cache:
-   STALE`` and ``max-age=0``; after the response is sent, one refresh per key and process
-   (single-flight, and with ``distributed_lock`` one across replicas) recomputes and stores it.
+   STALE`` (``max-age=0`` with ``client_max_age``); after the response is sent, one refresh per
+   key and process (single-flight, and with ``distributed_lock`` one across replicas)
+   recomputes and stores it.
 4. Missing: filled once (``fill.py``); exceptions and non-2xx answers are never stored. A HEAD
    that misses is answered by the handler and never stored (a GET's entry answers a HEAD, never
    the other way round), and a HEAD on a stale entry starts no refresh.
@@ -166,7 +169,7 @@ class RequestPath:
             elif lookup.is_fresh:
                 layer.events.lookup(namespace, LookupOutcome.HIT)
                 served = self.served(layer, _HIT, b"hit", lookup)
-                return _replay(prepared, lookup.fresh_for, served, asked)
+                return _replay(route, prepared, lookup.fresh_for, served, asked)
             elif -lookup.fresh_for < route.stale_ttl:
                 layer.events.lookup(namespace, LookupOutcome.STALE)
                 call = Call(key, fingerprint, private, request, sub_response, args, kwargs)
@@ -219,7 +222,8 @@ class RequestPath:
     ) -> Response:
         """A stale entry's answer, and after it one background refresh (a GET's only: see
         :meth:`_head_miss`)."""
-        stale = _replay(prepared, 0, self.served(layer, _STALE, b"hit", lookup), asked)
+        served = self.served(layer, _STALE, b"hit", lookup)
+        stale = _replay(self.route, prepared, 0, served, asked)
         if not asked.head:
             # Runs once the stale answer is sent, while the request's dependencies (a database
             # session, ...) are still open.
@@ -287,7 +291,7 @@ class _Miss:
             else:
                 detail = self.reason + b"; stored" if shared.stored else self.reason
             served = self.path.served(self.layer, _MISS, detail)
-            return _replay(shared.prepared, fill.ttl, served, asked)
+            return _replay(self.path.route, shared.prepared, fill.ttl, served, asked)
         if shared.response is None or shared is not fill.outcome:
             # Another request's answer that may not be stored (no-store, private, non-2xx, a
             # cookie, a stream, an exception) is that request's alone: this one runs the handler
@@ -332,7 +336,7 @@ class _Miss:
         self.layer.events.served_stale_on_error(namespace)
         detail = b"fwd=stale; fwd-status=%d" % failed_status
         served = self.path.served(self.layer, _STALE, detail, stale.lookup)
-        return _replay(stale.prepared, 0, served, self.asked)
+        return _replay(self.path.route, stale.prepared, 0, served, self.asked)
 
 
 def _asks_for_fresh(layer: CacheLayer, cache_control: str) -> bool:
@@ -349,10 +353,16 @@ async def _unread(layer: CacheLayer, key: str) -> Lookup | None:
     return None if token is None else Lookup(token)
 
 
-def _replay(prepared: PreparedResponse, max_age: int, served: Served, asked: _Asked) -> Response:
+def _replay(
+    route: CachedRoute, prepared: PreparedResponse, fresh_for: int, served: Served, asked: _Asked
+) -> Response:
+    """``prepared`` as this request's answer. The client may reuse it for ``client_max_age``
+    seconds at most, never past the entry's freshness (``fresh_for``); by default not at all
+    without revalidating (``no-cache``): a client's copy from before an update is never used."""
+    allowed = route.client_max_age
     return replay(
         prepared,
-        max_age=max_age,
+        max_age=None if allowed is None else min(allowed, fresh_for),
         served=served,
         if_none_match=asked.if_none_match,
         head=asked.head,
