@@ -24,6 +24,7 @@ from commons.cache import (
     CacheSettings,
     cache,
     cache_status,
+    close_cache,
     init_cache,
     invalidate_namespace,
     tenant_cache_key_builder,
@@ -467,6 +468,57 @@ async def test_other_methods_than_get_are_never_cached(
     assert [r.json()["run"] for r in responses] == [1, 2]
     assert all("X-FastAPI-Cache" not in r.headers for r in responses)
     assert await nothing_is_stored(redis_keys)
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+async def test_a_cached_route_that_answers_post_warns_once_naming_the_route_and_the_fix(
+    backend: CacheSettings,
+    make_identity_app: Callable[[], FastAPI],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = make_identity_app()
+
+    @app.post("/orders")
+    @cache(namespace="orders")
+    async def create_order() -> dict[str, str]:
+        return {"id": "1"}
+
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        async with client_for(app) as client:
+            for _ in range(3):
+                await client.post("/orders", headers=ACME)
+
+    [warning] = warnings_of(caplog)
+    assert "POST /orders" in warning
+    assert "only GET and HEAD" in warning
+    assert "remove @cache" in warning
+
+
+async def test_without_init_cache_a_cached_route_warns_once_naming_init_cache(
+    make_identity_app: Callable[[], FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    await close_cache()
+    app = make_identity_app()
+    runs: list[int] = []
+
+    @app.get("/config")
+    @cache(namespace="cfg")
+    async def config() -> dict[str, int]:
+        runs.append(1)
+        return {"run": len(runs)}
+
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        async with client_for(app) as client:
+            responses = [await client.get("/config", headers=ACME) for _ in range(3)]
+
+    assert [r.json()["run"] for r in responses] == [1, 2, 3]
+    [warning] = warnings_of(caplog)
+    assert "GET /config" in warning
+    assert "init_cache() has not run" in warning
+    assert "with TestClient(app)" in warning
 
 
 # -- refused at decoration time -------------------------------------------------------------------

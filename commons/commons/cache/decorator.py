@@ -34,6 +34,7 @@ from starlette.responses import Response
 
 from commons.cache.cached_route import CachedRoute
 from commons.cache.keys import tenant_cache_key_builder
+from commons.cache.keyspace import check_namespace
 from commons.cache.rendering import resolved_return_annotation
 from commons.cache.request_path import RequestPath
 
@@ -62,8 +63,7 @@ def _check_arguments(
     stale_if_error: int | None,
     client_max_age: int | None,
 ) -> None:
-    if ":" in namespace:
-        raise ValueError(f"cache namespace {namespace!r} must not contain ':'")
+    check_namespace(namespace)
     if coder is not None and issubclass(coder, PickleCoder):
         raise ValueError("cached values are JSON: PickleCoder would let a writable Redis run code")
     if expire is not None and expire < 0:

@@ -42,6 +42,7 @@ from commons.cache.scope import CacheScope
 __all__ = [
     "Keyspace",
     "check_key",
+    "check_namespace",
     "entry_key",
     "foreign_entry_key",
     "glob_escape",
@@ -58,6 +59,16 @@ _USER = "user_"
 
 
 # -- entry keys ---------------------------------------------------------------------------------
+
+
+def check_namespace(namespace: str) -> None:
+    """Refuses a namespace that would hold a ``:`` in keys (``@cache`` and invalidation alike).
+
+    Raises:
+        ValueError: For a namespace holding ``:``.
+    """
+    if ":" in namespace:
+        raise ValueError(f"cache namespace {namespace!r} must not contain ':'")
 
 
 def qualified_namespace(prefix: str, namespace: str) -> str:

@@ -71,6 +71,16 @@ _CACHE_STATUS_NAME = b"cache-status"
 
 logger = logging.getLogger("commons.cache")
 
+# The mistakes a cached route can reveal only when a request comes (%s: the method and route).
+_NOT_INITIALISED = (
+    "@cache on %s: init_cache() has not run, every request runs the handler; run it in the "
+    "app's lifespan (in tests: `with TestClient(app)` runs the lifespan)"
+)
+_NOT_A_READ = (
+    "@cache on %s: only GET and HEAD requests are cached; remove @cache from a route that "
+    "changes data, and call invalidate_namespace() for what it changes instead"
+)
+
 
 class _Asked(NamedTuple):
     """What the request asks of a cached answer besides its key."""
@@ -126,6 +136,8 @@ class RequestPath:
         # The last prefix seen, the qualified namespace under it, and the cache's name in
         # Cache-Status (a hit formats neither).
         self._qualified = ("", qualified_namespace("", namespace), cache_status_name(""))
+        #: The mistakes already logged for this route: each is said once, not per request.
+        self._warned: set[str] = set()
 
     async def answer(
         self, request: object, sub_response: object, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -134,11 +146,13 @@ class RequestPath:
         route, namespace = self.route, self.namespace
         layer = current_layer()
         if layer is None:
+            self._warn_once(request, _NOT_INITIALISED)
             return await route.call_handler(args, kwargs)
         if not layer.enabled:
             layer.events.lookup(namespace, LookupOutcome.BYPASS_DISABLED)
             return await self._bypassed(layer, sub_response, args, kwargs)
         if not isinstance(request, Request) or request.scope["method"] not in _CACHEABLE_METHODS:
+            self._warn_once(request, _NOT_A_READ)
             return await self._bypassed(layer, sub_response, args, kwargs)
         qualified = self._names(layer.prefix)[0]
         built = self.key_builder(
@@ -187,6 +201,15 @@ class RequestPath:
         reason = b"fwd=request" if fresh_asked else b"fwd=stale" if stale else b"fwd=miss"
         fill = Fill(route, layer, call, lookup.token)
         return await _Miss(self, layer, fill, asked, reason, stale).answer()
+
+    def _warn_once(self, request: object, mistake: str) -> None:
+        """Logs ``mistake`` about this route, the first time it is seen."""
+        if not isinstance(request, Request) or mistake in self._warned:
+            return  # a direct call of the handler (no request) is no mistake
+        self._warned.add(mistake)
+        route = request.scope.get("route")
+        path = getattr(route, "path", request.scope["path"])
+        logger.warning(mistake, f"{request.scope['method']} {path}")
 
     def _names(self, prefix: str) -> tuple[str, bytes]:
         """The qualified namespace under ``prefix`` and the cache's name in ``Cache-Status``."""
