@@ -22,6 +22,7 @@ whatever their clocks say. Every stored value also carries the route's fingerpri
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from functools import wraps
 from inspect import Parameter, Signature
 from typing import ParamSpec, TypeVar
@@ -37,6 +38,7 @@ from commons.cache.keys import tenant_cache_key_builder
 from commons.cache.keyspace import check_namespace
 from commons.cache.rendering import resolved_return_annotation
 from commons.cache.request_path import RequestPath
+from commons.cache.startup_checks import WRAPPED
 
 __all__ = ["cache"]
 
@@ -97,6 +99,14 @@ def _with_injected(
     )
 
 
+def _mark_wrapped(func: Callable[..., object]) -> None:
+    """Marks ``func`` as wrapped by ``@cache``, once ``@wraps`` has copied its attributes: only
+    a route that registered ``func`` itself (``@cache`` above the route decorator) has an
+    endpoint so marked (``startup_checks.py``)."""
+    with suppress(AttributeError, TypeError):  # a callable without attributes
+        setattr(func, WRAPPED, True)
+
+
 def cache(
     expire: int | None = None,
     coder: type[Coder] | None = None,
@@ -126,11 +136,9 @@ def cache(
             fails (the handler raises, or answers 5xx): ``X-FastAPI-Cache: STALE``, the failure
             logged and counted. Never an invalidated entry. ``CACHE_STALE_IF_ERROR_SECONDS`` by
             default (0: never).
-        client_max_age: Seconds a client (a browser, an HTTP client's cache) may reuse an
-            answer without asking again: ``Cache-Control: max-age`` of at most this and the
-            entry's remaining freshness. ``None`` (default): ``no-cache``, the client revalidates
-            every time with the ``ETag`` (a ``304`` when nothing changed), so it never uses an
-            answer from before an update.
+        client_max_age: Seconds a client may reuse an answer without asking (``max-age``, at
+            most the entry's freshness). ``None``: ``no-cache``, the client revalidates with the
+            ``ETag`` (a ``304`` if unchanged) and never uses an answer from before an update.
 
     Raises:
         ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, or a
@@ -175,6 +183,7 @@ def cache(
         if injected:
             endpoint.__signature__ = _with_injected(func, signature, injected)  # type: ignore[attr-defined]
         route.endpoint = endpoint
+        _mark_wrapped(func)
         return endpoint
 
     return decorate
