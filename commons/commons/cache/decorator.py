@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from functools import wraps
 from inspect import Parameter, Signature
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 from fastapi.dependencies.utils import get_typed_signature
 from fastapi_cache.coder import Coder, PickleCoder
@@ -44,6 +44,18 @@ __all__ = ["cache"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class CacheDecorator(Protocol):
+    """What ``cache(...)`` returns: it takes an async or a sync handler, and gives back an async
+    one with the same parameters and result type (called directly, outside a request, it runs
+    the handler; a cached answer only ever goes to FastAPI, which sends it as it is)."""
+
+    @overload
+    def __call__(self, func: Callable[P, Awaitable[R]], /) -> Callable[P, Awaitable[R]]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, R], /) -> Callable[P, Awaitable[R]]: ...
 
 
 def _param_of_type(signature: Signature, kind: type) -> Parameter | None:
@@ -118,8 +130,8 @@ def cache(
     stale_ttl: int | None = None,
     stale_if_error: int | None = None,
     client_max_age: int | None = None,
-) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R | Response]]]:
-    """Caches a route's responses.
+) -> CacheDecorator:
+    """Caches a route's responses (``async def`` and ``def`` handlers alike).
 
     Args:
         expire: Seconds an entry is fresh; ``CACHE_TTL_SECONDS`` by default.
@@ -148,7 +160,7 @@ def cache(
     chosen_key_builder: KeyBuilder = key_builder or tenant_cache_key_builder
     injected_request, injected_response = _injectable(injected_dependency_namespace)
 
-    def decorate(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R | Response]]:
+    def decorate(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         signature = get_typed_signature(func)
         request_param = _param_of_type(signature, Request)
         response_param = _param_of_type(signature, Response)
@@ -168,13 +180,13 @@ def cache(
         answer = RequestPath(route, namespace, chosen_key_builder).answer
 
         @wraps(func)
-        async def endpoint(*args: P.args, **kwargs: P.kwargs) -> R | Response:
+        async def endpoint(*args: Any, **kwargs: Any) -> Any:
             # The injected parameters are ours: the handler never sees them.
             request = kwargs.pop(request_name, None) if inject_request else kwargs.get(request_name)
             sub_response = (
                 kwargs.pop(response_name, None) if inject_response else kwargs.get(response_name)
             )
-            return await answer(request, sub_response, args, kwargs)  # type: ignore[no-any-return]
+            return await answer(request, sub_response, args, kwargs)
 
         injected = [
             *([injected_request] if inject_request else []),
@@ -186,4 +198,4 @@ def cache(
         _mark_wrapped(func)
         return endpoint
 
-    return decorate
+    return cast(CacheDecorator, decorate)
