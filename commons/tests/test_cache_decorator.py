@@ -25,6 +25,7 @@ from commons.cache import (
     cache,
     cache_status,
     close_cache,
+    global_cache_key_builder,
     init_cache,
     invalidate_namespace,
     tenant_cache_key_builder,
@@ -298,6 +299,59 @@ async def test_a_builder_wrapping_ours_keeps_its_user_scope_for_invalidation(
         "MISS",
         "HIT",
     )
+
+
+@pytest.fixture
+def catalogue_app(make_identity_app: Callable[[], FastAPI]) -> tuple[FastAPI, list[str]]:
+    """``GET /catalogue`` cached for everyone (``global_cache_key_builder``), namespace
+    ``catalogue``; the list records each handler run's tenant."""
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/catalogue")
+    @cache(namespace="catalogue", key_builder=global_cache_key_builder)
+    async def catalogue() -> dict[str, int]:
+        runs.append(str(get_tenant_id()))
+        return {"version": len(runs)}
+
+    return app, runs
+
+
+async def test_a_route_opting_in_to_global_entries_shares_one_between_tenants_and_anonymous(
+    backend: CacheSettings, catalogue_app: tuple[FastAPI, list[str]]
+) -> None:
+    app, runs = catalogue_app
+    async with client_for(app) as client:
+        acme = await client.get("/catalogue", headers=ACME)
+        globex = await client.get("/catalogue", headers={"X-Test-Tenant": "globex"})
+        anonymous = await client.get("/catalogue")
+
+    assert [r.headers["X-FastAPI-Cache"] for r in (acme, globex, anonymous)] == [
+        "MISS",
+        "HIT",
+        "HIT",
+    ]
+    assert runs == ["acme"]
+    assert anonymous.headers["cache-control"] == "no-cache"
+    assert "vary" not in anonymous.headers
+    key = f"{backend.CACHE_PREFIX}:catalogue:/catalogue:{MD5_OF_NOTHING}"
+    assert (await stored(key))[1] == acme.content
+
+
+async def test_a_global_entry_is_removed_by_invalidating_its_namespace_not_a_tenant(
+    backend: CacheSettings, catalogue_app: tuple[FastAPI, list[str]]
+) -> None:
+    app, _ = catalogue_app
+    async with client_for(app) as client:
+        await client.get("/catalogue", headers=ACME)
+        kept = await invalidate_namespace("catalogue", tenant_id="acme")
+        hit = await client.get("/catalogue", headers=ACME)
+        removed = await invalidate_namespace("catalogue")
+        fresh = await client.get("/catalogue", headers=ACME)
+
+    assert (kept, removed) == (0, 1)
+    assert (hit.headers["X-FastAPI-Cache"], fresh.headers["X-FastAPI-Cache"]) == ("HIT", "MISS")
+    assert fresh.json() == {"version": 2}
 
 
 async def test_a_custom_coder_renders_the_stored_body(

@@ -5,6 +5,7 @@ written by ``keyspace.py``, which owns the key format. Keys are exactly::
 
     {CACHE_PREFIX}:{namespace}:tenant_{tenant_id}:{url_path}:{md5}
     {CACHE_PREFIX}:{namespace}:tenant_{tenant_id}:user_{user_id}:{url_path}:{md5}
+    {CACHE_PREFIX}:{namespace}:{url_path}:{md5}           (global_cache_key_builder: opt-in)
 
 where ``md5`` is the hex digest of the canonical query string: parameters sorted by name, repeated
 parameters kept in the order the client sent them, so ``?a=1&b=2`` and ``?b=2&a=1`` share an entry.
@@ -37,6 +38,7 @@ from starlette.responses import Response
 from commons.cache.keyspace import (
     entry_key,
     foreign_entry_key,
+    global_entry_key,
     scope_of_key,
     split_qualified_namespace,
     uncacheable_key,
@@ -47,6 +49,7 @@ from commons.utilities.context import get_tenant_id, get_user_id
 
 __all__ = [
     "canonical_query_digest",
+    "global_cache_key_builder",
     "key_path",
     "scoped_key",
     "tenant_cache_key_builder",
@@ -133,9 +136,17 @@ def _build(
         if built.scope is not None:
             size = 2 * (len(path) + len(query)) + len(built) + _MEMO_OVERHEAD_BYTES
             _key_memo.put(memo_key, built, size)
-    route = request.scope.get("route")
     if built.scope is None:
         return built
+    return _for_request(built, request, func, response)
+
+
+def _for_request(
+    built: ScopedKey, request: Request, func: object, response: Response | None
+) -> ScopedKey:
+    """``built`` with what the fastapi-cache2 adapter reads: the route and handler it was built
+    for (its fingerprint) and the request's response (its ``Vary``)."""
+    route = request.scope.get("route")
     if route is not None:
         built = built.with_origin(route, func)
     return built if response is None else built.with_response(response)
@@ -232,3 +243,31 @@ def tenant_user_cache_key_builder(
         uncacheable key when the tenant or the user is missing.
     """
     return _build(namespace, request, func, response, per_user=True)
+
+
+def global_cache_key_builder(
+    func: Callable[..., Any],
+    namespace: str = "",
+    *,
+    request: Request | None = None,
+    response: Response | None = None,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> str:
+    """Builds a key shared by every caller: the explicit opt-in for answers that depend on nothing
+    of who asks (a catalogue, public configuration).
+
+    The identity is not read: every tenant and user, and requests with none, get one entry per
+    path and query. Its answers are not ``private`` (they hold nothing private). Invalidate it
+    with ``invalidate_namespace(namespace)``: a tenant's invalidation never touches it.
+
+    Returns:
+        ``{prefix}:{namespace}:{url_path}:{md5}``.
+    """
+    if request is None:
+        return _uncacheable(namespace, "no request to build a key from")
+    key = global_entry_key(
+        namespace, key_path(request.scope["path"]), canonical_query_digest(request)
+    )
+    built = ScopedKey(key, CacheScope(split_qualified_namespace(namespace)[1] or ""))
+    return _for_request(built, request, func, response)

@@ -5,6 +5,7 @@ Entry keys hold one response each; the key builders (``keys.py``) give them thei
     {prefix}:{namespace}:tenant_{tenant}:{url_path}:{md5}
     {prefix}:{namespace}:tenant_{tenant}:user_{user}:{url_path}:{md5}
     {prefix}:{namespace}:tenant_{tenant}:~{text}      another key builder's text, in its tenant
+    {prefix}:{namespace}:{url_path}:{md5}             a global entry (one for every caller)
 
 ``{prefix}:{namespace}`` is the *qualified namespace* fastapi-cache2 hands its key builders. A
 prefix never holds ``:``, and tenant and user ids never do either (the builders refuse them), so
@@ -46,6 +47,7 @@ __all__ = [
     "entry_key",
     "foreign_entry_key",
     "glob_escape",
+    "global_entry_key",
     "lock_key",
     "namespace_of_key",
     "qualified_namespace",
@@ -90,6 +92,11 @@ def entry_key(
     if user_id is None:
         return f"{qualified}:{_TENANT}{tenant_id}:{url_path}:{query_digest}"
     return f"{qualified}:{_TENANT}{tenant_id}:{_USER}{user_id}:{url_path}:{query_digest}"
+
+
+def global_entry_key(qualified: str, url_path: str, query_digest: str) -> str:
+    """A global entry's key: no tenant part (a path starts with ``/``, never ``tenant_``)."""
+    return f"{qualified}:{url_path}:{query_digest}"
 
 
 def foreign_entry_key(qualified: str, tenant_id: str, text: str) -> str:
