@@ -41,6 +41,10 @@ ACME = {"X-Test-Tenant": "acme"}
 RedisKeys = Callable[[], Awaitable[set[str]]]
 
 
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def client_for(app: FastAPI, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
     return httpx.AsyncClient(transport=transport, base_url="http://test")
@@ -440,7 +444,7 @@ async def test_keys_are_identical_to_the_fastapi_cache2_decorators_but_entries_a
 # -- failing closed and turning off ---------------------------------------------------------------
 
 
-async def test_a_request_without_a_tenant_is_served_uncached_with_a_warning(
+async def test_requests_without_a_tenant_are_served_uncached_with_one_warning_naming_the_cause(
     backend: CacheSettings,
     counting_app: tuple[FastAPI, list[str]],
     redis_keys: RedisKeys,
@@ -455,7 +459,10 @@ async def test_a_request_without_a_tenant_is_served_uncached_with_a_warning(
     assert [r.json()["run"] for r in responses] == [1, 2, 3]
     assert all(r.headers.get("X-FastAPI-Cache") != "HIT" for r in responses)
     assert await nothing_is_stored(redis_keys)
-    assert any("no tenant" in record.getMessage() for record in caplog.records)
+    [warning] = warnings_of(caplog)
+    assert "GET /config" in warning
+    assert "no tenant bound" in warning
+    assert "bind it in an `async def` dependency" in warning
 
 
 async def test_a_request_without_a_user_is_served_uncached_by_a_user_scoped_route(
@@ -522,10 +529,6 @@ async def test_other_methods_than_get_are_never_cached(
     assert [r.json()["run"] for r in responses] == [1, 2]
     assert all("X-FastAPI-Cache" not in r.headers for r in responses)
     assert await nothing_is_stored(redis_keys)
-
-
-def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
 async def test_a_cached_route_that_answers_post_warns_once_naming_the_route_and_the_fix(

@@ -158,6 +158,8 @@ class LayerBackend(Backend):
         )
         namespace = namespace_of_key(layer.prefix, key) or ""
         if lookup is None:
+            if isinstance(key, ScopedKey) and key.reason is not None:
+                self._refuse(layer, key, key.reason)
             # Counted as the decorator counts its own requests (see CacheEvents.lookup).
             bypass = LookupOutcome.BYPASS_DISABLED
             if layer.enabled:
@@ -216,11 +218,10 @@ class LayerBackend(Backend):
         return False
 
     def _refuse(self, layer: CacheLayer, key: str, why: str) -> None:
-        scope = layer.scope_of(key)
-        namespace = scope.namespace if scope is not None else ""
+        namespace = namespace_of_key(layer.prefix, key) or ""
         if (namespace, why) not in self._warned_namespaces:
             self._warned_namespaces.add((namespace, why))
-            logger.warning("not caching namespace %r: %s", namespace, why)
+            logger.warning("serving namespace %r uncached (said once): %s", namespace, why)
 
     async def clear(self, namespace: str | None = None, key: str | None = None) -> int:
         layer = self._layer()

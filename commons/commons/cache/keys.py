@@ -26,7 +26,6 @@ writes anything for that request; the handler answers it. There is never a share
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -55,8 +54,6 @@ __all__ = [
     "tenant_cache_key_builder",
     "tenant_user_cache_key_builder",
 ]
-
-logger = logging.getLogger("commons.cache")
 
 # An id becomes part of a key between ':' separators: a ':' inside it could make two different
 # (tenant, path) pairs spell the same key, so such ids are refused rather than escaped.
@@ -102,9 +99,21 @@ _key_memo = BoundedMemo[tuple[str, str, str | None, str, bytes], ScopedKey](
 )
 
 
+# What an identity that is missing at the key builder usually means.
+_BIND_IN_ASYNC = (
+    "the usual cause: it is bound in a sync `def` dependency, which runs in a worker thread "
+    "whose context the endpoint never sees; bind it in an `async def` dependency"
+)
+_NO_TENANT = f"no tenant bound to the request ({_BIND_IN_ASYNC})"
+_NO_USER = f"no user bound to the request ({_BIND_IN_ASYNC})"
+
+
 def _uncacheable(qualified_namespace: str, reason: str) -> ScopedKey:
-    logger.warning("serving uncached: %s (namespace %r)", reason, qualified_namespace)
-    return ScopedKey(uncacheable_key(qualified_namespace), None)
+    """A key never read or written, saying why: the route logs it once (a request without an
+    identity is routine for some clients; one line per request would drown the log)."""
+    key = ScopedKey(uncacheable_key(qualified_namespace), None)
+    key.reason = reason
+    return key
 
 
 def _build(
@@ -119,12 +128,12 @@ def _build(
         return _uncacheable(qualified_namespace, "no request to build a key from")
     tenant_id = get_tenant_id()
     if tenant_id is None:
-        return _uncacheable(qualified_namespace, "no tenant bound to the request")
+        return _uncacheable(qualified_namespace, _NO_TENANT)
     user_id = None
     if per_user:
         user_id = get_user_id()
         if user_id is None:
-            return _uncacheable(qualified_namespace, "no user bound to the request")
+            return _uncacheable(qualified_namespace, _NO_USER)
     path: str = request.scope["path"]
     query: bytes = request.scope.get("query_string", b"")
     # A user builder's inputs always hold a user id, a tenant builder's never: the two kinds of
@@ -182,7 +191,7 @@ def scoped_key(built: str, qualified_namespace: str) -> ScopedKey:
         return built
     tenant_id = get_tenant_id()
     if tenant_id is None:
-        return _uncacheable(qualified_namespace, "no tenant bound to the request")
+        return _uncacheable(qualified_namespace, _NO_TENANT)
     if not _VALID_ID.fullmatch(tenant_id):
         return _uncacheable(qualified_namespace, "tenant id holds ':' or whitespace")
     prefix, namespace = split_qualified_namespace(qualified_namespace)

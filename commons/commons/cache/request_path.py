@@ -74,11 +74,12 @@ logger = logging.getLogger("commons.cache")
 # The mistakes a cached route can reveal only when a request comes (%s: the method and route).
 _NOT_INITIALISED = (
     "@cache on %s: init_cache() has not run, every request runs the handler; run it in the "
-    "app's lifespan (in tests: `with TestClient(app)` runs the lifespan)"
+    "app's lifespan (in tests: `with TestClient(app)` runs the lifespan)%s"
 )
+_UNCACHEABLE = "@cache on %s: serving uncached (said once per route and reason): %s"
 _NOT_A_READ = (
     "@cache on %s: only GET and HEAD requests are cached; remove @cache from a route that "
-    "changes data, and call invalidate_namespace() for what it changes instead"
+    "changes data, and call invalidate_namespace() for what it changes instead%s"
 )
 
 
@@ -172,6 +173,8 @@ class RequestPath:
         else:
             lookup = await layer.lookup(key, fingerprint)
         if lookup is None:
+            if key.reason is not None:
+                self._warn_once(request, _UNCACHEABLE, key.reason)
             layer.events.lookup(namespace, LookupOutcome.BYPASS_NO_IDENTITY)
             return await self._bypassed(layer, sub_response, args, kwargs)
         private = key.is_private
@@ -202,14 +205,14 @@ class RequestPath:
         fill = Fill(route, layer, call, lookup.token)
         return await _Miss(self, layer, fill, asked, reason, stale).answer()
 
-    def _warn_once(self, request: object, mistake: str) -> None:
-        """Logs ``mistake`` about this route, the first time it is seen."""
-        if not isinstance(request, Request) or mistake in self._warned:
+    def _warn_once(self, request: object, mistake: str, detail: str = "") -> None:
+        """Logs ``mistake`` (with ``detail``) about this route, the first time it is seen."""
+        if not isinstance(request, Request) or mistake + detail in self._warned:
             return  # a direct call of the handler (no request) is no mistake
-        self._warned.add(mistake)
+        self._warned.add(mistake + detail)
         route = request.scope.get("route")
         path = getattr(route, "path", request.scope["path"])
-        logger.warning(mistake, f"{request.scope['method']} {path}")
+        logger.warning(mistake, f"{request.scope['method']} {path}", detail)
 
     def _names(self, prefix: str) -> tuple[str, bytes]:
         """The qualified namespace under ``prefix`` and the cache's name in ``Cache-Status``."""
