@@ -84,13 +84,16 @@ def _wait_until_ready(base_url: str, process: subprocess.Popen[bytes], log: Path
 
 @pytest.fixture
 def start_replicas(tmp_path: Path) -> Iterator[Callable[..., list[str]]]:
-    """``start_replicas(count=2, workers=1, **env)``: replicas of ``replica_app.py`` (uvicorn
-    processes of ``workers`` workers each, logging to ``replica-<n>.log`` in the test's
-    ``tmp_path``) with ``env`` added to an environment free of cache variables; returns their
-    base URLs once they answer. They are stopped after the test."""
+    """``start_replicas(count=2, workers=1, log_level="warning", **env)``: replicas of
+    ``replica_app.py`` (uvicorn processes of ``workers`` workers each, logging to
+    ``replica-<n>.log`` in the test's ``tmp_path``) with ``env`` added to an environment free of
+    cache variables; returns their base URLs once they answer. They are stopped after the
+    test."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(count: int = 2, *, workers: int = 1, **env: str) -> list[str]:
+    def start(
+        count: int = 2, *, workers: int = 1, log_level: str = "warning", **env: str
+    ) -> list[str]:
         environment = {
             k: v for k, v in os.environ.items() if not k.startswith(("CACHE_", "REDIS_"))
         }
@@ -113,7 +116,7 @@ def start_replicas(tmp_path: Path) -> Iterator[Callable[..., list[str]]]:
                         "--port",
                         str(port),
                         "--log-level",
-                        "warning",
+                        log_level,
                         "--workers",
                         str(workers),
                     ],
