@@ -66,17 +66,25 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 @pytest.fixture
 def replica_processes(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
-    """``replica_processes(**env)``: a :class:`ServiceProcess` (not started yet) with ``env``
-    added to an environment free of cache variables. Every one is stopped after the test."""
+    """``replica_processes(workers=1, log_level="warning", **env)``: a :class:`ServiceProcess`
+    (not started yet; ``workers`` uvicorn workers, logging to ``replica-<n>.log`` in the test's
+    ``tmp_path``) with ``env`` added to an environment free of cache variables. Every one is
+    stopped after the test."""
     made: list[ServiceProcess] = []
 
-    def make(**env: str) -> ServiceProcess:
+    def make(*, workers: int = 1, log_level: str = "warning", **env: str) -> ServiceProcess:
         environment = {
             k: v for k, v in os.environ.items() if not k.startswith(("CACHE_", "REDIS_"))
         }
         environment.update(env)
         replica = ServiceProcess(
-            "replica_app:app", TESTS_DIR, environment, tmp_path, f"replica-{len(made)}"
+            "replica_app:app",
+            TESTS_DIR,
+            environment,
+            tmp_path,
+            f"replica-{len(made)}",
+            workers=workers,
+            log_level=log_level,
         )
         made.append(replica)
         return replica
@@ -92,12 +100,16 @@ def replica_processes(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]
 def start_replicas(
     replica_processes: Callable[..., ServiceProcess],
 ) -> Callable[..., list[str]]:
-    """``start_replicas(count=2, **env)``: replicas of ``replica_app.py`` (uvicorn processes)
-    with ``env`` added to an environment free of cache variables; returns their base URLs once
-    they answer. They are stopped after the test."""
+    """``start_replicas(count=2, workers=1, log_level="warning", **env)``: replicas of
+    ``replica_app.py`` (see ``replica_processes``); returns their base URLs once they answer.
+    They are stopped after the test."""
 
-    def start(count: int = 2, **env: str) -> list[str]:
-        replicas = [replica_processes(**env) for _ in range(count)]
+    def start(
+        count: int = 2, *, workers: int = 1, log_level: str = "warning", **env: str
+    ) -> list[str]:
+        replicas = [
+            replica_processes(workers=workers, log_level=log_level, **env) for _ in range(count)
+        ]
         for replica in replicas:
             replica.spawn()
         for replica in replicas:

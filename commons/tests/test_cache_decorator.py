@@ -24,6 +24,8 @@ from commons.cache import (
     CacheSettings,
     cache,
     cache_status,
+    close_cache,
+    global_cache_key_builder,
     init_cache,
     invalidate_namespace,
     tenant_cache_key_builder,
@@ -37,6 +39,10 @@ MD5_OF_NOTHING = "d41d8cd98f00b204e9800998ecf8427e"  # md5(b"")
 ACME = {"X-Test-Tenant": "acme"}
 
 RedisKeys = Callable[[], Awaitable[set[str]]]
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def client_for(app: FastAPI, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
@@ -197,6 +203,161 @@ async def test_key_builder_chooses_the_scope_of_the_entry(
     assert (await stored(key))[1] == alice.content
 
 
+def language_key_builder(
+    func: Callable[..., Any], namespace: str = "", *, request: Request | None = None, **_: Any
+) -> str:
+    """A team's own builder: its own key text, with the request's language and no tenant."""
+    assert request is not None
+    return f"{namespace}:{request.headers.get('accept-language')}:{request.url.path}"
+
+
+def language_user_key_builder(
+    func: Callable[..., Any], namespace: str = "", *, request: Request | None = None, **_: Any
+) -> str:
+    """A team's builder that wraps ours, adding the language to a user's key."""
+    assert request is not None
+    built = tenant_user_cache_key_builder(func, namespace, request=request)
+    return f"{built}:{request.headers.get('accept-language')}"
+
+
+@pytest.fixture
+def language_app(make_identity_app: Callable[[], FastAPI]) -> tuple[FastAPI, dict[str, int]]:
+    """``GET /items`` cached in namespace ``items`` by :func:`language_key_builder`; answers
+    ``{"tenant", "lang", "version"}`` from the dict returned beside the app."""
+    app = make_identity_app()
+    version = {"n": 1}
+
+    @app.get("/items")
+    @cache(namespace="items", key_builder=language_key_builder)
+    async def items(request: Request) -> dict[str, Any]:
+        lang = request.headers.get("accept-language")
+        return {"tenant": get_tenant_id(), "lang": lang, "version": version["n"]}
+
+    return app, version
+
+
+async def test_a_custom_key_builders_entries_are_removed_by_invalidating_their_tenant(
+    backend: CacheSettings, language_app: tuple[FastAPI, dict[str, int]]
+) -> None:
+    app, version = language_app
+    french = {**ACME, "Accept-Language": "fr"}
+    async with client_for(app) as client:
+        first = await client.get("/items", headers=french)
+        hit = await client.get("/items", headers=french)
+        version["n"] = 2
+        removed = await invalidate_namespace("items", tenant_id="acme")
+        after = await client.get("/items", headers=french)
+
+    assert [r.headers["X-FastAPI-Cache"] for r in (first, hit, after)] == ["MISS", "HIT", "MISS"]
+    assert removed == 1
+    assert after.json() == {"tenant": "acme", "lang": "fr", "version": 2}
+
+
+async def test_a_custom_key_builder_that_omits_the_tenant_never_serves_one_tenant_to_another(
+    backend: CacheSettings, language_app: tuple[FastAPI, dict[str, int]], redis_keys: RedisKeys
+) -> None:
+    app, _ = language_app
+    async with client_for(app) as client:
+        acme = await client.get("/items", headers={**ACME, "Accept-Language": "fr"})
+        globex = await client.get(
+            "/items", headers={"X-Test-Tenant": "globex", "Accept-Language": "fr"}
+        )
+        nobody = await client.get("/items", headers={"Accept-Language": "fr"})
+
+    assert (acme.json()["tenant"], globex.json()["tenant"]) == ("acme", "globex")
+    assert globex.headers["X-FastAPI-Cache"] == "MISS"
+    assert nobody.json()["tenant"] is None
+    assert nobody.headers["cache-status"].endswith("fwd=bypass")
+    if backend.REDIS_URL is not None:
+        entries = {key for key in await redis_keys() if ":#" not in key}
+        prefix = f"{backend.CACHE_PREFIX}:items"
+        assert entries == {
+            f"{prefix}:tenant_acme:~{prefix}:fr:/items",
+            f"{prefix}:tenant_globex:~{prefix}:fr:/items",
+        }
+
+
+async def test_a_builder_wrapping_ours_keeps_its_user_scope_for_invalidation(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/prefs")
+    @cache(namespace="prefs", key_builder=language_user_key_builder)
+    async def prefs() -> dict[str, int]:
+        runs.append(str(get_user_id()))
+        return {"run": len(runs)}
+
+    alice = {**ACME, "X-Test-User": "alice", "Accept-Language": "fr"}
+    bob = {**ACME, "X-Test-User": "bob", "Accept-Language": "fr"}
+    async with client_for(app) as client:
+        await client.get("/prefs", headers=alice)
+        await client.get("/prefs", headers=bob)
+        removed = await invalidate_namespace("prefs", tenant_id="acme", user_id="alice")
+        alice_after = await client.get("/prefs", headers=alice)
+        bob_after = await client.get("/prefs", headers=bob)
+
+    assert removed == 1
+    assert (alice_after.headers["X-FastAPI-Cache"], bob_after.headers["X-FastAPI-Cache"]) == (
+        "MISS",
+        "HIT",
+    )
+
+
+@pytest.fixture
+def catalogue_app(make_identity_app: Callable[[], FastAPI]) -> tuple[FastAPI, list[str]]:
+    """``GET /catalogue`` cached for everyone (``global_cache_key_builder``), namespace
+    ``catalogue``; the list records each handler run's tenant."""
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/catalogue")
+    @cache(namespace="catalogue", key_builder=global_cache_key_builder)
+    async def catalogue() -> dict[str, int]:
+        runs.append(str(get_tenant_id()))
+        return {"version": len(runs)}
+
+    return app, runs
+
+
+async def test_a_route_opting_in_to_global_entries_shares_one_between_tenants_and_anonymous(
+    backend: CacheSettings, catalogue_app: tuple[FastAPI, list[str]]
+) -> None:
+    app, runs = catalogue_app
+    async with client_for(app) as client:
+        acme = await client.get("/catalogue", headers=ACME)
+        globex = await client.get("/catalogue", headers={"X-Test-Tenant": "globex"})
+        anonymous = await client.get("/catalogue")
+
+    assert [r.headers["X-FastAPI-Cache"] for r in (acme, globex, anonymous)] == [
+        "MISS",
+        "HIT",
+        "HIT",
+    ]
+    assert runs == ["acme"]
+    assert anonymous.headers["cache-control"] == "no-cache"
+    assert "vary" not in anonymous.headers
+    key = f"{backend.CACHE_PREFIX}:catalogue:/catalogue:{MD5_OF_NOTHING}"
+    assert (await stored(key))[1] == acme.content
+
+
+async def test_a_global_entry_is_removed_by_invalidating_its_namespace_not_a_tenant(
+    backend: CacheSettings, catalogue_app: tuple[FastAPI, list[str]]
+) -> None:
+    app, _ = catalogue_app
+    async with client_for(app) as client:
+        await client.get("/catalogue", headers=ACME)
+        kept = await invalidate_namespace("catalogue", tenant_id="acme")
+        hit = await client.get("/catalogue", headers=ACME)
+        removed = await invalidate_namespace("catalogue")
+        fresh = await client.get("/catalogue", headers=ACME)
+
+    assert (kept, removed) == (0, 1)
+    assert (hit.headers["X-FastAPI-Cache"], fresh.headers["X-FastAPI-Cache"]) == ("HIT", "MISS")
+    assert fresh.json() == {"version": 2}
+
+
 async def test_a_custom_coder_renders_the_stored_body(
     backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
 ) -> None:
@@ -283,7 +444,7 @@ async def test_keys_are_identical_to_the_fastapi_cache2_decorators_but_entries_a
 # -- failing closed and turning off ---------------------------------------------------------------
 
 
-async def test_a_request_without_a_tenant_is_served_uncached_with_a_warning(
+async def test_requests_without_a_tenant_are_served_uncached_with_one_warning_naming_the_cause(
     backend: CacheSettings,
     counting_app: tuple[FastAPI, list[str]],
     redis_keys: RedisKeys,
@@ -298,7 +459,10 @@ async def test_a_request_without_a_tenant_is_served_uncached_with_a_warning(
     assert [r.json()["run"] for r in responses] == [1, 2, 3]
     assert all(r.headers.get("X-FastAPI-Cache") != "HIT" for r in responses)
     assert await nothing_is_stored(redis_keys)
-    assert any("no tenant" in record.getMessage() for record in caplog.records)
+    [warning] = warnings_of(caplog)
+    assert "GET /config" in warning
+    assert "no tenant bound" in warning
+    assert "bind it in an `async def` dependency" in warning
 
 
 async def test_a_request_without_a_user_is_served_uncached_by_a_user_scoped_route(
@@ -365,6 +529,53 @@ async def test_other_methods_than_get_are_never_cached(
     assert [r.json()["run"] for r in responses] == [1, 2]
     assert all("X-FastAPI-Cache" not in r.headers for r in responses)
     assert await nothing_is_stored(redis_keys)
+
+
+async def test_a_cached_route_that_answers_post_warns_once_naming_the_route_and_the_fix(
+    backend: CacheSettings,
+    make_identity_app: Callable[[], FastAPI],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = make_identity_app()
+
+    @app.post("/orders")
+    @cache(namespace="orders")
+    async def create_order() -> dict[str, str]:
+        return {"id": "1"}
+
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        async with client_for(app) as client:
+            for _ in range(3):
+                await client.post("/orders", headers=ACME)
+
+    [warning] = warnings_of(caplog)
+    assert "POST /orders" in warning
+    assert "only GET and HEAD" in warning
+    assert "remove @cache" in warning
+
+
+async def test_without_init_cache_a_cached_route_warns_once_naming_init_cache(
+    make_identity_app: Callable[[], FastAPI], caplog: pytest.LogCaptureFixture
+) -> None:
+    await close_cache()
+    app = make_identity_app()
+    runs: list[int] = []
+
+    @app.get("/config")
+    @cache(namespace="cfg")
+    async def config() -> dict[str, int]:
+        runs.append(1)
+        return {"run": len(runs)}
+
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        async with client_for(app) as client:
+            responses = [await client.get("/config", headers=ACME) for _ in range(3)]
+
+    assert [r.json()["run"] for r in responses] == [1, 2, 3]
+    [warning] = warnings_of(caplog)
+    assert "GET /config" in warning
+    assert "init_cache() has not run" in warning
+    assert "with TestClient(app)" in warning
 
 
 # -- refused at decoration time -------------------------------------------------------------------

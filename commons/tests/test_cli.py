@@ -260,6 +260,24 @@ def test_stats_prints_a_table_with_tenants_totals_and_server_memory(reports: str
     assert lines[-1].startswith("server memory: ")
 
 
+@pytest.mark.parametrize("command", [["stats"], ["invalidate", "reports"], ["flush", "--dry-run"]])
+def test_a_command_without_cache_prefix_warns_that_it_works_on_the_default_prefix(
+    reports: str, command: list[str]
+) -> None:
+    result = CliRunner().invoke(app, command, env={"REDIS_URL": reports, "CACHE_PREFIX": None})
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("CACHE_PREFIX is not set") == 1
+    assert "prefix 'cache'" in result.stderr
+    assert "svc-a" not in result.stdout  # another prefix's entries stay untouched
+
+
+def test_a_command_with_cache_prefix_says_nothing_about_it(reports: str) -> None:
+    result = invoke(reports, "stats")
+
+    assert "CACHE_PREFIX" not in result.stderr
+
+
 def test_stats_without_redis_url_says_there_is_nothing_to_count() -> None:
     result = invoke(None, "stats")
 

@@ -23,6 +23,7 @@ PUBLIC_CACHE_API = {
     "cache",
     "tenant_cache_key_builder",
     "tenant_user_cache_key_builder",
+    "global_cache_key_builder",
     "invalidate_namespace",
     "PrivateCacheControlMiddleware",
     # metrics hooks

@@ -229,3 +229,33 @@ async def test_cache_enabled_false_runs_the_handler_every_time_and_stores_nothin
     assert handler_runs == ["acme", "acme", "acme"]
     assert memory_entries == 0
     assert await redis_keys() == set()
+
+
+async def test_its_default_key_builder_never_shares_an_entry_between_tenants_and_warns_once(
+    backend: CacheSettings,
+    make_identity_app: Callable[[], FastAPI],
+    redis_keys: RedisKeys,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fastapi_cache import default_key_builder
+    from fastapi_cache.decorator import cache
+
+    app = make_identity_app()
+
+    @app.get("/catalogue")
+    @cache(namespace="catalogue", key_builder=default_key_builder)  # no tenant in its keys
+    async def catalogue() -> dict[str, Any]:
+        return {"tenant": get_tenant_id()}
+
+    transport = httpx.ASGITransport(app=app)
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            acme = [await client.get("/catalogue", headers=as_tenant("acme")) for _ in range(2)]
+            globex = await client.get("/catalogue", headers=as_tenant("globex"))
+
+    assert [r.json()["tenant"] for r in (*acme, globex)] == ["acme", "acme", "globex"]
+    assert all(r.headers.get("X-FastAPI-Cache") != "HIT" for r in (*acme, globex))
+    assert await entry_keys(redis_keys) == set()
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "'catalogue'" in warning
+    assert "key_builder=tenant_cache_key_builder" in warning

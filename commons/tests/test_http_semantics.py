@@ -18,6 +18,7 @@ from commons.cache import (
     cache,
     close_cache,
     init_cache,
+    invalidate_namespace,
     tenant_user_cache_key_builder,
 )
 from commons.cache.entry import parse_any
@@ -51,6 +52,12 @@ def app(make_identity_app: Callable[[], FastAPI], calls: Calls) -> FastAPI:
     async def report() -> dict[str, Any]:
         calls.count += 1
         return {"title": "Quarterly", "rows": list(range(20))}
+
+    @app.get("/reusable")
+    @cache(namespace="reusable", expire=60, client_max_age=3600)
+    async def reusable() -> dict[str, str]:
+        calls.count += 1
+        return {"reusable": "yes"}
 
     @app.get("/me")
     @cache(namespace="me", expire=60, key_builder=tenant_user_cache_key_builder)
@@ -142,7 +149,7 @@ async def test_a_matching_if_none_match_gets_304_without_body_on_hit(
     assert response.content == b""
     assert response.headers["x-fastapi-cache"] == "HIT"
     assert response.headers["etag"] == etag
-    assert response.headers["cache-control"].startswith("private, max-age=")
+    assert response.headers["cache-control"] == "private, no-cache"
 
 
 async def test_a_matching_if_none_match_gets_304_on_miss_too(
@@ -178,8 +185,79 @@ async def test_tenant_scoped_answers_are_private_and_vary_on_authorization(
     backend: CacheSettings, client: httpx.AsyncClient
 ) -> None:
     for response in [await client.get("/report", headers=TENANT) for _ in range(2)]:
-        assert response.headers["cache-control"] == "private, max-age=60"
+        assert response.headers["cache-control"] == "private, no-cache"
         assert response.headers["vary"] == "Authorization"
+
+
+async def test_by_default_a_client_must_revalidate_and_gets_a_cheap_304_while_nothing_changed(
+    backend: CacheSettings, client: httpx.AsyncClient, calls: Calls
+) -> None:
+    miss = await client.get("/report", headers=TENANT)
+    hit = await client.get("/report", headers=TENANT)
+    revalidated = await client.get(
+        "/report", headers={**TENANT, "If-None-Match": miss.headers["etag"]}
+    )
+
+    assert [r.headers["cache-control"] for r in (miss, hit, revalidated)] == [
+        "private, no-cache"
+    ] * 3
+    assert (revalidated.status_code, revalidated.content) == (304, b"")
+    assert calls.count == 1
+
+
+async def test_a_client_revalidating_after_an_update_gets_the_new_answer_at_once(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+    version = {"n": 1}
+
+    @app.get("/config")
+    @cache(namespace="config", expire=600)
+    async def config() -> dict[str, int]:
+        return version
+
+    @app.put("/config")
+    async def put_config() -> None:
+        version["n"] += 1
+        await invalidate_namespace("config", tenant_id="acme")
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        before = await client.get("/config", headers=TENANT)
+        await client.put("/config", headers=TENANT)
+        after = await client.get(
+            "/config", headers={**TENANT, "If-None-Match": before.headers["etag"]}
+        )
+
+    assert before.headers["cache-control"] == "private, no-cache"
+    assert (after.status_code, after.json()) == (200, {"n": 2})
+
+
+async def test_client_max_age_lets_a_client_reuse_its_copy_at_most_while_the_entry_is_fresh(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    app = make_identity_app()
+
+    @app.get("/catalogue")
+    @cache(namespace="catalogue", expire=60, client_max_age=30)
+    async def catalogue() -> dict[str, str]:
+        return {"items": "all"}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        miss = await client.get("/catalogue", headers=TENANT)
+        hit = await client.get("/catalogue", headers=TENANT)
+        await age_entry(f"test-cache:catalogue:tenant_acme:/catalogue:{KEY_OF_EMPTY_QUERY}", 12)
+        later = await client.get("/catalogue", headers=TENANT)
+
+    assert miss.headers["cache-control"] == "private, max-age=30"
+    assert hit.headers["cache-control"] == "private, max-age=30"
+    assert later.headers["cache-control"] == "private, max-age=12"
+
+
+def test_a_negative_client_max_age_is_refused_when_decorating() -> None:
+    with pytest.raises(ValueError, match="client_max_age"):
+        cache(client_max_age=-1)
 
 
 async def test_user_scoped_answers_are_private_and_vary_on_authorization(
@@ -191,21 +269,21 @@ async def test_user_scoped_answers_are_private_and_vary_on_authorization(
 
     assert hit.headers["x-fastapi-cache"] == "HIT"
     for response in (miss, hit):
-        assert response.headers["cache-control"].startswith("private, max-age=")
+        assert response.headers["cache-control"] == "private, no-cache"
         assert response.headers["vary"] == "Authorization"
 
 
-async def test_max_age_on_a_hit_is_the_entry_s_remaining_time_to_live(
+async def test_max_age_on_a_hit_is_the_entry_s_remaining_time_to_live_under_client_max_age(
     backend: CacheSettings, client: httpx.AsyncClient
 ) -> None:
-    await client.get("/report", headers=TENANT)
-    key = f"test-cache:reports:tenant_acme:/report:{KEY_OF_EMPTY_QUERY}"
+    await client.get("/reusable", headers=TENANT)
+    key = f"test-cache:reusable:tenant_acme:/reusable:{KEY_OF_EMPTY_QUERY}"
     await age_entry(key, 42)
 
-    hit = await client.get("/report", headers=TENANT)
-    again = await client.get("/report", headers=TENANT)
+    hit = await client.get("/reusable", headers=TENANT)
+    again = await client.get("/reusable", headers=TENANT)
     await age_entry(key, 17)
-    later = await client.get("/report", headers=TENANT)
+    later = await client.get("/reusable", headers=TENANT)
 
     assert hit.headers["x-fastapi-cache"] == "HIT"
     assert hit.headers["cache-control"] == "private, max-age=42"
@@ -232,7 +310,7 @@ async def test_age_is_the_seconds_since_the_entry_was_stored_on_every_stored_ans
 
     assert "age" not in miss.headers  # computed for this request, not served from storage
     assert hit.headers["age"] == "0"
-    assert (older.headers["age"], older.headers["cache-control"]) == ("7", "private, max-age=53")
+    assert (older.headers["age"], older.headers["cache-control"]) == ("7", "private, no-cache")
     assert (not_modified.status_code, not_modified.headers["age"]) == (304, "7")
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -136,6 +137,16 @@ async def test_unreachable_redis_logs_one_warning_and_serves_from_memory(
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "redis" in warnings[0].getMessage().lower()
+
+
+async def test_the_reason_of_a_degraded_start_says_each_thing_once(
+    make_settings: Callable[..., CacheSettings],
+) -> None:
+    await init_cache(make_settings(unreachable_url()))
+    reason = cache_status().reason
+
+    assert reason.startswith("at start-up, Redis unavailable: ConnectionError"), reason
+    assert reason.count("unavailable") == 1, reason
 
 
 async def test_fail_fast_with_unreachable_redis_refuses_to_start(
@@ -271,3 +282,15 @@ async def test_init_against_a_black_holed_redis_returns_within_its_timeouts(
         assert time.monotonic() - started < 2.0
     finally:
         own_redis.resume()
+
+
+def test_the_backend_chosen_is_in_uvicorns_default_log(
+    start_replicas: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    database = tmp_path / "replicas.sqlite"
+    database.touch()
+    start_replicas(1, log_level="info", REPLICA_DB=str(database), CACHE_PREFIX="log-test")
+    log = (tmp_path / "replica-0.log").read_text()
+
+    assert "cache backend: memory" in log, log
+    assert log.index("cache backend: memory") < log.index("Application startup complete")

@@ -7,6 +7,7 @@ Entries are written through the current cache layer under keys in the builders' 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -153,10 +154,30 @@ async def test_invalidating_what_is_not_cached_removes_nothing(backend: CacheSet
     assert await is_cached(kept)
 
 
-async def test_without_init_cache_invalidation_is_a_no_op() -> None:
+async def test_without_init_cache_invalidation_is_a_no_op_that_warns_naming_init_cache(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     await close_cache()
 
-    assert await invalidate_namespace("tenant_config", tenant_id="acme") == 0
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        assert await invalidate_namespace("tenant_config", tenant_id="acme") == 0
+
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "'tenant_config'" in warning
+    assert "init_cache()" in warning
+    assert "with TestClient(app)" in warning
+
+
+@pytest.mark.parametrize("namespace", ["a:b", ":", "tenant_config:"])
+async def test_a_namespace_no_route_can_have_is_refused_as_the_decorator_refuses_it(
+    backend: CacheSettings, namespace: str
+) -> None:
+    with pytest.raises(ValueError, match="':'") as refused:
+        await invalidate_namespace(namespace)
+    with pytest.raises(ValueError, match="':'") as decorating:
+        cache(namespace=namespace)
+
+    assert str(refused.value) == str(decorating.value)
 
 
 # -- namespaces and ids are literal text -----------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 from commons.cache.keyspace import (
     Keyspace,
     entry_key,
+    foreign_entry_key,
     lock_key,
     qualified_namespace,
     scope_of_key,
@@ -25,6 +26,13 @@ def test_an_entry_key_names_the_scope_it_was_built_for() -> None:
     assert tenant_key == "svc:config:tenant_acme:/items:d41d"
     assert scope_of_key(PREFIX, tenant_key) == CacheScope("config", "acme")
     assert scope_of_key(PREFIX, user_key) == CacheScope("config", "acme", "ann")
+
+
+@pytest.mark.parametrize("text", ["user_bob:/me", "svc:config:tenant_other:/x", "", "a:b"])
+def test_another_builders_text_is_read_as_its_tenants_entry_whatever_it_says(text: str) -> None:
+    key = foreign_entry_key(qualified_namespace(PREFIX, "config"), "acme", text)
+
+    assert scope_of_key(PREFIX, key) == CacheScope("config", "acme")
 
 
 def test_a_key_of_another_prefix_has_no_scope_here() -> None:

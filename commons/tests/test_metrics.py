@@ -27,7 +27,7 @@ from commons.cache import (
     invalidate_namespace,
     tenant_cache_key_builder,
 )
-from commons.cache.metrics import PrometheusEvents
+from commons.cache.metrics import PrometheusEvents, metrics_router
 from commons.testing import current_layer
 from commons.testing.entries import age_entry
 from commons.testing.redis_server import RedisServer
@@ -341,3 +341,19 @@ async def test_without_prometheus_client_the_cache_runs_without_metrics(
         assert response.headers["X-FastAPI-Cache"] == "MISS"
     finally:
         await close_cache()
+
+
+async def test_metrics_router_serves_the_counts_on_metrics_in_one_line(
+    backend: CacheSettings, namespace: str
+) -> None:
+    app = make_app(namespace)
+    app.include_router(metrics_router())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://service") as http:
+        await http.get("/reports", headers={"X-Tenant": "acme"})
+        scraped = await http.get("/metrics")
+
+    assert scraped.status_code == 200
+    assert scraped.headers["content-type"].startswith("text/plain; version=")
+    assert f'commons_cache_misses_total{{namespace="{namespace}"}} 1.0' in scraped.text
+    assert "/metrics" not in app.openapi()["paths"]

@@ -1,6 +1,8 @@
 """The ``commons`` wheel installs alone: built from ``commons/`` with the locked setuptools, into a
 clean virtualenv with only its own dependencies (no test extras, no example service), it carries
-``py.typed`` and serves a cached route on the memory backend.
+``py.typed`` and serves a cached route on the memory backend. An editable install puts a plain
+directory on ``sys.path`` (no import hook), and ``mypy --strict`` passes on a small service
+against either install.
 
 The dependencies are held to the versions of ``requirements/run.txt``, so a new release cannot
 change what this test installs.
@@ -65,6 +67,96 @@ async def main() -> None:
 
 asyncio.run(main())
 """
+
+
+#: A service as a team writes one: an async and a sync cached handler, invalidation, and direct
+#: calls of the decorated handlers, whose results keep their types.
+SERVICE = """
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from commons.cache import cache, invalidate_namespace
+
+app = FastAPI()
+
+
+class Item(BaseModel):
+    id: int
+
+
+@app.get("/items/{item_id}")
+@cache(namespace="items", expire=60)
+async def get_item(item_id: int) -> Item:
+    return Item(id=item_id)
+
+
+@app.get("/config")
+@cache(namespace="config", client_max_age=30)
+def get_config() -> dict[str, str]:
+    return {"theme": "dark"}
+
+
+@app.put("/items/{item_id}")
+async def put_item(item_id: int) -> int:
+    return await invalidate_namespace("items", tenant_id=1)
+
+
+async def direct_calls() -> tuple[int, str]:
+    item = await get_item(1)
+    config = await get_config()
+    return item.id, config["theme"]
+"""
+
+
+def clean_venv(path: Path, *requirements: str) -> Path:
+    """A virtualenv at ``path`` with ``requirements`` (uv's arguments) held to the run pins."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = path / "bin" / "python"
+    pins = ["-c", str(REPO / "requirements" / "run.txt")]
+    build_pins = ["--build-constraints", str(REPO / "requirements" / "build.txt")]
+    install = [str(UV), "pip", "install", "--quiet", "--python", str(python), *pins, *build_pins]
+    subprocess.run(
+        [*install, *requirements],
+        check=True,
+        timeout=300,
+    )
+    return python
+
+
+def mypy_strict(service_dir: Path, python: Path) -> subprocess.CompletedProcess[str]:
+    """``mypy --strict`` on :data:`SERVICE`, finding packages in ``python``'s environment."""
+    service = service_dir / "service.py"
+    service.write_text(SERVICE)
+    mypy = [sys.executable, "-m", "mypy", "--strict", "--python-executable", str(python)]
+    return subprocess.run(
+        [*mypy, "--cache-dir", str(service_dir / ".mypy_cache"), str(service)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=service_dir,
+    )
+
+
+def test_an_editable_install_is_a_plain_path_and_mypy_strict_passes_on_a_service(
+    tmp_path: Path,
+) -> None:
+    if not UV.exists():
+        pytest.skip(f"uv (from requirements/test.txt) is not next to {sys.executable}")
+    python = clean_venv(tmp_path / "editable", "-e", str(REPO / "commons"))
+    site = next((tmp_path / "editable" / "lib").glob("python*/site-packages"))
+
+    assert not list(site.glob("__editable__*finder*.py"))
+    [pth] = site.glob("__editable__.commons-*.pth")
+    assert pth.read_text().split() == [str(REPO / "commons")]
+    checked = mypy_strict(tmp_path, python)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_mypy_strict_passes_on_a_service_against_the_wheel(wheel: Path, tmp_path: Path) -> None:
+    python = clean_venv(tmp_path / "wheel", str(wheel))
+
+    checked = mypy_strict(tmp_path, python)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 @pytest.fixture(scope="module")

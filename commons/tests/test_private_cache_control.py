@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -14,6 +15,7 @@ from commons.cache import (
     CacheSettings,
     PrivateCacheControlMiddleware,
     cache,
+    global_cache_key_builder,
     init_cache,
     tenant_cache_key_builder,
 )
@@ -36,6 +38,11 @@ def build_app(*, private_middleware: bool) -> FastAPI:
     @cache(expire=60, namespace="ours")
     async def our_route() -> dict[str, str]:
         return {"config": "tenant data"}
+
+    @app.get("/catalogue")
+    @cache(expire=60, namespace="catalogue", key_builder=global_cache_key_builder)
+    async def catalogue() -> list[str]:
+        return ["standard"]
 
     @app.get("/uncached")
     async def uncached() -> JSONResponse:
@@ -65,20 +72,39 @@ async def test_the_guide_decorator_alone_lets_shared_caches_store_tenant_answers
     assert "vary" not in response.headers
 
 
-async def test_with_the_middleware_guide_answers_are_private_and_vary_on_authorization(
+async def test_with_the_middleware_guide_answers_are_private_revalidated_and_vary_on_authorization(
     client: httpx.AsyncClient,
 ) -> None:
     for expected in ("MISS", "HIT"):
         response = await client.get("/guide", headers={"X-Test-Tenant": "a"})
         assert response.headers["x-fastapi-cache"] == expected
-        assert response.headers["cache-control"].startswith("private, max-age=")
+        assert response.headers["cache-control"] == "private, no-cache"
         assert response.headers["vary"] == "Authorization"
+
+
+async def test_with_the_middleware_a_guide_hit_still_says_its_freshness_in_cache_status(
+    client: httpx.AsyncClient,
+) -> None:
+    await client.get("/guide", headers={"X-Test-Tenant": "a"})
+    hit = await client.get("/guide", headers={"X-Test-Tenant": "a"})
+
+    assert re.fullmatch(r"test-cache; hit; ttl=(59|60)", hit.headers["cache-status"])
 
 
 async def test_answers_of_our_decorator_are_left_as_they_are(client: httpx.AsyncClient) -> None:
     response = await client.get("/ours", headers={"X-Test-Tenant": "a"})
-    assert response.headers["cache-control"] == "private, max-age=60"
+    assert response.headers["cache-control"] == "private, no-cache"
     assert response.headers["vary"] == "Authorization"
+
+
+async def test_global_answers_of_our_decorator_stay_public_and_revalidated(
+    client: httpx.AsyncClient,
+) -> None:
+    for expected in ("MISS", "HIT"):
+        response = await client.get("/catalogue")
+        assert response.headers["x-fastapi-cache"] == expected
+        assert response.headers["cache-control"] == "no-cache"
+        assert "vary" not in response.headers
 
 
 async def test_responses_that_did_not_go_through_the_cache_are_untouched(

@@ -86,6 +86,29 @@ def test_settings_passed_explicitly_do_not_need_the_environment() -> None:
     assert settings.CACHE_TTL_SECONDS == 5
 
 
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ("enabled", "CACHE_ENABLED"),
+        ("ttl_seconds", "CACHE_TTL_SECONDS"),
+        ("redis_url", "REDIS_URL"),
+    ],
+)
+def test_a_setting_passed_by_another_name_is_refused_naming_the_right_one(
+    given: str, named: str
+) -> None:
+    with pytest.raises(ValidationError) as failure:
+        CacheSettings(**{given: "x"})
+
+    assert given in str(failure.value)
+    assert named in str(failure.value)
+
+
+def test_a_name_that_is_no_setting_at_all_is_refused() -> None:
+    with pytest.raises(ValidationError, match="CACHE_TTL"):
+        CacheSettings(CACHE_TTL=5)  # type: ignore[call-arg]
+
+
 # -- bad values fail when the settings load, naming the variable --------------------------------
 
 

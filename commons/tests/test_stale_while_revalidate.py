@@ -49,7 +49,7 @@ def app(make_identity_app: Callable[[], FastAPI], prices: Prices) -> FastAPI:
     app = make_identity_app()
 
     @app.get("/prices")
-    @cache(namespace="prices", expire=EXPIRE, stale_ttl=STALE_TTL)
+    @cache(namespace="prices", expire=EXPIRE, stale_ttl=STALE_TTL, client_max_age=3600)
     async def get_prices() -> dict[str, int]:
         return await prices.compute()
 

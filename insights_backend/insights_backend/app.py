@@ -1,8 +1,9 @@
 """The application: ``create_app()`` and the module-level ``app`` that uvicorn serves.
 
-The lifespan is the caching guide's (``init_cache()`` / ``close_cache()``) with the database opened
-inside it: tables created and demo data seeded before the first request, the engine disposed after
-the last. Its start-up ends with ``gc.collect(); gc.freeze()`` (see ``_freeze_start_up_heap``).
+The lifespan runs ``init_cache()`` / ``close_cache()`` (``docs/service-guide.md``) with the
+database opened inside it: tables created and demo data seeded before the first request, the
+engine disposed after the last. Its start-up ends with ``gc.collect(); gc.freeze()`` (see
+``_freeze_start_up_heap``).
 
 The cache reads its settings from the environment; run the service through
 ``python -m insights_backend`` so that ``CACHE_PREFIX`` defaults to ``ib-cache`` (``config.py``).
@@ -105,7 +106,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_exception_handler(405, _method_not_allowed)
     # Every request starts with no tenant and no user bound; the auth dependency binds them.
     app.add_middleware(RequestContextMiddleware)
-    # The guide-style route uses fastapi-cache2's decorator: keep its answers out of shared caches.
+    # One route uses fastapi-cache2's own decorator: keep its answers out of shared caches.
     app.add_middleware(PrivateCacheControlMiddleware)
     for module in (tenant_config, users, insights, admin, operations):
         app.include_router(module.router)

@@ -3,8 +3,7 @@
 The cache reads its settings (``CACHE_PREFIX``, ``REDIS_URL``, ...) from the environment through
 ``commons.cache.cache_settings()``. This service's defaults are applied to the environment, without
 overriding anything already set, by :func:`apply_service_environment` in the entry points, before
-any settings load: a ``.env`` file in the working directory first (as the caching guide shows),
-then ``CACHE_PREFIX=ib-cache``.
+any settings load: a ``.env`` file in the working directory first, then ``CACHE_PREFIX=ib-cache``.
 """
 
 from __future__ import annotations

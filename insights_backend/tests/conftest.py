@@ -32,9 +32,9 @@ Bearer = Callable[..., dict[str, str]]
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
+def redis_server(cache_redis_server: RedisServer) -> RedisServer:
+    """The private redis-server of commons.testing's pytest plugin."""
+    return cache_redis_server
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 from httpx import AsyncClient
 
 from commons.testing.entries import age_entry
+from commons.testing.kit import assert_hit, assert_miss
 from insights_backend.routes.insights import STALE_IF_ERROR_SECONDS
 
 Bearer = Callable[..., dict[str, str]]
@@ -29,8 +30,8 @@ async def test_tenant_config_is_a_miss_then_a_hit(client: AsyncClient, bearer: B
     second = await client.get("/v1/tenant/config", headers=bearer(1, "alice"))
 
     assert first.status_code == second.status_code == 200
-    assert first.headers[CACHE_HEADER] == "MISS"
-    assert second.headers[CACHE_HEADER] == "HIT"
+    assert_miss(first)
+    assert_hit(second)
     assert second.json() == first.json()
     assert first.json()["display_name"] == "Acme Corp"
 
@@ -55,8 +56,8 @@ async def test_users_me_is_a_miss_then_a_hit(client: AsyncClient, bearer: Bearer
     first = await client.get("/v1/users/me", headers=bearer(1, "alice"))
     second = await client.get("/v1/users/me", headers=bearer(1, "alice"))
 
-    assert first.headers[CACHE_HEADER] == "MISS"
-    assert second.headers[CACHE_HEADER] == "HIT"
+    assert_miss(first)
+    assert_hit(second)
     assert second.json() == first.json()
     assert first.json()["email"] == "alice@acme.example"
 
@@ -65,8 +66,8 @@ async def test_insights_are_a_miss_then_a_hit(client: AsyncClient, bearer: Beare
     first = await client.get("/v1/insights?page=2&size=5", headers=bearer(1, "alice"))
     second = await client.get("/v1/insights?page=2&size=5", headers=bearer(1, "alice"))
 
-    assert first.headers[CACHE_HEADER] == "MISS"
-    assert second.headers[CACHE_HEADER] == "HIT"
+    assert_miss(first)
+    assert_hit(second)
     assert second.json() == first.json()
 
 
@@ -94,9 +95,9 @@ async def test_updating_a_config_invalidates_only_that_tenant(
 
     assert updated.status_code == 200
     assert updated.json()["display_name"] == "Acme Renamed"
-    assert tenant_1.headers[CACHE_HEADER] == "MISS"
+    assert_miss(tenant_1)
     assert tenant_1.json() == updated.json()
-    assert tenant_2.headers[CACHE_HEADER] == "HIT"
+    assert_hit(tenant_2)
     assert tenant_2.json()["display_name"] == "Globex"
 
 
@@ -110,7 +111,7 @@ async def test_an_invalid_config_is_refused_and_nothing_changes(
     after = await client.get("/v1/tenant/config", headers=bearer(1, "alice"))
 
     assert refused.status_code == 422
-    assert after.headers[CACHE_HEADER] == "HIT"
+    assert_hit(after)
     assert after.json() == before.json()
 
 
@@ -127,7 +128,7 @@ async def test_a_config_body_that_is_not_utf8_is_a_400_and_nothing_changes(
 
     assert refused.status_code == 400
     assert refused.json() == {"detail": "There was an error parsing the body"}
-    assert after.headers[CACHE_HEADER] == "HIT"
+    assert_hit(after)
     assert after.json() == before.json()
 
 
@@ -152,8 +153,8 @@ async def test_query_parameter_order_does_not_matter(client: AsyncClient, bearer
     first = await client.get("/v1/insights?page=2&size=5&q=revenue", headers=bearer(1, "alice"))
     reordered = await client.get("/v1/insights?q=revenue&size=5&page=2", headers=bearer(1, "alice"))
 
-    assert first.headers[CACHE_HEADER] == "MISS"
-    assert reordered.headers[CACHE_HEADER] == "HIT"
+    assert_miss(first)
+    assert_hit(reordered)
     assert reordered.json() == first.json()
 
 
@@ -178,7 +179,7 @@ async def test_insights_show_only_the_callers_tenant(client: AsyncClient, bearer
 
     acme_ids = {item["id"] for item in acme.json()["items"]}
     globex_ids = {item["id"] for item in globex.json()["items"]}
-    assert globex.headers[CACHE_HEADER] == "MISS"
+    assert_miss(globex)
     assert len(acme_ids) == len(globex_ids) == 50
     assert not acme_ids & globex_ids
 

@@ -12,6 +12,7 @@ from httpx import AsyncClient
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from commons.testing.kit import assert_hit, assert_miss
 from commons.testing.redis_server import free_port
 
 Bearer = Callable[..., dict[str, str]]
@@ -44,7 +45,8 @@ async def test_with_redis_unreachable_the_service_starts_serves_and_reports_degr
     assert health.status_code == 200
     assert health.json()["cache"]["backend"] == "degraded"
     assert first.status_code == second.status_code == 200
-    assert (first.headers["X-FastAPI-Cache"], second.headers["X-FastAPI-Cache"]) == ("MISS", "HIT")
+    assert_miss(first)
+    assert_hit(second)
 
 
 async def test_the_openapi_schema_lists_the_endpoints_and_bearer_auth(

@@ -18,7 +18,11 @@ from commons.cache.errors import (
 )
 from commons.cache.events import CacheEvents, LookupOutcome
 from commons.cache.invalidation import invalidate_namespace
-from commons.cache.keys import tenant_cache_key_builder, tenant_user_cache_key_builder
+from commons.cache.keys import (
+    global_cache_key_builder,
+    tenant_cache_key_builder,
+    tenant_user_cache_key_builder,
+)
 from commons.cache.lifecycle import cache_status, close_cache, init_cache
 from commons.cache.middleware import PrivateCacheControlMiddleware
 from commons.cache.settings import CacheSettings, cache_settings
@@ -40,6 +44,7 @@ __all__ = [
     "cache_settings",
     "cache_status",
     "close_cache",
+    "global_cache_key_builder",
     "init_cache",
     "invalidate_namespace",
     "tenant_cache_key_builder",

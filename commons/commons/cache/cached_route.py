@@ -75,6 +75,7 @@ class CachedRoute:
         stale_ttl: int,
         stale_if_error: int | None,
         lock: bool | None,
+        client_max_age: int | None = None,
     ) -> None:
         self.func = func
         self.coder = coder
@@ -86,6 +87,8 @@ class CachedRoute:
         self.stale_if_error = stale_if_error
         #: ``distributed_lock``: ``None`` follows ``CACHE_DISTRIBUTED_LOCK``.
         self.lock = lock
+        #: Seconds a client may reuse an answer without revalidating; ``None``: ``no-cache``.
+        self.client_max_age = client_max_age
         self.is_coroutine = inspect.iscoroutinefunction(func)
         self.prepared = PreparedResponses()
         #: The endpoint FastAPI mounts (the decorated function), set once it is built.

@@ -93,6 +93,14 @@ def _redis_settings(action: str) -> CacheSettings:
             "caches in its own memory)",
             EXIT_BAD_SETTINGS,
         )
+    if "CACHE_PREFIX" not in settings.model_fields_set:
+        # The default prefix is rarely the service's: the command would work on keys no
+        # service reads, and say nothing.
+        typer.echo(
+            f"warning: CACHE_PREFIX is not set: working on the default prefix "
+            f"{settings.CACHE_PREFIX!r}; set it to the service's (as in its environment)",
+            err=True,
+        )
     return settings
 
 

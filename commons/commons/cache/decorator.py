@@ -22,9 +22,10 @@ whatever their clocks say. Every stored value also carries the route's fingerpri
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from functools import wraps
 from inspect import Parameter, Signature
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 from fastapi.dependencies.utils import get_typed_signature
 from fastapi_cache.coder import Coder, PickleCoder
@@ -34,13 +35,27 @@ from starlette.responses import Response
 
 from commons.cache.cached_route import CachedRoute
 from commons.cache.keys import tenant_cache_key_builder
+from commons.cache.keyspace import check_namespace
 from commons.cache.rendering import resolved_return_annotation
 from commons.cache.request_path import RequestPath
+from commons.cache.startup_checks import WRAPPED
 
 __all__ = ["cache"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class CacheDecorator(Protocol):
+    """What ``cache(...)`` returns: it takes an async or a sync handler, and gives back an async
+    one with the same parameters and result type (called directly, outside a request, it runs
+    the handler; a cached answer only ever goes to FastAPI, which sends it as it is)."""
+
+    @overload
+    def __call__(self, func: Callable[P, Awaitable[R]], /) -> Callable[P, Awaitable[R]]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, R], /) -> Callable[P, Awaitable[R]]: ...
 
 
 def _param_of_type(signature: Signature, kind: type) -> Parameter | None:
@@ -60,9 +75,9 @@ def _check_arguments(
     expire: int | None,
     stale_ttl: int | None,
     stale_if_error: int | None,
+    client_max_age: int | None,
 ) -> None:
-    if ":" in namespace:
-        raise ValueError(f"cache namespace {namespace!r} must not contain ':'")
+    check_namespace(namespace)
     if coder is not None and issubclass(coder, PickleCoder):
         raise ValueError("cached values are JSON: PickleCoder would let a writable Redis run code")
     if expire is not None and expire < 0:
@@ -71,6 +86,8 @@ def _check_arguments(
         raise ValueError("stale_ttl must not be negative")
     if stale_if_error is not None and stale_if_error < 0:
         raise ValueError("stale_if_error must not be negative")
+    if client_max_age is not None and client_max_age < 0:
+        raise ValueError("client_max_age must not be negative")
 
 
 def _injectable(namespace: str) -> tuple[Parameter, Parameter]:
@@ -94,6 +111,14 @@ def _with_injected(
     )
 
 
+def _mark_wrapped(func: Callable[..., object]) -> None:
+    """Marks ``func`` as wrapped by ``@cache``, once ``@wraps`` has copied its attributes: only
+    a route that registered ``func`` itself (``@cache`` above the route decorator) has an
+    endpoint so marked (``startup_checks.py``)."""
+    with suppress(AttributeError, TypeError):  # a callable without attributes
+        setattr(func, WRAPPED, True)
+
+
 def cache(
     expire: int | None = None,
     coder: type[Coder] | None = None,
@@ -104,8 +129,9 @@ def cache(
     distributed_lock: bool | None = None,
     stale_ttl: int | None = None,
     stale_if_error: int | None = None,
-) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R | Response]]]:
-    """Caches a route's responses.
+    client_max_age: int | None = None,
+) -> CacheDecorator:
+    """Caches a route's responses (``async def`` and ``def`` handlers alike).
 
     Args:
         expire: Seconds an entry is fresh; ``CACHE_TTL_SECONDS`` by default.
@@ -122,16 +148,19 @@ def cache(
             fails (the handler raises, or answers 5xx): ``X-FastAPI-Cache: STALE``, the failure
             logged and counted. Never an invalidated entry. ``CACHE_STALE_IF_ERROR_SECONDS`` by
             default (0: never).
+        client_max_age: Seconds a client may reuse an answer without asking (``max-age``, at
+            most the entry's freshness). ``None``: ``no-cache``, the client revalidates with the
+            ``ETag`` (a ``304`` if unchanged) and never uses an answer from before an update.
 
     Raises:
         ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, or a
-            negative ``expire`` / ``stale_ttl`` / ``stale_if_error``.
+            negative ``expire`` / ``stale_ttl`` / ``stale_if_error`` / ``client_max_age``.
     """
-    _check_arguments(namespace, coder, expire, stale_ttl, stale_if_error)
+    _check_arguments(namespace, coder, expire, stale_ttl, stale_if_error, client_max_age)
     chosen_key_builder: KeyBuilder = key_builder or tenant_cache_key_builder
     injected_request, injected_response = _injectable(injected_dependency_namespace)
 
-    def decorate(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R | Response]]:
+    def decorate(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         signature = get_typed_signature(func)
         request_param = _param_of_type(signature, Request)
         response_param = _param_of_type(signature, Response)
@@ -146,17 +175,18 @@ def cache(
             stale_ttl=stale_ttl or 0,
             stale_if_error=stale_if_error,
             lock=distributed_lock,
+            client_max_age=client_max_age,
         )
         answer = RequestPath(route, namespace, chosen_key_builder).answer
 
         @wraps(func)
-        async def endpoint(*args: P.args, **kwargs: P.kwargs) -> R | Response:
+        async def endpoint(*args: Any, **kwargs: Any) -> Any:
             # The injected parameters are ours: the handler never sees them.
             request = kwargs.pop(request_name, None) if inject_request else kwargs.get(request_name)
             sub_response = (
                 kwargs.pop(response_name, None) if inject_response else kwargs.get(response_name)
             )
-            return await answer(request, sub_response, args, kwargs)  # type: ignore[no-any-return]
+            return await answer(request, sub_response, args, kwargs)
 
         injected = [
             *([injected_request] if inject_request else []),
@@ -165,6 +195,7 @@ def cache(
         if injected:
             endpoint.__signature__ = _with_injected(func, signature, injected)  # type: ignore[attr-defined]
         route.endpoint = endpoint
+        _mark_wrapped(func)
         return endpoint
 
-    return decorate
+    return cast(CacheDecorator, decorate)

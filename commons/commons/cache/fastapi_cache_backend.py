@@ -21,6 +21,8 @@ fastapi-cache2's decorator stores goes through the same rules as ours:
   no read before it and takes a fresh token (``CacheLayer.token_now``).
 - An answer whose handler set ``Vary`` on the decorator's ``Response`` is not stored (with our key
   builders, which keep that response with the key): the key does not hold what it varies on.
+- A key that names no tenant (fastapi-cache2's default key builder) is never read or written, with
+  one warning per namespace naming the fix: its entry would be served to every tenant.
 - ``clear()`` never touches a key outside ``CACHE_PREFIX``.
 """
 
@@ -53,6 +55,11 @@ _PRODUCER = "fastapi-cache2"
 _NOT_JSON = (
     "its coder does not produce JSON (PickleCoder?); cached values are JSON only, so that a "
     "writable Redis cannot run code"
+)
+_NO_TENANT = (
+    "its keys name no tenant (fastapi-cache2's default key builder, or one like it), so an "
+    "entry would be served to every tenant; nothing is cached: pass "
+    "key_builder=tenant_cache_key_builder (or tenant_user_cache_key_builder)"
 )
 _NOT_DECODABLE = (
     "an answer holds a '_spec_type' key that fastapi-cache2's decoder cannot read back; "
@@ -146,9 +153,13 @@ class LayerBackend(Backend):
         layer = self._layer()
         if layer is None:
             return 0, None
-        lookup = await layer.lookup(key, _fingerprint(key))
+        lookup = (
+            await layer.lookup(key, _fingerprint(key)) if self._names_a_tenant(layer, key) else None
+        )
         namespace = namespace_of_key(layer.prefix, key) or ""
         if lookup is None:
+            if isinstance(key, ScopedKey) and key.reason is not None:
+                self._refuse(layer, key, key.reason)
             # Counted as the decorator counts its own requests (see CacheEvents.lookup).
             bypass = LookupOutcome.BYPASS_DISABLED
             if layer.enabled:
@@ -179,7 +190,7 @@ class LayerBackend(Backend):
         if not _decodes(value):
             self._refuse(layer, key, _NOT_DECODABLE)
             return
-        if _varies(key):
+        if _varies(key) or not self._names_a_tenant(layer, key):
             return
         token = _ReadForWrite.take(key) or await layer.token_now(key)
         if token is None:
@@ -194,12 +205,23 @@ class LayerBackend(Backend):
             token=token,
         )
 
-    def _refuse(self, layer: CacheLayer, key: str, why: str) -> None:
+    def _names_a_tenant(self, layer: CacheLayer, key: str) -> bool:
+        """Whether ``key`` is one tenant's (or says why not, once per namespace). Our builders'
+        keys always are, or are uncacheable for a reason they log; any other key is kept only
+        when its text names a tenant, as a builder wrapping ours does (fail closed)."""
+        if isinstance(key, ScopedKey):
+            return True
         scope = layer.scope_of(key)
-        namespace = scope.namespace if scope is not None else ""
+        if scope is not None and scope.tenant_id is not None:
+            return True
+        self._refuse(layer, key, _NO_TENANT)
+        return False
+
+    def _refuse(self, layer: CacheLayer, key: str, why: str) -> None:
+        namespace = namespace_of_key(layer.prefix, key) or ""
         if (namespace, why) not in self._warned_namespaces:
             self._warned_namespaces.add((namespace, why))
-            logger.warning("not caching namespace %r: %s", namespace, why)
+            logger.warning("serving namespace %r uncached (said once): %s", namespace, why)
 
     async def clear(self, namespace: str | None = None, key: str | None = None) -> int:
         layer = self._layer()

@@ -7,8 +7,10 @@
 - ``ETag`` is a digest of the stored body (the first 128 bits of its SHA-256, in hex, quoted), so
   every process and replica agrees on it, and ``If-None-Match`` (a list, weak or strong, or ``*``)
   answers ``304`` with no body.
-- ``Cache-Control: max-age`` is the entry's remaining *freshness* (never its stale window).
-  Tenant- or user-scoped answers say ``Cache-Control: private, max-age=<remaining>`` and
+- ``Cache-Control: no-cache`` by default: a client keeps its copy but asks again before using it
+  (a ``304`` when nothing changed), so no client uses an answer from before an update. A route's
+  ``client_max_age`` allows reuse: ``max-age`` is then that, at most the entry's remaining
+  *freshness* (never its stale window). Tenant- or user-scoped answers say ``private`` too and
   ``Vary: Authorization``: a shared proxy or CDN must never hand one tenant's answer to another.
 - A ``HEAD`` request gets the headers of the ``GET`` (``Content-Length`` included) and no body.
 - ``Age`` says how long ago a stored answer was stored; ``Cache-Status`` (RFC 9211,
@@ -133,7 +135,7 @@ class PreparedResponse:
     not_modified_headers: tuple[tuple[bytes, bytes], ...]
     #: The last full answer's headers with their ``max-age`` and how it was served: hits within
     #: the same second send the same ones.
-    last_sent: tuple[int, Served, tuple[tuple[bytes, bytes], ...]] | None = None
+    last_sent: tuple[int | None, Served, tuple[tuple[bytes, bytes], ...]] | None = None
 
 
 def prepare(cached: CachedResponse, *, private: bool) -> PreparedResponse:
@@ -168,7 +170,9 @@ def prepare(cached: CachedResponse, *, private: bool) -> PreparedResponse:
     )
 
 
-def _cache_control(private: bool, max_age: int) -> bytes:
+def _cache_control(private: bool, max_age: int | None) -> bytes:
+    if max_age is None:
+        return b"private, no-cache" if private else b"no-cache"
     return (b"private, max-age=%d" if private else b"max-age=%d") % max_age
 
 
@@ -226,7 +230,7 @@ def _served_headers(served: Served) -> list[tuple[bytes, bytes]]:
 def replay(
     prepared: PreparedResponse,
     *,
-    max_age: int,
+    max_age: int | None,
     served: Served,
     if_none_match: str | None,
     head: bool,
@@ -236,13 +240,14 @@ def replay(
 
     Args:
         prepared: The stored response.
-        max_age: Seconds the answer stays fresh (``Cache-Control: max-age``).
+        max_age: Seconds the client may reuse the answer (``Cache-Control: max-age``); ``None``:
+            it must revalidate first (``no-cache``).
         served: How it was served: ``X-FastAPI-Cache``, ``Cache-Status`` and ``Age``.
         if_none_match: The request's ``If-None-Match`` header, if any.
         head: True for a ``HEAD`` request: the same headers, no body.
         extra_headers: Per-request headers to add (set by the route's dependencies).
     """
-    if max_age < 0:
+    if max_age is not None and max_age < 0:
         max_age = 0
     if if_none_match is not None and etag_matches(if_none_match, prepared.etag):
         cache_control = _cache_control(prepared.private, max_age)

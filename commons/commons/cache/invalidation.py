@@ -8,10 +8,15 @@ read again (see ``layer.py``).
 
 from __future__ import annotations
 
+import logging
+
+from commons.cache.keyspace import check_namespace
 from commons.cache.lifecycle import current_layer
 from commons.cache.scope import InvalidationTarget
 
 __all__ = ["invalidate_namespace"]
+
+logger = logging.getLogger("commons.cache")
 
 
 async def invalidate_namespace(
@@ -29,8 +34,10 @@ async def invalidate_namespace(
         is unreachable right now are not counted).
 
     Raises:
-        ValueError: ``user_id`` without ``tenant_id``.
+        ValueError: ``user_id`` without ``tenant_id``, or a namespace holding ``:`` (no route
+            can have one: ``@cache`` refuses it).
     """
+    check_namespace(namespace)
     target = InvalidationTarget(
         namespace,
         None if tenant_id is None else str(tenant_id),
@@ -38,5 +45,12 @@ async def invalidate_namespace(
     )
     layer = current_layer()
     if layer is None:
+        # Nothing is cached without a layer either, but a test or a service that forgot
+        # init_cache() would otherwise believe its routes are cached and invalidated.
+        logger.warning(
+            "invalidate_namespace(%r): init_cache() has not run, nothing is cached or removed; "
+            "run it in the app's lifespan (in tests: `with TestClient(app)` runs the lifespan)",
+            namespace,
+        )
         return 0
     return await layer.invalidate(target)

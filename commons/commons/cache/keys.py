@@ -5,12 +5,18 @@ written by ``keyspace.py``, which owns the key format. Keys are exactly::
 
     {CACHE_PREFIX}:{namespace}:tenant_{tenant_id}:{url_path}:{md5}
     {CACHE_PREFIX}:{namespace}:tenant_{tenant_id}:user_{user_id}:{url_path}:{md5}
+    {CACHE_PREFIX}:{namespace}:{url_path}:{md5}           (global_cache_key_builder: opt-in)
 
 where ``md5`` is the hex digest of the canonical query string: parameters sorted by name, repeated
 parameters kept in the order the client sent them, so ``?a=1&b=2`` and ``?b=2&a=1`` share an entry.
 ``url_path`` is the decoded request path as it is, except that ``%``, ``?``, ``#`` and ``\`` are
 percent-encoded (``%25``, ``%3F``, ``%23``, ``%5C``): ``/items/a%3Fb`` (the path ``/items/a?b``)
 and ``/items/a%253Fb`` (the path ``/items/a%3Fb``) are two paths, so two keys.
+
+Any other key builder's text (:func:`scoped_key`) is scoped the same way: by the identity bound
+to the request, never by what the text happens to say, so invalidating the tenant reaches every
+entry a route stores, and a builder that leaves the tenant out cannot share an entry between two
+tenants.
 
 Fail closed: when the identity a builder needs is missing (or cannot be written into a key without
 ambiguity), the builder returns a key whose ``cacheable`` is false. The cache then neither reads nor
@@ -20,7 +26,6 @@ writes anything for that request; the handler answers it. There is never a share
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -29,19 +34,26 @@ from urllib.parse import urlencode
 from starlette.requests import Request
 from starlette.responses import Response
 
-from commons.cache.keyspace import entry_key, split_qualified_namespace, uncacheable_key
+from commons.cache.keyspace import (
+    entry_key,
+    foreign_entry_key,
+    global_entry_key,
+    scope_of_key,
+    split_qualified_namespace,
+    uncacheable_key,
+)
 from commons.cache.memo import BoundedMemo
 from commons.cache.scope import CacheScope, ScopedKey
 from commons.utilities.context import get_tenant_id, get_user_id
 
 __all__ = [
     "canonical_query_digest",
+    "global_cache_key_builder",
     "key_path",
+    "scoped_key",
     "tenant_cache_key_builder",
     "tenant_user_cache_key_builder",
 ]
-
-logger = logging.getLogger("commons.cache")
 
 # An id becomes part of a key between ':' separators: a ':' inside it could make two different
 # (tenant, path) pairs spell the same key, so such ids are refused rather than escaped.
@@ -87,9 +99,21 @@ _key_memo = BoundedMemo[tuple[str, str, str | None, str, bytes], ScopedKey](
 )
 
 
+# What an identity that is missing at the key builder usually means.
+_BIND_IN_ASYNC = (
+    "the usual cause: it is bound in a sync `def` dependency, which runs in a worker thread "
+    "whose context the endpoint never sees; bind it in an `async def` dependency"
+)
+_NO_TENANT = f"no tenant bound to the request ({_BIND_IN_ASYNC})"
+_NO_USER = f"no user bound to the request ({_BIND_IN_ASYNC})"
+
+
 def _uncacheable(qualified_namespace: str, reason: str) -> ScopedKey:
-    logger.warning("serving uncached: %s (namespace %r)", reason, qualified_namespace)
-    return ScopedKey(uncacheable_key(qualified_namespace), None)
+    """A key never read or written, saying why: the route logs it once (a request without an
+    identity is routine for some clients; one line per request would drown the log)."""
+    key = ScopedKey(uncacheable_key(qualified_namespace), None)
+    key.reason = reason
+    return key
 
 
 def _build(
@@ -104,12 +128,12 @@ def _build(
         return _uncacheable(qualified_namespace, "no request to build a key from")
     tenant_id = get_tenant_id()
     if tenant_id is None:
-        return _uncacheable(qualified_namespace, "no tenant bound to the request")
+        return _uncacheable(qualified_namespace, _NO_TENANT)
     user_id = None
     if per_user:
         user_id = get_user_id()
         if user_id is None:
-            return _uncacheable(qualified_namespace, "no user bound to the request")
+            return _uncacheable(qualified_namespace, _NO_USER)
     path: str = request.scope["path"]
     query: bytes = request.scope.get("query_string", b"")
     # A user builder's inputs always hold a user id, a tenant builder's never: the two kinds of
@@ -121,9 +145,17 @@ def _build(
         if built.scope is not None:
             size = 2 * (len(path) + len(query)) + len(built) + _MEMO_OVERHEAD_BYTES
             _key_memo.put(memo_key, built, size)
-    route = request.scope.get("route")
     if built.scope is None:
         return built
+    return _for_request(built, request, func, response)
+
+
+def _for_request(
+    built: ScopedKey, request: Request, func: object, response: Response | None
+) -> ScopedKey:
+    """``built`` with what the fastapi-cache2 adapter reads: the route and handler it was built
+    for (its fingerprint) and the request's response (its ``Vary``)."""
+    route = request.scope.get("route")
     if route is not None:
         built = built.with_origin(route, func)
     return built if response is None else built.with_response(response)
@@ -144,6 +176,36 @@ def _build_new(
     # fastapi-cache2 passes "{prefix}:{namespace}"; a bare prefix is the empty namespace.
     namespace = split_qualified_namespace(qualified_namespace)[1] or ""
     return ScopedKey(key, CacheScope(namespace, tenant_id, user_id))
+
+
+def scoped_key(built: str, qualified_namespace: str) -> ScopedKey:
+    """The key, with its scope, of an entry whose text a key builder returned.
+
+    Our builders' keys carry their scope already. Any other text is scoped by the request's bound
+    identity: kept as it is when it names exactly that tenant (and user, if any) in this
+    namespace, as a builder wrapping ours does; otherwise stored inside the bound tenant's scope
+    (``keyspace.foreign_entry_key``), so ``invalidate_namespace(ns, tenant_id=...)`` removes it.
+    No tenant bound: uncacheable, as with our builders.
+    """
+    if isinstance(built, ScopedKey):
+        return built
+    tenant_id = get_tenant_id()
+    if tenant_id is None:
+        return _uncacheable(qualified_namespace, _NO_TENANT)
+    if not _VALID_ID.fullmatch(tenant_id):
+        return _uncacheable(qualified_namespace, "tenant id holds ':' or whitespace")
+    prefix, namespace = split_qualified_namespace(qualified_namespace)
+    named = scope_of_key(prefix, built)
+    if (
+        named is not None
+        and named.namespace == (namespace or "")
+        and named.tenant_id == tenant_id
+        and named.user_id in (None, get_user_id())
+        and built.startswith(qualified_namespace + ":")
+    ):
+        return ScopedKey(built, named)
+    key = foreign_entry_key(qualified_namespace, tenant_id, built)
+    return ScopedKey(key, CacheScope(namespace or "", tenant_id))
 
 
 def tenant_cache_key_builder(
@@ -190,3 +252,31 @@ def tenant_user_cache_key_builder(
         uncacheable key when the tenant or the user is missing.
     """
     return _build(namespace, request, func, response, per_user=True)
+
+
+def global_cache_key_builder(
+    func: Callable[..., Any],
+    namespace: str = "",
+    *,
+    request: Request | None = None,
+    response: Response | None = None,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> str:
+    """Builds a key shared by every caller: the explicit opt-in for answers that depend on nothing
+    of who asks (a catalogue, public configuration).
+
+    The identity is not read: every tenant and user, and requests with none, get one entry per
+    path and query. Its answers are not ``private`` (they hold nothing private). Invalidate it
+    with ``invalidate_namespace(namespace)``: a tenant's invalidation never touches it.
+
+    Returns:
+        ``{prefix}:{namespace}:{url_path}:{md5}``.
+    """
+    if request is None:
+        return _uncacheable(namespace, "no request to build a key from")
+    key = global_entry_key(
+        namespace, key_path(request.scope["path"]), canonical_query_digest(request)
+    )
+    built = ScopedKey(key, CacheScope(split_qualified_namespace(namespace)[1] or ""))
+    return _for_request(built, request, func, response)

@@ -4,6 +4,8 @@ Entry keys hold one response each; the key builders (``keys.py``) give them thei
 
     {prefix}:{namespace}:tenant_{tenant}:{url_path}:{md5}
     {prefix}:{namespace}:tenant_{tenant}:user_{user}:{url_path}:{md5}
+    {prefix}:{namespace}:tenant_{tenant}:~{text}      another key builder's text, in its tenant
+    {prefix}:{namespace}:{url_path}:{md5}             a global entry (one for every caller)
 
 ``{prefix}:{namespace}`` is the *qualified namespace* fastapi-cache2 hands its key builders. A
 prefix never holds ``:``, and tenant and user ids never do either (the builders refuse them), so
@@ -41,8 +43,11 @@ from commons.cache.scope import CacheScope
 __all__ = [
     "Keyspace",
     "check_key",
+    "check_namespace",
     "entry_key",
+    "foreign_entry_key",
     "glob_escape",
+    "global_entry_key",
     "lock_key",
     "namespace_of_key",
     "qualified_namespace",
@@ -56,6 +61,16 @@ _USER = "user_"
 
 
 # -- entry keys ---------------------------------------------------------------------------------
+
+
+def check_namespace(namespace: str) -> None:
+    """Refuses a namespace that would hold a ``:`` in keys (``@cache`` and invalidation alike).
+
+    Raises:
+        ValueError: For a namespace holding ``:``.
+    """
+    if ":" in namespace:
+        raise ValueError(f"cache namespace {namespace!r} must not contain ':'")
 
 
 def qualified_namespace(prefix: str, namespace: str) -> str:
@@ -77,6 +92,20 @@ def entry_key(
     if user_id is None:
         return f"{qualified}:{_TENANT}{tenant_id}:{url_path}:{query_digest}"
     return f"{qualified}:{_TENANT}{tenant_id}:{_USER}{user_id}:{url_path}:{query_digest}"
+
+
+def global_entry_key(qualified: str, url_path: str, query_digest: str) -> str:
+    """A global entry's key: no tenant part (a path starts with ``/``, never ``tenant_``)."""
+    return f"{qualified}:{url_path}:{query_digest}"
+
+
+def foreign_entry_key(qualified: str, tenant_id: str, text: str) -> str:
+    """The key of an entry whose text another key builder wrote, placed in the tenant's scope.
+
+    ``~`` cannot begin a path (``/``) or a user part (``user_``), so the text, whatever it
+    holds, never reads as another scope (:func:`scope_of_key` reads the tenant only).
+    """
+    return f"{qualified}:{_TENANT}{tenant_id}:~{text}"
 
 
 def uncacheable_key(qualified: str) -> str:

@@ -120,9 +120,21 @@ _REFUSED_WHAT = {"get": "reads", "set": "writes", "lock": "locks"}
 def _start_up_failure(exc: BackendError) -> str:
     """Why the first contact failed: an outage, or Redis refusing a command the cache needs (a
     permission its user lacks), which lasts until an operator grants it."""
+    # The error's own text says what failed ("Redis unavailable: ..."): said once.
     if isinstance(exc, BackendRejectedError):
-        return f"Redis answers but refuses a command the cache needs at start-up: {exc}"
-    return f"Redis unavailable at start-up: {exc}"
+        return f"at start-up, {exc} (the cache needs it: a permission, not an outage)"
+    return f"at start-up, {exc}"
+
+
+def _state_logger(level: int) -> logging.Logger:
+    """Where a change of state is logged: ``commons.cache``, or, when nothing handles its records
+    and uvicorn's logging is set up (its default configuration handles only its own loggers),
+    ``uvicorn.error``, so that the backend chosen is in the service's log. Warnings need no
+    detour: Python prints them without any configuration."""
+    if level >= logging.WARNING or logger.hasHandlers():
+        return logger
+    uvicorn = logging.getLogger("uvicorn.error")
+    return uvicorn if uvicorn.hasHandlers() else logger
 
 
 class FillToken(NamedTuple):
@@ -341,7 +353,7 @@ class CacheLayer:
     def _log_state(self) -> None:
         troubled = self._state is CacheState.DEGRADED or self._refused is not None
         level = logging.WARNING if troubled else logging.INFO
-        logger.log(level, "cache backend: %s (%s)", self._state.value, self._reason)
+        _state_logger(level).log(level, "cache backend: %s (%s)", self._state.value, self._reason)
 
     def _active_store(self) -> CacheStore:
         return self._active

@@ -20,6 +20,7 @@ from commons.cache.http import CACHE_STATUS_HEADER
 from commons.cache.keys import tenant_cache_key_builder
 from commons.cache.layer import CacheLayer
 from commons.cache.settings import CacheSettings, cache_settings
+from commons.cache.startup_checks import warn_about_mistakes
 from commons.cache.status import CacheState, CacheStatus
 
 __all__ = ["cache_status", "close_cache", "current_layer", "init_cache"]
@@ -59,6 +60,9 @@ async def init_cache(
     global _layer
     settings = settings or cache_settings()
     await close_cache()
+    # Only the default Prometheus events count per process in a way PROMETHEUS_MULTIPROC_DIR
+    # fixes; a caller's own events are theirs to aggregate.
+    own_metrics = events is None
     events = events if events is not None else _default_events()
     redis = None
     if settings.CACHE_ENABLED and settings.REDIS_URL is not None:
@@ -85,6 +89,7 @@ async def init_cache(
         cache_status_header=CACHE_STATUS_HEADER,
         enable=settings.CACHE_ENABLED,
     )
+    warn_about_mistakes(metrics=own_metrics and type(events) is not CacheEvents)
 
 
 async def close_cache() -> None:

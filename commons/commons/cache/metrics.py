@@ -1,9 +1,9 @@
 """Prometheus metrics of the cache (needs the ``metrics`` extra: ``prometheus-client``).
 
 ``init_cache()`` attaches :class:`PrometheusEvents` by default when ``prometheus_client`` can be
-imported, so a service only has to expose the default registry (mount
-``prometheus_client.make_asgi_app()`` at ``/metrics``). ``init_cache(events=...)`` chooses other
-hooks instead.
+imported, so a service only has to expose them: ``app.include_router(metrics_router())`` serves
+:func:`exposition_registry` at ``/metrics``. ``init_cache(events=...)`` chooses other hooks
+instead.
 
 The collectors are created once per registry and process, however often ``init_cache()`` runs;
 every :class:`PrometheusEvents` feeds the same series. Labels are bounded: the namespace given to
@@ -51,7 +51,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
+from fastapi import APIRouter, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    values,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
@@ -59,7 +69,13 @@ from prometheus_client.registry import Collector
 from commons.cache.events import CacheEvents, LookupOutcome
 from commons.cache.status import CacheState
 
-__all__ = ["DURATION_BUCKETS", "PrometheusEvents", "exposition_registry", "multiprocess_mode"]
+__all__ = [
+    "DURATION_BUCKETS",
+    "PrometheusEvents",
+    "exposition_registry",
+    "metrics_router",
+    "multiprocess_mode",
+]
 
 #: Buckets of ``commons_cache_operation_duration_seconds``: a Redis round trip on a LAN takes a few
 #: hundred microseconds, and the default timeouts cap an operation near a second.
@@ -138,6 +154,19 @@ def exposition_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return registry
+
+
+def metrics_router(path: str = "/metrics") -> APIRouter:
+    """A router that serves :func:`exposition_registry` as Prometheus text at ``path``:
+    ``app.include_router(metrics_router())``. Left out of the OpenAPI schema; protect it as the
+    service's other operational routes are (it holds namespaces, never ids or keys)."""
+    router = APIRouter()
+
+    @router.get(path, include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(exposition_registry()), media_type=CONTENT_TYPE_LATEST)
+
+    return router
 
 
 class _RequestPath(Protocol):

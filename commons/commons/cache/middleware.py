@@ -10,8 +10,11 @@ Our ``@cache`` already says ``private`` and ``Vary: Authorization`` for scoped e
 answers with a digest of their bytes; this middleware gives any response that carries the
 ``X-FastAPI-Cache`` header the same:
 
-- ``Cache-Control: private`` and ``Vary: Authorization`` unless it is already ``private`` or
-  ``no-store`` (headers only, rewritten before the first message is sent);
+- ``Cache-Control: private, no-cache`` and ``Vary: Authorization`` unless it is already
+  ``private`` or ``no-store`` (headers only, rewritten before the first message is sent): as on
+  our decorator, a client revalidates with the ETag before using its copy (a ``304`` while
+  nothing changed), so it never shows an answer from before an update. Answers of our decorator
+  say so already and are left as they are;
 - ``Cache-Status`` (RFC 9211) when the decorator did not send one: ``hit; ttl=<max-age>`` or
   ``fwd=miss`` (fastapi-cache2's backend interface does not say whether it stored, nor how old an
   entry is: no ``stored``, no ``Age``);
@@ -55,11 +58,11 @@ _NOT_MODIFIED_KEEPS = ("etag", "vary", "cache-control", "expires", "content-loca
 
 
 def _make_private(headers: MutableHeaders) -> None:
-    cache_control = headers.get("cache-control", "")
-    lowered = cache_control.lower()
+    lowered = headers.get("cache-control", "").lower()
     if "private" in lowered or "no-store" in lowered:
         return
-    headers["cache-control"] = f"private, {cache_control}" if cache_control else "private"
+    # fastapi-cache2 says max-age=<its TTL>: a client would keep an answer from before an update.
+    headers["cache-control"] = "private, no-cache"
     vary = headers.get("vary")
     if vary is None:
         headers["vary"] = "Authorization"
@@ -70,9 +73,9 @@ def _make_private(headers: MutableHeaders) -> None:
 def _add_cache_status(headers: MutableHeaders) -> None:
     """``Cache-Status`` (RFC 9211) for an answer of fastapi-cache2's decorator, from what it
     says: ``hit`` with the ``max-age`` it sent as ``ttl``, or ``fwd=miss`` (whether the answer
-    was stored, and its ``Age``, are not known here). Ours already carry theirs."""
+    was stored, and its ``Age``, are not known here)."""
     layer = current_layer()
-    if layer is None or "cache-status" in headers:
+    if layer is None:
         return
     name = cache_status_name(layer.prefix).decode("ascii")
     if headers[_STATUS_HEADER] != "HIT":
@@ -106,9 +109,10 @@ class PrivateCacheControlMiddleware:
             nonlocal start
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
-                if _STATUS_HEADER in headers:
+                if _STATUS_HEADER in headers and "cache-status" not in headers:
+                    # fastapi-cache2's answer (ours carry Cache-Status and follow our rules).
+                    _add_cache_status(headers)  # reads the max-age that _make_private replaces
                     _make_private(headers)
-                    _add_cache_status(headers)
                     if _needs_our_etag(message, headers):
                         start = message  # held until the whole body is known
                         return

@@ -5,12 +5,15 @@ Per request:
 1. Not a GET/HEAD, caching disabled, or no identity to build a key from: the handler answers,
    nothing is read or stored (fail closed).
 2. Stored and fresh: replayed with ``X-FastAPI-Cache: HIT``, an ``ETag`` digest of the bytes
-   (``304`` on a matching ``If-None-Match``), ``Cache-Control: max-age=<remaining freshness>``,
-   ``private`` and ``Vary: Authorization`` for tenant- or user-scoped entries. The encoded headers
-   and the ETag of a stored body are computed once and reused while the stored bytes stay the same.
+   (``304`` on a matching ``If-None-Match``), ``Cache-Control: no-cache`` (the client revalidates:
+   a cheap ``304``) or, with ``client_max_age``, ``max-age=<that, at most the remaining
+   freshness>``, ``private`` and ``Vary: Authorization`` for tenant- or user-scoped entries.
+   The encoded headers and the ETag of a stored body are computed once and reused while the
+   stored bytes stay the same.
 3. Stored but stale for less than ``stale_ttl``: replayed at once with ``X-FastAPI-Cache:
-   STALE`` and ``max-age=0``; after the response is sent, one refresh per key and process
-   (single-flight, and with ``distributed_lock`` one across replicas) recomputes and stores it.
+   STALE`` (``max-age=0`` with ``client_max_age``); after the response is sent, one refresh per
+   key and process (single-flight, and with ``distributed_lock`` one across replicas)
+   recomputes and stores it.
 4. Missing: filled once (``fill.py``); exceptions and non-2xx answers are never stored. A HEAD
    that misses is answered by the handler and never stored (a GET's entry answers a HEAD, never
    the other way round), and a HEAD on a stale entry starts no refresh.
@@ -54,10 +57,10 @@ from commons.cache.http import (
     labelled,
     replay,
 )
+from commons.cache.keys import scoped_key
 from commons.cache.keyspace import qualified_namespace
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
-from commons.cache.scope import ScopedKey
 
 __all__ = ["RequestPath"]
 
@@ -67,6 +70,17 @@ _STATUS_NAME = CACHE_STATUS_HEADER.lower().encode("latin-1")
 _CACHE_STATUS_NAME = b"cache-status"
 
 logger = logging.getLogger("commons.cache")
+
+# The mistakes a cached route can reveal only when a request comes (%s: the method and route).
+_NOT_INITIALISED = (
+    "@cache on %s: init_cache() has not run, every request runs the handler; run it in the "
+    "app's lifespan (in tests: `with TestClient(app)` runs the lifespan)%s"
+)
+_UNCACHEABLE = "@cache on %s: serving uncached (said once per route and reason): %s"
+_NOT_A_READ = (
+    "@cache on %s: only GET and HEAD requests are cached; remove @cache from a route that "
+    "changes data, and call invalidate_namespace() for what it changes instead%s"
+)
 
 
 class _Asked(NamedTuple):
@@ -123,6 +137,8 @@ class RequestPath:
         # The last prefix seen, the qualified namespace under it, and the cache's name in
         # Cache-Status (a hit formats neither).
         self._qualified = ("", qualified_namespace("", namespace), cache_status_name(""))
+        #: The mistakes already logged for this route: each is said once, not per request.
+        self._warned: set[str] = set()
 
     async def answer(
         self, request: object, sub_response: object, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -131,21 +147,24 @@ class RequestPath:
         route, namespace = self.route, self.namespace
         layer = current_layer()
         if layer is None:
+            self._warn_once(request, _NOT_INITIALISED)
             return await route.call_handler(args, kwargs)
         if not layer.enabled:
             layer.events.lookup(namespace, LookupOutcome.BYPASS_DISABLED)
             return await self._bypassed(layer, sub_response, args, kwargs)
         if not isinstance(request, Request) or request.scope["method"] not in _CACHEABLE_METHODS:
+            self._warn_once(request, _NOT_A_READ)
             return await self._bypassed(layer, sub_response, args, kwargs)
+        qualified = self._names(layer.prefix)[0]
         built = self.key_builder(
             route.func,
-            self._names(layer.prefix)[0],
+            qualified,
             request=request,
             response=None,
             args=args,
             kwargs=kwargs,
         )
-        key = built if isinstance(built, str) else await built
+        key = scoped_key(built if isinstance(built, str) else await built, qualified)
         fingerprint = route.fingerprint(request)
         asked = _asked(request, sub_response)
         fresh_asked = _asks_for_fresh(layer, asked.cache_control)
@@ -154,9 +173,11 @@ class RequestPath:
         else:
             lookup = await layer.lookup(key, fingerprint)
         if lookup is None:
+            if key.reason is not None:
+                self._warn_once(request, _UNCACHEABLE, key.reason)
             layer.events.lookup(namespace, LookupOutcome.BYPASS_NO_IDENTITY)
             return await self._bypassed(layer, sub_response, args, kwargs)
-        private = not isinstance(key, ScopedKey) or key.is_private
+        private = key.is_private
         stale = None
         if lookup.value is not None:
             prepared = route.prepared.get(key, lookup.value, private)
@@ -165,7 +186,7 @@ class RequestPath:
             elif lookup.is_fresh:
                 layer.events.lookup(namespace, LookupOutcome.HIT)
                 served = self.served(layer, _HIT, b"hit", lookup)
-                return _replay(prepared, lookup.fresh_for, served, asked)
+                return _replay(route, prepared, lookup.fresh_for, served, asked)
             elif -lookup.fresh_for < route.stale_ttl:
                 layer.events.lookup(namespace, LookupOutcome.STALE)
                 call = Call(key, fingerprint, private, request, sub_response, args, kwargs)
@@ -183,6 +204,15 @@ class RequestPath:
         reason = b"fwd=request" if fresh_asked else b"fwd=stale" if stale else b"fwd=miss"
         fill = Fill(route, layer, call, lookup.token)
         return await _Miss(self, layer, fill, asked, reason, stale).answer()
+
+    def _warn_once(self, request: object, mistake: str, detail: str = "") -> None:
+        """Logs ``mistake`` (with ``detail``) about this route, the first time it is seen."""
+        if not isinstance(request, Request) or mistake + detail in self._warned:
+            return  # a direct call of the handler (no request) is no mistake
+        self._warned.add(mistake + detail)
+        route = request.scope.get("route")
+        path = getattr(route, "path", request.scope["path"])
+        logger.warning(mistake, f"{request.scope['method']} {path}", detail)
 
     def _names(self, prefix: str) -> tuple[str, bytes]:
         """The qualified namespace under ``prefix`` and the cache's name in ``Cache-Status``."""
@@ -218,7 +248,8 @@ class RequestPath:
     ) -> Response:
         """A stale entry's answer, and after it one background refresh (a GET's only: see
         :meth:`_head_miss`)."""
-        stale = _replay(prepared, 0, self.served(layer, _STALE, b"hit", lookup), asked)
+        served = self.served(layer, _STALE, b"hit", lookup)
+        stale = _replay(self.route, prepared, 0, served, asked)
         if not asked.head:
             # Runs once the stale answer is sent, while the request's dependencies (a database
             # session, ...) are still open.
@@ -286,7 +317,7 @@ class _Miss:
             else:
                 detail = self.reason + b"; stored" if shared.stored else self.reason
             served = self.path.served(self.layer, _MISS, detail)
-            return _replay(shared.prepared, fill.ttl, served, asked)
+            return _replay(self.path.route, shared.prepared, fill.ttl, served, asked)
         if shared.response is None or shared is not fill.outcome:
             # Another request's answer that may not be stored (no-store, private, non-2xx, a
             # cookie, a stream, an exception) is that request's alone: this one runs the handler
@@ -331,7 +362,7 @@ class _Miss:
         self.layer.events.served_stale_on_error(namespace)
         detail = b"fwd=stale; fwd-status=%d" % failed_status
         served = self.path.served(self.layer, _STALE, detail, stale.lookup)
-        return _replay(stale.prepared, 0, served, self.asked)
+        return _replay(self.path.route, stale.prepared, 0, served, self.asked)
 
 
 def _asks_for_fresh(layer: CacheLayer, cache_control: str) -> bool:
@@ -348,10 +379,16 @@ async def _unread(layer: CacheLayer, key: str) -> Lookup | None:
     return None if token is None else Lookup(token)
 
 
-def _replay(prepared: PreparedResponse, max_age: int, served: Served, asked: _Asked) -> Response:
+def _replay(
+    route: CachedRoute, prepared: PreparedResponse, fresh_for: int, served: Served, asked: _Asked
+) -> Response:
+    """``prepared`` as this request's answer. The client may reuse it for ``client_max_age``
+    seconds at most, never past the entry's freshness (``fresh_for``); by default not at all
+    without revalidating (``no-cache``): a client's copy from before an update is never used."""
+    allowed = route.client_max_age
     return replay(
         prepared,
-        max_age=max_age,
+        max_age=None if allowed is None else min(allowed, fresh_for),
         served=served,
         if_none_match=asked.if_none_match,
         head=asked.head,

@@ -74,6 +74,8 @@ class ScopedKey(str):
     #: The response of the request this key was built for, when the builder was given one
     #: (fastapi-cache2's decorator gives it): its adapter reads the headers the handler set.
     response: object | None
+    #: Why a key without a scope may not be read or written (for the warning its route logs).
+    reason: str | None
     _routed: ScopedKey | None
 
     def __new__(
@@ -83,6 +85,7 @@ class ScopedKey(str):
         instance.scope = scope
         instance.origin = origin
         instance.response = None
+        instance.reason = None
         instance._routed = None
         return instance
 

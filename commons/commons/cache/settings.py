@@ -183,6 +183,17 @@ class CacheSettings(BaseSettings):
         description="Name of the master the Sentinels monitor; required with REDIS_SENTINELS.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _only_known_names(cls, values: object) -> object:
+        # extra="ignore" is for the environment; a keyword that is no setting is a mistake
+        # (CacheSettings(enabled=False) would otherwise leave caching on, silently).
+        if isinstance(values, dict):
+            unknown = [name for name in values if name not in cls.model_fields]
+            if unknown:
+                raise ValueError("; ".join(_no_such_setting(str(name)) for name in unknown))
+        return values
+
     @field_validator("CACHE_PREFIX")
     @classmethod
     def _prefix_is_one_plain_word(cls, value: str) -> str:
@@ -290,6 +301,23 @@ class CacheSettings(BaseSettings):
                 "REDIS_CLUSTER=true needs database 0 in REDIS_URL (a cluster has no other)"
             )
         return self
+
+
+def _no_such_setting(name: str) -> str:
+    """Why ``name`` is refused, with the setting it most likely means."""
+    upper = name.upper()
+    meant = [
+        field
+        for field in (upper, f"CACHE_{upper}", f"REDIS_{upper}")
+        if field in CacheSettings.model_fields
+    ]
+    if not meant:
+        meant = [field for field in CacheSettings.model_fields if field.startswith(upper)]
+    hint = f"did you mean {' or '.join(meant)}? " if meant else ""
+    return (
+        f"CacheSettings has no setting {name!r}: {hint}settings are named exactly as their "
+        "environment variables"
+    )
 
 
 def _database_of(url: str) -> int:

@@ -21,7 +21,15 @@ class ServiceProcess:
     :meth:`start` serves the same address again. Its ``GET /health`` answers once it serves."""
 
     def __init__(
-        self, app: str, app_dir: Path, env: dict[str, str], workdir: Path, name: str
+        self,
+        app: str,
+        app_dir: Path,
+        env: dict[str, str],
+        workdir: Path,
+        name: str,
+        *,
+        workers: int = 1,
+        log_level: str = "warning",
     ) -> None:
         self.env = env
         self.port = free_port()
@@ -30,16 +38,19 @@ class ServiceProcess:
         self.log = workdir / f"{name}.log"
         self._app, self._app_dir = app, app_dir
         self._workdir, self._name, self._starts = workdir, name, 0
+        self._options = ["--workers", str(workers), "--log-level", log_level]
 
     def spawn(self) -> None:
         """Starts the process; :meth:`wait_until_ready` waits for it to serve."""
         self._starts += 1
-        self.log = self._workdir / f"{self._name}-{self._starts}.log"
+        # <name>.log for the first start, <name>-<n>.log for the n-th after a stop or a kill.
+        suffix = "" if self._starts == 1 else f"-{self._starts}"
+        self.log = self._workdir / f"{self._name}{suffix}.log"
         command = [sys.executable, "-m", "uvicorn", self._app, "--app-dir", str(self._app_dir)]
-        address = ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        address = ["--host", "127.0.0.1", "--port", str(self.port)]
         with self.log.open("wb") as output:
             self.process = subprocess.Popen(  # noqa: S603 - our interpreter, our arguments
-                [*command, *address],
+                [*command, *address, *self._options],
                 env=self.env,
                 cwd=self._workdir,
                 stdout=output,

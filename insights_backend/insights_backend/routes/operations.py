@@ -4,18 +4,17 @@
 degraded (the cache then serves from memory; that is the point of its fallback), and reports the
 cache's state. Only an unreachable database makes it 503. ``/metrics`` exposes prometheus_client's
 default registry, where the cache registers its metrics, or with ``PROMETHEUS_MULTIPROC_DIR`` the
-sum of every worker process's (``commons.cache.metrics.exposition_registry``).
+sum of every worker process's (``commons.cache.metrics.metrics_router``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import prometheus_client
 from fastapi import APIRouter, Request, Response, status
 
 from commons.cache import cache_status
-from commons.cache.metrics import exposition_registry
+from commons.cache.metrics import metrics_router
 from insights_backend.database import Database
 from insights_backend.schemas import HealthReport
 
@@ -47,10 +46,5 @@ async def health(request: Request, response: Response) -> HealthReport:
     )
 
 
-@router.get("/metrics", include_in_schema=False)
-async def metrics() -> Response:
-    """Prometheus text exposition of the cache's metrics (all workers' in multiprocess mode)."""
-    return Response(
-        prometheus_client.generate_latest(exposition_registry()),
-        media_type=prometheus_client.CONTENT_TYPE_LATEST,
-    )
+# Prometheus text exposition of the cache's metrics (all workers' in multiprocess mode).
+router.include_router(metrics_router())

@@ -1,0 +1,92 @@
+"""``commons.testing.kit``: the cache for one test, on or off, whatever the environment says, and
+assertions that read how an answer was served."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from commons.cache import cache, cache_status
+from commons.testing.kit import (
+    assert_bypassed,
+    assert_hit,
+    assert_miss,
+    cache_for_test,
+)
+from commons.testing.redis_server import RedisServer
+
+ACME = {"X-Test-Tenant": "acme"}
+MD5_OF_NOTHING = "d41d8cd98f00b204e9800998ecf8427e"
+
+
+@pytest.fixture
+def app(make_identity_app: Callable[[], FastAPI]) -> FastAPI:
+    app = make_identity_app()
+
+    @app.get("/config")
+    @cache(namespace="config")
+    async def config() -> dict[str, str]:
+        return {"theme": "dark"}
+
+    return app
+
+
+async def get_twice(app: FastAPI, headers: dict[str, str]) -> list[httpx.Response]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return [await client.get("/config", headers=headers) for _ in range(2)]
+
+
+async def test_the_cache_for_a_test_is_memory_under_a_private_prefix_whatever_the_environment(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CACHE_ENABLED", "false")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("CACHE_PREFIX", "production")
+
+    async with cache_for_test() as settings:
+        miss, hit = await get_twice(app, ACME)
+        backend = cache_status().backend
+
+    assert backend == "memory"
+    assert settings.CACHE_PREFIX.startswith("test-")
+    assert_miss(miss)
+    assert_hit(hit)
+
+
+async def test_the_cache_off_for_a_test_lets_every_request_through(app: FastAPI) -> None:
+    async with cache_for_test(enabled=False):
+        first, second = await get_twice(app, ACME)
+
+    assert_bypassed(first)
+    assert_bypassed(second)
+
+
+async def test_the_cache_for_a_test_on_a_private_redis_server(
+    app: FastAPI, redis_server: RedisServer
+) -> None:
+    async with cache_for_test(redis_url=redis_server.url) as settings:
+        miss, hit = await get_twice(app, ACME)
+        backend = cache_status().backend
+
+    assert backend == "redis"
+    assert_miss(miss)
+    assert_hit(hit)
+    entry = f"{settings.CACHE_PREFIX}:config:tenant_acme:/config:{MD5_OF_NOTHING}"
+    assert redis_server.command("EXISTS", entry) == b":1\r\n"
+
+
+async def test_a_failed_assertion_says_how_the_answer_was_served(app: FastAPI) -> None:
+    async with cache_for_test():
+        miss, _ = await get_twice(app, ACME)
+        [unbound, _] = await get_twice(app, {})
+
+    with pytest.raises(AssertionError, match=r"expected a HIT; .*X-FastAPI-Cache: MISS"):
+        assert_hit(miss)
+    with pytest.raises(AssertionError, match=r"expected a MISS; .*fwd=bypass"):
+        assert_miss(unbound)
+    with pytest.raises(AssertionError, match="expected a bypass"):
+        assert_bypassed(miss)
