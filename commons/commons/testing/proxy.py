@@ -135,6 +135,11 @@ class LoopbackProxy:
         for connection in self.connections:
             connection._client_writer.close()
             connection._server_writer.close()
+        # The connections' forwarding tasks end here, not when the loop is collected.
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _accept(
         self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
