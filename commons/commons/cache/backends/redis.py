@@ -266,7 +266,11 @@ _MOVING_REPLIES = (redis_errors.AskError, redis_errors.TryAgainError)
 _REDIRECTS_EXHAUSTED = "TTL exhausted"
 
 #: The end of a NOPERM message that names the command refused (never its arguments).
-_NOPERM_COMMAND = re.compile(r"to run the '([a-z0-9|_-]+)' command$")
+_NOPERM_COMMAND = re.compile(r"to run the '([a-z0-9|_-]+)' command( or its subcommand)?$")
+#: Redis 6.2 wraps a refusal met inside a script in a generic error ("Error running script ...:
+#: -OOM command not allowed ..."); later releases answer with the refusal's own code.
+_SCRIPT_REFUSAL = re.compile(r"Error running script.*?-(OOM|READONLY) ")
+
 
 #: Errors of redis-py's own making, translated only when raised inside redis-py (see
 #: :func:`_raised_in_client`): its cluster client can hold a slot map that disagrees with its
@@ -374,6 +378,9 @@ def _translate(exc: BaseException) -> BackendError:
         for refusal, text in _REFUSALS:
             if isinstance(exc, refusal):
                 return BackendRejectedError(f"Redis refused the command: {text}")
+        if (wrapped := _SCRIPT_REFUSAL.search(str(exc))) is not None:
+            text = next(text for _, text in _REFUSALS if text.startswith(wrapped.group(1)))
+            return BackendRejectedError(f"Redis refused the command: {text}")
         return BackendRejectedError(f"Redis refused the command ({type(exc).__name__})")
     if isinstance(exc, redis_errors.RedisClusterException):
         return _translate_cluster_error(exc)
