@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import tracemalloc
 from typing import Any
 from unittest.mock import patch
 
@@ -426,3 +427,128 @@ async def test_the_set_keeps_what_scanning_everything_would_keep(
             else:
                 assert pending.targets() == wanted_targets
             assert pending.keys() == [kept for kept in model.kept if isinstance(kept, str)]
+
+
+# -- one wider invalidation over many kept ones --------------------------------------------------
+
+
+def _many_of_profile(pending: PendingInvalidations, count: int) -> None:
+    """Keeps ``count`` tenants, users and keys of ``profile``."""
+    for n in range(count):
+        pending.add(target("profile", f"t{n}", f"u{n}" if n % 2 else None))
+        pending.add_key(f"key{n}", CacheScope("profile", f"t{n}", "u"))
+
+
+def test_a_namespace_over_thousands_kept_leaves_only_itself_and_the_rest_at_once() -> None:
+    pending = PendingInvalidations(100_000)
+    pending.add(target("other", "t1"))
+    _many_of_profile(pending, 3_000)
+    pending.add_key("other-key", CacheScope("other", "t2"))
+
+    pending.add(target("profile"))
+
+    assert len(pending) == 3
+    assert pending.targets() == [target("other", "t1"), target("profile")]
+    assert pending.keys() == ["other-key"]
+    assert pending.items() == [
+        target("other", "t1"),
+        target("profile"),
+        ("other-key", CacheScope("other", "t2")),
+    ]
+    # Covered ones asked again only renew it; new ones below it are covered too.
+    pending.add(target("profile", "t7"))
+    pending.add_key("key8", CacheScope("profile", "t8", "u"))
+    assert pending.targets() == [target("other", "t1"), target("profile")]
+    assert len(pending) == 3
+
+
+class _RecordingStore(MemoryStore):
+    """A memory store that records what a replay asks of it, in order."""
+
+    def __init__(self) -> None:
+        super().__init__(10)
+        self.asked: list[object] = []
+
+    async def invalidate(self, target: InvalidationTarget) -> int:
+        self.asked.append(target)
+        return await super().invalidate(target)
+
+    async def delete(self, key: str, scope: CacheScope | None = None) -> int:
+        self.asked.append(key)
+        return await super().delete(key, scope)
+
+
+async def test_what_a_wider_invalidation_absorbed_is_never_replayed() -> None:
+    pending = PendingInvalidations(100_000)
+    pending.add(target("other", "t1"))
+    _many_of_profile(pending, 3_000)
+    pending.add_key("other-key", CacheScope("other", "t2"))
+    pending.add(target("profile"))
+    store = _RecordingStore()
+
+    await pending.apply_to(store)
+
+    assert store.asked == [target("other", "t1"), target("profile"), "other-key"]
+    assert not pending
+    assert pending.items() == []
+
+
+async def test_a_replay_leaves_for_later_what_is_absorbed_while_it_is_applied() -> None:
+    pending = PendingInvalidations(100)
+
+    class AbsorbingStore(_RecordingStore):
+        async def invalidate(self, target: InvalidationTarget) -> int:
+            removed = await super().invalidate(target)
+            if target.tenant_id == "t1":
+                pending.add(InvalidationTarget("profile"))  # asked while t1 is applied
+            return removed
+
+    pending.add(target("profile", "t1"))
+    pending.add(target("profile", "t2"))
+    store = AbsorbingStore()
+
+    await pending.apply_to(store)
+
+    # t2 was absorbed before its turn; the namespace came after t1, so it is applied after it.
+    assert store.asked == [target("profile", "t1"), target("profile")]
+    assert not pending
+
+
+async def test_a_key_asked_again_after_its_absorber_was_applied_is_kept_once_and_replayed() -> None:
+    # One entry freed per step, so that absorbed items are still linked when the key comes back.
+    with patch.object(pending_module, "_RELEASE_BATCH", 1):
+        pending = PendingInvalidations(100)
+        for n in range(20):
+            pending.add_key(f"key{n}", CacheScope("profile", "t1", f"u{n}"))
+        pending.add(target("profile", "t1"))
+        store = _RecordingStore()
+        await pending.apply_to(store)
+        assert store.asked == [target("profile", "t1")]
+
+        pending.add_key("key3", CacheScope("profile", "t1", "u3"))
+        pending.add_key("key3", CacheScope("profile", "t1", "u3"))
+
+        assert pending.keys() == ["key3"]
+        assert len(pending) == 1
+        await pending.apply_to(store)
+        assert store.asked == [target("profile", "t1"), "key3"]
+        assert not pending
+
+
+def test_what_a_wider_invalidation_absorbed_is_freed_by_later_calls() -> None:
+    pending = PendingInvalidations(100_000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        _many_of_profile(pending, 5_000)
+        holding = tracemalloc.get_traced_memory()[0] - before
+        pending.add(target("profile"))
+        for n in range(1_000):  # covered: each only renews the namespace, and frees a share
+            pending.add(target("profile", f"t{n}"))
+        gc.collect()
+        left = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+    assert len(pending) == 1
+    assert left < holding / 20, (left, holding)
