@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from commons.cache import pending as pending_module
 from commons.cache.backends.memory import MemoryStore
-from commons.cache.pending import PendingInvalidations
+from commons.cache.pending import PendingInvalidations, PendingItem
 from commons.cache.scope import CacheScope, InvalidationTarget
 
 
@@ -403,6 +403,7 @@ async def test_the_set_keeps_what_scanning_everything_would_keep(
     with (
         patch.object(pending_module, "_SPLIT_AT", 2),
         patch.object(pending_module, "_RELEASE_BATCH", 2),
+        patch.object(pending_module, "_SWEEP_BATCH", 2),
     ):
         pending, model = PendingInvalidations(max_items), _Model(max_items)
         for step in steps:
@@ -516,7 +517,7 @@ async def test_a_replay_leaves_for_later_what_is_absorbed_while_it_is_applied() 
 
 async def test_a_key_asked_again_after_its_absorber_was_applied_is_kept_once_and_replayed() -> None:
     # One entry freed per step, so that absorbed items are still linked when the key comes back.
-    with patch.object(pending_module, "_RELEASE_BATCH", 1):
+    with patch.object(pending_module, "_SWEEP_BATCH", 1):
         pending = PendingInvalidations(100)
         for n in range(20):
             pending.add_key(f"key{n}", CacheScope("profile", "t1", f"u{n}"))
@@ -552,3 +553,87 @@ def test_what_a_wider_invalidation_absorbed_is_freed_by_later_calls() -> None:
 
     assert len(pending) == 1
     assert left < holding / 20, (left, holding)
+
+
+class _InterleavingStore(MemoryStore):
+    """Runs the next of ``arriving`` (more invalidations kept) while each removal is applied,
+    and records each removal with the clock at which it began."""
+
+    def __init__(self, pending: PendingInvalidations, arriving: list[tuple[Any, ...]]) -> None:
+        super().__init__(10)
+        self.pending, self.arriving = pending, arriving
+        self.clock = 0
+        self.applied: list[tuple[int, PendingItem]] = []
+        self.kept: list[tuple[int, PendingItem]] = []
+
+    def keep(self, step: tuple[Any, ...]) -> tuple[int, PendingItem]:
+        self.clock += 1
+        if step[0] == "add":
+            self.pending.add(step[1])
+            return self.clock, step[1]
+        if step[0] == "flush":
+            self.pending.add_everything()
+            return self.clock, None
+        scope = step[2] if step[0] == "key" else None
+        # A key names its scope, as the key builders' keys do.
+        key = f"{step[1]}@{scope}"
+        self.pending.add_key(key, scope)
+        return self.clock, (key, scope)
+
+    def _applying(self, item: PendingItem) -> None:
+        self.applied.append((self.clock, item))
+        if self.arriving:
+            self.kept.append(self.keep(self.arriving.pop(0)))
+
+    async def invalidate(self, target: InvalidationTarget) -> int:
+        self._applying(target)
+        return await super().invalidate(target)
+
+    async def delete(self, key: str, scope: CacheScope | None = None) -> int:
+        self._applying((key, scope))
+        return await super().delete(key, scope)
+
+    async def clear(self) -> int:
+        self._applying(None)
+        return await super().clear()
+
+
+def _removes(applied: PendingItem, kept: PendingItem) -> bool:
+    """Whether applying ``applied`` removes what ``kept`` names."""
+    if applied is None:
+        return True
+    if kept is None:
+        return False
+    if isinstance(applied, InvalidationTarget):
+        if isinstance(kept, InvalidationTarget):
+            return applied.covers(kept)
+        return kept[1] is not None and applied.matches(kept[1])
+    return not isinstance(kept, InvalidationTarget) and applied[0] == kept[0]
+
+
+@given(
+    st.lists(operations.filter(lambda step: step[0] != "apply"), max_size=40),
+    st.lists(operations.filter(lambda step: step[0] != "apply"), max_size=40),
+    st.integers(min_value=1, max_value=12),
+)
+async def test_a_replay_applies_each_kept_invalidation_after_its_latest_request(
+    before: list[tuple[Any, ...]], during: list[tuple[Any, ...]], max_items: int
+) -> None:
+    # Whatever arrives while the replay runs, absorbed, widened or renewed: each one is removed
+    # by a removal that began after it was asked for.
+    with (
+        patch.object(pending_module, "_SPLIT_AT", 2),
+        patch.object(pending_module, "_RELEASE_BATCH", 2),
+        patch.object(pending_module, "_SWEEP_BATCH", 2),
+    ):
+        pending = PendingInvalidations(max_items)
+        store = _InterleavingStore(pending, list(during))
+        store.kept = [store.keep(step) for step in before]
+
+        await pending.apply_to(store)
+
+        assert not pending
+        for asked_at, item in store.kept:
+            assert any(
+                began >= asked_at and _removes(applied, item) for began, applied in store.applied
+            ), (item, asked_at, store.applied)

@@ -20,7 +20,7 @@ item is covered is a walk of at most three levels, and ``len()`` and a widening 
 A wider target that covers m kept items absorbs them in O(1): it takes over their scope's place
 in the tree, so they are no longer kept from that moment (an item is kept while a reachable place
 holds it), and the counts above lose m at once. The absorbed items stay in the replay order until
-they are unlinked, 256 entries per later call, or skipped by the replay, which never applies
+they are unlinked, 64 entries per later call, or skipped by the replay, which never applies
 them (they are older than the target that absorbed them, and it is applied in its turn). Every
 map past 512 entries is split into 64 shards by hash: CPython grows a dict by copying it whole,
 so one that held 87,000 items once held the loop 3.5 ms as it grew. The order is a linked list: a
@@ -61,6 +61,9 @@ _SPLIT_AT = 512
 _WIDTH = 64
 #: Entries freed per call when a widening or a flush lets go of what it replaced.
 _RELEASE_BATCH = 256
+#: Entries per call when what a wider target absorbed is unlinked from the order in use: each
+#: costs more than a plain free (its neighbours in the order are written), 1-3 µs.
+_SWEEP_BATCH = 64
 
 
 class _Shards(Generic[K, V]):
@@ -111,6 +114,10 @@ class _Shards(Generic[K, V]):
         self._shards = shards
         for key, value in whole.items():
             shards[(hash(key) >> 16) & mask][key] = value
+
+    def parts(self) -> list[dict[K, V]]:
+        """The shards themselves, for :func:`_released` to free, when this is dropped anyway."""
+        return self._shards
 
     def detach(self) -> list[dict[K, V]]:
         """Empties this and returns what it held, for :func:`_released` to free bit by bit."""
@@ -379,7 +386,8 @@ class PendingInvalidations:
             each.count += change
         self._target_order.append(node)
         if absorbed is not None:
-            self._releasing.append(self._released([], [{names[-1]: absorbed}], self._era))
+            swept = self._released([], [{names[-1]: absorbed}], self._era, _SWEEP_BATCH)
+            self._releasing.append(swept)
 
     def add_key(self, key: str, scope: CacheScope | None) -> None:
         """Keeps the removal of one key; ``scope`` lets a wider item cover it."""
@@ -471,7 +479,7 @@ class PendingInvalidations:
         self._root = _Place()
         self._unscoped_keys = 0
         self._era += 1
-        self._releasing.append(self._released(chains, shards, None))
+        self._releasing.append(self._released(chains, shards, None, _RELEASE_BATCH))
 
     def _compact(self) -> None:
         """Past the bound, widens to whole namespaces: O(namespaces), from the counts kept."""
@@ -488,9 +496,9 @@ class PendingInvalidations:
             self._keep_target(InvalidationTarget(namespace), seq)
 
     def _released(
-        self, chains: list[_Link], shards: list[dict[Any, Any]], era: int | None
+        self, chains: list[_Link], shards: list[dict[Any, Any]], era: int | None, batch: int
     ) -> Iterator[None]:
-        """Frees what was let go of, _RELEASE_BATCH entries per step.
+        """Frees what was let go of, ``batch`` entries per step.
 
         ``chains`` are detached orders, whose nodes are unlinked from each other. The items in
         ``shards`` (and in the places there) are unlinked from the order in use when ``era`` is
@@ -505,7 +513,7 @@ class PendingInvalidations:
                 head.next = node.next
                 node.prev = node.next = _UNLINKED
                 done += 1
-                if done % _RELEASE_BATCH == 0:
+                if done % batch == 0:
                     yield
             head.prev = head.next = _UNLINKED
         while shards:
@@ -515,14 +523,16 @@ class PendingInvalidations:
                 continue
             _, value = shard.popitem()
             if isinstance(value, _Place):
-                for part in (value.below, value.keys):
-                    if part is not None:
-                        shards.extend(part.detach())
+                # The place is dropped: its maps' dicts are freed as they are, not detached.
+                if value.below is not None:
+                    shards.extend(value.below.parts())
+                if value.keys is not None:
+                    shards.extend(value.keys.parts())
                 value = value.target
             if isinstance(value, _Node) and era == self._era:
                 self._discard(value)
             done += 1
-            if done % _RELEASE_BATCH == 0:
+            if done % batch == 0:
                 yield
 
     # -- replaying -------------------------------------------------------------------------------
@@ -552,7 +562,7 @@ class PendingInvalidations:
                 # Absorbed by a wider target that comes later: never applied, unlinked here.
                 self._discard(node)
                 unlinked += 1
-                if unlinked % _RELEASE_BATCH == 0:
+                if unlinked % _SWEEP_BATCH == 0:
                     await asyncio.sleep(0)  # many absorbed in a row: let requests run between
                 continue
             item, seq = node.item, node.seq
