@@ -823,4 +823,6 @@ class CacheLayer:
         )
         await self._memory.clear()
         await self._forget_applied()
+        # What the outage's set let go of is freed by its later calls, and now there are none.
+        await self._pending.release_all()
         return True

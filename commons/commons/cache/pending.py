@@ -20,8 +20,10 @@ item is covered is a walk of at most three levels, and ``len()`` and a widening 
 A wider target that covers m kept items absorbs them in O(1): it takes over their scope's place
 in the tree, so they are no longer kept from that moment (an item is kept while a reachable place
 holds it), and the counts above lose m at once. The absorbed items stay in the replay order until
-they are unlinked, 64 entries per later call, or skipped by the replay, which never applies
-them (they are older than the target that absorbed them, and it is applied in its turn). Every
+they are unlinked, 64 entries per later call, or by the replay, which never applies them (they
+are older than the target that absorbed them, and it is applied in its turn) and lets the loop
+run every 64; it ends with the order empty, and :meth:`~PendingInvalidations.release_all` frees
+the rest once Redis is back. Every
 map past 512 entries is split into 64 shards by hash: CPython grows a dict by copying it whole,
 so one that held 87,000 items once held the loop 3.5 ms as it grew. The order is a linked list: a
 renewed item moves to the end and an applied one leaves in O(1), so the replay takes the oldest
@@ -535,6 +537,13 @@ class PendingInvalidations:
             if done % batch == 0:
                 yield
 
+    async def release_all(self) -> None:
+        """Frees what absorptions, widenings and flushes let go of, a share per turn of the event
+        loop: later calls would, but once Redis is back nothing is kept any more."""
+        while self._releasing:
+            self._release_some()
+            await asyncio.sleep(0)
+
     # -- replaying -------------------------------------------------------------------------------
 
     async def apply_to(self, store: CacheStore) -> int:
@@ -545,7 +554,9 @@ class PendingInvalidations:
         """
         removed = 0
         unlinked = 0
-        while self:
+        # Until nothing is kept, nor linked in the order: what was absorbed is unlinked here too,
+        # so that the journal's rewrite after the replay reads only what is kept.
+        while self or self._target_order.first() is not None or self._key_order.first() is not None:
             self._release_some()
             if self._everything is not None:
                 seq = self._everything
@@ -557,7 +568,7 @@ class PendingInvalidations:
             if node is None:
                 node = self._key_order.first()
             if node is None:
-                break  # not reached: something is kept, so one of the orders holds it
+                break  # not reached: something is kept or linked, so one of the orders holds it
             if not self._holds(node):
                 # Absorbed by a wider target that comes later: never applied, unlinked here.
                 self._discard(node)
