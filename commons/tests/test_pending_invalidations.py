@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import tracemalloc
 from collections.abc import Awaitable, Callable
@@ -655,3 +656,27 @@ async def test_a_replay_applies_each_kept_invalidation_after_its_latest_request(
             assert any(
                 began >= asked_at and _removes(applied, item) for began, applied in store.applied
             ), (item, asked_at, store.applied)
+
+
+async def test_a_replay_over_thousands_absorbed_lets_other_tasks_run_in_between() -> None:
+    pending = PendingInvalidations(100_000)
+    _many_of_profile(pending, 3_000)
+    pending.add(target("profile"))  # 6,000 absorbed, all still linked in the order
+    turns = 0
+    replaying = True
+
+    async def beside() -> None:
+        nonlocal turns
+        while replaying:
+            await asyncio.sleep(0)
+            turns += 1
+
+    other = asyncio.create_task(beside())
+    await asyncio.sleep(0)
+    store = _RecordingStore()
+    await pending.apply_to(store)
+    replaying = False
+    await other
+
+    assert store.asked == [target("profile")]
+    assert turns >= 10  # not one stretch over all 6,000 (the store here never yields)

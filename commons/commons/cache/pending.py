@@ -557,8 +557,8 @@ class PendingInvalidations:
         # Until nothing is kept, nor linked in the order: what was absorbed is unlinked here too,
         # so that the journal's rewrite after the replay reads only what is kept.
         while self or self._target_order.first() is not None or self._key_order.first() is not None:
-            self._release_some()
             if self._everything is not None:
+                self._release_some()
                 seq = self._everything
                 removed += await store.clear()
                 if self._everything == seq:
@@ -576,6 +576,8 @@ class PendingInvalidations:
                 if unlinked % _SWEEP_BATCH == 0:
                     await asyncio.sleep(0)  # many absorbed in a row: let requests run between
                 continue
+            # One step of freeing per item applied, each followed by the store's round trip.
+            self._release_some()
             item, seq = node.item, node.seq
             if isinstance(item, InvalidationTarget):
                 removed += await store.invalidate(item)
