@@ -23,9 +23,9 @@ holds it), and the counts above lose m at once. The absorbed items stay in the r
 they are unlinked, 64 entries per later call, or by the replay, which never applies them (they
 are older than the target that absorbed them, and it is applied in its turn) and lets the loop
 run every 64; it ends with the order empty, and :meth:`~PendingInvalidations.release_all` frees
-the rest once Redis is back. Every
-map past 512 entries is split into 64 shards by hash: CPython grows a dict by copying it whole,
-so one that held 87,000 items once held the loop 3.5 ms as it grew. The order is a linked list: a
+the rest once Redis is back. Every map past 512 entries is split into 64 shards by hash: CPython
+grows a dict by copying it whole, so one that held 87,000 items once held the loop 3.5 ms as it
+grew. The order is a linked list: a
 renewed item moves to the end and an applied one leaves in O(1), so the replay takes the oldest
 item first and never copies the set. A widening is O(namespaces); it and a flush start from an
 empty tree, and what they replaced is freed 256 entries per later call rather than all in one.
@@ -52,10 +52,6 @@ PendingItem = InvalidationTarget | tuple[str, CacheScope | None] | None
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 T = TypeVar("T")
-
-#: A target or a key's scope as the maps hold it: (namespace, tenant, user). A tuple hashes in C,
-#: the dataclass in Python code, and each call hashes several.
-_Scope = tuple[str, str | None, str | None]
 
 #: A container past this many entries is split into _WIDTH shards: CPython grows a dict or a set
 #: by copying it whole, so an unsplit one of 87,000 items held the loop 3 ms when it grew.
@@ -118,11 +114,11 @@ class _Shards(Generic[K, V]):
             shards[(hash(key) >> 16) & mask][key] = value
 
     def parts(self) -> list[dict[K, V]]:
-        """The shards themselves, for :func:`_released` to free, when this is dropped anyway."""
+        """The shards themselves, to be freed bit by bit, when this is dropped anyway."""
         return self._shards
 
     def detach(self) -> list[dict[K, V]]:
-        """Empties this and returns what it held, for :func:`_released` to free bit by bit."""
+        """Empties this and returns what it held, to be freed bit by bit."""
         shards, self._shards, self._mask, self._len = self._shards, [{}], 0, 0
         return shards
 
@@ -190,7 +186,7 @@ class _Order(Generic[T]):
             node = node.next
 
     def detach(self) -> _Link:
-        """Empties this and returns the old chain's head, for :func:`_released`."""
+        """Empties this and returns the old chain's head, to be freed bit by bit."""
         head, self._head = self._head, _Link()
         return head
 
