@@ -4,7 +4,9 @@ The process tests run the example replica as uvicorn processes on a Redis that p
 (AOF, ``appendfsync always``), with the model check's settings (0.2 s timeouts, 0.3 s recovery
 interval, 2 s degraded TTL): Redis is killed, a PUT is acknowledged while it is away, the
 process that acknowledged it stops (SIGTERM: its shutdown runs) or is killed (SIGKILL: nothing
-runs), Redis comes back with its data, and the process starts again.
+runs), Redis comes back with its data, and the process starts again. Without a journal, a
+process that starts while Redis is away removes every entry before it reads Redis
+(``CACHE_FLUSH_AFTER_DEGRADED_START``): the same stop and kill, restarted during the outage.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -136,6 +139,31 @@ async def test_init_cache_applies_what_the_journal_kept_before_it_reads_redis(
     assert _journal_contents(tmp_path) == []
 
 
+def _an_update_acknowledged_in_an_outage(
+    redis: RedisServer, replicas: Callable[..., ServiceProcess], tmp_path: Path
+) -> tuple[ServiceProcess, ServiceProcess]:
+    """Replicas A and B of one database on ``redis``, B's answer cached; then Redis is killed
+    and A acknowledges a PUT (version 1 to 2). Returns A and B."""
+    database = tmp_path / "replicas.sqlite"
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS res (tenant TEXT PRIMARY KEY, version INTEGER)")
+    env = {
+        "REDIS_URL": redis.url,
+        "CACHE_PREFIX": "outage",
+        "REPLICA_DB": str(database),
+        "REPLICA_READ_SECONDS": "0",
+        **FAST,
+    }
+    a, b = replicas(**env).start(), replicas(**env).start()
+    assert _versions(a.url, 2) == [1, 1]
+    assert httpx.get(f"{b.url}/res", headers=TENANT).headers["X-FastAPI-Cache"] == "HIT"
+
+    redis.kill()
+    put = httpx.put(f"{a.url}/res", headers=TENANT, timeout=10)
+    assert put.json() == {"version": 2}
+    return a, b
+
+
 def _journal_contents(directory: Path) -> list[bytes]:
     """What each journal file in ``directory`` holds (a file being renamed into view aside)."""
     return [path.read_bytes() for path in sorted(directory.glob("*.jsonl"))]
@@ -180,25 +208,9 @@ def test_an_invalidation_kept_during_an_outage_outlives_the_process_that_kept_it
     from then on neither A nor another replica B answers the old version."""
     journal = tmp_path / "journal"
     journal.mkdir()
-    database = tmp_path / "replicas.sqlite"
-    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS res (tenant TEXT PRIMARY KEY, version INTEGER)")
     with RedisServer(extra_args=PERSISTENT) as redis:
-        env = {
-            "REDIS_URL": redis.url,
-            "CACHE_PREFIX": "durable",
-            "REPLICA_DB": str(database),
-            "REPLICA_READ_SECONDS": "0",
-            "CACHE_INVALIDATION_JOURNAL": str(journal),
-            **FAST,
-        }
-        a, b = replica_processes(**env).start(), replica_processes(**env).start()
-        assert _versions(a.url, 2) == [1, 1]
-        assert httpx.get(f"{b.url}/res", headers=TENANT).headers["X-FastAPI-Cache"] == "HIT"
-
-        redis.kill()
-        put = httpx.put(f"{a.url}/res", headers=TENANT, timeout=10)
-        assert put.json() == {"version": 2}
+        replicas = partial(replica_processes, CACHE_INVALIDATION_JOURNAL=str(journal))
+        a, b = _an_update_acknowledged_in_an_outage(redis, replicas, tmp_path)
         assert _status(a) == {"backend": "degraded", "pending_invalidations": 1}
         a.kill() if stop == "sigkill" else a.stop()
 
@@ -216,3 +228,30 @@ def test_an_invalidation_kept_during_an_outage_outlives_the_process_that_kept_it
         assert _versions(a.url) == [2] * 5
         assert _versions(b.url) == [2] * 5
         assert _journal_contents(journal) == [b"", b""]
+
+
+# -- without a journal: a start during the outage vouches for nothing --------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_without_a_journal_a_restart_during_the_outage_serves_no_old_answer(
+    stop: str, replica_processes: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """A's PUT during the outage is acknowledged and kept in A's memory only; A stops (or is
+    killed) and starts again while Redis is still away; Redis comes back with the entry from
+    before the PUT. A, having started without reaching Redis, removes every entry before it
+    reads Redis: neither A nor B answers the old version once A is back on Redis."""
+    with RedisServer(extra_args=PERSISTENT) as redis:
+        a, b = _an_update_acknowledged_in_an_outage(redis, replica_processes, tmp_path)
+        a.kill() if stop == "sigkill" else a.stop()
+        a.start()
+        # What the stopped process kept is gone with it; the flush stands in for it.
+        assert _status(a) == {"backend": "degraded", "pending_invalidations": 1}
+        redis.start()
+        assert int(redis.command("DBSIZE")[1:].strip()) > 0
+        _until_back_on_redis(a)
+
+        assert _status(a) == {"backend": "redis", "pending_invalidations": 0}
+        assert _versions(a.url) == [2] * 5
+        assert _versions(b.url) == [2] * 5

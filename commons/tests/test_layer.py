@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
 from commons.cache.backends.factory import redis_store
+from commons.cache.events import CacheEvents
 from commons.cache.fastapi_cache_backend import LayerBackend
 from commons.cache.layer import CacheLayer
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
 from commons.cache.settings import CacheSettings
-from commons.testing.redis_server import RedisServer
+from commons.testing.redis_server import RedisServer, free_port
 
 FINGERPRINT = b"route-v1"
 
@@ -213,6 +215,64 @@ async def test_removals_while_redis_is_down_are_kept_then_applied_when_it_answer
     assert await cached(layer, deleted) is None
     assert await cached(layer, invalidated) is None
     assert await cached(layer, kept) is not None
+
+
+class _StartFlushes(CacheEvents):
+    def __init__(self) -> None:
+        self.start_flushes = 0
+
+    def start_flush_kept(self) -> None:
+        self.start_flushes += 1
+
+
+async def test_a_start_while_redis_is_down_removes_every_entry_before_reading_redis_again(
+    make_settings: Callable[..., CacheSettings],
+) -> None:
+    # Without a journal, nothing says what a process stopped during this outage had kept.
+    with RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", "always"]) as redis:
+        settings = make_settings(
+            redis.url, REDIS_SOCKET_TIMEOUT_SECONDS=0.2, REDIS_CONNECT_TIMEOUT_SECONDS=0.2
+        )
+        before = CacheLayer(settings, redis=redis_store(settings))
+        await before.start()
+        entries = [key("a", "acme"), key("b", "globex", "bob")]
+        for entry in entries:
+            await fill(before, entry)
+        await before.aclose()
+        redis.kill()
+        events = _StartFlushes()
+        layer = CacheLayer(settings, redis=redis_store(settings), events=events)
+        try:
+            await layer.start()
+            assert layer.state.value == "degraded"
+            assert "CACHE_FLUSH_AFTER_DEGRADED_START" in layer.status().reason
+            assert layer.status().pending_invalidations == 1
+            assert events.start_flushes == 1
+
+            redis.start()  # with its data: the entries are back
+            assert await layer.try_recover()
+
+            assert layer.status().pending_invalidations == 0
+            assert [await cached(layer, entry) for entry in entries] == [None, None]
+        finally:
+            await layer.aclose()
+
+
+@pytest.mark.parametrize("setting", ["off", "journal"])
+async def test_a_start_while_redis_is_down_keeps_nothing_when_told_or_with_a_journal(
+    setting: str, make_layer: MakeLayer, tmp_path: Path
+) -> None:
+    overrides: dict[str, object] = (
+        {"CACHE_FLUSH_AFTER_DEGRADED_START": False}
+        if setting == "off"
+        else {"CACHE_INVALIDATION_JOURNAL": str(tmp_path)}
+    )
+
+    layer = await make_layer(f"redis://127.0.0.1:{free_port()}/0", **overrides)
+
+    assert layer.state.value == "degraded"
+    assert layer.status().pending_invalidations == 0
+    assert "CACHE_FLUSH_AFTER_DEGRADED_START" not in layer.status().reason
 
 
 # -- replica locks ------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import tracemalloc
+from collections.abc import Awaitable, Callable
 from typing import Any
 from unittest.mock import patch
 
@@ -11,7 +14,7 @@ from hypothesis import strategies as st
 
 from commons.cache import pending as pending_module
 from commons.cache.backends.memory import MemoryStore
-from commons.cache.pending import PendingInvalidations
+from commons.cache.pending import PendingInvalidations, PendingItem
 from commons.cache.scope import CacheScope, InvalidationTarget
 
 
@@ -402,6 +405,7 @@ async def test_the_set_keeps_what_scanning_everything_would_keep(
     with (
         patch.object(pending_module, "_SPLIT_AT", 2),
         patch.object(pending_module, "_RELEASE_BATCH", 2),
+        patch.object(pending_module, "_SWEEP_BATCH", 2),
     ):
         pending, model = PendingInvalidations(max_items), _Model(max_items)
         for step in steps:
@@ -426,3 +430,253 @@ async def test_the_set_keeps_what_scanning_everything_would_keep(
             else:
                 assert pending.targets() == wanted_targets
             assert pending.keys() == [kept for kept in model.kept if isinstance(kept, str)]
+
+
+# -- one wider invalidation over many kept ones --------------------------------------------------
+
+
+def _many_of_profile(pending: PendingInvalidations, count: int) -> None:
+    """Keeps ``count`` tenants, users and keys of ``profile``."""
+    for n in range(count):
+        pending.add(target("profile", f"t{n}", f"u{n}" if n % 2 else None))
+        pending.add_key(f"key{n}", CacheScope("profile", f"t{n}", "u"))
+
+
+def test_a_namespace_over_thousands_kept_leaves_only_itself_and_the_rest_at_once() -> None:
+    pending = PendingInvalidations(100_000)
+    pending.add(target("other", "t1"))
+    _many_of_profile(pending, 3_000)
+    pending.add_key("other-key", CacheScope("other", "t2"))
+
+    pending.add(target("profile"))
+
+    assert len(pending) == 3
+    assert pending.targets() == [target("other", "t1"), target("profile")]
+    assert pending.keys() == ["other-key"]
+    assert pending.items() == [
+        target("other", "t1"),
+        target("profile"),
+        ("other-key", CacheScope("other", "t2")),
+    ]
+    # Covered ones asked again only renew it; new ones below it are covered too.
+    pending.add(target("profile", "t7"))
+    pending.add_key("key8", CacheScope("profile", "t8", "u"))
+    assert pending.targets() == [target("other", "t1"), target("profile")]
+    assert len(pending) == 3
+
+
+class _RecordingStore(MemoryStore):
+    """A memory store that records what a replay asks of it, in order."""
+
+    def __init__(self) -> None:
+        super().__init__(10)
+        self.asked: list[object] = []
+
+    async def invalidate(self, target: InvalidationTarget) -> int:
+        self.asked.append(target)
+        return await super().invalidate(target)
+
+    async def delete(self, key: str, scope: CacheScope | None = None) -> int:
+        self.asked.append(key)
+        return await super().delete(key, scope)
+
+
+async def test_what_a_wider_invalidation_absorbed_is_never_replayed() -> None:
+    pending = PendingInvalidations(100_000)
+    pending.add(target("other", "t1"))
+    _many_of_profile(pending, 3_000)
+    pending.add_key("other-key", CacheScope("other", "t2"))
+    pending.add(target("profile"))
+    store = _RecordingStore()
+
+    await pending.apply_to(store)
+
+    assert store.asked == [target("other", "t1"), target("profile"), "other-key"]
+    assert not pending
+    assert pending.items() == []
+
+
+async def test_a_replay_leaves_for_later_what_is_absorbed_while_it_is_applied() -> None:
+    pending = PendingInvalidations(100)
+
+    class AbsorbingStore(_RecordingStore):
+        async def invalidate(self, target: InvalidationTarget) -> int:
+            removed = await super().invalidate(target)
+            if target.tenant_id == "t1":
+                pending.add(InvalidationTarget("profile"))  # asked while t1 is applied
+            return removed
+
+    pending.add(target("profile", "t1"))
+    pending.add(target("profile", "t2"))
+    store = AbsorbingStore()
+
+    await pending.apply_to(store)
+
+    # t2 was absorbed before its turn; the namespace came after t1, so it is applied after it.
+    assert store.asked == [target("profile", "t1"), target("profile")]
+    assert not pending
+
+
+async def test_a_key_asked_again_after_its_absorber_was_applied_is_kept_once_and_replayed() -> None:
+    # One entry freed per step, so that absorbed items are still linked when the key comes back.
+    with patch.object(pending_module, "_SWEEP_BATCH", 1):
+        pending = PendingInvalidations(100)
+        for n in range(20):
+            pending.add_key(f"key{n}", CacheScope("profile", "t1", f"u{n}"))
+        pending.add(target("profile", "t1"))
+        store = _RecordingStore()
+        await pending.apply_to(store)
+        assert store.asked == [target("profile", "t1")]
+
+        pending.add_key("key3", CacheScope("profile", "t1", "u3"))
+        pending.add_key("key3", CacheScope("profile", "t1", "u3"))
+
+        assert pending.keys() == ["key3"]
+        assert len(pending) == 1
+        await pending.apply_to(store)
+        assert store.asked == [target("profile", "t1"), "key3"]
+        assert not pending
+
+
+async def _memory_left(free: Callable[[PendingInvalidations], Awaitable[None]]) -> float:
+    """Keeps 5,000 tenants, users and keys of ``profile``, invalidates ``profile`` (which absorbs
+    them) and runs ``free``: what is left of the memory they held, as a share of it."""
+    pending = PendingInvalidations(100_000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        _many_of_profile(pending, 5_000)
+        holding = tracemalloc.get_traced_memory()[0] - before
+        pending.add(target("profile"))
+        await free(pending)
+        gc.collect()
+        left = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(pending) <= 1
+    return left / holding
+
+
+async def test_what_a_wider_invalidation_absorbed_is_freed_by_later_calls() -> None:
+    async def later_calls(pending: PendingInvalidations) -> None:
+        for n in range(1_000):  # covered: each only renews the namespace, and frees a share
+            pending.add(target("profile", f"t{n}"))
+
+    assert await _memory_left(later_calls) < 0.05
+
+
+async def test_after_a_replay_what_was_absorbed_is_freed_without_further_calls() -> None:
+    async def replayed(pending: PendingInvalidations) -> None:
+        await pending.apply_to(MemoryStore(10))
+        assert not pending
+        await pending.release_all()
+
+    assert await _memory_left(replayed) < 0.05
+
+
+class _InterleavingStore(MemoryStore):
+    """Runs the next of ``arriving`` (more invalidations kept) while each removal is applied,
+    and records each removal with the clock at which it began."""
+
+    def __init__(self, pending: PendingInvalidations, arriving: list[tuple[Any, ...]]) -> None:
+        super().__init__(10)
+        self.pending, self.arriving = pending, arriving
+        self.clock = 0
+        self.applied: list[tuple[int, PendingItem]] = []
+        self.kept: list[tuple[int, PendingItem]] = []
+
+    def keep(self, step: tuple[Any, ...]) -> tuple[int, PendingItem]:
+        self.clock += 1
+        if step[0] == "add":
+            self.pending.add(step[1])
+            return self.clock, step[1]
+        if step[0] == "flush":
+            self.pending.add_everything()
+            return self.clock, None
+        scope = step[2] if step[0] == "key" else None
+        # A key names its scope, as the key builders' keys do.
+        key = f"{step[1]}@{scope}"
+        self.pending.add_key(key, scope)
+        return self.clock, (key, scope)
+
+    def _applying(self, item: PendingItem) -> None:
+        self.applied.append((self.clock, item))
+        if self.arriving:
+            self.kept.append(self.keep(self.arriving.pop(0)))
+
+    async def invalidate(self, target: InvalidationTarget) -> int:
+        self._applying(target)
+        return await super().invalidate(target)
+
+    async def delete(self, key: str, scope: CacheScope | None = None) -> int:
+        self._applying((key, scope))
+        return await super().delete(key, scope)
+
+    async def clear(self) -> int:
+        self._applying(None)
+        return await super().clear()
+
+
+def _removes(applied: PendingItem, kept: PendingItem) -> bool:
+    """Whether applying ``applied`` removes what ``kept`` names."""
+    if applied is None:
+        return True
+    if kept is None:
+        return False
+    if isinstance(applied, InvalidationTarget):
+        if isinstance(kept, InvalidationTarget):
+            return applied.covers(kept)
+        return kept[1] is not None and applied.matches(kept[1])
+    return not isinstance(kept, InvalidationTarget) and applied[0] == kept[0]
+
+
+@given(
+    st.lists(operations.filter(lambda step: step[0] != "apply"), max_size=40),
+    st.lists(operations.filter(lambda step: step[0] != "apply"), max_size=40),
+    st.integers(min_value=1, max_value=12),
+)
+async def test_a_replay_applies_each_kept_invalidation_after_its_latest_request(
+    before: list[tuple[Any, ...]], during: list[tuple[Any, ...]], max_items: int
+) -> None:
+    # Whatever arrives while the replay runs, absorbed, widened or renewed: each one is removed
+    # by a removal that began after it was asked for.
+    with (
+        patch.object(pending_module, "_SPLIT_AT", 2),
+        patch.object(pending_module, "_RELEASE_BATCH", 2),
+        patch.object(pending_module, "_SWEEP_BATCH", 2),
+    ):
+        pending = PendingInvalidations(max_items)
+        store = _InterleavingStore(pending, list(during))
+        store.kept = [store.keep(step) for step in before]
+
+        await pending.apply_to(store)
+
+        assert not pending
+        for asked_at, item in store.kept:
+            assert any(
+                began >= asked_at and _removes(applied, item) for began, applied in store.applied
+            ), (item, asked_at, store.applied)
+
+
+async def test_a_replay_over_thousands_absorbed_lets_other_tasks_run_in_between() -> None:
+    pending = PendingInvalidations(100_000)
+    _many_of_profile(pending, 3_000)
+    pending.add(target("profile"))  # 6,000 absorbed, all still linked in the order
+    turns = 0
+    replaying = True
+
+    async def beside() -> None:
+        nonlocal turns
+        while replaying:
+            await asyncio.sleep(0)
+            turns += 1
+
+    other = asyncio.create_task(beside())
+    await asyncio.sleep(0)
+    store = _RecordingStore()
+    await pending.apply_to(store)
+    replaying = False
+    await other
+
+    assert store.asked == [target("profile")]
+    assert turns >= 10  # not one stretch over all 6,000 (the store here never yields)

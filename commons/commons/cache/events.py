@@ -46,6 +46,11 @@ class CacheEvents:
     def invalidated(self, namespace: str, removed: int) -> None:
         """An invalidation of ``namespace`` removed ``removed`` entries."""
 
+    def start_flush_kept(self) -> None:
+        """The process started while Redis did not answer, without an invalidation journal: a
+        flush of the whole prefix is kept, applied before Redis is read
+        (``CACHE_FLUSH_AFTER_DEGRADED_START``)."""
+
     def state_changed(self, state: str) -> None:
         """The layer moved to ``state`` (``redis``, ``memory``, ``degraded``, ``disabled``)."""
 

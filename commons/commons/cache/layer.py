@@ -38,7 +38,10 @@ from Redis until the kept invalidations have been applied there. Other replicas 
 Redis are unaffected; the README's Guarantees section says what holds for them during an outage.
 With ``CACHE_INVALIDATION_JOURNAL`` each kept item is also written to disk before the removal
 returns (``journal.py``), and :meth:`CacheLayer.start` applies what earlier processes left there
-before anything is read from Redis: a stop or a crash during the outage loses nothing.
+before anything is read from Redis: a stop or a crash during the outage loses nothing. Without
+a journal, a process that starts while Redis does not answer keeps a flush of the whole prefix
+(``CACHE_FLUSH_AFTER_DEGRADED_START``): it may follow one that stopped during the same outage
+with invalidations nobody can now name.
 Behind Sentinel, an invalidation that no replica confirmed (the store's ``WAIT``) fails the same
 way: the master that acknowledged it may be replaced by a replica without it, so it is kept and
 applied again, on whichever server is then the master, before Redis is read again.
@@ -259,11 +262,38 @@ class CacheLayer:
                     f"REDIS_URL is set but Redis did not answer ({exc}); "
                     "CACHE_FAIL_FAST=true refuses to start"
                 ) from exc
-            self._transition(CacheState.DEGRADED, _start_up_failure(exc))
+            reason = _start_up_failure(exc)
+            if self._keep_a_flush_nobody_vouches_for(exc):
+                reason += (
+                    "; every entry of the prefix is removed once Redis answers, before it is "
+                    "read (CACHE_FLUSH_AFTER_DEGRADED_START)"
+                )
+            self._transition(CacheState.DEGRADED, reason)
         else:
             self._transition(CacheState.REDIS, "connected")
             await self._forget_applied()
         self._recovery_task = asyncio.create_task(self._recover_forever(), name="cache-recovery")
+
+    def _keep_a_flush_nobody_vouches_for(self, exc: BackendError) -> bool:
+        """Keeps a flush of the prefix when this start cannot vouch for what Redis holds.
+
+        Without a journal, an invalidation kept in memory dies with its process: one stopped or
+        killed during an outage takes it along, and once Redis is back with its data every
+        replica serves the old entry for the rest of its TTL. A process that starts while Redis
+        does not answer may be such a process's successor, and nothing tells it what was kept;
+        so it keeps a flush, applied like any kept invalidation before Redis is read (one wave
+        of misses instead of old answers). A start that finds Redis answering cannot tell either,
+        and keeps nothing: that window remains (the README's "No lost invalidations").
+        """
+        if (
+            self._journal is not None
+            or not self.settings.CACHE_FLUSH_AFTER_DEGRADED_START
+            or not isinstance(exc, BackendUnavailableError)
+        ):
+            return False
+        self._pending.add_everything()
+        self.events.start_flush_kept()
+        return True
 
     async def _open_journal(self) -> None:
         """Takes back what earlier processes kept in the journal (see ``journal.py``)."""
@@ -793,4 +823,6 @@ class CacheLayer:
         )
         await self._memory.clear()
         await self._forget_applied()
+        # What the outage's set let go of is freed by its later calls, and now there are none.
+        await self._pending.release_all()
         return True

@@ -346,6 +346,7 @@ class _Collectors:
     rejected_entries: Counter
     stale_on_error: Counter
     state: Gauge
+    start_flushes: Counter
     near_invalidations: Counter
     near_flushes: Counter
 
@@ -401,6 +402,12 @@ def _collectors(registry: CollectorRegistry) -> _Collectors:
             # Summed over the live workers: a dead worker's state does not linger.
             multiprocess_mode="livesum",
         ),
+        start_flushes=Counter(
+            "commons_cache_start_flushes_total",
+            "Flushes of the whole prefix kept by a start while Redis did not answer, without an "
+            "invalidation journal (CACHE_FLUSH_AFTER_DEGRADED_START).",
+            registry=registry,
+        ),
         near_invalidations=Counter(
             "commons_cache_near_invalidations_total",
             "Invalidation messages Redis sent the near cache.",
@@ -449,6 +456,9 @@ class PrometheusEvents(CacheEvents):
     def state_changed(self, state: str) -> None:
         for each in CacheState:
             self._metrics.state.labels(state=each.value).set(1 if each.value == state else 0)
+
+    def start_flush_kept(self) -> None:
+        self._metrics.start_flushes.inc()
 
     def timed(self, namespace: str, operation: str, seconds: float) -> None:
         self._request_path.timed(namespace, operation, seconds)

@@ -13,26 +13,30 @@ applied (an invalidation asked for during the replay must also remove what other
 the meantime), so a replay cut short by a failure leaves the rest for the next attempt and items
 added while it runs are applied by the same call.
 
-Cost: keeping n invalidations costs O(n) in all, and a call that keeps one more never copies or
-frees the whole set (``python -m bench pending``: with 100,000 kept, and with the set widened at
-10,000, the longest call held the event loop 0.23-0.42 ms over four runs). Whether an item is
-covered is a look-up of the at most three targets that could cover it (its namespace, its tenant,
-itself), and what a wider item absorbs is found in indexes by namespace, tenant and user, so each
-item is indexed and removed once. Every map and index past 512 entries is split into 64 shards by
-hash: CPython grows a dict or a set by copying it whole, so one that held 87,000 items once held
-the loop 3.5 ms as it grew. The order is a linked list: a renewed item moves to the end and an
-absorbed or applied one leaves in O(1), so the replay takes the oldest item first and never copies
-the set. A widening reads the number of items kept per namespace, counted as they come and go, so
-it is O(namespaces); it and a flush start from empty sets, and what they replaced is freed 256
-entries per later call rather than all in one. What a single call can still do at once is absorb: a
-wider item that covers m kept ones removes them in that call (each item is absorbed at most once,
-so the total stays O(n); 10,000 of one namespace took 22 ms). (The first version scanned every kept
-target on every call: 10,000 kept invalidations took 11.9 s of event-loop time, one call near the
-bound 17 ms; the next widened by reading every item, 1.0-1.3 ms in one call.)
+Cost: keeping n invalidations costs O(n) in all, and no call does work in proportion to what is
+kept (``python -m bench pending``). Kept targets and scoped keys live in a tree of scopes
+(namespace, tenant, user) whose every node counts the items kept in it and below it: whether an
+item is covered is a walk of at most three levels, and ``len()`` and a widening read the counts.
+A wider target that covers m kept items absorbs them in O(1): it takes over their scope's place
+in the tree, so they are no longer kept from that moment (an item is kept while a reachable place
+holds it), and the counts above lose m at once. The absorbed items stay in the replay order until
+they are unlinked, 64 entries per later call, or by the replay, which never applies them (they
+are older than the target that absorbed them, and it is applied in its turn) and lets the loop
+run every 64; it ends with the order empty, and :meth:`~PendingInvalidations.release_all` frees
+the rest once Redis is back. Every map past 512 entries is split into 64 shards by hash: CPython
+grows a dict by copying it whole, so one that held 87,000 items once held the loop 3.5 ms as it
+grew. The order is a linked list: a
+renewed item moves to the end and an applied one leaves in O(1), so the replay takes the oldest
+item first and never copies the set. A widening is O(namespaces); it and a flush start from an
+empty tree, and what they replaced is freed 256 entries per later call rather than all in one.
+(The first version scanned every kept target on every call: 10,000 kept invalidations took 11.9
+s of event-loop time, one call near the bound 17 ms; a namespace that absorbed 100,000 kept ones
+removed them in one call, 328 ms.)
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Hashable, Iterator
 from typing import Any, Generic, TypeVar
@@ -49,16 +53,15 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 T = TypeVar("T")
 
-#: A target or a key's scope as the maps hold it: (namespace, tenant, user). A tuple hashes in C,
-#: the dataclass in Python code, and each call hashes several.
-_Scope = tuple[str, str | None, str | None]
-
 #: A container past this many entries is split into _WIDTH shards: CPython grows a dict or a set
 #: by copying it whole, so an unsplit one of 87,000 items held the loop 3 ms when it grew.
 _SPLIT_AT = 512
 _WIDTH = 64
 #: Entries freed per call when a widening or a flush lets go of what it replaced.
 _RELEASE_BATCH = 256
+#: Entries per call when what a wider target absorbed is unlinked from the order in use: each
+#: costs more than a plain free (its neighbours in the order are written), 1-3 µs.
+_SWEEP_BATCH = 64
 
 
 class _Shards(Generic[K, V]):
@@ -110,8 +113,12 @@ class _Shards(Generic[K, V]):
         for key, value in whole.items():
             shards[(hash(key) >> 16) & mask][key] = value
 
+    def parts(self) -> list[dict[K, V]]:
+        """The shards themselves, to be freed bit by bit, when this is dropped anyway."""
+        return self._shards
+
     def detach(self) -> list[dict[K, V]]:
-        """Empties this and returns what it held, for :func:`_released` to free bit by bit."""
+        """Empties this and returns what it held, to be freed bit by bit."""
         shards, self._shards, self._mask, self._len = self._shards, [{}], 0, 0
         return shards
 
@@ -159,6 +166,11 @@ class _Order(Generic[T]):
         # A node left pointing at its neighbours would be freed only by the cyclic collector.
         node.prev = node.next = _UNLINKED
 
+    def discard(self, node: _Node[T]) -> None:
+        """Removes ``node`` if it is still linked."""
+        if node.prev is not _UNLINKED:
+            self.remove(node)
+
     def move_to_end(self, node: _Node[T]) -> None:
         self.remove(node)
         self.append(node)
@@ -174,37 +186,47 @@ class _Order(Generic[T]):
             node = node.next
 
     def detach(self) -> _Link:
-        """Empties this and returns the old chain's head, for :func:`_released`."""
+        """Empties this and returns the old chain's head, to be freed bit by bit."""
         head, self._head = self._head, _Link()
         return head
 
 
-def _released(chains: list[_Link], shards: list[dict[Any, Any]]) -> Iterator[None]:
-    """Frees what a widening or a flush replaced, _RELEASE_BATCH entries per step.
+class _Place:
+    """One scope in the tree of kept items (a namespace, a tenant of it, a user of that tenant).
 
-    Dropping it at once would free every kept item in one call: O(n) on the event loop.
+    It holds the target kept for exactly this scope, the keys kept for exactly this scope, the
+    scopes below it, and how many items it and the scopes below it keep. Only places reachable
+    from the root are kept: an item is kept while its place is reachable and still holds it.
     """
-    done = 0
-    for head in chains:
-        while head.next is not head:
-            node = head.next
-            head.next = node.next
-            node.prev = node.next = _UNLINKED
-            done += 1
-            if done % _RELEASE_BATCH == 0:
-                yield
-        head.prev = head.next = _UNLINKED
-    while shards:
-        shard = shards[-1]
-        if not shard:
-            shards.pop()
-            continue
-        _, value = shard.popitem()
-        if isinstance(value, _Shards):  # an index's members: freed the same way
-            shards.extend(value.detach())
-        done += 1
-        if done % _RELEASE_BATCH == 0:
-            yield
+
+    __slots__ = ("below", "count", "keys", "target")
+
+    def __init__(self) -> None:
+        self.below: _Shards[str, _Place] | None = None
+        self.keys: _Shards[str, _Node[str]] | None = None
+        self.target: _Node[InvalidationTarget] | None = None
+        self.count = 0
+
+
+def _names(namespace: str, tenant_id: str | None, user_id: str | None) -> tuple[str, ...]:
+    """The path of a scope in the tree: its namespace, then its tenant, then its user.
+
+    A user without a tenant is not a scope of its own (a key scoped so is its namespace's).
+    """
+    if tenant_id is None:
+        return (namespace,)
+    if user_id is None:
+        return (namespace, tenant_id)
+    return (namespace, tenant_id, user_id)
+
+
+def _names_of(node: _Node[Any]) -> tuple[str, ...] | None:
+    """The path of a kept item's scope (None: a key whose namespace is unknown)."""
+    item = node.item
+    if isinstance(item, InvalidationTarget):
+        return _names(item.namespace, item.tenant_id, item.user_id)
+    scope = node.scope
+    return None if scope is None else _names(scope.namespace, scope.tenant_id, scope.user_id)
 
 
 class PendingInvalidations:
@@ -215,27 +237,25 @@ class PendingInvalidations:
         self._seq = 0
         #: Sequence number of the pending flush, or None.
         self._everything: int | None = None
-        # What earlier widenings and flushes let go of, still being freed.
+        # What absorptions, widenings and flushes let go of, still being unlinked and freed.
         self._releasing: deque[Iterator[None]] = deque()
-        self._targets: _Shards[_Scope, _Node[InvalidationTarget]] = _Shards()
+        # Bumped by every widening and flush: what was absorbed before one is no longer in the
+        # order or the key map that are in use, and is only freed.
+        self._era = 0
+        # Targets and scoped keys by scope; the counts in it are what len() and a widening read.
+        self._root = _Place()
         self._target_order: _Order[InvalidationTarget] = _Order()
-        # key -> its node (its scope, or None when its namespace is unknown; sequence number)
+        # Every kept key -> its node (absorbed ones until they are unlinked): a key asked again
+        # with another scope replaces the one kept.
         self._keys: _Shards[str, _Node[str]] = _Shards()
         self._key_order: _Order[str] = _Order()
-        # What a wider target absorbs: targets below a namespace or a tenant, keys below a
-        # namespace, a tenant or a user (each key under all three of its scope).
-        self._targets_below: _Shards[tuple[str, str | None], _Shards[_Scope, None]] = _Shards()
-        self._keys_below: _Shards[_Scope, _Shards[str, None]] = _Shards()
-        # Kept items per namespace, and keys without one: what a widening keeps, known without
-        # looking at the items.
-        self._per_namespace: dict[str, int] = {}
         self._unscoped_keys = 0
 
     def __len__(self) -> int:
-        return int(self._everything is not None) + len(self._targets) + len(self._keys)
+        return int(self._everything is not None) + self._root.count + self._unscoped_keys
 
     def __bool__(self) -> bool:
-        return self._everything is not None or bool(self._targets) or bool(self._keys)
+        return self._everything is not None or bool(self._root.count or self._unscoped_keys)
 
     @property
     def everything(self) -> bool:
@@ -243,16 +263,18 @@ class PendingInvalidations:
         return self._everything is not None
 
     def targets(self) -> list[InvalidationTarget]:
-        return [node.item for node in self._target_order]
+        return [node.item for node in self._target_order if self._holds(node)]
 
     def keys(self) -> list[str]:
-        return [node.item for node in self._key_order]
+        return [node.item for node in self._key_order if self._holds(node)]
 
     def items(self) -> list[PendingItem]:
         """What is kept, as items that :meth:`add_item` takes back (the journal's lines)."""
         if self._everything is not None:
             return [None]
-        keys: list[PendingItem] = [(node.item, node.scope) for node in self._key_order]
+        keys: list[PendingItem] = [
+            (node.item, node.scope) for node in self._key_order if self._holds(node)
+        ]
         return [*self.targets(), *keys]
 
     def add_item(self, item: PendingItem) -> None:
@@ -270,9 +292,64 @@ class PendingInvalidations:
         return self._seq
 
     def _release_some(self) -> None:
-        """One step of freeing what was replaced: a bounded share of it on each call."""
+        """One step of unlinking and freeing what was let go of: a bounded share per call."""
         if self._releasing and next(self._releasing[0], StopIteration) is StopIteration:
             self._releasing.popleft()
+
+    # -- the tree of scopes ----------------------------------------------------------------------
+
+    def _place(self, names: tuple[str, ...]) -> _Place | None:
+        """The reachable place of ``names``, if there is one."""
+        place: _Place | None = self._root
+        for name in names:
+            below = place.below if place is not None else None
+            place = below.get(name) if below is not None else None
+        return place
+
+    def _path(self, names: tuple[str, ...]) -> list[_Place]:
+        """The places from the root down to ``names``, made where missing."""
+        place = self._root
+        path = [place]
+        for name in names:
+            below = place.below
+            if below is None:
+                below = place.below = _Shards()
+            child = below.get(name)
+            if child is None:
+                child = _Place()
+                below.put(name, child)
+            path.append(child)
+            place = child
+        return path
+
+    def _holds(self, node: _Node[Any]) -> bool:
+        """Whether ``node`` is kept: neither absorbed by a wider target, applied nor replaced."""
+        names = _names_of(node)
+        if names is None:
+            return self._keys.get(node.item) is node
+        place = self._place(names)
+        if place is None:
+            return False
+        if isinstance(node.item, InvalidationTarget):
+            return place.target is node
+        return place.keys is not None and place.keys.get(node.item) is node
+
+    def _covering(
+        self, namespace: str, tenant_id: str | None, user_id: str | None
+    ) -> _Node[InvalidationTarget] | None:
+        """The kept target that covers this scope, if any: at most three look-ups."""
+        place = self._root
+        for name in _names(namespace, tenant_id, user_id):
+            below = place.below
+            child = below.get(name) if below is not None else None
+            if child is None:
+                return None
+            if child.target is not None:
+                return child.target
+            place = child
+        return None
+
+    # -- keeping ---------------------------------------------------------------------------------
 
     def add(self, target: InvalidationTarget) -> None:
         """Keeps an invalidation of ``target``."""
@@ -280,29 +357,35 @@ class PendingInvalidations:
         if self._everything is not None:
             self._everything = seq
             return
-        ns, tenant, user = scope = (target.namespace, target.tenant_id, target.user_id)
-        covering = self._covering(ns, tenant, user)
+        covering = self._covering(target.namespace, target.tenant_id, target.user_id)
         if covering is not None:
             self._renew(covering, seq)
             return
-        if user is None:
-            for narrower in self._targets_below.pop((ns, tenant)) or ():
-                self._drop_target(narrower)
-        for key in self._keys_below.pop(scope) or ():
-            self._drop_key(key)
         self._keep_target(target, seq)
         self._compact()
 
     def _keep_target(self, target: InvalidationTarget, seq: int) -> None:
+        """Keeps ``target`` in a new place of its own; the place it takes over, with every item
+        kept below it, is absorbed in O(1): detached from the tree (its items are no longer kept
+        from this moment) and unlinked from the order by later calls, a share per call."""
+        names = _names(target.namespace, target.tenant_id, target.user_id)
+        path = self._path(names[:-1])
+        parent = path[-1]
+        below = parent.below
+        if below is None:
+            below = parent.below = _Shards()
+        absorbed = below.pop(names[-1])
         node = _Node(target, None, seq)
-        ns, tenant, user = scope = (target.namespace, target.tenant_id, target.user_id)
-        self._targets.put(scope, node)
+        place = _Place()
+        place.target, place.count = node, 1
+        below.put(names[-1], place)
+        change = 1 - (absorbed.count if absorbed is not None else 0)
+        for each in path:
+            each.count += change
         self._target_order.append(node)
-        if tenant is not None:
-            self._index(self._targets_below, (ns, None), scope)
-            if user is not None:
-                self._index(self._targets_below, (ns, tenant), scope)
-        self._count(ns, 1)
+        if absorbed is not None:
+            swept = self._released([], [{names[-1]: absorbed}], self._era, _SWEEP_BATCH)
+            self._releasing.append(swept)
 
     def add_key(self, key: str, scope: CacheScope | None) -> None:
         """Keeps the removal of one key; ``scope`` lets a wider item cover it."""
@@ -315,76 +398,66 @@ class PendingInvalidations:
             if covering is not None:
                 self._renew(covering, seq)
                 return
-        if key in self._keys:
-            self._drop_key(key)  # renewed: to the end
+        kept = self._keys.get(key)
+        if kept is not None:  # renewed: to the end
+            if self._holds(kept):
+                self._drop(kept)
+            else:
+                self._discard(kept)  # absorbed meanwhile: only unlinked
         node = _Node(key, scope, seq)
         self._keys.put(key, node)
         self._key_order.append(node)
-        for level in _levels(scope):
-            self._index(self._keys_below, level, key)
-        self._count(scope.namespace if scope is not None else None, 1)
-        self._compact()
-
-    @staticmethod
-    def _index(index: _Shards[Any, _Shards[T, None]], level: Hashable, member: T) -> None:
-        below = index.get(level)
-        if below is None:
-            below = _Shards()
-            index.put(level, below)
-        below.put(member, None)
-
-    @staticmethod
-    def _unindex(index: _Shards[Any, _Shards[T, None]], level: Hashable, member: T) -> None:
-        below = index.get(level)
-        if below is not None:
-            below.pop(member)
-            if not below:
-                index.pop(level)
-
-    def _count(self, namespace: str | None, change: int) -> None:
-        """Counts kept items by namespace (None: a key whose namespace is unknown)."""
-        if namespace is None:
-            self._unscoped_keys += change
-            return
-        left = self._per_namespace.get(namespace, 0) + change
-        if left:
-            self._per_namespace[namespace] = left
+        if scope is None:
+            self._unscoped_keys += 1
         else:
-            del self._per_namespace[namespace]
-
-    def _covering(
-        self, namespace: str, tenant_id: str | None, user_id: str | None
-    ) -> _Node[InvalidationTarget] | None:
-        """The kept target that covers this scope, if any: at most three look-ups."""
-        targets = self._targets
-        node = targets.get((namespace, None, None))
-        if node is None and tenant_id is not None:
-            node = targets.get((namespace, tenant_id, None))
-            if node is None and user_id is not None:
-                node = targets.get((namespace, tenant_id, user_id))
-        return node
+            path = self._path(_names(scope.namespace, scope.tenant_id, scope.user_id))
+            place = path[-1]
+            if place.keys is None:
+                place.keys = _Shards()
+            place.keys.put(key, node)
+            for each in path:
+                each.count += 1
+        self._compact()
 
     def _renew(self, node: _Node[InvalidationTarget], seq: int) -> None:
         node.seq = seq
         self._target_order.move_to_end(node)
 
-    def _drop_target(self, scope: _Scope) -> None:
-        node = self._targets.pop(scope)
-        assert node is not None
-        self._target_order.remove(node)
-        namespace, tenant, _ = scope
-        if tenant is not None:
-            for level in ((namespace, None), (namespace, tenant)):
-                self._unindex(self._targets_below, level, scope)
-        self._count(namespace, -1)
+    def _drop(self, node: _Node[Any]) -> None:
+        """Stops keeping a kept item (applied, or asked again): O(1)."""
+        item, names = node.item, _names_of(node)
+        if isinstance(item, InvalidationTarget):
+            self._target_order.remove(node)
+        else:
+            self._key_order.remove(node)
+            self._keys.pop(item)
+        if names is None:
+            self._unscoped_keys -= 1
+            return
+        path = self._path(names)
+        place = path[-1]
+        if isinstance(item, InvalidationTarget):
+            place.target = None
+        elif place.keys is not None:
+            place.keys.pop(item)
+        for each in path:
+            each.count -= 1
+        # A place that keeps nothing, nor anything below it, leaves the tree (the root stays).
+        for depth in range(len(names), 0, -1):
+            if path[depth].count:
+                break
+            parent_below = path[depth - 1].below
+            assert parent_below is not None
+            parent_below.pop(names[depth - 1])
 
-    def _drop_key(self, key: str) -> None:
-        node = self._keys.pop(key)
-        assert node is not None
-        self._key_order.remove(node)
-        for level in _levels(node.scope):
-            self._unindex(self._keys_below, level, key)
-        self._count(node.scope.namespace if node.scope is not None else None, -1)
+    def _discard(self, node: _Node[Any]) -> None:
+        """Unlinks an absorbed item from the order and the key map; twice does nothing."""
+        if isinstance(node.item, InvalidationTarget):
+            self._target_order.discard(node)
+            return
+        self._key_order.discard(node)
+        if self._keys.get(node.item) is node:
+            self._keys.pop(node.item)
 
     def add_everything(self) -> None:
         """Keeps a service-wide flush; it covers every other item."""
@@ -397,15 +470,14 @@ class PendingInvalidations:
 
     def _forget_all(self) -> None:
         """Starts empty in O(1); what was kept is freed a bounded share per later call."""
-        if not (self._targets or self._keys):
-            return
+        if not (self._root.count or self._unscoped_keys):
+            return  # what absorptions let go of is still unlinked by their own steps
         chains = [self._target_order.detach(), self._key_order.detach()]
-        shards: list[dict[Any, Any]] = []
-        for index in (self._targets, self._keys, self._targets_below, self._keys_below):
-            shards.extend(index.detach())
-        self._releasing.append(_released(chains, shards))
-        self._per_namespace = {}
+        shards: list[dict[Any, Any]] = [*self._keys.detach(), {None: self._root}]
+        self._root = _Place()
         self._unscoped_keys = 0
+        self._era += 1
+        self._releasing.append(self._released(chains, shards, None, _RELEASE_BATCH))
 
     def _compact(self) -> None:
         """Past the bound, widens to whole namespaces: O(namespaces), from the counts kept."""
@@ -414,11 +486,61 @@ class PendingInvalidations:
         if self._unscoped_keys:
             self.add_everything()
             return
-        namespaces = list(self._per_namespace)
+        below = self._root.below
+        namespaces = list(below) if below is not None else []
         seq = self._next()
         self._forget_all()
         for namespace in namespaces:
             self._keep_target(InvalidationTarget(namespace), seq)
+
+    def _released(
+        self, chains: list[_Link], shards: list[dict[Any, Any]], era: int | None, batch: int
+    ) -> Iterator[None]:
+        """Frees what was let go of, ``batch`` entries per step.
+
+        ``chains`` are detached orders, whose nodes are unlinked from each other. The items in
+        ``shards`` (and in the places there) are unlinked from the order in use when ``era`` is
+        the current one (an absorbed place); after a widening or a flush, or with no ``era``,
+        their order was detached whole and they are only freed. Dropping it all at once would
+        free every item in one call: O(n) on the event loop.
+        """
+        done = 0
+        for head in chains:
+            while head.next is not head:
+                node = head.next
+                head.next = node.next
+                node.prev = node.next = _UNLINKED
+                done += 1
+                if done % batch == 0:
+                    yield
+            head.prev = head.next = _UNLINKED
+        while shards:
+            shard = shards[-1]
+            if not shard:
+                shards.pop()
+                continue
+            _, value = shard.popitem()
+            if isinstance(value, _Place):
+                # The place is dropped: its maps' dicts are freed as they are, not detached.
+                if value.below is not None:
+                    shards.extend(value.below.parts())
+                if value.keys is not None:
+                    shards.extend(value.keys.parts())
+                value = value.target
+            if isinstance(value, _Node) and era == self._era:
+                self._discard(value)
+            done += 1
+            if done % batch == 0:
+                yield
+
+    async def release_all(self) -> None:
+        """Frees what absorptions, widenings and flushes let go of, a share per turn of the event
+        loop: later calls would, but once Redis is back nothing is kept any more."""
+        while self._releasing:
+            self._release_some()
+            await asyncio.sleep(0)
+
+    # -- replaying -------------------------------------------------------------------------------
 
     async def apply_to(self, store: CacheStore) -> int:
         """Applies every pending item to ``store``, oldest first; returns the entries removed.
@@ -427,36 +549,37 @@ class PendingInvalidations:
             BackendError: The store failed; the items not yet applied stay pending.
         """
         removed = 0
-        while self:
-            self._release_some()
+        unlinked = 0
+        # Until nothing is kept, nor linked in the order: what was absorbed is unlinked here too,
+        # so that the journal's rewrite after the replay reads only what is kept.
+        while self or self._target_order.first() is not None or self._key_order.first() is not None:
             if self._everything is not None:
+                self._release_some()
                 seq = self._everything
                 removed += await store.clear()
                 if self._everything == seq:
                     self._everything = None
-            elif (target_node := self._target_order.first()) is not None:
-                target, seq = target_node.item, target_node.seq
-                removed += await store.invalidate(target)
-                kept_as = (target.namespace, target.tenant_id, target.user_id)
-                current = self._targets.get(kept_as)
-                if current is not None and current.seq == seq:
-                    self._drop_target(kept_as)
-            elif (key_node := self._key_order.first()) is not None:
-                key, scope, seq = key_node.item, key_node.scope, key_node.seq
-                removed += await store.delete(key, scope)
-                current_key = self._keys.get(key)
-                if current_key is not None and current_key.seq == seq:
-                    self._drop_key(key)
+                continue
+            node: _Node[Any] | None = self._target_order.first()
+            if node is None:
+                node = self._key_order.first()
+            if node is None:
+                break  # not reached: something is kept or linked, so one of the orders holds it
+            if not self._holds(node):
+                # Absorbed by a wider target that comes later: never applied, unlinked here.
+                self._discard(node)
+                unlinked += 1
+                if unlinked % _SWEEP_BATCH == 0:
+                    await asyncio.sleep(0)  # many absorbed in a row: let requests run between
+                continue
+            # One step of freeing per item applied, each followed by the store's round trip.
+            self._release_some()
+            item, seq = node.item, node.seq
+            if isinstance(item, InvalidationTarget):
+                removed += await store.invalidate(item)
+            else:
+                removed += await store.delete(item, node.scope)
+            # Asked again while it was applied (renewed, replaced or absorbed): stays for later.
+            if node.seq == seq and self._holds(node):
+                self._drop(node)
         return removed
-
-
-def _levels(scope: CacheScope | None) -> list[_Scope]:
-    """The index entries of a key of ``scope``: its namespace, its tenant, its user."""
-    if scope is None:
-        return []
-    levels: list[_Scope] = [(scope.namespace, None, None)]
-    if scope.tenant_id is not None:
-        levels.append((scope.namespace, scope.tenant_id, None))
-        if scope.user_id is not None:
-            levels.append((scope.namespace, scope.tenant_id, scope.user_id))
-    return levels

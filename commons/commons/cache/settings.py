@@ -119,7 +119,15 @@ class CacheSettings(BaseSettings):
         description="A local directory where invalidations kept during a Redis outage are "
         "written (and flushed to disk) before the request that made them returns; the next "
         "start applies them to Redis before reading it, after a crash too. Unset: kept "
-        "invalidations live in process memory only and are lost with the process.",
+        "invalidations live in process memory only and die with the process "
+        "(CACHE_FLUSH_AFTER_DEGRADED_START covers a restart during the outage).",
+    )
+    CACHE_FLUSH_AFTER_DEGRADED_START: bool = Field(
+        default=True,
+        description="Without CACHE_INVALIDATION_JOURNAL: a process that starts while Redis does "
+        "not answer removes every entry of its CACHE_PREFIX once Redis answers, before reading "
+        "it (a process stopped during the same outage may have kept invalidations that died with "
+        "it): one wave of misses instead of old answers. Ignored with a journal.",
     )
     CACHE_DEGRADED_TTL_SECONDS: int = Field(
         default=30,
