@@ -117,6 +117,8 @@ class ClusterReads:
         max_pending: Reads that may wait on one primary at once.
         near_cache: The configured near cache, whose events and bounds the primaries' near
             caches share (``None``: reads are not kept).
+        tracked_prefixes: The prefixes of the keys whose changes the near caches hear of (the
+            generation keys', see ``near.py``).
     """
 
     def __init__(
@@ -127,8 +129,10 @@ class ClusterReads:
         timeout: float,
         max_pending: int,
         near_cache: NearCache | None = None,
+        tracked_prefixes: tuple[str, ...] = (),
     ) -> None:
         self._client = client
+        self._tracked_prefixes = tracked_prefixes
         self._generation_keys = generation_keys
         self._timeout = timeout
         self._max_pending = max_pending
@@ -320,7 +324,9 @@ class ClusterReads:
             opener, timeout=self._timeout, max_pending=self._max_pending, tracking=near
         )
         if near is not None:
-            near.attach(opener, reader, timeout=self._timeout)
+            near.attach(
+                opener, reader, timeout=self._timeout, tracked_prefixes=self._tracked_prefixes
+            )
         primary = self._primaries[node.name] = _Primary(reader, near)
         return primary
 

@@ -476,6 +476,7 @@ class RedisStore(CacheStore, ReplicaLocks):
                 timeout=self._command_timeout,
                 max_pending=PIPELINED_READS_MAX_PENDING,
                 near_cache=self._near_cache,
+                tracked_prefixes=self._keys.generation_prefixes(),
             )
         elif isinstance(client, Redis) and (opener := channel_opener(client)) is not None:
             near = self._near_cache
@@ -486,7 +487,12 @@ class RedisStore(CacheStore, ReplicaLocks):
                 tracking=near,
             )
             if near is not None:
-                near.attach(opener, self._reads, timeout=self._command_timeout)
+                near.attach(
+                    opener,
+                    self._reads,
+                    timeout=self._command_timeout,
+                    tracked_prefixes=self._keys.generation_prefixes(),
+                )
                 self._near = near
         self._index_add = client.register_script(_INDEX_ADD)
         self._fill = client.register_script(_FILL)
