@@ -323,6 +323,23 @@ async def test_a_read_connection_dropped_silently_is_answered_from_no_longer_tha
     assert answers[-1][1] == b"v2"
 
 
+async def test_an_entry_rewritten_outside_a_fill_is_answered_no_longer_than_the_maximum_age(
+    proxied_store: tuple[RedisStore, LoopbackProxy], recorder: Recorder, outside: Redis
+) -> None:
+    """Only generations are tracked: an entry written over by something else than a fill under
+    the same generations (an operator's SET) is not announced. What was read is answered at most
+    MAX_AGE after it was read, then the new bytes."""
+    store, _ = proxied_store
+    await filled(store, recorder)
+    await outside.set(KEY, b"v2", keepttl=True)
+    changed_at = time.monotonic()
+
+    answers = await answers_after(store, changed_at, MAX_AGE + 1.0)
+
+    assert all(at < MAX_AGE for at, value, _ in answers if value == b"v1")
+    assert answers[-1][1] == b"v2"
+
+
 async def test_swapdb_which_redis_announces_to_no_one_is_answered_no_longer_than_the_maximum_age(
     proxied_store: tuple[RedisStore, LoopbackProxy],
     recorder: Recorder,
