@@ -119,6 +119,10 @@ REJOIN_HEAD_START_SECONDS = 0.015
 #: A replica's connections the network faults pick from (``World.connections``).
 CONNECTION_ROLES = ("reader", "subscriber", "pool")
 NETWORK_FAULTS = ("sever", "black_hole_to_server", "black_hole_to_client", "delay")
+#: After a read connection severed silently, how long past the near cache's maximum age an old
+#: answer is excused: a read that times out on it, the breaker it may open and the probe that
+#: closes it, on a loaded machine.
+SEVERED_READER_SLACK_SECONDS = 1.5
 
 #: The order in which the kinds of violation a step found are reported.
 #: A stale HIT comes before a stale MISS: the entry it comes from is served again until its TTL.
@@ -791,6 +795,13 @@ class RequestsAndFaults(FaultsOnEveryTopology):
         # within its silence limit, and answers nothing older than its maximum age.
         subscriber = role == "subscriber"
         window = self.world.near_cache_max_age + 1.0 if subscriber else None
+        severed_reader = bool(connections) and fault == "sever" and role == "reader"
+        if severed_reader:
+            # Nothing ever tells the replica: what its near cache holds is bounded by the
+            # maximum age from the sever on (a timed-out read may open its breaker meanwhile,
+            # which the probe closes within a recovery interval), not by an outage's window.
+            ended = started
+            window = self.world.near_cache_max_age + SEVERED_READER_SLACK_SECONDS
         self._fault(
             f"net_{fault}",
             started,
@@ -801,6 +812,11 @@ class RequestsAndFaults(FaultsOnEveryTopology):
             None,
             window,
         )
+        if severed_reader and window is not None:
+            # Past that bound, the plan's reads again on the severed replica: none may be old.
+            await asyncio.sleep(max(0.0, started + window + 0.05 - time.monotonic()))
+            late = [replace(at.op, replica=replica) for at in plan if isinstance(at.op, Get)]
+            answers += list(await asyncio.gather(*map(self._send, late)))
         return answers
 
     @rule(plan=timed(100, max_size=3))
