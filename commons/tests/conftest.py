@@ -23,10 +23,12 @@ from typing import Annotated
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, Header
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from commons.cache import CacheSettings, cache, close_cache, init_cache
+from commons.cache import CacheSettings, cache, close_cache, init_cache, invalidate_namespace
 from commons.cache.settings import cache_settings
+from commons.testing import current_layer
 from commons.testing.redis_cluster import LocalRedisCluster
 from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import (
@@ -318,3 +320,30 @@ async def sentinel_client(
     finally:
         await http.aclose()
         await close_cache()
+
+
+def entries_removed(namespace: str) -> float:
+    """What ``commons_cache_invalidated_entries_total`` says so far for ``namespace``."""
+    sample = REGISTRY.get_sample_value(
+        "commons_cache_invalidated_entries_total", {"namespace": namespace}
+    )
+    return sample or 0.0
+
+
+async def _invalidate_counting(
+    namespace: str, *, tenant_id: str | int | None = None, user_id: str | int | None = None
+) -> int:
+    before = entries_removed(namespace)
+    await invalidate_namespace(namespace, tenant_id=tenant_id, user_id=user_id)
+    layer = current_layer()
+    if layer is not None:
+        await layer.background_removals_settled()
+    return int(entries_removed(namespace) - before)
+
+
+@pytest.fixture
+def invalidate() -> Callable[..., Awaitable[int]]:
+    """``invalidate(namespace, tenant_id=..., user_id=...)``: ``invalidate_namespace()``, then
+    the removal of its old entries from Redis, which runs after it returned: the entries removed
+    in all, as the metric counts them."""
+    return _invalidate_counting

@@ -237,7 +237,9 @@ def language_app(make_identity_app: Callable[[], FastAPI]) -> tuple[FastAPI, dic
 
 
 async def test_a_custom_key_builders_entries_are_removed_by_invalidating_their_tenant(
-    backend: CacheSettings, language_app: tuple[FastAPI, dict[str, int]]
+    backend: CacheSettings,
+    language_app: tuple[FastAPI, dict[str, int]],
+    invalidate: Callable[..., Awaitable[int]],
 ) -> None:
     app, version = language_app
     french = {**ACME, "Accept-Language": "fr"}
@@ -245,7 +247,7 @@ async def test_a_custom_key_builders_entries_are_removed_by_invalidating_their_t
         first = await client.get("/items", headers=french)
         hit = await client.get("/items", headers=french)
         version["n"] = 2
-        removed = await invalidate_namespace("items", tenant_id="acme")
+        removed = await invalidate("items", tenant_id="acme")
         after = await client.get("/items", headers=french)
 
     assert [r.headers["X-FastAPI-Cache"] for r in (first, hit, after)] == ["MISS", "HIT", "MISS"]
@@ -278,7 +280,9 @@ async def test_a_custom_key_builder_that_omits_the_tenant_never_serves_one_tenan
 
 
 async def test_a_builder_wrapping_ours_keeps_its_user_scope_for_invalidation(
-    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+    backend: CacheSettings,
+    make_identity_app: Callable[[], FastAPI],
+    invalidate: Callable[..., Awaitable[int]],
 ) -> None:
     app = make_identity_app()
     runs: list[str] = []
@@ -294,7 +298,7 @@ async def test_a_builder_wrapping_ours_keeps_its_user_scope_for_invalidation(
     async with client_for(app) as client:
         await client.get("/prefs", headers=alice)
         await client.get("/prefs", headers=bob)
-        removed = await invalidate_namespace("prefs", tenant_id="acme", user_id="alice")
+        removed = await invalidate("prefs", tenant_id="acme", user_id="alice")
         alice_after = await client.get("/prefs", headers=alice)
         bob_after = await client.get("/prefs", headers=bob)
 
@@ -343,14 +347,16 @@ async def test_a_route_opting_in_to_global_entries_shares_one_between_tenants_an
 
 
 async def test_a_global_entry_is_removed_by_invalidating_its_namespace_not_a_tenant(
-    backend: CacheSettings, catalogue_app: tuple[FastAPI, list[str]]
+    backend: CacheSettings,
+    catalogue_app: tuple[FastAPI, list[str]],
+    invalidate: Callable[..., Awaitable[int]],
 ) -> None:
     app, _ = catalogue_app
     async with client_for(app) as client:
         await client.get("/catalogue", headers=ACME)
-        kept = await invalidate_namespace("catalogue", tenant_id="acme")
+        kept = await invalidate("catalogue", tenant_id="acme")
         hit = await client.get("/catalogue", headers=ACME)
-        removed = await invalidate_namespace("catalogue")
+        removed = await invalidate("catalogue")
         fresh = await client.get("/catalogue", headers=ACME)
 
     assert (kept, removed) == (0, 1)

@@ -10,17 +10,27 @@ The service-level behaviour on a cluster (failovers, migrations under requests) 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 
 from commons.cache.backends.factory import redis_store
 from commons.cache.backends.near import FlushReason, NearCache
 from commons.cache.backends.redis import RedisStore
+from commons.cache.keyspace import Keyspace
 from commons.cache.scope import CacheScope, InvalidationTarget
 from commons.cache.settings import CacheSettings
 from commons.testing.events import NEAR_CACHE_BACKGROUND_COMMANDS as BACKGROUND_COMMANDS
 from commons.testing.events import RecordedEvents as Recorder
+from commons.testing.proxy import LoopbackProxy
 from commons.testing.redis_cluster import LocalRedisCluster, bulk_text
 from commons.testing.redis_server import RedisServer
 from commons.testing.waiting import eventually
@@ -192,26 +202,31 @@ async def test_losing_the_subscriber_of_the_generations_primary_makes_every_entr
     assert recorder.near_hits == hits
 
 
-async def test_a_slot_migrated_away_drops_its_entry_and_its_new_owner_answers(
-    store: RedisStore, recorder: Recorder, redis_cluster: LocalRedisCluster
+async def test_a_slot_migrated_away_keeps_its_entry_right_and_its_new_owner_answers_the_update(
+    store: RedisStore, recorder: Recorder, redis_cluster: LocalRedisCluster, other: RedisStore
 ) -> None:
-    key = key_of(TENANTS[5])
+    """The entry's slot moves to another primary: the entry held, still under the scope's
+    generations, stays right (answered, perhaps from memory); another replica's update then
+    retires the generation, which drops it, and the new owner answers the new value."""
+    tenant = TENANTS[5]
+    key, scope = key_of(tenant), scope_of(tenant)
     slot = redis_cluster.key_slot(key)
     source = redis_cluster.owner_of_slot(slot)
     target = next(p for p in redis_cluster.current_primaries() if p.port != source.port)
-    messages = recorder.messages
     migrate(redis_cluster, slot, source, target, key)
+    assert (await store.read(key, scope)).value == b"v1"
 
-    # MIGRATE deleted the key on the source, which announced it; the next read finds the source
-    # answering MOVED, empties its near cache and is answered by the new owner.
-    await eventually(lambda: _true(recorder.messages > messages), "the deletion announced")
-    read = await store.read(key, scope_of(TENANTS[5]))
-    assert read.value == b"v1"
-    assert FlushReason.MOVED in recorder.flushes
+    await other.invalidate(InvalidationTarget(NAMESPACE, tenant))
+    assert await other.write(key, b"v2", 60, scope, await other.generation(scope))
+
+    async def updated() -> bool:
+        return (await store.read(key, scope)).value == b"v2"
+
+    await eventually(updated, "the new value, from the new owner")
 
     async def held_again() -> bool:
         hits = recorder.near_hits
-        assert (await store.read(key, scope_of(TENANTS[5]))).value == b"v1"
+        assert (await store.read(key, scope)).value == b"v2"
         return recorder.near_hits > hits
 
     await eventually(held_again, "held by the new owner's near cache")
@@ -246,3 +261,105 @@ async def test_without_the_near_cache_every_hit_reads_its_primaries(
         assert sum(read_commands(redis_cluster).values()) - before == 20  # an MGET on each side
     finally:
         await redis.aclose()
+
+
+# -- a half-open read connection to one primary, on real processes -------------------------------
+
+#: The service's CACHE_NEAR_CACHE_MAX_AGE_SECONDS: no old answer may come after it.
+MAX_AGE_SECONDS = 1.0
+#: Allowance past that bound for a loaded machine (a read, a reconnection).
+SLACK_SECONDS = 1.0
+
+
+@pytest.fixture
+def proxied_cluster() -> Iterator[tuple[LocalRedisCluster, RedisServer, LoopbackProxy]]:
+    """A cluster of 3 primaries whose namespace ``res`` lives on a primary that clients reach
+    through a loopback proxy (it announces the proxy's port: ``cluster-announce-port``)."""
+    with LocalRedisCluster(primaries=3, replicas_per_primary=0) as cluster:
+        owner = cluster.owner_of_slot(
+            cluster.key_slot(Keyspace("fault").generation_keys(CacheScope("res"))[0])
+        )
+        with LoopbackProxy(owner.port) as proxy:
+            bus_port = bulk_text(owner.command("CONFIG", "GET", "cluster-port")).split()[-1]
+            owner.command("CONFIG", "SET", "cluster-announce-bus-port", bus_port)
+            owner.command("CONFIG", "SET", "cluster-announce-port", proxy.port)
+
+            def announced_everywhere() -> bool:
+                return all(
+                    f":{proxy.port}@" in bulk_text(node.command("CLUSTER", "NODES"))
+                    for node in cluster.nodes
+                )
+
+            deadline = time.monotonic() + 10
+            while not announced_everywhere():
+                assert time.monotonic() < deadline, "the nodes never named the proxy's port"
+                time.sleep(0.05)
+            yield cluster, owner, proxy
+
+
+def commons_cache(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The installed ``commons-cache`` command, run as an operator runs it."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("CACHE_", "REDIS_"))}
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("commons-cache")), *args],
+        env={**environ, "REDIS_URL": redis_url, "CACHE_PREFIX": "fault"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+async def test_a_half_open_read_connection_to_one_primary_answers_no_old_hit_past_the_maximum_age(
+    proxied_cluster: tuple[LocalRedisCluster, RedisServer, LoopbackProxy],
+    start_replicas: Callable[..., list[str]],
+    tmp_path: Path,
+) -> None:
+    """A NAT drops the service's idle read connection to the primary holding the namespace's
+    generations (Redis forgets what it tracked and tells no one); the subscribed connection
+    stays healthy. After ``commons-cache invalidate`` returned, no HIT of the old value comes
+    later than the maximum age (it came for 10 s and more before the bound existed)."""
+    cluster, owner, proxy = proxied_cluster
+    database = tmp_path / "res.sqlite"
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+        conn.execute("CREATE TABLE res (tenant TEXT PRIMARY KEY, version INTEGER)")
+        conn.execute("INSERT INTO res VALUES ('acme', 1)")
+    other_node = next(node for node in cluster.nodes if node is not owner)
+    env = {"REDIS_URL": other_node.url, "CACHE_PREFIX": "fault"}
+    (service,) = start_replicas(
+        1,
+        **env,
+        REPLICA_DB=str(database),
+        REPLICA_READ_SECONDS="0",
+        CACHE_NEAR_CACHE_MAX_AGE_SECONDS=str(MAX_AGE_SECONDS),
+    )
+    tenant = {"X-Test-Tenant": "acme"}
+    async with httpx.AsyncClient(base_url=service, timeout=10) as client:
+
+        async def near_hit() -> bool:
+            before = read_commands(cluster)
+            answer = await client.get("/res", headers=tenant)
+            assert answer.json() == {"version": 1}
+            return read_commands(cluster) == before
+
+        await eventually(near_hit, "the old value answered from the near cache")
+        readers = proxy.connections_that_sent(b"TRACKING")
+        assert readers, "no read connection to the proxied primary"
+        for reader in readers:
+            reader.sever_silently()
+        with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+            conn.execute("UPDATE res SET version = 2 WHERE tenant = 'acme'")
+        invalidated = await asyncio.to_thread(
+            commons_cache, other_node.url, "invalidate", "res", "--tenant", "acme"
+        )
+        assert invalidated.returncode == 0, invalidated.stderr
+        returned = time.monotonic()
+
+        answers = []
+        while time.monotonic() - returned < MAX_AGE_SECONDS + SLACK_SECONDS + 1.0:
+            answer = await client.get("/res", headers=tenant)
+            answers.append((time.monotonic() - returned, answer.json()["version"]))
+            await asyncio.sleep(0.02)
+
+    old = [at for at, version in answers if version == 1]
+    assert not old or old[-1] < MAX_AGE_SECONDS + SLACK_SECONDS, answers
+    assert answers[-1][1] == 2

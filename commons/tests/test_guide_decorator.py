@@ -152,14 +152,16 @@ async def test_the_entry_is_stored_under_the_documented_key(
 
 
 async def test_invalidate_namespace_reaches_the_guide_routes_entries(
-    guide_environment: Callable[..., CacheSettings], make_identity_app: Callable[[], FastAPI]
+    guide_environment: Callable[..., CacheSettings],
+    make_identity_app: Callable[[], FastAPI],
+    invalidate: Callable[..., Awaitable[int]],
 ) -> None:
     guide_environment()
     app, handler_runs = build_guide_service(make_identity_app)
     async with running(app) as client:
         for tenant in ["acme", "globex"]:
             await client.get("/tenant/config", headers=as_tenant(tenant))
-        removed = await invalidate_namespace("tenant_config")
+        removed = await invalidate("tenant_config")
         after = [
             (await client.get("/tenant/config", headers=as_tenant(tenant))).headers[
                 "X-FastAPI-Cache"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -19,6 +19,7 @@ from commons.cache import CacheSettings, cache, close_cache, init_cache, invalid
 from commons.cache.backends import redis as redis_backend
 from commons.cache.backends.redis import RedisStore
 from commons.cache.layer import CacheLayer
+from commons.cache.lifecycle import cache_status
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
 from commons.testing import current_layer
 from commons.testing.entries import fill, served
@@ -70,69 +71,73 @@ async def cached(*keys: ScopedKey) -> set[ScopedKey]:
 
 
 async def test_namespace_tenant_never_clears_tenant_config_and_vice_versa(
-    backend: CacheSettings,
+    backend: CacheSettings, invalidate: Callable[..., Awaitable[int]]
 ) -> None:
     tenant = await store("tenant", "t1")
     tenant_config = await store("tenant_config", "t1")
 
-    assert await invalidate_namespace("tenant") == 1
+    assert await invalidate("tenant") == 1
     assert await cached(tenant, tenant_config) == {tenant_config}
 
     tenant = await store("tenant", "t1")
-    assert await invalidate_namespace("tenant_config") == 1
+    assert await invalidate("tenant_config") == 1
     assert await cached(tenant, tenant_config) == {tenant}
 
 
 async def test_invalidating_a_namespace_removes_every_tenants_entries(
-    backend: CacheSettings,
+    backend: CacheSettings, invalidate: Callable[..., Awaitable[int]]
 ) -> None:
     keys = [await store("reports", f"t{n}", path=f"/v1/reports/{n}") for n in range(5)]
     keys.append(await store("reports", "t0", "u1", path="/v1/me"))
     keys.append(await store("reports", None, path="/v1/public"))
 
-    assert await invalidate_namespace("reports") == 7
+    assert await invalidate("reports") == 7
     assert await cached(*keys) == set()
 
 
-async def test_invalidating_one_tenant_leaves_the_others_cached(backend: CacheSettings) -> None:
+async def test_invalidating_one_tenant_leaves_the_others_cached(
+    backend: CacheSettings, invalidate: Callable[..., Awaitable[int]]
+) -> None:
     acme = await store("tenant_config", "acme")
     acme_list = await store("tenant_config", "acme", path="/v1/items")
     globex = await store("tenant_config", "globex")
     initech = await store("tenant_config", "initech")
 
-    assert await invalidate_namespace("tenant_config", tenant_id="acme") == 2
+    assert await invalidate("tenant_config", tenant_id="acme") == 2
     assert await cached(acme, acme_list, globex, initech) == {globex, initech}
 
 
 async def test_invalidating_one_user_leaves_the_tenants_other_users_and_shared_entries(
-    backend: CacheSettings,
+    backend: CacheSettings, invalidate: Callable[..., Awaitable[int]]
 ) -> None:
     alice = await store("profile", "acme", "alice", path="/v1/users/me")
     bob = await store("profile", "acme", "bob", path="/v1/users/me")
     acme_shared = await store("profile", "acme", path="/v1/users")
     other_alice = await store("profile", "globex", "alice", path="/v1/users/me")
 
-    assert await invalidate_namespace("profile", tenant_id="acme", user_id="alice") == 1
+    assert await invalidate("profile", tenant_id="acme", user_id="alice") == 1
     assert await cached(alice, bob, acme_shared, other_alice) == {bob, acme_shared, other_alice}
 
 
 async def test_invalidating_a_tenant_also_removes_its_users_entries(
-    backend: CacheSettings,
+    backend: CacheSettings, invalidate: Callable[..., Awaitable[int]]
 ) -> None:
     alice = await store("profile", "acme", "alice", path="/v1/users/me")
     acme_shared = await store("profile", "acme", path="/v1/users")
     globex_bob = await store("profile", "globex", "bob", path="/v1/users/me")
 
-    assert await invalidate_namespace("profile", tenant_id="acme") == 2
+    assert await invalidate("profile", tenant_id="acme") == 2
     assert await cached(alice, acme_shared, globex_bob) == {globex_bob}
 
 
-async def test_integer_ids_name_the_same_scope_as_their_text(backend: CacheSettings) -> None:
+async def test_integer_ids_name_the_same_scope_as_their_text(
+    backend: CacheSettings, invalidate: Callable[..., Awaitable[int]]
+) -> None:
     tenant_42 = await store("tenant_config", "42")
     user_7 = await store("profile", "42", "7")
 
-    assert await invalidate_namespace("profile", tenant_id=42, user_id=7) == 1
-    assert await invalidate_namespace("tenant_config", tenant_id=42) == 1
+    assert await invalidate("profile", tenant_id=42, user_id=7) == 1
+    assert await invalidate("tenant_config", tenant_id=42) == 1
     assert await cached(tenant_42, user_7) == set()
 
 
@@ -145,12 +150,14 @@ async def test_a_user_without_a_tenant_is_refused(backend: CacheSettings) -> Non
     assert await is_cached(kept)
 
 
-async def test_invalidating_what_is_not_cached_removes_nothing(backend: CacheSettings) -> None:
+async def test_invalidating_what_is_not_cached_removes_nothing(
+    backend: CacheSettings, invalidate: Callable[..., Awaitable[int]]
+) -> None:
     kept = await store("tenant_config", "acme")
 
-    assert await invalidate_namespace("never-used") == 0
-    assert await invalidate_namespace("tenant_config", tenant_id="nobody") == 0
-    assert await invalidate_namespace("tenant_config", tenant_id="acme", user_id="nobody") == 0
+    assert await invalidate("never-used") == 0
+    assert await invalidate("tenant_config", tenant_id="nobody") == 0
+    assert await invalidate("tenant_config", tenant_id="acme", user_id="nobody") == 0
     assert await is_cached(kept)
 
 
@@ -203,7 +210,9 @@ ODD_TEXTS = [
 
 
 @pytest.mark.parametrize("odd", ODD_TEXTS)
-async def test_an_odd_namespace_is_literal_text(backend: CacheSettings, odd: str) -> None:
+async def test_an_odd_namespace_is_literal_text(
+    backend: CacheSettings, odd: str, invalidate: Callable[..., Awaitable[int]]
+) -> None:
     odd_entries = [await store(odd, "t1"), await store(odd, None, path="/public")]
     neighbours = [
         await store("a", "t1"),
@@ -213,20 +222,22 @@ async def test_an_odd_namespace_is_literal_text(backend: CacheSettings, odd: str
         await store("plain", "t1"),
     ]
 
-    assert await invalidate_namespace(odd) == 2
+    assert await invalidate(odd) == 2
     assert await cached(*odd_entries, *neighbours) == set(neighbours)
 
 
 @pytest.mark.parametrize("odd", ODD_TEXTS)
-async def test_odd_tenant_and_user_ids_are_literal_text(backend: CacheSettings, odd: str) -> None:
+async def test_odd_tenant_and_user_ids_are_literal_text(
+    backend: CacheSettings, odd: str, invalidate: Callable[..., Awaitable[int]]
+) -> None:
     odd_tenant = await store("ns", odd)
     odd_user = await store("ns", "t1", odd)
     plain_tenant = await store("ns", "t1")
     other_user = await store("ns", "t1", "u1")
     near_tenant = await store("ns", f"{odd}x")
 
-    assert await invalidate_namespace("ns", tenant_id="t1", user_id=odd) == 1
-    assert await invalidate_namespace("ns", tenant_id=odd) == 1
+    assert await invalidate("ns", tenant_id="t1", user_id=odd) == 1
+    assert await invalidate("ns", tenant_id=odd) == 1
     assert await cached(odd_tenant, odd_user, plain_tenant, other_user, near_tenant) == {
         plain_tenant,
         other_user,
@@ -235,7 +246,7 @@ async def test_odd_tenant_and_user_ids_are_literal_text(backend: CacheSettings, 
 
 
 async def test_a_glob_namespace_beside_a_matching_one_takes_only_itself(
-    backend: CacheSettings,
+    backend: CacheSettings, invalidate: Callable[..., Awaitable[int]]
 ) -> None:
     star = await store("a*", "t1")
     ab = await store("ab", "t1")
@@ -243,9 +254,9 @@ async def test_a_glob_namespace_beside_a_matching_one_takes_only_itself(
     bracket = await store("[a]", "t1")
     a = await store("a", "t1")
 
-    assert await invalidate_namespace("a*") == 1
-    assert await invalidate_namespace("a?") == 1
-    assert await invalidate_namespace("[a]") == 1
+    assert await invalidate("a*") == 1
+    assert await invalidate("a?") == 1
+    assert await invalidate("[a]") == 1
     assert await cached(star, ab, question, bracket, a) == {ab, a}
 
 
@@ -278,13 +289,13 @@ async def client(backend: CacheSettings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def test_a_route_is_served_fresh_for_the_invalidated_tenant_only(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, invalidate: Callable[..., Awaitable[int]]
 ) -> None:
     acme_first = await client.get("/v1/tenant/config", headers={"x-test-tenant": "acme"})
     globex_first = await client.get("/v1/tenant/config", headers={"x-test-tenant": "globex"})
     assert acme_first.headers["x-fastapi-cache"] == "MISS"
 
-    assert await invalidate_namespace("tenant_config", tenant_id="acme") == 1
+    assert await invalidate("tenant_config", tenant_id="acme") == 1
 
     acme_again = await client.get("/v1/tenant/config", headers={"x-test-tenant": "acme"})
     globex_again = await client.get("/v1/tenant/config", headers={"x-test-tenant": "globex"})
@@ -325,7 +336,9 @@ async def all_keys(client: Redis) -> list[str]:
 
 
 async def test_two_prefixes_on_one_redis_never_see_or_invalidate_each_others_entries(
-    redis_url: str, make_settings: Callable[..., CacheSettings]
+    redis_url: str,
+    make_settings: Callable[..., CacheSettings],
+    invalidate: Callable[..., Awaitable[int]],
 ) -> None:
     await init_cache(make_settings(redis_url, CACHE_PREFIX="ib-cache"))
     ib_entries = [await store("tenant_config", "acme"), await store("tenant_config", None)]
@@ -333,13 +346,13 @@ async def test_two_prefixes_on_one_redis_never_see_or_invalidate_each_others_ent
         await init_cache(make_settings(redis_url, CACHE_PREFIX="am-cache"))
         am_acme = await store("tenant_config", "acme")
 
-        assert await invalidate_namespace("tenant_config") == 1
-        assert await invalidate_namespace("tenant_config", tenant_id="acme") == 0
+        assert await invalidate("tenant_config") == 1
+        assert await invalidate("tenant_config", tenant_id="acme") == 0
         assert not await is_cached(am_acme)
 
         await init_cache(make_settings(redis_url, CACHE_PREFIX="ib-cache"))
         assert await cached(*ib_entries) == set(ib_entries)
-        assert await invalidate_namespace("tenant_config") == 2
+        assert await invalidate("tenant_config") == 2
     finally:
         await close_cache()
 
@@ -393,7 +406,7 @@ async def test_invalidation_never_issues_keys_or_scan(
 
 
 async def test_invalidating_a_namespace_ignores_unrelated_keys(
-    on_redis: CacheSettings, redis_client: Redis
+    on_redis: CacheSettings, redis_client: Redis, invalidate: Callable[..., Awaitable[int]]
 ) -> None:
     await redis_client.execute_command("DEBUG", "POPULATE", 20_000, "unrelated")
     await redis_client.set("test-cache-other:reports:tenant_t1:/v1/r:x", b"similar prefix")
@@ -401,7 +414,7 @@ async def test_invalidating_a_namespace_ignores_unrelated_keys(
     before = await redis_client.dbsize()
     await redis_client.config_resetstat()
 
-    assert await invalidate_namespace("reports") == 100
+    assert await invalidate("reports") == 100
 
     stats = await redis_client.info("commandstats")
     assert "cmdstat_keys" not in stats
@@ -414,13 +427,13 @@ async def test_invalidating_a_namespace_ignores_unrelated_keys(
 
 
 async def test_every_index_key_expires_by_itself(
-    on_redis: CacheSettings, redis_client: Redis
+    on_redis: CacheSettings, redis_client: Redis, invalidate: Callable[..., Awaitable[int]]
 ) -> None:
     for n in range(20):
         await store("tenant_config", f"t{n % 4}", path=f"/v1/r/{n}", ttl=30 + n)
         await store("profile", f"t{n % 4}", f"u{n}", path="/v1/me", ttl=30)
     await store("tenant_config", None, ttl=30)
-    await invalidate_namespace("profile", tenant_id="t0")
+    await invalidate("profile", tenant_id="t0")
 
     helper_keys = [key for key in await all_keys(redis_client) if "#" in key]
 
@@ -460,7 +473,9 @@ async def test_expired_entries_leave_no_index_garbage_behind(
 
 
 async def test_a_short_lived_entry_does_not_hide_a_long_lived_one_from_invalidation(
-    on_redis: CacheSettings, monkeypatch: pytest.MonkeyPatch
+    on_redis: CacheSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    invalidate: Callable[..., Awaitable[int]],
 ) -> None:
     monkeypatch.setattr(redis_backend, "INDEX_GRACE_MS", 200)
     long_lived = await store("tenant_config", "acme", path="/v1/config", ttl=3_600)
@@ -470,7 +485,7 @@ async def test_a_short_lived_entry_does_not_hide_a_long_lived_one_from_invalidat
     await store("tenant_config", "globex")  # another write to the namespace prunes its indexes
 
     assert await is_cached(long_lived)
-    assert await invalidate_namespace("tenant_config") == 2
+    assert await invalidate("tenant_config") == 2
     assert not await is_cached(long_lived)
 
 
@@ -498,3 +513,53 @@ async def test_an_entry_written_during_an_invalidation_is_found_by_the_next_one(
     assert await redis_client.get(written_meanwhile) == b"new"
     assert await redis_store.invalidate(InvalidationTarget("tenant_config")) == 1
     assert await redis_client.get(written_meanwhile) is None
+
+
+# -- the caller waits for the generation, not for the removal ------------------------------------
+
+
+async def many_entries(namespace: str, tenants: int) -> list[ScopedKey]:
+    """Two entries for each of ``tenants`` tenants: a removal of many index leaves."""
+    return [
+        await store(namespace, f"t{n}", path=f"/v1/r/{copy}")
+        for n in range(tenants)
+        for copy in (1, 2)
+    ]
+
+
+async def test_an_invalidation_returns_before_its_old_entries_are_removed_and_none_is_served(
+    on_redis: CacheSettings, redis_client: Redis
+) -> None:
+    keys = await many_entries("reports", 50)
+
+    await invalidate_namespace("reports")
+
+    # The old entries, which only cost memory now, are removed after it returned ...
+    assert await redis_client.exists(*keys) > 0
+    assert cache_status().removals_pending == 1
+    # ... and it holds at once: none of them is served meanwhile.
+    assert not await is_cached(keys[-1])
+    await layer().background_removals_settled()
+    assert await cached(*keys) == set()
+    assert await redis_client.exists(*keys) == 0
+    assert cache_status().removals_pending == 0
+
+
+async def test_close_cache_does_not_wait_for_a_removal_that_cannot_progress(
+    on_redis: CacheSettings, redis_client: Redis, invalidate: Callable[..., Awaitable[int]]
+) -> None:
+    keys = await many_entries("reports", 50)
+    await invalidate_namespace("reports")
+    # Writes held: the removal's next page cannot be applied.
+    await redis_client.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+    try:
+        await asyncio.wait_for(close_cache(), 3)
+    finally:
+        await redis_client.execute_command("CLIENT", "UNPAUSE")
+
+    # What the cancelled removal left is still indexed: the next invalidation finds it.
+    left = await redis_client.exists(*keys)
+    assert left > 0
+    await init_cache(on_redis)
+    assert await invalidate("reports") == left
+    assert await redis_client.exists(*keys) == 0

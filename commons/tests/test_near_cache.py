@@ -281,6 +281,13 @@ async def proxied_store(
             await redis_store.aclose()
 
 
+async def another_process_updates(store: RedisStore, outside: Redis) -> None:
+    """What another replica's update does in Redis: its invalidation retires the scope's
+    generation, then a fill stores the new value, v2."""
+    await outside.delete(store.generation_keys(SCOPE)[-1])
+    await outside.set(KEY, b"v2", keepttl=True)
+
+
 async def answers_after(store: RedisStore, changed_at: float, seconds: float) -> list[tuple]:
     """Reads KEY for ``seconds``: (seconds since ``changed_at``, value, from memory) of each
     answer; a read that fails (a connection being replaced) answers nothing."""
@@ -306,13 +313,30 @@ async def test_a_read_connection_dropped_silently_is_answered_from_no_longer_tha
     await filled(store, recorder)
     (reader,) = proxy.connections_that_sent(b"TRACKING")
     reader.sever_silently()
-    await outside.set(KEY, b"v2", keepttl=True)
+    await another_process_updates(store, outside)
     changed_at = time.monotonic()
 
     answers = await answers_after(store, changed_at, MAX_AGE + 2.0)
 
     assert any(value == b"v1" for _, value, _ in answers), "the fault fooled tracking"
     assert [at for at, value, _ in answers if value == b"v1"][-1] < MAX_AGE
+    assert answers[-1][1] == b"v2"
+
+
+async def test_an_entry_rewritten_outside_a_fill_is_answered_no_longer_than_the_maximum_age(
+    proxied_store: tuple[RedisStore, LoopbackProxy], recorder: Recorder, outside: Redis
+) -> None:
+    """Only generations are tracked: an entry written over by something else than a fill under
+    the same generations (an operator's SET) is not announced. What was read is answered at most
+    MAX_AGE after it was read, then the new bytes."""
+    store, _ = proxied_store
+    await filled(store, recorder)
+    await outside.set(KEY, b"v2", keepttl=True)
+    changed_at = time.monotonic()
+
+    answers = await answers_after(store, changed_at, MAX_AGE + 1.0)
+
+    assert all(at < MAX_AGE for at, value, _ in answers if value == b"v1")
     assert answers[-1][1] == b"v2"
 
 
@@ -390,7 +414,7 @@ async def test_a_subscribed_connection_whose_delay_grows_slowly_is_caught_as_sil
         subscriber.delay_replies(0.15 * step)
         await asyncio.sleep(0.25)
     await store.read(KEY, SCOPE)  # held again, on whichever session is current
-    await outside.set(KEY, b"v2", keepttl=True)
+    await another_process_updates(store, outside)
     changed_at = time.monotonic()
 
     answers = await answers_after(store, changed_at, 2.5)
@@ -692,3 +716,45 @@ async def test_near_cache_metrics_count_hits_messages_and_flushes(
         )
     finally:
         await store.aclose()
+
+
+# -- what tracking costs Redis -------------------------------------------------------------------
+
+
+async def read_twice(store: RedisStore, recorder: Recorder, keys: int) -> int:
+    """Writes ``keys`` entries of SCOPE and reads each twice; the near hits of the second pass."""
+    generation = await store.generation(SCOPE)
+    for n in range(keys):
+        assert await store.write(f"{KEY}/{n}", b"v", 60, SCOPE, generation)
+        await store.read(f"{KEY}/{n}", SCOPE)
+    hits = recorder.near_hits
+    for n in range(keys):
+        assert (await store.read(f"{KEY}/{n}", SCOPE)).value == b"v"
+    return recorder.near_hits - hits
+
+
+async def test_redis_remembers_no_key_the_near_cache_read(
+    store: RedisStore, recorder: Recorder, outside: Redis
+) -> None:
+    """Only the generation keys' prefix is tracked (broadcast): Redis keeps no table of the keys
+    each process read, which would grow with every key read and outlive the processes that read
+    them (redis/redis#9231), and the near cache still answers every entry it holds."""
+    assert await read_twice(store, recorder, 200) == 200
+
+    stats = await outside.info("stats")
+    assert stats["tracking_total_items"] == 0
+    assert stats["tracking_total_keys"] == 0
+    assert stats["tracking_total_prefixes"] == 1
+
+
+async def test_a_tracking_table_smaller_than_the_working_set_costs_the_near_cache_nothing(
+    store: RedisStore, recorder: Recorder, outside: Redis
+) -> None:
+    """``tracking-table-max-keys`` below the keys read: Redis would evict tracked keys by
+    announcing them (the generations every entry depends on among them); with nothing tracked
+    per key, nothing is evicted and nothing announced."""
+    await outside.config_set("tracking-table-max-keys", 10)
+    messages = recorder.messages
+
+    assert await read_twice(store, recorder, 200) == 200
+    assert recorder.messages == messages

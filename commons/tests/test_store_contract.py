@@ -184,6 +184,25 @@ async def test_invalidating_a_namespace_removes_its_entries_only(
     assert await surviving(store, entries) == {"config-t1"}
 
 
+async def test_an_invalidation_holds_when_it_returns_and_its_removal_may_come_after(
+    store: CacheStore, entries: dict[str, str]
+) -> None:
+    """``invalidate_effective``, the layer's way: once it returns nothing of the target is
+    served (gone, or under a generation that is no longer the scope's); the removal it hands
+    back, which the layer runs in the background, removes the rest."""
+    scope = CacheScope("tenant", "t1")
+    before = await store.generation(scope)
+
+    removed, removal = await store.invalidate_effective(InvalidationTarget("tenant", "t1"))
+
+    read = await store.read(entries["t1"], scope)
+    assert read.value is None or read.generation != before
+    if removal is not None:
+        removed += await removal()
+    assert removed == 4
+    assert await surviving(store, entries) == {"t2", "t2-u1", "unscoped", "config-t1"}
+
+
 async def test_invalidating_a_tenant_removes_its_own_and_its_users_entries(
     store: CacheStore, entries: dict[str, str]
 ) -> None:

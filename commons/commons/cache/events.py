@@ -44,7 +44,15 @@ class CacheEvents:
         (``stale_if_error``); the request was counted once already, as a miss."""
 
     def invalidated(self, namespace: str, removed: int) -> None:
-        """An invalidation of ``namespace`` removed ``removed`` entries."""
+        """An invalidation of ``namespace`` returned, having removed ``removed`` entries (the
+        in-memory tier's; Redis' follow in :meth:`removed_in_background`)."""
+
+    def removed_in_background(self, namespace: str, removed: int) -> None:
+        """The background removal of an invalidation's old entries in ``namespace`` ended,
+        having removed ``removed`` entries."""
+
+    def removals_pending(self, count: int) -> None:
+        """``count`` background removals of invalidated entries are waiting or running."""
 
     def start_flush_kept(self) -> None:
         """The process started while Redis did not answer, without an invalidation journal: a

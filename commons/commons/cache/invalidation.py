@@ -29,9 +29,13 @@ async def invalidate_namespace(
         tenant_id: Only this tenant's entries (including its users' entries).
         user_id: Only this user's entries; needs ``tenant_id``.
 
+    It returns once the invalidation holds: on Redis, once the scope's generation is retired
+    (one command, whatever the number of entries); the old entries, which are never served
+    again, are removed from Redis afterwards in the background (``background_removal.py``).
+
     Returns:
-        The number of entries removed, where the backend can tell (entries kept for a Redis that
-        is unreachable right now are not counted).
+        The number of entries removed before it returned: the in-memory tier's (Redis' are
+        counted in ``commons_cache_invalidated_entries_total`` once removed).
 
     Raises:
         ValueError: ``user_id`` without ``tenant_id``, or a namespace holding ``:`` (no route

@@ -193,6 +193,11 @@ class Keyspace:
         """The ``SCAN MATCH`` pattern of every key of the prefix, entries and helpers alike."""
         return f"{glob_escape(self.prefix)}:*"
 
+    def generation_prefixes(self) -> tuple[str, ...]:
+        """What every generation key starts with, and no other key of the prefix: what a near
+        cache asks Redis to announce changes of (broadcast tracking)."""
+        return (self._gen,)
+
     def generation_keys(self, scope: CacheScope) -> list[str]:
         """The keys holding the generations an entry of ``scope`` depends on, widest first.
 

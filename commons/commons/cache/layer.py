@@ -87,6 +87,7 @@ from typing import Any, NamedTuple
 
 from commons.cache.backends.base import CacheStore, LocalStore, ReplicaLocks, StoredRead
 from commons.cache.backends.factory import memory_store
+from commons.cache.background_removal import BackgroundRemovals
 from commons.cache.entry import (
     ParsedValue,
     expected_head,
@@ -223,6 +224,11 @@ class CacheLayer:
         self._recovery_task: asyncio.Task[None] | None = None
         # Removals on their way to Redis, which outlive a cancelled caller (see _on_redis).
         self._removals: set[asyncio.Task[int]] = set()
+        # Old entries of invalidations that already hold, removed after they returned.
+        self._background = BackgroundRemovals(
+            on_removed=self.events.removed_in_background,
+            on_pending=self.events.removals_pending,
+        )
         self._generations_asked: dict[CacheScope, asyncio.Future[bytes]] = {}
         # The last value parsed under each key, with the fingerprint and generation it was
         # checked against (see _validated).
@@ -334,6 +340,8 @@ class CacheLayer:
         # Each ends within the Redis timeouts; cut short, one could be neither applied nor kept
         # (a process shutting down still owes Redis the invalidations it acknowledged).
         await self.removals_settled()
+        # Unlike the invalidations above, these only free memory: cancelled, not waited for.
+        await self._background.aclose()
         if self._journal is not None:
             # What is still kept stays on disk for the next process.
             await self._journal.aclose()
@@ -346,6 +354,11 @@ class CacheLayer:
         given up) has been applied to Redis or kept for it."""
         while self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
+
+    async def background_removals_settled(self) -> None:
+        """Returns once the removals of invalidated entries that run after their invalidations
+        returned have ended (tests and benchmarks; see ``background_removal.py``)."""
+        await self._background.wait()
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -365,6 +378,7 @@ class CacheLayer:
             redis_configured=self._redis is not None,
             pending_invalidations=len(self._pending),
             memory_entries=len(self._memory),
+            removals_pending=self._background.pending,
         )
 
     def _transition(self, state: CacheState, reason: str) -> None:
@@ -655,20 +669,29 @@ class CacheLayer:
         )
 
     async def invalidate(self, target: InvalidationTarget) -> int:
-        """Removes the target's entries; returns how many were removed where that is known.
+        """Makes the invalidation of the target hold; returns how many entries were removed
+        before it returned (the in-memory tier's).
 
+        On Redis it returns once the target's generation is retired; the entries, which can no
+        longer be served, are removed afterwards in the background (``background_removal.py``).
         When Redis cannot be reached the invalidation is kept and applied before Redis is read
-        again (the returned count then covers the in-memory tier only).
+        again.
         """
         removed = await self._remove(
             target.namespace,
-            lambda store: store.invalidate(target),
+            lambda store: self._invalidate_on(store, target),
             target,
             operation="invalidate",
             what="an invalidation",
         )
         if self.enabled:
             self.events.invalidated(target.namespace, removed)
+        return removed
+
+    async def _invalidate_on(self, store: CacheStore, target: InvalidationTarget) -> int:
+        removed, removal = await store.invalidate_effective(target)
+        if removal is not None:
+            self._background.start(target, target.namespace, removal)
         return removed
 
     async def clear(self) -> int:

@@ -21,7 +21,10 @@ Series (all prefixed ``commons_cache_``):
 - ``backend_errors_total{namespace,operation}``: failed backend operations that the layer absorbed
   (``get``, ``set``, ``delete``, ``invalidate``, ``lock``, ``unlock``).
 - ``invalidations_total{namespace}`` and ``invalidated_entries_total{namespace}``: calls of
-  ``invalidate_namespace()`` and the entries they removed.
+  ``invalidate_namespace()`` and the entries they removed (on Redis, removed in the background
+  after the call returned, counted when each removal ends).
+- ``removals_pending``: background removals of invalidated entries waiting or running (their
+  invalidations already hold; see ``background_removal.py``).
 - ``backend_state{state}``: 1 for the current state (``redis``, ``memory``, ``degraded``,
   ``disabled``), 0 for the others.
 - ``operation_duration_seconds{namespace,operation}``: a histogram of the time reads (``get``)
@@ -349,6 +352,7 @@ class _Collectors:
     start_flushes: Counter
     near_invalidations: Counter
     near_flushes: Counter
+    removals_pending: Gauge
 
 
 @functools.cache
@@ -419,6 +423,12 @@ def _collectors(registry: CollectorRegistry) -> _Collectors:
             ["reason"],
             registry=registry,
         ),
+        removals_pending=Gauge(
+            "commons_cache_removals_pending",
+            "Background removals of invalidated entries waiting or running.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        ),
     )
 
 
@@ -446,6 +456,12 @@ class PrometheusEvents(CacheEvents):
     def invalidated(self, namespace: str, removed: int) -> None:
         self._metrics.invalidations.labels(namespace=namespace).inc()
         self._metrics.invalidated_entries.labels(namespace=namespace).inc(max(removed, 0))
+
+    def removed_in_background(self, namespace: str, removed: int) -> None:
+        self._metrics.invalidated_entries.labels(namespace=namespace).inc(max(removed, 0))
+
+    def removals_pending(self, count: int) -> None:
+        self._metrics.removals_pending.set(count)
 
     def rejected_entry(self, namespace: str, reason: str) -> None:
         self._metrics.rejected_entries.labels(namespace=namespace, reason=reason).inc()

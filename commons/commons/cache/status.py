@@ -34,6 +34,8 @@ class CacheStatus:
         pending_invalidations: Invalidations made during an outage, applied to Redis before it is
             read again.
         memory_entries: Entries held by the in-memory tier.
+        removals_pending: Removals of invalidated entries still waiting or running in the
+            background (the invalidations themselves already hold).
     """
 
     backend: str
@@ -42,3 +44,4 @@ class CacheStatus:
     redis_configured: bool
     pending_invalidations: int = 0
     memory_entries: int = 0
+    removals_pending: int = 0

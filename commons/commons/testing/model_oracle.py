@@ -153,14 +153,18 @@ class Fault:
     #: When every replica was seen back on Redis with nothing pending, if the driver waited
     #: for it: no outage excuse outlives that (each dropped its memory tier on the way back).
     healed: float | None = None
+    #: How long after its end this fault excuses old reads, when not :attr:`Bounds.window_seconds`
+    #: (a network fault's: what the README promises after it, e.g. the near cache's maximum age).
+    window: float | None = None
 
     @property
     def may_degrade(self) -> bool:
         return self.degrades is not False
 
     def window_end(self, window: float) -> float:
-        """The last moment a read may start and be excused by this fault."""
-        end = self.ended + window
+        """The last moment a read may start and be excused by this fault (``window``: the
+        bounds' window, used unless the fault has its own)."""
+        end = self.ended + (window if self.window is None else self.window)
         return end if self.healed is None else min(end, self.healed)
 
     def describe(self, origin: float) -> str:

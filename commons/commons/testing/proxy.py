@@ -10,6 +10,10 @@ accepted connection to the server; each :class:`ProxiedConnection` can then be:
   client go), the client's side stays open and hears nothing more; what it sends goes nowhere.
 - :meth:`~ProxiedConnection.delay_replies`: every byte from the server reaches the client that
   much later (in order).
+- :meth:`~ProxiedConnection.black_hole`: one direction's bytes are dropped, nobody is told (a
+  one-way partition); the other direction still flows.
+- :meth:`~ProxiedConnection.close`: both sides closed, both ends told (what ends a fault: a NAT
+  that finally resets the connection).
 
 Connections are told apart by what the client sent (:attr:`ProxiedConnection.sent`): the near
 cache's read connection starts with ``CLIENT TRACKING``, its subscribed one sends ``SUBSCRIBE``.
@@ -44,6 +48,8 @@ class ProxiedConnection:
     sent: bytearray = field(default_factory=bytearray)
     severed: bool = False
     reply_delay: float = 0.0
+    #: What :meth:`black_hole` drops: ``"to_server"``, ``"to_client"`` or ``None``.
+    dropped: str | None = None
 
     def sever_silently(self) -> None:
         """Closes the server's side only: the client is told nothing, ever."""
@@ -52,6 +58,34 @@ class ProxiedConnection:
     def delay_replies(self, seconds: float) -> None:
         """From now on, what the server sends reaches the client ``seconds`` later."""
         self.reply_delay = seconds
+
+    def black_hole(self, direction: str) -> None:
+        """From now on the bytes going ``direction`` (``"to_server"``: the client's commands,
+        ``"to_client"``: the server's replies) are dropped; neither end is told."""
+        if direction not in ("to_server", "to_client"):
+            raise ValueError(f"unknown direction {direction!r}")
+        self.dropped = direction
+
+    @property
+    def open(self) -> bool:
+        """Whether both sides are still open (neither end closed it, no fault closed it)."""
+        return not (
+            self.severed or self._client_writer.is_closing() or self._server_writer.is_closing()
+        )
+
+    @property
+    def faulty(self) -> bool:
+        """Whether a fault is on: severed, black-holed or delayed."""
+        return self.severed or self.dropped is not None or self.reply_delay > 0
+
+    def close(self) -> None:
+        """Closes both sides: the client and the server both see the connection end."""
+        self._proxy.call(self._close)
+
+    def _close(self) -> None:
+        self.severed = True
+        self._client_writer.close()
+        self._server_writer.close()
 
     def _sever(self) -> None:
         self.severed = True
@@ -169,7 +203,7 @@ class LoopbackProxy:
         while data := await reader.read(65536):
             if len(connection.sent) < _SENT_KEPT_BYTES:
                 connection.sent += data[: _SENT_KEPT_BYTES - len(connection.sent)]
-            if connection.severed:
+            if connection.severed or connection.dropped == "to_server":
                 continue  # the client's bytes go nowhere
             writer.write(data)
             await writer.drain()
@@ -199,6 +233,8 @@ class LoopbackProxy:
                 if not data:
                     writer.close()  # the server closed: the client hears it
                     return
+                if connection.dropped == "to_client":
+                    continue
                 wait = arrived + connection.reply_delay - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)

@@ -9,6 +9,10 @@ default, which ``make test`` runs, each for a bounded time):
 - ``sentinel``: a master, its replica and one Sentinel (:class:`LocalSentinel`); the replicas get
   ``REDIS_SENTINELS`` and ``REDIS_SENTINEL_MASTER``.
 
+On one server, each replica reaches Redis through a loopback proxy of its own
+(:class:`LoopbackProxy`), so that the driver can fault one connection of one replica: severed
+silently, black-holed one way, delayed (:meth:`World.connections`).
+
 Each replica keeps its invalidation journal (``CACHE_INVALIDATION_JOURNAL``) in a directory of its
 own, which a replica killed and started again takes back.
 
@@ -37,6 +41,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ReadOnlyError
 
 from commons.testing.model_oracle import Bounds, WindowLog
+from commons.testing.proxy import LoopbackProxy, ProxiedConnection
 from commons.testing.redis_cluster import LocalRedisCluster, bulk_text, info_field
 from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import (
@@ -54,6 +59,9 @@ SOCKET_TIMEOUT_SECONDS = 0.2
 CONNECT_TIMEOUT_SECONDS = 0.2
 RECOVERY_INTERVAL_SECONDS = 0.3
 DEGRADED_TTL_SECONDS = 2
+#: The near cache's maximum age (CACHE_NEAR_CACHE_MAX_AGE_SECONDS): what bounds an old answer
+#: after a network fault that fools tracking.
+NEAR_CACHE_MAX_AGE_SECONDS = 1.0
 TTL_SECONDS = 30
 REPLICA_NAMES = ("A", "B")
 #: Redis's eviction policy when no fault is on (redis-server's default).
@@ -110,6 +118,7 @@ def replica_env(redis_env: dict[str, str], db_path: Path, name: str) -> dict[str
             "REDIS_CONNECT_TIMEOUT_SECONDS": str(CONNECT_TIMEOUT_SECONDS),
             "CACHE_RECOVERY_INTERVAL_SECONDS": str(RECOVERY_INTERVAL_SECONDS),
             "CACHE_DEGRADED_TTL_SECONDS": str(DEGRADED_TTL_SECONDS),
+            "CACHE_NEAR_CACHE_MAX_AGE_SECONDS": str(NEAR_CACHE_MAX_AGE_SECONDS),
             "MODEL_CHECK_DB": str(db_path),
             "MODEL_CHECK_REPLICA": name,
             "PYTHONDONTWRITEBYTECODE": "1",
@@ -199,10 +208,13 @@ class World:
     prefix: str = PREFIX
     bounds: Bounds = BOUNDS
     max_delay_ms: int = MAX_DELAY_MS
+    near_cache_max_age: float = NEAR_CACHE_MAX_AGE_SECONDS
     redis: RedisServer = field(default_factory=RedisServer)
     cluster: LocalRedisCluster | None = None
     sentinel: LocalSentinel | None = None
     replicas: list[Replica] = field(default_factory=list)
+    #: On one server, each replica's proxy to it, by replica name.
+    proxies: dict[str, LoopbackProxy] = field(default_factory=dict)
     paused: bool = False
     sentinels_paused: bool = False
     down: bool = False
@@ -218,6 +230,9 @@ class World:
             journal = self.workdir / f"journal-{name}"
             journal.mkdir()
             env = replica_env(redis_env, db_path, name)
+            if self.topology == "single":
+                proxy = self.proxies[name] = LoopbackProxy(self.redis.port).start()
+                env["REDIS_URL"] = proxy.url
             env["CACHE_INVALIDATION_JOURNAL"] = str(journal)
             self.replicas.append(Replica.launch(name, env, self.workdir))
         for replica in self.replicas:
@@ -281,6 +296,8 @@ class World:
             self.cluster.stop()
         if self.sentinel is not None:
             self.sentinel.stop()
+        for proxy in self.proxies.values():
+            proxy.stop()
         self.redis.stop()
 
     def check_alive(self) -> None:
@@ -310,6 +327,30 @@ class World:
     def node_admin(node: RedisServer) -> Redis:
         """A plain client of one node."""
         return Redis(host=node.host, port=node.port, socket_timeout=5, socket_connect_timeout=5)
+
+    def connections(self, replica: Replica, role: str) -> list[ProxiedConnection]:
+        """On one server, the replica's open connections of ``role``: ``reader`` (the pipelined
+        hits, which start with ``CLIENT TRACKING``), ``subscriber`` (the near cache's
+        invalidations) or ``pool`` (redis-py's: writes, invalidations, locks)."""
+        markers = {"reader": b"TRACKING", "subscriber": b"SUBSCRIBE"}
+        found = []
+        for connection in list(self.proxies[replica.name].connections):
+            if not connection.open:
+                continue
+            marker = markers.get(role)
+            if marker is None:
+                if not any(m in connection.sent for m in markers.values()):
+                    found.append(connection)
+            elif marker in connection.sent:
+                found.append(connection)
+        return found
+
+    def end_network_faults(self) -> None:
+        """Every connection with a fault on closed, on both sides (the replica reconnects)."""
+        for proxy in self.proxies.values():
+            for connection in list(proxy.connections):
+                if connection.faulty:
+                    connection.close()
 
     def pause(self) -> None:
         """SIGSTOP on every data node: the whole topology black-holed."""
@@ -485,6 +526,7 @@ class World:
         Redis with nothing pending."""
         self.check_alive()
         self.resume()
+        await asyncio.to_thread(self.end_network_faults)
         await self.restart()
         if self.topology != "single":
             await self.rejoin()

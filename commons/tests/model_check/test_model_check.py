@@ -86,6 +86,7 @@ from commons.testing.model_oracle import (
     WindowLog,
     WrongResource,
 )
+from commons.testing.proxy import ProxiedConnection
 from commons.testing.redis_cluster import LocalRedisCluster, bulk_text, info_field
 from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import RedisServer
@@ -114,6 +115,14 @@ VERBOSE = os.environ.get("MODEL_CHECK_VERBOSE", "") not in ("", "0")
 
 #: In a race, how long the read that may join the slow computation goes ahead of the others.
 REJOIN_HEAD_START_SECONDS = 0.015
+
+#: A replica's connections the network faults pick from (``World.connections``).
+CONNECTION_ROLES = ("reader", "subscriber", "pool")
+NETWORK_FAULTS = ("sever", "black_hole_to_server", "black_hole_to_client", "delay")
+#: After a read connection severed silently, how long past the near cache's maximum age an old
+#: answer is excused: a read that times out on it, the breaker it may open and the probe that
+#: closes it, on a loaded machine.
+SEVERED_READER_SLACK_SECONDS = 1.5
 
 #: The order in which the kinds of violation a step found are reported.
 #: A stale HIT comes before a stale MISS: the entry it comes from is served again until its TTL.
@@ -533,8 +542,9 @@ class Requests(RuleBasedStateMachine):
         detail: str,
         degrades: bool | None = None,
         healed: float | None = None,
+        window: float | None = None,
     ) -> None:
-        self.model.add_fault(Fault(kind, started, ended, outage, detail, degrades, healed))
+        self.model.add_fault(Fault(kind, started, ended, outage, detail, degrades, healed, window))
 
     # -- rules: requests ---------------------------------------------------------------------------
 
@@ -744,6 +754,71 @@ class RequestsAndFaults(FaultsOnEveryTopology):
         self._fault("memory", started, time.monotonic(), False, f"{evicted} keys evicted")
         return answers
 
+    # -- rules: faults of the network between one replica and Redis ----------------------------
+
+    @rule(
+        replica=replicas,
+        role=st.sampled_from(CONNECTION_ROLES),
+        fault=st.sampled_from(NETWORK_FAULTS),
+        hold_ms=st.integers(0, 1500),
+        plan=timed(1500),
+    )
+    def network_fault(
+        self, replica: int, role: str, fault: str, hold_ms: int, plan: list[At]
+    ) -> None:
+        """One connection of one replica, through its proxy: ``sever`` (the server's side
+        closed, the replica told nothing, ever: a NAT's idle timeout), ``black_hole_to_server``
+        or ``black_hole_to_client`` (one direction's bytes dropped, nobody told), ``delay``
+        (the server's bytes reach the replica ``hold_ms`` late); requests run; after
+        ``hold_ms`` a black hole or a delay ends by closing the connection (a NAT that finally
+        resets it), a severed one is left as it is."""
+        self._step(lambda: self._network_fault(replica, role, fault, hold_ms, plan))
+
+    async def _network_fault(
+        self, replica: int, role: str, fault: str, hold_ms: int, plan: list[At]
+    ) -> list[Answer]:
+        victim = self.world.replicas[replica]
+        connections = self.world.connections(victim, role)
+        started = time.monotonic()
+        if connections:
+            _inject(connections[-1], fault, hold_ms)
+        running = asyncio.ensure_future(self._schedule(plan))
+        try:
+            await asyncio.sleep(hold_ms / 1000)
+        finally:
+            if connections and fault != "sever":
+                await asyncio.to_thread(connections[-1].close)
+            ended = time.monotonic()
+            answers = await running
+        detail = f"{role} of {victim.name}" if connections else f"no {role} of {victim.name}"
+        # The subscribed connection's faults degrade nothing: the near cache empties itself
+        # within its silence limit, and answers nothing older than its maximum age.
+        subscriber = role == "subscriber"
+        window = self.world.near_cache_max_age + 1.0 if subscriber else None
+        severed_reader = bool(connections) and fault == "sever" and role == "reader"
+        if severed_reader:
+            # Nothing ever tells the replica: what its near cache holds is bounded by the
+            # maximum age from the sever on (a timed-out read may open its breaker meanwhile,
+            # which the probe closes within a recovery interval), not by an outage's window.
+            ended = started
+            window = self.world.near_cache_max_age + SEVERED_READER_SLACK_SECONDS
+        self._fault(
+            f"net_{fault}",
+            started,
+            ended,
+            True,
+            detail,
+            False if subscriber else None,
+            None,
+            window,
+        )
+        if severed_reader and window is not None:
+            # Past that bound, the plan's reads again on the severed replica: none may be old.
+            await asyncio.sleep(max(0.0, started + window + 0.05 - time.monotonic()))
+            late = [replace(at.op, replica=replica) for at in plan if isinstance(at.op, Get)]
+            answers += list(await asyncio.gather(*map(self._send, late)))
+        return answers
+
     @rule(plan=timed(100, max_size=3))
     def delete_helper_keys(self, plan: list[At]) -> None:
         """Every helper key of the prefix (index, registries, locks) deleted; then requests."""
@@ -796,6 +871,15 @@ class RequestsAndFaults(FaultsOnEveryTopology):
         _, _, rid = self._names(target)
         body.update({"rid": rid, "q": QUERIES[target.q], "version": 0, "by": "A"})
         return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _inject(connection: ProxiedConnection, fault: str, hold_ms: int) -> None:
+    if fault == "sever":
+        connection.sever_silently()
+    elif fault == "delay":
+        connection.delay_replies(hold_ms / 1000)
+    else:
+        connection.black_hole(fault.removeprefix("black_hole_"))
 
 
 def _item_read(put: Put, replica: int) -> Get:

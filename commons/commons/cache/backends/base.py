@@ -31,7 +31,7 @@ generations: ``uses_generations`` is false and it reports ``None``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from commons.cache.scope import CacheScope, InvalidationTarget
@@ -91,6 +91,15 @@ class CacheStore(ABC):
     @abstractmethod
     async def invalidate(self, target: InvalidationTarget) -> int:
         """Removes every entry under ``target``; returns how many entries were removed."""
+
+    async def invalidate_effective(
+        self, target: InvalidationTarget
+    ) -> tuple[int, Callable[[], Awaitable[int]] | None]:
+        """Makes the invalidation of ``target`` hold, and returns how many entries were removed
+        so far and what is left to do afterwards: the removal of entries that can no longer be
+        served, which only frees memory (``None``: nothing left). By default, all of
+        :meth:`invalidate` at once."""
+        return await self.invalidate(target), None
 
     @abstractmethod
     async def clear(self) -> int:

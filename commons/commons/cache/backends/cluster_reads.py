@@ -21,16 +21,18 @@ between shows as another generation, a miss.
 
 The near cache, per primary
 ---------------------------
-Redis tracks the keys a connection read on the server that connection is open to, and can only
-redirect its messages to a connection on that same server. So each primary gets its own
+Redis announces the changes of the keys a connection tracks (the generations' prefix, see
+``near.py``) on the server that connection is open to, and can only redirect its messages to a
+connection on that same server. So each primary gets its own
 :class:`~commons.cache.backends.near.NearCache` (its subscribed connection, its sessions), with
 ``1/n`` of the configured bounds for ``n`` primaries. An entry is kept by its slot's primary's
 near cache, its generations by their namespace slot's primary's, and the entry holds on to those
 generations: whatever drops one of them (a message, a lost or silent connection on that other
 primary) makes the entry miss. A hit is answered only while the generations' primary's session is
 confirmed too. A ``MOVED`` or ``ASK`` from a primary empties its near cache (reason ``moved``): it
-no longer serves a slot it may hold keys of. A slot migrated away deletes its keys on the old
-owner, which announces them like any deletion; a primary demoted by a failover keeps announcing
+no longer serves a slot it may hold keys of. A generation's slot migrated away deletes it on
+the old owner, which announces it like any deletion (an entry's slot migrated away leaves the
+entry right: it still holds on to its generations); a primary demoted by a failover keeps announcing
 what the replication stream changes, and an invalidation is confirmed by a replica before it
 returns (``WAIT``), so its message is on its way when it does.
 """
@@ -117,6 +119,8 @@ class ClusterReads:
         max_pending: Reads that may wait on one primary at once.
         near_cache: The configured near cache, whose events and bounds the primaries' near
             caches share (``None``: reads are not kept).
+        tracked_prefixes: The prefixes of the keys whose changes the near caches hear of (the
+            generation keys', see ``near.py``).
     """
 
     def __init__(
@@ -127,8 +131,10 @@ class ClusterReads:
         timeout: float,
         max_pending: int,
         near_cache: NearCache | None = None,
+        tracked_prefixes: tuple[str, ...] = (),
     ) -> None:
         self._client = client
+        self._tracked_prefixes = tracked_prefixes
         self._generation_keys = generation_keys
         self._timeout = timeout
         self._max_pending = max_pending
@@ -320,7 +326,9 @@ class ClusterReads:
             opener, timeout=self._timeout, max_pending=self._max_pending, tracking=near
         )
         if near is not None:
-            near.attach(opener, reader, timeout=self._timeout)
+            near.attach(
+                opener, reader, timeout=self._timeout, tracked_prefixes=self._tracked_prefixes
+            )
         primary = self._primaries[node.name] = _Primary(reader, near)
         return primary
 

@@ -8,12 +8,26 @@ generations are all held (and the entry unexpired) is answered with no command s
 
 How it stays coherent
 ---------------------
-- Tracking is the default (not broadcast) mode, redirected: the pipelined read connection runs
-  ``CLIENT TRACKING ON REDIRECT <id>``, where ``<id>`` is a second connection of ours,
-  ``SUBSCRIBE``\\d to ``__redis__:invalidate``. Redis then sends that connection the name of every
-  key the read connection read once the key changes, is deleted, expires or is evicted, and a
-  null message when the database is flushed. RESP2 redirect works on Redis 6 and 7 and on
-  managed services alike; a message drops the keys it names (everything for a null one).
+- Which keys Redis tracks: only the scope generations, by their prefix. Every entry holds the
+  generations its read found and is answered only while the near cache still holds those very
+  generations, so what makes an entry wrong is a change of a generation: an invalidation, a
+  deletion, an expiry, an eviction, a flush. The entry itself needs no message: Redis writes it
+  again only through a fill, which stores it only under the generations it read, so whatever
+  value it replaces was computed after the same last invalidation; its expiry is known from
+  the read; its eviction makes nothing stale. So the pipelined read connection runs ``CLIENT
+  TRACKING ON REDIRECT <id> BCAST PREFIX {prefix}:#gen:``, where ``<id>`` is a second connection
+  of ours, ``SUBSCRIBE``\\d to ``__redis__:invalidate``. Redis then sends that connection the
+  name of every generation key of the prefix that changes, is deleted, expires or is evicted
+  (of every process: a new scope's, a re-armed one's, which costs a message each), and a null
+  message when the database is flushed. Broadcast tracking keeps no table of the keys each
+  connection read: Redis' memory does not grow with the keys read nor with the processes that
+  read them, nothing stays behind a process that goes away (redis/redis#9231), and
+  ``tracking-table-max-keys`` never evicts a generation. The default mode did all three, at
+  about 150 bytes per key read and process (``python -m bench tracking``). RESP2 redirect works
+  on Redis 6 and 7 and on managed services alike; a message drops the keys it names
+  (everything for a null one). A change of an entry that no fill made (an operator's ``SET``,
+  garbage written over it) is not announced: the near cache answers the value it read for at
+  most the maximum age below, and every read from memory is validated as any read.
 - A *session* is one life of the subscribed connection. The tracking command is the first
   command of every read connection and is sent again on the open one when a session begins;
   Redis answers a connection's commands in order, so a read whose reply comes after the
@@ -56,14 +70,14 @@ sends no message), a proxy that moves to another server. So no entry is answered
 sent: the next hit then reads Redis (one round trip per key per period, a hit, not a miss) and
 keeps what it reads afresh. Whatever the fault, an answer from memory is at most that old.
 
-Why not broadcast mode (``BCAST PREFIX``, cashews' choice): every replica would hear of every key
-written under the prefix, including entries it never read, which costs every replica the whole
-service's write traffic. The default mode sends a replica only what it read.
+Why broadcast mode on the generations only, not on the whole prefix (cashews' choice): every
+replica would then hear of every entry written under the prefix, including entries it never
+read, which costs every replica the whole service's write traffic. Generations change once per
+scope per invalidation, creation or re-arming (once per entry lifetime), not once per fill.
 
 Bounds: at most ``max_entries`` keys (entries and generations) and ``max_bytes`` of their sizes;
 the least recently used entries go first. An entry larger than a sixty-fourth of the byte budget
-is not kept. Redis' own tracking table (``tracking-table-max-keys``) evicts by sending
-invalidations, which this cache handles like any other.
+is not kept.
 
 One server's reads use one near cache; on a cluster each primary has its own
 (``cluster_reads.py``), and an entry held by one may depend on generations held by another (see
@@ -109,6 +123,10 @@ REFUSED_RETRY_MAX_SECONDS = 60.0
 DEFAULT_MAX_AGE_SECONDS = 5.0
 #: What a held key costs beyond its key's and value's bytes (objects, dictionary slots).
 ITEM_OVERHEAD_BYTES = 200
+
+
+#: Sent before the tracking command (see :meth:`NearCache.tracking_command`); always ``OK``.
+_TRACKING_OFF = encode_command(b"CLIENT", ["TRACKING", "OFF"])
 
 
 class FlushReason:
@@ -206,6 +224,7 @@ class NearCache:
         self._open_channel: Callable[[], Awaitable[ReadChannel]] | None = None
         self._timeout = 1.0
         self._reader: Retrackable | None = None
+        self._tracked_prefixes: tuple[str, ...] = ()
         self._task: asyncio.Task[None] | None = None
         #: Why Redis refuses to track, while it does; asked again from ``_refused_until`` on.
         self._refused: str | None = None
@@ -231,11 +250,17 @@ class NearCache:
         reader: Retrackable,
         *,
         timeout: float,
+        tracked_prefixes: tuple[str, ...],
     ) -> None:
-        """Connects the near cache to the server its reader reads from."""
+        """Connects the near cache to the server its reader reads from.
+
+        ``tracked_prefixes``: the prefixes of the keys whose changes Redis announces (the
+        generation keys', see "Which keys Redis tracks").
+        """
         self._open_channel = open_channel
         self._reader = reader
         self._timeout = timeout
+        self._tracked_prefixes = tracked_prefixes
 
     def start(self) -> None:
         """Starts keeping the subscribed connection open (in the background), once per loop."""
@@ -468,15 +493,20 @@ class NearCache:
 
     # -- the read connection's side (pipelined_reads.ReadTracking) --------------------------------
 
-    def tracking_command(self) -> tuple[int, bytes] | None:
-        """The session to track a read connection into and the command that does it."""
+    def tracking_command(self) -> tuple[int, tuple[bytes, ...]] | None:
+        """The session to track a read connection into and the commands that do it: broadcast
+        tracking of the generation keys' prefixes, redirected to the subscribed connection.
+
+        Tracking is switched off first: Redis refuses a prefix a connection already tracks, and
+        a new session (a new subscribed connection) tracks the open read connection again.
+        """
         subscriber, session = self._subscriber, self._session
-        if subscriber is None or session is None:
+        if subscriber is None or session is None or not self._tracked_prefixes:
             return None
-        command = encode_command(
-            b"CLIENT", ["TRACKING", "ON", "REDIRECT", str(subscriber.client_id)]
-        )
-        return session, command
+        arguments = ["TRACKING", "ON", "REDIRECT", str(subscriber.client_id), "BCAST"]
+        for prefix in self._tracked_prefixes:
+            arguments += ["PREFIX", prefix]
+        return session, (_TRACKING_OFF, encode_command(b"CLIENT", arguments))
 
     def tracked_connection_lost(self, session: int) -> None:
         """A read connection tracked into ``session`` closed: what it read is no longer tracked."""

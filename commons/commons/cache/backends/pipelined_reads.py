@@ -71,14 +71,20 @@ _ERROR_REPLIES: dict[str, type[redis_errors.RedisError]] = {
 class ReadTracking(Protocol):
     """Where read connections get their tracking command and report its fate (``near.py``)."""
 
-    def tracking_command(self) -> tuple[int, bytes] | None:
-        """The session to track a connection into and the command that does it, or ``None``."""
+    def tracking_command(self) -> tuple[int, tuple[bytes, ...]] | None:
+        """The session to track a connection into and the commands that do it (the last one's
+        ``OK`` confirms it), or ``None``."""
 
     def tracked_connection_lost(self, session: int) -> None:
         """A connection tracked into ``session`` closed."""
 
     def tracking_refused(self, message: str) -> None:
         """Redis answered the tracking command with an error."""
+
+
+def _seen(reply: asyncio.Future[Reply]) -> None:
+    if not reply.cancelled():
+        reply.exception()
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,9 +229,13 @@ class _Connection(asyncio.Protocol):
             self._deadline_timer = self.loop.call_at(due, self._check_deadline)
         return future
 
-    def track(self, session: int, command: bytes) -> None:
-        """Sends the tracking ``command``; reads sent after it are tracked into ``session``."""
-        self.send(command).add_done_callback(partial(self._tracked, session))
+    def track(self, session: int, commands: tuple[bytes, ...]) -> None:
+        """Sends the tracking ``commands``; reads sent after them are tracked into ``session``."""
+        *before, last = commands
+        for command in before:
+            # What they answer is the last one's to say (a refusal refuses that one too).
+            self.send(command).add_done_callback(_seen)
+        self.send(last).add_done_callback(partial(self._tracked, session))
 
     def _tracked(self, session: int, reply: asyncio.Future[Reply]) -> None:
         # Called back in the order replies were parsed (futures schedule their callbacks, and a

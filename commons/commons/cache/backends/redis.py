@@ -476,6 +476,7 @@ class RedisStore(CacheStore, ReplicaLocks):
                 timeout=self._command_timeout,
                 max_pending=PIPELINED_READS_MAX_PENDING,
                 near_cache=self._near_cache,
+                tracked_prefixes=self._keys.generation_prefixes(),
             )
         elif isinstance(client, Redis) and (opener := channel_opener(client)) is not None:
             near = self._near_cache
@@ -486,7 +487,12 @@ class RedisStore(CacheStore, ReplicaLocks):
                 tracking=near,
             )
             if near is not None:
-                near.attach(opener, self._reads, timeout=self._command_timeout)
+                near.attach(
+                    opener,
+                    self._reads,
+                    timeout=self._command_timeout,
+                    tracked_prefixes=self._keys.generation_prefixes(),
+                )
                 self._near = near
         self._index_add = client.register_script(_INDEX_ADD)
         self._fill = client.register_script(_FILL)
@@ -779,14 +785,23 @@ class RedisStore(CacheStore, ReplicaLocks):
     # -- invalidation --------------------------------------------------------------------------
 
     async def invalidate(self, target: InvalidationTarget) -> int:
-        """Retires the target's generation, then removes its indexed entries.
+        """Retires the target's generation, then removes its indexed entries (all before it
+        returns: the command-line tool's way; the layer's is :meth:`invalidate_effective`)."""
+        removed, removal = await self.invalidate_effective(target)
+        return removed + await removal()
+
+    async def invalidate_effective(
+        self, target: InvalidationTarget
+    ) -> tuple[int, Callable[[], Awaitable[int]]]:
+        """Retires the target's generation; returns the removal of its indexed entries, to run
+        afterwards (nothing is removed before it returns).
 
         Retiring the generation (deleting it: the next read makes a new random one) is what makes
         the invalidation hold: no entry of the old one is ever served again, nor stored by a fill
         that began before. It is one command, which a full Redis still accepts. Removing the
-        entries afterwards only frees their memory: a failure there loses nothing.
+        entries afterwards only frees their memory: a failure there loses nothing, and an entry
+        that a fill wrote again under the new generation meanwhile may be removed too (a miss).
         """
-        ns, names = target.namespace, self._keys
         async with _redis_errors_translated():
             view = await self._follow_sentinel_master()
         generation_key = self._generation_key_of(target)
@@ -795,6 +810,12 @@ class RedisStore(CacheStore, ReplicaLocks):
         finally:
             # Whether or not Redis took it: this process serves nothing of the old generation.
             self._drop_near([generation_key])
+        return 0, lambda: self._remove_entries(target)
+
+    async def _remove_entries(self, target: InvalidationTarget) -> int:
+        """Removes the target's indexed entries; how many (0 when Redis failed half-way: the
+        rest expire by themselves)."""
+        ns, names = target.namespace, self._keys
         try:
             async with _redis_errors_translated():
                 if target.tenant_id is None:

@@ -1,0 +1,114 @@
+"""Removals of invalidated entries after their invalidations returned: bounded, observable, and
+never in the way of a shutdown. Plain coroutines stand for the store's removals (no Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from commons.cache.background_removal import BackgroundRemovals
+
+
+class Removals:
+    """A :class:`BackgroundRemovals` whose reports are recorded, and removals the test releases."""
+
+    def __init__(self, *, max_running: int = 1, max_waiting: int = 10) -> None:
+        self.removed: list[tuple[str, int]] = []
+        self.pending: list[int] = []
+        self.running = 0
+        self.most_running = 0
+        self.release = asyncio.Event()
+        self.runner = BackgroundRemovals(
+            on_removed=lambda namespace, n: self.removed.append((namespace, n)),
+            on_pending=self.pending.append,
+            max_running=max_running,
+            max_waiting=max_waiting,
+        )
+
+    async def removal(self, entries: int = 1) -> int:
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await self.release.wait()
+        finally:
+            self.running -= 1
+        return entries
+
+    def start(self, target: str, entries: int = 1) -> None:
+        self.runner.start(target, "ns", lambda: self.removal(entries))
+
+
+async def test_removals_run_a_few_at_a_time_and_report_what_they_removed() -> None:
+    removals = Removals(max_running=2)
+    for n in range(5):
+        removals.start(f"target-{n}", entries=n)
+    await asyncio.sleep(0.01)
+
+    assert removals.running == 2
+    assert removals.runner.pending == 5
+    removals.release.set()
+    await removals.runner.wait()
+
+    assert removals.most_running == 2
+    assert sorted(n for _, n in removals.removed) == [0, 1, 2, 3, 4]
+    assert removals.runner.pending == 0
+    assert removals.pending[-1] == 0
+
+
+async def test_the_same_target_waiting_twice_is_removed_once() -> None:
+    removals = Removals()
+    removals.start("running")
+    removals.start("waiting")
+    removals.start("waiting")
+    removals.release.set()
+    await removals.runner.wait()
+
+    assert len(removals.removed) == 2
+
+
+async def test_past_the_waiting_bound_a_removal_is_given_up_and_counted() -> None:
+    removals = Removals(max_waiting=2)
+    for n in range(5):
+        removals.start(f"target-{n}")
+
+    # One runs, two wait, two are given up (their entries expire by themselves).
+    assert removals.runner.pending == 3
+    assert removals.runner.given_up == 2
+    removals.release.set()
+    await removals.runner.wait()
+    assert len(removals.removed) == 3
+
+
+async def test_closing_cancels_what_runs_and_drops_what_waits() -> None:
+    removals = Removals()
+    removals.start("running")
+    removals.start("waiting")
+    await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(removals.runner.aclose(), 2)
+
+    assert removals.running == 0
+    assert removals.removed == []
+    assert removals.runner.pending == 0
+    removals.start("after closing")
+    assert removals.runner.pending == 0
+
+
+async def test_a_failing_removal_is_logged_and_the_next_one_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    removals = Removals()
+
+    async def failing() -> int:
+        raise RuntimeError("the store broke")
+
+    removals.runner.start("failing", "ns", failing)
+    removals.start("next", entries=3)
+    removals.release.set()
+    with caplog.at_level(logging.ERROR, logger="commons.cache"):
+        await removals.runner.wait()
+
+    assert removals.removed == [("ns", 3)]
+    assert "left to expire" in caplog.text
