@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from commons.cache import CacheSettings, cache, close_cache, init_cache
+from commons.cache.backends import factory
 from commons.cache.backends.memory import MemoryStore
 from commons.cache.backends.near import FlushReason, NearCache
 from commons.cache.backends.redis import RedisStore
@@ -692,3 +693,32 @@ async def test_near_cache_metrics_count_hits_messages_and_flushes(
         )
     finally:
         await store.aclose()
+
+
+async def test_its_bounds_are_its_own_settings_not_the_memory_backends(
+    own_redis: RedisServer, recorder: Recorder
+) -> None:
+    settings = CacheSettings(
+        REDIS_URL=own_redis.url,
+        CACHE_PREFIX=PREFIX,
+        CACHE_MEMORY_MAX_ENTRIES=10,
+        CACHE_MEMORY_MAX_BYTES=1024,
+        CACHE_NEAR_CACHE_MAX_ENTRIES=500,
+        CACHE_NEAR_CACHE_MAX_BYTES=1 << 20,
+    )
+    store = factory.redis_store(settings, serving=recorder)
+    keys = [f"{KEY}/{n}" for n in range(100)]
+    try:
+        await store.ping()
+        near = near_of(store)
+        await eventually(lambda: _true(near.live), "tracking on")
+        generation = await store.generation(SCOPE)
+        for key in keys:
+            assert await store.write(key, b"x" * 2_000, 60, SCOPE, generation)
+            await store.read(key, SCOPE)  # kept
+
+        reads = [await store.read(key, SCOPE) for key in keys]
+    finally:
+        await store.aclose()
+
+    assert all(read.from_memory for read in reads)
