@@ -24,15 +24,15 @@ The near cache, per primary
 Redis tracks the keys a connection read on the server that connection is open to, and can only
 redirect its messages to a connection on that same server. So each primary gets its own
 :class:`~commons.cache.backends.near.NearCache` (its subscribed connection, its sessions), with
-``1/n`` of the configured bounds for ``n`` primaries. An entry is kept by its slot's primary's
-near cache, its generations by their namespace slot's primary's, and the entry holds on to those
-generations: whatever drops one of them (a message, a lost or silent connection on that other
-primary) makes the entry miss. A hit is answered only while the generations' primary's session is
-confirmed too. A ``MOVED`` or ``ASK`` from a primary empties its near cache (reason ``moved``): it
-no longer serves a slot it may hold keys of. A slot migrated away deletes its keys on the old
-owner, which announces them like any deletion; a primary demoted by a failover keeps announcing
-what the replication stream changes, and an invalidation is confirmed by a replica before it
-returns (``WAIT``), so its message is on its way when it does.
+``1/n`` of the configured bounds for ``n`` primaries. An entry is kept by its slot's primary's near
+cache, its generations by their namespace slot's primary's, and the entry is answered only while
+that near cache holds the generations it was read with: whatever drops one of them (a message, a
+lost or silent connection on that other primary) makes the entry miss. A hit is answered only while
+the generations' primary's session is confirmed too. A ``MOVED`` or ``ASK`` from a primary empties
+its near cache (reason ``moved``): it no longer serves a slot it may hold keys of. A slot migrated
+away deletes its keys on the old owner, which announces them like any deletion; a primary demoted
+by a failover keeps announcing what the replication stream changes, and an invalidation is
+confirmed by a replica before it returns (``WAIT``), so its message is on its way when it does.
 """
 
 from __future__ import annotations
@@ -202,7 +202,14 @@ class ClusterReads:
             plan.generations_ticket, read.generations_session, stored.generation
         )
         if held is not None:
-            plan.entry_near.keep_entry(plan.entry_ticket, read.entry_session, stored, at, held)
+            plan.entry_near.keep_entry(
+                plan.entry_ticket,
+                read.entry_session,
+                stored,
+                at,
+                plan.generations_ticket.keys,
+                held,
+            )
 
     def end(self, plan: ClusterReadPlan) -> None:
         """The read of ``plan`` is over (kept or not)."""
