@@ -30,7 +30,7 @@ from commons.cache.backends.near import FlushReason, NearCache
 from commons.cache.backends.redis import RedisStore
 from commons.cache.errors import BackendError
 from commons.cache.layer import CacheLayer
-from commons.cache.scope import CacheScope, InvalidationTarget
+from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
 from commons.testing.events import NEAR_CACHE_BACKGROUND_COMMANDS
 from commons.testing.events import RecordedEvents as Recorder
 from commons.testing.proxy import LoopbackProxy
@@ -729,7 +729,8 @@ async def test_held_entries_are_not_walked_by_the_garbage_collector(
     store: RedisStore, recorder: Recorder
 ) -> None:
     # A full collection walks every object the collector tracks: held entries that were tracked
-    # made each one take 100-230 ms with a hundred thousand of them.
+    # made each one take 100-230 ms with a hundred thousand of them. Requests read with keys
+    # that know their scope (objects themselves); what is held must not keep them.
     generation = await store.generation(SCOPE)
     keys = [f"{KEY}/{n}" for n in range(500)]
     for key in keys:
@@ -738,7 +739,7 @@ async def test_held_entries_are_not_walked_by_the_garbage_collector(
     tracked_before = len(gc.get_objects())
 
     for key in keys:
-        await store.read(key, SCOPE)
+        await store.read(ScopedKey(key, SCOPE), SCOPE)
     gc.collect()
 
     assert len(near_of(store)) >= 500

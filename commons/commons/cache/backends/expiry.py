@@ -72,7 +72,7 @@ class ExpiryMemo:
         if known[0] is not value:
             # The same bytes in another object (read back): the newest is kept, so an older copy
             # (the bytes this store wrote, once the near cache holds the ones read) is freed.
-            self._items.put(key, (value, known[1]), len(value))
+            self._items.put(str(key), (value, known[1]), len(value))
         return known[1] if known[1] - self._clock() > TRUST_ABOVE_SECONDS else None
 
     def remember(
@@ -86,7 +86,9 @@ class ExpiryMemo:
         (the network, a busy event loop).
         """
         start = self._clock() if measured_at is None else measured_at
-        self._items.put(key, (value, start + ttl_seconds), len(value))
+        # A plain str, as in the near cache: a ``ScopedKey`` would keep its scope and route
+        # alive, objects every full garbage collection walks.
+        self._items.put(str(key), (value, start + ttl_seconds), len(value))
 
     def forget(self, key: str) -> None:
         self._items.forget(key)

@@ -383,7 +383,9 @@ class NearCache:
         value, generation = read.value, read.generation
         if value is None or generation is None or not self._admits(ticket, tracked_in):
             return
-        key = ticket.keys[0]
+        # A plain str: a key that knows its scope and route (a ``ScopedKey``) is an object the
+        # garbage collector walks, with those it refers to, for as long as the entry is held.
+        key = str(ticket.keys[0])
         size = len(key) + len(value) + len(generation) + ENTRY_OVERHEAD_BYTES
         if size > self._max_item_bytes:
             return

@@ -532,7 +532,9 @@ class RedisStore(CacheStore, ReplicaLocks):
         if known is None:
             keys = self._read_keys(key, scope)
             known = (encode_command(b"MGET", keys), len(keys))
-            self._read_commands.put(key, known, 2 * len(known[0]))
+            self._read_commands.put(
+                str(key), known, 2 * len(known[0])
+            )  # a plain str, see expiry.py
         return known
 
     def _generation_key_of(self, target: InvalidationTarget) -> str:
