@@ -710,19 +710,38 @@ class RedisStore(CacheStore, ReplicaLocks):
                         self._client, key, value, ttl_ms, scope, kept_alive
                     )
                 else:
-                    pipe = self._client.pipeline(transaction=True)
-                    for index, member in self._index_updates(key, scope):
-                        await self._index_add(
-                            keys=[index], args=[member, ttl_ms, INDEX_GRACE_MS], client=pipe
-                        )
-                    await self._fill(keys=fill_keys, args=fill_args, client=pipe)
-                    stored = bool((await pipe.execute())[-1])
+                    stored = await self._fill_transaction(key, scope, fill_keys, fill_args)
         finally:
             # Read-your-writes in this process: Redis' invalidation message comes later.
             self._drop_near([key])
         if stored:
             self._expiries.remember(key, value, ttl_seconds, measured_at=sent_at)
         return stored
+
+    async def _fill_transaction(
+        self, key: str, scope: CacheScope, fill_keys: list[str], fill_args: list[bytes | int]
+    ) -> bool:
+        """The fill and its index updates in one transaction, in one round trip: ``EVALSHA``
+        of scripts loaded once, and again if the server lost them (a restart, ``SCRIPT
+        FLUSH``). redis-py's pipelines would ask ``SCRIPT EXISTS`` before every transaction
+        that runs a script: a second round trip on every miss."""
+        try:
+            return await self._send_fill(key, scope, fill_keys, fill_args)
+        except redis_errors.NoScriptError:
+            await self._client.script_load(_INDEX_ADD)
+            await self._client.script_load(_FILL)
+            # The index updates are idempotent: the transaction runs again whole.
+            return await self._send_fill(key, scope, fill_keys, fill_args)
+
+    async def _send_fill(
+        self, key: str, scope: CacheScope, fill_keys: list[str], fill_args: list[bytes | int]
+    ) -> bool:
+        ttl_ms = fill_args[1]
+        pipe = self._client.pipeline(transaction=True)
+        for index, member in self._index_updates(key, scope):
+            pipe.evalsha(self._index_add.sha, 1, index, member, ttl_ms, INDEX_GRACE_MS)
+        pipe.evalsha(self._fill.sha, len(fill_keys), *fill_keys, *fill_args)
+        return bool((await pipe.execute())[-1])
 
     async def _write_on_cluster(
         self,
