@@ -41,15 +41,28 @@ def wrk_binary() -> str | None:
     return shutil.which("wrk")
 
 
-def run_wrk(port: int, path: str, connections: int, seconds: int) -> dict[str, float]:
-    """``wrk`` with one thread and ``connections`` keep-alive connections for ``seconds``."""
+def run_wrk(
+    port: int,
+    path: str,
+    connections: int,
+    seconds: float,
+    *,
+    script: str | None = None,
+    script_args: Sequence[str] = (),
+) -> dict[str, float]:
+    """``wrk`` with one thread and ``connections`` keep-alive connections for ``seconds``
+    (``script``: a Lua script choosing each request, given ``script_args``)."""
     binary = wrk_binary()
     if binary is None:
         raise RuntimeError("wrk is not installed")
-    command = [binary, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    command = [binary, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
     for name, value in REQUEST_HEADERS.items():
         command += ["-H", f"{name}: {value}"]
+    if script is not None:
+        command += ["-s", script]
     command.append(f"http://127.0.0.1:{port}{path}")
+    if script_args:
+        command += ["--", *script_args]
     out = subprocess.run(
         command, capture_output=True, text=True, timeout=seconds + 30, check=True
     ).stdout

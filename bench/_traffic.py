@@ -1,12 +1,14 @@
 """Plumbing of the traffic benchmarks (``mixed``, ``working_set``): server, keyed load, counters.
 
-The server is ``bench/_keyed_app.py`` under uvicorn, one worker, in a subprocess. The load is
-``bench/_loadgen.py``'s client in keyed mode (wrk asks for the same path again and again; these
-benchmarks need a key chosen per request), 16 keep-alive connections, one request in flight on each.
+The server is ``bench/_keyed_app.py`` under uvicorn, one worker, in a subprocess. The load is wrk
+with ``bench/_keyed.lua`` choosing each request's key when wrk is installed, else
+``bench/_loadgen.py``'s client in keyed mode; 16 keep-alive connections, one request in flight on
+each.
 """
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +16,12 @@ from typing import Any
 
 from bench._common import REPO_ROOT, child_env, stop_process, wait_for_port
 from bench._keyed_app import NAMESPACE
-from bench._loadgen import run_client
+from bench._loadgen import run_client, run_wrk, wrk_binary
 
 #: Keep-alive connections of the load generator (the issue's setup).
 CONNECTIONS = 16
+#: wrk's script for keyed traffic.
+KEYED_SCRIPT = Path(__file__).resolve().parent / "_keyed.lua"
 
 
 class KeyedServer:
@@ -63,7 +67,17 @@ class KeyedServer:
         sweep: bool = False,
         warmup: float = 0.2,
     ) -> dict[str, float]:
-        """Keyed load on ``/{variant}/{tenant}/{item}`` (see ``_loadgen.KeyedPaths``)."""
+        """Keyed load on ``/{variant}/{tenant}/{item}`` (see ``_loadgen.KeyedPaths``): by wrk
+        and ``bench/_keyed.lua`` when wrk is installed (a warm pass by the Python client)."""
+        if wrk_binary() is not None and not sweep:
+            seed = random.getrandbits(30)
+            args = [variant, str(tenants), str(items), str(fresh_share), str(seed), f"w{seed:x}"]
+            result = run_wrk(
+                self.port, "/", CONNECTIONS, seconds, script=str(KEYED_SCRIPT), script_args=args
+            )
+            if result["errors"]:
+                raise RuntimeError(f"/{variant}: {result['errors']} failed requests under load")
+            return result
         extra = ["--tenants", str(tenants), "--items", str(items)]
         extra += ["--fresh-share", str(fresh_share), *(["--sweep"] if sweep else [])]
         result = run_client(
@@ -103,6 +117,13 @@ class KeyedServer:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+
+def load_generator() -> str:
+    """What loads the keyed traffic in this run, for the notes."""
+    if wrk_binary() is not None:
+        return "wrk (1 thread, bench/_keyed.lua choosing each request's key)"
+    return "bench/_loadgen.py's keyed client (wrk is not installed)"
 
 
 def near_share(before: tuple[float, float], after: tuple[float, float]) -> float:

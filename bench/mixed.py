@@ -22,7 +22,7 @@ import sys
 from typing import Any
 
 from bench._common import fmt_ratio, median
-from bench._traffic import KeyedServer, near_share, paired
+from bench._traffic import KeyedServer, load_generator, near_share, paired
 
 TENANTS, ITEMS = 20, 100
 FRESH_SHARE = 0.02
@@ -138,9 +138,9 @@ def summarize(
         problems.append(f"misses only {misses['ours']['ratio']:.2f}× < {MISSES_TARGET}×")
     notes = (
         f"One uvicorn worker (gc.freeze() at start-up), {TENANTS} tenants × {ITEMS} items warm, "
-        f"keyed load from bench/_loadgen.py (16 connections, one request in flight on each; "
+        f"keyed load by {load_generator()}, 16 connections, one request in flight on each; "
         f"each request's key chosen at random: a warm key, or with probability "
-        f"{FRESH_SHARE:.0%} a fresh one; misses only: every key fresh). {rounds} paired "
+        f"{FRESH_SHARE:.0%} a fresh one (misses only: every key fresh). {rounds} paired "
         f"round(s) of {seconds:g} s per variant, the floor (same paths, pre-serialised bytes) "
         "right before and after; cells are medians of the rounds (req/s, ratio to the floor "
         "beside it, p99 and its ratio to the floor's). Near-cache share: the server's "

@@ -24,7 +24,7 @@ from typing import Any
 
 from bench._common import fmt_ratio, median
 from bench._keyed_app import NAMESPACE
-from bench._traffic import KeyedServer, near_share, paired
+from bench._traffic import KeyedServer, load_generator, near_share, paired
 
 #: (tenants, items per tenant) of each working set.
 SIZES = ((10, 100), (100, 100), (100, 1_000), (1_000, 1_000))
@@ -134,8 +134,8 @@ def summarize(
         )
     notes = (
         "Every request a HIT of ours over the warm keys, chosen uniformly at random; one "
-        "uvicorn worker (gc.freeze() at start-up), a Redis of its own per size, keyed load from "
-        f"bench/_loadgen.py (16 connections). {rounds} paired round(s) of {seconds:g} s, the "
+        "uvicorn worker (gc.freeze() at start-up), a Redis of its own per size, keyed load by "
+        f"{load_generator()}, 16 connections. {rounds} paired round(s) of {seconds:g} s, the "
         "floor right before and after; cells are medians (ratios: of each round's ratio). Warm "
         f"pass through HTTP up to {HTTP_WARM_MAX:,} keys; past it one entry per tenant through "
         "HTTP, copied to the tenant's other keys by pipelined SET. Near share: the server's "
