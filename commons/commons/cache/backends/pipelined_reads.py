@@ -316,13 +316,9 @@ class _Connection(asyncio.Protocol):
             self.channel.close()
 
 
-async def _exchange(
-    connection: _Connection, command: bytes, before: bytes | None
-) -> tuple[Reply, Reply]:
-    """The replies to ``command`` and to ``before`` (``None`` if not given), sent before it in the
-    same write; if one fails, the other's reply is dropped unseen."""
-    if before is None:
-        return await connection.send(command), None
+async def _exchange(connection: _Connection, command: bytes, before: bytes) -> tuple[Reply, Reply]:
+    """The replies to ``command`` and to ``before``, sent before it in the same write; if one
+    fails, the other's reply is dropped unseen."""
     before_reply = connection.send(before)
     reply = connection.send(command)
     try:
@@ -435,6 +431,8 @@ class PipelinedReader:
         if len(connection.waiting) >= self._max_pending:
             raise redis_errors.MaxConnectionsError("too many reads are waiting for Redis")
         try:
+            if before is None:  # a hit's path: no coroutine of its own
+                return await connection.send(command), None, connection
             return *(await _exchange(connection, command, before)), connection
         except redis_errors.BusyLoadingError:
             raise
@@ -442,6 +440,8 @@ class PipelinedReader:
             # The connection was dropped (a restarted server): once more, at once, on a new one,
             # as redis-py retries its own commands. A timeout is not retried.
             connection = await self._connect()
+            if before is None:
+                return await connection.send(command), None, connection
             return *(await _exchange(connection, command, before)), connection
 
     def _usable_connection(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
