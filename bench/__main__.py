@@ -23,7 +23,15 @@ from bench.report import RESULTS_DIR, render_chart, validate, write_report
 
 BENCH_DIR = Path(__file__).resolve().parent
 #: The order of the table; modules found beside these follow in name order.
-ORDER = ("hit_throughput", "stampede", "invalidation", "coherence", "memory")
+ORDER = (
+    "hit_throughput",
+    "mixed",
+    "working_set",
+    "stampede",
+    "invalidation",
+    "coherence",
+    "memory",
+)
 NOT_BENCHMARKS = frozenset({"report"})
 #: A module still running after this long is stopped and reported as failed.
 MODULE_TIMEOUT_SECONDS = 900

@@ -272,18 +272,22 @@ def create_app(backend: str = "memory", redis_url: str | None = None) -> BenchAp
 
 def serve() -> None:
     """Runs the app under uvicorn, one worker (httptools and uvloop when installed)."""
-    import uvicorn
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", default="memory")
     parser.add_argument("--redis-url")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    app = create_app(args.backend, args.redis_url)
+    run_uvicorn(create_app(args.backend, args.redis_url), args.port)
+
+
+def run_uvicorn(app: Any, port: int) -> None:
+    """Serves ``app`` on 127.0.0.1:``port``, one worker (httptools and uvloop when installed)."""
+    import uvicorn
+
     uvicorn.run(
         app,
         host="127.0.0.1",
-        port=args.port,
+        port=port,
         workers=1,
         log_level="warning",
         access_log=False,

@@ -5,22 +5,28 @@ tool the issue's reference numbers were measured with; its own cost per request 
 server under test gets the CPU. Without it, the Python client below stands in:
 
 ``python -m bench._loadgen --port N --path /x [--connections 16] [--duration 3] [--warmup 0.5]``
-opens ``connections`` keep-alive connections to 127.0.0.1 and keeps exactly one request in flight on
-each (a closed loop, as wrk does), for ``warmup`` seconds unrecorded and then ``duration`` seconds
-recorded. It prints one JSON line: requests, req/s, p50/p99 latency and errors. Raw asyncio
-protocols (on uvloop when installed) keep the client's cost per request to a few microseconds, so
-one process saturates one uvicorn worker. Responses must carry ``Content-Length`` (uvicorn's do).
+(keyed traffic: ``--path '/ours/{tenant}/{item}' --tenants T --items I [--fresh-share 0.02]
+[--sweep]``, see :class:`KeyedPaths`) opens ``connections`` keep-alive connections to 127.0.0.1
+and keeps exactly one request in flight on each (a closed loop, as wrk does), for ``warmup``
+seconds unrecorded and then ``duration`` seconds recorded. It prints one JSON line: requests,
+req/s, p50/p99 latency and errors. Raw asyncio protocols (on uvloop when installed) keep the
+client's cost per request to a few microseconds, so one process saturates one uvicorn worker.
+Responses must carry ``Content-Length`` (uvicorn's do).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import random
 import re
 import shutil
 import subprocess
+import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from bench._common import percentile
@@ -35,15 +41,28 @@ def wrk_binary() -> str | None:
     return shutil.which("wrk")
 
 
-def run_wrk(port: int, path: str, connections: int, seconds: int) -> dict[str, float]:
-    """``wrk`` with one thread and ``connections`` keep-alive connections for ``seconds``."""
+def run_wrk(
+    port: int,
+    path: str,
+    connections: int,
+    seconds: float,
+    *,
+    script: str | None = None,
+    script_args: Sequence[str] = (),
+) -> dict[str, float]:
+    """``wrk`` with one thread and ``connections`` keep-alive connections for ``seconds``
+    (``script``: a Lua script choosing each request, given ``script_args``)."""
     binary = wrk_binary()
     if binary is None:
         raise RuntimeError("wrk is not installed")
-    command = [binary, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    command = [binary, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
     for name, value in REQUEST_HEADERS.items():
         command += ["-H", f"{name}: {value}"]
+    if script is not None:
+        command += ["-s", script]
     command.append(f"http://127.0.0.1:{port}{path}")
+    if script_args:
+        command += ["--", *script_args]
     out = subprocess.run(
         command, capture_output=True, text=True, timeout=seconds + 30, check=True
     ).stdout
@@ -64,14 +83,48 @@ def run_wrk(port: int, path: str, connections: int, seconds: int) -> dict[str, f
     }
 
 
+def run_client(
+    port: int,
+    path: str,
+    connections: int,
+    seconds: float,
+    *,
+    warmup: float = 0.2,
+    extra: Sequence[str] = (),
+) -> dict[str, float]:
+    """The Python client below in a process of its own (``extra``: more of its arguments)."""
+    from bench._common import REPO_ROOT, child_env
+
+    command = [sys.executable, "-m", "bench._loadgen", "--port", str(port), "--path", path]
+    command += ["--connections", str(connections), "--duration", str(seconds)]
+    command += ["--warmup", str(warmup), *extra]
+    proc = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed on {path}: {proc.stderr[-1500:]}")
+    result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not result["requests"]:
+        raise RuntimeError(f"no successful request on {path}")
+    return result
+
+
 class _Connection(asyncio.Protocol):
-    def __init__(self, request: bytes, state: _State) -> None:
-        self.request = request
+    def __init__(self, requests: Callable[[], bytes | None], state: _State) -> None:
+        self.requests = requests
         self.state = state
         self.buffer = bytearray()
         self.sent_at = 0.0
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
+        #: This side hung up (the run is over): not an error.
+        self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -79,11 +132,13 @@ class _Connection(asyncio.Protocol):
 
     def _send(self) -> None:
         assert self.transport is not None
-        if self.state.stopping:
+        request = None if self.state.stopping else self.requests()
+        if request is None:
+            self.closing = True
             self.transport.close()
             return
         self.sent_at = time.perf_counter()
-        self.transport.write(self.request)
+        self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -109,7 +164,7 @@ class _Connection(asyncio.Protocol):
             self._send()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.state.stopping:
+        if not self.state.stopping and not self.closing:
             self.state.errors += 1  # the server hung up mid-run
         if not self.closed.done():
             self.closed.set_result(None)
@@ -133,23 +188,90 @@ class _State:
             self.stopping = True
 
 
-async def load(
-    port: int, path: str, connections: int, duration: float, warmup: float
-) -> dict[str, float]:
-    loop = asyncio.get_running_loop()
+def _request(port: int, path: str) -> bytes:
     headers = "".join(f"{name}: {value}\r\n" for name, value in REQUEST_HEADERS.items())
-    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}\r\n".encode()
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}\r\n".encode()
+
+
+class KeyedPaths:
+    """The paths of keyed traffic: ``template`` (with ``{tenant}`` and ``{item}``) over
+    ``tenants`` x ``items`` warm keys, each request a warm key chosen uniformly at random, or
+    with probability ``fresh_share`` a key never asked for before (a miss and a fill).
+
+    ``sweep``: every warm key once, in order, then nothing more (a warm pass).
+    """
+
+    def __init__(
+        self,
+        template: str,
+        tenants: int,
+        items: int,
+        *,
+        fresh_share: float = 0.0,
+        sweep: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        self.template = template
+        self.tenants = tenants
+        self.items = items
+        self.fresh_share = fresh_share
+        self.sweep = sweep
+        self.swept = 0
+        self.random = random.Random(seed)
+        # Fresh keys of one run never collide with another run's (or a warm key's).
+        self.fresh_tag = f"f{self.random.getrandbits(40):x}"
+        self.fresh = 0
+
+    def next_path(self) -> str | None:
+        if self.sweep:
+            index = self.swept
+            if index >= self.tenants * self.items:
+                return None
+            self.swept += 1
+            return self.template.format(tenant=f"t{index // self.items}", item=index % self.items)
+        rand = self.random
+        tenant = f"t{rand.randrange(self.tenants)}"
+        if self.fresh_share and rand.random() < self.fresh_share:
+            self.fresh += 1
+            return self.template.format(tenant=tenant, item=f"{self.fresh_tag}-{self.fresh}")
+        return self.template.format(tenant=tenant, item=rand.randrange(self.items))
+
+
+async def load(
+    port: int,
+    path: str,
+    connections: int,
+    duration: float,
+    warmup: float,
+    keyed: KeyedPaths | None = None,
+) -> dict[str, float]:
+    """``connections`` closed loops on ``path`` (or on ``keyed``'s paths) for ``duration``."""
+    loop = asyncio.get_running_loop()
+    if keyed is None:
+        request = _request(port, path)
+
+        def requests() -> bytes | None:
+            return request
+    else:
+
+        def requests() -> bytes | None:
+            next_path = keyed.next_path()
+            return None if next_path is None else _request(port, next_path)
+
     start = time.perf_counter()
     state = _State(start + warmup, start + warmup + duration)
     protocols = []
     for _ in range(connections):
         _, protocol = await loop.create_connection(
-            lambda: _Connection(request, state), "127.0.0.1", port
+            lambda: _Connection(requests, state), "127.0.0.1", port
         )
         protocols.append(protocol)
-    await asyncio.sleep(warmup + duration)
+    finished = asyncio.gather(*(p.closed for p in protocols))
+    with contextlib.suppress(TimeoutError):
+        # A sweep ends when its keys are all asked for; anything else when the time is up.
+        await asyncio.wait_for(asyncio.shield(finished), timeout=warmup + duration)
     state.stopping = True
-    await asyncio.wait_for(asyncio.gather(*(p.closed for p in protocols)), timeout=10)
+    await asyncio.wait_for(finished, timeout=10)
     latencies = state.latencies
     return {
         "requests": len(latencies),
@@ -167,8 +289,17 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--tenants", type=int, help="keyed: --path holds {tenant} and {item}")
+    parser.add_argument("--items", type=int, default=1, help="keyed: items per tenant")
+    parser.add_argument("--fresh-share", type=float, default=0.0, help="keyed: share of misses")
+    parser.add_argument("--sweep", action="store_true", help="keyed: every key once, in order")
     args = parser.parse_args()
-    coroutine = load(args.port, args.path, args.connections, args.duration, args.warmup)
+    keyed = None
+    if args.tenants:
+        keyed = KeyedPaths(
+            args.path, args.tenants, args.items, fresh_share=args.fresh_share, sweep=args.sweep
+        )
+    coroutine = load(args.port, args.path, args.connections, args.duration, args.warmup, keyed)
     try:
         import uvloop
     except ImportError:

@@ -42,7 +42,7 @@ from bench._common import (
     stop_process,
     wait_for_port,
 )
-from bench._loadgen import run_wrk, wrk_binary
+from bench._loadgen import run_client, run_wrk, wrk_binary
 
 SIZES = ("small", "large")
 LABELS = {
@@ -281,35 +281,7 @@ def _our_counters(client: Any) -> dict[str, tuple[float, float]]:
 def _load(port: int, path: str, seconds: int) -> dict[str, float]:
     if wrk_binary() is not None:
         return run_wrk(port, path, CONNECTIONS, seconds)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench._loadgen",
-            "--port",
-            str(port),
-            "--path",
-            path,
-            "--connections",
-            str(CONNECTIONS),
-            "--duration",
-            str(seconds),
-            "--warmup",
-            "0.2",
-        ],
-        cwd=REPO_ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"load generator failed on {path}: {proc.stderr[-1500:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if not result["requests"]:
-        raise RuntimeError(f"no successful request on {path}")
-    return result
+    return run_client(port, path, CONNECTIONS, seconds)
 
 
 def run(quick: bool = False) -> dict[str, Any]:

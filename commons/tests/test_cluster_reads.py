@@ -71,7 +71,7 @@ def cluster_store(url: str, recorder: Recorder | None) -> RedisStore:
         REDIS_URL=url,
         CACHE_PREFIX=PREFIX,
         REDIS_SOCKET_TIMEOUT_SECONDS=0.5,
-        CACHE_MEMORY_MAX_BYTES=3 << 20,
+        CACHE_NEAR_CACHE_MAX_BYTES=3 << 20,
     )
     return redis_store(settings, serving=recorder)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import sqlite3
 import time
 import uuid
@@ -23,12 +24,13 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from commons.cache import CacheSettings, cache, close_cache, init_cache
+from commons.cache.backends import factory
 from commons.cache.backends.memory import MemoryStore
 from commons.cache.backends.near import FlushReason, NearCache
 from commons.cache.backends.redis import RedisStore
 from commons.cache.errors import BackendError
 from commons.cache.layer import CacheLayer
-from commons.cache.scope import CacheScope, InvalidationTarget
+from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
 from commons.testing.events import NEAR_CACHE_BACKGROUND_COMMANDS
 from commons.testing.events import RecordedEvents as Recorder
 from commons.testing.proxy import LoopbackProxy
@@ -758,3 +760,53 @@ async def test_a_tracking_table_smaller_than_the_working_set_costs_the_near_cach
 
     assert await read_twice(store, recorder, 200) == 200
     assert recorder.messages == messages
+
+
+async def test_its_bounds_are_its_own_settings_not_the_memory_backends(
+    own_redis: RedisServer, recorder: Recorder
+) -> None:
+    settings = CacheSettings(
+        REDIS_URL=own_redis.url,
+        CACHE_PREFIX=PREFIX,
+        CACHE_MEMORY_MAX_ENTRIES=10,
+        CACHE_MEMORY_MAX_BYTES=1024,
+        CACHE_NEAR_CACHE_MAX_ENTRIES=500,
+        CACHE_NEAR_CACHE_MAX_BYTES=1 << 20,
+    )
+    store = factory.redis_store(settings, serving=recorder)
+    keys = [f"{KEY}/{n}" for n in range(100)]
+    try:
+        await store.ping()
+        near = near_of(store)
+        await eventually(lambda: _true(near.live), "tracking on")
+        generation = await store.generation(SCOPE)
+        for key in keys:
+            assert await store.write(key, b"x" * 2_000, 60, SCOPE, generation)
+            await store.read(key, SCOPE)  # kept
+
+        reads = [await store.read(key, SCOPE) for key in keys]
+    finally:
+        await store.aclose()
+
+    assert all(read.from_memory for read in reads)
+
+
+async def test_held_entries_are_not_walked_by_the_garbage_collector(
+    store: RedisStore, recorder: Recorder
+) -> None:
+    # A full collection walks every object the collector tracks: held entries that were tracked
+    # made each one take 100-230 ms with a hundred thousand of them. Requests read with keys
+    # that know their scope (objects themselves); what is held must not keep them.
+    generation = await store.generation(SCOPE)
+    keys = [f"{KEY}/{n}" for n in range(500)]
+    for key in keys:
+        assert await store.write(key, b"x" * 100, 60, SCOPE, generation)
+    gc.collect()
+    tracked_before = len(gc.get_objects())
+
+    for key in keys:
+        await store.read(ScopedKey(key, SCOPE), SCOPE)
+    gc.collect()
+
+    assert len(near_of(store)) >= 500
+    assert len(gc.get_objects()) - tracked_before < len(keys) // 4  # not one per entry

@@ -12,9 +12,15 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from commons.cache.backends.pipelined_reads import PipelinedReader, ReadChannel, channel_opener
+from commons.cache.backends.pipelined_reads import (
+    PipelinedReader,
+    ReadChannel,
+    channel_opener,
+    encode_command,
+)
 from commons.cache.backends.redis import RedisStore
 from commons.cache.scope import CacheScope
+from commons.testing.proxy import LoopbackProxy
 from commons.testing.redis_server import RedisServer
 
 MakeReader = Callable[..., Awaitable[PipelinedReader]]
@@ -331,3 +337,59 @@ async def test_an_mget_gets_the_values_of_its_own_keys_in_order_among_concurrent
     for n, (batch, reply) in enumerate(zip(batches, replies, strict=True)):
         expected = [values.get(key) for key in batch]
         assert reply == (expected if n % 2 else expected[0])
+
+
+async def test_an_mget_with_ttl_gets_the_values_and_the_first_keys_time_to_live(
+    redis_url: str, make_reader: MakeReader
+) -> None:
+    writer = Redis.from_url(redis_url)
+    try:
+        await writer.set("lives", b"v", px=60_000)
+        await writer.set("forever", b"w")
+    finally:
+        await writer.aclose()
+    reader = await make_reader(redis_url)
+
+    def read(keys: list[str]) -> Awaitable[tuple[list[bytes | None], int, int | None]]:
+        return reader.mget_with_ttl(encode_command(b"MGET", keys), len(keys), pttl(keys[0]))
+
+    lives, forever, absent, plain = await asyncio.gather(
+        read(["lives", "forever"]), read(["forever"]), read(["absent"]), reader.get("lives")
+    )
+
+    assert lives[0] == [b"v", b"w"]
+    assert 59_000 < lives[1] <= 60_000
+    assert forever[:2] == ([b"w"], -1)
+    assert absent[:2] == ([None], -2)
+    assert plain == b"v"
+
+
+def pttl(key: str) -> bytes:
+    return encode_command(b"PTTL", [key])
+
+
+async def test_a_hit_whose_expiry_the_store_never_saw_costs_one_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    # Another replica filled the entry: this store remembers no expiry for it, as past its expiry
+    # memo's bound. A link that delays every reply shows how many round trips the hit took.
+    scope = CacheScope("ns", "t")
+    writer = RedisStore(Redis.from_url(redis_server.url), "trips")
+    with LoopbackProxy(redis_server.port) as proxy:
+        store = RedisStore(Redis.from_url(proxy.url), "trips")
+        try:
+            await writer.set("trips:ns:k", b"body", 60, scope)
+            await store.get_with_ttl("trips:ns:other")  # connections opened before the delay
+            proxy.delay_replies(0.3)
+            started = time.perf_counter()
+
+            ttl, value = await store.get_with_ttl("trips:ns:k")
+
+            elapsed = time.perf_counter() - started
+        finally:
+            await store.aclose()
+            await writer.aclose()
+
+    assert elapsed < 0.55  # one delayed reply (0.3 s), not two
+    assert value == b"body"
+    assert ttl in (59, 60)

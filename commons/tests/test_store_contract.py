@@ -358,6 +358,50 @@ async def test_a_redis_hit_after_a_write_asks_for_the_entry_only(redis_url: str)
         await probe.aclose()
 
 
+async def test_a_redis_fill_is_one_transaction_with_no_script_check(redis_url: str) -> None:
+    """A fill is one round trip: redis-py's pipelines ask SCRIPT EXISTS before every
+    transaction that runs a script, a second round trip on every miss."""
+    store = RedisStore(Redis.from_url(redis_url), "fills")
+    probe = Redis.from_url(redis_url)
+    scope = CacheScope("ns", "t")
+    try:
+        generation = await store.generation(scope)
+        await store.write("fills:ns:warm", b"w", 60, scope, generation)
+        await probe.config_resetstat()
+        for n in range(3):
+            assert await store.write(f"fills:ns:k{n}", b"body", 60, scope, generation)
+        stats = await probe.info("commandstats")
+        read_back = [await store.read(f"fills:ns:k{n}", scope) for n in range(3)]
+    finally:
+        await store.aclose()
+        await probe.aclose()
+
+    assert stats["cmdstat_exec"]["calls"] == 3
+    assert not [name for name in stats if name.startswith("cmdstat_script")]
+    assert [read.value for read in read_back] == [b"body"] * 3
+
+
+async def test_a_redis_fill_after_the_servers_scripts_were_flushed_is_stored(
+    redis_url: str,
+) -> None:
+    store = RedisStore(Redis.from_url(redis_url), "flushed")
+    probe = Redis.from_url(redis_url)
+    scope = CacheScope("ns", "t")
+    try:
+        generation = await store.generation(scope)
+        assert await store.write("flushed:ns:a", b"a", 60, scope, generation)
+        await probe.script_flush()
+
+        stored = await store.write("flushed:ns:b", b"b", 60, scope, generation)
+        read = await store.read("flushed:ns:b", scope)
+    finally:
+        await store.aclose()
+        await probe.aclose()
+
+    assert stored
+    assert read.value == b"b"
+
+
 @pytest.mark.parametrize("topology", ["redis", pytest.param("cluster", marks=pytest.mark.slow)])
 async def test_a_fill_keeps_its_scopes_generations_alive_as_long_as_its_entry(
     topology: str, request: pytest.FixtureRequest

@@ -64,15 +64,28 @@ class CacheSettings(BaseSettings):
     CACHE_MEMORY_MAX_BYTES: int = Field(
         default=64 * 1024 * 1024,
         ge=1024,
-        description="Bytes held at most (per process) by each of the in-memory backend (and "
-        "degraded tier) and the near cache, beside their entry bound; least recently used go "
-        "first, and an entry above a sixty-fourth of it is not kept in the near cache.",
+        description="Bytes held at most (per process) by each of the in-memory backend and the "
+        "degraded tier, beside their entry bound; least recently used go first.",
     )
     CACHE_NEAR_CACHE: bool = Field(
         default=True,
         description="Keep Redis hits in process memory, kept coherent by Redis' client "
         "tracking (Redis 6+; on one server, and per primary on a cluster; not behind "
         "Sentinel). false: every hit reads Redis.",
+    )
+    CACHE_NEAR_CACHE_MAX_ENTRIES: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Keys the near cache holds at most (per process; entries and the scope "
+        "generations they depend on); least recently used go first.",
+    )
+    CACHE_NEAR_CACHE_MAX_BYTES: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Bytes the near cache holds at most (per process), counted as what an entry "
+        "costs in memory (its key, its value and the objects that hold them); least recently "
+        "used go first, and an entry above a sixty-fourth of it is not kept. On a cluster each "
+        "primary's near cache gets its share.",
     )
     CACHE_NEAR_CACHE_MAX_AGE_SECONDS: float = Field(
         default=5.0,

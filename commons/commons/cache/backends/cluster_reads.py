@@ -25,20 +25,21 @@ Redis announces the changes of the keys a connection tracks (the generations' pr
 ``near.py``) on the server that connection is open to, and can only redirect its messages to a
 connection on that same server. So each primary gets its own
 :class:`~commons.cache.backends.near.NearCache` (its subscribed connection, its sessions), with
-``1/n`` of the configured bounds for ``n`` primaries. An entry is kept by its slot's primary's
-near cache, its generations by their namespace slot's primary's, and the entry holds on to those
-generations: whatever drops one of them (a message, a lost or silent connection on that other
-primary) makes the entry miss. A hit is answered only while the generations' primary's session is
-confirmed too. A ``MOVED`` or ``ASK`` from a primary empties its near cache (reason ``moved``): it
-no longer serves a slot it may hold keys of. A generation's slot migrated away deletes it on
-the old owner, which announces it like any deletion (an entry's slot migrated away leaves the
-entry right: it still holds on to its generations); a primary demoted by a failover keeps announcing
-what the replication stream changes, and an invalidation is confirmed by a replica before it
-returns (``WAIT``), so its message is on its way when it does.
+``1/n`` of the configured bounds for ``n`` primaries. An entry is kept by its slot's primary's near
+cache, its generations by their namespace slot's primary's, and the entry is answered only while
+that near cache holds the generations it was read with: whatever drops one of them (a message, a
+lost or silent connection on that other primary) makes the entry miss. A hit is answered only while
+the generations' primary's session is confirmed too. A ``MOVED`` or ``ASK`` from a primary empties
+its near cache (reason ``moved``): it no longer serves a slot it may hold keys of. A generation's
+slot migrated away deletes it on the old owner, which announces it like any deletion (an entry's
+slot migrated away leaves the entry right: it is still checked against its generations); a primary
+demoted by a failover keeps announcing what the replication stream changes, and an invalidation is
+confirmed by a replica before it returns (``WAIT``), so its message is on its way when it does.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -47,6 +48,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from commons.cache.backends.base import StoredRead
+from commons.cache.backends.expiry import ToldExpiry
 from commons.cache.backends.near import FlushReason, NearCache, ReadTicket
 from commons.cache.backends.pipelined_reads import (
     PipelinedReader,
@@ -107,6 +109,8 @@ class ClusterRead(NamedTuple):
     replies: list[bytes | None]
     entry_session: int | None
     generations_session: int | None
+    #: The entry's time to live, when the read asked for it in the entry's round trip.
+    told: ToldExpiry | None = None
 
 
 class ClusterReads:
@@ -204,7 +208,14 @@ class ClusterReads:
             plan.generations_ticket, read.generations_session, stored.generation
         )
         if held is not None:
-            plan.entry_near.keep_entry(plan.entry_ticket, read.entry_session, stored, at, held)
+            plan.entry_near.keep_entry(
+                plan.entry_ticket,
+                read.entry_session,
+                stored,
+                at,
+                plan.generations_ticket.keys,
+                held,
+            )
 
     def end(self, plan: ClusterReadPlan) -> None:
         """The read of ``plan`` is over (kept or not)."""
@@ -214,11 +225,17 @@ class ClusterReads:
     # -- reading -------------------------------------------------------------------------------
 
     async def read(
-        self, key: str, scope: CacheScope, plan: ClusterReadPlan | None = None
+        self,
+        key: str,
+        scope: CacheScope,
+        plan: ClusterReadPlan | None = None,
+        *,
+        with_ttl: bool = False,
     ) -> ClusterRead | None:
         """The entry under ``key``, then its ``scope``'s generations, read on their slots'
         primaries (``plan``'s, when the near caches wait for them); ``None`` when the slot map
-        cannot route them here (the caller then reads through redis-py).
+        cannot route them here (the caller then reads through redis-py). ``with_ttl``: the
+        entry's ``PTTL`` goes in the entry's round trip (:meth:`PipelinedReader.mget_with_ttl`).
 
         Raises:
             redis.exceptions.RedisError: A timeout, or an error reply that is not about routing.
@@ -232,14 +249,23 @@ class ClusterReads:
                 return None
             entry, generations = found_entry, found_generations
         tracked = plan is not None
+        told = None
         try:
-            value, entry_session = await self._ask(entry, route.entry_command, 1, tracked)
+            if with_ttl:
+                sent_at = time.monotonic()
+                ttl_command = encode_command(b"PTTL", [key])
+                value, entry_session, ttl_ms = await self._ask_with_ttl(
+                    entry, route.entry_command, ttl_command
+                )
+                told = ToldExpiry(sent_at, ttl_ms)
+            else:
+                value, entry_session = await self._ask(entry, route.entry_command, 1, tracked)
             values, generations_session = await self._ask(
                 generations, route.generations_command, len(route.generation_keys), tracked
             )
         except _Rerouted:
             return None
-        return ClusterRead([value[0], *values], entry_session, generations_session)
+        return ClusterRead([value[0], *values], entry_session, generations_session, told)
 
     def _route(self, key: str, scope: CacheScope) -> _Route:
         """Where the reads of ``key`` go and what they send, worked out once per key (a key's
@@ -295,18 +321,39 @@ class ClusterReads:
             if tracked:
                 return await primary.reader.mget_tracked(command, count)
             return await primary.reader.mget_encoded(command, count), None
-        except redis_errors.TimeoutError:
+        except redis_errors.RedisError as exc:
+            if self._belongs_elsewhere(primary, exc):
+                raise _Rerouted from exc
             raise
-        except redis_errors.ConnectionError as exc:
-            # A node that cannot be reached may have been replaced: redis-py finds out.
-            raise _Rerouted from exc
-        except redis_errors.ResponseError as exc:
-            message = str(exc)
-            if not message.startswith(_ROUTING_REPLIES):
-                raise
-            if message.startswith(_MOVED_REPLIES) and primary.near is not None:
-                primary.near.flush(FlushReason.MOVED)
-            raise _Rerouted from exc
+
+    async def _ask_with_ttl(
+        self, primary: _Primary, command: bytes, ttl_command: bytes
+    ) -> tuple[list[bytes | None], int | None, int]:
+        """:meth:`_ask` of the entry's ``MGET``, with its ``PTTL`` in the same round trip."""
+        try:
+            values, ttl_ms, session = await primary.reader.mget_with_ttl(command, 1, ttl_command)
+        except redis_errors.RedisError as exc:
+            if self._belongs_elsewhere(primary, exc):
+                raise _Rerouted from exc
+            raise
+        return values, session, ttl_ms
+
+    @staticmethod
+    def _belongs_elsewhere(primary: _Primary, exc: redis_errors.RedisError) -> bool:
+        """Whether the read that failed with ``exc`` belongs to redis-py's path (see the module
+        doc); a timeout does not: it is an outage, as on one server."""
+        if isinstance(exc, redis_errors.TimeoutError):
+            return False
+        if isinstance(exc, redis_errors.ConnectionError):
+            return True  # a node that cannot be reached may have been replaced: redis-py finds out
+        if not isinstance(exc, redis_errors.ResponseError):
+            return False
+        message = str(exc)
+        if not message.startswith(_ROUTING_REPLIES):
+            return False
+        if message.startswith(_MOVED_REPLIES) and primary.near is not None:
+            primary.near.flush(FlushReason.MOVED)
+        return True
 
     def _primary_of(self, node: ClusterNode | None) -> _Primary | None:
         """The reader (and near cache) of ``node``, opened on first use; ``None`` for no node

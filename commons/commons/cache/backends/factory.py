@@ -35,8 +35,8 @@ def redis_store(settings: CacheSettings, *, serving: CacheEvents | None = None) 
     near = None
     if serving is not None and settings.CACHE_NEAR_CACHE:
         near = NearCache(
-            max_entries=settings.CACHE_MEMORY_MAX_ENTRIES,
-            max_bytes=settings.CACHE_MEMORY_MAX_BYTES,
+            max_entries=settings.CACHE_NEAR_CACHE_MAX_ENTRIES,
+            max_bytes=settings.CACHE_NEAR_CACHE_MAX_BYTES,
             events=serving,
             max_age_seconds=settings.CACHE_NEAR_CACHE_MAX_AGE_SECONDS,
         )

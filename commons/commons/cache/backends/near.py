@@ -93,8 +93,7 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 
 import hiredis
 from redis import exceptions as redis_errors
@@ -121,8 +120,14 @@ REFUSED_RETRY_FIRST_SECONDS = 1.0
 REFUSED_RETRY_MAX_SECONDS = 60.0
 #: The default of CACHE_NEAR_CACHE_MAX_AGE_SECONDS.
 DEFAULT_MAX_AGE_SECONDS = 5.0
-#: What a held key costs beyond its key's and value's bytes (objects, dictionary slots).
-ITEM_OVERHEAD_BYTES = 200
+#: What a held entry costs beyond its key's, value's and generation's bytes: their objects'
+#: headers, the entry's tuples and its dictionary slot (measured: the process's resident memory
+#: grew by 1,600 bytes per entry over a hundred thousand entries of 1 KB, keys of 70 bytes).
+ENTRY_OVERHEAD_BYTES = 480
+#: The same for a held generation (its key and value objects, a dictionary slot).
+GENERATION_OVERHEAD_BYTES = 200
+#: Where an entry holds its size.
+_SIZE: Final = 6
 
 
 #: Sent before the tracking command (see :meth:`NearCache.tracking_command`); always ``OK``.
@@ -153,24 +158,16 @@ class Retrackable(Protocol):
     def retrack(self) -> None: ...
 
 
-@dataclass(slots=True)
-class _Generation:
-    """A held generation key; ``alive`` turns false when it is dropped (entries check it)."""
-
-    value: bytes
-    alive: bool = True
-
-
-class _Entry(NamedTuple):
-    value: bytes
-    expires_at: float
-    #: Past this (the read's send time plus the maximum age, or the expiry if sooner) the entry
-    #: is read from Redis again.
-    answer_until: float
-    #: The scope's generations as the read reported them, joined.
-    generation: bytes
-    generations: tuple[_Generation, ...]
-    size: int
+#: A held entry: ``(value, expires_at, answer_until, generation, generation_keys,
+#: generation_values, size)``. ``answer_until``: past it (the read's send time plus the maximum
+#: age, or the expiry if sooner) the entry is read from Redis again; ``generation``: the scope's
+#: generations as the read reported them, joined; the entry is answered only while the near cache
+#: holding its generations holds ``generation_values`` under ``generation_keys``.
+#:
+#: A plain tuple of immutable values, not an object: the garbage collector stops tracking such a
+#: tuple once it has survived a collection, so a full collection never walks the entries (with
+#: entries as objects, a full near cache of a hundred thousand made each one take 100-230 ms).
+_Entry = tuple[bytes, float, float, bytes, tuple[str, ...], tuple[bytes, ...], int]
 
 
 class ReadTicket(NamedTuple):
@@ -209,7 +206,8 @@ class NearCache:
         self._max_item_bytes = max(max_bytes // 64, 1)
         self.events = events or CacheEvents()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._generations: dict[str, _Generation] = {}
+        #: Held generations: their values by key (immutable, so untracked by the collector).
+        self._generations: dict[str, bytes] = {}
         self._bytes = 0
         #: Bumped by every flush and every new session: reads begun before are not kept.
         self._epoch = 0
@@ -321,20 +319,23 @@ class NearCache:
         if now - self._heard_at > SILENCE_LIMIT_SECONDS:
             self._lose(FlushReason.SILENCE)
             return None
-        if generations_from is not None and not generations_from.confirmed(now):
-            return None
-        if entry.answer_until <= now:
+        held = self._generations
+        if generations_from is not None:
+            if not generations_from.confirmed(now):
+                return None
+            held = generations_from._generations
+        value, expires_at, answer_until, generation, generation_keys, generation_values, _ = entry
+        if answer_until <= now:
             self._drop_entry(key)
             return None
-        for generation in entry.generations:
-            if not generation.alive:
+        for index, generation_key in enumerate(generation_keys):
+            if held.get(generation_key) != generation_values[index]:
+                # Dropped (changed, announced, evicted) since the entry was kept.
                 self._drop_entry(key)
                 return None
         self._entries.move_to_end(key)
         self.events.near_cache_hit(namespace)
-        return StoredRead(
-            math.ceil(entry.expires_at - now), entry.value, entry.generation, from_memory=True
-        )
+        return StoredRead(math.ceil(expires_at - now), value, generation, from_memory=True)
 
     # -- filling -----------------------------------------------------------------------------------
 
@@ -378,11 +379,13 @@ class NearCache:
         generations_ticket = ticket._replace(keys=ticket.keys[1:])
         generations = self.hold_generations(generations_ticket, tracked_in, read.generation)
         if generations is not None:
-            self.keep_entry(entry_ticket, tracked_in, read, expires_at, generations)
+            self.keep_entry(
+                entry_ticket, tracked_in, read, expires_at, generations_ticket.keys, generations
+            )
 
     def hold_generations(
         self, ticket: ReadTicket, tracked_in: int | None, joined: bytes
-    ) -> tuple[_Generation, ...] | None:
+    ) -> tuple[bytes, ...] | None:
         """Holds the generations the read of ``ticket`` (their keys) found, ``joined`` as a read
         reports them; ``None`` (nothing held) if they are not known to be current."""
         values = joined.split(b".")
@@ -396,22 +399,33 @@ class NearCache:
         tracked_in: int | None,
         read: StoredRead,
         expires_at: float,
-        generations: tuple[_Generation, ...],
+        generation_keys: tuple[str, ...],
+        generation_values: tuple[bytes, ...],
     ) -> None:
-        """Keeps the entry the read of ``ticket`` (its one key) found, valid while
-        ``generations`` (held here or by another server's near cache) are."""
-        if read.value is None or read.generation is None or not self._admits(ticket, tracked_in):
+        """Keeps the entry the read of ``ticket`` (its one key) found, valid while the near cache
+        holding its generations (this one, or another server's) holds ``generation_values``
+        under ``generation_keys`` (as :meth:`hold_generations` returned them)."""
+        value, generation = read.value, read.generation
+        if value is None or generation is None or not self._admits(ticket, tracked_in):
             return
-        key = ticket.keys[0]
-        size = len(key) + len(read.value) + ITEM_OVERHEAD_BYTES
-        if size > self._max_item_bytes or not all(held.alive for held in generations):
+        # A plain str: a key that knows its scope and route (a ``ScopedKey``) is an object the
+        # garbage collector walks, with those it refers to, for as long as the entry is held.
+        key = str(ticket.keys[0])
+        size = len(key) + len(value) + len(generation) + ENTRY_OVERHEAD_BYTES
+        if size > self._max_item_bytes:
             return
         answer_until = min(expires_at, ticket.sent_at + self._max_age)
         self._refused_retry = REFUSED_RETRY_FIRST_SECONDS  # tracking works
         self._drop_entry(key)
         self._make_room(size)
-        self._entries[key] = _Entry(
-            read.value, expires_at, answer_until, read.generation, generations, size
+        self._entries[key] = (
+            value,
+            expires_at,
+            answer_until,
+            generation,
+            generation_keys,
+            generation_values,
+            size,
         )
         self._bytes += size
 
@@ -430,17 +444,17 @@ class NearCache:
                     return False
         return True
 
-    def _held_generation(self, key: str, value: bytes) -> _Generation:
+    def _held_generation(self, key: str, value: bytes) -> bytes:
         held = self._generations.get(key)
         if held is not None:
-            if held.value == value:
-                return held
+            if held == value:
+                return held  # the one object, shared by every entry of the scope
             # A change whose message is still on its way: the newer value replaces it.
             self._drop_generation(key)
-        self._make_room(len(key) + len(value) + ITEM_OVERHEAD_BYTES)
-        held = self._generations[key] = _Generation(value)
-        self._bytes += len(key) + len(value) + ITEM_OVERHEAD_BYTES
-        return held
+        self._make_room(len(key) + len(value) + GENERATION_OVERHEAD_BYTES)
+        self._generations[key] = value
+        self._bytes += len(key) + len(value) + GENERATION_OVERHEAD_BYTES
+        return value
 
     def _make_room(self, size: int) -> None:
         entries = self._entries
@@ -449,7 +463,7 @@ class NearCache:
             or self._bytes + size > self._max_bytes
         ):
             _, oldest = entries.popitem(last=False)
-            self._bytes -= oldest.size
+            self._bytes -= oldest[_SIZE]
         if len(self._generations) >= self._max_entries or self._bytes + size > self._max_bytes:
             # Only generations are left: drop them all (entries that need them then miss).
             for key in list(self._generations):
@@ -471,20 +485,17 @@ class NearCache:
     def _drop_entry(self, key: str) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
-            self._bytes -= entry.size
+            self._bytes -= entry[_SIZE]
 
     def _drop_generation(self, key: str) -> None:
         held = self._generations.pop(key, None)
         if held is not None:
-            held.alive = False
-            self._bytes -= len(key) + len(held.value) + ITEM_OVERHEAD_BYTES
+            self._bytes -= len(key) + len(held) + GENERATION_OVERHEAD_BYTES
 
     def flush(self, reason: str | None) -> None:
         """Forgets everything; reads under way keep nothing. ``reason`` is reported (``None``:
         not an event worth reporting, nothing was held)."""
         self._epoch += 1
-        for held in self._generations.values():
-            held.alive = False
         self._entries.clear()
         self._generations.clear()
         self._bytes = 0

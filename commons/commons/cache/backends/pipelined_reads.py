@@ -150,8 +150,10 @@ def connection_opener(
     return open_channel
 
 
-#: What a GET or an MGET is answered with.
-Reply = bytes | None | list[bytes | None]
+#: What a GET, an MGET or a PTTL is answered with.
+Reply = bytes | int | None | list[bytes | None]
+#: Replies handed out as they are parsed (beside nil and a list of values).
+_PLAIN_REPLIES = (bytes, int)
 
 
 def _is_bulk_list(reply: object) -> bool:
@@ -280,7 +282,7 @@ class _Connection(asyncio.Protocol):
                 future = waiting.popleft()[0]
                 if future.done():  # its caller gave up; the reply is dropped
                     continue
-                if reply is None or isinstance(reply, bytes) or _is_bulk_list(reply):
+                if reply is None or type(reply) in _PLAIN_REPLIES or _is_bulk_list(reply):
                     future.set_result(reply)
                 elif isinstance(reply, hiredis.ReplyError):
                     future.set_exception(_error_reply(reply))
@@ -324,6 +326,21 @@ class _Connection(asyncio.Protocol):
             self.channel.close()
 
 
+async def _exchange(connection: _Connection, command: bytes, before: bytes) -> tuple[Reply, Reply]:
+    """The replies to ``command`` and to ``before``, sent before it in the same write; if one
+    fails, the other's reply is dropped unseen."""
+    before_reply = connection.send(before)
+    reply = connection.send(command)
+    try:
+        first = await before_reply
+        return await reply, first
+    finally:
+        if not reply.done():
+            reply.cancel()  # its caller gave up, or the first failed: dropped when it comes
+        elif not reply.cancelled():
+            reply.exception()  # seen, whatever became of the first
+
+
 class PipelinedReader:
     """GETs on one connection of their own, pipelined; reconnects after any failure.
 
@@ -355,8 +372,8 @@ class PipelinedReader:
     async def get(self, key: str) -> bytes | None:
         """The value under ``key``, or ``None`` (see :meth:`mget`)."""
         reply = (await self._call(encode_command(b"GET", [key])))[0]
-        if isinstance(reply, list):
-            raise redis_errors.InvalidResponse("a GET was answered with a list")
+        if reply is not None and type(reply) is not bytes:
+            raise redis_errors.InvalidResponse("a GET was not answered with a value")
         return reply
 
     async def mget(self, keys: list[str]) -> list[bytes | None]:
@@ -380,10 +397,27 @@ class PipelinedReader:
         self, command: bytes, count: int
     ) -> tuple[list[bytes | None], int | None]:
         """:meth:`mget_encoded`, and the tracking session its connection was in at the reply."""
-        reply, connection = await self._call(command)
+        reply, _, connection = await self._call(command)
         if not isinstance(reply, list) or len(reply) != count:
             raise redis_errors.InvalidResponse("an MGET was not answered with its values")
         return reply, connection.session
+
+    async def mget_with_ttl(
+        self, command: bytes, count: int, ttl_command: bytes
+    ) -> tuple[list[bytes | None], int, int | None]:
+        """:meth:`mget_tracked`, and in the same round trip the remaining time to live of the
+        first key in milliseconds (``ttl_command``: its ``PTTL``, :func:`encode_command`), as
+        Redis counts it (negative: no such key, or no expiry).
+
+        The ``PTTL`` is sent first: a write landing between the two commands then makes the
+        time to live belong to the older value, which expires sooner, so it errs short.
+        """
+        reply, ttl_ms, connection = await self._call(command, ttl_command)
+        if type(ttl_ms) is not int:
+            raise redis_errors.InvalidResponse("a PTTL was not answered with an integer")
+        if not isinstance(reply, list) or len(reply) != count:
+            raise redis_errors.InvalidResponse("an MGET was not answered with its values")
+        return reply, ttl_ms, connection.session
 
     def retrack(self) -> None:
         """Sends the tracking command again on the open connection (a new session began)."""
@@ -396,21 +430,29 @@ class PipelinedReader:
                 return
             connection.track(*command)
 
-    async def _call(self, command: bytes) -> tuple[Reply, _Connection]:
+    async def _call(
+        self, command: bytes, before: bytes | None = None
+    ) -> tuple[Reply, Reply, _Connection]:
+        """The reply to ``command``, the reply to ``before`` (sent just before it, in the same
+        write; ``None`` if not given), and the connection they came on."""
         connection = self._usable_connection(asyncio.get_running_loop())
         if connection is None:
             connection = await self._connect()
         if len(connection.waiting) >= self._max_pending:
             raise redis_errors.MaxConnectionsError("too many reads are waiting for Redis")
         try:
-            return await connection.send(command), connection
+            if before is None:  # a hit's path: no coroutine of its own
+                return await connection.send(command), None, connection
+            return *(await _exchange(connection, command, before)), connection
         except redis_errors.BusyLoadingError:
             raise
         except redis_errors.ConnectionError:
             # The connection was dropped (a restarted server): once more, at once, on a new one,
             # as redis-py retries its own commands. A timeout is not retried.
             connection = await self._connect()
-            return await connection.send(command), connection
+            if before is None:
+                return await connection.send(command), None, connection
+            return *(await _exchange(connection, command, before)), connection
 
     def _usable_connection(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
         """The open connection, if there is one and ``loop`` can drive it."""

@@ -62,7 +62,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from commons.cache.backends.base import CacheStore, ReplicaLocks, StoredRead
 from commons.cache.backends.cluster_reads import ClusterReads
-from commons.cache.backends.expiry import ExpiryMemo
+from commons.cache.backends.expiry import ExpiryMemo, ToldExpiry
 from commons.cache.backends.near import FlushReason, NearCache, ReadTicket
 from commons.cache.backends.pipelined_reads import (
     PipelinedReader,
@@ -538,7 +538,9 @@ class RedisStore(CacheStore, ReplicaLocks):
         if known is None:
             keys = self._read_keys(key, scope)
             known = (encode_command(b"MGET", keys), len(keys))
-            self._read_commands.put(key, known, 2 * len(known[0]))
+            self._read_commands.put(
+                str(key), known, 2 * len(known[0])
+            )  # a plain str, see expiry.py
         return known
 
     def _generation_key_of(self, target: InvalidationTarget) -> str:
@@ -589,8 +591,8 @@ class RedisStore(CacheStore, ReplicaLocks):
         # A hit's path: the seam is spelled out rather than entered as a context manager, which
         # would cost a hit a generator and two awaits.
         try:
-            replies, tracked_in = await self._read_replies(reads, key, scope, ticket)
-            read, expires_at = await self._stored_read(key, replies)
+            replies, tracked_in, told = await self._read_replies(reads, key, scope, ticket)
+            read, expires_at = await self._stored_read(key, replies, told)
             if ticket is not None and near is not None and expires_at is not None:
                 near.keep(ticket, tracked_in, read, expires_at)
             return read
@@ -608,16 +610,17 @@ class RedisStore(CacheStore, ReplicaLocks):
         redirect, an unknown slot)."""
         plan = cluster.begin(key, scope)
         try:
-            routed = await cluster.read(key, scope, plan)
+            routed = await cluster.read(key, scope, plan, with_ttl=not self._expiries.knows(key))
+            told = None
             if routed is not None:
-                replies = routed.replies
+                replies, told = routed.replies, routed.told
             else:
                 generation_keys = self.generation_keys(scope)
                 # The entry and its generations live in different slots: the entry first, so an
                 # invalidation between the two reads shows as another generation (a miss).
                 replies = [cast(bytes | None, await self._client.get(key))]
                 replies += cast(list[bytes | None], await self._client.mget(generation_keys))
-            read, expires_at = await self._stored_read(key, replies)
+            read, expires_at = await self._stored_read(key, replies, told)
             if plan is not None and routed is not None and expires_at is not None:
                 cluster.keep(plan, routed, read, expires_at)
             return read
@@ -628,10 +631,11 @@ class RedisStore(CacheStore, ReplicaLocks):
                 cluster.end(plan)
 
     async def _stored_read(
-        self, key: str, replies: list[bytes | None]
+        self, key: str, replies: list[bytes | None], told: ToldExpiry | None = None
     ) -> tuple[StoredRead, float | None]:
         """What a read's replies (the entry's value, then its generations') say, and when the
-        value expires (``None``: no value, or about to expire)."""
+        value expires (``None``: no value, or about to expire); ``told``: the entry's time to
+        live as the read asked for it in the same round trip, if it did."""
         value = replies[0]
         generations = replies[1:]
         generation = None if None in generations else b".".join(generations)  # type: ignore[arg-type]
@@ -639,6 +643,9 @@ class RedisStore(CacheStore, ReplicaLocks):
             self._expiries.forget(key)
             return StoredRead(0, None, generation), None
         expires_at = self._expiries.expires_at(key, value)
+        if expires_at is None and told is not None and told.ttl_ms > 0:
+            self._expiries.remember(key, value, told.ttl_ms / 1000, measured_at=told.sent_at)
+            expires_at = told.sent_at + told.ttl_ms / 1000
         if expires_at is None:
             # First sight of these bytes (or near their expiry): one more round trip. Its clock
             # starts when it is sent: a late reply must not lengthen the entry's life.
@@ -656,16 +663,25 @@ class RedisStore(CacheStore, ReplicaLocks):
         key: str,
         scope: CacheScope,
         ticket: ReadTicket | None,
-    ) -> tuple[list[bytes | None], int | None]:
-        """The entry's and its generations' values, and the tracking session of the read (on
-        the pipelined reader with a near cache, else ``None``)."""
+    ) -> tuple[list[bytes | None], int | None, ToldExpiry | None]:
+        """The entry's and its generations' values, the tracking session of the read (on the
+        pipelined reader with a near cache, else ``None``), and on the pipelined reader, when
+        no expiry of the entry is remembered, its time to live asked in the same round trip
+        (past the expiry memo's bound every hit would otherwise cost a second one)."""
         if reads is not None:
             command, count = self._read_command(key, scope)
+            if not self._expiries.knows(key):
+                sent_at = time.monotonic()
+                values, ttl_ms, session = await reads.mget_with_ttl(
+                    command, count, encode_command(b"PTTL", [key])
+                )
+                return values, session, ToldExpiry(sent_at, ttl_ms)
             if ticket is not None:
-                return await reads.mget_tracked(command, count)
-            return await reads.mget_encoded(command, count), None
+                return *(await reads.mget_tracked(command, count)), None
+            return await reads.mget_encoded(command, count), None, None
         # decode_responses is off: replies are bytes.
-        return cast(list[bytes | None], await self._client.mget(self._read_keys(key, scope))), None
+        values = cast(list[bytes | None], await self._client.mget(self._read_keys(key, scope)))
+        return values, None, None
 
     async def generation(self, scope: CacheScope) -> bytes:
         keys = self.generation_keys(scope)
@@ -700,19 +716,38 @@ class RedisStore(CacheStore, ReplicaLocks):
                         self._client, key, value, ttl_ms, scope, kept_alive
                     )
                 else:
-                    pipe = self._client.pipeline(transaction=True)
-                    for index, member in self._index_updates(key, scope):
-                        await self._index_add(
-                            keys=[index], args=[member, ttl_ms, INDEX_GRACE_MS], client=pipe
-                        )
-                    await self._fill(keys=fill_keys, args=fill_args, client=pipe)
-                    stored = bool((await pipe.execute())[-1])
+                    stored = await self._fill_transaction(key, scope, fill_keys, fill_args)
         finally:
             # Read-your-writes in this process: Redis' invalidation message comes later.
             self._drop_near([key])
         if stored:
             self._expiries.remember(key, value, ttl_seconds, measured_at=sent_at)
         return stored
+
+    async def _fill_transaction(
+        self, key: str, scope: CacheScope, fill_keys: list[str], fill_args: list[bytes | int]
+    ) -> bool:
+        """The fill and its index updates in one transaction, in one round trip: ``EVALSHA``
+        of scripts loaded once, and again if the server lost them (a restart, ``SCRIPT
+        FLUSH``). redis-py's pipelines would ask ``SCRIPT EXISTS`` before every transaction
+        that runs a script: a second round trip on every miss."""
+        try:
+            return await self._send_fill(key, scope, fill_keys, fill_args)
+        except redis_errors.NoScriptError:
+            await self._client.script_load(_INDEX_ADD)
+            await self._client.script_load(_FILL)
+            # The index updates are idempotent: the transaction runs again whole.
+            return await self._send_fill(key, scope, fill_keys, fill_args)
+
+    async def _send_fill(
+        self, key: str, scope: CacheScope, fill_keys: list[str], fill_args: list[bytes | int]
+    ) -> bool:
+        ttl_ms = fill_args[1]
+        pipe = self._client.pipeline(transaction=True)
+        for index, member in self._index_updates(key, scope):
+            pipe.evalsha(self._index_add.sha, 1, index, member, ttl_ms, INDEX_GRACE_MS)
+        pipe.evalsha(self._fill.sha, len(fill_keys), *fill_keys, *fill_args)
+        return bool((await pipe.execute())[-1])
 
     async def _write_on_cluster(
         self,

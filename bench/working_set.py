@@ -1,0 +1,173 @@
+"""Working sets: every request a hit over 1k, 10k, 100k and 1M warm keys chosen at random.
+
+A service's hits spread over every resource its tenants read. Here (issue 21), one uvicorn worker
+serves ``bench/_keyed_app.py`` (``gc.collect(); gc.freeze()`` at the end of start-up) on a Redis
+of its own per size; after one warm pass, each request asks ours for a warm key chosen uniformly at
+random, in paired rounds with the floor (same paths, pre-serialised bytes) right before and after.
+
+The warm pass: up to 10k keys, every key asked once through HTTP (a miss and a fill each). Past
+that, filling through HTTP would take most of the run (a million misses), so one key per tenant
+is filled through HTTP and its stored entry (the body is the same for every item of a tenant) is
+copied by pipelined ``SET ... PX`` to the tenant's other items' keys, as the fill would have
+written them (the scope indexes, which only invalidation reads, are left out). Every measured
+read goes through the real app.
+
+Reported per size: req/s and p99 over the floor's (medians of the rounds' ratios), the share of
+ours' HITs the near cache answered (the server's counters), and the server's RSS at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from bench._common import fmt_ratio, median
+from bench._keyed_app import NAMESPACE
+from bench._traffic import KeyedServer, load_generator, near_share, paired
+
+#: (tenants, items per tenant) of each working set.
+SIZES = ((10, 100), (100, 100), (100, 1_000), (1_000, 1_000))
+QUICK_SIZES = ((10, 100), (100, 100))
+#: Up to this many keys the warm pass goes through HTTP; past it, entries are copied.
+HTTP_WARM_MAX = 10_000
+#: Issue 21's targets per size: req/s over the floor's, p99 over the floor's.
+TARGETS = {100_000: (0.65, 3.0), 1_000_000: (0.60, 3.0)}
+PIPELINE = 10_000
+
+
+def _copy_entries(redis_url: str, tenants: int, items: int) -> None:
+    """Each tenant's item 0 entry (filled through HTTP) copied to its other items' keys."""
+    from redis import Redis
+
+    from commons.cache.keys import key_path
+    from commons.cache.keyspace import entry_key, qualified_namespace
+
+    qualified = qualified_namespace("bench", NAMESPACE)
+    empty_query = "d41d8cd98f00b204e9800998ecf8427e"  # md5 of an empty query string
+    with Redis.from_url(redis_url) as client:
+        for tenant in range(tenants):
+            tid = f"t{tenant}"
+
+            def key(item: int, tid: str = tid) -> str:
+                return entry_key(qualified, tid, None, key_path(f"/ours/{tid}/{item}"), empty_query)
+
+            first = key(0)
+            value, ttl_ms = client.get(first), client.pttl(first)
+            if value is None or ttl_ms <= 0:
+                raise RuntimeError(f"the warm pass left no entry under {first}")
+            pipe = client.pipeline(transaction=False)
+            for item in range(1, items):
+                pipe.set(key(item), value, px=ttl_ms)
+                if item % PIPELINE == 0:
+                    pipe.execute()
+            pipe.execute()
+
+
+def _measure(tenants: int, items: int, rounds: int, seconds: float) -> dict[str, float]:
+    from commons.testing.redis_server import RedisServer
+
+    with RedisServer() as redis, KeyedServer(redis.url) as server:
+        if tenants * items <= HTTP_WARM_MAX:
+            server.load("ours", tenants, items, seconds=900, sweep=True)
+        else:
+            server.load("ours", tenants, 1, seconds=900, sweep=True)
+            _copy_entries(redis.url, tenants, items)
+        server.load("ours", tenants, items, seconds=1)  # unrecorded
+        before = server.hits()
+        runs: list[dict[str, Any]] = []
+        for _ in range(rounds):
+            floor_before = server.load("floor", tenants, items, seconds=seconds)
+            ours = server.load("ours", tenants, items, seconds=seconds)
+            floor_after = server.load("floor", tenants, items, seconds=seconds)
+            floor = {k: (floor_before[k] + floor_after[k]) / 2 for k in ("rps", "p99_ms")}
+            runs.append({**ours, "floor": floor})
+        share = near_share(before, server.hits())
+        rss = server.rss_mib()
+    return {
+        "rps": median([r["rps"] for r in runs]),
+        "floor_rps": median([r["floor"]["rps"] for r in runs]),
+        "ratio": median(paired(runs, "rps")),
+        "p99_ms": median([r["p99_ms"] for r in runs]),
+        "floor_p99_ms": median([r["floor"]["p99_ms"] for r in runs]),
+        "p99_ratio": median(paired(runs, "p99_ms")),
+        "near_share": share,
+        "rss_mib": rss,
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    sizes, seconds, rounds = (QUICK_SIZES, 1.0, 1) if quick else (SIZES, 2.0, 5)
+    measured = {
+        tenants * items: _measure(tenants, items, rounds, seconds) for tenants, items in sizes
+    }
+    return summarize(measured, seconds=seconds, rounds=rounds)
+
+
+def summarize(
+    measured: dict[int, dict[str, float]], *, seconds: float, rounds: int
+) -> dict[str, Any]:
+    """The result (table, notes, chart, data) of what :func:`run` measured."""
+    rows: list[list[Any]] = []
+    problems: list[str] = []
+    for keys, figure in measured.items():
+        target = TARGETS.get(keys)
+        met = "—"
+        if target is not None:
+            ok = figure["ratio"] >= target[0] and figure["p99_ratio"] <= target[1]
+            met = f"≥ {target[0]:.2f}×, p99 ≤ {target[1]:.0f}×: {'yes' if ok else 'no'}"
+            if not ok:
+                problems.append(
+                    f"{keys:,} keys: {figure['ratio']:.2f}×, p99 {figure['p99_ratio']:.1f}×"
+                )
+        rows.append(
+            [
+                f"{keys:,}",
+                f"{figure['rps']:,.0f} / {figure['floor_rps']:,.0f}",
+                fmt_ratio(figure["ratio"]),
+                f"{figure['p99_ms']:.1f} / {figure['floor_p99_ms']:.1f} "
+                f"({figure['p99_ratio']:.1f}×)",
+                f"{figure['near_share']:.1%}",
+                f"{figure['rss_mib']:.0f}",
+                met,
+            ]
+        )
+    notes = (
+        "Every request a HIT of ours over the warm keys, chosen uniformly at random; one "
+        "uvicorn worker (gc.freeze() at start-up), a Redis of its own per size, keyed load by "
+        f"{load_generator()}, 16 connections. {rounds} paired round(s) of {seconds:g} s, the "
+        "floor right before and after; cells are medians (ratios: of each round's ratio). Warm "
+        f"pass through HTTP up to {HTTP_WARM_MAX:,} keys; past it one entry per tenant through "
+        "HTTP, copied to the tenant's other keys by pipelined SET. Near share: the server's "
+        "commons_cache_near_hits over commons_cache_hits in the measured runs; RSS: the "
+        "server's at the end. Targets (issue 21): "
+        + ("all met." if not problems else "MISSED: " + "; ".join(problems) + ".")
+    )
+    labels = [f"{keys:,} keys" for keys in measured]
+    return {
+        "name": "working_set",
+        "title": "Working sets: HITs over 1k to 1M warm keys chosen at random (vs the floor)",
+        "columns": [
+            "warm keys",
+            "req/s ours / floor",
+            "ours vs floor",
+            "p99 ms ours / floor",
+            "near share",
+            "RSS MiB",
+            "target met",
+        ],
+        "rows": rows,
+        "notes": notes,
+        "chart": {
+            "type": "bar",
+            "labels": labels,
+            "series": {"ours": [figure["ratio"] for figure in measured.values()]},
+            "unit": "× floor",
+        },
+        "data": {str(keys): figure for keys, figure in measured.items()},
+        "runs": {"seconds": seconds, "rounds": rounds},
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run("--quick" in sys.argv), indent=2))
