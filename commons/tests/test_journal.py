@@ -192,7 +192,12 @@ def test_an_invalidation_kept_during_an_outage_outlives_the_process_that_kept_it
             "CACHE_INVALIDATION_JOURNAL": str(journal),
             **FAST,
         }
-        a, b = replica_processes(**env).start(), replica_processes(**env).start()
+        a, b = replica_processes(**env), replica_processes(**env)
+        # Both import at once: a start is seconds of imports.
+        for replica in (a, b):
+            replica.spawn()
+        for replica in (a, b):
+            replica.wait_until_ready()
         assert _versions(a.url, 2) == [1, 1]
         assert httpx.get(f"{b.url}/res", headers=TENANT).headers["X-FastAPI-Cache"] == "HIT"
 
