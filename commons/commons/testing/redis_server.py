@@ -191,10 +191,6 @@ class RedisServer:
             "no",
             "--loglevel",
             "warning",
-            # A replica that connects is sent its copy at once, not after the 5 s that Redis 7
-            # waits by default for more replicas to share one diskless transfer.
-            "--repl-diskless-sync-delay",
-            "0",
             *debug,
             *self.extra_args,
         ]
