@@ -17,6 +17,7 @@ import gc
 import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -66,12 +67,12 @@ def redis_server() -> Iterator[RedisServer]:
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def replica_processes(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
-    """``replica_processes(workers=1, log_level="warning", **env)``: a :class:`ServiceProcess`
-    (not started yet; ``workers`` uvicorn workers, logging to ``replica-<n>.log`` in the test's
-    ``tmp_path``) with ``env`` added to an environment free of cache variables. Every one is
-    stopped after the test."""
+@contextmanager
+def _replicas_in(workdir: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """``make(workers=1, log_level="warning", **env)``: a :class:`ServiceProcess` of
+    ``replica_app.py`` (not started yet; ``workers`` uvicorn workers, logging to
+    ``replica-<n>.log`` in ``workdir``) with ``env`` added to an environment free of cache
+    variables. Every one is stopped on exit."""
     made: list[ServiceProcess] = []
 
     def make(*, workers: int = 1, log_level: str = "warning", **env: str) -> ServiceProcess:
@@ -83,7 +84,7 @@ def replica_processes(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]
             "replica_app:app",
             TESTS_DIR,
             environment,
-            tmp_path,
+            workdir,
             f"replica-{len(made)}",
             workers=workers,
             log_level=log_level,
@@ -96,6 +97,25 @@ def replica_processes(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]
     finally:
         for replica in made:
             replica.stop()
+
+
+@pytest.fixture
+def replica_processes(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """``replica_processes(workers=1, log_level="warning", **env)``: a :class:`ServiceProcess`
+    of ``replica_app.py``, not started yet (see ``_replicas_in``), logging in the test's
+    ``tmp_path``. Every one is stopped after the test."""
+    with _replicas_in(tmp_path) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_replica_processes(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """``replica_processes`` for the tests of one module to share (a start costs seconds of
+    imports): stopped after the module's last test."""
+    with _replicas_in(tmp_path_factory.mktemp("replicas")) as make:
+        yield make
 
 
 @pytest.fixture

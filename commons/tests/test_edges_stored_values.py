@@ -11,8 +11,8 @@ the guide's ``fastapi_cache.decorator.cache`` with ``tenant_cache_key_builder``.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,6 +31,8 @@ from commons.cache import (
     tenant_cache_key_builder,
 )
 from commons.cache.entry import ENVELOPE, expected_head, parse_any, stored_value
+from commons.testing.redis_server import RedisServer
+from commons.testing.service_process import ServiceProcess
 
 ACME = {"X-Test-Tenant": "acme"}
 NAMESPACE = "items"
@@ -234,16 +236,23 @@ HOSTILE_HEADERS: dict[str, list[list[str]]] = {
 }
 
 
-@pytest.fixture
-def replica(redis_url: str, start_replicas: Callable[..., list[str]], tmp_path: Path) -> str:
-    """One uvicorn process serving ``replica_app`` (``GET /res``, namespace ``res``) on Redis."""
-    return start_replicas(
-        1,
-        REDIS_URL=redis_url,
+@pytest.fixture(scope="module")
+def replica(
+    redis_server: RedisServer,
+    module_replica_processes: Callable[..., ServiceProcess],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> str:
+    """One uvicorn process serving ``replica_app`` (``GET /res``, namespace ``res``) on the
+    session's Redis, shared by the module's tests: each test empties Redis (``redis_url``) and
+    asks as a tenant of its own, so none meets what another left in the process."""
+    database = tmp_path_factory.mktemp("hostile") / "replica.sqlite"
+    process = module_replica_processes(
+        REDIS_URL=redis_server.url,
         CACHE_PREFIX="hostile",
-        REPLICA_DB=str(tmp_path / "replica.sqlite"),
+        REPLICA_DB=str(database),
         REPLICA_READ_SECONDS="0",
-    )[0]
+    )
+    return process.start().url
 
 
 async def plant_envelope(raw_redis: Redis, key: bytes, headers: list[list[str]]) -> None:
@@ -274,10 +283,11 @@ async def test_stored_headers_a_server_cannot_send_never_break_the_answer(
 ) -> None:
     """Through a real server (uvicorn): the answer is the route's body with its true length,
     whether the envelope is refused (a miss) or served without the framing headers."""
+    tenant = {"X-Test-Tenant": f"acme-{uuid.uuid4().hex[:12]}"}
     async with httpx.AsyncClient(base_url=replica, timeout=10) as client:
-        first = await client.get("/res", headers=ACME)
+        first = await client.get("/res", headers=tenant)
         await plant_envelope(raw_redis, await only_entry_key(raw_redis), headers)
-        after = [await client.get("/res", headers=ACME) for _ in range(3)]
+        after = [await client.get("/res", headers=tenant) for _ in range(3)]
 
     assert first.json() == {"version": 1}
     for response in after:

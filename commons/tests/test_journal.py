@@ -154,7 +154,12 @@ def _an_update_acknowledged_in_an_outage(
         "REPLICA_READ_SECONDS": "0",
         **FAST,
     }
-    a, b = replicas(**env).start(), replicas(**env).start()
+    a, b = replicas(**env), replicas(**env)
+    # Both import at once: a start is seconds of imports.
+    for replica in (a, b):
+        replica.spawn()
+    for replica in (a, b):
+        replica.wait_until_ready()
     assert _versions(a.url, 2) == [1, 1]
     assert httpx.get(f"{b.url}/res", headers=TENANT).headers["X-FastAPI-Cache"] == "HIT"
 
