@@ -135,6 +135,9 @@ class LocalRedisCluster:
             if role == "slave" and link != "up":
                 master = info_field(node, "replication", "master_port")
                 found.append(f"{node.port}: replica of {master}, link {link}")
+            replicas = int(info_field(node, "replication", "connected_slaves") or 0)
+            if role == "master" and replicas and not node.replicas_confirm(replicas, write=False):
+                found.append(f"{node.port}: {replicas} replica(s) not confirming writes yet")
         return found
 
     @staticmethod

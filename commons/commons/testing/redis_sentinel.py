@@ -39,7 +39,9 @@ class LocalSentinel:
             replica = RedisServer(extra_args=["--replicaof", master.host, str(master.port)])
             self.servers.append(replica.start())
             deadline = time.monotonic() + timeout
-            while info_field(replica, "replication", "master_link_status") != "up":
+            while info_field(
+                replica, "replication", "master_link_status"
+            ) != "up" or not master.replicas_confirm(1):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the replica did not sync with its master in time")
                 time.sleep(0.05)

@@ -191,6 +191,10 @@ class RedisServer:
             "no",
             "--loglevel",
             "warning",
+            # A replica that connects is sent its copy at once, not after the 5 s that Redis 7
+            # waits by default for more replicas to share one diskless transfer.
+            "--repl-diskless-sync-delay",
+            "0",
             *debug,
             *self.extra_args,
         ]
@@ -230,6 +234,33 @@ class RedisServer:
                 conn.recv(1024)
             conn.sendall(b"*%d\r\n" % len(parts) + b"".join(encode(p) for p in parts))
             return conn.recv(1 << 16)
+
+    def replicas_confirm(self, count: int, timeout_ms: int = 100, *, write: bool = True) -> bool:
+        """Whether ``count`` replicas confirm a write to this master within ``timeout_ms``.
+
+        A replica whose link reports ``up`` may not confirm a ``WAIT`` in time yet: right after a
+        first sync, the first write's ``WAIT`` was seen to miss 100 ms. A set-up that the cache's
+        ``WAIT`` relies on waits until a probe write (a key set and deleted) is confirmed.
+        ``write=False`` asks ``WAIT`` without writing (it then counts the replicas the master has
+        put online), for a cluster node, where a probe key would have to be one of its slots.
+        """
+        command = [b"WAIT", b"%d" % count, b"%d" % timeout_ms]
+        probe = [[b"SET", b"__replication_probe__", b"1"], [b"DEL", b"__replication_probe__"]]
+        commands = [*probe, command] if write else [command]
+        payload = b"".join(
+            b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+            for parts in commands
+        )
+        with socket.create_connection((self.host, self.port), timeout=5) as conn:
+            conn.sendall(payload)
+            reply = b""
+            while reply.count(b"\r\n") < len(commands):
+                chunk = conn.recv(1024)
+                if not chunk:
+                    return False
+                reply += chunk
+        answer = reply.split(b"\r\n")[len(commands) - 1]
+        return answer.startswith(b":") and int(answer[1:]) >= count
 
     def pause(self) -> None:
         """SIGSTOP: the server stops reading; packets go nowhere (a black hole)."""
