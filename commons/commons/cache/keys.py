@@ -63,9 +63,13 @@ _VALID_ID = re.compile(r"[^\s:]{1,256}")
 _EMPTY_QUERY_DIGEST = hashlib.md5(b"", usedforsecurity=False).hexdigest()
 # Query strings repeat (pagination, filters): their digests are kept, up to a bound in entries and
 # bytes (any client can send long, distinct query strings), so a hit does not parse and hash the
-# same query again.
-_digest_memo = BoundedMemo[bytes, str](16_384, 8 * 1024 * 1024)
+# same query again. A query longer than a few kilobytes is hashed every time: remembering it would
+# cost more than hashing it saves, and a fresh process would hold megabytes of junk queries.
 _MEMO_OVERHEAD_BYTES = 200
+_MEMO_MAX_QUERY_BYTES = 4096
+_digest_memo = BoundedMemo[bytes, str](
+    16_384, 8 * 1024 * 1024, max_item_bytes=_MEMO_MAX_QUERY_BYTES + _MEMO_OVERHEAD_BYTES
+)
 
 
 def canonical_query_digest(request: Request) -> str:
@@ -95,7 +99,7 @@ def key_path(path: str) -> str:
 # A key is a function of these inputs only; a hit finds its key again instead of validating the
 # ids and formatting, hashing and scoping it anew. Bounded in entries and bytes.
 _key_memo = BoundedMemo[tuple[str, str, str | None, str, bytes], ScopedKey](
-    16_384, 16 * 1024 * 1024
+    16_384, 16 * 1024 * 1024, max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES
 )
 
 
