@@ -283,6 +283,11 @@ async def proxied_store(
             await redis_store.aclose()
 
 
+async def tracking_clients(outside: Redis, count: int) -> bool:
+    """Whether Redis counts ``count`` connections with tracking on."""
+    return int((await outside.info("clients"))["tracking_clients"]) == count
+
+
 async def another_process_updates(store: RedisStore, outside: Redis) -> None:
     """What another replica's update does in Redis: its invalidation retires the scope's
     generation, then a fill stores the new value, v2."""
@@ -315,6 +320,8 @@ async def test_a_read_connection_dropped_silently_is_answered_from_no_longer_tha
     await filled(store, recorder)
     (reader,) = proxy.connections_that_sent(b"TRACKING")
     reader.sever_silently()
+    # The update must come after Redis dropped the connection (else it is still announced).
+    await eventually(lambda: tracking_clients(outside, 0), "Redis forgot the read connection")
     await another_process_updates(store, outside)
     changed_at = time.monotonic()
 
