@@ -238,8 +238,9 @@ class RedisServer:
     def replicas_confirm(self, count: int, timeout_ms: int = 100, *, write: bool = True) -> bool:
         """Whether ``count`` replicas confirm a write to this master within ``timeout_ms``.
 
-        A replica whose link reports ``up`` may not confirm a ``WAIT`` in time yet: right after a
-        first sync, the first write's ``WAIT`` was seen to miss 100 ms. A set-up that the cache's
+        A replica whose link reports ``up`` may not confirm a ``WAIT`` in time yet: its master
+        counts it only from its first acknowledgement, which it sends once a second (seen: writes
+        unconfirmed within 100 ms up to 0.9 s after the link came up). A set-up that the cache's
         ``WAIT`` relies on waits until a probe write (a key set and deleted) is confirmed.
         ``write=False`` asks ``WAIT`` without writing (it then counts the replicas the master has
         put online), for a cluster node, where a probe key would have to be one of its slots.

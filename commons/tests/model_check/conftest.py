@@ -463,6 +463,9 @@ class World:
                 )
                 for s in servers
             )
+            # A replica whose link is up counts for WAIT only after its first acknowledgement,
+            # up to a second later: until then the world's first invalidations would degrade.
+            settled = settled and next(s for s in servers if s.port == port).replicas_confirm(1)
             # A Sentinel refuses a new failover (INPROG) until the last one is over.
             over = b"failover_in_progress" not in self._sentinel_node().command(
                 "SENTINEL", "MASTER", self.sentinel.master_name
