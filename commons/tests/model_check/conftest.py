@@ -577,9 +577,23 @@ def window_log(request: pytest.FixtureRequest) -> WindowLog:
     return log
 
 
+def _summary_sections(config: pytest.Config) -> list[tuple[str, list[str]]]:
+    return [
+        (f"model check windows: {nodeid}", log.lines())
+        for nodeid, log in config.stash.get(_window_logs, [])
+    ]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # In a pytest-xdist worker nothing it prints is seen: its sections go to the controller,
+    # which prints them (commons/tests/conftest.py, ``pytest_terminal_summary``).
+    worker_output = getattr(session.config, "workeroutput", None)
+    if worker_output is not None:
+        worker_output["terminal_sections"] = _summary_sections(session.config)
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    logs = config.stash.get(_window_logs, [])
-    for nodeid, log in logs:
-        terminalreporter.section(f"model check windows: {nodeid}")
-        for line in log.lines():
+    for title, lines in _summary_sections(config):
+        terminalreporter.section(title)
+        for line in lines:
             terminalreporter.write_line(line)
