@@ -101,13 +101,14 @@ def key_path(path: str) -> str:
 # kept as its text and namespace (strings, which the cyclic collector never walks); only the keys
 # built most recently are kept as ScopedKey objects (which it walks, with their scopes and routed
 # copies): rebuilding one costs less than a full collection walking one per key of a large
-# working set.
+# working set. Few stay objects, so that those a large working set keeps replacing die young
+# (see _HOT_PREPARED_ENTRIES in cached_route.py).
 _KeyInputs = tuple[str, str, str | None, str, bytes]
 _key_memo = BoundedMemo[_KeyInputs, tuple[str, str]](
     16_384, 16 * 1024 * 1024, max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES
 )
 _hot_key_memo = BoundedMemo[_KeyInputs, ScopedKey](
-    1_024, 1024 * 1024, max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES
+    64, 1024 * 1024, max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES
 )
 
 
