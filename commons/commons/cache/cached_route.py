@@ -29,29 +29,56 @@ _PREPARED_MAX_ENTRIES = 16_384
 _PREPARED_MAX_BYTES = 32 * 1024 * 1024
 
 
+#: Prepared responses each route keeps as objects, for the keys hit most recently: they carry
+#: the last headers sent (see ``replay``), reused by hits within the same second. Few: over a
+#: large working set every hit replaces one, and objects that live long enough to reach the
+#: oldest generation before being dropped are what brings full collections back (1,024 measured
+#: slower than 64 in ``python -m bench working_set``).
+_HOT_PREPARED_ENTRIES = 64
+
+#: A prepared response as the memo holds it: the stored bytes, then PreparedResponse's fields
+#: up to ``last_sent``. Plain tuples of bytes, ints and bools are what the cyclic collector
+#: stops tracking: a large working set then adds nothing to a full collection's walk.
+_PreparedFields = tuple[
+    bytes, bytes, int, str, bool, tuple[tuple[bytes, bytes], ...], tuple[tuple[bytes, bytes], ...]
+]
+
+
 class PreparedResponses:
     """Prepared responses by key, reused while the stored bytes are the same (bounded).
 
     Comparing the stored bytes with the remembered ones costs one ``memcmp`` (nothing for the
     memory store, which hands back the very object); decoding, re-encoding headers and hashing
     the body for the ETag then happen once per stored value instead of on every hit.
+
+    Every key's prepared fields are kept as an untracked tuple; only the most recently hit keys
+    keep a :class:`PreparedResponse` object (which the collector walks): rebuilding one from its
+    fields is far cheaper than a full collection walking one per key of a large working set.
     """
 
     def __init__(self) -> None:
-        self._memo = BoundedMemo[str, tuple[bytes, PreparedResponse]](
-            _PREPARED_MAX_ENTRIES, _PREPARED_MAX_BYTES
+        self._memo = BoundedMemo[str, _PreparedFields](_PREPARED_MAX_ENTRIES, _PREPARED_MAX_BYTES)
+        self._hot = BoundedMemo[str, tuple[bytes, PreparedResponse]](
+            _HOT_PREPARED_ENTRIES, _PREPARED_MAX_BYTES
         )
 
     def get(self, key: str, value: ParsedValue, private: bool) -> PreparedResponse | None:
         """The prepared form of ``value``; ``None`` when its payload is no readable response."""
-        found = self._memo.get(key)
-        if found is not None and found[0] == value.raw and found[1].private is private:
-            if found[0] is not value.raw:
+        hot = self._hot.get(key)
+        if hot is not None and hot[0] == value.raw and hot[1].private is private:
+            if hot[0] is not value.raw:
                 # The same bytes in another object (read from Redis): the newest is kept, so an
                 # older copy (the bytes the fill wrote, once the near cache holds the ones it
                 # read) is not kept alive beside it.
-                self.put(key, value.raw, found[1])
-            return found[1]
+                self.put(key, value.raw, hot[1])
+            return hot[1]
+        found = self._memo.get(key)
+        if found is not None and found[0] == value.raw and found[4] is private:
+            prepared = PreparedResponse(*found[1:])
+            self._hot.put(key, (value.raw, prepared), len(value.raw) + len(key))
+            if found[0] is not value.raw:
+                self._memo.put(key, (value.raw, *found[1:]), len(value.raw) + len(key))
+            return prepared
         entry = decode_payload(value.kind, value.payload)
         if entry is None:
             return None
@@ -60,7 +87,18 @@ class PreparedResponses:
         return prepared
 
     def put(self, key: str, raw: bytes, prepared: PreparedResponse) -> None:
-        self._memo.put(key, (raw, prepared), len(raw) + len(key))
+        size = len(raw) + len(key)
+        fields = (
+            raw,
+            prepared.body,
+            prepared.status_code,
+            prepared.etag,
+            prepared.private,
+            prepared.headers,
+            prepared.not_modified_headers,
+        )
+        self._memo.put(key, fields, size)
+        self._hot.put(key, (raw, prepared), size)
 
 
 class CachedRoute:

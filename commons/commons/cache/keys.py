@@ -97,9 +97,18 @@ def key_path(path: str) -> str:
 
 
 # A key is a function of these inputs only; a hit finds its key again instead of validating the
-# ids and formatting, hashing and scoping it anew. Bounded in entries and bytes.
-_key_memo = BoundedMemo[tuple[str, str, str | None, str, bytes], ScopedKey](
+# ids and formatting, hashing and scoping it anew. Bounded in entries and bytes. Every key is
+# kept as its text and namespace (strings, which the cyclic collector never walks); only the keys
+# built most recently are kept as ScopedKey objects (which it walks, with their scopes and routed
+# copies): rebuilding one costs less than a full collection walking one per key of a large
+# working set. Few stay objects, so that those a large working set keeps replacing die young
+# (see _HOT_PREPARED_ENTRIES in cached_route.py).
+_KeyInputs = tuple[str, str, str | None, str, bytes]
+_key_memo = BoundedMemo[_KeyInputs, tuple[str, str]](
     16_384, 16 * 1024 * 1024, max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES
+)
+_hot_key_memo = BoundedMemo[_KeyInputs, ScopedKey](
+    64, 1024 * 1024, max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES
 )
 
 
@@ -143,15 +152,34 @@ def _build(
     # A user builder's inputs always hold a user id, a tenant builder's never: the two kinds of
     # key cannot be mistaken for each other here.
     memo_key = (qualified_namespace, tenant_id, user_id, path, query)
-    built = _key_memo.get(memo_key)
+    built = _hot_key_memo.get(memo_key)
+    if built is None:
+        built = _remembered(memo_key)
     if built is None:
         built = _build_new(qualified_namespace, request, tenant_id, user_id)
-        if built.scope is not None:
-            size = 2 * (len(path) + len(query)) + len(built) + _MEMO_OVERHEAD_BYTES
-            _key_memo.put(memo_key, built, size)
-    if built.scope is None:
-        return built
+        if built.scope is None:
+            return built
+        _key_memo.put(memo_key, (str(built), built.scope.namespace), _memo_size(memo_key, built))
+        _hot_key_memo.put(memo_key, built, _memo_size(memo_key, built))
     return _for_request(built, request, func, response)
+
+
+def _remembered(memo_key: _KeyInputs) -> ScopedKey | None:
+    """The key built before for these inputs, made again from its text (and kept as an object
+    while it is among the most recent)."""
+    found = _key_memo.get(memo_key)
+    if found is None:
+        return None
+    key, namespace = found
+    built = ScopedKey(key, CacheScope(namespace, memo_key[1], memo_key[2]))
+    _hot_key_memo.put(memo_key, built, _memo_size(memo_key, key))
+    return built
+
+
+def _memo_size(memo_key: _KeyInputs, key: str) -> int:
+    """What remembering ``key`` for ``memo_key`` holds, in bytes (path and query twice: in the
+    inputs and in the key)."""
+    return 2 * (len(memo_key[3]) + len(memo_key[4])) + len(key) + _MEMO_OVERHEAD_BYTES
 
 
 def _for_request(

@@ -117,6 +117,10 @@ logger = logging.getLogger("commons.cache")
 
 _NOTHING = StoredRead(0, None)
 
+#: A parsed value as the layer remembers it: the stored bytes, the fingerprint and generation
+#: they were checked against, then ParsedValue's fields after ``raw``.
+_ParsedFields = tuple[bytes, bytes, bytes | None, bytes, int, int, int | None]
+
 #: What a refused operation is called in ``cache_status().reason``.
 _REFUSED_WHAT = {"get": "reads", "set": "writes", "lock": "locks"}
 
@@ -231,10 +235,10 @@ class CacheLayer:
         )
         self._generations_asked: dict[CacheScope, asyncio.Future[bytes]] = {}
         # The last value parsed under each key, with the fingerprint and generation it was
-        # checked against (see _validated).
-        self._parsed = BoundedMemo[str, tuple[bytes, bytes, bytes | None, ParsedValue]](
-            16_384, 32 * 1024 * 1024
-        )
+        # checked against (see _validated): a plain tuple of bytes, ints and None, which the
+        # cyclic collector stops tracking, so a large working set adds nothing to a full
+        # collection (a ParsedValue, a tuple subclass, would stay tracked).
+        self._parsed = BoundedMemo[str, _ParsedFields](16_384, 32 * 1024 * 1024)
         if not settings.CACHE_ENABLED:
             initial, reason = CacheState.DISABLED, "CACHE_ENABLED is false"
         elif redis is None:
@@ -538,14 +542,15 @@ class CacheLayer:
             and known[1] == fingerprint
             and known[2] == token.generation
         ):
-            return Lookup(token, known[3], read.remaining)
+            known_value = ParsedValue(known[0], known[3], known[4], known[5], known[6])
+            return Lookup(token, known_value, read.remaining)
         parsed = parse_value(raw, expected_head(fingerprint, token.generation or b""))
         if parsed is None:
             reason = rejection_reason(raw, fingerprint)
             if reason is not None:
                 self.events.rejected_entry(namespace, reason)
             return Lookup(token)
-        entry = (raw, fingerprint, token.generation, parsed)
+        entry = (raw, fingerprint, token.generation, *parsed[1:])
         self._parsed.put(key, entry, len(key) + len(raw))
         return Lookup(token, parsed, read.remaining)
 
