@@ -124,9 +124,19 @@ class StateLog(CacheEvents):
 
     def __init__(self) -> None:
         self.changes: list[tuple[float, str]] = []
+        #: Why each change happened, as the status said just after it (for failure messages).
+        self.reasons: list[tuple[float, str]] = []
 
     def state_changed(self, state: str) -> None:
-        self.changes.append((time.time(), state))
+        now = time.time()
+        self.changes.append((now, state))
+        try:
+            asyncio.get_running_loop().call_soon(self._note_reason, now)
+        except RuntimeError:  # not on the event loop's thread: the status now is close enough
+            self._note_reason(now)
+
+    def _note_reason(self, at: float) -> None:
+        self.reasons.append((at, cache_status().reason))
 
 
 _states = StateLog()
@@ -260,6 +270,7 @@ async def status() -> dict[str, Any]:
         "pending_invalidations": current.pending_invalidations,
         "memory_entries": current.memory_entries,
         "changes": _states.changes,
+        "reasons": _states.reasons,
     }
 
 

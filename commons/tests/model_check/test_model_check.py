@@ -523,8 +523,10 @@ class Requests(RuleBasedStateMachine):
                 except httpx.HTTPError as exc:
                     lines.append(f"replica {replica.name}: /_status failed ({type(exc).__name__})")
                     continue
+            reasons = dict(status.get("reasons", []))
             changes = [
                 f"+{wall - offset - self.model.origin:.3f}s {state}"
+                + (f" ({reasons[wall]})" if state != "redis" and wall in reasons else "")
                 for wall, state in status["changes"]
                 if wall - offset >= self.model.origin
             ]
