@@ -159,8 +159,9 @@ def _build(
         built = _build_new(qualified_namespace, request, tenant_id, user_id)
         if built.scope is None:
             return built
-        _key_memo.put(memo_key, (str(built), built.scope.namespace), _memo_size(memo_key, built))
-        _hot_key_memo.put(memo_key, built, _memo_size(memo_key, built))
+        size = _memo_size(memo_key, built)
+        _key_memo.put(memo_key, (str(built), built.scope.namespace), size)
+        _hot_key_memo.put(memo_key, built, size)
     return _for_request(built, request, func, response)
 
 
