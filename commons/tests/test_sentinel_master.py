@@ -28,6 +28,7 @@ from commons.cache import (
     invalidate_namespace,
 )
 from commons.testing.redis_sentinel import LocalSentinel
+from commons.testing.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -187,3 +188,54 @@ async def test_an_invalidation_with_three_sentinels_black_holed_waits_for_one_ti
     assert max(took) < 2 * TIMEOUT + 0.15, took
     assert cache_status().backend == "redis", cache_status().reason
     assert (await service.get()).json() == {"version": 2}
+
+
+async def test_with_every_sentinel_away_new_connections_go_to_the_master_that_answers(
+    start_service: Callable[..., Any], sentinel: LocalSentinel
+) -> None:
+    service = await start_service()
+    await service.get()
+    assert (await service.get()).headers["X-FastAPI-Cache"] == "HIT"
+    master = next(s for s in sentinel.servers if s.port == sentinel.master_port())
+
+    sentinel.pause_sentinel()
+    # The master drops every connection of the service: each read and the invalidation need a
+    # new one, and no Sentinel answers to say where the master is.
+    master.command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    started = time.monotonic()
+    answers = await asyncio.gather(*(service.get() for _ in range(8)))
+    took = time.monotonic() - started
+    assert {a.json()["version"] for a in answers} == {1}
+    assert cache_status().backend == "redis", cache_status().reason
+    service.version["n"] = 2
+    await timed_invalidation()
+    assert cache_status().backend == "redis", cache_status().reason
+    assert (await service.get()).json() == {"version": 2}
+    # A new connection waits for one Sentinel timeout at most, then takes the last master known.
+    assert took < 2 * TIMEOUT + 0.15, took
+
+
+async def test_after_a_failover_with_every_sentinel_away_an_invalidation_finds_the_new_master(
+    start_service: Callable[..., Any], sentinel: LocalSentinel
+) -> None:
+    service = await start_service()
+    await service.get()
+    assert (await service.get()).headers["X-FastAPI-Cache"] == "HIT"
+
+    # The process makes no request while the Sentinels switch masters, then they go away: what
+    # it knows is the old master, now a replica that names the master it follows.
+    promoted = await asyncio.to_thread(sentinel.failover)
+    await asyncio.to_thread(sentinel.wait_for_master, promoted)
+    # Until the demoted master, resynchronised, acknowledges (once a second), WAIT cannot count it.
+    await eventually(
+        lambda: asyncio.to_thread(promoted.replicas_confirm, 1, 100), "the replica confirms", 30
+    )
+    sentinel.pause_sentinel()
+    service.version["n"] = 2
+    took = await timed_invalidation()
+
+    assert cache_status().backend == "redis", cache_status().reason
+    assert cache_status().pending_invalidations == 0
+    assert (await service.get()).json() == {"version": 2}
+    # One Sentinel timeout, then the old master, then the one it follows, and the WAIT.
+    assert took < 2 * TIMEOUT + 0.15, took

@@ -9,7 +9,12 @@ answers. Sentinel is how a failover is learned, not the way to the data, so here
   pipelined on each) and takes the first valid answer: one timeout at most, however many
   Sentinels are away. When none answers it keeps the master it knew, and a connection made to
   that address is used only if the server says it is a master (``HELLO``'s ``role``, which Redis
-  grants every user, as ``ROLE`` would say); otherwise the connection fails as an outage does.
+  grants every user, as ``ROLE`` would say). A server that says it is a replica names the master
+  it follows (``ROLE``): after a failover the Sentinels were not there to announce, the demoted
+  master leads to the promoted one, which is used if it says it is a master. Otherwise the
+  connection fails as an outage does. While no Sentinel answers, they are asked again only after
+  :data:`SILENT_SENTINELS_RETRY_SECONDS`, so a burst of new connections and an invalidation's own
+  connection cost one timeout between them, not one each.
 - :func:`replica_may_be_promoted` reads the same answer to decide whether an invalidation must be
   confirmed by a replica (``WAIT``, see ``backends/redis.py``). Without an answer nothing says no
   replica could be promoted, so it must: a master cut off from its replica and from the Sentinels
@@ -37,12 +42,18 @@ from redis.asyncio.sentinel import (
 )
 
 __all__ = [
+    "SILENT_SENTINELS_RETRY_SECONDS",
     "MasterPool",
     "SentinelView",
+    "master_followed",
+    "on_a_master",
     "replica_may_be_promoted",
     "reports_master_role",
     "sentinel_flags",
 ]
+
+#: While no Sentinel answers, how long the last master known is used without asking them again.
+SILENT_SENTINELS_RETRY_SECONDS = 0.5
 
 _FAILURES = (redis_errors.RedisError, OSError, asyncio.TimeoutError)
 
@@ -117,6 +128,23 @@ async def reports_master_role(connection: Any) -> bool:
     return False
 
 
+async def master_followed(connection: Any) -> tuple[str, int] | None:
+    """The master that the replica behind ``connection`` (connected) follows, from ``ROLE``;
+    ``None`` when the server is no replica or the command is refused (an ACL without it)."""
+    try:
+        await connection.send_command("ROLE")
+        reply = await connection.read_response()
+    except redis_errors.ResponseError:
+        return None
+    if not isinstance(reply, list) or len(reply) < 3:
+        return None
+    role = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+    if role not in ("slave", "replica"):
+        return None
+    host = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+    return host, int(reply[2])
+
+
 class MasterPool(SentinelConnectionPool):
     """redis-py's pool of Sentinel's master, which asks every Sentinel at once and keeps the
     last master it knew while none answers (its connections then check the server's role)."""
@@ -126,15 +154,28 @@ class MasterPool(SentinelConnectionPool):
         kwargs["connection_class"] = MasterSSLConnection if ssl else MasterConnection
         kwargs.pop("ssl", None)
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]  # redis-py: untyped
+        self._silent_since: float | None = None
 
     async def ask(self) -> SentinelView | None:
         """Asks every Sentinel at once; follows the master it names (idle connections to
         another one are dropped, as redis-py does)."""
         view = await ask_sentinels(self.sentinel_manager.sentinels, self.service_name)
-        if view is not None and view.names_a_master and self.master_address != view.address:
-            self.master_address = view.address
-            await self.disconnect(inuse_connections=False)
+        self._silent_since = asyncio.get_running_loop().time() if view is None else None
+        if view is not None and view.names_a_master:
+            await self.move_to(view.address)
         return view
+
+    async def move_to(self, address: tuple[str, int]) -> None:
+        """Takes ``address`` as the master; idle connections to another one are dropped."""
+        if self.master_address != address:
+            self.master_address = address
+            await self.disconnect(inuse_connections=False)
+
+    def _sentinels_recently_silent(self) -> bool:
+        if self._silent_since is None:
+            return False
+        elapsed = asyncio.get_running_loop().time() - self._silent_since
+        return elapsed < SILENT_SENTINELS_RETRY_SECONDS
 
     async def locate_master(self) -> tuple[tuple[str, int], SentinelView | None]:
         """The master's address and the Sentinels' answer. The address is the one a Sentinel
@@ -145,6 +186,9 @@ class MasterPool(SentinelConnectionPool):
         Raises:
             MasterNotFoundError: No Sentinel names a master and none was ever known.
         """
+        known: tuple[str, int] | None = self.master_address
+        if known is not None and self._sentinels_recently_silent():
+            return known, None
         view = await self.ask()
         if view is not None and view.names_a_master:
             return view.address, view
@@ -167,11 +211,30 @@ class MasterConnection(SentinelManagedConnection):
         pool: MasterPool = self.connection_pool
         address, view = await pool.locate_master()
         await self.connect_to(address)  # type: ignore[no-untyped-call]  # redis-py: untyped
-        if (view is None or not view.names_a_master) and not await reports_master_role(self):
-            await self.disconnect()
+        if view is not None and view.names_a_master:
+            return
+        if not await on_a_master(self, pool):
             raise redis_errors.ConnectionError(
                 f"no Sentinel answered and {address[0]}:{address[1]} is no longer a master"
             )
+
+
+async def on_a_master(connection: Any, pool: MasterPool) -> bool:
+    """Whether ``connection`` (connected, to an address no Sentinel confirmed just now) ends on a
+    server that says it is a master: its own server, or the master that server follows as a
+    replica (which the pool then takes as the master). Disconnected when it does not."""
+    if await reports_master_role(connection):
+        return True
+    followed = await master_followed(connection)
+    await connection.disconnect()
+    if followed is None:
+        return False
+    await connection.connect_to(followed)
+    if await reports_master_role(connection):
+        await pool.move_to(followed)
+        return True
+    await connection.disconnect()
+    return False
 
 
 class MasterSSLConnection(MasterConnection, SSLConnection):

@@ -83,8 +83,8 @@ from commons.cache.scope import CacheScope, InvalidationTarget
 from commons.cache.sentinel_master import (
     MasterPool,
     SentinelView,
+    on_a_master,
     replica_may_be_promoted,
-    reports_master_role,
 )
 
 __all__ = ["RedisStore"]
@@ -927,9 +927,10 @@ class RedisStore(CacheStore, ReplicaLocks):
         single = Redis(connection_pool=pool, single_connection_client=True)
         try:
             if view is None or not view.names_a_master:
-                # The last master known, no Sentinel naming it now: only while it says so.
+                # The last master known, no Sentinel naming it now: only while it says so (or
+                # the master it follows, if it is now a replica).
                 await single.initialize()
-                if single.connection is None or not await reports_master_role(single.connection):
+                if single.connection is None or not await on_a_master(single.connection, pool):
                     raise BackendUnavailableError("no Sentinel names a master, nor does the server")
             await single.unlink(generation_key)
             connection = single.connection
