@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from redis.crc import key_slot
+
 from commons.testing.redis_server import RedisServer, free_port
 
 __all__ = ["SLOTS", "LocalRedisCluster", "bulk_text", "info_field"]
@@ -136,9 +138,36 @@ class LocalRedisCluster:
                 master = info_field(node, "replication", "master_port")
                 found.append(f"{node.port}: replica of {master}, link {link}")
             replicas = int(info_field(node, "replication", "connected_slaves") or 0)
-            if role == "master" and replicas and not node.replicas_confirm(replicas, write=False):
-                found.append(f"{node.port}: {replicas} replica(s) not confirming writes yet")
+            if role == "master" and replicas:
+                probe = self._probe_key(node)
+                if probe is None or not node.replicas_confirm(replicas, probe_key=probe):
+                    found.append(f"{node.port}: {replicas} replica(s) not confirming writes yet")
         return found
+
+    @staticmethod
+    def _probe_key(node: RedisServer) -> bytes | None:
+        """A key in one of ``node``'s slots (``None`` when it owns none), to probe with a write."""
+        mine = next(
+            (
+                line
+                for line in bulk_text(node.command("CLUSTER", "NODES")).splitlines()
+                if "myself" in line.split()[2]
+            ),
+            "",
+        )
+        ranges = []
+        for part in mine.split()[8:]:
+            if part.startswith("["):
+                continue  # a slot being migrated or imported
+            first, _, last = part.partition("-")
+            ranges.append((int(first), int(last or first)))
+        if not ranges:
+            return None
+        for n in range(100_000):
+            key = b"__replication_probe__%d" % n
+            if any(first <= key_slot(key) <= last for first, last in ranges):
+                return key
+        return None
 
     @staticmethod
     def _wait(condition: object, deadline: float) -> None:

@@ -235,18 +235,26 @@ class RedisServer:
             conn.sendall(b"*%d\r\n" % len(parts) + b"".join(encode(p) for p in parts))
             return conn.recv(1 << 16)
 
-    def replicas_confirm(self, count: int, timeout_ms: int = 100, *, write: bool = True) -> bool:
+    def replicas_confirm(
+        self,
+        count: int,
+        timeout_ms: int = 100,
+        *,
+        write: bool = True,
+        probe_key: bytes = b"__replication_probe__",
+    ) -> bool:
         """Whether ``count`` replicas confirm a write to this master within ``timeout_ms``.
 
         A replica whose link reports ``up`` may not confirm a ``WAIT`` in time yet: its master
         counts it only from its first acknowledgement, which it sends once a second (seen: writes
         unconfirmed within 100 ms up to 0.9 s after the link came up). A set-up that the cache's
         ``WAIT`` relies on waits until a probe write (a key set and deleted) is confirmed.
-        ``write=False`` asks ``WAIT`` without writing (it then counts the replicas the master has
-        put online), for a cluster node, where a probe key would have to be one of its slots.
+        On a cluster node ``probe_key`` must be in one of its slots. ``write=False`` asks
+        ``WAIT`` without writing: it then counts the replicas the master has put online, which
+        includes one that has not acknowledged anything yet (not enough for the cache's ``WAIT``).
         """
         command = [b"WAIT", b"%d" % count, b"%d" % timeout_ms]
-        probe = [[b"SET", b"__replication_probe__", b"1"], [b"DEL", b"__replication_probe__"]]
+        probe = [[b"SET", probe_key, b"1"], [b"DEL", probe_key]]
         commands = [*probe, command] if write else [command]
         payload = b"".join(
             b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
