@@ -2,9 +2,9 @@
 
 Each module runs in its own subprocess (a crash, a leaked server or a global left initialised
 cannot disturb the next one). Full runs write ``bench/results/<name>.json`` and ``<name>.png`` and
-regenerate the README's table; ``--quick`` runs (smoke tests, seconds each) write to
-``bench/results/quick/`` instead and never touch the README. A module that fails is reported, the
-others still run, and the exit status is non-zero at the end.
+regenerate the tables of ``docs/benchmarks.md`` and the README's headline figures; ``--quick``
+runs (smoke tests, seconds each) write to ``bench/results/quick/`` instead and never touch either.
+A module that fails is reported, the others still run, and the exit status is non-zero at the end.
 """
 
 from __future__ import annotations
