@@ -248,36 +248,51 @@ def build_headline(results: Sequence[dict[str, Any]]) -> str:
     return markdown_table(("measure", "ours", "reference", "full table"), rows)
 
 
-def replace_between(path: Path, begin_marker: str, end_marker: str, text: str) -> bool:
-    """Puts ``text`` between the two markers of ``path``; False when the markers are not there."""
-    if not path.exists():
-        return False
-    current = path.read_text()
-    begin, end = current.find(begin_marker), current.find(end_marker)
+def generated_sections(directory: Path, order: Sequence[str]) -> list[tuple[Path, str, str, str]]:
+    """What ``write_report`` puts between which markers of which document: the full tables in
+    docs/benchmarks.md, the headline figures in the README."""
+    results = load_results(directory, order)
+    full = build_markdown(results, directory, document_dir=BENCHMARKS_DOC.parent)
+    return [
+        (BENCHMARKS_DOC, BEGIN_MARKER, END_MARKER, full),
+        (README, HEADLINE_BEGIN_MARKER, HEADLINE_END_MARKER, build_headline(results)),
+    ]
+
+
+def between(text: str, begin_marker: str, end_marker: str, section: str) -> str | None:
+    """``text`` with ``section`` between the two markers; None when the markers are not there."""
+    begin, end = text.find(begin_marker), text.find(end_marker)
     if not 0 <= begin < end:
-        return False
-    updated = current[: begin + len(begin_marker)] + "\n" + text + "\n" + current[end:]
-    if updated != current:
-        path.write_text(updated)
-    return True
+        return None
+    return text[: begin + len(begin_marker)] + "\n" + section + "\n" + text[end:]
+
+
+def out_of_date(directory: Path, order: Sequence[str]) -> list[str]:
+    """The documents whose generated sections differ from what the JSON files give (or that lack
+    their markers), by path from the repository's root."""
+    stale = []
+    for path, begin, end, section in generated_sections(directory, order):
+        current = path.read_text() if path.exists() else ""
+        if between(current, begin, end, section) != current:
+            stale.append(path.relative_to(REPO_ROOT).as_posix())
+    return stale
 
 
 def write_report(directory: Path, order: Sequence[str], *, readme: bool = True) -> Path:
     """Writes ``TABLE.md`` in ``directory`` and, if asked, docs/benchmarks.md and the README."""
-    results = load_results(directory, order)
     table_path = directory / "TABLE.md"
-    table_path.write_text(build_markdown(results, directory))
+    table_path.write_text(build_markdown(load_results(directory, order), directory))
     print(f"wrote {table_path.relative_to(REPO_ROOT)}")
     if not readme:
         return table_path
-    full = build_markdown(results, directory, document_dir=BENCHMARKS_DOC.parent)
-    for path, begin, end, text in (
-        (BENCHMARKS_DOC, BEGIN_MARKER, END_MARKER, full),
-        (README, HEADLINE_BEGIN_MARKER, HEADLINE_END_MARKER, build_headline(results)),
-    ):
+    for path, begin, end, section in generated_sections(directory, order):
         name = path.relative_to(REPO_ROOT)
-        if replace_between(path, begin, end, text):
-            print(f"updated the benchmark section of {name}")
-        else:
+        current = path.read_text() if path.exists() else ""
+        updated = between(current, begin, end, section)
+        if updated is None:
             print(f"{name} has no {begin} / {end} markers: left as it is")
+            continue
+        if updated != current:
+            path.write_text(updated)
+        print(f"updated the benchmark section of {name}")
     return table_path
