@@ -6,6 +6,8 @@ in the repository's ``pyproject.toml``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 from fastapi import FastAPI
 
@@ -23,3 +25,22 @@ def client_for(
 def as_tenant(tenant: str) -> dict[str, str]:
     """The headers of a request made as ``tenant`` to an app of ``make_identity_app``."""
     return {"X-Test-Tenant": tenant}
+
+
+def acme_get_scope(path: str, query_string: bytes = b"") -> dict[str, Any]:
+    """The ASGI scope of ``GET path?query_string`` made as tenant ``acme``, for a test that drives
+    an app by hand (no client between them: it sees each message the app sends)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query_string,
+        "root_path": "",
+        "headers": [(b"host", b"test"), (b"x-test-tenant", b"acme")],
+        "client": ("127.0.0.1", 1000),
+        "server": ("127.0.0.1", 80),
+    }

@@ -600,6 +600,19 @@ def build_reports_app(make_identity_app: Callable[[], FastAPI], data: Data) -> F
     return app
 
 
+async def get_in_chunks(
+    client: httpx.AsyncClient, urls: list[tuple[str, str]], chunk_size: int
+) -> list[httpx.Response]:
+    """GETs every ``(tenant, url)``, ``chunk_size`` requests at once, in order."""
+    responses: list[httpx.Response] = []
+    for start in range(0, len(urls), chunk_size):
+        chunk = urls[start : start + chunk_size]
+        responses += await asyncio.gather(
+            *(client.get(url, headers=as_tenant(tenant)) for tenant, url in chunk)
+        )
+    return responses
+
+
 # -- losing helper keys ---------------------------------------------------------------------------
 
 
@@ -653,14 +666,8 @@ async def test_no_old_version_is_served_after_redis_evicted_under_memory_pressur
     app = build_reports_app(make_identity_app, data)
     urls = [(tenant, f"/reports/{n}") for tenant in EVICTION_TENANTS for n in EVICTION_PATHS]
 
-    async def get_all() -> list[httpx.Response]:
-        responses: list[httpx.Response] = []
-        for start in range(0, len(urls), 50):
-            chunk = urls[start : start + 50]
-            responses += await asyncio.gather(
-                *(client.get(url, headers=as_tenant(tenant)) for tenant, url in chunk)
-            )
-        return responses
+    def get_all() -> Awaitable[list[httpx.Response]]:
+        return get_in_chunks(client, urls, 50)
 
     try:
         async with client_for(app, timeout=30) as client:
@@ -832,14 +839,8 @@ async def test_a_flush_during_reads_and_writes_leaves_no_old_data_and_later_inva
     app = build_reports_app(make_identity_app, data)
     urls = [(t, f"/reports/{n}") for t in FLUSH_TENANTS for n in FLUSH_PATHS]
 
-    async def get_all() -> list[httpx.Response]:
-        responses: list[httpx.Response] = []
-        for start in range(0, len(urls), 100):
-            chunk = urls[start : start + 100]
-            responses += await asyncio.gather(
-                *(client.get(url, headers=as_tenant(tenant)) for tenant, url in chunk)
-            )
-        return responses
+    def get_all() -> Awaitable[list[httpx.Response]]:
+        return get_in_chunks(client, urls, 100)
 
     def not_at(version: int, responses: list[httpx.Response]) -> list[str]:
         return [

@@ -21,6 +21,8 @@ from fastapi import FastAPI
 from commons.cache import CacheSettings, cache, close_cache, init_cache
 from commons.cache.memo import BoundedMemo
 
+from _support import acme_get_scope
+
 
 def test_a_full_memo_forgets_its_oldest_quarter_and_keeps_the_rest() -> None:
     memo = BoundedMemo[int, str](100, 1 << 20)
@@ -89,20 +91,7 @@ RETAINED_BOUND = 16 * 1024 * 1024
 
 async def get(app: FastAPI, query_string: bytes) -> int:
     """One GET /cfg through the whole ASGI app, in-process; returns the status sent."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/cfg",
-        "raw_path": b"/cfg",
-        "query_string": query_string,
-        "root_path": "",
-        "headers": [(b"host", b"test"), (b"x-test-tenant", b"acme")],
-        "client": ("127.0.0.1", 1000),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = acme_get_scope("/cfg", query_string)
     statuses: list[int] = []
 
     async def receive() -> dict[str, Any]:

@@ -33,7 +33,7 @@ from commons.testing import entries
 from commons.testing.entries import stored_value
 from commons.testing.redis_server import RedisServer, free_port
 
-from _support import client_for
+from _support import acme_get_scope, client_for
 
 TENANT = {"X-Test-Tenant": "acme"}
 KEY = f"test-cache:prices:tenant_acme:/prices:{hashlib.md5(b'').hexdigest()}"
@@ -80,20 +80,7 @@ async def age_entry(remaining_seconds: int) -> None:
 
 async def send_raw(app: FastAPI, body_sent: asyncio.Event) -> list[dict[str, Any]]:
     """Runs one GET /prices through the ASGI app; ``body_sent`` is set once the body is out."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/prices",
-        "raw_path": b"/prices",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"test"), (b"x-test-tenant", b"acme")],
-        "client": ("127.0.0.1", 1000),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = acme_get_scope("/prices")
     messages: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
