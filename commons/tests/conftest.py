@@ -348,6 +348,28 @@ def redis_cluster_url(redis_cluster: LocalRedisCluster) -> str:
 
 
 @pytest.fixture
+async def app_clients() -> AsyncIterator[Callable[[FastAPI], httpx.AsyncClient]]:
+    """``app_clients(app)``: an in-process client of ``app`` (base URL ``http://service``), for
+    a test that starts services with ``init_cache()`` as their lifespans would. After the test
+    every client is closed, then the cache."""
+    clients: list[httpx.AsyncClient] = []
+
+    def open_client(app: FastAPI) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://service"
+        )
+        clients.append(client)
+        return client
+
+    try:
+        yield open_client
+    finally:
+        for client in clients:
+            await client.aclose()
+        await close_cache()
+
+
+@pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """An in-process HTTP client of the ``app`` fixture the test module defines."""
     transport = httpx.ASGITransport(app=app)
