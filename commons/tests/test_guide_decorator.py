@@ -121,10 +121,8 @@ def guide_environment(
 @asynccontextmanager
 async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """The app with its lifespan running, and a client for it."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+    async with app.router.lifespan_context(app), client_for(app) as client:
+        yield client
 
 
 async def entry_keys(redis_keys: RedisKeys) -> set[str]:
@@ -278,9 +276,8 @@ async def test_its_default_key_builder_never_shares_an_entry_between_tenants_and
     async def catalogue() -> dict[str, Any]:
         return {"tenant": get_tenant_id()}
 
-    transport = httpx.ASGITransport(app=app)
     with caplog.at_level(logging.WARNING, logger="commons.cache"):
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with client_for(app) as client:
             acme = [await client.get("/catalogue", headers=as_tenant("acme")) for _ in range(2)]
             globex = await client.get("/catalogue", headers=as_tenant("globex"))
 

@@ -168,10 +168,7 @@ def apps(make_identity_app: Callable[[], FastAPI]) -> tuple[FastAPI, FastAPI]:
 async def clients(
     apps: tuple[FastAPI, FastAPI],
 ) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
-    cached, uncached = (
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-        for app in apps
-    )
+    cached, uncached = (client_for(app) for app in apps)
     async with cached, uncached:
         yield cached, uncached
 

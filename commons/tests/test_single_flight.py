@@ -156,8 +156,7 @@ async def test_a_waiter_runs_the_handler_itself_after_the_lock_timeout(
             await first_may_finish.wait()  # the first call hangs until the waiter has answered
         return {"call": calls}
 
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with client_for(app) as client:
         first = asyncio.create_task(client.get("/slow", headers=TENANT))
         await asyncio.sleep(0.05)
         waiter = await asyncio.wait_for(client.get("/slow", headers=TENANT), 5)

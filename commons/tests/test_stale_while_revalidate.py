@@ -203,8 +203,7 @@ async def test_a_stale_entry_really_expires_after_its_freshness(
     async def quick() -> dict[str, int]:
         return await prices.compute()
 
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with client_for(app) as client:
         await client.get("/quick", headers=TENANT)
         prices.version = 2
         await asyncio.sleep(1.1)
@@ -234,8 +233,7 @@ async def test_an_entry_of_the_fastapi_cache2_decorator_is_a_miss_not_a_stale_an
         return await prices.compute()
 
     for app in (guide_app, our_app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with client_for(app) as client:
             response = await client.get("/prices", headers=TENANT)
 
     assert response.headers["x-fastapi-cache"] == "MISS"

@@ -38,6 +38,8 @@ from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import RedisServer, find_redis_server, supports_tls
 from commons.testing.tls import CertificateFiles, TlsRedisServer, make_certificates
 
+from _support import client_for
+
 pytestmark = pytest.mark.slow
 
 
@@ -74,7 +76,7 @@ async def counting_app(
         calls["n"] += 1
         return {"calls": calls["n"]}
 
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    client = client_for(app)
     try:
         yield client
     finally:
@@ -239,8 +241,7 @@ def service_app(make_identity_app: Callable[[], FastAPI]) -> FastAPI:
 
 async def run_the_service_path(app: FastAPI) -> None:
     """Misses, hits, every kind of invalidation and the flush, as a service issues them."""
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with client_for(app) as client:
 
         async def header(path: str, tenant: str = "t1", user: str = "u1") -> str:
             response = await client.get(
