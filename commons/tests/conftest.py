@@ -268,7 +268,7 @@ async def backend(
 
 @pytest.fixture(autouse=True)
 def _earlier_tests_heap_frozen() -> Iterator[None]:
-    """What earlier tests left on the heap is frozen while a test runs, as the README has
+    """What earlier tests left on the heap is frozen while a test runs, as docs/operations.md has
     services freeze their start-up heap: a full collection then walks this test's objects only,
     not the whole suite's, and cannot stall a request whose time a test bounds. Unfrozen after
     the test, so that its garbage is collected as usual."""
