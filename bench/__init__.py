@@ -9,5 +9,6 @@ measures ours and the reference(s) side by side in one run and returns::
 
 (``chart`` optional; cells are numbers or short strings). The runner (``__main__.py``) runs each
 module in its own subprocess, writes ``bench/results/<name>.json`` and ``<name>.png``, and
-regenerates the README's table from the JSON files (``report.py``).
+regenerates the tables of ``docs/benchmarks.md`` and the README's headline figures from the JSON
+files (``report.py``).
 """

@@ -1,10 +1,10 @@
-"""``python -m bench [name ...] [--quick] [--report-only]``: runs benchmarks, writes results.
+"""``python -m bench [name ...] [--quick] [--report-only] [--check]``: runs benchmarks.
 
 Each module runs in its own subprocess (a crash, a leaked server or a global left initialised
 cannot disturb the next one). Full runs write ``bench/results/<name>.json`` and ``<name>.png`` and
-regenerate the README's table; ``--quick`` runs (smoke tests, seconds each) write to
-``bench/results/quick/`` instead and never touch the README. A module that fails is reported, the
-others still run, and the exit status is non-zero at the end.
+regenerate the tables of ``docs/benchmarks.md`` and the README's headline figures; ``--quick``
+runs (smoke tests, seconds each) write to ``bench/results/quick/`` instead and never touch either.
+A module that fails is reported, the others still run, and the exit status is non-zero at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from bench._common import REPO_ROOT, child_env, machine_info
-from bench.report import RESULTS_DIR, render_chart, validate, write_report
+from bench.report import RESULTS_DIR, out_of_date, render_chart, validate, write_report
 
 BENCH_DIR = Path(__file__).resolve().parent
 #: The order of the table; modules found beside these follow in name order.
@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report-only", action="store_true", help="rebuild the table and charts from the JSON"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if docs/benchmarks.md or the README's figures differ from the JSON",
+    )
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     parser.add_argument("--_out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -117,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
 
     directory = RESULTS_DIR / "quick" if args.quick else RESULTS_DIR
     available = discover()
+    if args.check:
+        stale = out_of_date(RESULTS_DIR, available or ORDER)
+        for name in stale:
+            print(f"{name} is out of date: run python -m bench --report-only")
+        return 1 if stale else 0
     if args.report_only:
         for path in sorted(directory.glob("*.json")):
             render_chart(json.loads(path.read_text()), path.with_suffix(".png"))

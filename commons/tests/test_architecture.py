@@ -1,4 +1,4 @@
-"""The shape of the library, as the README's Layout section draws it, holds in the code.
+"""The shape of the library, as docs/architecture.md's Layout section draws it, holds in the code.
 
 Checked on the source (nothing imported): which modules may import what, that no function grows
 past what a reader takes in at once, and that the Layout section names every module.
@@ -75,9 +75,9 @@ def test_no_function_in_the_library_is_longer_than_a_screen() -> None:
     assert long == []
 
 
-def test_the_readme_layout_names_every_module() -> None:
-    readme = (REPO / "README.md").read_text()
-    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+def test_the_documented_layout_names_every_module() -> None:
+    architecture = (REPO / "docs" / "architecture.md").read_text()
+    layout = architecture.split("## Layout", 1)[1].split("\n## ", 1)[0]
     missing = [
         name
         for name in modules()

@@ -11,7 +11,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi_cache.coder import JsonCoder, PickleCoder
@@ -34,6 +33,8 @@ from commons.cache import (
 from commons.testing.entries import stored_payload
 from commons.utilities.context import get_tenant_id, get_user_id
 
+from _support import client_for
+
 MD5_OF_A1_B2 = "ed04c91cf6f6ab5a01a31c0295c5da34"  # md5(b"a=1&b=2")
 MD5_OF_NOTHING = "d41d8cd98f00b204e9800998ecf8427e"  # md5(b"")
 ACME = {"X-Test-Tenant": "acme"}
@@ -43,11 +44,6 @@ RedisKeys = Callable[[], Awaitable[set[str]]]
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-
-
-def client_for(app: FastAPI, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
-    return httpx.AsyncClient(transport=transport, base_url="http://test")
 
 
 async def stored(key: str) -> tuple[int, bytes | None]:

@@ -34,6 +34,8 @@ from commons.cache.scope import CacheScope, InvalidationTarget
 from commons.testing import current_layer
 from commons.testing.redis_cluster import LocalRedisCluster, bulk_text, info_field
 
+from _support import client_for
+
 pytestmark = pytest.mark.slow
 
 TENANTS = [str(n) for n in range(12)]
@@ -73,7 +75,7 @@ async def service(
         return {"version": versions["profile"]}
 
     await init_cache(make_settings(redis_cluster_url))
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    client = client_for(app)
     try:
         yield Service(app, client, versions)
     finally:

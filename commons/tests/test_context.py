@@ -7,7 +7,6 @@ import contextvars
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import FastAPI
 from starlette.requests import Request
@@ -22,9 +21,7 @@ from commons.utilities.context import (
     set_user_id,
 )
 
-
-def client_for(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+from _support import client_for
 
 
 def in_fresh_context(function: Callable[[], Any]) -> Any:

@@ -26,6 +26,8 @@ from commons.cache.layer import CacheLayer
 from commons.testing import current_layer
 from commons.testing.entries import fill, route_fingerprint_of
 
+from _support import client_for
+
 TENANT = {"X-Test-Tenant": "acme"}
 KEY = f"test-cache:reports:tenant_acme:/report:{hashlib.md5(b'').hexdigest()}"
 LOCK_KEY = f"test-cache:#lock:{KEY}"
@@ -111,7 +113,7 @@ def count_handler_runs(redis_url: str) -> int:
 
 
 @pytest.fixture
-async def on_redis(
+async def redis_layer(
     redis_url: str, make_settings: Callable[..., CacheSettings]
 ) -> AsyncIterator[CacheLayer]:
     await init_cache(make_settings(redis_url, CACHE_LOCK_TIMEOUT_SECONDS=0.5))
@@ -123,21 +125,21 @@ async def on_redis(
         await close_cache()
 
 
-async def test_the_lock_is_released_only_by_the_token_that_took_it(on_redis: CacheLayer) -> None:
-    assert await on_redis.try_lock("test-cache:#lock:k", b"owner", 10_000) is True
-    assert await on_redis.try_lock("test-cache:#lock:k", b"intruder", 10_000) is False
+async def test_the_lock_is_released_only_by_the_token_that_took_it(redis_layer: CacheLayer) -> None:
+    assert await redis_layer.try_lock("test-cache:#lock:k", b"owner", 10_000) is True
+    assert await redis_layer.try_lock("test-cache:#lock:k", b"intruder", 10_000) is False
 
-    await on_redis.unlock("test-cache:#lock:k", b"intruder")
-    still_held = await on_redis.try_lock("test-cache:#lock:k", b"third", 10_000)
-    await on_redis.unlock("test-cache:#lock:k", b"owner")
-    free_again = await on_redis.try_lock("test-cache:#lock:k", b"third", 10_000)
+    await redis_layer.unlock("test-cache:#lock:k", b"intruder")
+    still_held = await redis_layer.try_lock("test-cache:#lock:k", b"third", 10_000)
+    await redis_layer.unlock("test-cache:#lock:k", b"owner")
+    free_again = await redis_layer.try_lock("test-cache:#lock:k", b"third", 10_000)
 
     assert still_held is False
     assert free_again is True
 
 
-async def test_the_lock_expires_by_itself(on_redis: CacheLayer, redis_url: str) -> None:
-    await on_redis.try_lock("test-cache:#lock:k", b"owner", 5_000)
+async def test_the_lock_expires_by_itself(redis_layer: CacheLayer, redis_url: str) -> None:
+    await redis_layer.try_lock("test-cache:#lock:k", b"owner", 5_000)
     client = Redis.from_url(redis_url)
     try:
         pttl = await client.pttl("test-cache:#lock:k")
@@ -169,10 +171,6 @@ def locked_app(make_identity_app: Callable[[], FastAPI], gate: Gate, lock: bool 
         return await gate.run()
 
     return app
-
-
-def client_for(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
 async def lock_state(redis_url: str) -> tuple[bytes | None, int]:
@@ -211,7 +209,7 @@ async def test_a_miss_holds_a_short_lock_with_a_random_token_while_it_computes(
 
 
 async def test_without_the_lock_no_lock_key_is_written(
-    on_redis: CacheLayer, redis_url: str, make_identity_app: Callable[[], FastAPI]
+    redis_layer: CacheLayer, redis_url: str, make_identity_app: Callable[[], FastAPI]
 ) -> None:
     gate = Gate()
     async with client_for(locked_app(make_identity_app, gate, None)) as client:
@@ -225,11 +223,11 @@ async def test_without_the_lock_no_lock_key_is_written(
 
 
 async def test_a_replica_waits_for_the_lock_holder_s_entry_instead_of_computing(
-    on_redis: CacheLayer, make_identity_app: Callable[[], FastAPI]
+    redis_layer: CacheLayer, make_identity_app: Callable[[], FastAPI]
 ) -> None:
     gate = Gate()
     gate.open.set()
-    assert await on_redis.try_lock(LOCK_KEY, b"other-replica", 10_000)
+    assert await redis_layer.try_lock(LOCK_KEY, b"other-replica", 10_000)
     app = locked_app(make_identity_app, gate, True)
     async with client_for(app) as client:
         request = asyncio.create_task(client.get("/report", headers=TENANT))
@@ -238,7 +236,7 @@ async def test_a_replica_waits_for_the_lock_holder_s_entry_instead_of_computing(
         await fill(
             KEY, b'{"from":"other replica"}', 60, fingerprint=route_fingerprint_of(app, "/report")
         )
-        await on_redis.unlock(LOCK_KEY, b"other-replica")
+        await redis_layer.unlock(LOCK_KEY, b"other-replica")
         response = await asyncio.wait_for(request, 5)
 
     assert response.json() == {"from": "other replica"}
@@ -246,11 +244,11 @@ async def test_a_replica_waits_for_the_lock_holder_s_entry_instead_of_computing(
 
 
 async def test_a_replica_computes_itself_when_the_holder_never_answers(
-    on_redis: CacheLayer, make_identity_app: Callable[[], FastAPI]
+    redis_layer: CacheLayer, make_identity_app: Callable[[], FastAPI]
 ) -> None:
     gate = Gate()
     gate.open.set()
-    assert await on_redis.try_lock(LOCK_KEY, b"dead-replica", 60_000)
+    assert await redis_layer.try_lock(LOCK_KEY, b"dead-replica", 60_000)
     async with client_for(locked_app(make_identity_app, gate, True)) as client:
         response = await asyncio.wait_for(client.get("/report", headers=TENANT), 5)
 

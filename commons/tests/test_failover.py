@@ -37,6 +37,8 @@ from commons.testing.redis_cluster import LocalRedisCluster, info_field
 from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import RedisServer, find_redis_server, redis_server_version
 
+from _support import client_for
+
 pytestmark = pytest.mark.slow
 
 #: Longest a process may serve an invalidated value once Sentinel names the new master: its next
@@ -340,7 +342,7 @@ async def test_an_invalidation_no_replica_received_survives_a_cluster_primary_cr
         return {"version": version["n"]}
 
     await init_cache(make_settings(own_cluster.url))
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    client = client_for(app)
     try:
         await get(client)
         assert (await get(client)).headers["X-FastAPI-Cache"] == "HIT"

@@ -168,31 +168,22 @@ def flavour(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def start_service(
+def start_service(
     flavour: str,
     make_identity_app: Callable[[], FastAPI],
     make_settings: Callable[..., CacheSettings],
-) -> AsyncIterator[StartService]:
+    app_clients: Callable[[FastAPI], httpx.AsyncClient],
+) -> StartService:
     """``await start_service(redis_url, **settings)``: init_cache (as the lifespan would), the app
     and a client; all closed after the test."""
-    clients: list[httpx.AsyncClient] = []
 
     async def start(redis_url: str | None, **overrides: object) -> Service:
         await init_cache(make_settings(redis_url, **{**FAST_FAILING, **overrides}))
         service = Service()
-        service.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=build_app(make_identity_app, flavour, service)),
-            base_url="http://service",
-        )
-        clients.append(service.client)
+        service.client = app_clients(build_app(make_identity_app, flavour, service))
         return service
 
-    try:
-        yield start
-    finally:
-        for client in clients:
-            await client.aclose()
-        await close_cache()
+    return start
 
 
 @pytest.fixture

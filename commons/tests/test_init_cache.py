@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi import FastAPI
 
@@ -25,6 +24,8 @@ from commons.cache import (
 from commons.testing import current_layer
 from commons.testing.redis_server import RedisServer, free_port
 from commons.utilities.context import get_tenant_id
+
+from _support import client_for
 
 ACME = {"X-Test-Tenant": "acme"}
 MD5_OF_NOTHING = "d41d8cd98f00b204e9800998ecf8427e"  # md5(b"")
@@ -53,8 +54,7 @@ def cached_app(make_identity_app: Callable[[], FastAPI]) -> tuple[FastAPI, list[
 
 async def cache_headers(app: FastAPI, requests: int) -> list[str | None]:
     """The ``X-FastAPI-Cache`` header of each of ``requests`` identical requests."""
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with client_for(app) as client:
         return [
             (await client.get("/config", headers=ACME)).headers.get("X-FastAPI-Cache")
             for _ in range(requests)

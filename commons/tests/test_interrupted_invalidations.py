@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -23,7 +23,6 @@ from commons.cache import (
     CacheSettings,
     cache,
     cache_status,
-    close_cache,
     init_cache,
     invalidate_namespace,
 )
@@ -37,11 +36,9 @@ TENANTS = [f"tenant{n}" for n in range(8)]
 class Service:
     """One tenant-scoped cached route whose body shows the tenant's version."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self) -> None:
         self.versions: defaultdict[str, int] = defaultdict(lambda: 1)
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://service"
-        )
+        self.client: httpx.AsyncClient
 
     async def get(self, tenant: str) -> httpx.Response:
         response = await self.client.get("/config", headers={"X-Test-Tenant": tenant})
@@ -50,13 +47,14 @@ class Service:
 
 
 @pytest.fixture
-async def start_service(
-    make_identity_app: Callable[[], FastAPI], make_settings: Callable[..., CacheSettings]
-) -> AsyncIterator[Callable[..., Any]]:
-    services: list[Service] = []
-
+def start_service(
+    make_identity_app: Callable[[], FastAPI],
+    make_settings: Callable[..., CacheSettings],
+    app_clients: Callable[[FastAPI], httpx.AsyncClient],
+) -> Callable[..., Any]:
     async def start(redis_url: str, **overrides: object) -> Service:
         await init_cache(make_settings(redis_url, **overrides))
+        service = Service()
         app = make_identity_app()
 
         @app.get("/config")
@@ -66,16 +64,10 @@ async def start_service(
             assert tenant is not None
             return {"tenant": tenant, "version": service.versions[tenant]}
 
-        service = Service(app)
-        services.append(service)
+        service.client = app_clients(app)
         return service
 
-    try:
-        yield start
-    finally:
-        for service in services:
-            await service.client.aclose()
-        await close_cache()
+    return start
 
 
 async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:

@@ -18,6 +18,8 @@ from commons.testing.kit import (
 )
 from commons.testing.redis_server import RedisServer
 
+from _support import client_for
+
 ACME = {"X-Test-Tenant": "acme"}
 MD5_OF_NOTHING = "d41d8cd98f00b204e9800998ecf8427e"
 
@@ -35,8 +37,7 @@ def app(make_identity_app: Callable[[], FastAPI]) -> FastAPI:
 
 
 async def get_twice(app: FastAPI, headers: dict[str, str]) -> list[httpx.Response]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with client_for(app) as client:
         return [await client.get("/config", headers=headers) for _ in range(2)]
 
 

@@ -1,8 +1,27 @@
-"""The bounded memo every hit-path memo uses: bounded in entries and bytes, oldest out first."""
+"""The bounded memo every hit-path memo uses: bounded in entries and bytes, oldest out first.
+
+What the cache remembers per process is bounded in bytes, not only in entries.
+
+Clients choose query strings, and a query string can be tens of kilobytes: whatever the cache keeps
+about the queries it has seen (to find a key again without recomputing it) must stay within a few
+megabytes however long and varied they are.
+"""
 
 from __future__ import annotations
 
+import gc
+import os
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+from commons.cache import CacheSettings, cache, close_cache, init_cache
 from commons.cache.memo import BoundedMemo
+
+from _support import acme_get_scope
 
 
 def test_a_full_memo_forgets_its_oldest_quarter_and_keeps_the_rest() -> None:
@@ -59,3 +78,75 @@ def test_putting_a_key_again_replaces_it() -> None:
     assert memo.get("k") == 2
     assert memo.bytes_held == 50
     assert len(memo) == 1
+
+
+# -- what the hit path remembers is bounded in bytes -----------------------------------------------
+
+
+REQUESTS = 4096
+QUERY_BYTES = 32 * 1024
+#: Most the process may keep after all those requests.
+RETAINED_BOUND = 16 * 1024 * 1024
+
+
+async def get(app: FastAPI, query_string: bytes) -> int:
+    """One GET /cfg through the whole ASGI app, in-process; returns the status sent."""
+    scope = acme_get_scope("/cfg", query_string)
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    await app(scope, receive, send)
+    return statuses[0]
+
+
+@pytest.fixture
+def app(make_identity_app: Callable[[], FastAPI]) -> FastAPI:
+    app = make_identity_app()
+
+    @app.get("/cfg")
+    @cache(namespace="cfg")
+    async def cfg() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+async def test_long_distinct_query_strings_are_not_remembered_without_bound(
+    app: FastAPI, make_settings: Callable[..., CacheSettings]
+) -> None:
+    """4,096 GETs, each with 32 KiB of distinct query text (128 MiB in all), leave the process
+    holding less than 16 MiB more than before."""
+    # Few entries in the store, so that what is measured is what the cache remembers besides them.
+    await init_cache(make_settings(CACHE_MEMORY_MAX_ENTRIES=64))
+    try:
+        assert await get(app, b"") == 200  # the route's one-time set-up happens before measuring
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            statuses = {
+                await get(app, b"junk=" + os.urandom(QUERY_BYTES // 2).hex().encode())
+                for _ in range(REQUESTS)
+            }
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+    finally:
+        await close_cache()
+
+    # Everything still alive that was allocated during the requests, wherever it was allocated:
+    # the query strings are made here (by the client) and kept, or not, by the cache.
+    growth = after.compare_to(before, "filename")
+    retained = sum(stat.size_diff for stat in growth)
+    largest = ", ".join(
+        f"{stat.traceback[0].filename}: {stat.size_diff / 2**20:.1f} MiB" for stat in growth[:3]
+    )
+    assert statuses == {200}
+    assert retained < RETAINED_BOUND, f"{retained / 2**20:.0f} MiB retained ({largest})"

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,6 @@ from commons.cache import (
     CacheUnavailableError,
     cache,
     cache_status,
-    close_cache,
     init_cache,
     invalidate_namespace,
 )
@@ -95,11 +94,13 @@ class Service:
 
 
 @pytest.fixture
-async def start_service(
-    make_identity_app: Callable[[], FastAPI], make_settings: Callable[..., CacheSettings]
-) -> AsyncIterator[Callable[..., Any]]:
-    """``await start_service(redis_url, **settings)``: init_cache, the app and its client."""
-    clients: list[httpx.AsyncClient] = []
+def start_service(
+    make_identity_app: Callable[[], FastAPI],
+    make_settings: Callable[..., CacheSettings],
+    app_clients: Callable[[FastAPI], httpx.AsyncClient],
+) -> Callable[..., Any]:
+    """``await start_service(redis_url, **settings)``: init_cache, the app and its client (closed
+    after the test)."""
 
     async def start(redis_url: str, **overrides: object) -> Service:
         await init_cache(make_settings(redis_url, **{**FAST_FAILING, **overrides}))
@@ -113,18 +114,10 @@ async def start_service(
             assert tenant is not None
             return service.expected(tenant)
 
-        service.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://service"
-        )
-        clients.append(service.client)
+        service.client = app_clients(app)
         return service
 
-    try:
-        yield start
-    finally:
-        for client in clients:
-            await client.aclose()
-        await close_cache()
+    return start
 
 
 async def wait_for_backend(backend: str, within: float = RECOVERY_BOUND) -> None:

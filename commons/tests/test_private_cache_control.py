@@ -21,6 +21,8 @@ from commons.cache import (
 )
 from commons.utilities.context import RequestContextMiddleware, set_tenant_id
 
+from _support import client_for
+
 
 async def bind_tenant(request: Request) -> None:
     set_tenant_id(request.headers.get("X-Test-Tenant"))
@@ -57,16 +59,14 @@ def build_app(*, private_middleware: bool) -> FastAPI:
 @pytest.fixture
 async def client(backend: CacheSettings) -> AsyncIterator[httpx.AsyncClient]:
     app = build_app(private_middleware=True)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+    async with client_for(app) as http:
         yield http
 
 
 async def test_the_guide_decorator_alone_lets_shared_caches_store_tenant_answers(
     backend: CacheSettings,
 ) -> None:
-    transport = httpx.ASGITransport(app=build_app(private_middleware=False))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+    async with client_for(build_app(private_middleware=False)) as http:
         response = await http.get("/guide", headers={"X-Test-Tenant": "a"})
     assert response.headers["cache-control"] == "max-age=60"
     assert "vary" not in response.headers
@@ -150,8 +150,7 @@ async def test_by_default_no_client_forces_recomputation_on_either_decorator(
     backend: CacheSettings, path: str, directive: str
 ) -> None:
     app, runs = build_counting_app()
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+    async with client_for(app) as http:
         await http.get(path, headers={"X-Test-Tenant": "a"})
         forced = [
             await http.get(path, headers={"X-Test-Tenant": "a", "Cache-Control": directive})
@@ -174,8 +173,7 @@ async def test_honouring_clients_recomputes_and_stores_on_either_decorator(
 ) -> None:
     await init_cache(make_settings(backend.REDIS_URL, CACHE_HONOR_CLIENT_NO_CACHE=True))
     app, _ = build_counting_app()
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+    async with client_for(app) as http:
         await http.get(path, headers={"X-Test-Tenant": "a"})
         forced = await http.get(path, headers={"X-Test-Tenant": "a", "Cache-Control": directive})
         after = await http.get(path, headers={"X-Test-Tenant": "a"})

@@ -1,4 +1,4 @@
-"""The README stays true to the code."""
+"""The README and the docs stay true to the code and to the benchmark results."""
 
 import subprocess
 import sys
@@ -13,5 +13,16 @@ def test_readme_env_table_lists_every_setting_with_its_default() -> None:
         capture_output=True,
         text=True,
         check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_benchmark_figures_in_the_readme_and_docs_are_those_of_the_results() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -23,7 +23,6 @@ from commons.cache import (
     CacheSettings,
     cache,
     cache_status,
-    close_cache,
     init_cache,
     invalidate_namespace,
 )
@@ -44,11 +43,9 @@ FAST = {
 class Service:
     """``GET /config`` cached per tenant on Sentinel's master; its body shows ``version``."""
 
-    def __init__(self, app: FastAPI, version: dict[str, int]) -> None:
+    def __init__(self, client: httpx.AsyncClient, version: dict[str, int]) -> None:
         self.version = version
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://service"
-        )
+        self.client = client
 
     async def get(self) -> httpx.Response:
         response = await self.client.get("/config", headers={"X-Test-Tenant": "t1"})
@@ -76,13 +73,12 @@ def black_holes() -> Iterator[Callable[[], str]]:
 
 
 @pytest.fixture
-async def start_service(
+def start_service(
     sentinel: LocalSentinel,
     make_identity_app: Callable[[], FastAPI],
     make_settings: Callable[..., CacheSettings],
-) -> AsyncIterator[Callable[..., Any]]:
-    services: list[Service] = []
-
+    app_clients: Callable[[FastAPI], httpx.AsyncClient],
+) -> Iterator[Callable[..., Any]]:
     async def start(sentinels: str | None = None) -> Service:
         # REDIS_URL's host and port are not used with Sentinels: they name the master.
         settings = make_settings(
@@ -100,17 +96,14 @@ async def start_service(
         async def config() -> dict[str, int]:
             return {"version": version["n"]}
 
-        service = Service(app, version)
-        services.append(service)
-        return service
+        return Service(app_clients(app), version)
 
+    # This teardown runs before app_clients' (the clients, then the cache): the Sentinel answers
+    # again by the time the cache closes.
     try:
         yield start
     finally:
         sentinel.resume_sentinel()
-        for service in services:
-            await service.client.aclose()
-        await close_cache()
 
 
 async def timed_invalidation() -> float:

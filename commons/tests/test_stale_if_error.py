@@ -27,6 +27,8 @@ from commons.cache import (
 from commons.testing.entries import age_entry, stored_value
 from commons.testing.redis_server import free_port
 
+from _support import client_for
+
 TENANT = {"X-Test-Tenant": "acme"}
 KEY = f"test-cache:rates:tenant_acme:/rates:{hashlib.md5(b'').hexdigest()}"
 EXPIRE, STALE_IF_ERROR, STALE_TTL = 60, 30, 10
@@ -91,17 +93,13 @@ def rates_app(
     return app
 
 
-def client_for(app: FastAPI) -> httpx.AsyncClient:
-    # A handler's exception is a 500 here, as a real server would send it.
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://test")
-
-
 @pytest.fixture
 async def client(
     events: CountingEvents, make_identity_app: Callable[[], FastAPI], rates: Rates
 ) -> AsyncIterator[httpx.AsyncClient]:
-    async with client_for(rates_app(make_identity_app, rates, stale_if_error=30)) as http:
+    async with client_for(
+        rates_app(make_identity_app, rates, stale_if_error=30), raise_app_exceptions=False
+    ) as http:
         yield http
 
 
@@ -192,7 +190,7 @@ async def test_entries_are_kept_for_expire_plus_the_longer_stale_window(
     events: CountingEvents, make_identity_app: Callable[[], FastAPI], rates: Rates
 ) -> None:
     app = rates_app(make_identity_app, rates, stale_if_error=STALE_IF_ERROR, stale_ttl=STALE_TTL)
-    async with client_for(app) as http:
+    async with client_for(app, raise_app_exceptions=False) as http:
         await http.get("/rates", headers=TENANT)
         remaining, _ = await stored_value(KEY)
 
@@ -205,7 +203,7 @@ async def test_within_stale_ttl_the_stale_answer_comes_at_once_and_past_it_a_com
     """stale_ttl 10 s, stale_if_error 30 s: a stale entry is answered at once (and refreshed in
     the background) for 10 s; for the next 20 s it only stands in for a failed computation."""
     app = rates_app(make_identity_app, rates, stale_if_error=STALE_IF_ERROR, stale_ttl=STALE_TTL)
-    async with client_for(app) as http:
+    async with client_for(app, raise_app_exceptions=False) as http:
         await http.get("/rates", headers=TENANT)
         await age_entry(KEY, 25)  # stale for 5 s
         rates.failure = "raises"
@@ -232,11 +230,15 @@ async def test_the_setting_is_the_default_and_the_decorator_overrides_it(
     await init_cache(make_settings(url, CACHE_STALE_IF_ERROR_SECONDS=30))
     by_default, overridden = Rates(), Rates()
     try:
-        async with client_for(rates_app(make_identity_app, overridden, stale_if_error=5)) as http:
+        async with client_for(
+            rates_app(make_identity_app, overridden, stale_if_error=5), raise_app_exceptions=False
+        ) as http:
             await http.get("/rates", headers=TENANT)
             kept_overridden, _ = await stored_value(KEY)
         await invalidate_namespace("rates")
-        async with client_for(rates_app(make_identity_app, by_default)) as http:
+        async with client_for(
+            rates_app(make_identity_app, by_default), raise_app_exceptions=False
+        ) as http:
             await http.get("/rates", headers=TENANT)
             kept_by_default, _ = await stored_value(KEY)
             await age_entry(KEY, 20)
@@ -271,7 +273,7 @@ async def test_degraded_the_memory_tier_never_serves_an_invalidated_entry_on_an_
     try:
         assert cache_status().backend == "degraded"
         app = rates_app(make_identity_app, rates, stale_if_error=STALE_IF_ERROR)
-        async with client_for(app) as http:
+        async with client_for(app, raise_app_exceptions=False) as http:
             first = await http.get("/rates", headers=TENANT)
             kept, _ = await stored_value(KEY)
             await invalidate_namespace("rates", tenant_id="acme")

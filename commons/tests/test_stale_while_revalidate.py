@@ -1,12 +1,19 @@
 """stale_ttl: an entry past its freshness is served at once (X-FastAPI-Cache: STALE) while one
-background refresh recomputes it; the next request gets the fresh value."""
+background refresh recomputes it; the next request gets the fresh value.
+
+Stale-while-revalidate keeps its meaning while Redis is unavailable.
+
+Degraded, the cache serves from its in-memory tier and keeps entries there only briefly
+(``CACHE_DEGRADED_TTL_SECONDS``). An entry just computed is still fresh for its route's ``expire``
+seconds: it is a HIT, not a STALE answer that recomputes on every request.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -14,9 +21,19 @@ import pytest
 from fastapi import FastAPI
 from fastapi_cache.decorator import cache as fastapi_cache_decorator
 
-from commons.cache import CacheSettings, cache, tenant_cache_key_builder
+from commons.cache import (
+    CacheSettings,
+    cache,
+    cache_status,
+    close_cache,
+    init_cache,
+    tenant_cache_key_builder,
+)
 from commons.testing import entries
 from commons.testing.entries import stored_value
+from commons.testing.redis_server import RedisServer, free_port
+
+from _support import acme_get_scope, client_for
 
 TENANT = {"X-Test-Tenant": "acme"}
 KEY = f"test-cache:prices:tenant_acme:/prices:{hashlib.md5(b'').hexdigest()}"
@@ -63,20 +80,7 @@ async def age_entry(remaining_seconds: int) -> None:
 
 async def send_raw(app: FastAPI, body_sent: asyncio.Event) -> list[dict[str, Any]]:
     """Runs one GET /prices through the ASGI app; ``body_sent`` is set once the body is out."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/prices",
-        "raw_path": b"/prices",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"test"), (b"x-test-tenant", b"acme")],
-        "client": ("127.0.0.1", 1000),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = acme_get_scope("/prices")
     messages: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -199,8 +203,7 @@ async def test_a_stale_entry_really_expires_after_its_freshness(
     async def quick() -> dict[str, int]:
         return await prices.compute()
 
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with client_for(app) as client:
         await client.get("/quick", headers=TENANT)
         prices.version = 2
         await asyncio.sleep(1.1)
@@ -230,10 +233,79 @@ async def test_an_entry_of_the_fastapi_cache2_decorator_is_a_miss_not_a_stale_an
         return await prices.compute()
 
     for app in (guide_app, our_app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with client_for(app) as client:
             response = await client.get("/prices", headers=TENANT)
 
     assert response.headers["x-fastapi-cache"] == "MISS"
     assert response.json() == {"version": 1}
+    assert prices.calls == 1
+
+
+# -- stale_ttl while Redis is unavailable ----------------------------------------------------------
+
+
+ACME = {"X-Test-Tenant": "acme"}
+FAST_FAILING = {"REDIS_SOCKET_TIMEOUT_SECONDS": 0.2, "REDIS_CONNECT_TIMEOUT_SECONDS": 0.2}
+
+
+def build_app(make_identity_app: Callable[[], FastAPI], prices: Prices) -> FastAPI:
+    app = make_identity_app()
+
+    @app.get("/prices")
+    @cache(namespace="prices", expire=60, stale_ttl=300)
+    async def get_prices() -> dict[str, int]:
+        prices.calls += 1
+        return {"calls": prices.calls}
+
+    @app.get("/other")
+    @cache(namespace="other")
+    async def other() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+@pytest.fixture(params=["unreachable-at-start-up", "killed-while-serving"])
+async def degraded_app(
+    request: pytest.FixtureRequest,
+    make_settings: Callable[..., CacheSettings],
+    make_identity_app: Callable[[], FastAPI],
+) -> AsyncIterator[tuple[httpx.AsyncClient, Prices]]:
+    """The app with Redis configured but down, and the cache degraded to its memory tier."""
+    prices = Prices()
+    app = build_app(make_identity_app, prices)
+    server: RedisServer | None = None
+    if request.param == "unreachable-at-start-up":
+        url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    else:
+        server = request.getfixturevalue("own_redis")
+        url = server.url
+    try:
+        await init_cache(make_settings(url, **FAST_FAILING))
+        async with client_for(app) as client:
+            if server is not None:
+                assert cache_status().backend == "redis"
+                server.kill()
+                # Other requests meet the outage first and open the breaker.
+                for _ in range(10):
+                    if cache_status().backend == "degraded":
+                        break
+                    await client.get("/other", headers=ACME)
+            assert cache_status().backend == "degraded"
+            yield client, prices
+    finally:
+        await close_cache()
+
+
+async def test_stale_ttl_routes_hit_while_degraded_and_compute_once(
+    degraded_app: tuple[httpx.AsyncClient, Prices],
+) -> None:
+    """``@cache(expire=60, stale_ttl=300)`` with Redis down: 10 GETs in a row run the handler
+    once; the first is a MISS, the nine others are HITs (never STALE)."""
+    client, prices = degraded_app
+
+    responses = [await client.get("/prices", headers=ACME) for _ in range(10)]
+
+    assert [r.headers["X-FastAPI-Cache"] for r in responses] == ["MISS"] + ["HIT"] * 9
+    assert [r.json() for r in responses] == [{"calls": 1}] * 10
     assert prices.calls == 1

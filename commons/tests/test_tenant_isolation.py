@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +18,8 @@ from starlette.requests import Request
 
 from commons.cache import CacheSettings, cache, tenant_user_cache_key_builder
 from commons.utilities.context import get_tenant_id, get_user_id
+
+from _support import client_for
 
 EXAMPLES = settings(
     max_examples=20,
@@ -37,10 +38,6 @@ query_items = st.lists(
     max_size=3,
 )
 requests = st.lists(st.tuples(ids, ids, paths, query_items), min_size=1, max_size=8)
-
-
-def client_for(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
 def headers_for(tenant: str, user: str) -> dict[str, str]:

@@ -4,9 +4,9 @@ The TLS server listens with TLS only (``--port 0``), with a certificate from a C
 test. An ACL user reaches the cache with its password; with a wrong one, requests still answer,
 the cache reports itself degraded and serves from its in-memory tier: a login failure never
 reaches a request. A least-privileged user (no ``@dangerous`` command, only the prefix's keys)
-reaches Redis on every topology, and the ACL line the README documents is all a service needs:
-nothing it issues is refused (``ACL LOG`` stays empty). A command refused at start-up is reported
-as a refusal, naming the command, not as an outage.
+reaches Redis on every topology, and the ACL line docs/operations.md documents is all a service
+needs: nothing it issues is refused (``ACL LOG`` stays empty). A command refused at start-up is
+reported as a refusal, naming the command, not as an outage.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from commons.testing.redis_cluster import LocalRedisCluster
 from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import RedisServer, find_redis_server, supports_tls
 from commons.testing.tls import CertificateFiles, TlsRedisServer, make_certificates
+
+from _support import client_for
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +76,7 @@ async def counting_app(
         calls["n"] += 1
         return {"calls": calls["n"]}
 
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    client = client_for(app)
     try:
         yield client
     finally:
@@ -182,18 +184,18 @@ def test_tls_files_without_a_rediss_url_are_refused_naming_the_variable(
 
 # -- least-privileged users ----------------------------------------------------------------------
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
 
 def documented_service_acl(password: str, prefix: str) -> list[str]:
-    """The rules of the README's ``ACL SETUSER`` line for a service user, with this password
-    and prefix."""
+    """The rules of the operations page's ``ACL SETUSER`` line for a service user, with this
+    password and prefix."""
     lines = [
         line.strip()
-        for line in README.read_text(encoding="utf-8").splitlines()
+        for line in OPERATIONS.read_text(encoding="utf-8").splitlines()
         if line.strip().startswith("ACL SETUSER ib-service ")
     ]
-    assert len(lines) == 1, "the README documents one ACL line for a service user"
+    assert len(lines) == 1, "docs/operations.md documents one ACL line for a service user"
     rules = lines[0].split()[3:]
     assert "~ib-cache:*" in rules
     assert ">service-password" in rules
@@ -239,8 +241,7 @@ def service_app(make_identity_app: Callable[[], FastAPI]) -> FastAPI:
 
 async def run_the_service_path(app: FastAPI) -> None:
     """Misses, hits, every kind of invalidation and the flush, as a service issues them."""
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with client_for(app) as client:
 
         async def header(path: str, tenant: str = "t1", user: str = "u1") -> str:
             response = await client.get(
