@@ -36,7 +36,13 @@ def bulk_text(reply: bytes) -> str:
 def info_field(server: RedisServer, section: str, name: str) -> str:
     """One field of ``INFO <section>``, or of ``CLUSTER INFO`` for the section ``cluster``."""
     command = ("CLUSTER", "INFO") if section == "cluster" else ("INFO", section)
-    for line in bulk_text(server.command(*command)).splitlines():
+    try:
+        reply = server.command(*command)
+    except ConnectionError:
+        # A server whose role a Sentinel switches closes its clients' connections (CLIENT KILL
+        # TYPE normal), a poll's among them: it is asked once more.
+        reply = server.command(*command)
+    for line in bulk_text(reply).splitlines():
         key, _, value = line.partition(":")
         if key == name:
             return value.strip()
