@@ -31,8 +31,8 @@ def _entry(n: int) -> tuple[str, Any]:
 
 
 def _near_cache_class(mode: str) -> Any:
-    from commons.cache.backends.near import NearCache
-    from commons.cache.backends.pipelined_reads import encode_command
+    from commons.cache.backends.redis.near import NearCache
+    from commons.cache.backends.redis.pipelined_reads import encode_command
 
     if mode == "ours":
         return NearCache

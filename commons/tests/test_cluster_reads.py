@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from commons.cache.backends.factory import redis_store
-from commons.cache.backends.near import FlushReason, NearCache
 from commons.cache.backends.redis import RedisStore
+from commons.cache.backends.redis.near import FlushReason, NearCache
 from commons.cache.keyspace import Keyspace
 from commons.cache.scope import CacheScope, InvalidationTarget
 from commons.cache.settings import CacheSettings

@@ -26,8 +26,8 @@ from redis.asyncio import Redis
 from commons.cache import CacheSettings, cache, close_cache, init_cache
 from commons.cache.backends import factory
 from commons.cache.backends.memory import MemoryStore
-from commons.cache.backends.near import FlushReason, NearCache
 from commons.cache.backends.redis import RedisStore
+from commons.cache.backends.redis.near import FlushReason, NearCache
 from commons.cache.errors import BackendError
 from commons.cache.layer import CacheLayer
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey

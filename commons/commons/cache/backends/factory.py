@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from commons.cache.backends.base import OperatorCommands
 from commons.cache.backends.memory import MemoryStore
-from commons.cache.backends.near import NearCache
 from commons.cache.backends.redis import RedisStore
-from commons.cache.backends.redis_operations import RedisOperations
-from commons.cache.connection import cluster_client_factory, create_redis_client
+from commons.cache.backends.redis.connection import cluster_client_factory, create_redis_client
+from commons.cache.backends.redis.near import NearCache
+from commons.cache.backends.redis.operations import RedisOperations
 from commons.cache.events import CacheEvents
 from commons.cache.settings import CacheSettings
 

@@ -99,7 +99,7 @@ import hiredis
 from redis import exceptions as redis_errors
 
 from commons.cache.backends.base import StoredRead
-from commons.cache.backends.pipelined_reads import ReadChannel, encode_command
+from commons.cache.backends.redis.pipelined_reads import ReadChannel, encode_command
 from commons.cache.events import CacheEvents
 
 __all__ = ["FlushReason", "NearCache", "ReadTicket"]

@@ -45,7 +45,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from commons.cache.sentinel_master import MasterPool
+from commons.cache.backends.redis.sentinel_master import MasterPool
 from commons.cache.settings import CacheSettings
 
 __all__ = [

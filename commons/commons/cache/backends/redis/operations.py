@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from commons.cache.backends.base import OperatorCommands
-from commons.cache.backends.redis import BATCH_SIZE, RedisStore, _redis_errors_translated
+from commons.cache.backends.redis.store import BATCH_SIZE, RedisStore, _redis_errors_translated
 from commons.cache.errors import BackendRejectedError
 from commons.cache.keyspace import check_key
 from commons.cache.scope import InvalidationTarget

@@ -61,15 +61,21 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from commons.cache.backends.base import CacheStore, ReplicaLocks, StoredRead
-from commons.cache.backends.cluster_reads import ClusterReads
-from commons.cache.backends.expiry import ExpiryMemo, ToldExpiry
-from commons.cache.backends.near import FlushReason, NearCache, ReadTicket
-from commons.cache.backends.pipelined_reads import (
+from commons.cache.backends.redis.cluster_reads import ClusterReads
+from commons.cache.backends.redis.connection import RedisClient, reports_cluster_mode
+from commons.cache.backends.redis.expiry import ExpiryMemo, ToldExpiry
+from commons.cache.backends.redis.near import FlushReason, NearCache, ReadTicket
+from commons.cache.backends.redis.pipelined_reads import (
     PipelinedReader,
     channel_opener,
     encode_command,
 )
-from commons.cache.connection import RedisClient, reports_cluster_mode
+from commons.cache.backends.redis.sentinel_master import (
+    MasterPool,
+    SentinelView,
+    replica_may_be_promoted,
+    reports_master_role,
+)
 from commons.cache.errors import (
     BackendBusyError,
     BackendError,
@@ -80,12 +86,6 @@ from commons.cache.errors import (
 from commons.cache.keyspace import Keyspace
 from commons.cache.memo import BoundedMemo
 from commons.cache.scope import CacheScope, InvalidationTarget
-from commons.cache.sentinel_master import (
-    MasterPool,
-    SentinelView,
-    replica_may_be_promoted,
-    reports_master_role,
-)
 
 __all__ = ["RedisStore"]
 
