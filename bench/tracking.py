@@ -42,7 +42,7 @@ def _near_cache_class(mode: str) -> Any:
 
         def tracking_command(self) -> tuple[int, tuple[bytes, ...]] | None:
             ours = super().tracking_command()
-            subscriber = self._subscriber
+            subscriber = self.tracking._subscriber
             if ours is None or subscriber is None:
                 return None
             command = encode_command(

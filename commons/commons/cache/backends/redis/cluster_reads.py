@@ -52,11 +52,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from commons.cache.backends.base import StoredRead
 from commons.cache.backends.redis.expiry import ToldExpiry
 from commons.cache.backends.redis.near import FlushReason, NearCache, ReadTicket
-from commons.cache.backends.redis.pipelined_reads import (
-    PipelinedReader,
-    connection_opener,
-    encode_command,
-)
+from commons.cache.backends.redis.pipelined_reads import PipelinedReader
+from commons.cache.backends.redis.read_channel import connection_opener, encode_command
 from commons.cache.memo import BoundedMemo
 from commons.cache.scope import CacheScope
 
@@ -375,7 +372,7 @@ class ClusterReads:
             opener, timeout=self._timeout, max_pending=self._max_pending, tracking=near
         )
         if near is not None:
-            near.attach(
+            near.tracking.attach(
                 opener, reader, timeout=self._timeout, tracked_prefixes=self._tracked_prefixes
             )
         primary = self._primaries[node.name] = _Primary(reader, near)

@@ -16,11 +16,8 @@ from redis.asyncio import Redis
 from commons.cache.backends.base import StoredRead
 from commons.cache.backends.redis.expiry import ExpiryMemo, ToldExpiry
 from commons.cache.backends.redis.near import NearCache, ReadTicket
-from commons.cache.backends.redis.pipelined_reads import (
-    PipelinedReader,
-    channel_opener,
-    encode_command,
-)
+from commons.cache.backends.redis.pipelined_reads import PipelinedReader
+from commons.cache.backends.redis.read_channel import channel_opener, encode_command
 from commons.cache.backends.redis.topology import (
     PIPELINED_READS_MAX_PENDING,
     Topology,
@@ -66,7 +63,7 @@ class OneServer(Topology):
             opener, timeout=budget, max_pending=PIPELINED_READS_MAX_PENDING, tracking=near_cache
         )
         if near_cache is not None:
-            near_cache.attach(
+            near_cache.tracking.attach(
                 opener,
                 self.reads,
                 timeout=budget,
