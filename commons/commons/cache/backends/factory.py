@@ -1,8 +1,9 @@
 """The one place that builds stores from the settings (the service, the CLI and the benchmarks).
 
 A Redis store gets the client of the configured topology with its time budget
-(``connection.py``); with ``REDIS_CLUSTER=auto`` it also gets the means to switch to the cluster
-client when its first contact finds a cluster node.
+(``redis/connection.py``) and picks the object of that topology from it (``redis/topology.py``);
+with ``REDIS_CLUSTER=auto`` it also gets the means to switch to the cluster client when its first
+contact finds a cluster node.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ answers. Sentinel is how a failover is learned, not the way to the data, so here
   that address is used only if the server says it is a master (``HELLO``'s ``role``, which Redis
   grants every user, as ``ROLE`` would say); otherwise the connection fails as an outage does.
 - :func:`replica_may_be_promoted` reads the same answer to decide whether an invalidation must be
-  confirmed by a replica (``WAIT``, see ``backends/redis.py``). Without an answer nothing says no
+  confirmed by a replica (``WAIT``, see ``sentinel.py``). Without an answer nothing says no
   replica could be promoted, so it must: a master cut off from its replica and from the Sentinels
   that replaced it cannot confirm, and the invalidation is kept, as before.
 
