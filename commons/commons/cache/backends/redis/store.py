@@ -25,7 +25,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, cast
 
-from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from commons.cache.backends.base import CacheStore, ReplicaLocks, StoredRead
@@ -321,7 +320,7 @@ class RedisStore(CacheStore, ReplicaLocks):
         if self._first_contact is None:
             return
         single, factory = self._first_contact
-        if await reports_cluster_mode(cast(Redis, single.client)):
+        if await reports_cluster_mode(single.server):
             self._topology = OnCluster(factory(), self._keys, self._expiries, self._near_cache)
             if self._near_cache is not None:
                 # Each primary gets a near cache of its own (cluster_reads.py), shaped after it.
