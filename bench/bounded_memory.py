@@ -42,8 +42,8 @@ def _key(i: int) -> str:
 async def _near(count: int) -> dict[str, float]:
     from redis.asyncio import Redis
 
-    from commons.cache.backends.near import NearCache
     from commons.cache.backends.redis import RedisStore
+    from commons.cache.backends.redis.near import NearCache
     from commons.cache.scope import CacheScope
     from commons.testing.redis_server import RedisServer
 

@@ -115,7 +115,7 @@ async def _black_holed(url: str, servers: Sequence[RedisServer], gets: int) -> d
 
     from bench.outage import _get, _make_app
     from commons.cache import CacheSettings, cache_status, close_cache, init_cache
-    from commons.cache.backends.near import SILENCE_LIMIT_SECONDS
+    from commons.cache.backends.redis.near import SILENCE_LIMIT_SECONDS
 
     await init_cache(CacheSettings(REDIS_URL=url, CACHE_PREFIX=PREFIX))  # the default settings
     try:

@@ -43,8 +43,8 @@ async def _replica_b(url: str) -> None:
     then prints the monotonic time of the next invalidation message naming a key."""
     from redis.asyncio import Redis
 
-    from commons.cache.backends.near import NearCache
     from commons.cache.backends.redis import RedisStore
+    from commons.cache.backends.redis.near import NearCache
     from commons.cache.events import CacheEvents
 
     heard: asyncio.Queue[float] = asyncio.Queue()

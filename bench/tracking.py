@@ -31,8 +31,8 @@ def _entry(n: int) -> tuple[str, Any]:
 
 
 def _near_cache_class(mode: str) -> Any:
-    from commons.cache.backends.near import NearCache
-    from commons.cache.backends.pipelined_reads import encode_command
+    from commons.cache.backends.redis.near import NearCache
+    from commons.cache.backends.redis.pipelined_reads import encode_command
 
     if mode == "ours":
         return NearCache
@@ -42,7 +42,7 @@ def _near_cache_class(mode: str) -> Any:
 
         def tracking_command(self) -> tuple[int, tuple[bytes, ...]] | None:
             ours = super().tracking_command()
-            subscriber = self._subscriber
+            subscriber = self.tracking._subscriber
             if ours is None or subscriber is None:
                 return None
             command = encode_command(

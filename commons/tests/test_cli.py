@@ -18,8 +18,8 @@ import redis
 from typer.testing import CliRunner, Result
 
 from commons.cache.backends.redis import RedisStore
+from commons.cache.backends.redis.connection import cluster_client_factory, create_redis_client
 from commons.cache.cli import app
-from commons.cache.connection import cluster_client_factory, create_redis_client
 from commons.cache.scope import CacheScope
 from commons.cache.settings import CacheSettings
 from commons.testing.redis_server import (

@@ -23,8 +23,9 @@ import httpx
 import pytest
 
 from commons.cache.backends.factory import redis_store
-from commons.cache.backends.near import FlushReason, NearCache
 from commons.cache.backends.redis import RedisStore
+from commons.cache.backends.redis.cluster import OnCluster
+from commons.cache.backends.redis.near import FlushReason, NearCache
 from commons.cache.keyspace import Keyspace
 from commons.cache.scope import CacheScope, InvalidationTarget
 from commons.cache.settings import CacheSettings
@@ -77,9 +78,9 @@ def cluster_store(url: str, recorder: Recorder | None) -> RedisStore:
 
 
 def near_caches(store: RedisStore) -> list[NearCache]:
-    reads = store._cluster_reads
-    assert reads is not None
-    return reads.near_caches
+    topology = store.topology
+    assert isinstance(topology, OnCluster)
+    return topology.reads.near_caches
 
 
 @pytest.fixture

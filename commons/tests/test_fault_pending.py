@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from commons.cache.backends.redis import RedisStore
-from commons.cache.connection import create_redis_client
+from commons.cache.backends.redis.connection import create_redis_client
 from commons.cache.pending import PendingInvalidations
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
 from commons.cache.settings import CacheSettings

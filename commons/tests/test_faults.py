@@ -37,7 +37,7 @@ from commons.cache import (
     invalidate_namespace,
     tenant_cache_key_builder,
 )
-from commons.cache.backends.near import HEARTBEAT_SECONDS, SILENCE_LIMIT_SECONDS
+from commons.cache.backends.redis.near import HEARTBEAT_SECONDS, SILENCE_LIMIT_SECONDS
 from commons.cache.status import CacheStatus
 from commons.testing.redis_server import RedisServer
 from commons.utilities.context import get_tenant_id

@@ -40,8 +40,8 @@ from fastapi_cache import FastAPICache
 from redis.asyncio import Redis
 
 from commons.cache import CacheSettings, cache, close_cache, init_cache, invalidate_namespace
-from commons.cache.backends import redis as redis_backend
 from commons.cache.backends.redis import RedisStore
+from commons.cache.backends.redis import store as redis_backend
 from commons.cache.layer import CacheLayer
 from commons.cache.lifecycle import cache_status
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey

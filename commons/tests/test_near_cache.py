@@ -26,8 +26,9 @@ from redis.asyncio import Redis
 from commons.cache import CacheSettings, cache, close_cache, init_cache
 from commons.cache.backends import factory
 from commons.cache.backends.memory import MemoryStore
-from commons.cache.backends.near import FlushReason, NearCache
 from commons.cache.backends.redis import RedisStore
+from commons.cache.backends.redis.near import FlushReason, NearCache
+from commons.cache.backends.redis.one_server import OneServer
 from commons.cache.errors import BackendError
 from commons.cache.layer import CacheLayer
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
@@ -192,7 +193,9 @@ async def test_an_invalidation_between_the_read_and_the_keeping_wins(
     generation and its message is processed, then the read's result would be kept."""
     generation = await store.generation(SCOPE)
     assert await store.write(KEY, b"v1", 60, SCOPE, generation)
-    reads = store._reads
+    topology = store.topology
+    assert isinstance(topology, OneServer)
+    reads = topology.reads
     assert reads is not None
     original = reads.mget_tracked
 

@@ -41,7 +41,7 @@ from commons.cache import (
     init_cache,
     invalidate_namespace,
 )
-from commons.cache.backends.near import HEARTBEAT_SECONDS, SILENCE_LIMIT_SECONDS
+from commons.cache.backends.redis.near import HEARTBEAT_SECONDS, SILENCE_LIMIT_SECONDS
 from commons.testing.redis_cluster import LocalRedisCluster, info_field
 from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import (

@@ -12,13 +12,13 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from commons.cache.backends.pipelined_reads import (
+from commons.cache.backends.redis import RedisStore
+from commons.cache.backends.redis.pipelined_reads import (
     PipelinedReader,
     ReadChannel,
     channel_opener,
     encode_command,
 )
-from commons.cache.backends.redis import RedisStore
 from commons.cache.scope import CacheScope
 from commons.testing.proxy import LoopbackProxy
 from commons.testing.redis_server import RedisServer

@@ -430,3 +430,122 @@ async def test_a_fill_keeps_its_scopes_generations_alive_as_long_as_its_entry(
     finally:
         await store.aclose()
         await probe.aclose()
+
+
+# -- the generation rule ---------------------------------------------------------------------------
+#
+# An entry is stored under the generations its scope had when its read began; it may be served only
+# while the store still reports those very generations. Whatever ends a generation (an
+# invalidation of the scope or of a wider one, its key deleted or evicted behind the store's back)
+# turns the entries stored under it into misses, and never into anything else.
+
+GENERATION_SCOPES = {
+    "t1-u1": CacheScope("tenant", "t1", "u1"),
+    "t1": CacheScope("tenant", "t1"),
+    "t2": CacheScope("tenant", "t2"),
+    "unscoped": CacheScope("tenant"),
+    "config-t1": CacheScope("tenant_config", "t1"),
+}
+
+Filled = dict[str, tuple[str, CacheScope, bytes]]
+
+
+async def served(store: CacheStore, entry_key: str, scope: CacheScope, generation: bytes) -> bool:
+    """Whether the layer would serve an entry stored under ``generation``: the value is there and
+    the read reports that generation (a store without generations: the value is there)."""
+    read = await store.read(entry_key, scope)
+    if read.value is None:
+        return False
+    return not store.uses_generations or read.generation == generation
+
+
+async def fill_under_generations(store: CacheStore) -> Filled:
+    """One entry per scope of :data:`GENERATION_SCOPES`, each filled under its scope's generation
+    as the layer fills a miss."""
+    filled: Filled = {}
+    for name, scope in GENERATION_SCOPES.items():
+        generation = await store.generation(scope)
+        entry_key = key(scope.namespace, scope.tenant_id, scope.user_id, path=f"/{name}")
+        assert await store.write(entry_key, name.encode(), 60, scope, generation)
+        filled[name] = (entry_key, scope, generation)
+    return filled
+
+
+async def still_served(store: CacheStore, filled: Filled) -> set[str]:
+    return {
+        name
+        for name, (entry_key, scope, generation) in filled.items()
+        if await served(store, entry_key, scope, generation)
+    }
+
+
+@pytest.mark.parametrize(
+    ("target", "missed"),
+    [
+        (InvalidationTarget("tenant"), {"t1-u1", "t1", "t2", "unscoped"}),
+        (InvalidationTarget("tenant", "t1"), {"t1-u1", "t1"}),
+        (InvalidationTarget("tenant", "t1", "u1"), {"t1-u1"}),
+    ],
+    ids=["namespace", "tenant", "user"],
+)
+async def test_an_entry_stored_under_its_scopes_generation_is_a_miss_once_that_scope_is_invalidated(
+    store: CacheStore, target: InvalidationTarget, missed: set[str]
+) -> None:
+    filled = await fill_under_generations(store)
+    assert await still_served(store, filled) == set(filled)
+
+    # Only what makes the invalidation hold: its entries' removal may not have run yet.
+    await store.invalidate_effective(target)
+
+    assert await still_served(store, filled) == set(filled) - missed
+
+
+async def test_a_fill_under_a_generation_retired_meanwhile_is_never_served(
+    store: CacheStore,
+) -> None:
+    if not store.uses_generations:
+        pytest.skip("without generations an invalidation removes entries exactly")
+    scope = CacheScope("tenant", "t1", "u1")
+    entry_key = key("tenant", "t1", "u1", path="/late")
+    generation_at_read = await store.generation(scope)
+
+    await store.invalidate_effective(InvalidationTarget("tenant", "t1"))
+    await store.write(entry_key, b"computed before the invalidation", 60, scope, generation_at_read)
+
+    assert not await served(store, entry_key, scope, generation_at_read)
+    assert await store.generation(scope) != generation_at_read
+    assert not await served(store, entry_key, scope, generation_at_read)
+
+
+@pytest.mark.parametrize("topology", ["redis", pytest.param("cluster", marks=pytest.mark.slow)])
+async def test_an_entry_whose_generation_key_was_deleted_or_evicted_is_only_ever_a_miss(
+    topology: str, request: pytest.FixtureRequest
+) -> None:
+    """Each of a scope's generation keys in turn (however many the key format gives it) removed
+    by another client, as an eviction or an operator would: every entry depending on it misses,
+    the others are still served, and no later fill or read brings the old entries back."""
+    url = request.getfixturevalue("redis_url" if topology == "redis" else "redis_cluster_url")
+    connect = Redis.from_url if topology == "redis" else RedisCluster.from_url
+    store = RedisStore(connect(url), PREFIX)
+    behind_its_back = connect(url)
+    try:
+        for lost in store.generation_keys(GENERATION_SCOPES["t1-u1"]):
+            filled = await fill_under_generations(store)
+            depending = {
+                name
+                for name, (_, scope, _) in filled.items()
+                if lost in store.generation_keys(scope)
+            }
+            assert depending, lost
+
+            assert await behind_its_back.delete(lost) == 1
+
+            assert await still_served(store, filled) == set(filled) - depending, lost
+            for name in depending:
+                entry_key, scope, old = filled[name]
+                await store.write(entry_key, b"a late fill", 60, scope, old)
+                assert await store.generation(scope) != old
+            assert await still_served(store, filled) == set(filled) - depending, lost
+    finally:
+        await store.aclose()
+        await behind_its_back.aclose()

@@ -1,13 +1,13 @@
 """Removing an invalidation's old entries after it returned, bounded and observable.
 
 An invalidation holds once its scope's generation is retired (one command, see
-``backends/redis.py``): from then on no entry of the old generation is served or stored, wherever
-it is read. Removing those entries only frees memory, and on Redis it costs a round trip per page
-of an index (9.7 s for a million entries). So ``invalidate_namespace()`` returns once the
+``backends/redis/store.py``): from then on no entry of the old generation is served or stored,
+wherever it is read. Removing those entries only frees memory, and on Redis it costs a round trip
+per page of an index (9.7 s for a million entries). So ``invalidate_namespace()`` returns once the
 generation is retired, and the removal runs here, in the background:
 
 - *Bounded.* At most :data:`MAX_RUNNING` removals run at once (each drains a few index leaves
-  at a time, see ``backends/redis.py``), so a burst of invalidations never takes every pooled
+  at a time, see ``backends/redis/index.py``), so a burst of invalidations never takes every pooled
   connection; at most :data:`MAX_WAITING` wait their turn, and the same target waiting twice is
   one removal. Past that a removal is given up: its entries stay until they expire, as they
   would if Redis had evicted the index (their generation is gone, so they are never served).

@@ -11,7 +11,7 @@ Every stored value, in Redis and in memory, for both decorators, is one JSON arr
 - ``fingerprint`` names what the route renders (see ``rendering.route_fingerprint``): another
   fingerprint is a miss, so during a rolling deploy old and new replicas each see the other's
   entries as misses, never as errors or as the wrong shape.
-- ``generation`` is the scope's generation when the fill began (see ``backends/redis.py``): an
+- ``generation`` is the scope's generation when the fill began (see ``backends/redis/store.py``): an
   entry is valid only while it equals the scope's generation now, which is how an invalidation by
   any replica, or the loss of any helper key, can only ever cost a miss.
 - ``kind`` is ``b`` when ``payload`` is the response body itself (a ``200 application/json``

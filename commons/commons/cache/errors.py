@@ -14,7 +14,7 @@ Tree::
 Configuration mistakes are :class:`pydantic.ValidationError` from :class:`CacheSettings`, raised
 when the settings load. Backend errors are translated from redis-py and OS errors, those of the
 cluster client included (which do not derive from ``RedisError``), in exactly one place
-(``backends/redis.py``); the layer above decides what a failure means.
+(``backends/redis/translation.py``); the layer above decides what a failure means.
 """
 
 from __future__ import annotations

@@ -72,4 +72,4 @@ class CacheEvents:
         """Redis sent an invalidation message naming ``keys`` keys (0: a flush of everything)."""
 
     def near_cache_flushed(self, reason: str) -> None:
-        """The near cache was emptied: ``reason`` is one of ``backends.near.FlushReason``."""
+        """The near cache was emptied: ``reason`` is one of ``backends.redis.near.FlushReason``."""

@@ -1,9 +1,9 @@
 """``invalidate_namespace()``: remove a namespace's entries, for all tenants, one, or one user.
 
 It never blocks Redis and its cost does not grow with unrelated keys: see the index design in
-``backends/redis.py``. Namespaces and ids are literal text: a quote, ``*``, ``?`` or ``[`` is no
-pattern and no script. During a Redis outage the invalidation is kept and applied before Redis is
-read again (see ``layer.py``).
+``backends/redis/index.py``. Namespaces and ids are literal text: a quote, ``*``, ``?`` or ``[``
+is no pattern and no script. During a Redis outage the invalidation is kept and applied before
+Redis is read again (see ``layer.py``).
 """
 
 from __future__ import annotations

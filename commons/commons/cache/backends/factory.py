@@ -1,18 +1,19 @@
 """The one place that builds stores from the settings (the service, the CLI and the benchmarks).
 
 A Redis store gets the client of the configured topology with its time budget
-(``connection.py``); with ``REDIS_CLUSTER=auto`` it also gets the means to switch to the cluster
-client when its first contact finds a cluster node.
+(``redis/connection.py``) and picks the object of that topology from it (``redis/topology.py``);
+with ``REDIS_CLUSTER=auto`` it also gets the means to switch to the cluster client when its first
+contact finds a cluster node.
 """
 
 from __future__ import annotations
 
 from commons.cache.backends.base import OperatorCommands
 from commons.cache.backends.memory import MemoryStore
-from commons.cache.backends.near import NearCache
 from commons.cache.backends.redis import RedisStore
-from commons.cache.backends.redis_operations import RedisOperations
-from commons.cache.connection import cluster_client_factory, create_redis_client
+from commons.cache.backends.redis.connection import cluster_client_factory, create_redis_client
+from commons.cache.backends.redis.near import NearCache
+from commons.cache.backends.redis.operations import RedisOperations
 from commons.cache.events import CacheEvents
 from commons.cache.settings import CacheSettings
 

@@ -16,7 +16,7 @@ answers. Sentinel is how a failover is learned, not the way to the data, so here
   :data:`SILENT_SENTINELS_RETRY_SECONDS`, so a burst of new connections and an invalidation's own
   connection cost one timeout between them, not one each.
 - :func:`replica_may_be_promoted` reads the same answer to decide whether an invalidation must be
-  confirmed by a replica (``WAIT``, see ``backends/redis.py``). Without an answer nothing says no
+  confirmed by a replica (``WAIT``, see ``sentinel.py``). Without an answer nothing says no
   replica could be promoted, so it must: a master cut off from its replica and from the Sentinels
   that replaced it cannot confirm, and the invalidation is kept, as before.
 

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from commons.cache.backends.base import OperatorCommands
-from commons.cache.backends.redis import BATCH_SIZE, RedisStore, _redis_errors_translated
+from commons.cache.backends.redis.index import BATCH_SIZE
+from commons.cache.backends.redis.store import RedisStore
+from commons.cache.backends.redis.translation import errors_translated
 from commons.cache.errors import BackendRejectedError
 from commons.cache.keyspace import check_key
 from commons.cache.scope import InvalidationTarget
@@ -40,7 +42,7 @@ class RedisOperations(OperatorCommands):
 
     async def server_info(self) -> dict[str, Any]:
         """The server's ``INFO`` (on a cluster: one node's)."""
-        async with _redis_errors_translated():
+        async with errors_translated():
             info = await self._store.client.info()
         if "redis_version" not in info and info and isinstance(next(iter(info.values())), dict):
             info = next(iter(info.values()))  # a cluster client answers per node
@@ -60,7 +62,7 @@ class RedisOperations(OperatorCommands):
         """The namespaces that have a registry under the prefix (one SCAN, matching registries)."""
         names = self._store.keyspace
         found: set[str] = set()
-        async with _redis_errors_translated():
+        async with errors_translated():
             async for key in self._store.client.scan_iter(
                 match=names.registries_glob(), count=1000
             ):
@@ -78,7 +80,7 @@ class RedisOperations(OperatorCommands):
         """
         client, names = self._store.client, self._store.keyspace
         counts: dict[str | None, int] = {}
-        async with _redis_errors_translated():
+        async with errors_translated():
             seconds, micros = await client.time()
             now_ms = seconds * 1000 + micros // 1000
             async for leaf, _ in client.zscan_iter(
@@ -102,7 +104,7 @@ class RedisOperations(OperatorCommands):
         """``MEMORY USAGE`` in bytes of up to ``samples`` entries of ``namespace``."""
         client = self._store.client
         keys: list[bytes] = []
-        async with _redis_errors_translated():
+        async with errors_translated():
             registry = self._store.keyspace.namespace_registry(namespace)
             for leaf in cast(list[bytes], await client.zrange(registry, 0, BATCH_SIZE)):
                 if len(keys) >= samples:
@@ -120,7 +122,7 @@ class RedisOperations(OperatorCommands):
 
     async def count_keys(self, on_batch: Callable[[int], object] | None = None) -> int:
         counted = 0
-        async with _redis_errors_translated():
+        async with errors_translated():
             async for batch in self._store.keys_of_prefix():
                 counted += len(batch)
                 if on_batch is not None:

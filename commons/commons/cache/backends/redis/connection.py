@@ -21,7 +21,7 @@ Topologies
   contact, so a service that starts while Redis is down still finds out when Redis comes back.
 - ``REDIS_SENTINELS`` + ``REDIS_SENTINEL_MASTER``: the master's address comes from the Sentinels
   and is looked up again whenever a connection to it fails, so the client follows a failover; the
-  store also asks about once a second (see ``backends/redis.py``), so pooled connections leave a
+  store also asks about once a second (see ``sentinel.py``), so pooled connections leave a
   master that a switch-over demoted. Every Sentinel is asked at once, and while none answers the
   last master known is used as long as it says it is one (``sentinel_master.py``).
   ``REDIS_URL`` still gives the scheme, credentials and database; its host and port are not used.
@@ -45,7 +45,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from commons.cache.sentinel_master import MasterPool
+from commons.cache.backends.redis.sentinel_master import MasterPool
 from commons.cache.settings import CacheSettings
 
 __all__ = [

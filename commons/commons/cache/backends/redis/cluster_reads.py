@@ -4,9 +4,10 @@ redis-py's cluster client spends most of a hit's time around each command: findi
 node, checking a connection out of that node's pool and back in, arming a read, parsing. A hit on
 a cluster is two commands (the entry, then its scope's generations, which live in the
 namespace's slot), so it paid that twice: a cluster answered 0.27x the hits of one node from one
-process. Here each primary gets a :class:`~commons.cache.backends.pipelined_reads.PipelinedReader`
-of its own, opened with the node's connection settings, and a read goes to the primary that
-redis-py's slot map names for its key.
+process. Here each primary gets a
+:class:`~commons.cache.backends.redis.pipelined_reads.PipelinedReader` of its own, opened with
+the node's connection settings, and a read goes to the primary that redis-py's slot map names for
+its key.
 
 Why a read cannot be answered by the wrong server: the readers never send ``READONLY``, so a
 server that does not own a key's slot (a primary the slot moved away from, a primary demoted to
@@ -24,17 +25,18 @@ The near cache, per primary
 Redis announces the changes of the keys a connection tracks (the generations' prefix, see
 ``near.py``) on the server that connection is open to, and can only redirect its messages to a
 connection on that same server. So each primary gets its own
-:class:`~commons.cache.backends.near.NearCache` (its subscribed connection, its sessions), with
-``1/n`` of the configured bounds for ``n`` primaries. An entry is kept by its slot's primary's near
-cache, its generations by their namespace slot's primary's, and the entry is answered only while
-that near cache holds the generations it was read with: whatever drops one of them (a message, a
-lost or silent connection on that other primary) makes the entry miss. A hit is answered only while
-the generations' primary's session is confirmed too. A ``MOVED`` or ``ASK`` from a primary empties
-its near cache (reason ``moved``): it no longer serves a slot it may hold keys of. A generation's
-slot migrated away deletes it on the old owner, which announces it like any deletion (an entry's
-slot migrated away leaves the entry right: it is still checked against its generations); a primary
-demoted by a failover keeps announcing what the replication stream changes, and an invalidation is
-confirmed by a replica before it returns (``WAIT``), so its message is on its way when it does.
+:class:`~commons.cache.backends.redis.near.NearCache` (its subscribed connection, its sessions),
+with ``1/n`` of the configured bounds for ``n`` primaries. An entry is kept by its slot's primary's
+near cache, its generations by their namespace slot's primary's, and the entry is answered only
+while that near cache holds the generations it was read with: whatever drops one of them (a message,
+a lost or silent connection on that other primary) makes the entry miss. A hit is answered only
+while the generations' primary's session is confirmed too. A ``MOVED`` or ``ASK`` from a primary
+empties its near cache (reason ``moved``): it no longer serves a slot it may hold keys of. A
+generation's slot migrated away deletes it on the old owner, which announces it like any deletion
+(an entry's slot migrated away leaves the entry right: it is still checked against its generations);
+a primary demoted by a failover keeps announcing what the replication stream changes, and an
+invalidation is confirmed by a replica before it returns (``WAIT``), so its message is on its way
+when it does.
 """
 
 from __future__ import annotations
@@ -48,13 +50,10 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from commons.cache.backends.base import StoredRead
-from commons.cache.backends.expiry import ToldExpiry
-from commons.cache.backends.near import FlushReason, NearCache, ReadTicket
-from commons.cache.backends.pipelined_reads import (
-    PipelinedReader,
-    connection_opener,
-    encode_command,
-)
+from commons.cache.backends.redis.expiry import ToldExpiry
+from commons.cache.backends.redis.near import FlushReason, NearCache, ReadTicket
+from commons.cache.backends.redis.pipelined_reads import PipelinedReader
+from commons.cache.backends.redis.read_channel import connection_opener, encode_command
 from commons.cache.memo import BoundedMemo
 from commons.cache.scope import CacheScope
 
@@ -373,7 +372,7 @@ class ClusterReads:
             opener, timeout=self._timeout, max_pending=self._max_pending, tracking=near
         )
         if near is not None:
-            near.attach(
+            near.tracking.attach(
                 opener, reader, timeout=self._timeout, tracked_prefixes=self._tracked_prefixes
             )
         primary = self._primaries[node.name] = _Primary(reader, near)

@@ -42,14 +42,18 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import Protocol
 
 import hiredis
 from redis import exceptions as redis_errors
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
+
+from commons.cache.backends.redis.read_channel import (
+    ReadChannel,
+    channel_opener,
+    connection_opener,
+    encode_command,
+)
 
 __all__ = [
     "PipelinedReader",
@@ -87,69 +91,6 @@ def _seen(reply: asyncio.Future[Reply]) -> None:
         reply.exception()
 
 
-@dataclass(frozen=True, slots=True)
-class ReadChannel:
-    """An open, authenticated connection to the server, owned by the reader from now on."""
-
-    writer: asyncio.StreamWriter
-
-    @property
-    def transport(self) -> asyncio.Transport:
-        return cast(asyncio.Transport, self.writer.transport)
-
-    def close(self) -> None:
-        # Not StreamWriter.wait_closed(): the stream's protocol is no longer the transport's and
-        # would never learn that the connection closed.
-        self.writer.transport.abort()
-
-
-def channel_opener(client: Redis) -> Callable[[], Awaitable[ReadChannel]] | None:
-    """Opens connections set up exactly as the client's pooled ones, for a :class:`PipelinedReader`.
-
-    redis-py connects, negotiates TLS, logs in (ACL user or password) and selects the database;
-    the reader then takes the connection's two streams over. ``None`` for a pool that chooses its
-    server per connection (Sentinel's follows the master) or is of another kind: reads there keep
-    going through redis-py.
-    """
-    pool = client.connection_pool
-    if type(pool) is not ConnectionPool:
-        return None
-    return connection_opener(pool.connection_class, pool.connection_kwargs)
-
-
-def connection_opener(
-    connection_class: type[AbstractConnection], connection_kwargs: dict[str, Any]
-) -> Callable[[], Awaitable[ReadChannel]] | None:
-    """Opens connections of ``connection_class`` with ``connection_kwargs`` (a pool's, or a
-    cluster node's) for a :class:`PipelinedReader`.
-
-    ``None`` if this redis-py hides a connection's streams.
-    """
-    # RESP2 whatever the URL asks: a GET's reply is then a bulk string, nil or an error, and no
-    # push message can come between replies.
-    options = {**connection_kwargs, "protocol": 2}
-    # redis-py keeps a connection's streams private (they have been there since its asyncio
-    # client began); a version without them keeps reads on redis-py's own path.
-    unconnected = connection_class(**options)
-    if not hasattr(unconnected, "_writer"):
-        return None
-
-    async def open_channel() -> ReadChannel:
-        connection = connection_class(**options)
-        await connection.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
-        writer = getattr(connection, "_writer", None)
-        if not isinstance(writer, asyncio.StreamWriter):
-            await connection.disconnect()
-            raise redis_errors.ConnectionError("this redis-py version hides its streams")
-        # The reader owns the connection from here on: redis-py forgets it, so that it never
-        # reads from it, closes it or warns about it when its object is collected.
-        setattr(connection, "_reader", None)  # noqa: B010
-        setattr(connection, "_writer", None)  # noqa: B010
-        return ReadChannel(writer)
-
-    return open_channel
-
-
 #: What a GET, an MGET or a PTTL is answered with.
 Reply = bytes | int | None | list[bytes | None]
 #: Replies handed out as they are parsed (beside nil and a list of values).
@@ -163,13 +104,6 @@ def _is_bulk_list(reply: object) -> bool:
         if item is not None and type(item) is not bytes:
             return False
     return True
-
-
-def encode_command(name: bytes, keys: list[str]) -> bytes:
-    """``name`` with ``keys`` as arguments, in the protocol's encoding."""
-    encoded = [key.encode() for key in keys]
-    head = b"*%d\r\n$%d\r\n%b\r\n" % (len(encoded) + 1, len(name), name)
-    return head + b"".join([b"$%d\r\n%b\r\n" % (len(key), key) for key in encoded])
 
 
 def _error_reply(reply: hiredis.ReplyError) -> redis_errors.RedisError:

@@ -1,6 +1,6 @@
 """ExpiryMemo: the remaining time of bytes already seen, without asking Redis again."""
 
-from commons.cache.backends.expiry import ExpiryMemo
+from commons.cache.backends.redis.expiry import ExpiryMemo
 
 
 class Clock:

@@ -1,0 +1,416 @@
+"""The near cache: Redis hits answered from this process's memory, kept coherent by Redis itself.
+
+A hit from Redis costs a round trip. Redis 6+ can tell a client when a key it read has changed
+(server-assisted client-side caching, ``CLIENT TRACKING``), so a process may keep what it read
+and answer the same read again locally until Redis says otherwise. This module keeps, per process,
+the entries read from Redis and the scope generations read with them; a read whose entry and
+generations are all held (and the entry unexpired) is answered with no command sent.
+
+How it stays coherent
+---------------------
+- Which keys Redis tracks: only the scope generations, by their prefix. Every entry holds the
+  generations its read found and is answered only while the near cache still holds those very
+  generations, so what makes an entry wrong is a change of a generation: an invalidation, a
+  deletion, an expiry, an eviction, a flush. The entry itself needs no message: Redis writes it
+  again only through a fill, which stores it only under the generations it read, so whatever
+  value it replaces was computed after the same last invalidation; its expiry is known from
+  the read; its eviction makes nothing stale. How Redis is asked to announce them, on which
+  connection, and when a *session* of it can be trusted: ``near_tracking.py``. Broadcast tracking
+  keeps no table of the keys each connection read: Redis' memory does not grow with the keys
+  read nor with the processes that read them, nothing stays behind a process that goes away
+  (redis/redis#9231), and ``tracking-table-max-keys`` never evicts a generation. The default mode
+  did all three, at about 150 bytes per key read and process (``python -m bench tracking``).
+  RESP2 redirect works on Redis 6 and 7 and on managed services alike. A change of an entry that
+  no fill made (an operator's ``SET``, garbage written over it) is not announced: the near cache
+  answers the value it read for at most the maximum age below, and every read from memory is
+  validated as any read.
+- The read/fill race: a read registers its keys before it is sent. An invalidation of any of them
+  (a message, or a write by this process) arriving before the result is kept marks the read, and
+  its result is then not kept: between the read and the keeping, the invalidation wins.
+  A flush of any kind in between does the same (an *epoch* counts flushes).
+- What cannot be confirmed is not answered (``near_tracking.py``): a lost or silent subscribed
+  connection, or a lost read connection, empties the near cache at once; it keeps nothing until
+  a new session is confirmed. A replica cut off from Redis therefore answers nothing from it
+  after at most :data:`SILENCE_LIMIT_SECONDS`; a refused ``CLIENT TRACKING`` turns it off while
+  Redis refuses.
+- Writes, deletions, invalidations and flushes made by this process drop the keys they touch
+  before they return (the store calls :meth:`NearCache.drop`), so a process reads its own writes
+  although Redis' message for them arrives later.
+- Expiry: an entry is kept with its expiry (from the read's remaining time to live) and never
+  answered past it, since Redis may expire a key that nobody reads only much later. Generations
+  carry no expiry of their own: a fill extends its scope's generations to outlive the entry, so
+  the entry's expiry bounds both, and a generation that goes away early (deleted, evicted) is
+  announced by Redis like any other key.
+- What the near cache answers is exactly what Redis held: the layer validates it as any read
+  (format marker, fingerprint, generation), so garbage or another route version's entry is held
+  perhaps, but never served.
+
+The bound that needs no model
+-----------------------------
+Everything above relies on Redis telling this process, and on this process noticing when it
+cannot be told. Faults outside that model can fool both: a read connection dropped silently by a
+NAT or a load balancer (Redis forgets what it tracked, this side never hears), a ``SWAPDB`` (which
+sends no message), a proxy that moves to another server. So no entry is answered more than
+``max_age_seconds`` (``CACHE_NEAR_CACHE_MAX_AGE_SECONDS``) after the read that brought it was
+sent: the next hit then reads Redis (one round trip per key per period, a hit, not a miss) and
+keeps what it reads afresh. Whatever the fault, an answer from memory is at most that old.
+
+Why broadcast mode on the generations only, not on the whole prefix (cashews' choice): every
+replica would then hear of every entry written under the prefix, including entries it never
+read, which costs every replica the whole service's write traffic. Generations change once per
+scope per invalidation, creation or re-arming (once per entry lifetime), not once per fill.
+
+Bounds: at most ``max_entries`` keys (entries and generations) and ``max_bytes`` of their sizes;
+the least recently used entries go first. An entry larger than a sixty-fourth of the byte budget
+is not kept.
+
+One server's reads use one near cache; on a cluster each primary has its own
+(``cluster_reads.py``), and an entry held by one may depend on generations held by another (see
+:meth:`NearCache.keep_entry`). Behind Sentinel the reads take redis-py's path and nothing is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from typing import Final, NamedTuple
+
+from commons.cache.backends.base import StoredRead
+from commons.cache.backends.redis.near_tracking import (
+    HEARTBEAT_SECONDS,
+    SILENCE_LIMIT_SECONDS,
+    FlushReason,
+    TrackingSession,
+)
+from commons.cache.events import CacheEvents
+
+__all__ = [
+    "HEARTBEAT_SECONDS",
+    "SILENCE_LIMIT_SECONDS",
+    "FlushReason",
+    "NearCache",
+    "ReadTicket",
+]
+
+#: The default of CACHE_NEAR_CACHE_MAX_AGE_SECONDS.
+DEFAULT_MAX_AGE_SECONDS = 5.0
+#: What a held entry costs beyond its key's, value's and generation's bytes: their objects'
+#: headers, the entry's tuples and its dictionary slot (measured: the process's resident memory
+#: grew by 1,600 bytes per entry over a hundred thousand entries of 1 KB, keys of 70 bytes).
+ENTRY_OVERHEAD_BYTES = 480
+#: The same for a held generation (its key and value objects, a dictionary slot).
+GENERATION_OVERHEAD_BYTES = 200
+#: Where an entry holds its size.
+_SIZE: Final = 6
+
+
+#: A held entry: ``(value, expires_at, answer_until, generation, generation_keys,
+#: generation_values, size)``. ``answer_until``: past it (the read's send time plus the maximum
+#: age, or the expiry if sooner) the entry is read from Redis again; ``generation``: the scope's
+#: generations as the read reported them, joined; the entry is answered only while the near cache
+#: holding its generations holds ``generation_values`` under ``generation_keys``.
+#:
+#: A plain tuple of immutable values, not an object: the garbage collector stops tracking such a
+#: tuple once it has survived a collection, so a full collection never walks the entries (with
+#: entries as objects, a full near cache of a hundred thousand made each one take 100-230 ms).
+_Entry = tuple[bytes, float, float, bytes, tuple[str, ...], tuple[bytes, ...], int]
+
+
+class ReadTicket(NamedTuple):
+    """A read under way: what was current when it began (see :meth:`NearCache.begin`)."""
+
+    epoch: int
+    touches: int
+    session: int
+    keys: tuple[str, ...]
+    #: When the read was registered, before it was sent (``time.monotonic()``).
+    sent_at: float
+
+
+class NearCache:
+    """Entries and generations read from Redis, kept while Redis tracks them for this process.
+
+    Args:
+        max_entries: Keys held at most (entries and generations).
+        max_bytes: Bytes held at most (keys, values and overhead).
+        events: Receives hits, invalidation messages and flushes.
+        max_age_seconds: The longest an entry is answered after the read that brought it was
+            sent; then it is read from Redis again (see "The bound that needs no model").
+    """
+
+    def __init__(
+        self,
+        *,
+        max_entries: int,
+        max_bytes: int,
+        events: CacheEvents | None = None,
+        max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
+    ) -> None:
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._max_age = max_age_seconds
+        self._max_item_bytes = max(max_bytes // 64, 1)
+        self.events = events or CacheEvents()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        #: Held generations: their values by key (immutable, so untracked by the collector).
+        self._generations: dict[str, bytes] = {}
+        self._bytes = 0
+        #: Bumped by every flush and every new session: reads begun before are not kept.
+        self._epoch = 0
+        #: Bumped by every invalidation of a key some read is waiting for.
+        self._touches = 0
+        self._touched: dict[str, int] = {}
+        self._inflight: dict[str, int] = {}
+        #: The connection Redis announces changes on (attached to a reader's server).
+        self.tracking = TrackingSession(self)
+
+    def for_node(self, share: int) -> NearCache:
+        """A near cache of its own for one of ``share`` servers (a cluster's primaries): the same
+        events, ``1/share`` of this one's bounds."""
+        return NearCache(
+            max_entries=max(self._max_entries // share, 1),
+            max_bytes=max(self._max_bytes // share, 1),
+            events=self.events,
+            max_age_seconds=self._max_age,
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes_held(self) -> int:
+        """What the held entries and generations cost, as counted against ``max_bytes``."""
+        return self._bytes
+
+    # -- the hit path ----------------------------------------------------------------------------
+
+    def get(
+        self, key: str, namespace: str, generations_from: NearCache | None = None
+    ) -> StoredRead | None:
+        """The read of ``key`` as Redis would answer it now, if held; ``None`` otherwise.
+
+        ``generations_from``: the near cache holding the entry's generations, when another
+        server's (a cluster's): its session must be confirmed too.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = time.monotonic()
+        tracking = self.tracking
+        if now - tracking.heard_at > SILENCE_LIMIT_SECONDS:
+            tracking.lose(FlushReason.SILENCE)
+            return None
+        held = self._generations
+        if generations_from is not None:
+            if not generations_from.confirmed(now):
+                return None
+            held = generations_from._generations
+        value, expires_at, answer_until, generation, generation_keys, generation_values, _ = entry
+        if answer_until <= now:
+            self._drop_entry(key)
+            return None
+        for index, generation_key in enumerate(generation_keys):
+            if held.get(generation_key) != generation_values[index]:
+                # Dropped (changed, announced, evicted) since the entry was kept.
+                self._drop_entry(key)
+                return None
+        self._entries.move_to_end(key)
+        self.events.near_cache_hit(namespace)
+        return StoredRead(math.ceil(expires_at - now), value, generation, from_memory=True)
+
+    # -- filling -----------------------------------------------------------------------------------
+
+    def begin(self, keys: list[str]) -> ReadTicket | None:
+        """Registers a read of ``keys`` about to be sent; ``None`` when nothing could be kept."""
+        session = self.tracking.session
+        if session is None:
+            return None
+        inflight = self._inflight
+        for key in keys:
+            inflight[key] = inflight.get(key, 0) + 1
+        return ReadTicket(self._epoch, self._touches, session, tuple(keys), time.monotonic())
+
+    def end(self, ticket: ReadTicket) -> None:
+        """The read of ``ticket`` is over (kept or not)."""
+        inflight = self._inflight
+        for key in ticket.keys:
+            left = inflight[key] - 1
+            if left:
+                inflight[key] = left
+            else:
+                del inflight[key]
+                self._touched.pop(key, None)
+
+    def keep(
+        self,
+        ticket: ReadTicket,
+        tracked_in: int | None,
+        read: StoredRead,
+        expires_at: float,
+    ) -> None:
+        """Keeps what the read of ``ticket`` found, if it is still known to be current.
+
+        ``ticket`` covers the entry's key, then its generations' keys; ``tracked_in`` is the
+        session the read's connection was tracked into when its reply came; ``read`` must hold a
+        value and a generation, ``expires_at`` is the value's expiry.
+        """
+        if read.value is None or read.generation is None:
+            return
+        entry_ticket = ticket._replace(keys=ticket.keys[:1])
+        generations_ticket = ticket._replace(keys=ticket.keys[1:])
+        generations = self.hold_generations(generations_ticket, tracked_in, read.generation)
+        if generations is not None:
+            self.keep_entry(
+                entry_ticket, tracked_in, read, expires_at, generations_ticket.keys, generations
+            )
+
+    def hold_generations(
+        self, ticket: ReadTicket, tracked_in: int | None, joined: bytes
+    ) -> tuple[bytes, ...] | None:
+        """Holds the generations the read of ``ticket`` (their keys) found, ``joined`` as a read
+        reports them; ``None`` (nothing held) if they are not known to be current."""
+        values = joined.split(b".")
+        if len(values) != len(ticket.keys) or not self._admits(ticket, tracked_in):
+            return None
+        return tuple(map(self._held_generation, ticket.keys, values))
+
+    def keep_entry(
+        self,
+        ticket: ReadTicket,
+        tracked_in: int | None,
+        read: StoredRead,
+        expires_at: float,
+        generation_keys: tuple[str, ...],
+        generation_values: tuple[bytes, ...],
+    ) -> None:
+        """Keeps the entry the read of ``ticket`` (its one key) found, valid while the near cache
+        holding its generations (this one, or another server's) holds ``generation_values``
+        under ``generation_keys`` (as :meth:`hold_generations` returned them)."""
+        value, generation = read.value, read.generation
+        if value is None or generation is None or not self._admits(ticket, tracked_in):
+            return
+        # A plain str: a key that knows its scope and route (a ``ScopedKey``) is an object the
+        # garbage collector walks, with those it refers to, for as long as the entry is held.
+        key = str(ticket.keys[0])
+        size = len(key) + len(value) + len(generation) + ENTRY_OVERHEAD_BYTES
+        if size > self._max_item_bytes:
+            return
+        answer_until = min(expires_at, ticket.sent_at + self._max_age)
+        self.tracking.tracking_works()
+        self._drop_entry(key)
+        self._make_room(size)
+        self._entries[key] = (
+            value,
+            expires_at,
+            answer_until,
+            generation,
+            generation_keys,
+            generation_values,
+            size,
+        )
+        self._bytes += size
+
+    def _admits(self, ticket: ReadTicket, tracked_in: int | None) -> bool:
+        if (
+            ticket.epoch != self._epoch
+            or tracked_in is None
+            or tracked_in != self.tracking.session
+            or tracked_in != ticket.session
+        ):
+            return False
+        if ticket.touches != self._touches:
+            touched = self._touched
+            for key in ticket.keys:
+                if touched.get(key, 0) > ticket.touches:
+                    return False
+        return True
+
+    def _held_generation(self, key: str, value: bytes) -> bytes:
+        held = self._generations.get(key)
+        if held is not None:
+            if held == value:
+                return held  # the one object, shared by every entry of the scope
+            # A change whose message is still on its way: the newer value replaces it.
+            self._drop_generation(key)
+        self._make_room(len(key) + len(value) + GENERATION_OVERHEAD_BYTES)
+        self._generations[key] = value
+        self._bytes += len(key) + len(value) + GENERATION_OVERHEAD_BYTES
+        return value
+
+    def _make_room(self, size: int) -> None:
+        entries = self._entries
+        while entries and (
+            len(entries) + len(self._generations) >= self._max_entries
+            or self._bytes + size > self._max_bytes
+        ):
+            _, oldest = entries.popitem(last=False)
+            self._bytes -= oldest[_SIZE]
+        if len(self._generations) >= self._max_entries or self._bytes + size > self._max_bytes:
+            # Only generations are left: drop them all (entries that need them then miss).
+            for key in list(self._generations):
+                self._drop_generation(key)
+
+    # -- dropping ----------------------------------------------------------------------------------
+
+    def drop(self, keys: list[str]) -> None:
+        """Forgets ``keys`` (changed by this process, or announced by Redis), and makes every
+        read of them under way keep nothing."""
+        inflight = self._inflight
+        for key in keys:
+            if key in inflight:
+                self._touches += 1
+                self._touched[key] = self._touches
+            self._drop_entry(key)
+            self._drop_generation(key)
+
+    def _drop_entry(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[_SIZE]
+
+    def _drop_generation(self, key: str) -> None:
+        held = self._generations.pop(key, None)
+        if held is not None:
+            self._bytes -= len(key) + len(held) + GENERATION_OVERHEAD_BYTES
+
+    def flush(self, reason: str | None) -> None:
+        """Forgets everything; reads under way keep nothing. ``reason`` is reported (``None``:
+        not an event worth reporting, nothing was held)."""
+        self._epoch += 1
+        self._entries.clear()
+        self._generations.clear()
+        self._bytes = 0
+        if reason is not None:
+            self.events.near_cache_flushed(reason)
+
+    # -- the tracking session (near_tracking.py) --------------------------------------------------
+
+    def start(self) -> None:
+        """Starts keeping the subscribed connection open (in the background), once per loop."""
+        self.tracking.start()
+
+    @property
+    def live(self) -> bool:
+        """Whether a session is confirmed: reads may be kept and answered."""
+        return self.tracking.session is not None
+
+    def confirmed(self, now: float | None = None) -> bool:
+        """Whether a session is live and was heard from within the silence limit."""
+        return self.tracking.confirmed(now)
+
+    def tracking_command(self) -> tuple[int, tuple[bytes, ...]] | None:
+        """The session and commands that track a read connection (``ReadTracking``)."""
+        return self.tracking.tracking_command()
+
+    def tracked_connection_lost(self, session: int) -> None:
+        """A read connection tracked into ``session`` closed: what it read is no longer tracked."""
+        self.tracking.tracked_connection_lost(session)
+
+    def tracking_refused(self, message: str) -> None:
+        """Redis refused to track: the near cache is off while it refuses."""
+        self.tracking.tracking_refused(message)
+
+    async def aclose(self) -> None:
+        """Closes the subscribed connection and forgets everything. Safe to call twice."""
+        await self.tracking.aclose()

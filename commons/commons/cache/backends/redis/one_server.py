@@ -1,0 +1,160 @@
+"""One Redis server: hits on one pipelined connection, and the near cache when the service has one.
+
+A read sends the entry's and its scope's generations' ``MGET`` (encoded once per key) on the
+:class:`~commons.cache.backends.redis.pipelined_reads.PipelinedReader`'s connection, with the
+entry's ``PTTL`` while no expiry of it is remembered (``expiry.py``). With the near cache
+(``near.py``) a hit it holds sends nothing at all. A server whose pool chooses its server per
+connection, or a redis-py that hides a connection's streams, reads through redis-py instead.
+"""
+
+from __future__ import annotations
+
+import time
+
+from redis.asyncio import Redis
+
+from commons.cache.backends.base import StoredRead
+from commons.cache.backends.redis.expiry import ExpiryMemo, ToldExpiry
+from commons.cache.backends.redis.near import NearCache, ReadTicket
+from commons.cache.backends.redis.pipelined_reads import PipelinedReader
+from commons.cache.backends.redis.read_channel import channel_opener, encode_command
+from commons.cache.backends.redis.topology import (
+    PIPELINED_READS_MAX_PENDING,
+    Topology,
+    command_budget,
+)
+from commons.cache.backends.redis.translation import REDIS_FAILURES, translate
+from commons.cache.keyspace import Keyspace
+from commons.cache.memo import BoundedMemo
+from commons.cache.scope import CacheScope
+
+__all__ = ["OneServer"]
+
+
+class OneServer(Topology):
+    """One server (``redis://``, ``rediss://``, ``unix://``), read on a pipelined connection."""
+
+    def __init__(
+        self,
+        client: Redis,
+        names: Keyspace,
+        expiries: ExpiryMemo,
+        near_cache: NearCache | None,
+        *,
+        contact_pending: bool = False,
+    ) -> None:
+        """
+        Args:
+            near_cache: Attached to this server's pipelined reader, if there is one.
+            contact_pending: Reads take redis-py's routed path until :meth:`contact_made`
+                (``REDIS_CLUSTER=auto``: the server may turn out to be a cluster node).
+        """
+        budget = command_budget(client.connection_pool.connection_kwargs)
+        super().__init__(client, names, expiries, budget)
+        self.server = client
+        self._contact_pending = contact_pending
+        self._read_commands = BoundedMemo[str, tuple[bytes, int]](16_384, 16 * 1024 * 1024)
+        self._near: NearCache | None = None
+        #: The pipelined reader (``None``: reads go through redis-py).
+        self.reads: PipelinedReader | None = None
+        if (opener := channel_opener(client)) is None:
+            return
+        self.reads = PipelinedReader(
+            opener, timeout=budget, max_pending=PIPELINED_READS_MAX_PENDING, tracking=near_cache
+        )
+        if near_cache is not None:
+            near_cache.tracking.attach(
+                opener,
+                self.reads,
+                timeout=budget,
+                tracked_prefixes=names.generation_prefixes(),
+            )
+            self._near = near_cache
+
+    @property
+    def near_cache(self) -> NearCache | None:
+        return self._near
+
+    def contact_made(self) -> None:
+        """The first contact found no cluster: reads take the pipelined connection from now on."""
+        self._contact_pending = False
+
+    async def read(self, key: str, scope: CacheScope) -> StoredRead:
+        """The entry and its scope's generations, in one round trip (``MGET``); with the near
+        cache, none when it holds them."""
+        reads = self.reads
+        if reads is None or self._contact_pending:
+            return await super().read(key, scope)
+        ticket: ReadTicket | None = None
+        near = self._near
+        if near is not None:
+            held = near.get(key, scope.namespace)
+            if held is not None:
+                return held
+            near.start()
+            ticket = near.begin(self.read_keys(key, scope))
+        # A hit's path: the seam is spelled out rather than entered as a context manager, which
+        # would cost a hit a generator and two awaits.
+        try:
+            replies, tracked_in, told = await self._read_replies(reads, key, scope, ticket)
+            read, expires_at = await self.stored_read(key, replies, told)
+            if ticket is not None and near is not None and expires_at is not None:
+                near.keep(ticket, tracked_in, read, expires_at)
+            return read
+        except REDIS_FAILURES as exc:
+            raise translate(exc) from exc
+        finally:
+            if ticket is not None and near is not None:
+                near.end(ticket)
+
+    def _read_command(self, key: str, scope: CacheScope) -> tuple[bytes, int]:
+        """The encoded ``MGET`` of :meth:`read_keys`, encoded once per key (a key's text names
+        its scope, so the command is a function of the key)."""
+        known = self._read_commands.get(key)
+        if known is None:
+            keys = self.read_keys(key, scope)
+            known = (encode_command(b"MGET", keys), len(keys))
+            self._read_commands.put(
+                str(key), known, 2 * len(known[0])
+            )  # a plain str, see expiry.py
+        return known
+
+    async def _read_replies(
+        self,
+        reads: PipelinedReader,
+        key: str,
+        scope: CacheScope,
+        ticket: ReadTicket | None,
+    ) -> tuple[list[bytes | None], int | None, ToldExpiry | None]:
+        """The entry's and its generations' values, the tracking session of the read (with a
+        near cache, else ``None``), and, when no expiry of the entry is remembered, its time to
+        live asked in the same round trip (past the expiry memo's bound every hit would
+        otherwise cost a second one)."""
+        command, count = self._read_command(key, scope)
+        if not self.expiries.knows(key):
+            sent_at = time.monotonic()
+            values, ttl_ms, session = await reads.mget_with_ttl(
+                command, count, encode_command(b"PTTL", [key])
+            )
+            return values, session, ToldExpiry(sent_at, ttl_ms)
+        if ticket is not None:
+            return *(await reads.mget_tracked(command, count)), None
+        return await reads.mget_encoded(command, count), None, None
+
+    def drop_near(self, keys: list[str]) -> None:
+        if self._near is not None:
+            self._near.drop(keys)
+
+    def flush_near(self, reason: str) -> None:
+        if self._near is not None:
+            self._near.flush(reason)
+
+    def start(self) -> None:
+        if self._near is not None and not self._contact_pending:
+            self._near.start()
+
+    async def aclose(self) -> None:
+        # The near cache belongs to the store, which closes it (it outlives a switch to a cluster).
+        if self.reads is not None:
+            await self.reads.aclose()
+        await super().aclose()
