@@ -163,10 +163,13 @@ async def test_another_stores_invalidation_is_seen_within_the_coherence_bound(
     assert recorder.messages > 0
 
 
-async def test_another_stores_write_replaces_the_held_value(
+async def test_another_stores_update_replaces_the_held_value(
     store: RedisStore, other: RedisStore
 ) -> None:
+    """Another process's update: its invalidation retires the scope's generation (announced to
+    this one), then its fill stores the new value under the new generation."""
     tenant = TENANTS[3]
+    await other.invalidate(InvalidationTarget(NAMESPACE, tenant))
     generation = await other.generation(scope_of(tenant))
     assert await other.write(key_of(tenant), b"v2", 60, scope_of(tenant), generation)
 

@@ -158,13 +158,19 @@ async def test_a_generation_deleted_from_outside_is_dropped(
 async def test_an_entry_expiring_in_redis_is_not_answered_past_its_expiry(
     store: RedisStore, recorder: Recorder, outside: Redis
 ) -> None:
-    await filled(store, recorder)
-    await outside.pexpire(KEY, 300)
+    generation = await store.generation(SCOPE)
+    assert await store.write(KEY, b"v1", 1, SCOPE, generation)
+    assert (await store.read(KEY, SCOPE)).value == b"v1"
+    assert (await store.read(KEY, SCOPE)).from_memory
 
-    async def expired() -> bool:
-        return (await store.read(KEY, SCOPE)).value is None
+    answers = []
+    while (read := await store.read(KEY, SCOPE)).value is not None:
+        answers.append((read.from_memory, await outside.pttl(KEY)))
+        await asyncio.sleep(0.02)
 
-    await eventually(expired, "the expired entry no longer answered")
+    # Every answer from memory came while Redis still held the entry.
+    assert answers
+    assert all(ttl_ms > 0 for from_memory, ttl_ms in answers if from_memory)
 
 
 async def test_a_flush_of_the_database_empties_it(
@@ -335,21 +341,68 @@ async def test_a_read_connection_dropped_silently_is_answered_from_no_longer_tha
     assert answers[-1][1] == b"v2"
 
 
-async def test_an_entry_rewritten_outside_a_fill_is_answered_no_longer_than_the_maximum_age(
-    proxied_store: tuple[RedisStore, LoopbackProxy], recorder: Recorder, outside: Redis
+@pytest.fixture
+async def verifying_store(own_redis: RedisServer, recorder: Recorder) -> AsyncIterator[RedisStore]:
+    """A store whose near cache verifies every hit from memory against Redis."""
+    client = Redis.from_url(own_redis.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    near = NearCache(max_entries=1000, max_bytes=1 << 20, events=recorder, verify_share=1.0)
+    redis_store = RedisStore(client, PREFIX, near_cache=near)
+    await redis_store.ping()
+    try:
+        await eventually(lambda: _true(near.live), "tracking on")
+        yield redis_store
+    finally:
+        await redis_store.aclose()
+
+
+async def test_an_entry_rewritten_outside_a_fill_is_found_by_the_sampled_verification(
+    verifying_store: RedisStore,
+    recorder: Recorder,
+    outside: Redis,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Only generations are tracked: an entry written over by something else than a fill under
-    the same generations (an operator's SET) is not announced. What was read is answered at most
-    MAX_AGE after it was read, then the new bytes."""
-    store, _ = proxied_store
+    the same generations (an operator's SET) is not announced. A verified hit finds Redis
+    holding other bytes: the near cache is emptied, counted and logged once, then the new
+    bytes are answered."""
+    store = verifying_store
     await filled(store, recorder)
     await outside.set(KEY, b"v2", keepttl=True)
     changed_at = time.monotonic()
 
-    answers = await answers_after(store, changed_at, MAX_AGE + 1.0)
+    answers = await answers_after(store, changed_at, 0.5)
 
-    assert all(at < MAX_AGE for at, value, _ in answers if value == b"v1")
+    old = [at for at, value, _ in answers if value == b"v1"]
+    assert old
+    assert old[-1] < 0.2, old
     assert answers[-1][1] == b"v2"
+    assert FlushReason.DIVERGED in recorder.flushes
+    assert "cause unknown" in caplog.text
+    await outside.set(KEY, b"v3", keepttl=True)
+    await answers_after(store, time.monotonic(), 0.3)
+    assert caplog.text.count("cause unknown") == 1
+
+
+async def test_a_later_fill_of_an_evicted_entry_is_no_divergence(
+    verifying_store: RedisStore, recorder: Recorder, outside: Redis
+) -> None:
+    """Redis may drop an entry (allkeys-lru) and another process fill it again under the same
+    generations: its bytes differ, but it was computed after the same last invalidation, and it
+    expires later. The near cache goes on answering what it holds; nothing is emptied."""
+    store = verifying_store
+    generation = await filled(store, recorder)
+    await outside.delete(KEY)
+    await asyncio.sleep(0.05)
+    assert await store.write(KEY, b"v2", 60, SCOPE, generation)
+    assert (await store.read(KEY, SCOPE)).value == b"v2"  # this process reads its own write
+    await outside.delete(KEY)
+    await outside.set(KEY, (await store.read(KEY, SCOPE)).value or b"", ex=61)
+
+    answers = await answers_after(store, time.monotonic(), 0.3)
+
+    assert answers
+    assert all(from_memory for _, _, from_memory in answers)
+    assert FlushReason.DIVERGED not in recorder.flushes
 
 
 async def test_swapdb_which_redis_announces_to_no_one_is_answered_no_longer_than_the_maximum_age(
@@ -375,20 +428,49 @@ async def test_swapdb_which_redis_announces_to_no_one_is_answered_no_longer_than
     assert answers[-1][1] == b"v2"
 
 
-async def test_past_the_maximum_age_a_hit_reads_redis_once_and_is_held_again(
+async def test_past_the_maximum_age_hits_stay_in_memory_their_generations_confirmed(
     proxied_store: tuple[RedisStore, LoopbackProxy], recorder: Recorder, outside: Redis
 ) -> None:
+    """The held generations are read again in the background every third of the maximum age:
+    one command for all of them, however many entries depend on them, and no hit waits for it."""
     store, _ = proxied_store
     await filled(store, recorder)
-    await asyncio.sleep(MAX_AGE)
-    before = await command_calls(outside)
+    before, calls_before = await outside.info("stats"), await command_calls(outside)
 
-    reads = [await store.read(KEY, SCOPE) for _ in range(5)]
+    reads = []
+    deadline = time.monotonic() + 3 * MAX_AGE
+    while time.monotonic() < deadline:
+        reads.append(await store.read(KEY, SCOPE))
+        await asyncio.sleep(0.05)
 
-    after = await command_calls(outside)
-    assert [read.from_memory for read in reads] == [False, True, True, True, True]
+    after, calls_after = await outside.info("stats"), await command_calls(outside)
+    assert all(read.from_memory for read in reads), [read.from_memory for read in reads]
     assert {read.value for read in reads} == {b"v1"}
-    assert after.get("mget", 0) - before.get("mget", 0) == 1
+    confirmations = calls_after.get("mget", 0) - calls_before.get("mget", 0)
+    assert 3 <= confirmations <= 3 * 3 + 1, confirmations
+    # Each read the scope's two generations only, never the entry's key.
+    keys_read = after["keyspace_hits"] + after["keyspace_misses"]
+    keys_read -= before["keyspace_hits"] + before["keyspace_misses"]
+    assert keys_read == 2 * confirmations
+
+
+async def test_a_confirmation_that_goes_unanswered_empties_the_near_cache(
+    proxied_store: tuple[RedisStore, LoopbackProxy], recorder: Recorder
+) -> None:
+    """Hits from memory leave the read connection idle; the confirmation proves it alive. One
+    black-holed: its reads go unanswered, the connection is given up, nothing is answered from
+    what it tracked."""
+    store, proxy = proxied_store
+    await filled(store, recorder)
+    (reader,) = proxy.connections_that_sent(b"TRACKING")
+    reader.black_hole("to_client")
+    started = time.monotonic()
+
+    async def emptied() -> bool:
+        return FlushReason.READER_LOST in recorder.flushes
+
+    await eventually(emptied, "the near cache emptied")
+    assert time.monotonic() - started < MAX_AGE / 3 + 0.3 + 0.5
 
 
 async def test_a_late_reply_does_not_lengthen_a_held_entrys_life_past_redis_expiry(

@@ -91,9 +91,20 @@ class CacheSettings(BaseSettings):
         default=5.0,
         gt=0,
         le=3600,
-        description="The longest the near cache answers an entry after reading it from Redis; "
-        "then one hit reads Redis again (a round trip per key per period). Bounds how stale an "
-        "answer can be when tracking is fooled (a connection dropped silently, SWAPDB).",
+        description="The longest the near cache answers an entry after a read of its scope's "
+        "generations found them unchanged; every held generation is read again in the "
+        "background every third of it (one command per 512 generations, whatever the number of "
+        "entries). Bounds how stale an answer can be when tracking is fooled (a connection "
+        "dropped silently, SWAPDB, a lost message).",
+    )
+    CACHE_NEAR_CACHE_VERIFY_SHARE: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="The share of near-cache hits also read from Redis in the background and "
+        "compared; Redis holding other bytes under the same generations (a change no fill made, "
+        "which nothing announces) empties the near cache, counted with reason diverged and "
+        "logged once. 0 turns it off.",
     )
     REDIS_CONNECT_TIMEOUT_SECONDS: float = Field(
         default=0.5, gt=0, description="Time allowed to open a connection to Redis."

@@ -40,6 +40,7 @@ def redis_store(settings: CacheSettings, *, serving: CacheEvents | None = None) 
             max_bytes=settings.CACHE_NEAR_CACHE_MAX_BYTES,
             events=serving,
             max_age_seconds=settings.CACHE_NEAR_CACHE_MAX_AGE_SECONDS,
+            verify_share=settings.CACHE_NEAR_CACHE_VERIFY_SHARE,
         )
     return RedisStore(
         create_redis_client(settings),

@@ -21,9 +21,9 @@ How it stays coherent
   (redis/redis#9231), and ``tracking-table-max-keys`` never evicts a generation. The default mode
   did all three, at about 150 bytes per key read and process (``python -m bench tracking``).
   RESP2 redirect works on Redis 6 and 7 and on managed services alike. A change of an entry that
-  no fill made (an operator's ``SET``, garbage written over it) is not announced: the near cache
-  answers the value it read for at most the maximum age below, and every read from memory is
-  validated as any read.
+  no fill made (an operator's ``SET``, garbage written over it) is not announced: a share of hits
+  from memory is verified against Redis (below), and every read from memory is validated as any
+  read.
 - The read/fill race: a read registers its keys before it is sent. An invalidation of any of them
   (a message, or a write by this process) arriving before the result is kept marks the read, and
   its result is then not kept: between the read and the keeping, the invalidation wins.
@@ -50,10 +50,12 @@ The bound that needs no model
 Everything above relies on Redis telling this process, and on this process noticing when it
 cannot be told. Faults outside that model can fool both: a read connection dropped silently by a
 NAT or a load balancer (Redis forgets what it tracked, this side never hears), a ``SWAPDB`` (which
-sends no message), a proxy that moves to another server. So no entry is answered more than
-``max_age_seconds`` (``CACHE_NEAR_CACHE_MAX_AGE_SECONDS``) after the read that brought it was
-sent: the next hit then reads Redis (one round trip per key per period, a hit, not a miss) and
-keeps what it reads afresh. Whatever the fault, an answer from memory is at most that old.
+sends no message), a proxy that moves to another server. So every held generation is read again
+in the background every third of ``max_age_seconds`` (``CACHE_NEAR_CACHE_MAX_AGE_SECONDS``), and
+an entry is answered only while each of its generations was found unchanged by a read sent
+within that age (``near_checks.py``); otherwise the next hit reads Redis. Whatever the fault, an
+answer from memory rests on generations read at most that long ago. A change of the entry's own
+bytes that no fill made is caught by the sampled verification of ``near_checks.py``.
 
 Why broadcast mode on the generations only, not on the whole prefix (cashews' choice): every
 replica would then hear of every entry written under the prefix, including entries it never
@@ -77,6 +79,7 @@ from collections import OrderedDict
 from typing import Final, NamedTuple
 
 from commons.cache.backends.base import StoredRead
+from commons.cache.backends.redis.near_checks import NearChecks
 from commons.cache.backends.redis.near_tracking import (
     HEARTBEAT_SECONDS,
     SILENCE_LIMIT_SECONDS,
@@ -95,6 +98,11 @@ __all__ = [
 
 #: The default of CACHE_NEAR_CACHE_MAX_AGE_SECONDS.
 DEFAULT_MAX_AGE_SECONDS = 5.0
+#: The default of CACHE_NEAR_CACHE_VERIFY_SHARE.
+DEFAULT_VERIFY_SHARE = 0.01
+#: How much later than the held copy Redis' copy of an entry must expire to be a later fill (the
+#: two expiries are measured from two reads' send times).
+EXPIRY_TOLERANCE_SECONDS = 0.05
 #: What a held entry costs beyond its key's, value's and generation's bytes: their objects'
 #: headers, the entry's tuples and its dictionary slot (measured: the process's resident memory
 #: grew by 1,600 bytes per entry over a hundred thousand entries of 1 KB, keys of 70 bytes).
@@ -102,19 +110,18 @@ ENTRY_OVERHEAD_BYTES = 480
 #: The same for a held generation (its key and value objects, a dictionary slot).
 GENERATION_OVERHEAD_BYTES = 200
 #: Where an entry holds its size.
-_SIZE: Final = 6
+_SIZE: Final = 5
 
 
-#: A held entry: ``(value, expires_at, answer_until, generation, generation_keys,
-#: generation_values, size)``. ``answer_until``: past it (the read's send time plus the maximum
-#: age, or the expiry if sooner) the entry is read from Redis again; ``generation``: the scope's
-#: generations as the read reported them, joined; the entry is answered only while the near cache
-#: holding its generations holds ``generation_values`` under ``generation_keys``.
+#: A held entry: ``(value, expires_at, generation, generation_keys, generation_values, size)``.
+#: ``generation``: the scope's generations as the read reported them, joined; the entry is
+#: answered only while the near cache holding its generations holds ``generation_values`` under
+#: ``generation_keys``, each confirmed within the maximum age.
 #:
 #: A plain tuple of immutable values, not an object: the garbage collector stops tracking such a
 #: tuple once it has survived a collection, so a full collection never walks the entries (with
 #: entries as objects, a full near cache of a hundred thousand made each one take 100-230 ms).
-_Entry = tuple[bytes, float, float, bytes, tuple[str, ...], tuple[bytes, ...], int]
+_Entry = tuple[bytes, float, bytes, tuple[str, ...], tuple[bytes, ...], int]
 
 
 class ReadTicket(NamedTuple):
@@ -135,8 +142,10 @@ class NearCache:
         max_entries: Keys held at most (entries and generations).
         max_bytes: Bytes held at most (keys, values and overhead).
         events: Receives hits, invalidation messages and flushes.
-        max_age_seconds: The longest an entry is answered after the read that brought it was
-            sent; then it is read from Redis again (see "The bound that needs no model").
+        max_age_seconds: The longest an entry is answered after a read of its generations that
+            found them unchanged was sent (see "The bound that needs no model").
+        verify_share: The share of hits from memory read again from Redis in the background
+            and compared (``0``: none).
     """
 
     def __init__(
@@ -146,6 +155,7 @@ class NearCache:
         max_bytes: int,
         events: CacheEvents | None = None,
         max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
+        verify_share: float = DEFAULT_VERIFY_SHARE,
     ) -> None:
         self._max_entries = max_entries
         self._max_bytes = max_bytes
@@ -155,6 +165,8 @@ class NearCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         #: Held generations: their values by key (immutable, so untracked by the collector).
         self._generations: dict[str, bytes] = {}
+        #: When a read that found each held generation unchanged was sent.
+        self._confirmed: dict[str, float] = {}
         self._bytes = 0
         #: Bumped by every flush and every new session: reads begun before are not kept.
         self._epoch = 0
@@ -164,16 +176,21 @@ class NearCache:
         self._inflight: dict[str, int] = {}
         #: The connection Redis announces changes on (attached to a reader's server).
         self.tracking = TrackingSession(self)
+        #: Confirms the held generations in the background, and checks sampled hits.
+        self.checks = NearChecks(self, max_age_seconds, verify_share)
 
     def for_node(self, share: int) -> NearCache:
         """A near cache of its own for one of ``share`` servers (a cluster's primaries): the same
         events, ``1/share`` of this one's bounds."""
-        return NearCache(
+        node = NearCache(
             max_entries=max(self._max_entries // share, 1),
             max_bytes=max(self._max_bytes // share, 1),
             events=self.events,
             max_age_seconds=self._max_age,
+            verify_share=self.checks.verify_share,
         )
+        node.checks.per_slot = True
+        return node
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -201,19 +218,25 @@ class NearCache:
         if now - tracking.heard_at > SILENCE_LIMIT_SECONDS:
             tracking.lose(FlushReason.SILENCE)
             return None
-        held = self._generations
+        owner = self
         if generations_from is not None:
             if not generations_from.confirmed(now):
                 return None
-            held = generations_from._generations
-        value, expires_at, answer_until, generation, generation_keys, generation_values, _ = entry
-        if answer_until <= now:
+            owner = generations_from
+        held, confirmed = owner._generations, owner._confirmed
+        value, expires_at, generation, generation_keys, generation_values, _ = entry
+        if expires_at <= now:
             self._drop_entry(key)
             return None
+        confirmed_after = now - self._max_age
         for index, generation_key in enumerate(generation_keys):
             if held.get(generation_key) != generation_values[index]:
                 # Dropped (changed, announced, evicted) since the entry was kept.
                 self._drop_entry(key)
+                return None
+            if confirmed.get(generation_key, 0.0) <= confirmed_after:
+                # Not confirmed lately (a confirmation failed, or the loop was held): the next
+                # read from Redis confirms it again.
                 return None
         self._entries.move_to_end(key)
         self.events.near_cache_hit(namespace)
@@ -273,7 +296,11 @@ class NearCache:
         values = joined.split(b".")
         if len(values) != len(ticket.keys) or not self._admits(ticket, tracked_in):
             return None
-        return tuple(map(self._held_generation, ticket.keys, values))
+        sent_at = ticket.sent_at
+        return tuple(
+            self._held_generation(key, value, sent_at)
+            for key, value in zip(ticket.keys, values, strict=True)
+        )
 
     def keep_entry(
         self,
@@ -296,14 +323,12 @@ class NearCache:
         size = len(key) + len(value) + len(generation) + ENTRY_OVERHEAD_BYTES
         if size > self._max_item_bytes:
             return
-        answer_until = min(expires_at, ticket.sent_at + self._max_age)
         self.tracking.tracking_works()
         self._drop_entry(key)
         self._make_room(size)
         self._entries[key] = (
             value,
             expires_at,
-            answer_until,
             generation,
             generation_keys,
             generation_values,
@@ -326,15 +351,18 @@ class NearCache:
                     return False
         return True
 
-    def _held_generation(self, key: str, value: bytes) -> bytes:
+    def _held_generation(self, key: str, value: bytes, sent_at: float) -> bytes:
         held = self._generations.get(key)
         if held is not None:
             if held == value:
+                if sent_at > self._confirmed.get(key, 0.0):
+                    self._confirmed[key] = sent_at
                 return held  # the one object, shared by every entry of the scope
             # A change whose message is still on its way: the newer value replaces it.
             self._drop_generation(key)
         self._make_room(len(key) + len(value) + GENERATION_OVERHEAD_BYTES)
         self._generations[key] = value
+        self._confirmed[key] = sent_at
         self._bytes += len(key) + len(value) + GENERATION_OVERHEAD_BYTES
         return value
 
@@ -350,6 +378,55 @@ class NearCache:
             # Only generations are left: drop them all (entries that need them then miss).
             for key in list(self._generations):
                 self._drop_generation(key)
+
+    # -- confirming (near_checks.py) ------------------------------------------------------------
+
+    def held_generation_keys(self) -> list[str]:
+        """The keys of the generations held now, to confirm."""
+        return list(self._generations)
+
+    def confirm(
+        self, ticket: ReadTicket, tracked_in: int | None, values: list[bytes | None]
+    ) -> int:
+        """Confirms the held generations that a read of ``ticket`` (their keys) found unchanged,
+        and drops those it found changed or gone (whose message is on its way, or lost); how
+        many were dropped. A key announced while the read was under way is left as it is."""
+        if (
+            ticket.epoch != self._epoch
+            or tracked_in is None
+            or tracked_in != self.tracking.session
+            or tracked_in != ticket.session
+        ):
+            return 0
+        dropped, touched, confirmed = 0, self._touched, self._confirmed
+        for key, value in zip(ticket.keys, values, strict=True):
+            held = self._generations.get(key)
+            if held is None or touched.get(key, 0) > ticket.touches:
+                continue
+            if value == held:
+                if ticket.sent_at > confirmed[key]:
+                    confirmed[key] = ticket.sent_at
+            else:
+                self._drop_generation(key)
+                dropped += 1
+        return dropped
+
+    def diverges(
+        self,
+        key: str,
+        value: bytes | None,
+        generation_values: list[bytes | None],
+        expires_at: float,
+    ) -> bool:
+        """Whether Redis holds under ``key``, under the same generations, other bytes than the
+        entry held here, and not a later copy (a fill that replaced an evicted or expired one
+        expires later): a change no fill made, which nothing announces."""
+        entry = self._entries.get(key)
+        if entry is None or value is None or value == entry[0]:
+            return False
+        if tuple(generation_values) != entry[4]:
+            return False  # a generation changed: its message, or the confirmation, drops it
+        return expires_at <= entry[1] + EXPIRY_TOLERANCE_SECONDS
 
     # -- dropping ----------------------------------------------------------------------------------
 
@@ -372,6 +449,7 @@ class NearCache:
     def _drop_generation(self, key: str) -> None:
         held = self._generations.pop(key, None)
         if held is not None:
+            del self._confirmed[key]
             self._bytes -= len(key) + len(held) + GENERATION_OVERHEAD_BYTES
 
     def flush(self, reason: str | None) -> None:
@@ -380,6 +458,7 @@ class NearCache:
         self._epoch += 1
         self._entries.clear()
         self._generations.clear()
+        self._confirmed.clear()
         self._bytes = 0
         if reason is not None:
             self.events.near_cache_flushed(reason)
@@ -387,8 +466,10 @@ class NearCache:
     # -- the tracking session (near_tracking.py) --------------------------------------------------
 
     def start(self) -> None:
-        """Starts keeping the subscribed connection open (in the background), once per loop."""
+        """Starts keeping the subscribed connection open and the held generations confirmed (in
+        the background), once per loop."""
         self.tracking.start()
+        self.checks.start()
 
     @property
     def live(self) -> bool:
@@ -413,4 +494,5 @@ class NearCache:
 
     async def aclose(self) -> None:
         """Closes the subscribed connection and forgets everything. Safe to call twice."""
+        await self.checks.aclose()
         await self.tracking.aclose()

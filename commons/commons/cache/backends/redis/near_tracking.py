@@ -80,6 +80,8 @@ class FlushReason:
     SILENCE = "silence"
     #: The read connection was closed: Redis no longer tracks what it read.
     READER_LOST = "reader_lost"
+    #: The sampled verification found Redis holding other bytes than were read (near_checks.py).
+    DIVERGED = "diverged"
     #: Redis announced a flush of its database (FLUSHALL, FLUSHDB).
     SERVER_FLUSH = "server_flush"
     #: This process flushed the cache (``clear``).
@@ -90,9 +92,18 @@ class FlushReason:
 
 
 class Retrackable(Protocol):
-    """The read side: asked to run the tracking command again when a session begins."""
+    """The read side: asked to run the tracking command again when a session begins, and read
+    on by the near cache's own checks (``near_checks.py``)."""
 
     def retrack(self) -> None: ...
+
+    async def mget_tracked(
+        self, command: bytes, count: int
+    ) -> tuple[list[bytes | None], int | None]: ...
+
+    async def mget_with_ttl(
+        self, command: bytes, count: int, ttl_command: bytes
+    ) -> tuple[list[bytes | None], int, int | None]: ...
 
 
 class HeldKeys(Protocol):
@@ -144,6 +155,11 @@ class TrackingSession:
         self._reader = reader
         self._timeout = timeout
         self._tracked_prefixes = tracked_prefixes
+
+    @property
+    def reader(self) -> Retrackable | None:
+        """The tracked read connection's reader (``None``: not attached)."""
+        return self._reader
 
     def start(self) -> None:
         """Starts keeping the subscribed connection open (in the background), once per loop."""

@@ -90,6 +90,8 @@ class OneServer(Topology):
         if near is not None:
             held = near.get(key, scope.namespace)
             if held is not None:
+                if near.checks.sampled():
+                    near.checks.verify(key, self.read_keys(key, scope))
                 return held
             near.start()
             ticket = near.begin(self.read_keys(key, scope))
