@@ -68,11 +68,13 @@ async def outside(own_redis: RedisServer) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
-@pytest.fixture
-async def store(own_redis: RedisServer, recorder: Recorder) -> AsyncIterator[RedisStore]:
-    """A store with a near cache on the test's server, its tracking confirmed."""
-    client = Redis.from_url(own_redis.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    near = NearCache(max_entries=1000, max_bytes=1 << 20, events=recorder)
+@contextlib.asynccontextmanager
+async def tracked_store(
+    server: RedisServer, recorder: Recorder, **near_options: Any
+) -> AsyncIterator[RedisStore]:
+    """A store with a near cache (``near_options``) on ``server``, its tracking confirmed."""
+    client = Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    near = NearCache(max_entries=1000, max_bytes=1 << 20, events=recorder, **near_options)
     redis_store = RedisStore(client, PREFIX, near_cache=near)
     await redis_store.ping()
     try:
@@ -80,6 +82,13 @@ async def store(own_redis: RedisServer, recorder: Recorder) -> AsyncIterator[Red
         yield redis_store
     finally:
         await redis_store.aclose()
+
+
+@pytest.fixture
+async def store(own_redis: RedisServer, recorder: Recorder) -> AsyncIterator[RedisStore]:
+    """A store with a near cache on the test's server, its tracking confirmed."""
+    async with tracked_store(own_redis, recorder) as redis_store:
+        yield redis_store
 
 
 @pytest.fixture
@@ -344,15 +353,8 @@ async def test_a_read_connection_dropped_silently_is_answered_from_no_longer_tha
 @pytest.fixture
 async def verifying_store(own_redis: RedisServer, recorder: Recorder) -> AsyncIterator[RedisStore]:
     """A store whose near cache verifies every hit from memory against Redis."""
-    client = Redis.from_url(own_redis.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    near = NearCache(max_entries=1000, max_bytes=1 << 20, events=recorder, verify_share=1.0)
-    redis_store = RedisStore(client, PREFIX, near_cache=near)
-    await redis_store.ping()
-    try:
-        await eventually(lambda: _true(near.live), "tracking on")
+    async with tracked_store(own_redis, recorder, verify_share=1.0) as redis_store:
         yield redis_store
-    finally:
-        await redis_store.aclose()
 
 
 async def test_an_entry_rewritten_outside_a_fill_is_found_by_the_sampled_verification(
