@@ -37,6 +37,7 @@ from commons.cache.entry import NOT_STORED_HEADERS, CachedResponse
 
 __all__ = [
     "CACHE_STATUS_HEADER",
+    "NOT_MODIFIED_HEADERS",
     "CachedBytesResponse",
     "PreparedResponse",
     "Served",
@@ -56,8 +57,12 @@ CACHE_STATUS_HEADER = "X-FastAPI-Cache"
 
 _STATUS_NAME = CACHE_STATUS_HEADER.lower().encode("latin-1")
 _CACHE_STATUS = b"cache-status"
-# Headers a 304 repeats from the 200 it stands for (RFC 9110, 15.4.5).
-_NOT_MODIFIED_HEADERS = frozenset({b"etag", b"vary", b"content-location", b"expires", b"date"})
+#: Headers a 304 repeats from the 200 it stands for (RFC 9110, 15.4.5), in lower case; both
+#: decorators' 304s keep these (and the cache's own status headers) and nothing else.
+NOT_MODIFIED_HEADERS = frozenset(
+    {"cache-control", "content-location", "date", "etag", "expires", "vary"}
+)
+_NOT_MODIFIED_NAMES = frozenset(name.encode("latin-1") for name in NOT_MODIFIED_HEADERS)
 _FORBIDDING_DIRECTIVES = ("no-store", "no-cache", "private")
 
 
@@ -159,7 +164,7 @@ def prepare(cached: CachedResponse, *, private: bool) -> PreparedResponse:
         encoded_vary = (b"vary", ", ".join(vary).encode("latin-1"))
         headers.append(encoded_vary)
         cache_headers.append(encoded_vary)
-    cache_headers.extend(pair for pair in headers if pair[0] in _NOT_MODIFIED_HEADERS)
+    cache_headers.extend(pair for pair in headers if pair[0] in _NOT_MODIFIED_NAMES)
     return PreparedResponse(
         body=cached.body,
         status_code=cached.status_code,

@@ -86,7 +86,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from commons.cache.backends.base import CacheStore, LocalStore, ReplicaLocks, StoredRead
-from commons.cache.backends.factory import memory_store
 from commons.cache.background_removal import BackgroundRemovals
 from commons.cache.entry import (
     ParsedValue,
@@ -194,7 +193,7 @@ class CacheLayer:
         settings: CacheSettings,
         *,
         redis: CacheStore | None,
-        memory: LocalStore | None = None,
+        memory: LocalStore,
         events: CacheEvents | None = None,
     ) -> None:
         """
@@ -202,7 +201,8 @@ class CacheLayer:
             settings: The cache's settings.
             redis: The shared store, if one is configured; the replica locks need it to have
                 the :class:`~commons.cache.backends.base.ReplicaLocks` capability.
-            memory: The in-memory tier; by default as ``CACHE_MEMORY_MAX_ENTRIES`` bounds it.
+            memory: The in-memory tier (``backends.factory.memory_store`` builds it as
+                ``CACHE_MEMORY_MAX_ENTRIES`` bounds it).
             events: Receives the cache's events.
         """
         self.settings = settings
@@ -210,7 +210,7 @@ class CacheLayer:
         self.prefix = settings.CACHE_PREFIX
         self._redis = redis
         self._locks = redis if isinstance(redis, ReplicaLocks) else None
-        self._memory = memory or memory_store(settings)
+        self._memory = memory
         self._pending = PendingInvalidations(settings.CACHE_PENDING_INVALIDATIONS_MAX)
         journal_dir = settings.CACHE_INVALIDATION_JOURNAL
         self._journal = (
@@ -403,7 +403,9 @@ class CacheLayer:
         level = logging.WARNING if troubled else logging.INFO
         _state_logger(level).log(level, "cache backend: %s (%s)", self._state.value, self._reason)
 
-    def _active_store(self) -> CacheStore:
+    @property
+    def store_in_use(self) -> CacheStore:
+        """The tier reads and writes go to right now: Redis, or the in-memory tier."""
         return self._active
 
     def _record_success(self, store: CacheStore, operation: str) -> None:
@@ -483,7 +485,7 @@ class CacheLayer:
         if scope is None or not self.enabled:
             return None
         stamp = self._stamp(scope.namespace)
-        store = self._active_store()
+        store = self._active
         if store is self._memory:
             # In-process and sub-microsecond: not worth a duration sample (see events.timed).
             read = self._memory.read_now(key)
@@ -576,7 +578,7 @@ class CacheLayer:
         if scope is None or not self.enabled:
             return None
         stamp = self._stamp(scope.namespace)
-        store = self._active_store()
+        store = self._active
         if store is self._memory:
             return FillToken(stamp, None)
         try:
@@ -607,7 +609,7 @@ class CacheLayer:
         if self._stamp(scope.namespace) > token.stamp:
             logger.debug("cache write dropped: %s was invalidated meanwhile", scope.namespace)
             return None
-        store = self._active_store()
+        store = self._active
         if store is self._memory:
             generation = None
             if self._redis is not None:
@@ -640,20 +642,6 @@ class CacheLayer:
                 self.events.timed(scope.namespace, "set", time.perf_counter() - started)
         self._record_success(store, "set")
         return value if written else None
-
-    # -- inspection (operators and tests) -------------------------------------------------------
-
-    async def read_raw(self, key: str) -> tuple[int, bytes | None]:
-        """The bytes stored under ``key`` in the tier in use and their remaining seconds, as they
-        are (whatever their format, fingerprint or generation). Failures raise BackendError."""
-        read = await self._active_store().read(key, self.scope_of(key) or CacheScope(""))
-        return read.remaining, read.value
-
-    async def write_raw(self, key: str, value: bytes, ttl_seconds: float) -> None:
-        """Stores ``value`` under ``key`` as it is, unconditionally (to age or forge an entry in a
-        test). Failures raise BackendError."""
-        scope = self.scope_of(key) or CacheScope("")
-        await self._active_store().write(key, value, ttl_seconds, scope)
 
     # -- removals: deletion, invalidation, flush ------------------------------------------------
 
