@@ -40,6 +40,8 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from commons.cache.memo import BoundedMemo
+
 __all__ = [
     "BODY",
     "ENVELOPE",
@@ -47,6 +49,7 @@ __all__ = [
     "CachedResponse",
     "ParsedValue",
     "RejectReason",
+    "ValidatedValues",
     "decode_payload",
     "encode_payload",
     "expected_head",
@@ -153,6 +156,45 @@ def _parse_previous(raw: bytes, head: bytes) -> ParsedValue | None:
     if tail is None or tail.end() >= len(raw) - 1:
         return None
     return ParsedValue(raw, tail[1], int(tail[2]), tail.end())
+
+
+#: A parsed value as :class:`ValidatedValues` remembers it: the stored bytes, the fingerprint and
+#: generation they were checked against, then ParsedValue's fields after ``raw``.
+_ParsedFields = tuple[bytes, bytes, bytes | None, bytes, int, int, int | None]
+
+
+class ValidatedValues:
+    """The last value validated under each key, so that a value is parsed once, not on every hit.
+
+    The memory store and the near cache hand back the very bytes object they hold; bytes read
+    from Redis itself are new every time, but equal ones are the same value (comparing is cheaper
+    than parsing); others take the place of the last ones kept for their key. Each is kept as a
+    plain tuple of bytes, ints and None, which the cyclic collector stops tracking, so a large
+    working set adds nothing to a full collection (a ParsedValue, a tuple subclass, would stay
+    tracked). Bounded in entries and bytes.
+    """
+
+    def __init__(self, max_entries: int = 16_384, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self._parsed = BoundedMemo[str, _ParsedFields](max_entries, max_bytes)
+
+    def validated(
+        self, key: str, raw: bytes, fingerprint: bytes, generation: bytes | None
+    ) -> ParsedValue | None:
+        """``raw`` parsed if it is a value of this ``fingerprint`` and ``generation`` (``None``:
+        a store without generations); else ``None`` (:func:`rejection_reason` says why)."""
+        known = self._parsed.get(key)
+        if (
+            known is not None
+            and (known[0] is raw or known[0] == raw)
+            and known[1] == fingerprint
+            and known[2] == generation
+        ):
+            return ParsedValue(known[0], known[3], known[4], known[5], known[6])
+        parsed = parse_value(raw, expected_head(fingerprint, generation or b""))
+        if parsed is not None:
+            fields = (raw, fingerprint, generation, *parsed[1:])
+            self._parsed.put(key, fields, len(key) + len(raw))
+        return parsed
 
 
 def parse_any(raw: bytes) -> tuple[bytes, bytes, ParsedValue] | None:
