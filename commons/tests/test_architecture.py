@@ -35,9 +35,9 @@ def imported(tree: ast.Module) -> set[str]:
     return names
 
 
-def test_backends_know_nothing_of_fastapi_starlette_or_the_request_path() -> None:
+def test_backends_know_nothing_of_fastapi_starlette_or_the_request_flow() -> None:
     forbidden = re.compile(
-        r"^(fastapi|starlette|fastapi_cache)\b|^commons\.cache\.(decorator|request_path|fill|"
+        r"^(fastapi|starlette|fastapi_cache)\b|^commons\.cache\.(decorator|request_flow|fill|"
         r"replica_lock|cached_route|rendering|http|middleware|layer|lifecycle)\b"
     )
     found = {

@@ -1,4 +1,4 @@
-"""A cached route's request path: bypass, HIT, STALE, 304, or a MISS filled once.
+"""A cached route's request flow: bypass, HIT, STALE, 304, or a MISS filled once.
 
 Per request:
 
@@ -62,7 +62,7 @@ from commons.cache.keyspace import qualified_namespace
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
 
-__all__ = ["RequestPath"]
+__all__ = ["RequestFlow"]
 
 _CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 _HIT, _STALE, _MISS = b"HIT", b"STALE", b"MISS"
@@ -127,7 +127,7 @@ class _Stale(NamedTuple):
     allowed: bool
 
 
-class RequestPath:
+class RequestFlow:
     """Answers the requests of one cached route (see the module docstring)."""
 
     def __init__(self, route: CachedRoute, namespace: str, key_builder: KeyBuilder) -> None:
@@ -291,7 +291,7 @@ class _Miss:
 
     def __init__(
         self,
-        path: RequestPath,
+        path: RequestFlow,
         layer: CacheLayer,
         fill: Fill,
         asked: _Asked,
