@@ -37,7 +37,7 @@ def imported(tree: ast.Module) -> set[str]:
 
 def test_backends_know_nothing_of_fastapi_starlette_or_the_request_flow() -> None:
     forbidden = re.compile(
-        r"^(fastapi|starlette|fastapi_cache)\b|^commons\.cache\.(decorator|request_flow|fill|"
+        r"^(fastapi|starlette|fastapi_cache)\b|^commons\.cache\.(decorator|request_flow|decision|fill|"
         r"replica_lock|cached_route|rendering|http|middleware|layer|lifecycle)\b"
     )
     found = {

@@ -237,24 +237,26 @@ def replay(
     *,
     max_age: int | None,
     served: Served,
-    if_none_match: str | None,
+    not_modified: bool,
     head: bool,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> Response:
-    """The response to send for ``prepared``: its bytes, or ``304`` when the client has them.
+    """The response to send for ``prepared``: its bytes, or ``304`` when the client has them
+    (``not_modified``).
 
     Args:
         prepared: The stored response.
         max_age: Seconds the client may reuse the answer (``Cache-Control: max-age``); ``None``:
             it must revalidate first (``no-cache``).
         served: How it was served: ``X-FastAPI-Cache``, ``Cache-Status`` and ``Age``.
-        if_none_match: The request's ``If-None-Match`` header, if any.
+        not_modified: The request's ``If-None-Match`` names the ETag (:func:`etag_matches`):
+            a ``304`` with no body.
         head: True for a ``HEAD`` request: the same headers, no body.
         extra_headers: Per-request headers to add (set by the route's dependencies).
     """
     if max_age is not None and max_age < 0:
         max_age = 0
-    if if_none_match is not None and etag_matches(if_none_match, prepared.etag):
+    if not_modified:
         cache_control = _cache_control(prepared.private, max_age)
         headers = [*prepared.not_modified_headers, (b"cache-control", cache_control)]
         headers.extend(_served_headers(served))
