@@ -16,7 +16,7 @@ max(stale_ttl, stale_if_error)`` seconds and says in its header how many of them
 window (see ``entry.py``); it is fresh while more than that many seconds remain. The remaining
 time comes from the store's own clock (Redis's for Redis), so replicas agree on freshness
 whatever their clocks say. Every stored value also carries the route's fingerprint
-(``rendering.route_fingerprint``), so an entry of another version of the route is a miss.
+(``entry.route_fingerprint``), so an entry of another version of the route is a miss.
 """
 
 from __future__ import annotations

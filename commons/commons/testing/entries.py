@@ -11,10 +11,9 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from commons.cache.cached_route import PRODUCER
-from commons.cache.entry import BODY, parse_any
+from commons.cache.entry import BODY, parse_any, route_fingerprint
 from commons.cache.layer import CacheLayer
 from commons.cache.lifecycle import current_layer
-from commons.cache.rendering import route_fingerprint
 from commons.cache.scope import CacheScope
 
 __all__ = [
