@@ -124,18 +124,19 @@ class _Stale(NamedTuple):
 
 
 class _LookedUp(NamedTuple):
-    """One request, looked up: its key, what it asks, and what the cache holds for it."""
+    """One request, looked up: its key, what it asks, what the cache holds for it, and so the
+    situation its outcome is decided on."""
 
     request: Request
     key: ScopedKey
     fingerprint: bytes
     asked: _Asked
-    #: The client refused a stored answer (and the settings honour it): nothing was read.
-    asked_fresh: bool
     #: ``None``: the key must not be cached (see ``CacheLayer.lookup``).
     lookup: Lookup | None
     #: The stored answer, ready to replay; ``None`` when nothing valid is stored.
     prepared: PreparedResponse | None
+    #: What :func:`~commons.cache.decision.decide` reads about the request.
+    situation: Situation
 
 
 class RequestFlow:
@@ -160,7 +161,7 @@ class RequestFlow:
         looked = None
         if layer is not None and layer.enabled and isinstance(request, Request) and is_read:
             looked = await self._look_up(layer, request, sub_response, args, kwargs)
-        situation = self._situation(layer, is_read, looked)
+        situation = looked.situation if looked is not None else self._not_looked_up(layer, is_read)
         outcome = decide(situation)
         if layer is None:
             self._warn_once(request, _NOT_INITIALISED)
@@ -172,11 +173,10 @@ class RequestFlow:
             return await self._bypassed(layer, outcome, request, looked, sub_response, args, kwargs)
         lookup, prepared = looked.lookup, looked.prepared
         if prepared is not None and outcome in _SENT_FROM_STORAGE:
-            served = self.served(layer, _HIT, b"hit", lookup)
+            fresh_for = situation.fresh_for
+            served = self.served(layer, _HIT, b"hit", lookup, fresh_for)
             not_modified = outcome == RequestOutcome.NOT_MODIFIED
-            return _replay(
-                self.route, prepared, lookup.fresh_for, served, looked.asked, not_modified
-            )
+            return _replay(self.route, prepared, fresh_for, served, looked.asked, not_modified)
         call = _call(looked, sub_response, args, kwargs)
         if prepared is not None and outcome == RequestOutcome.STALE:
             refresh = Fill(self.route, layer, call, lookup.token)
@@ -211,36 +211,48 @@ class RequestFlow:
             lookup = await _unread(layer, key)
         else:
             lookup = await layer.lookup(key, fingerprint)
+        if lookup is None:
+            situation = Situation(initialised=True, identified=False)
+            return _LookedUp(request, key, fingerprint, asked, lookup, None, situation)
         prepared = None
-        if lookup is not None and lookup.value is not None:
+        if lookup.value is not None:
             prepared = route.prepared.get(key, lookup.value, key.is_private)
             if prepared is None:
                 layer.events.rejected_entry(self.namespace, RejectReason.FORMAT)
-        return _LookedUp(request, key, fingerprint, asked, asked_fresh, lookup, prepared)
+        fresh = lookup.is_fresh
+        if_none_match = asked.if_none_match
+        client_has_it = (
+            if_none_match is not None
+            and prepared is not None
+            and etag_matches(if_none_match, prepared.etag)
+        )
+        # Positional, in the fields' order (initialised, enabled, is_read, identified first):
+        # built on every hit, where keywords cost measurably more.
+        situation = Situation(
+            True,
+            True,
+            True,
+            True,
+            asked_fresh,
+            prepared is not None,
+            fresh,
+            lookup.fresh_for,
+            client_has_it,
+            route.stale_ttl,
+            # Read only for an entry past its freshness: a hit does not work it out.
+            0
+            if fresh
+            else route.stale_if_error_seconds(layer.settings.CACHE_STALE_IF_ERROR_SECONDS),
+        )
+        return _LookedUp(request, key, fingerprint, asked, lookup, prepared, situation)
 
-    def _situation(
-        self, layer: CacheLayer | None, is_read: bool, looked: _LookedUp | None
-    ) -> Situation:
-        """What :func:`~commons.cache.decision.decide` reads about this request."""
+    @staticmethod
+    def _not_looked_up(layer: CacheLayer | None, is_read: bool) -> Situation:
+        """What :func:`~commons.cache.decision.decide` reads about a request nothing was looked
+        up for."""
         if layer is None:
             return Situation(initialised=False)
-        if looked is None:
-            return Situation(initialised=True, enabled=layer.enabled, is_read=is_read)
-        lookup, prepared, route = looked.lookup, looked.prepared, self.route
-        if lookup is None:
-            return Situation(initialised=True, identified=False)
-        return Situation(
-            initialised=True,
-            asked_fresh=looked.asked_fresh,
-            stored=prepared is not None,
-            fresh=lookup.is_fresh,
-            fresh_for=lookup.fresh_for,
-            client_has_it=prepared is not None and _client_has(looked.asked, prepared),
-            stale_ttl=route.stale_ttl,
-            stale_if_error=route.stale_if_error_seconds(
-                layer.settings.CACHE_STALE_IF_ERROR_SECONDS
-            ),
-        )
+        return Situation(initialised=True, enabled=layer.enabled, is_read=is_read)
 
     def _warn_once(self, request: object, mistake: str, detail: str = "") -> None:
         """Logs ``mistake`` (with ``detail``) about this route, the first time it is seen."""
@@ -260,14 +272,21 @@ class RequestFlow:
         return known[1], known[2]
 
     def served(
-        self, layer: CacheLayer, status: bytes, detail: bytes, lookup: Lookup | None = None
+        self,
+        layer: CacheLayer,
+        status: bytes,
+        detail: bytes,
+        lookup: Lookup | None = None,
+        fresh_for: int | None = None,
     ) -> Served:
         """How an answer is served: its ``X-FastAPI-Cache`` ``status``, its ``Cache-Status``
-        ``detail`` and, for a stored entry's answer, its ``ttl`` and ``Age``."""
+        ``detail`` and, for a stored entry's answer, its ``ttl`` (``fresh_for``, when known
+        already) and ``Age``."""
         name = self._names(layer.prefix)[1]
         if lookup is None:
             return Served(status, detail, name)
-        return Served(status, detail, name, lookup.fresh_for, lookup.age)
+        ttl = lookup.fresh_for if fresh_for is None else fresh_for
+        return Served(status, detail, name, ttl, lookup.age)
 
     def _revalidated(
         self,
