@@ -48,6 +48,19 @@ def test_backends_know_nothing_of_fastapi_starlette_or_the_request_flow() -> Non
     assert {name: bad for name, bad in found.items() if bad} == {}
 
 
+@pytest.mark.parametrize("name", ["layer.py", "breaker.py", "removals.py", "pending.py"])
+def test_the_layer_knows_the_stores_by_their_contract_only(name: str) -> None:
+    """Whoever builds the layer passes its stores in (``lifecycle.py``): the layer and its parts
+    import ``backends/base.py``, never the factory or a store."""
+    backends = [m for m in imported(modules()[name]) if m.startswith("commons.cache.backends")]
+    assert set(backends) <= {"commons.cache.backends.base"}
+
+
+def test_the_request_decision_is_pure() -> None:
+    """``decision.py`` chooses a request's outcome from plain values: no I/O, no framework."""
+    assert imported(modules()["decision.py"]) <= {"__future__", "typing", "commons.cache.events"}
+
+
 @pytest.mark.parametrize("name", ["keys.py", "keyspace.py", "scope.py"])
 def test_key_building_imports_no_backend(name: str) -> None:
     assert [m for m in imported(modules()[name]) if m.startswith("commons.cache.backends")] == []
