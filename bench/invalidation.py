@@ -39,6 +39,7 @@ def _entry_keys(prefix: str, entries: int) -> list[tuple[str, str]]:
 async def _fill_ours(entries: int) -> None:
     from commons.cache.scope import CacheScope, ScopedKey
     from commons.testing import current_layer
+    from commons.testing.entries import write_raw
 
     layer = current_layer()
     assert layer is not None
@@ -46,7 +47,7 @@ async def _fill_ours(entries: int) -> None:
     for start in range(0, len(keys), 50):
         await asyncio.gather(
             *(
-                layer.write_raw(ScopedKey(key, CacheScope(NAMESPACE, tenant)), VALUE, 3600)
+                write_raw(ScopedKey(key, CacheScope(NAMESPACE, tenant)), VALUE, 3600, layer=layer)
                 for key, tenant in keys[start : start + 50]
             )
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from commons.cache.backends.factory import redis_store
+from commons.cache.backends.factory import memory_store, redis_store
 from commons.cache.events import CacheEvents
 from commons.cache.fastapi_cache_backend import LayerBackend
 from commons.cache.layer import CacheLayer
@@ -46,7 +46,11 @@ async def make_layer(
 
     async def make(redis_url: str | None, **overrides: object) -> CacheLayer:
         settings = make_settings(redis_url, **overrides)
-        layer = CacheLayer(settings, redis=redis_store(settings) if redis_url else None)
+        layer = CacheLayer(
+            settings,
+            redis=redis_store(settings) if redis_url else None,
+            memory=memory_store(settings),
+        )
         layers.append(layer)
         await layer.start()
         return layer
@@ -234,7 +238,7 @@ async def test_a_start_while_redis_is_down_removes_every_entry_before_reading_re
         settings = make_settings(
             redis.url, REDIS_SOCKET_TIMEOUT_SECONDS=0.2, REDIS_CONNECT_TIMEOUT_SECONDS=0.2
         )
-        before = CacheLayer(settings, redis=redis_store(settings))
+        before = CacheLayer(settings, redis=redis_store(settings), memory=memory_store(settings))
         await before.start()
         entries = [key("a", "acme"), key("b", "globex", "bob")]
         for entry in entries:
@@ -242,7 +246,9 @@ async def test_a_start_while_redis_is_down_removes_every_entry_before_reading_re
         await before.aclose()
         redis.kill()
         events = _StartFlushes()
-        layer = CacheLayer(settings, redis=redis_store(settings), events=events)
+        layer = CacheLayer(
+            settings, redis=redis_store(settings), memory=memory_store(settings), events=events
+        )
         try:
             await layer.start()
             assert layer.state.value == "degraded"

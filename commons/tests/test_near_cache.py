@@ -611,7 +611,10 @@ async def test_garbage_under_an_entry_key_is_never_served_from_it(
 ) -> None:
     """Bytes of another format (or another route version's entry) held by the near cache are
     validated by the layer as any read: a miss, counted, every time."""
-    layer = CacheLayer(make_settings(None, CACHE_PREFIX=PREFIX), redis=store, events=recorder)
+    settings = make_settings(None, CACHE_PREFIX=PREFIX)
+    layer = CacheLayer(
+        settings, redis=store, memory=factory.memory_store(settings), events=recorder
+    )
     await layer.start()
     try:
         await store.generation(SCOPE)

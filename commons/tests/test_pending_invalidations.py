@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from commons.cache import pending as pending_module
+from commons.cache import pending_structures
 from commons.cache.backends.memory import MemoryStore
 from commons.cache.pending import PendingInvalidations, PendingItem
 from commons.cache.scope import CacheScope, InvalidationTarget
@@ -403,7 +404,7 @@ async def test_the_set_keeps_what_scanning_everything_would_keep(
 ) -> None:
     # Tiny shards and release steps, so that a few items go through splitting and freeing.
     with (
-        patch.object(pending_module, "_SPLIT_AT", 2),
+        patch.object(pending_structures, "_SPLIT_AT", 2),
         patch.object(pending_module, "_RELEASE_BATCH", 2),
         patch.object(pending_module, "_SWEEP_BATCH", 2),
     ):
@@ -641,7 +642,7 @@ async def test_a_replay_applies_each_kept_invalidation_after_its_latest_request(
     # Whatever arrives while the replay runs, absorbed, widened or renewed: each one is removed
     # by a removal that began after it was asked for.
     with (
-        patch.object(pending_module, "_SPLIT_AT", 2),
+        patch.object(pending_structures, "_SPLIT_AT", 2),
         patch.object(pending_module, "_RELEASE_BATCH", 2),
         patch.object(pending_module, "_SWEEP_BATCH", 2),
     ):

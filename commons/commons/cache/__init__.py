@@ -8,6 +8,10 @@ Import everything from here::
 ``invalidation.py``.
 """
 
+# Loaded first: importing a submodule binds it as an attribute of its package, so this module,
+# which the caching guide names ``commons.cache.cache``, must be bound before the decorator
+# takes its name below (see ``cache.py``).
+import commons.cache.cache as _backend_selection
 from commons.cache.decorator import cache
 from commons.cache.errors import (
     BackendError,
@@ -27,6 +31,8 @@ from commons.cache.lifecycle import cache_status, close_cache, init_cache
 from commons.cache.middleware import PrivateCacheControlMiddleware
 from commons.cache.settings import CacheSettings, cache_settings
 from commons.cache.status import CacheState, CacheStatus
+
+del _backend_selection
 
 __all__ = [
     "BackendError",

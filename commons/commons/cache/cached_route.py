@@ -15,10 +15,10 @@ from pydantic import TypeAdapter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from commons.cache.entry import ParsedValue, decode_payload
+from commons.cache.entry import ParsedValue, decode_payload, route_fingerprint
 from commons.cache.http import PreparedResponse, prepare
 from commons.cache.memo import BoundedMemo
-from commons.cache.rendering import adapter_for, json_bytes, render_as_route, route_fingerprint
+from commons.cache.rendering import adapter_for, json_bytes, render_as_route
 
 __all__ = ["PRODUCER", "CachedRoute", "PreparedResponses"]
 
@@ -158,7 +158,7 @@ class CachedRoute:
         return None
 
     def fingerprint(self, request: Request) -> bytes:
-        """What this route renders, for the stored values (see ``rendering.route_fingerprint``)."""
+        """What this route renders, for the stored values (see ``entry.route_fingerprint``)."""
         route = request.scope.get("route")
         last = self._last_fingerprint
         if last is not None and last[0] is route:

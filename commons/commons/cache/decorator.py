@@ -7,7 +7,7 @@ rendered once to bytes exactly as FastAPI would render it for the route (its ``r
 back as the response without decoding, validating or serialising anything.
 
 This module only decorates: it checks the arguments and gives the endpoint the ``Request`` and
-``Response`` parameters it needs. What happens to each request is ``request_path.py``'s (bypass,
+``Response`` parameters it needs. What happens to each request is ``request_flow.py``'s (bypass,
 HIT, STALE, 304), ``fill.py``'s (a MISS computed once) and ``replica_lock.py``'s (once across
 replicas); ``cached_route.py`` holds what the route knows (rendering, fingerprint, replays).
 
@@ -16,7 +16,7 @@ max(stale_ttl, stale_if_error)`` seconds and says in its header how many of them
 window (see ``entry.py``); it is fresh while more than that many seconds remain. The remaining
 time comes from the store's own clock (Redis's for Redis), so replicas agree on freshness
 whatever their clocks say. Every stored value also carries the route's fingerprint
-(``rendering.route_fingerprint``), so an entry of another version of the route is a miss.
+(``entry.route_fingerprint``), so an entry of another version of the route is a miss.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from commons.cache.cached_route import CachedRoute
 from commons.cache.keys import tenant_cache_key_builder
 from commons.cache.keyspace import check_namespace
 from commons.cache.rendering import resolved_return_annotation
-from commons.cache.request_path import RequestPath
+from commons.cache.request_flow import RequestFlow
 from commons.cache.startup_checks import WRAPPED
 
 __all__ = ["cache"]
@@ -177,7 +177,7 @@ def cache(
             lock=distributed_lock,
             client_max_age=client_max_age,
         )
-        answer = RequestPath(route, namespace, chosen_key_builder).answer
+        answer = RequestFlow(route, namespace, chosen_key_builder).answer
 
         @wraps(func)
         async def endpoint(*args: Any, **kwargs: Any) -> Any:

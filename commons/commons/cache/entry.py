@@ -8,9 +8,9 @@ Every stored value, in Redis and in memory, for both decorators, is one JSON arr
   an older deploy's format) are never served: the read is a miss, counted as a rejected entry, and
   the fill overwrites them. The previous shape (marker ``2``, no ``lifetime``), which deploys
   before ``Age`` wrote, is still read until its entries expire: served, without ``Age``.
-- ``fingerprint`` names what the route renders (see ``rendering.route_fingerprint``): another
-  fingerprint is a miss, so during a rolling deploy old and new replicas each see the other's
-  entries as misses, never as errors or as the wrong shape.
+- ``fingerprint`` names what the route renders (:func:`route_fingerprint`): another fingerprint
+  is a miss, so during a rolling deploy old and new replicas each see the other's entries as
+  misses, never as errors or as the wrong shape.
 - ``generation`` is the scope's generation when the fill began (see ``backends/redis/store.py``): an
   entry is valid only while it equals the scope's generation now, which is how an invalidation by
   any replica, or the loss of any helper key, can only ever cost a miss.
@@ -29,16 +29,37 @@ by field before anything of it is sent (a status that is no 2xx integer, a heade
 HTTP token or a value with a control character, a ``Vary`` header, which only an older deploy
 stored, a body of the wrong type: a miss, never a 5xx),
 and its framing headers (``content-length``, ``transfer-encoding``) are never replayed.
+
+The route fingerprint
+---------------------
+:func:`route_fingerprint` names what a route renders: the response model's schema, the response
+class, the status code, the ``response_model_*`` options, the handler's return annotation, the
+coder and which decorator wrote it. A deploy that changes any of them changes the fingerprint, and
+the entries the old code stored become misses instead of answers of the wrong shape (or errors).
+It is computed from names and schemas only, never from addresses or salted hashes, so every
+process and replica agrees on it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import inspect
 import json
 import re
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from inspect import Parameter
+from typing import Any, NamedTuple
+
+from fastapi.datastructures import DefaultPlaceholder
+from fastapi.dependencies.utils import get_typed_return_annotation
+from fastapi.routing import APIRoute
+from pydantic import TypeAdapter
+
+from commons.cache.memo import BoundedMemo
 
 __all__ = [
     "BODY",
@@ -47,12 +68,14 @@ __all__ = [
     "CachedResponse",
     "ParsedValue",
     "RejectReason",
+    "ValidatedValues",
     "decode_payload",
     "encode_payload",
     "expected_head",
     "parse_any",
     "parse_value",
     "rejection_reason",
+    "route_fingerprint",
     "stored_value",
 ]
 
@@ -155,6 +178,45 @@ def _parse_previous(raw: bytes, head: bytes) -> ParsedValue | None:
     return ParsedValue(raw, tail[1], int(tail[2]), tail.end())
 
 
+#: A parsed value as :class:`ValidatedValues` remembers it: the stored bytes, the fingerprint and
+#: generation they were checked against, then ParsedValue's fields after ``raw``.
+_ParsedFields = tuple[bytes, bytes, bytes | None, bytes, int, int, int | None]
+
+
+class ValidatedValues:
+    """The last value validated under each key, so that a value is parsed once, not on every hit.
+
+    The memory store and the near cache hand back the very bytes object they hold; bytes read
+    from Redis itself are new every time, but equal ones are the same value (comparing is cheaper
+    than parsing); others take the place of the last ones kept for their key. Each is kept as a
+    plain tuple of bytes, ints and None, which the cyclic collector stops tracking, so a large
+    working set adds nothing to a full collection (a ParsedValue, a tuple subclass, would stay
+    tracked). Bounded in entries and bytes.
+    """
+
+    def __init__(self, max_entries: int = 16_384, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self._parsed = BoundedMemo[str, _ParsedFields](max_entries, max_bytes)
+
+    def validated(
+        self, key: str, raw: bytes, fingerprint: bytes, generation: bytes | None
+    ) -> ParsedValue | None:
+        """``raw`` parsed if it is a value of this ``fingerprint`` and ``generation`` (``None``:
+        a store without generations); else ``None`` (:func:`rejection_reason` says why)."""
+        known = self._parsed.get(key)
+        if (
+            known is not None
+            and (known[0] is raw or known[0] == raw)
+            and known[1] == fingerprint
+            and known[2] == generation
+        ):
+            return ParsedValue(known[0], known[3], known[4], known[5], known[6])
+        parsed = parse_value(raw, expected_head(fingerprint, generation or b""))
+        if parsed is not None:
+            fields = (raw, fingerprint, generation, *parsed[1:])
+            self._parsed.put(key, fields, len(key) + len(raw))
+        return parsed
+
+
 def parse_any(raw: bytes) -> tuple[bytes, bytes, ParsedValue] | None:
     """``raw`` parsed whatever its fingerprint and generation: those two, and the value.
 
@@ -255,3 +317,87 @@ def _checked_envelope(envelope: object) -> CachedResponse | None:
             return None
         body = base64.b64decode(encoded, validate=True)
     return CachedResponse(body, status, _sendable(envelope["media_type"]), tuple(pairs))
+
+
+# -- the route fingerprint -----------------------------------------------------------------
+
+
+def _schema(annotation: Any) -> Any:
+    if annotation is None or annotation is Parameter.empty:
+        return None
+    try:
+        return TypeAdapter(annotation).json_schema(mode="serialization")
+    except Exception:  # a type pydantic cannot describe: its (address-free) name stands in
+        return _name(annotation)
+
+
+def _name(thing: Any) -> str | None:
+    if thing is None:
+        return None
+    if isinstance(thing, type):
+        return f"{thing.__module__}.{thing.__qualname__}"
+    return str(thing).split(" at 0x")[0]
+
+
+def _stable(value: Any) -> Any:
+    """``value`` in a form whose JSON is the same in every process (sets sorted)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(map(_stable, value), key=repr)
+    if isinstance(value, dict):
+        return {str(key): _stable(item) for key, item in value.items()}
+    return value
+
+
+def _describe(route: Any, handler: Any, producer: str, coder: Any) -> list[Any]:
+    parts: list[Any] = [producer, _name(coder)]
+    if isinstance(route, APIRoute):
+        response_class = route.response_class
+        if isinstance(response_class, DefaultPlaceholder):
+            response_class = response_class.value
+        parts += [
+            _schema(route.response_model),
+            _name(response_class),
+            route.status_code,
+            _stable(route.response_model_include),
+            _stable(route.response_model_exclude),
+            route.response_model_by_alias,
+            route.response_model_exclude_unset,
+            route.response_model_exclude_defaults,
+            route.response_model_exclude_none,
+        ]
+    if callable(handler):
+        try:
+            parts.append(_schema(get_typed_return_annotation(handler)))
+        except Exception:  # an annotation that does not resolve: its text stands in
+            parts.append(str(inspect.signature(handler).return_annotation))
+    return parts
+
+
+_FINGERPRINTS_MAX = 4096
+_fingerprints: dict[tuple[int, int, str, int], tuple[Callable[[], Any], Callable[[], Any], bytes]]
+_fingerprints = {}
+
+
+def _referent(thing: Any) -> Callable[[], Any]:
+    """A weak reference where ``thing`` allows one, else a strong stand-in."""
+    try:
+        return weakref.ref(thing)
+    except TypeError:
+        return lambda: thing
+
+
+def route_fingerprint(route: Any, handler: Any, *, producer: str, coder: Any = None) -> bytes:
+    """16 hex digits naming what ``route`` (and ``handler``) render, as written by ``producer``.
+
+    Computed once per route, handler, producer and coder (the schema takes milliseconds).
+    """
+    memo_key = (id(route), id(handler), producer, id(coder))
+    known = _fingerprints.get(memo_key)
+    if known is not None and known[0]() is route and known[1]() is handler:
+        return known[2]
+    text = json.dumps(_describe(route, handler, producer, coder), sort_keys=True, default=_name)
+    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16].encode()
+    if len(_fingerprints) >= _FINGERPRINTS_MAX:
+        _fingerprints.clear()
+    _fingerprints[memo_key] = (_referent(route), _referent(handler), fingerprint)
+    return fingerprint

@@ -40,11 +40,10 @@ from fastapi_cache.backends import Backend
 from fastapi_cache.coder import JsonCoder
 from starlette.responses import Response
 
-from commons.cache.entry import BODY, RejectReason
+from commons.cache.entry import BODY, RejectReason, route_fingerprint
 from commons.cache.events import LookupOutcome
 from commons.cache.keyspace import namespace_of_key, split_qualified_namespace
 from commons.cache.layer import CacheLayer, FillToken
-from commons.cache.rendering import route_fingerprint
 from commons.cache.scope import InvalidationTarget, ScopedKey
 
 __all__ = ["LayerBackend"]

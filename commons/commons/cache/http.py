@@ -37,6 +37,7 @@ from commons.cache.entry import NOT_STORED_HEADERS, CachedResponse
 
 __all__ = [
     "CACHE_STATUS_HEADER",
+    "NOT_MODIFIED_HEADERS",
     "CachedBytesResponse",
     "PreparedResponse",
     "Served",
@@ -56,8 +57,12 @@ CACHE_STATUS_HEADER = "X-FastAPI-Cache"
 
 _STATUS_NAME = CACHE_STATUS_HEADER.lower().encode("latin-1")
 _CACHE_STATUS = b"cache-status"
-# Headers a 304 repeats from the 200 it stands for (RFC 9110, 15.4.5).
-_NOT_MODIFIED_HEADERS = frozenset({b"etag", b"vary", b"content-location", b"expires", b"date"})
+#: Headers a 304 repeats from the 200 it stands for (RFC 9110, 15.4.5), in lower case; both
+#: decorators' 304s keep these (and the cache's own status headers) and nothing else.
+NOT_MODIFIED_HEADERS = frozenset(
+    {"cache-control", "content-location", "date", "etag", "expires", "vary"}
+)
+_NOT_MODIFIED_NAMES = frozenset(name.encode("latin-1") for name in NOT_MODIFIED_HEADERS)
 _FORBIDDING_DIRECTIVES = ("no-store", "no-cache", "private")
 
 
@@ -159,7 +164,7 @@ def prepare(cached: CachedResponse, *, private: bool) -> PreparedResponse:
         encoded_vary = (b"vary", ", ".join(vary).encode("latin-1"))
         headers.append(encoded_vary)
         cache_headers.append(encoded_vary)
-    cache_headers.extend(pair for pair in headers if pair[0] in _NOT_MODIFIED_HEADERS)
+    cache_headers.extend(pair for pair in headers if pair[0] in _NOT_MODIFIED_NAMES)
     return PreparedResponse(
         body=cached.body,
         status_code=cached.status_code,
@@ -232,24 +237,26 @@ def replay(
     *,
     max_age: int | None,
     served: Served,
-    if_none_match: str | None,
+    not_modified: bool,
     head: bool,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> Response:
-    """The response to send for ``prepared``: its bytes, or ``304`` when the client has them.
+    """The response to send for ``prepared``: its bytes, or ``304`` when the client has them
+    (``not_modified``).
 
     Args:
         prepared: The stored response.
         max_age: Seconds the client may reuse the answer (``Cache-Control: max-age``); ``None``:
             it must revalidate first (``no-cache``).
         served: How it was served: ``X-FastAPI-Cache``, ``Cache-Status`` and ``Age``.
-        if_none_match: The request's ``If-None-Match`` header, if any.
+        not_modified: The request's ``If-None-Match`` names the ETag (:func:`etag_matches`):
+            a ``304`` with no body.
         head: True for a ``HEAD`` request: the same headers, no body.
         extra_headers: Per-request headers to add (set by the route's dependencies).
     """
     if max_age is not None and max_age < 0:
         max_age = 0
-    if if_none_match is not None and etag_matches(if_none_match, prepared.etag):
+    if not_modified:
         cache_control = _cache_control(prepared.private, max_age)
         headers = [*prepared.not_modified_headers, (b"cache-control", cache_control)]
         headers.extend(_served_headers(served))

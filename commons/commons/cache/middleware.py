@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from commons.cache.http import (
     CACHE_STATUS_HEADER,
+    NOT_MODIFIED_HEADERS,
     asks_for_fresh,
     cache_status_name,
     entry_etag,
@@ -53,8 +54,8 @@ __all__ = ["PrivateCacheControlMiddleware"]
 
 _STATUS_HEADER = CACHE_STATUS_HEADER.lower()
 _MAX_AGE = re.compile(r"max-age=(\d+)")
-# What a 304 keeps of the 200 it stands for (RFC 9110, 15.4.5), besides the cache's own header.
-_NOT_MODIFIED_KEEPS = ("etag", "vary", "cache-control", "expires", "content-location", "date")
+# What a 304 keeps of the 200 it stands for: the HTTP rules' list and the cache's own header.
+_NOT_MODIFIED_KEEPS = NOT_MODIFIED_HEADERS | {_STATUS_HEADER}
 
 
 def _make_private(headers: MutableHeaders) -> None:
@@ -150,7 +151,7 @@ async def _send_tagged(scope: Scope, start: Message, body: bytes, send: Send) ->
         kept = [
             (name, value)
             for name, value in start["headers"]
-            if name.decode("latin-1").lower() in (*_NOT_MODIFIED_KEEPS, _STATUS_HEADER)
+            if name.decode("latin-1").lower() in _NOT_MODIFIED_KEEPS
         ]
         await send({"type": "http.response.start", "status": 304, "headers": kept})
         await send({"type": "http.response.body", "body": b""})

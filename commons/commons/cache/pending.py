@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Hashable, Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from commons.cache.backends.base import CacheStore
+from commons.cache.pending_structures import UNLINKED, Link, Node, Order, Shards
 from commons.cache.scope import CacheScope, InvalidationTarget
 
 __all__ = ["PendingInvalidations", "PendingItem"]
@@ -49,146 +50,11 @@ __all__ = ["PendingInvalidations", "PendingItem"]
 #: One kept item: an invalidation target, one key (with its scope when known), or a flush (None).
 PendingItem = InvalidationTarget | tuple[str, CacheScope | None] | None
 
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-T = TypeVar("T")
-
-#: A container past this many entries is split into _WIDTH shards: CPython grows a dict or a set
-#: by copying it whole, so an unsplit one of 87,000 items held the loop 3 ms when it grew.
-_SPLIT_AT = 512
-_WIDTH = 64
 #: Entries freed per call when a widening or a flush lets go of what it replaced.
 _RELEASE_BATCH = 256
 #: Entries per call when what a wider target absorbed is unlinked from the order in use: each
 #: costs more than a plain free (its neighbours in the order are written), 1-3 µs.
 _SWEEP_BATCH = 64
-
-
-class _Shards(Generic[K, V]):
-    """A dict split by hash into shards once it is large, so that no growth copies much of it."""
-
-    __slots__ = ("_len", "_mask", "_shards")
-
-    def __init__(self) -> None:
-        self._shards: list[dict[K, V]] = [{}]
-        self._mask = 0
-        self._len = 0
-
-    # The shard is chosen by bits above those a shard's own table uses (``hash >> 16``), so
-    # that its keys still spread in it; written out in each method, the hottest code here.
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __contains__(self, key: K) -> bool:
-        return key in self._shards[(hash(key) >> 16) & self._mask]
-
-    def __iter__(self) -> Iterator[K]:
-        for shard in self._shards:
-            yield from shard
-
-    def get(self, key: K) -> V | None:
-        return self._shards[(hash(key) >> 16) & self._mask].get(key)
-
-    def put(self, key: K, value: V) -> None:
-        shard = self._shards[(hash(key) >> 16) & self._mask]
-        if key not in shard:
-            self._len += 1
-        shard[key] = value
-        if self._len > _SPLIT_AT and not self._mask:
-            self._split()
-
-    def pop(self, key: K) -> V | None:
-        shard = self._shards[(hash(key) >> 16) & self._mask]
-        if key not in shard:
-            return None
-        self._len -= 1
-        return shard.pop(key)
-
-    def _split(self) -> None:
-        (whole,) = self._shards
-        self._mask = mask = _WIDTH - 1
-        shards: list[dict[K, V]] = [{} for _ in range(_WIDTH)]
-        self._shards = shards
-        for key, value in whole.items():
-            shards[(hash(key) >> 16) & mask][key] = value
-
-    def parts(self) -> list[dict[K, V]]:
-        """The shards themselves, to be freed bit by bit, when this is dropped anyway."""
-        return self._shards
-
-    def detach(self) -> list[dict[K, V]]:
-        """Empties this and returns what it held, to be freed bit by bit."""
-        shards, self._shards, self._mask, self._len = self._shards, [{}], 0, 0
-        return shards
-
-
-class _Link:
-    __slots__ = ("next", "prev")
-
-    def __init__(self) -> None:
-        self.prev: _Link = self
-        self.next: _Link = self
-
-
-#: Where an unlinked node points: at itself it would be a cycle, freed only by the collector.
-_UNLINKED = _Link()
-
-
-class _Node(_Link, Generic[T]):
-    """One kept item in the replay order; ``scope`` is a key's (None for a target)."""
-
-    __slots__ = ("item", "scope", "seq")
-
-    def __init__(self, item: T, scope: CacheScope | None, seq: int) -> None:
-        self.prev = self.next = _UNLINKED
-        self.item = item
-        self.scope = scope
-        self.seq = seq
-
-
-class _Order(Generic[T]):
-    """Kept items, oldest request first: a doubly linked list, so that moving a renewed item to
-    the end or removing one anywhere is O(1) and the order never needs one large copy."""
-
-    __slots__ = ("_head",)
-
-    def __init__(self) -> None:
-        self._head = _Link()
-
-    def append(self, node: _Node[T]) -> None:
-        tail = self._head.prev
-        node.prev, node.next = tail, self._head
-        tail.next = self._head.prev = node
-
-    def remove(self, node: _Node[T]) -> None:
-        node.prev.next, node.next.prev = node.next, node.prev
-        # A node left pointing at its neighbours would be freed only by the cyclic collector.
-        node.prev = node.next = _UNLINKED
-
-    def discard(self, node: _Node[T]) -> None:
-        """Removes ``node`` if it is still linked."""
-        if node.prev is not _UNLINKED:
-            self.remove(node)
-
-    def move_to_end(self, node: _Node[T]) -> None:
-        self.remove(node)
-        self.append(node)
-
-    def first(self) -> _Node[T] | None:
-        node = self._head.next
-        return None if node is self._head else node  # type: ignore[return-value]
-
-    def __iter__(self) -> Iterator[_Node[T]]:
-        node = self._head.next
-        while node is not self._head:
-            yield node  # type: ignore[misc]
-            node = node.next
-
-    def detach(self) -> _Link:
-        """Empties this and returns the old chain's head, to be freed bit by bit."""
-        head, self._head = self._head, _Link()
-        return head
 
 
 class _Place:
@@ -202,10 +68,49 @@ class _Place:
     __slots__ = ("below", "count", "keys", "target")
 
     def __init__(self) -> None:
-        self.below: _Shards[str, _Place] | None = None
-        self.keys: _Shards[str, _Node[str]] | None = None
-        self.target: _Node[InvalidationTarget] | None = None
+        self.below: Shards[str, _Place] | None = None
+        self.keys: Shards[str, Node[str]] | None = None
+        self.target: Node[InvalidationTarget] | None = None
         self.count = 0
+
+    def find(self, names: tuple[str, ...]) -> _Place | None:
+        """The place of ``names`` below this one, if there is one."""
+        place: _Place | None = self
+        for name in names:
+            below = place.below if place is not None else None
+            place = below.get(name) if below is not None else None
+        return place
+
+    def path(self, names: tuple[str, ...]) -> list[_Place]:
+        """The places from this one down to ``names``, made where missing."""
+        place = self
+        path = [place]
+        for name in names:
+            below = place.below
+            if below is None:
+                below = place.below = Shards()
+            child = below.get(name)
+            if child is None:
+                child = _Place()
+                below.put(name, child)
+            path.append(child)
+            place = child
+        return path
+
+    def covering(
+        self, namespace: str, tenant_id: str | None, user_id: str | None
+    ) -> Node[InvalidationTarget] | None:
+        """The kept target that covers this scope, if any: at most three look-ups."""
+        place = self
+        for name in _names(namespace, tenant_id, user_id):
+            below = place.below
+            child = below.get(name) if below is not None else None
+            if child is None:
+                return None
+            if child.target is not None:
+                return child.target
+            place = child
+        return None
 
 
 def _names(namespace: str, tenant_id: str | None, user_id: str | None) -> tuple[str, ...]:
@@ -220,13 +125,61 @@ def _names(namespace: str, tenant_id: str | None, user_id: str | None) -> tuple[
     return (namespace, tenant_id, user_id)
 
 
-def _names_of(node: _Node[Any]) -> tuple[str, ...] | None:
+def _names_of(node: Node[Any]) -> tuple[str, ...] | None:
     """The path of a kept item's scope (None: a key whose namespace is unknown)."""
     item = node.item
     if isinstance(item, InvalidationTarget):
         return _names(item.namespace, item.tenant_id, item.user_id)
     scope = node.scope
     return None if scope is None else _names(scope.namespace, scope.tenant_id, scope.user_id)
+
+
+def _only_freed(node: Node[Any]) -> None:
+    """Nothing to unlink: the node's order was detached whole."""
+
+
+def _released(
+    chains: list[Link],
+    shards: list[dict[Any, Any]],
+    batch: int,
+    unlink: Callable[[Node[Any]], None],
+) -> Iterator[None]:
+    """Frees what was let go of, ``batch`` entries per step.
+
+    ``chains`` are detached orders, whose nodes are unlinked from each other. The items in
+    ``shards`` (and in the places there) are handed to ``unlink``, which unlinks them from the
+    order in use when that order still holds them (an absorbed place) and does nothing after a
+    widening or a flush, whose order was detached whole. Dropping it all at once would free every
+    item in one call: O(n) on the event loop.
+    """
+    done = 0
+    for head in chains:
+        while head.next is not head:
+            node = head.next
+            head.next = node.next
+            node.prev = node.next = UNLINKED
+            done += 1
+            if done % batch == 0:
+                yield
+        head.prev = head.next = UNLINKED
+    while shards:
+        shard = shards[-1]
+        if not shard:
+            shards.pop()
+            continue
+        _, value = shard.popitem()
+        if isinstance(value, _Place):
+            # The place is dropped: its maps' dicts are freed as they are, not detached.
+            if value.below is not None:
+                shards.extend(value.below.parts())
+            if value.keys is not None:
+                shards.extend(value.keys.parts())
+            value = value.target
+        if isinstance(value, Node):
+            unlink(value)
+        done += 1
+        if done % batch == 0:
+            yield
 
 
 class PendingInvalidations:
@@ -244,11 +197,11 @@ class PendingInvalidations:
         self._era = 0
         # Targets and scoped keys by scope; the counts in it are what len() and a widening read.
         self._root = _Place()
-        self._target_order: _Order[InvalidationTarget] = _Order()
+        self._target_order: Order[InvalidationTarget] = Order()
         # Every kept key -> its node (absorbed ones until they are unlinked): a key asked again
         # with another scope replaces the one kept.
-        self._keys: _Shards[str, _Node[str]] = _Shards()
-        self._key_order: _Order[str] = _Order()
+        self._keys: Shards[str, Node[str]] = Shards()
+        self._key_order: Order[str] = Order()
         self._unscoped_keys = 0
 
     def __len__(self) -> int:
@@ -298,56 +251,17 @@ class PendingInvalidations:
 
     # -- the tree of scopes ----------------------------------------------------------------------
 
-    def _place(self, names: tuple[str, ...]) -> _Place | None:
-        """The reachable place of ``names``, if there is one."""
-        place: _Place | None = self._root
-        for name in names:
-            below = place.below if place is not None else None
-            place = below.get(name) if below is not None else None
-        return place
-
-    def _path(self, names: tuple[str, ...]) -> list[_Place]:
-        """The places from the root down to ``names``, made where missing."""
-        place = self._root
-        path = [place]
-        for name in names:
-            below = place.below
-            if below is None:
-                below = place.below = _Shards()
-            child = below.get(name)
-            if child is None:
-                child = _Place()
-                below.put(name, child)
-            path.append(child)
-            place = child
-        return path
-
-    def _holds(self, node: _Node[Any]) -> bool:
+    def _holds(self, node: Node[Any]) -> bool:
         """Whether ``node`` is kept: neither absorbed by a wider target, applied nor replaced."""
         names = _names_of(node)
         if names is None:
             return self._keys.get(node.item) is node
-        place = self._place(names)
+        place = self._root.find(names)
         if place is None:
             return False
         if isinstance(node.item, InvalidationTarget):
             return place.target is node
         return place.keys is not None and place.keys.get(node.item) is node
-
-    def _covering(
-        self, namespace: str, tenant_id: str | None, user_id: str | None
-    ) -> _Node[InvalidationTarget] | None:
-        """The kept target that covers this scope, if any: at most three look-ups."""
-        place = self._root
-        for name in _names(namespace, tenant_id, user_id):
-            below = place.below
-            child = below.get(name) if below is not None else None
-            if child is None:
-                return None
-            if child.target is not None:
-                return child.target
-            place = child
-        return None
 
     # -- keeping ---------------------------------------------------------------------------------
 
@@ -357,7 +271,7 @@ class PendingInvalidations:
         if self._everything is not None:
             self._everything = seq
             return
-        covering = self._covering(target.namespace, target.tenant_id, target.user_id)
+        covering = self._root.covering(target.namespace, target.tenant_id, target.user_id)
         if covering is not None:
             self._renew(covering, seq)
             return
@@ -369,13 +283,13 @@ class PendingInvalidations:
         kept below it, is absorbed in O(1): detached from the tree (its items are no longer kept
         from this moment) and unlinked from the order by later calls, a share per call."""
         names = _names(target.namespace, target.tenant_id, target.user_id)
-        path = self._path(names[:-1])
+        path = self._root.path(names[:-1])
         parent = path[-1]
         below = parent.below
         if below is None:
-            below = parent.below = _Shards()
+            below = parent.below = Shards()
         absorbed = below.pop(names[-1])
-        node = _Node(target, None, seq)
+        node = Node(target, None, seq)
         place = _Place()
         place.target, place.count = node, 1
         below.put(names[-1], place)
@@ -384,7 +298,7 @@ class PendingInvalidations:
             each.count += change
         self._target_order.append(node)
         if absorbed is not None:
-            swept = self._released([], [{names[-1]: absorbed}], self._era, _SWEEP_BATCH)
+            swept = _released([], [{names[-1]: absorbed}], _SWEEP_BATCH, self._unlinker())
             self._releasing.append(swept)
 
     def add_key(self, key: str, scope: CacheScope | None) -> None:
@@ -394,7 +308,7 @@ class PendingInvalidations:
             self._everything = seq
             return
         if scope is not None:
-            covering = self._covering(scope.namespace, scope.tenant_id, scope.user_id)
+            covering = self._root.covering(scope.namespace, scope.tenant_id, scope.user_id)
             if covering is not None:
                 self._renew(covering, seq)
                 return
@@ -404,26 +318,26 @@ class PendingInvalidations:
                 self._drop(kept)
             else:
                 self._discard(kept)  # absorbed meanwhile: only unlinked
-        node = _Node(key, scope, seq)
+        node = Node(key, scope, seq)
         self._keys.put(key, node)
         self._key_order.append(node)
         if scope is None:
             self._unscoped_keys += 1
         else:
-            path = self._path(_names(scope.namespace, scope.tenant_id, scope.user_id))
+            path = self._root.path(_names(scope.namespace, scope.tenant_id, scope.user_id))
             place = path[-1]
             if place.keys is None:
-                place.keys = _Shards()
+                place.keys = Shards()
             place.keys.put(key, node)
             for each in path:
                 each.count += 1
         self._compact()
 
-    def _renew(self, node: _Node[InvalidationTarget], seq: int) -> None:
+    def _renew(self, node: Node[InvalidationTarget], seq: int) -> None:
         node.seq = seq
         self._target_order.move_to_end(node)
 
-    def _drop(self, node: _Node[Any]) -> None:
+    def _drop(self, node: Node[Any]) -> None:
         """Stops keeping a kept item (applied, or asked again): O(1)."""
         item, names = node.item, _names_of(node)
         if isinstance(item, InvalidationTarget):
@@ -434,7 +348,7 @@ class PendingInvalidations:
         if names is None:
             self._unscoped_keys -= 1
             return
-        path = self._path(names)
+        path = self._root.path(names)
         place = path[-1]
         if isinstance(item, InvalidationTarget):
             place.target = None
@@ -450,7 +364,7 @@ class PendingInvalidations:
             assert parent_below is not None
             parent_below.pop(names[depth - 1])
 
-    def _discard(self, node: _Node[Any]) -> None:
+    def _discard(self, node: Node[Any]) -> None:
         """Unlinks an absorbed item from the order and the key map; twice does nothing."""
         if isinstance(node.item, InvalidationTarget):
             self._target_order.discard(node)
@@ -477,7 +391,7 @@ class PendingInvalidations:
         self._root = _Place()
         self._unscoped_keys = 0
         self._era += 1
-        self._releasing.append(self._released(chains, shards, None, _RELEASE_BATCH))
+        self._releasing.append(_released(chains, shards, _RELEASE_BATCH, _only_freed))
 
     def _compact(self) -> None:
         """Past the bound, widens to whole namespaces: O(namespaces), from the counts kept."""
@@ -493,45 +407,16 @@ class PendingInvalidations:
         for namespace in namespaces:
             self._keep_target(InvalidationTarget(namespace), seq)
 
-    def _released(
-        self, chains: list[_Link], shards: list[dict[Any, Any]], era: int | None, batch: int
-    ) -> Iterator[None]:
-        """Frees what was let go of, ``batch`` entries per step.
+    def _unlinker(self) -> Callable[[Node[Any]], None]:
+        """Unlinks an absorbed item from the order in use, unless a widening or a flush has
+        detached that order since (its items are then only freed)."""
+        era = self._era
 
-        ``chains`` are detached orders, whose nodes are unlinked from each other. The items in
-        ``shards`` (and in the places there) are unlinked from the order in use when ``era`` is
-        the current one (an absorbed place); after a widening or a flush, or with no ``era``,
-        their order was detached whole and they are only freed. Dropping it all at once would
-        free every item in one call: O(n) on the event loop.
-        """
-        done = 0
-        for head in chains:
-            while head.next is not head:
-                node = head.next
-                head.next = node.next
-                node.prev = node.next = _UNLINKED
-                done += 1
-                if done % batch == 0:
-                    yield
-            head.prev = head.next = _UNLINKED
-        while shards:
-            shard = shards[-1]
-            if not shard:
-                shards.pop()
-                continue
-            _, value = shard.popitem()
-            if isinstance(value, _Place):
-                # The place is dropped: its maps' dicts are freed as they are, not detached.
-                if value.below is not None:
-                    shards.extend(value.below.parts())
-                if value.keys is not None:
-                    shards.extend(value.keys.parts())
-                value = value.target
-            if isinstance(value, _Node) and era == self._era:
-                self._discard(value)
-            done += 1
-            if done % batch == 0:
-                yield
+        def unlink(node: Node[Any]) -> None:
+            if era == self._era:
+                self._discard(node)
+
+        return unlink
 
     async def release_all(self) -> None:
         """Frees what absorptions, widenings and flushes let go of, a share per turn of the event
@@ -560,7 +445,7 @@ class PendingInvalidations:
                 if self._everything == seq:
                     self._everything = None
                 continue
-            node: _Node[Any] | None = self._target_order.first()
+            node: Node[Any] | None = self._target_order.first()
             if node is None:
                 node = self._key_order.first()
             if node is None:

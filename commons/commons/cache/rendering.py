@@ -6,20 +6,14 @@ Inside its route, a result is rendered through the route itself: its ``response_
 annotation plays the ``response_model`` and ``jsonable_encoder`` the rest, as FastAPI does for a
 route without a model.
 
-What a route renders is also named by a *fingerprint* (:func:`route_fingerprint`) that every stored
-value carries: the response model's schema, the response class, the status code, the
-``response_model_*`` options, the handler's return annotation, the coder and which decorator wrote
-it. A deploy that changes any of them changes the fingerprint, and the entries the old code stored
-become misses instead of answers of the wrong shape (or errors). It is computed from names and
-schemas only, never from addresses or salted hashes, so every process and replica agrees on it.
+What a route renders is also named by a fingerprint that every stored value carries: that is the
+stored format's (``entry.route_fingerprint``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
-import weakref
 from collections.abc import Callable
 from inspect import Parameter, Signature
 from typing import Any, ForwardRef, get_args
@@ -38,7 +32,6 @@ __all__ = [
     "json_bytes",
     "render_as_route",
     "resolved_return_annotation",
-    "route_fingerprint",
 ]
 
 _SERIALIZE_OPTIONS = frozenset(inspect.signature(serialize_response).parameters)
@@ -116,84 +109,3 @@ def resolved_return_annotation(func: Callable[..., Any]) -> Any:
     if annotation is None or has_forward_ref(annotation):
         return Signature.empty
     return annotation
-
-
-def _schema(annotation: Any) -> Any:
-    if annotation is None or annotation is Parameter.empty:
-        return None
-    try:
-        return TypeAdapter(annotation).json_schema(mode="serialization")
-    except Exception:  # a type pydantic cannot describe: its (address-free) name stands in
-        return _name(annotation)
-
-
-def _name(thing: Any) -> str | None:
-    if thing is None:
-        return None
-    if isinstance(thing, type):
-        return f"{thing.__module__}.{thing.__qualname__}"
-    return str(thing).split(" at 0x")[0]
-
-
-def _stable(value: Any) -> Any:
-    """``value`` in a form whose JSON is the same in every process (sets sorted)."""
-    if isinstance(value, (set, frozenset)):
-        return sorted(map(_stable, value), key=repr)
-    if isinstance(value, dict):
-        return {str(key): _stable(item) for key, item in value.items()}
-    return value
-
-
-def _describe(route: Any, handler: Any, producer: str, coder: Any) -> list[Any]:
-    parts: list[Any] = [producer, _name(coder)]
-    if isinstance(route, APIRoute):
-        response_class = route.response_class
-        if isinstance(response_class, DefaultPlaceholder):
-            response_class = response_class.value
-        parts += [
-            _schema(route.response_model),
-            _name(response_class),
-            route.status_code,
-            _stable(route.response_model_include),
-            _stable(route.response_model_exclude),
-            route.response_model_by_alias,
-            route.response_model_exclude_unset,
-            route.response_model_exclude_defaults,
-            route.response_model_exclude_none,
-        ]
-    if callable(handler):
-        try:
-            parts.append(_schema(get_typed_return_annotation(handler)))
-        except Exception:  # an annotation that does not resolve: its text stands in
-            parts.append(str(inspect.signature(handler).return_annotation))
-    return parts
-
-
-_FINGERPRINTS_MAX = 4096
-_fingerprints: dict[tuple[int, int, str, int], tuple[Callable[[], Any], Callable[[], Any], bytes]]
-_fingerprints = {}
-
-
-def _referent(thing: Any) -> Callable[[], Any]:
-    """A weak reference where ``thing`` allows one, else a strong stand-in."""
-    try:
-        return weakref.ref(thing)
-    except TypeError:
-        return lambda: thing
-
-
-def route_fingerprint(route: Any, handler: Any, *, producer: str, coder: Any = None) -> bytes:
-    """16 hex digits naming what ``route`` (and ``handler``) render, as written by ``producer``.
-
-    Computed once per route, handler, producer and coder (the schema takes milliseconds).
-    """
-    memo_key = (id(route), id(handler), producer, id(coder))
-    known = _fingerprints.get(memo_key)
-    if known is not None and known[0]() is route and known[1]() is handler:
-        return known[2]
-    text = json.dumps(_describe(route, handler, producer, coder), sort_keys=True, default=_name)
-    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16].encode()
-    if len(_fingerprints) >= _FINGERPRINTS_MAX:
-        _fingerprints.clear()
-    _fingerprints[memo_key] = (_referent(route), _referent(handler), fingerprint)
-    return fingerprint

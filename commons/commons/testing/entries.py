@@ -11,10 +11,10 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from commons.cache.cached_route import PRODUCER
-from commons.cache.entry import BODY, parse_any
+from commons.cache.entry import BODY, parse_any, route_fingerprint
 from commons.cache.layer import CacheLayer
 from commons.cache.lifecycle import current_layer
-from commons.cache.rendering import route_fingerprint
+from commons.cache.scope import CacheScope
 
 __all__ = [
     "TEST_FINGERPRINT",
@@ -28,16 +28,20 @@ __all__ = [
 ]
 
 
-def _layer() -> CacheLayer:
-    layer = current_layer()
+def _layer(layer: CacheLayer | None = None) -> CacheLayer:
+    layer = layer or current_layer()
     if layer is None:
         raise RuntimeError("init_cache() has not run")
     return layer
 
 
-async def stored_value(key: str) -> tuple[int, bytes | None]:
-    """The remaining seconds and the raw stored bytes under exactly ``key``."""
-    return await _layer().read_raw(key)
+async def stored_value(key: str, *, layer: CacheLayer | None = None) -> tuple[int, bytes | None]:
+    """The remaining seconds and the raw stored bytes under exactly ``key``, in the tier the
+    layer (by default the current one) uses, whatever their format, fingerprint or generation.
+    Failures raise :class:`~commons.cache.errors.BackendError`."""
+    layer = _layer(layer)
+    read = await layer.store_in_use.read(key, layer.scope_of(key) or CacheScope(""))
+    return read.remaining, read.value
 
 
 async def stored_payload(key: str) -> tuple[int, bytes | None]:
@@ -55,9 +59,15 @@ async def age_entry(key: str, remaining_seconds: float) -> None:
     await write_raw(key, raw, remaining_seconds)
 
 
-async def write_raw(key: str, value: bytes, ttl_seconds: float) -> None:
-    """Writes exactly ``value`` under ``key`` for ``ttl_seconds``, bypassing every rule."""
-    await _layer().write_raw(key, value, ttl_seconds)
+async def write_raw(
+    key: str, value: bytes, ttl_seconds: float, *, layer: CacheLayer | None = None
+) -> None:
+    """Writes exactly ``value`` under ``key`` for ``ttl_seconds`` in the tier the layer (by
+    default the current one) uses, bypassing every rule (to age or forge an entry). Failures
+    raise :class:`~commons.cache.errors.BackendError`."""
+    layer = _layer(layer)
+    scope = layer.scope_of(key) or CacheScope("")
+    await layer.store_in_use.write(key, value, ttl_seconds, scope)
 
 
 #: The fingerprint of the entries :func:`fill` writes and :func:`served` reads.

@@ -1,31 +1,25 @@
-"""A cached route's request path: bypass, HIT, STALE, 304, or a MISS filled once.
+"""A cached route's request flow: the request read, its outcome decided, the outcome carried out.
 
-Per request:
+:meth:`RequestFlow.answer` is the whole flow in one screen: it looks the request up, asks
+``decision.decide`` for the outcome (bypass, HIT, 304, STALE, or one of the misses; the rules
+are in ``decision.py``), counts it once (``CacheEvents.lookup``) and answers:
 
-1. Not a GET/HEAD, caching disabled, or no identity to build a key from: the handler answers,
-   nothing is read or stored (fail closed).
-2. Stored and fresh: replayed with ``X-FastAPI-Cache: HIT``, an ``ETag`` digest of the bytes
-   (``304`` on a matching ``If-None-Match``), ``Cache-Control: no-cache`` (the client revalidates:
-   a cheap ``304``) or, with ``client_max_age``, ``max-age=<that, at most the remaining
-   freshness>``, ``private`` and ``Vary: Authorization`` for tenant- or user-scoped entries.
-   The encoded headers and the ETag of a stored body are computed once and reused while the
-   stored bytes stay the same.
-3. Stored but stale for less than ``stale_ttl``: replayed at once with ``X-FastAPI-Cache:
-   STALE`` (``max-age=0`` with ``client_max_age``); after the response is sent, one refresh per
-   key and process (single-flight, and with ``distributed_lock`` one across replicas)
-   recomputes and stores it.
-4. Missing: filled once (``fill.py``); exceptions and non-2xx answers are never stored. A HEAD
-   that misses is answered by the handler and never stored (a GET's entry answers a HEAD, never
-   the other way round), and a HEAD on a stale entry starts no refresh.
-5. Stale past ``stale_ttl`` but within ``stale_if_error``: computed as a miss; if that fails (an
-   exception, or a 5xx answer) the stale entry is answered instead (``_Miss``).
+- HIT and 304: replayed with ``X-FastAPI-Cache: HIT``, an ``ETag`` digest of the bytes,
+  ``Cache-Control: no-cache`` (the client revalidates: a cheap ``304``) or, with
+  ``client_max_age``, ``max-age=<that, at most the remaining freshness>``, ``private`` and
+  ``Vary: Authorization`` for tenant- or user-scoped entries. The encoded headers and the ETag of a
+  stored body are computed once and reused while the stored bytes stay the same.
+- STALE: replayed at once with ``X-FastAPI-Cache: STALE`` (``max-age=0`` with
+  ``client_max_age``); after the response is sent, one refresh per key and process (single-flight,
+  and with ``distributed_lock`` one across replicas) recomputes and stores it. A HEAD starts no
+  refresh.
+- A miss: filled once (``fill.py``); exceptions and non-2xx answers are never stored. With a stale
+  entry within ``stale_if_error``, a failed computation (an exception, or a 5xx answer) is answered
+  with the stale entry instead (``_Miss``). A HEAD's miss is the handler's answer, never stored.
 
 Every answer says how it was served: ``X-FastAPI-Cache``, ``Cache-Status`` (RFC 9211: the cache's
 name, then ``hit; ttl=`` or ``fwd=<why>`` with ``stored`` / ``collapsed``) and, when it comes from
 storage, ``Age`` (``layer.Lookup.age``).
-
-Freshness is ``layer.Lookup.is_fresh``, the one rule (the stale window is written in each entry).
-Every lookup outcome is counted here, once per request (``CacheEvents.lookup``).
 
 Headers and cookies that the route's dependencies set on FastAPI's ``Response`` parameter are sent
 with every answer (HIT or MISS) and never stored; headers the handler sets there are part of the
@@ -44,8 +38,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from commons.cache.cached_route import CachedRoute
+from commons.cache.decision import COUNTED_AS, FORWARDED_BECAUSE, RequestOutcome, Situation, decide
 from commons.cache.entry import RejectReason
-from commons.cache.events import LookupOutcome
 from commons.cache.fill import Call, Fill, handler_response
 from commons.cache.http import (
     CACHE_STATUS_HEADER,
@@ -54,6 +48,7 @@ from commons.cache.http import (
     asks_for_fresh,
     cache_status,
     cache_status_name,
+    etag_matches,
     labelled,
     replay,
 )
@@ -61,10 +56,13 @@ from commons.cache.keys import scoped_key
 from commons.cache.keyspace import qualified_namespace
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
+from commons.cache.scope import ScopedKey
 
-__all__ = ["RequestPath"]
+__all__ = ["RequestFlow"]
 
 _CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
+#: The outcomes answered with the stored answer as it is (a 304 when the client has it).
+_SENT_FROM_STORAGE = frozenset({RequestOutcome.HIT, RequestOutcome.NOT_MODIFIED})
 _HIT, _STALE, _MISS = b"HIT", b"STALE", b"MISS"
 _STATUS_NAME = CACHE_STATUS_HEADER.lower().encode("latin-1")
 _CACHE_STATUS_NAME = b"cache-status"
@@ -123,11 +121,25 @@ class _Stale(NamedTuple):
 
     prepared: PreparedResponse
     lookup: Lookup
-    #: Whether it went stale recently enough to stand in for a failed computation.
-    allowed: bool
 
 
-class RequestPath:
+class _LookedUp(NamedTuple):
+    """One request, looked up: its key, what it asks, what the cache holds for it, and so the
+    situation its outcome is decided on."""
+
+    request: Request
+    key: ScopedKey
+    fingerprint: bytes
+    asked: _Asked
+    #: ``None``: the key must not be cached (see ``CacheLayer.lookup``).
+    lookup: Lookup | None
+    #: The stored answer, ready to replay; ``None`` when nothing valid is stored.
+    prepared: PreparedResponse | None
+    #: What :func:`~commons.cache.decision.decide` reads about the request.
+    situation: Situation
+
+
+class RequestFlow:
     """Answers the requests of one cached route (see the module docstring)."""
 
     def __init__(self, route: CachedRoute, namespace: str, key_builder: KeyBuilder) -> None:
@@ -144,17 +156,44 @@ class RequestPath:
         self, request: object, sub_response: object, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """The route's answer to one call: from the cache, or from the handler."""
-        route, namespace = self.route, self.namespace
         layer = current_layer()
+        is_read = isinstance(request, Request) and request.scope["method"] in _CACHEABLE_METHODS
+        looked = None
+        if layer is not None and layer.enabled and isinstance(request, Request) and is_read:
+            looked = await self._look_up(layer, request, sub_response, args, kwargs)
+        situation = looked.situation if looked is not None else self._not_looked_up(layer, is_read)
+        outcome = decide(situation)
         if layer is None:
             self._warn_once(request, _NOT_INITIALISED)
-            return await route.call_handler(args, kwargs)
-        if not layer.enabled:
-            layer.events.lookup(namespace, LookupOutcome.BYPASS_DISABLED)
-            return await self._bypassed(layer, sub_response, args, kwargs)
-        if not isinstance(request, Request) or request.scope["method"] not in _CACHEABLE_METHODS:
-            self._warn_once(request, _NOT_A_READ)
-            return await self._bypassed(layer, sub_response, args, kwargs)
+            return await self.route.call_handler(args, kwargs)
+        counted = COUNTED_AS[outcome]
+        if counted is not None:
+            layer.events.lookup(self.namespace, counted)
+        if looked is None or looked.lookup is None:
+            return await self._bypassed(layer, outcome, request, looked, sub_response, args, kwargs)
+        lookup, prepared = looked.lookup, looked.prepared
+        if prepared is not None and outcome in _SENT_FROM_STORAGE:
+            fresh_for = situation.fresh_for
+            served = self.served(layer, _HIT, b"hit", lookup, fresh_for)
+            not_modified = outcome == RequestOutcome.NOT_MODIFIED
+            return _replay(self.route, prepared, fresh_for, served, looked.asked, not_modified)
+        call = _call(looked, sub_response, args, kwargs)
+        if prepared is not None and outcome == RequestOutcome.STALE:
+            refresh = Fill(self.route, layer, call, lookup.token)
+            not_modified = situation.client_has_it
+            return self._revalidated(layer, looked.asked, prepared, lookup, refresh, not_modified)
+        return await self._missed(layer, outcome, looked, lookup, call)
+
+    async def _look_up(
+        self,
+        layer: CacheLayer,
+        request: Request,
+        sub_response: object,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> _LookedUp:
+        """The request's key, what it asks, and the valid stored answer under the key, if any."""
+        route = self.route
         qualified = self._names(layer.prefix)[0]
         built = self.key_builder(
             route.func,
@@ -167,43 +206,53 @@ class RequestPath:
         key = scoped_key(built if isinstance(built, str) else await built, qualified)
         fingerprint = route.fingerprint(request)
         asked = _asked(request, sub_response)
-        fresh_asked = _asks_for_fresh(layer, asked.cache_control)
-        if fresh_asked:
+        asked_fresh = _asks_for_fresh(layer, asked.cache_control)
+        if asked_fresh:
             lookup = await _unread(layer, key)
         else:
             lookup = await layer.lookup(key, fingerprint)
         if lookup is None:
-            if key.reason is not None:
-                self._warn_once(request, _UNCACHEABLE, key.reason)
-            layer.events.lookup(namespace, LookupOutcome.BYPASS_NO_IDENTITY)
-            return await self._bypassed(layer, sub_response, args, kwargs)
-        private = key.is_private
-        stale = None
+            situation = Situation(initialised=True, identified=False)
+            return _LookedUp(request, key, fingerprint, asked, lookup, None, situation)
+        prepared = None
         if lookup.value is not None:
-            prepared = route.prepared.get(key, lookup.value, private)
+            prepared = route.prepared.get(key, lookup.value, key.is_private)
             if prepared is None:
-                layer.events.rejected_entry(namespace, RejectReason.FORMAT)
-            elif lookup.is_fresh:
-                layer.events.lookup(namespace, LookupOutcome.HIT)
-                served = self.served(layer, _HIT, b"hit", lookup)
-                return _replay(route, prepared, lookup.fresh_for, served, asked)
-            elif -lookup.fresh_for < route.stale_ttl:
-                layer.events.lookup(namespace, LookupOutcome.STALE)
-                call = Call(key, fingerprint, private, request, sub_response, args, kwargs)
-                return self._revalidated(
-                    layer, prepared, lookup, Fill(route, layer, call, lookup.token), asked
-                )
-            else:
-                stale = self._kept_if_error(layer, prepared, lookup)
-        layer.events.lookup(
-            namespace, LookupOutcome.BYPASS_CLIENT if fresh_asked else LookupOutcome.MISS
+                layer.events.rejected_entry(self.namespace, RejectReason.FORMAT)
+        fresh = lookup.is_fresh
+        if_none_match = asked.if_none_match
+        client_has_it = (
+            if_none_match is not None
+            and prepared is not None
+            and etag_matches(if_none_match, prepared.etag)
         )
-        call = Call(key, fingerprint, private, request, sub_response, args, kwargs)
-        if asked.head:
-            return await self._head_miss(layer, call, asked)
-        reason = b"fwd=request" if fresh_asked else b"fwd=stale" if stale else b"fwd=miss"
-        fill = Fill(route, layer, call, lookup.token)
-        return await _Miss(self, layer, fill, asked, reason, stale).answer()
+        # Positional, in the fields' order (initialised, enabled, is_read, identified first):
+        # built on every hit, where keywords cost measurably more.
+        situation = Situation(
+            True,
+            True,
+            True,
+            True,
+            asked_fresh,
+            prepared is not None,
+            fresh,
+            lookup.fresh_for,
+            client_has_it,
+            route.stale_ttl,
+            # Read only for an entry past its freshness: a hit does not work it out.
+            0
+            if fresh
+            else route.stale_if_error_seconds(layer.settings.CACHE_STALE_IF_ERROR_SECONDS),
+        )
+        return _LookedUp(request, key, fingerprint, asked, lookup, prepared, situation)
+
+    @staticmethod
+    def _not_looked_up(layer: CacheLayer | None, is_read: bool) -> Situation:
+        """What :func:`~commons.cache.decision.decide` reads about a request nothing was looked
+        up for."""
+        if layer is None:
+            return Situation(initialised=False)
+        return Situation(initialised=True, enabled=layer.enabled, is_read=is_read)
 
     def _warn_once(self, request: object, mistake: str, detail: str = "") -> None:
         """Logs ``mistake`` (with ``detail``) about this route, the first time it is seen."""
@@ -223,38 +272,53 @@ class RequestPath:
         return known[1], known[2]
 
     def served(
-        self, layer: CacheLayer, status: bytes, detail: bytes, lookup: Lookup | None = None
+        self,
+        layer: CacheLayer,
+        status: bytes,
+        detail: bytes,
+        lookup: Lookup | None = None,
+        fresh_for: int | None = None,
     ) -> Served:
         """How an answer is served: its ``X-FastAPI-Cache`` ``status``, its ``Cache-Status``
-        ``detail`` and, for a stored entry's answer, its ``ttl`` and ``Age``."""
+        ``detail`` and, for a stored entry's answer, its ``ttl`` (``fresh_for``, when known
+        already) and ``Age``."""
         name = self._names(layer.prefix)[1]
         if lookup is None:
             return Served(status, detail, name)
-        return Served(status, detail, name, lookup.fresh_for, lookup.age)
-
-    def _kept_if_error(
-        self, layer: CacheLayer, prepared: PreparedResponse, lookup: Lookup
-    ) -> _Stale:
-        allowed = self.route.stale_if_error_seconds(layer.settings.CACHE_STALE_IF_ERROR_SECONDS)
-        return _Stale(prepared, lookup, -lookup.fresh_for <= allowed)
+        ttl = lookup.fresh_for if fresh_for is None else fresh_for
+        return Served(status, detail, name, ttl, lookup.age)
 
     def _revalidated(
         self,
         layer: CacheLayer,
+        asked: _Asked,
         prepared: PreparedResponse,
         lookup: Lookup,
         refresh: Fill,
-        asked: _Asked,
+        not_modified: bool,
     ) -> Response:
-        """A stale entry's answer, and after it one background refresh (a GET's only: see
-        :meth:`_head_miss`)."""
+        """A stale entry's answer (a ``304`` when the client has it), and after it one
+        background refresh (a GET's only: see :meth:`_head_miss`)."""
         served = self.served(layer, _STALE, b"hit", lookup)
-        stale = _replay(self.route, prepared, 0, served, asked)
+        stale = _replay(self.route, prepared, 0, served, asked, not_modified)
         if not asked.head:
             # Runs once the stale answer is sent, while the request's dependencies (a database
             # session, ...) are still open.
             stale.background = BackgroundTask(refresh.refresh)
         return stale
+
+    async def _missed(
+        self, layer: CacheLayer, outcome: str, looked: _LookedUp, lookup: Lookup, call: Call
+    ) -> Any:
+        """A miss of any kind: a HEAD's is the handler's own answer, a GET's is filled once."""
+        if looked.asked.head:
+            return await self._head_miss(layer, call, looked.asked)
+        stale = None
+        if outcome == RequestOutcome.MISS_STALE_FALLBACK and looked.prepared is not None:
+            stale = _Stale(looked.prepared, lookup)
+        fill = Fill(self.route, layer, call, lookup.token)
+        reason = FORWARDED_BECAUSE[outcome]
+        return await _Miss(self, layer, fill, looked.asked, reason, stale).answer()
 
     async def _head_miss(self, layer: CacheLayer, call: Call, asked: _Asked) -> Response:
         """A HEAD that found no entry: the handler answers it, and nothing is stored or shared.
@@ -272,9 +336,21 @@ class RequestPath:
         return response
 
     async def _bypassed(
-        self, layer: CacheLayer, sub_response: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        layer: CacheLayer,
+        outcome: str,
+        request: object,
+        looked: _LookedUp | None,
+        sub_response: object,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
-        """The handler's answer to a request the cache does not take part in, saying so."""
+        """The handler's answer to a request the cache does not take part in, saying so (and
+        logging, once per route and reason, a bypass that reveals a mistake)."""
+        if outcome == RequestOutcome.BYPASS_NOT_A_READ:
+            self._warn_once(request, _NOT_A_READ)
+        elif looked is not None and looked.key.reason is not None:
+            self._warn_once(request, _UNCACHEABLE, looked.key.reason)
         result = await self.route.call_handler(args, kwargs)
         return labelled(result, sub_response, cache_status(self.served(layer, b"", b"fwd=bypass")))
 
@@ -291,20 +367,20 @@ class _Miss:
 
     def __init__(
         self,
-        path: RequestPath,
+        flow: RequestFlow,
         layer: CacheLayer,
         fill: Fill,
         asked: _Asked,
         reason: bytes,
         stale: _Stale | None,
     ) -> None:
-        self.path = path
+        self.flow = flow
         self.layer = layer
         self.fill = fill
         self.asked = asked
         #: ``Cache-Status``'s ``fwd`` parameter: why the request went to the handler.
         self.reason = reason
-        self.stale = stale if stale is not None and stale.allowed else None
+        self.stale = stale
 
     async def answer(self) -> Any:
         fill, asked = self.fill, self.asked
@@ -316,8 +392,9 @@ class _Miss:
                 detail = self.reason + b"; collapsed"
             else:
                 detail = self.reason + b"; stored" if shared.stored else self.reason
-            served = self.path.served(self.layer, _MISS, detail)
-            return _replay(self.path.route, shared.prepared, fill.ttl, served, asked)
+            served = self.flow.served(self.layer, _MISS, detail)
+            not_modified = _client_has(asked, shared.prepared)
+            return _replay(self.flow.route, shared.prepared, fill.ttl, served, asked, not_modified)
         if shared.response is None or shared is not fill.outcome:
             # Another request's answer that may not be stored (no-store, private, non-2xx, a
             # cookie, a stream, an exception) is that request's alone: this one runs the handler
@@ -334,7 +411,7 @@ class _Miss:
     async def _own_computation(self) -> Any:
         call = self.fill.call
         try:
-            result = await self.path.route.call_handler(call.args, call.kwargs)
+            result = await self.flow.route.call_handler(call.args, call.kwargs)
         except Exception as exc:
             return self._stale_or_raise(exc)
         if isinstance(result, Response) and result.status_code >= 500 and self.stale is not None:
@@ -342,7 +419,7 @@ class _Miss:
         return labelled(result, call.sub_response, self._cache_status())
 
     def _cache_status(self) -> bytes:
-        return cache_status(self.path.served(self.layer, _MISS, self.reason))
+        return cache_status(self.flow.served(self.layer, _MISS, self.reason))
 
     def _stale_or_raise(self, error: Exception) -> Response:
         if self.stale is None or (isinstance(error, HTTPException) and error.status_code < 500):
@@ -351,7 +428,7 @@ class _Miss:
         return self._stale_answer(status, error)
 
     def _stale_answer(self, failed_status: int, error: Exception | None) -> Response:
-        stale, namespace = self.stale, self.path.namespace
+        stale, namespace = self.stale, self.flow.namespace
         assert stale is not None  # only called when there is one
         logger.warning(
             "serving a stale entry of namespace %r: computing a fresh answer failed (%d)",
@@ -361,8 +438,9 @@ class _Miss:
         )
         self.layer.events.served_stale_on_error(namespace)
         detail = b"fwd=stale; fwd-status=%d" % failed_status
-        served = self.path.served(self.layer, _STALE, detail, stale.lookup)
-        return _replay(self.path.route, stale.prepared, 0, served, self.asked)
+        served = self.flow.served(self.layer, _STALE, detail, stale.lookup)
+        not_modified = _client_has(self.asked, stale.prepared)
+        return _replay(self.flow.route, stale.prepared, 0, served, self.asked, not_modified)
 
 
 def _asks_for_fresh(layer: CacheLayer, cache_control: str) -> bool:
@@ -380,7 +458,12 @@ async def _unread(layer: CacheLayer, key: str) -> Lookup | None:
 
 
 def _replay(
-    route: CachedRoute, prepared: PreparedResponse, fresh_for: int, served: Served, asked: _Asked
+    route: CachedRoute,
+    prepared: PreparedResponse,
+    fresh_for: int,
+    served: Served,
+    asked: _Asked,
+    not_modified: bool,
 ) -> Response:
     """``prepared`` as this request's answer. The client may reuse it for ``client_max_age``
     seconds at most, never past the entry's freshness (``fresh_for``); by default not at all
@@ -390,7 +473,20 @@ def _replay(
         prepared,
         max_age=None if allowed is None else min(allowed, fresh_for),
         served=served,
-        if_none_match=asked.if_none_match,
+        not_modified=not_modified,
         head=asked.head,
         extra_headers=asked.own_headers,
     )
+
+
+def _client_has(asked: _Asked, prepared: PreparedResponse) -> bool:
+    """Whether the request's ``If-None-Match`` names ``prepared``'s ETag (a ``304``)."""
+    return asked.if_none_match is not None and etag_matches(asked.if_none_match, prepared.etag)
+
+
+def _call(
+    looked: _LookedUp, sub_response: object, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Call:
+    """The call a miss or a refresh of ``looked`` makes."""
+    key = looked.key
+    return Call(key, looked.fingerprint, key.is_private, looked.request, sub_response, args, kwargs)

@@ -1,0 +1,195 @@
+"""The HTTP rules of cached answers, which need no server: what may be stored, ETags and
+conditional requests, the headers of a 304, and the Cache-Control a replay sends."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from commons.cache.entry import CachedResponse
+from commons.cache.http import (
+    NOT_MODIFIED_HEADERS,
+    Served,
+    asks_for_fresh,
+    cache_status,
+    cache_status_name,
+    cacheable_response,
+    entry_etag,
+    etag_matches,
+    prepare,
+    replay,
+)
+
+BODY = b'{"total":20}'
+ETAG = entry_etag(BODY)
+HIT = Served(b"HIT", b"hit", b"svc", ttl=30, age=5)
+
+
+def test_an_etag_is_the_quoted_first_128_bits_of_the_body_s_sha256() -> None:
+    assert '"' + hashlib.sha256(BODY).hexdigest()[:32] + '"' == ETAG
+
+
+@pytest.mark.parametrize(
+    ("if_none_match", "matches"),
+    [
+        (None, False),
+        ("", False),
+        ("*", True),
+        (" * ", True),
+        (ETAG, True),
+        (f"W/{ETAG}", True),
+        (f'"other", {ETAG}', True),
+        (f'"other",W/{ETAG}', True),
+        ('"other"', False),
+        (ETAG.strip('"'), False),
+    ],
+)
+def test_if_none_match_is_compared_weakly_against_the_etag(
+    if_none_match: str | None, matches: bool
+) -> None:
+    assert etag_matches(if_none_match, ETAG) is matches
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "refuses"),
+    [
+        ("", False),
+        ("max-age=0", False),
+        ("no-cache", True),
+        ("No-Store", True),
+        ("max-age=0, no-cache", True),
+        ("private", False),
+    ],
+)
+def test_a_client_refuses_a_stored_answer_with_no_cache_or_no_store(
+    cache_control: str, refuses: bool
+) -> None:
+    assert asks_for_fresh(cache_control) is refuses
+
+
+def test_a_plain_2xx_answer_in_memory_is_stored_without_its_framing_headers() -> None:
+    response = Response(b"<p>hi</p>", 203, {"x-total": "2"}, media_type="text/html")
+
+    stored = cacheable_response(response)
+
+    assert stored == CachedResponse(
+        b"<p>hi</p>", 203, "text/html; charset=utf-8", (("x-total", "2"),)
+    )
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        pytest.param(JSONResponse({"error": 1}, 500), id="a 5xx"),
+        pytest.param(JSONResponse({}, 302), id="a redirect"),
+        pytest.param(JSONResponse({}, headers={"set-cookie": "s=1"}), id="a cookie"),
+        pytest.param(JSONResponse({}, headers={"vary": "Accept-Language"}), id="vary"),
+        pytest.param(JSONResponse({}, headers={"cache-control": "private"}), id="private"),
+        pytest.param(JSONResponse({}, headers={"cache-control": "no-store"}), id="no-store"),
+        pytest.param(JSONResponse({}, headers={"Cache-Control": "No-Cache"}), id="no-cache"),
+        pytest.param(StreamingResponse(iter([b"x"])), id="a stream"),
+    ],
+)
+def test_an_answer_that_must_not_be_shared_is_never_stored(response: Response) -> None:
+    assert cacheable_response(response) is None
+
+
+def headers_of(response: Response) -> dict[str, str]:
+    return {name.decode(): value.decode() for name, value in response.raw_headers}
+
+
+def test_a_304_carries_only_the_headers_the_rfc_lists_and_the_cache_s_own() -> None:
+    prepared = prepare(
+        CachedResponse(BODY, headers=(("expires", "0"), ("x-total", "20"))), private=True
+    )
+
+    answer = replay(prepared, max_age=None, served=HIT, not_modified=True, head=False)
+
+    assert (answer.status_code, answer.body) == (304, b"")
+    assert headers_of(answer) == {
+        "etag": ETAG,
+        "vary": "Authorization",
+        "expires": "0",
+        "cache-control": "private, no-cache",
+        "x-fastapi-cache": "HIT",
+        "cache-status": "svc; hit; ttl=30",
+        "age": "5",
+    }
+    assert {"etag", "vary", "expires", "cache-control"} <= NOT_MODIFIED_HEADERS
+    assert "x-total" not in NOT_MODIFIED_HEADERS
+
+
+def test_a_304_s_header_list_is_the_rfc_s() -> None:
+    # RFC 9110, 15.4.5: the fields a 200 would have sent that a 304 must send too.
+    assert {
+        "cache-control",
+        "content-location",
+        "date",
+        "etag",
+        "expires",
+        "vary",
+    } == NOT_MODIFIED_HEADERS
+
+
+@pytest.mark.parametrize(
+    ("private", "max_age", "cache_control"),
+    [
+        (False, None, "no-cache"),
+        (True, None, "private, no-cache"),
+        (False, 60, "max-age=60"),
+        (True, 60, "private, max-age=60"),
+        (False, -3, "max-age=0"),
+    ],
+)
+def test_the_cache_control_of_a_replay(
+    private: bool, max_age: int | None, cache_control: str
+) -> None:
+    prepared = prepare(CachedResponse(BODY), private=private)
+
+    answer = replay(prepared, max_age=max_age, served=HIT, not_modified=False, head=False)
+
+    assert headers_of(answer)["cache-control"] == cache_control
+
+
+def test_a_full_replay_sends_the_body_its_length_and_etag_and_a_head_only_the_headers() -> None:
+    prepared = prepare(CachedResponse(BODY), private=False)
+
+    get = replay(prepared, max_age=None, served=HIT, not_modified=False, head=False)
+    head = replay(prepared, max_age=None, served=HIT, not_modified=False, head=True)
+
+    assert (get.status_code, get.body) == (200, BODY)
+    assert headers_of(get)["content-length"] == str(len(BODY))
+    assert headers_of(get)["etag"] == ETAG
+    assert "vary" not in headers_of(get)
+    assert (head.status_code, head.body) == (200, b"")
+    assert headers_of(head) == headers_of(get)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "name"),
+    [
+        ("svc", b"svc"),
+        ("svc:v2", b"svc:v2"),
+        ("my cache", b'"my cache"'),
+        ('say "hi"', b'"say \\"hi\\""'),
+        ("caché", b"commons.cache"),
+    ],
+)
+def test_the_cache_s_name_in_cache_status_is_its_prefix_as_a_token_or_a_string(
+    prefix: str, name: bytes
+) -> None:
+    assert cache_status_name(prefix) == name
+
+
+@pytest.mark.parametrize(
+    ("served", "value"),
+    [
+        (HIT, b"svc; hit; ttl=30"),
+        (Served(b"MISS", b"fwd=miss; stored", b"svc"), b"svc; fwd=miss; stored"),
+        (Served(b"STALE", b"hit", b"svc", ttl=-4), b"svc; hit; ttl=-4"),
+    ],
+)
+def test_cache_status_says_how_an_answer_was_served(served: Served, value: bytes) -> None:
+    assert cache_status(served) == value
