@@ -39,6 +39,7 @@ from commons.cache.keyspace import check_namespace
 from commons.cache.rendering import resolved_return_annotation
 from commons.cache.request_path import RequestPath
 from commons.cache.startup_checks import WRAPPED
+from commons.cache.tags import EntryTags, TagSource
 
 __all__ = ["cache"]
 
@@ -130,6 +131,7 @@ def cache(
     stale_ttl: int | None = None,
     stale_if_error: int | None = None,
     client_max_age: int | None = None,
+    tags: TagSource | None = None,
 ) -> CacheDecorator:
     """Caches a route's responses (``async def`` and ``def`` handlers alike).
 
@@ -151,10 +153,18 @@ def cache(
         client_max_age: Seconds a client may reuse an answer without asking (``max-age``, at
             most the entry's freshness). ``None``: ``no-cache``, the client revalidates with the
             ``ETag`` (a ``304`` if unchanged) and never uses an answer from before an update.
+        tags: What ``invalidate_tags()`` finds the entries by, across namespaces: literal tags
+            in which ``{name}`` is replaced by the handler's argument ``name`` (a path
+            parameter: ``["insight:{insight_id}"]``), or a function of the handler's keyword
+            arguments returning the tags. At most ``CACHE_MAX_TAGS_PER_ENTRY`` per entry (an
+            entry whose function returns more, or an empty or over-long tag, is not stored, and
+            the route says so once in the log). See ``tags.py``.
 
     Raises:
-        ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, or a
-            negative ``expire`` / ``stale_ttl`` / ``stale_if_error`` / ``client_max_age``.
+        ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, a
+            negative ``expire`` / ``stale_ttl`` / ``stale_if_error`` / ``client_max_age``, more
+            literal tags than ``CACHE_MAX_TAGS_PER_ENTRY``, an empty or over-long tag, or a
+            ``{name}`` in a tag that is no parameter of the handler.
     """
     _check_arguments(namespace, coder, expire, stale_ttl, stale_if_error, client_max_age)
     chosen_key_builder: KeyBuilder = key_builder or tenant_cache_key_builder
@@ -168,6 +178,10 @@ def cache(
         inject_response = response_param is None
         request_name = injected_request.name if request_param is None else request_param.name
         response_name = injected_response.name if response_param is None else response_param.name
+        key_builder_of_route = chosen_key_builder
+        if tags is not None:
+            entry_tags = EntryTags(tags, signature.parameters)
+            key_builder_of_route = entry_tags.key_builder(chosen_key_builder)
         route = CachedRoute(
             func,
             coder=coder,
@@ -177,7 +191,7 @@ def cache(
             lock=distributed_lock,
             client_max_age=client_max_age,
         )
-        answer = RequestPath(route, namespace, chosen_key_builder).answer
+        answer = RequestPath(route, namespace, key_builder_of_route).answer
 
         @wraps(func)
         async def endpoint(*args: Any, **kwargs: Any) -> Any:

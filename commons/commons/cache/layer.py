@@ -107,7 +107,7 @@ from commons.cache.journal import InvalidationJournal
 from commons.cache.keyspace import lock_key, scope_of_key
 from commons.cache.memo import BoundedMemo
 from commons.cache.pending import PendingInvalidations, PendingItem
-from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
+from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey, tag_namespace
 from commons.cache.settings import CacheSettings
 from commons.cache.status import CacheState, CacheStatus
 
@@ -450,10 +450,13 @@ class CacheLayer:
         else:
             self._invalidated_at[namespace] = self._clock
 
-    def _stamp(self, namespace: str) -> int:
-        """The clock of the namespace's last invalidation in this process."""
-        invalidated_at = self._invalidated_at.get(namespace, 0)
-        # Not max(): it would build an iterator on every request.
+    def _stamp(self, scope: CacheScope) -> int:
+        """The clock of the last invalidation in this process of the scope's namespace or of
+        one of its tags (a tag's targets are namespaced by ``scope.tag_namespace``)."""
+        invalidated_at = self._invalidated_at.get(scope.namespace, 0)
+        for tag in scope.tags:
+            invalidated_at = max(invalidated_at, self._invalidated_at.get(tag_namespace(tag), 0))
+        # Not max() here: it would build an iterator on every request.
         return invalidated_at if invalidated_at > self._cleared_at else self._cleared_at
 
     # -- scopes --------------------------------------------------------------------------------
@@ -482,7 +485,7 @@ class CacheLayer:
         scope = self.scope_of(key)
         if scope is None or not self.enabled:
             return None
-        stamp = self._stamp(scope.namespace)
+        stamp = self._stamp(scope)
         store = self._active_store()
         if store is self._memory:
             # In-process and sub-microsecond: not worth a duration sample (see events.timed).
@@ -575,7 +578,7 @@ class CacheLayer:
         scope = self.scope_of(key)
         if scope is None or not self.enabled:
             return None
-        stamp = self._stamp(scope.namespace)
+        stamp = self._stamp(scope)
         store = self._active_store()
         if store is self._memory:
             return FillToken(stamp, None)
@@ -604,7 +607,7 @@ class CacheLayer:
         scope = self.scope_of(key)
         if scope is None or not self.enabled or expire <= 0:
             return None
-        if self._stamp(scope.namespace) > token.stamp:
+        if self._stamp(scope) > token.stamp:
             logger.debug("cache write dropped: %s was invalidated meanwhile", scope.namespace)
             return None
         store = self._active_store()
@@ -690,13 +693,13 @@ class CacheLayer:
             what="an invalidation",
         )
         if self.enabled:
-            self.events.invalidated(target.namespace, removed)
+            self.events.invalidated(target.reported_namespace, removed)
         return removed
 
     async def _invalidate_on(self, store: CacheStore, target: InvalidationTarget) -> int:
         removed, removal = await store.invalidate_effective(target)
         if removal is not None:
-            self._background.start(target, target.namespace, removal)
+            self._background.start(target, target.reported_namespace, removal)
         return removed
 
     async def clear(self) -> int:
@@ -736,8 +739,9 @@ class CacheLayer:
         if self._state is not CacheState.REDIS:
             await self._keep(item)
             return removed
+        label = item.reported_namespace if isinstance(item, InvalidationTarget) else namespace
         return removed + await self._on_redis(
-            removal(self._redis), item, namespace=namespace or "", operation=operation, what=what
+            removal(self._redis), item, namespace=label or "", operation=operation, what=what
         )
 
     async def _on_redis(

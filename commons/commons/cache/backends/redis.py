@@ -572,6 +572,9 @@ class RedisStore(CacheStore, ReplicaLocks):
         the near cache, none when it holds them. On a cluster, see :meth:`_read_on_cluster`."""
         cluster = self._cluster_reads
         if cluster is not None:
+            if scope.tags:
+                # Each tag's generations live in the tag's own slot (see keyspace.py).
+                return await self._read_through_client(key, scope)
             held = cluster.held(key, scope)
             if held is not None:
                 return held
@@ -611,17 +614,10 @@ class RedisStore(CacheStore, ReplicaLocks):
         plan = cluster.begin(key, scope)
         try:
             routed = await cluster.read(key, scope, plan, with_ttl=not self._expiries.knows(key))
-            told = None
-            if routed is not None:
-                replies, told = routed.replies, routed.told
-            else:
-                generation_keys = self.generation_keys(scope)
-                # The entry and its generations live in different slots: the entry first, so an
-                # invalidation between the two reads shows as another generation (a miss).
-                replies = [cast(bytes | None, await self._client.get(key))]
-                replies += cast(list[bytes | None], await self._client.mget(generation_keys))
-            read, expires_at = await self._stored_read(key, replies, told)
-            if plan is not None and routed is not None and expires_at is not None:
+            if routed is None:
+                return await self._read_through_client(key, scope)
+            read, expires_at = await self._stored_read(key, routed.replies, routed.told)
+            if plan is not None and expires_at is not None:
                 cluster.keep(plan, routed, read, expires_at)
             return read
         except _REDIS_FAILURES as exc:
@@ -629,6 +625,18 @@ class RedisStore(CacheStore, ReplicaLocks):
         finally:
             if plan is not None:
                 cluster.end(plan)
+
+    async def _read_through_client(self, key: str, scope: CacheScope) -> StoredRead:
+        """A read on a cluster through redis-py: the entry, then each slot's group of its
+        generations (the scope's own, each tag's) at once."""
+        # The entry and its generations live in different slots: the entry first, so an
+        # invalidation between the two reads shows as another generation (a miss).
+        async with _redis_errors_translated():
+            replies = [cast(bytes | None, await self._client.get(key))]
+            groups = self._keys.generation_groups(scope)
+            for values in await asyncio.gather(*(self._client.mget(group) for group in groups)):
+                replies += cast(list[bytes | None], values)
+            return (await self._stored_read(key, replies))[0]
 
     async def _stored_read(
         self, key: str, replies: list[bytes | None], told: ToldExpiry | None = None
@@ -684,13 +692,22 @@ class RedisStore(CacheStore, ReplicaLocks):
         return values, None, None
 
     async def generation(self, scope: CacheScope) -> bytes:
-        keys = self.generation_keys(scope)
-        fresh = [secrets.token_hex(8) for _ in keys]
+        # On a cluster each tag's generations are in a slot of their own: one script per slot.
+        groups = (
+            self._keys.generation_groups(scope)
+            if scope.tags and isinstance(self._client, RedisCluster)
+            else [self.generation_keys(scope)]
+        )
         async with _redis_errors_translated():
-            return cast(
-                bytes,
-                await self._ensure_generations(keys=keys, args=[*fresh, INDEX_GRACE_MS]),
+            made = await asyncio.gather(
+                *(
+                    self._ensure_generations(
+                        keys=keys, args=[*(secrets.token_hex(8) for _ in keys), INDEX_GRACE_MS]
+                    )
+                    for keys in groups
+                )
             )
+        return b".".join(cast(list[bytes], made))
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -711,7 +728,7 @@ class RedisStore(CacheStore, ReplicaLocks):
             async with _redis_errors_translated():
                 if isinstance(self._client, RedisCluster):
                     # A fill (under a generation) keeps its scope's generations alive.
-                    kept_alive = self.generation_keys(scope) if generation else []
+                    kept_alive = self._keys.generation_groups(scope) if generation else [[]]
                     stored = await self._write_on_cluster(
                         self._client, key, value, ttl_ms, scope, kept_alive
                     )
@@ -756,7 +773,7 @@ class RedisStore(CacheStore, ReplicaLocks):
         value: bytes,
         ttl_ms: int,
         scope: CacheScope,
-        generation_keys: list[str],
+        generation_groups: list[list[str]],
     ) -> bool:
         # The indexes and the generations share the namespace's slot, the entry is elsewhere:
         # index (and generations), entry, index. EVAL rather than EVALSHA: a cluster transaction
@@ -764,8 +781,16 @@ class RedisStore(CacheStore, ReplicaLocks):
         # compared here (they are in another slot than the entry): a read never serves an entry
         # of another generation anyway. A fill keeps ``generation_keys`` alive as long as its
         # entry, as on one server: made with a short life, they would otherwise turn the scope's
-        # every entry into a miss at once.
+        # every entry into a miss at once. Each tag's generations (``generation_groups[1:]``)
+        # are in a slot of their own, kept alive there.
         updates = self._index_updates(key, scope)
+        keep_ms = ttl_ms + INDEX_GRACE_MS
+        await asyncio.gather(
+            *(
+                client.eval(_KEEP_GENERATIONS, len(group), *group, keep_ms)
+                for group in generation_groups[1:]
+            )
+        )
 
         async def index(kept_alive: list[str]) -> None:
             # redis-py 8.1 runs a cluster transaction on a client that has not (re)read the slot
@@ -780,7 +805,7 @@ class RedisStore(CacheStore, ReplicaLocks):
                 pipe.eval(_INDEX_ADD, 1, name, member, ttl_ms, INDEX_GRACE_MS)
             await pipe.execute()
 
-        await index(generation_keys)
+        await index(generation_groups[0])
         await client.set(key, value, px=ttl_ms)
         await index([])
         return True
@@ -795,7 +820,7 @@ class RedisStore(CacheStore, ReplicaLocks):
         # A fill of this key computed before the deletion must not bring it back; once the
         # generation is retired, the entry is a miss wherever it is read, so removing it only
         # frees its memory.
-        generation_key = self.generation_keys(scope)[-1]
+        generation_key = self._keys.scope_generation_key(scope)
         async with _redis_errors_translated():
             view = await self._follow_sentinel_master()
         try:
