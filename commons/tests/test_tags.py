@@ -11,7 +11,10 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,7 +35,9 @@ from commons.cache import (
 from commons.cache.keyspace import Keyspace
 from commons.cache.scope import CacheScope
 from commons.cache.tags import MAX_TAG_LENGTH
+from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import RedisServer
+from commons.testing.waiting import eventually
 from commons.utilities.context import get_tenant_id
 
 HIT, MISS = "HIT", "MISS"
@@ -99,10 +104,13 @@ def build_app(make_identity_app: Callable[[], FastAPI], service: Service) -> Fas
     return app
 
 
-@pytest.fixture
-async def service(
-    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+@asynccontextmanager
+async def serving(
+    make_identity_app: Callable[[], FastAPI], settings: CacheSettings | None = None
 ) -> AsyncIterator[Service]:
+    """The service, on the cache ``init_cache(settings)`` makes (given settings: closed after)."""
+    if settings is not None:
+        await init_cache(settings)
     made = Service()
     app = build_app(make_identity_app, made)
     made.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
@@ -110,6 +118,16 @@ async def service(
         yield made
     finally:
         await made.client.aclose()
+        if settings is not None:
+            await close_cache()
+
+
+@pytest.fixture
+async def service(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> AsyncIterator[Service]:
+    async with serving(make_identity_app) as made:
+        yield made
 
 
 WARMED = ("/insights/1", "/insights/2", "/dashboard?ids=1,3", "/dashboard?ids=2", "/summary")
@@ -269,20 +287,12 @@ async def test_an_entry_with_more_tags_than_allowed_is_served_not_stored_and_sai
     redis_url: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    await init_cache(make_settings(redis_url, CACHE_MAX_TAGS_PER_ENTRY=2))
-    service = Service()
-    service.client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=build_app(make_identity_app, service)),
-        base_url="http://t",
-    )
-    try:
+    settings = make_settings(redis_url, CACHE_MAX_TAGS_PER_ENTRY=2)
+    async with serving(make_identity_app, settings) as service:
         with caplog.at_level(logging.WARNING, logger="commons.cache"):
             answers = [await service.get("/dashboard?ids=1,2,3") for _ in range(3)]
             assert await service.state("/dashboard?ids=1,2") == MISS
             assert await service.state("/dashboard?ids=1,2") == HIT
-    finally:
-        await service.client.aclose()
-        await close_cache()
 
     assert [answer.json() for answer in answers] == [{"1": 1, "2": 1, "3": 1}] * 3
     assert service.calls == 4  # three uncached answers, one stored
@@ -345,22 +355,14 @@ async def on_own_redis(
     make_settings: Callable[..., CacheSettings],
 ) -> AsyncIterator[Service]:
     """The service on a Redis of its own, failing fast (0.2 s timeouts)."""
-    await init_cache(
-        make_settings(
-            own_redis.url,
-            REDIS_SOCKET_TIMEOUT_SECONDS=0.2,
-            REDIS_CONNECT_TIMEOUT_SECONDS=0.2,
-            CACHE_RECOVERY_INTERVAL_SECONDS=0.2,
-        )
+    settings = make_settings(
+        own_redis.url,
+        REDIS_SOCKET_TIMEOUT_SECONDS=0.2,
+        REDIS_CONNECT_TIMEOUT_SECONDS=0.2,
+        CACHE_RECOVERY_INTERVAL_SECONDS=0.2,
     )
-    made = Service()
-    app = build_app(make_identity_app, made)
-    made.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
-    try:
+    async with serving(make_identity_app, settings) as made:
         yield made
-    finally:
-        await made.client.aclose()
-        await close_cache()
 
 
 async def tag_generation_keys(redis: Redis) -> set[bytes]:
@@ -441,3 +443,113 @@ def test_tag_generations_are_broadcast_tracked_and_each_tags_share_one_hash_tag(
     (tracked,) = keyspace.generation_prefixes()
     assert all(key.startswith(tracked) for key in keyspace.generation_keys(scope))
     assert keyspace.scope_generation_key(scope) == own[-1]
+
+
+# -- on a cluster and behind Sentinel --------------------------------------------------------------
+
+CLUSTER_TENANTS = [str(n) for n in range(8)]
+
+
+@pytest.mark.slow
+async def test_on_a_cluster_a_tag_reaches_its_entries_on_every_primary_at_each_scope(
+    redis_cluster_url: str,
+    make_identity_app: Callable[[], FastAPI],
+    make_settings: Callable[..., CacheSettings],
+) -> None:
+    async with serving(make_identity_app, make_settings(redis_cluster_url)) as service:
+        for tenant in CLUSTER_TENANTS:
+            for path in WARMED:
+                await service.get(path, tenant)
+                assert await service.state(path, tenant) == HIT
+
+        await invalidate_tags("insight:1", tenant_id="3")
+        await invalidate_tags("insight:2")
+
+        for tenant in CLUSTER_TENANTS:
+            assert await states(service, tenant) == {
+                "/insights/1": MISS if tenant == "3" else HIT,
+                "/insights/2": MISS,
+                "/dashboard?ids=1,3": MISS if tenant == "3" else HIT,
+                "/dashboard?ids=2": MISS,
+                "/summary": HIT,
+            }
+            assert await states(service, tenant) == dict.fromkeys(WARMED, HIT)
+        assert cache_status().backend == "redis"
+
+
+@pytest.mark.slow
+async def test_behind_sentinel_an_invalidation_by_tag_returns_once_a_replica_has_it(
+    sentinel: LocalSentinel,
+    make_identity_app: Callable[[], FastAPI],
+    make_settings: Callable[..., CacheSettings],
+) -> None:
+    settings = make_settings(
+        "redis://unused:1/0",
+        REDIS_SENTINELS=sentinel.sentinels,
+        REDIS_SENTINEL_MASTER=sentinel.master_name,
+    )
+    [master] = [server for server in sentinel.servers if server.port == sentinel.master_port()]
+    [replica] = [server for server in sentinel.servers if server is not master]
+    generation = b"test-cache:#gen:{%23tag%3Ainsight%3A1}:t:acme"
+
+    async def replica_holds_it() -> bool:
+        return replica.command("EXISTS", generation) == b":1\r\n"
+
+    await eventually(lambda: asyncio.to_thread(master.replicas_confirm, 1), "a confirming replica")
+    async with serving(make_identity_app, settings) as service:
+        await warm(service)
+        await eventually(replica_holds_it, "the tag's generation on the replica")
+
+        await invalidate_tags("insight:1", tenant_id="acme")
+
+        assert replica.command("EXISTS", generation) == b":0\r\n"
+        assert await service.state("/insights/1", "acme") == MISS
+        assert await service.state("/insights/1", "globex") == HIT
+
+
+# -- another replica's near cache ------------------------------------------------------------------
+
+
+async def mget_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_mget", {}).get("calls", 0))
+
+
+async def test_another_replicas_near_cache_sees_an_invalidation_by_tag_and_keeps_the_rest(
+    redis_url: str, start_replicas: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    """Two uvicorn processes on one Redis: B answers items 1 and 2 from its near cache (no
+    MGET); A's PUT of item 1 invalidates its tag and returns; B answers item 1's new version
+    within the patience of one message, and still answers item 2 without asking Redis."""
+    replica_a, replica_b = start_replicas(
+        REDIS_URL=redis_url,
+        CACHE_PREFIX="tag-replicas",
+        REPLICA_DB=str(tmp_path / "replicas.sqlite"),
+        REPLICA_READ_SECONDS="0",
+    )
+    tenant = {"X-Test-Tenant": "acme"}
+    outside = Redis.from_url(redis_url)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=replica_a, timeout=10) as a,
+            httpx.AsyncClient(base_url=replica_b, timeout=10) as b,
+        ):
+
+            async def b_answers_from_memory(path: str, version: int) -> bool:
+                before = await mget_calls(outside)
+                assert (await b.get(path, headers=tenant)).json() == {"version": version}
+                return await mget_calls(outside) == before
+
+            for item in ("/items/1", "/items/2"):
+                assert (await a.get(item, headers=tenant)).json() == {"version": 1}
+                await eventually(partial(b_answers_from_memory, item, 1), f"B holding {item}")
+
+            assert (await a.put("/items/1", headers=tenant)).json() == {"version": 2}
+
+            async def b_answers_v2() -> bool:
+                return (await b.get("/items/1", headers=tenant)).json() == {"version": 2}
+
+            await eventually(b_answers_v2, "B answering item 1's new version")
+            assert await b_answers_from_memory("/items/2", 1)
+    finally:
+        await outside.aclose()
