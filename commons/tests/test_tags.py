@@ -21,6 +21,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from typer.testing import CliRunner, Result
 
 from commons.cache import (
     CacheSettings,
@@ -32,6 +33,7 @@ from commons.cache import (
     invalidate_tags,
     tenant_user_cache_key_builder,
 )
+from commons.cache.cli import app as cli_app
 from commons.cache.keyspace import Keyspace
 from commons.cache.scope import CacheScope
 from commons.cache.tags import MAX_TAG_LENGTH
@@ -553,3 +555,51 @@ async def test_another_replicas_near_cache_sees_an_invalidation_by_tag_and_keeps
             assert await b_answers_from_memory("/items/2", 1)
     finally:
         await outside.aclose()
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def run_cli(redis_url: str, *args: str) -> Result:
+    env = {"REDIS_URL": redis_url, "CACHE_PREFIX": "test-cache"}
+    return CliRunner().invoke(cli_app, list(args), env=env)
+
+
+async def test_the_cli_invalidates_a_tag_at_the_scope_asked(
+    on_own_redis: Service, own_redis: RedisServer
+) -> None:
+    service = on_own_redis
+    await warm(service)
+    service.update(1)
+
+    result = await asyncio.to_thread(
+        run_cli, own_redis.url, "invalidate", "--tag", "insight:1", "--tenant", "acme"
+    )
+
+    assert (result.exit_code, result.stdout) == (0, "invalidated tag insight:1 for tenant acme\n")
+
+    async def acme_sees_version_2() -> bool:
+        answer = await service.get("/insights/1", "acme")
+        return bool(answer.json() == {"id": 1, "version": 2})
+
+    await eventually(acme_sees_version_2, "acme's insight 1 at its new version")
+    assert await service.state("/dashboard?ids=1,3", "acme") == MISS
+    assert await states(service, "globex") == dict.fromkeys(WARMED, HIT)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["invalidate", "insight", "--tag", "insight:1"], "give a namespace or --tag, not both"),
+        (["invalidate"], "give a namespace or --tag, not both"),
+        (["invalidate", "--tag", ""], "non-empty text"),
+        (["invalidate", "--tag", "insight:1", "--user", "u1"], "--user needs --tenant"),
+    ],
+)
+def test_the_cli_refuses_what_invalidate_tags_refuses(
+    own_redis: RedisServer, args: list[str], message: str
+) -> None:
+    result = run_cli(own_redis.url, *args)
+
+    assert result.exit_code == 2
+    assert message in result.stderr
