@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from commons.cache import (
 from commons.cache.cli import app as cli_app
 from commons.cache.keyspace import Keyspace
 from commons.cache.scope import CacheScope
-from commons.cache.tags import MAX_TAG_LENGTH
+from commons.cache.tags import MAX_TAG_LENGTH, EntryTags
 from commons.testing.redis_sentinel import LocalSentinel
 from commons.testing.redis_server import RedisServer
 from commons.testing.waiting import eventually
@@ -603,3 +604,29 @@ def test_the_cli_refuses_what_invalidate_tags_refuses(
 
     assert result.exit_code == 2
     assert message in result.stderr
+
+
+# -- an entry's tags, worked out per call ----------------------------------------------------------
+
+
+class Colour(Enum):
+    RED = "red"
+
+
+@pytest.mark.parametrize(
+    ("source", "kwargs", "expected"),
+    [
+        (["insight:{insight_id}", "all"], {"insight_id": 7}, ("insight:7", "all")),
+        (["colour:{colour}"], {"colour": Colour.RED}, ("colour:red",)),
+        (["a:{x}:{x}", "a:{x}:{x}"], {"x": 1}, ("a:1:1",)),
+        (["{x}"], {"x": ""}, None),
+        (lambda kwargs: f"one:{kwargs['x']}", {"x": 2}, ("one:2",)),
+        (lambda kwargs: ["b", "a", "b"], {"x": 2}, ("b", "a")),
+        (lambda kwargs: ["ok", 3], {}, None),
+        (lambda kwargs: ["x" * (MAX_TAG_LENGTH + 1)], {}, None),
+    ],
+)
+def test_the_tags_of_a_call_each_once_or_none_when_one_is_unfit(
+    source: Any, kwargs: dict[str, Any], expected: tuple[str, ...] | None
+) -> None:
+    assert EntryTags(source, ["insight_id", "colour", "x"]).of(None, kwargs) == expected

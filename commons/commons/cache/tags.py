@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, TypeGuard
 
 from fastapi_cache.types import KeyBuilder
 from starlette.requests import Request
@@ -59,11 +59,15 @@ def check_tag(tag: object) -> str:
         ValueError: For a tag that is not text, is empty, or is longer than
             :data:`MAX_TAG_LENGTH` characters.
     """
-    if not isinstance(tag, str) or not tag or len(tag) > MAX_TAG_LENGTH:
+    if not _fit(tag):
         raise ValueError(
             f"a cache tag must be non-empty text of at most {MAX_TAG_LENGTH} characters: {tag!r}"
         )
     return tag
+
+
+def _fit(tag: object) -> TypeGuard[str]:
+    return isinstance(tag, str) and 0 < len(tag) <= MAX_TAG_LENGTH
 
 
 def _text(value: object) -> str:
@@ -87,6 +91,8 @@ class EntryTags:
     def __init__(self, source: TagSource, parameters: Iterable[str]) -> None:
         self._function: Callable[[dict[str, Any]], Iterable[str]] | None = None
         self._templates: tuple[tuple[str, tuple[str, ...]], ...] = ()
+        #: The tags themselves when no template names a parameter: the same for every call.
+        self._literal: tuple[str, ...] | None = None
         if callable(source):
             self._function = source
             return
@@ -110,12 +116,17 @@ class EntryTags:
         self._templates = tuple(
             (template, tuple(_PLACEHOLDER.findall(template))) for template in templates
         )
+        if not any(names for _, names in self._templates):
+            self._literal = templates
 
     def of(self, request: Request | None, kwargs: dict[str, Any]) -> tuple[str, ...] | None:
-        """The tags of the entry of one call; ``None`` when it must not be stored (too many, or
-        an unfit one)."""
+        """The tags of the entry of one call, each once; ``None`` when one of them is unfit
+        (empty, over-long, not text): the entry must not be stored."""
+        if self._literal is not None:
+            return self._literal
         if self._function is not None:
-            found = tuple(dict.fromkeys(self._function(kwargs)))
+            given = self._function(kwargs)
+            found = tuple(dict.fromkeys([given] if isinstance(given, str) else given))
         else:
             found = tuple(
                 dict.fromkeys(
@@ -125,10 +136,7 @@ class EntryTags:
                     for text, names in self._templates
                 )
             )
-        for tag in found:
-            if not isinstance(tag, str) or not tag or len(tag) > MAX_TAG_LENGTH:
-                return None
-        return found
+        return found if all(map(_fit, found)) else None
 
     @staticmethod
     def _value(name: str, request: Request | None, kwargs: dict[str, Any]) -> str:

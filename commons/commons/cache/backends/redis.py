@@ -692,22 +692,18 @@ class RedisStore(CacheStore, ReplicaLocks):
         return values, None, None
 
     async def generation(self, scope: CacheScope) -> bytes:
-        # On a cluster each tag's generations are in a slot of their own: one script per slot.
-        groups = (
-            self._keys.generation_groups(scope)
-            if scope.tags and isinstance(self._client, RedisCluster)
-            else [self.generation_keys(scope)]
-        )
         async with _redis_errors_translated():
-            made = await asyncio.gather(
-                *(
-                    self._ensure_generations(
-                        keys=keys, args=[*(secrets.token_hex(8) for _ in keys), INDEX_GRACE_MS]
-                    )
-                    for keys in groups
-                )
-            )
-        return b".".join(cast(list[bytes], made))
+            if scope.tags and isinstance(self._client, RedisCluster):
+                # Each tag's generations are in a slot of their own: one script per slot.
+                groups = self._keys.generation_groups(scope)
+                made = await asyncio.gather(*(self._ensure(keys) for keys in groups))
+                return b".".join(made)
+            return await self._ensure(self.generation_keys(scope))
+
+    async def _ensure(self, keys: list[str]) -> bytes:
+        """The generations under ``keys`` (one slot), each made where missing."""
+        fresh = [secrets.token_hex(8) for _ in keys]
+        return cast(bytes, await self._ensure_generations(keys=keys, args=[*fresh, INDEX_GRACE_MS]))
 
     # -- writes --------------------------------------------------------------------------------
 
