@@ -154,17 +154,13 @@ def cache(
             most the entry's freshness). ``None``: ``no-cache``, the client revalidates with the
             ``ETag`` (a ``304`` if unchanged) and never uses an answer from before an update.
         tags: What ``invalidate_tags()`` finds the entries by, across namespaces: literal tags
-            in which ``{name}`` is replaced by the handler's argument ``name`` (a path
-            parameter: ``["insight:{insight_id}"]``), or a function of the handler's keyword
-            arguments returning the tags. At most ``CACHE_MAX_TAGS_PER_ENTRY`` per entry (an
-            entry whose function returns more, or an empty or over-long tag, is not stored, and
-            the route says so once in the log). See ``tags.py``.
+            where ``{name}`` is the handler's argument ``name`` (``["insight:{insight_id}"]``),
+            or a function of the handler's keyword arguments returning them (see ``tags.py``).
 
     Raises:
         ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, a
-            negative ``expire`` / ``stale_ttl`` / ``stale_if_error`` / ``client_max_age``, more
-            literal tags than ``CACHE_MAX_TAGS_PER_ENTRY``, an empty or over-long tag, or a
-            ``{name}`` in a tag that is no parameter of the handler.
+            negative ``expire`` / ``stale_ttl`` / ``stale_if_error`` / ``client_max_age``, or
+            tags that ``tags.EntryTags`` refuses (too many, empty, over-long, unknown ``{name}``).
     """
     _check_arguments(namespace, coder, expire, stale_ttl, stale_if_error, client_max_age)
     chosen_key_builder: KeyBuilder = key_builder or tenant_cache_key_builder
@@ -172,16 +168,11 @@ def cache(
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         signature = get_typed_signature(func)
-        request_param = _param_of_type(signature, Request)
-        response_param = _param_of_type(signature, Response)
-        inject_request = request_param is None
-        inject_response = response_param is None
-        request_name = injected_request.name if request_param is None else request_param.name
-        response_name = injected_response.name if response_param is None else response_param.name
         key_builder_of_route = chosen_key_builder
         if tags is not None:
-            entry_tags = EntryTags(tags, signature.parameters)
-            key_builder_of_route = entry_tags.key_builder(chosen_key_builder)
+            key_builder_of_route = EntryTags(tags, signature.parameters).key_builder(
+                chosen_key_builder
+            )
         route = CachedRoute(
             func,
             coder=coder,
@@ -192,24 +183,43 @@ def cache(
             client_max_age=client_max_age,
         )
         answer = RequestPath(route, namespace, key_builder_of_route).answer
-
-        @wraps(func)
-        async def endpoint(*args: Any, **kwargs: Any) -> Any:
-            # The injected parameters are ours: the handler never sees them.
-            request = kwargs.pop(request_name, None) if inject_request else kwargs.get(request_name)
-            sub_response = (
-                kwargs.pop(response_name, None) if inject_response else kwargs.get(response_name)
-            )
-            return await answer(request, sub_response, args, kwargs)
-
-        injected = [
-            *([injected_request] if inject_request else []),
-            *([injected_response] if inject_response else []),
-        ]
-        if injected:
-            endpoint.__signature__ = _with_injected(func, signature, injected)  # type: ignore[attr-defined]
+        endpoint = _endpoint(func, signature, answer, injected_request, injected_response)
         route.endpoint = endpoint
         _mark_wrapped(func)
         return endpoint
 
     return cast(CacheDecorator, decorate)
+
+
+def _endpoint(
+    func: Callable[..., Any],
+    signature: Signature,
+    answer: Callable[..., Awaitable[Any]],
+    injected_request: Parameter,
+    injected_response: Parameter,
+) -> Callable[..., Awaitable[Any]]:
+    """The route's endpoint: ``func``'s parameters, with the ``Request`` and ``Response`` it
+    lacks injected, answering through ``answer``."""
+    request_param = _param_of_type(signature, Request)
+    response_param = _param_of_type(signature, Response)
+    inject_request = request_param is None
+    inject_response = response_param is None
+    request_name = injected_request.name if request_param is None else request_param.name
+    response_name = injected_response.name if response_param is None else response_param.name
+
+    @wraps(func)
+    async def endpoint(*args: Any, **kwargs: Any) -> Any:
+        # The injected parameters are ours: the handler never sees them.
+        request = kwargs.pop(request_name, None) if inject_request else kwargs.get(request_name)
+        sub_response = (
+            kwargs.pop(response_name, None) if inject_response else kwargs.get(response_name)
+        )
+        return await answer(request, sub_response, args, kwargs)
+
+    injected = [
+        *([injected_request] if inject_request else []),
+        *([injected_response] if inject_response else []),
+    ]
+    if injected:
+        endpoint.__signature__ = _with_injected(func, signature, injected)  # type: ignore[attr-defined]
+    return endpoint
