@@ -5,6 +5,8 @@
   call).
 - ``PUT /res``: bumps the tenant's version, commits, and invalidates the tenant's cached entries
   before answering, as a service does after a write.
+- ``GET /items/{item}`` and ``PUT /items/{item}``: the same per tenant and item, the entries
+  tagged ``item:{item}`` and ``PUT`` invalidating that tag in the tenant.
 - ``GET /health``: answers once the service has started (its lifespan ran).
 - ``GET /cache-status``: ``cache_status()``'s backend and kept invalidations.
 
@@ -26,7 +28,14 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header
 
-from commons.cache import cache, cache_status, close_cache, init_cache, invalidate_namespace
+from commons.cache import (
+    cache,
+    cache_status,
+    close_cache,
+    init_cache,
+    invalidate_namespace,
+    invalidate_tags,
+)
 from commons.utilities.context import RequestContextMiddleware, get_tenant_id, set_tenant_id
 
 DB_ENV = "REPLICA_DB"
@@ -111,4 +120,20 @@ async def put_res() -> dict[str, int]:
     tenant = str(get_tenant_id())
     version = bump_version(tenant)
     await invalidate_namespace("res", tenant_id=tenant)
+    return {"version": version}
+
+
+@app.get("/items/{item}")
+@cache(namespace="items", tags=["item:{item}"])
+async def get_item(item: str) -> dict[str, int]:
+    version = read_version(f"{get_tenant_id()}/{item}")
+    await asyncio.sleep(READ_SECONDS)
+    return {"version": version}
+
+
+@app.put("/items/{item}")
+async def put_item(item: str) -> dict[str, int]:
+    tenant = str(get_tenant_id())
+    version = bump_version(f"{tenant}/{item}")
+    await invalidate_tags(f"item:{item}", tenant_id=tenant)
     return {"version": version}

@@ -27,6 +27,7 @@ PUBLIC_CACHE_API = {
     "tenant_user_cache_key_builder",
     "global_cache_key_builder",
     "invalidate_namespace",
+    "invalidate_tags",
     "PrivateCacheControlMiddleware",
     # metrics hooks
     "CacheEvents",

@@ -12,6 +12,7 @@ __all__ = [
     "HealthReport",
     "InsightOut",
     "InsightPage",
+    "InsightUpdate",
     "TenantConfigIn",
     "TenantConfigOut",
     "TenantOut",
@@ -76,6 +77,17 @@ class InsightOut(_FromRow):
     category: str
     impact: float
     created_at: UtcDatetime
+
+
+class InsightUpdate(BaseModel):
+    """Changes to one insight (``PATCH``: the fields given are replaced, the others kept)."""
+
+    # Strict: ``"impact": false`` or ``"1.5"`` is a 422, as the schema's types say.
+    model_config = ConfigDict(strict=True)
+
+    title: str | None = Field(default=None, min_length=1, max_length=200)
+    summary: str | None = Field(default=None, max_length=2000)
+    impact: float | None = Field(default=None, ge=0, le=1_000_000, allow_inf_nan=False)
 
 
 class InsightPage(BaseModel):

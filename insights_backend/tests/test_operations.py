@@ -145,6 +145,8 @@ async def test_the_openapi_schema_declares_every_answer_of_each_route(
         "PUT /v1/tenant/config": {"200", "400", "401", "404", "422"},
         "GET /v1/users/me": {"200", "401", "404"},
         "GET /v1/insights": {"200", "401", "422"},
+        "GET /v1/insights/{insight_id}": {"200", "401", "404", "422"},
+        "PATCH /v1/insights/{insight_id}": {"200", "400", "401", "404", "422"},
         "GET /v1/admin/tenants": {"200", "401", "403"},
         "GET /health": {"200", "503"},
     }

@@ -2,10 +2,10 @@
 
 Import everything from here::
 
-    from commons.cache import cache, init_cache, close_cache, invalidate_namespace
+    from commons.cache import cache, init_cache, close_cache, invalidate_namespace, invalidate_tags
 
-``invalidate_namespace()`` is re-exported here as the guide describes; it lives in
-``invalidation.py``.
+``invalidate_namespace()`` is re-exported here as the guide describes; it and
+``invalidate_tags()`` live in ``invalidation.py``.
 """
 
 # Loaded first: importing a submodule binds it as an attribute of its package, so this module,
@@ -21,7 +21,7 @@ from commons.cache.errors import (
     CacheUnavailableError,
 )
 from commons.cache.events import CacheEvents, LookupOutcome
-from commons.cache.invalidation import invalidate_namespace
+from commons.cache.invalidation import invalidate_namespace, invalidate_tags
 from commons.cache.keys import (
     global_cache_key_builder,
     tenant_cache_key_builder,
@@ -53,6 +53,7 @@ __all__ = [
     "global_cache_key_builder",
     "init_cache",
     "invalidate_namespace",
+    "invalidate_tags",
     "tenant_cache_key_builder",
     "tenant_user_cache_key_builder",
 ]

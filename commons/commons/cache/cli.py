@@ -6,10 +6,12 @@ timeouts, ...; see ``settings.py``), so run it with the service's environment::
     commons-cache check                    # settings, connectivity, version, eviction policy
     commons-cache stats [--by-tenant]      # entries per namespace (and tenant), memory used
     commons-cache invalidate NAMESPACE [--tenant ID] [--user ID]
+    commons-cache invalidate --tag TAG [--tag TAG ...] [--tenant ID] [--user ID]
     commons-cache flush [--dry-run] [--yes]
 
 Every command touches the keys of ``CACHE_PREFIX`` only. ``stats`` reads the invalidation indexes
-(``ZCOUNT`` per index, no key scan); ``invalidate`` is ``invalidate_namespace()`` applied to Redis;
+(``ZCOUNT`` per index, no key scan); ``invalidate`` is ``invalidate_namespace()`` (with ``--tag``,
+``invalidate_tags()``) applied to Redis;
 ``flush`` walks the prefix with ``SCAN`` and removes it with ``UNLINK`` in batches, so Redis keeps
 answering other clients throughout (never ``KEYS``, which blocks it), and key names are never
 passed through a shell. ``invalidate`` and ``flush`` act on Redis: a replica serving from its
@@ -35,8 +37,9 @@ from pydantic import ValidationError
 from commons.cache.backends.base import OperatorCommands
 from commons.cache.backends.factory import operator_commands
 from commons.cache.errors import BackendError, BackendRejectedError
-from commons.cache.scope import InvalidationTarget
+from commons.cache.scope import InvalidationTarget, tag_namespace
 from commons.cache.settings import CacheSettings
+from commons.cache.tags import check_tag
 
 __all__ = ["app", "main"]
 
@@ -290,7 +293,18 @@ def stats(
 
 @app.command()
 def invalidate(
-    namespace: Annotated[str, typer.Argument(help="The namespace given to @cache(namespace=...).")],
+    namespace: Annotated[
+        str | None,
+        typer.Argument(help="The namespace given to @cache(namespace=...); or give --tag."),
+    ] = None,
+    tag: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tag",
+            help="Invalidate the entries carrying this literal tag, in every namespace, as "
+            "invalidate_tags() does (repeatable; instead of a namespace).",
+        ),
+    ] = None,
     tenant: Annotated[
         str | None, typer.Option("--tenant", help="Only this tenant's entries (and its users').")
     ] = None,
@@ -298,16 +312,29 @@ def invalidate(
         str | None, typer.Option("--user", help="Only this user's entries (needs --tenant).")
     ] = None,
 ) -> None:
-    """Removes a namespace's entries, as invalidate_namespace() does; prints how many."""
+    """Removes a namespace's entries, as invalidate_namespace() does, and prints how many; or
+    with --tag, invalidates the entries carrying a tag, as invalidate_tags() does."""
+    if (namespace is None) == (not tag):
+        _fail("give a namespace or --tag, not both", EXIT_BAD_SETTINGS)
     settings = _redis_settings("invalidate")
     try:
-        target = InvalidationTarget(namespace, tenant, user)
+        named = [tag_namespace(check_tag(each)) for each in tag or ()] or [namespace or ""]
+        targets = [InvalidationTarget(each, tenant, user) for each in dict.fromkeys(named)]
     except ValueError as exc:
-        _fail(f"{exc} (--user needs --tenant)", EXIT_BAD_SETTINGS)
-    removed = _with_store(settings, lambda store: store.invalidate(target))
+        _fail(f"{exc}{' (--user needs --tenant)' if tenant is None else ''}", EXIT_BAD_SETTINGS)
+
+    async def apply(store: OperatorCommands) -> int:
+        return sum([await store.invalidate(target) for target in targets])
+
+    removed = _with_store(settings, apply)
     scope = f" for tenant {tenant}" if tenant is not None else ""
     scope += f", user {user}" if user is not None else ""
-    typer.echo(f"removed {removed} entries of namespace {namespace}{scope}")
+    if tag:
+        # Retiring a tag's generation is the whole invalidation: its entries are never read
+        # again and expire with their time to live.
+        typer.echo(f"invalidated tag {', '.join(dict.fromkeys(tag))}{scope}")
+    else:
+        typer.echo(f"removed {removed} entries of namespace {namespace}{scope}")
 
 
 # -- flush -------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from commons.cache.keyspace import check_namespace
 from commons.cache.rendering import resolved_return_annotation
 from commons.cache.request_flow import RequestFlow
 from commons.cache.startup_checks import WRAPPED
+from commons.cache.tags import EntryTags, TagSource
 
 __all__ = ["cache"]
 
@@ -130,6 +131,7 @@ def cache(
     stale_ttl: int | None = None,
     stale_if_error: int | None = None,
     client_max_age: int | None = None,
+    tags: TagSource | None = None,
 ) -> CacheDecorator:
     """Caches a route's responses (``async def`` and ``def`` handlers alike).
 
@@ -151,10 +153,14 @@ def cache(
         client_max_age: Seconds a client may reuse an answer without asking (``max-age``, at
             most the entry's freshness). ``None``: ``no-cache``, the client revalidates with the
             ``ETag`` (a ``304`` if unchanged) and never uses an answer from before an update.
+        tags: What ``invalidate_tags()`` finds the entries by, across namespaces: literal tags
+            where ``{name}`` is the handler's argument ``name`` (``["insight:{insight_id}"]``),
+            or a function of the handler's keyword arguments returning them (see ``tags.py``).
 
     Raises:
-        ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, or a
-            negative ``expire`` / ``stale_ttl`` / ``stale_if_error`` / ``client_max_age``.
+        ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, a
+            negative ``expire`` / ``stale_ttl`` / ``stale_if_error`` / ``client_max_age``, or
+            tags that ``tags.EntryTags`` refuses (too many, empty, over-long, unknown ``{name}``).
     """
     _check_arguments(namespace, coder, expire, stale_ttl, stale_if_error, client_max_age)
     chosen_key_builder: KeyBuilder = key_builder or tenant_cache_key_builder
@@ -162,12 +168,11 @@ def cache(
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         signature = get_typed_signature(func)
-        request_param = _param_of_type(signature, Request)
-        response_param = _param_of_type(signature, Response)
-        inject_request = request_param is None
-        inject_response = response_param is None
-        request_name = injected_request.name if request_param is None else request_param.name
-        response_name = injected_response.name if response_param is None else response_param.name
+        key_builder_of_route = chosen_key_builder
+        if tags is not None:
+            key_builder_of_route = EntryTags(tags, signature.parameters).key_builder(
+                chosen_key_builder
+            )
         route = CachedRoute(
             func,
             coder=coder,
@@ -177,25 +182,44 @@ def cache(
             lock=distributed_lock,
             client_max_age=client_max_age,
         )
-        answer = RequestFlow(route, namespace, chosen_key_builder).answer
-
-        @wraps(func)
-        async def endpoint(*args: Any, **kwargs: Any) -> Any:
-            # The injected parameters are ours: the handler never sees them.
-            request = kwargs.pop(request_name, None) if inject_request else kwargs.get(request_name)
-            sub_response = (
-                kwargs.pop(response_name, None) if inject_response else kwargs.get(response_name)
-            )
-            return await answer(request, sub_response, args, kwargs)
-
-        injected = [
-            *([injected_request] if inject_request else []),
-            *([injected_response] if inject_response else []),
-        ]
-        if injected:
-            endpoint.__signature__ = _with_injected(func, signature, injected)  # type: ignore[attr-defined]
+        answer = RequestFlow(route, namespace, key_builder_of_route).answer
+        endpoint = _endpoint(func, signature, answer, injected_request, injected_response)
         route.endpoint = endpoint
         _mark_wrapped(func)
         return endpoint
 
     return cast(CacheDecorator, decorate)
+
+
+def _endpoint(
+    func: Callable[..., Any],
+    signature: Signature,
+    answer: Callable[..., Awaitable[Any]],
+    injected_request: Parameter,
+    injected_response: Parameter,
+) -> Callable[..., Awaitable[Any]]:
+    """The route's endpoint: ``func``'s parameters, with the ``Request`` and ``Response`` it
+    lacks injected, answering through ``answer``."""
+    request_param = _param_of_type(signature, Request)
+    response_param = _param_of_type(signature, Response)
+    inject_request = request_param is None
+    inject_response = response_param is None
+    request_name = injected_request.name if request_param is None else request_param.name
+    response_name = injected_response.name if response_param is None else response_param.name
+
+    @wraps(func)
+    async def endpoint(*args: Any, **kwargs: Any) -> Any:
+        # The injected parameters are ours: the handler never sees them.
+        request = kwargs.pop(request_name, None) if inject_request else kwargs.get(request_name)
+        sub_response = (
+            kwargs.pop(response_name, None) if inject_response else kwargs.get(response_name)
+        )
+        return await answer(request, sub_response, args, kwargs)
+
+    injected = [
+        *([injected_request] if inject_request else []),
+        *([injected_response] if inject_response else []),
+    ]
+    if injected:
+        endpoint.__signature__ = _with_injected(func, signature, injected)  # type: ignore[attr-defined]
+    return endpoint

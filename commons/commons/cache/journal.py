@@ -72,7 +72,9 @@ def decode_item(line: bytes) -> JournalItem | Exception:
             namespace, tenant_id, user_id = record["target"]
             return InvalidationTarget(str(namespace), _text(tenant_id), _text(user_id))
         where = record["scope"]
-        scope = None if where is None else CacheScope(str(where[0]), *map(_text, where[1:3]))
+        scope = (
+            None if where is None else CacheScope(str(where[0]), _text(where[1]), _text(where[2]))
+        )
         return (str(record["key"]), scope)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return exc

@@ -16,6 +16,7 @@ namespace would have to begin with ``#`` and a key of that text is read as a hel
 entry (:func:`scope_of_key` returns ``None``)::
 
     {prefix}:#gen:{ns}[:t:{tenant}[:u:{user}]]   a scope's generation (see backends/base.py)
+    {prefix}:#gen:{#tag:tag}[:t:...[:u:...]]     a tag's generation, at the same scope levels
     {prefix}:#reg:{ns}                           registry: the namespace's tenant leaves
     {prefix}:#reg:{ns}:t:{tenant}                registry: one tenant's user leaves
     {prefix}:#idx:{ns}:t:{tenant}[:u:{user}]     leaf: the entries of a tenant (or of a user)
@@ -29,6 +30,11 @@ In helper keys ``ns``, ``tenant`` and ``user`` are percent-encoded, so no text a
 form another scope's helper key, a glob pattern or a cluster hash tag. The braces around ``ns``
 are literal: they are the namespace's cluster hash tag (an empty namespace is written ``{%}``,
 which no encoded text can be), so on Redis Cluster a namespace's helper keys share one slot.
+
+A tag's generations are those of its pseudo-namespace ``#tag:{tag}`` (``scope.tag_namespace``),
+in that pseudo-namespace's own hash tag: retiring one is one command on one slot however many
+namespaces the tag spans, and a read of an entry with k tags asks k + 1 groups of generations,
+each within one slot.
 
 This module imports no backend; backends import it.
 """
@@ -199,21 +205,34 @@ class Keyspace:
         return (self._gen,)
 
     def generation_keys(self, scope: CacheScope) -> list[str]:
-        """The keys holding the generations an entry of ``scope`` depends on, widest first.
-
-        ``{prefix}:#gen:{ns}``, then ``...:t:{tenant}``, then ``...:t:{tenant}:u:{user}``: all in
-        the namespace's hash tag, so one ``MGET`` reads them on a cluster too.
-        """
+        """The keys holding the generations an entry of ``scope`` depends on: its own scope's,
+        widest first, then each tag's (:meth:`generation_groups`, flattened)."""
         known = self._generation_keys.get(scope)
         if known is not None:
             return known
+        keys = [key for group in self.generation_groups(scope) for key in group]
+        size = sum(map(len, keys)) + sum(map(len, scope.tags)) + len(scope.namespace) + 64
+        self._generation_keys.put(scope, keys, size)
+        return keys
+
+    def generation_groups(self, scope: CacheScope) -> list[list[str]]:
+        """:meth:`generation_keys` by cluster hash tag: the scope's own generations, then one
+        group per tag (on Redis Cluster each group is one ``MGET`` on one slot)."""
+        return [self._scope_generations(each) for each in scope.index_scopes()]
+
+    def scope_generation_key(self, scope: CacheScope) -> str:
+        """The generation that an invalidation of exactly ``scope`` (its namespace, tenant and
+        user; never its tags) retires: the narrowest of its own."""
+        return self._scope_generations(scope.untagged())[-1]
+
+    def _scope_generations(self, scope: CacheScope) -> list[str]:
+        """``{prefix}:#gen:{ns}``, then ``...:t:{tenant}``, then ``...:t:{tenant}:u:{user}``: all in
+        the namespace's hash tag, so one ``MGET`` reads them on a cluster too."""
         keys = [self._gen + _tag(scope.namespace)]
         if scope.tenant_id is not None:
             keys.append(f"{keys[0]}:t:{_quote(scope.tenant_id)}")
             if scope.user_id is not None:
                 keys.append(f"{keys[1]}:u:{_quote(scope.user_id)}")
-        size = sum(map(len, keys)) + len(scope.namespace) + 64
-        self._generation_keys.put(scope, keys, size)
         return keys
 
     def namespace_registry(self, namespace: str) -> str:

@@ -239,7 +239,7 @@ class CacheLayer:
         breaker = self._breaker
         if scope is None or not breaker.enabled:
             return None
-        stamp = self._clock.stamp(scope.namespace)
+        stamp = self._clock.stamp(scope)
         store = breaker.active
         if store is self._memory:
             # In-process and sub-microsecond: not worth a duration sample (see events.timed).
@@ -303,7 +303,7 @@ class CacheLayer:
         scope = self.scope_of(key)
         if scope is None or not self.enabled:
             return None
-        stamp = self._clock.stamp(scope.namespace)
+        stamp = self._clock.stamp(scope)
         store = self._breaker.active
         if store is self._memory:
             return FillToken(stamp, None)
@@ -333,7 +333,7 @@ class CacheLayer:
         scope = self.scope_of(key)
         if scope is None or not self.enabled or expire <= 0:
             return None
-        if self._clock.stamp(scope.namespace) > token.stamp:
+        if self._clock.stamp(scope) > token.stamp:
             logger.debug("cache write dropped: %s was invalidated meanwhile", scope.namespace)
             return None
         store = self._breaker.active

@@ -37,7 +37,7 @@ from commons.cache.errors import BackendError, BackendUnavailableError
 from commons.cache.events import CacheEvents
 from commons.cache.journal import InvalidationJournal
 from commons.cache.pending import PendingInvalidations, PendingItem
-from commons.cache.scope import CacheScope, InvalidationTarget
+from commons.cache.scope import CacheScope, InvalidationTarget, tag_namespace
 from commons.cache.settings import CacheSettings
 from commons.cache.status import CacheState
 
@@ -63,9 +63,14 @@ class InvalidationClock:
         else:
             self._invalidated_at[namespace] = self._clock
 
-    def stamp(self, namespace: str) -> int:
-        """The clock of the namespace's last invalidation in this process."""
-        invalidated_at = self._invalidated_at.get(namespace, 0)
+    def stamp(self, scope: CacheScope) -> int:
+        """The clock of the last invalidation in this process of the scope's namespace or of
+        one of its tags (a tag's targets are namespaced by :func:`tag_namespace`)."""
+        invalidated_at = self._invalidated_at.get(scope.namespace, 0)
+        for tag in scope.tags:
+            tagged_at = self._invalidated_at.get(tag_namespace(tag), 0)
+            if tagged_at > invalidated_at:
+                invalidated_at = tagged_at
         # Not max(): it would build an iterator on every request.
         return invalidated_at if invalidated_at > self._cleared_at else self._cleared_at
 
@@ -177,7 +182,7 @@ class Removals:
             what="an invalidation",
         )
         if self._breaker.enabled:
-            self._events.invalidated(target.namespace, removed)
+            self._events.invalidated(target.reported_namespace, removed)
         return removed
 
     async def clear(self) -> int:
@@ -189,7 +194,7 @@ class Removals:
     async def _invalidate_on(self, store: CacheStore, target: InvalidationTarget) -> int:
         removed, removal = await store.invalidate_effective(target)
         if removal is not None:
-            self.background.start(target, target.namespace, removal)
+            self.background.start(target, target.reported_namespace, removal)
         return removed
 
     async def _remove(
@@ -216,8 +221,9 @@ class Removals:
         if self._breaker.state is not CacheState.REDIS:
             await self._keep(item)
             return removed
+        label = item.reported_namespace if isinstance(item, InvalidationTarget) else namespace
         return removed + await self._on_redis(
-            removal(self._redis), item, namespace=namespace or "", operation=operation, what=what
+            removal(self._redis), item, namespace=label or "", operation=operation, what=what
         )
 
     async def _on_redis(

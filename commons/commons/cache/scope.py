@@ -8,6 +8,12 @@
 - A **tenant** scope holds one tenant's entries of a namespace; invalidating it leaves every other
   tenant's entries in place. It includes the user-scoped entries of that tenant.
 - A **user** scope holds one user's entries within one tenant.
+- A **tag** (``@cache(tags=[...])``) groups entries across the namespaces of one prefix. An entry
+  depends on each of its tags at its own scope levels, so invalidating a tag (in every tenant, one
+  tenant, or one user of a tenant) touches exactly the entries carrying that literal tag there.
+  An invalidation by tag is a target whose namespace is the tag's pseudo-namespace
+  (:func:`tag_namespace`, ``#tag:{tag}``), which no real namespace can be (they refuse ``:``): so
+  everything that keeps, orders or replays targets treats both alike.
 
 Keys carry their scope with them (:class:`ScopedKey`), so the backends index entries without ever
 parsing a key or matching a pattern; namespaces and ids are literal text throughout.
@@ -15,18 +21,41 @@ parsing a key or matching a pattern; namespaces and ids are literal text through
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-__all__ = ["CacheScope", "InvalidationTarget", "ScopedKey"]
+__all__ = ["TAG_NAMESPACE_PREFIX", "CacheScope", "InvalidationTarget", "ScopedKey", "tag_namespace"]
+
+#: What the pseudo-namespace of a tag starts with (see :func:`tag_namespace`).
+TAG_NAMESPACE_PREFIX = "#tag:"
+
+
+def tag_namespace(tag: str) -> str:
+    """The pseudo-namespace under which a tag's generations and kept invalidations live."""
+    return TAG_NAMESPACE_PREFIX + tag
 
 
 @dataclass(frozen=True, slots=True)
 class CacheScope:
-    """The namespace, tenant and user an entry is stored for (``None``: not scoped that far)."""
+    """The namespace, tenant and user an entry is stored for (``None``: not scoped that far),
+    and the tags it carries (invalidated with :func:`~commons.cache.invalidate_tags`)."""
 
     namespace: str
     tenant_id: str | None = None
     user_id: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def untagged(self) -> CacheScope:
+        """The namespace, tenant and user alone."""
+        return CacheScope(self.namespace, self.tenant_id, self.user_id) if self.tags else self
+
+    def tag_scopes(self) -> list[CacheScope]:
+        """Per tag, the scope of the tag's pseudo-namespace at this entry's tenant and user:
+        what the entry depends on beside its own scope."""
+        return [CacheScope(tag_namespace(tag), self.tenant_id, self.user_id) for tag in self.tags]
+
+    def index_scopes(self) -> list[CacheScope]:
+        """Every untagged scope an invalidation of which must reach this entry: its own first."""
+        return [self.untagged(), *self.tag_scopes()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +81,30 @@ class InvalidationTarget:
         return self.user_id is None or self.user_id == other.user_id
 
     def matches(self, scope: CacheScope) -> bool:
-        """True when an entry stored for ``scope`` falls under this target."""
+        """True when an entry stored for ``scope`` falls under this target (its namespace, or
+        for a tag's target, one of its tags)."""
+        if self.tag is not None:
+            in_target = self.tag in scope.tags
+        else:
+            in_target = self.namespace == scope.namespace
         return (
-            self.namespace == scope.namespace
+            in_target
             and (self.tenant_id is None or self.tenant_id == scope.tenant_id)
             and (self.user_id is None or self.user_id == scope.user_id)
         )
+
+    @property
+    def tag(self) -> str | None:
+        """The tag this target invalidates; ``None`` for a namespace's target."""
+        if self.namespace.startswith(TAG_NAMESPACE_PREFIX):
+            return self.namespace[len(TAG_NAMESPACE_PREFIX) :]
+        return None
+
+    @property
+    def reported_namespace(self) -> str:
+        """The namespace that metrics and logs name: a tag's target is reported as ``#tag``, so
+        that tags (one per item, as a rule) never become labels."""
+        return "#tag" if self.tag is not None else self.namespace
 
 
 class ScopedKey(str):
@@ -111,6 +158,12 @@ class ScopedKey(str):
         routed = ScopedKey(self, self.scope, (route, handler))
         self._routed = routed
         return routed
+
+    def with_tags(self, tags: tuple[str, ...]) -> ScopedKey:
+        """This key, its entry carrying ``tags`` (a key without a scope stays as it is)."""
+        if self.scope is None or not tags:
+            return self
+        return ScopedKey(self, replace(self.scope, tags=tags), self.origin)
 
     @property
     def cacheable(self) -> bool:

@@ -177,6 +177,15 @@ class CacheSettings(BaseSettings):
         "(the handler raises or answers 5xx), an entry stale for at most this many seconds is "
         "served instead (never an invalidated one). 0: never.",
     )
+    CACHE_MAX_TAGS_PER_ENTRY: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Tags an entry may carry at most (@cache(tags=...)): each is one more "
+        "generation per scope level that every read asks. More literal tags are refused when "
+        "the route is decorated; more from a tags function: the answer is not stored (logged "
+        "once per route).",
+    )
     CACHE_HONOR_CLIENT_NO_CACHE: bool = Field(
         default=False,
         description="true: a request's Cache-Control: no-cache / no-store skips the stored "

@@ -21,6 +21,12 @@ acknowledged update wrote, per data item) and returns the guarantees each answer
 
 Every excused read is kept with how long after the update it missed it started, per kind of
 fault, so that the windows actually observed can be reported (:class:`WindowLog`).
+
+Which entries an update must reach is the :data:`Item` each answer names: the data the answer
+shows, whatever route, namespace or tag holds its entry. Routes of several namespaces show one
+item, and some are reached by an update only through a tag (``invalidate_tags`` in the item's
+tenant, for one user, or in every tenant): a tag invalidation that misses an entry, at any of
+those scopes, is an old read of the item like any other.
 """
 
 from __future__ import annotations

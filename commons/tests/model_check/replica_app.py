@@ -14,8 +14,15 @@ the driver can check it against its model of the truth:
 - ``GET /g/{rid}``: fastapi-cache2's own decorator (namespace ``gres``), the ``/t`` data, a
   pydantic response model;
 - ``GET /s/{rid}``: ``@cache(namespace="sres", expire=1, stale_ttl=30)``, the ``/t`` data;
+- ``GET /k/{rid}``: ``@cache(namespace="kres", tags=["item:{rid}"])``, the ``/t`` data;
+- ``GET /d/{rid}``: ``@cache(namespace="dres")`` tagged by a function ``item:{tenant}:{rid}`` (a
+  tag of the tenant's item in every tenant's scope), the ``/t`` data;
+- ``GET /v/{rid}``: ``@cache(namespace="vres", key_builder=tenant_user_cache_key_builder,
+  tags=["item:{rid}"])``, the ``/u`` data;
 - ``PUT /t/{rid}``: bumps the tenant's version, then invalidates ``res``, ``gres`` and ``sres`` for
-  the tenant; ``PUT /u/{rid}``: bumps the user's version, then invalidates ``ures`` for the user;
+  the tenant, the tag ``item:{rid}`` in the tenant and the tag ``item:{tenant}:{rid}`` in every
+  tenant (``/k`` and ``/d`` are reached by these tags only); ``PUT /u/{rid}``: bumps the user's
+  version, then invalidates ``ures`` and the tag ``item:{rid}`` for the user;
 - ``GET /_status``: ``cache_status()`` and the state changes seen so far (never cached).
 
 A cached handler reads the version, then sleeps ``X-Delay-Ms`` milliseconds (a header, so that the
@@ -46,6 +53,7 @@ from commons.cache import (
     close_cache,
     init_cache,
     invalidate_namespace,
+    invalidate_tags,
     tenant_cache_key_builder,
     tenant_user_cache_key_builder,
 )
@@ -198,6 +206,12 @@ def _tenant_body(rid: str, q: str | None) -> dict[str, Any]:
     return {"tenant": tenant, "rid": rid, "q": q, "version": version, "by": REPLICA}
 
 
+def _user_body(rid: str, q: str | None) -> dict[str, Any]:
+    tenant, user = get_tenant_id(), get_user_id()
+    version = read_user_version(tenant or "", user or "", rid)
+    return {"tenant": tenant, "user": user, "rid": rid, "q": q, "version": version, "by": REPLICA}
+
+
 @app.get("/t/{rid}")
 @cache(namespace="res")
 async def get_tenant_item(
@@ -213,9 +227,7 @@ async def get_tenant_item(
 async def get_user_item(
     rid: str, q: str | None = None, x_delay_ms: Annotated[int, Header()] = 0
 ) -> dict[str, Any]:
-    tenant, user = get_tenant_id(), get_user_id()
-    version = read_user_version(tenant or "", user or "", rid)
-    body = {"tenant": tenant, "user": user, "rid": rid, "q": q, "version": version, "by": REPLICA}
+    body = _user_body(rid, q)
     await _pause(x_delay_ms)
     return body
 
@@ -240,6 +252,31 @@ async def get_tenant_item_swr(
     return body
 
 
+@app.get("/k/{rid}")
+@cache(namespace="kres", tags=["item:{rid}"])
+async def get_tagged_tenant_item(
+    rid: str, q: str | None = None, x_delay_ms: Annotated[int, Header()] = 0
+) -> dict[str, Any]:
+    body = _tenant_body(rid, q)
+    await _pause(x_delay_ms)
+    return body
+
+
+def tenants_item_tag(rid: object) -> str:
+    """The tag of a tenant's item that names the tenant itself (invalidated in every tenant)."""
+    return f"item:{get_tenant_id()}:{rid}"
+
+
+@app.get("/d/{rid}")
+@cache(namespace="dres", tags=lambda kwargs: [tenants_item_tag(kwargs["rid"])])
+async def get_tenant_item_tagged_by_function(
+    rid: str, q: str | None = None, x_delay_ms: Annotated[int, Header()] = 0
+) -> dict[str, Any]:
+    body = _tenant_body(rid, q)
+    await _pause(x_delay_ms)
+    return body
+
+
 @app.put("/t/{rid}")
 async def put_tenant_item(rid: str) -> dict[str, Any]:
     tenant = get_tenant_id()
@@ -247,7 +284,19 @@ async def put_tenant_item(rid: str) -> dict[str, Any]:
     version = bump("tenant_items", {"tenant": tenant, "rid": rid})
     for namespace in TENANT_NAMESPACES:
         await invalidate_namespace(namespace, tenant_id=tenant)
+    await invalidate_tags(f"item:{rid}", tenant_id=tenant)
+    await invalidate_tags(tenants_item_tag(rid))
     return {"version": version, "by": REPLICA}
+
+
+@app.get("/v/{rid}")
+@cache(namespace="vres", key_builder=tenant_user_cache_key_builder, tags=["item:{rid}"])
+async def get_tagged_user_item(
+    rid: str, q: str | None = None, x_delay_ms: Annotated[int, Header()] = 0
+) -> dict[str, Any]:
+    body = _user_body(rid, q)
+    await _pause(x_delay_ms)
+    return body
 
 
 @app.put("/u/{rid}")
@@ -257,6 +306,7 @@ async def put_user_item(rid: str) -> dict[str, Any]:
     assert user is not None
     version = bump("user_items", {"tenant": tenant, "user": user, "rid": rid})
     await invalidate_namespace(USER_NAMESPACE, tenant_id=tenant, user_id=user)
+    await invalidate_tags(f"item:{rid}", tenant_id=tenant, user_id=user)
     return {"version": version, "by": REPLICA}
 
 

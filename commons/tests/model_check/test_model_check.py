@@ -100,9 +100,23 @@ RIDS = 2
 QUERIES: tuple[str | None, ...] = (None, "x")
 REPLICAS = ("A", "B")
 #: ``t``: our decorator; ``u``: ours, per user; ``g``: fastapi-cache2's; ``s``: stale-while-
-#: revalidate. ``t``, ``g`` and ``s`` serve the same (tenant, resource) data.
-TENANT_ROUTES = ("t", "g", "s")
-ROUTES = (*TENANT_ROUTES, "u")
+#: revalidate; ``k``, ``d``: tagged (a literal tag invalidated in the tenant, a function's tag
+#: invalidated in every tenant); ``v``: tagged, per user. ``t``, ``g``, ``s``, ``k`` and ``d`` serve
+#: the same (tenant, resource) data, ``u`` and ``v`` the same (tenant, user, resource) data: an
+#: update must reach every route of its data, whether by namespace or by tag.
+TENANT_ROUTES = ("t", "g", "s", "k", "d")
+USER_ROUTES = ("u", "v")
+ROUTES = (*TENANT_ROUTES, *USER_ROUTES)
+#: Each route's namespace (``replica_app.py``).
+NAMESPACES = {
+    "t": "res",
+    "u": "ures",
+    "g": "gres",
+    "s": "sres",
+    "k": "kres",
+    "d": "dres",
+    "v": "vres",
+}
 
 #: Seconds of examples (and shrinking) of both tests together; past them no example is run
 #: except Hypothesis's final replay of each failure it reports.
@@ -168,7 +182,7 @@ class Get(_Compact):
 
     @property
     def who(self) -> str:
-        return f"t{self.tenant}" + (f"/u{self.user}" if self.route == "u" else "")
+        return f"t{self.tenant}" + (f"/u{self.user}" if self.route in USER_ROUTES else "")
 
     def __repr__(self) -> str:
         delay = f", delay_ms={self.delay_ms}" if self.delay_ms else ""
@@ -265,7 +279,7 @@ def timed(within_ms: int, max_size: int = 4) -> st.SearchStrategy[list[At]]:
 @st.composite
 def races(draw: st.DrawFn) -> Race:
     leader = draw(gets(delay=st.integers(60, 150)))
-    family = ("u",) if leader.route == "u" else TENANT_ROUTES
+    family = USER_ROUTES if leader.route in USER_ROUTES else TENANT_ROUTES
     others = [route for route in family if route != leader.route]
     extra = (
         st.lists(st.tuples(replicas, st.sampled_from(others)), max_size=2)
@@ -388,7 +402,7 @@ class Requests(RuleBasedStateMachine):
         headers = {"X-Tenant": tenant, "X-User": user}
         item: Item
         if isinstance(op, Get):
-            method, q, user_scoped = "GET", QUERIES[op.q], op.route == "u"
+            method, q, user_scoped = "GET", QUERIES[op.q], op.route in USER_ROUTES
             path = f"/{op.route}/{rid}" + (f"?q={q}" if q is not None else "")
             headers["X-Delay-Ms"] = str(op.delay_ms)
         else:
@@ -429,8 +443,8 @@ class Requests(RuleBasedStateMachine):
     def _entry_key(self, get: Get) -> str:
         """The key our key builders give the entry of ``get`` (see ``commons.cache.keys``)."""
         tenant, user, rid = self._names(get)
-        namespace = {"t": "res", "u": "ures", "g": "gres", "s": "sres"}[get.route]
-        scope = f"tenant_{tenant}" + (f":user_{user}" if get.route == "u" else "")
+        namespace = NAMESPACES[get.route]
+        scope = f"tenant_{tenant}" + (f":user_{user}" if get.route in USER_ROUTES else "")
         q = QUERIES[get.q]
         digest = hashlib.md5((f"q={q}" if q is not None else "").encode()).hexdigest()
         return f"{self.world.prefix}:{namespace}:{scope}:/{get.route}/{rid}:{digest}"
@@ -572,7 +586,7 @@ class Requests(RuleBasedStateMachine):
         leader = race.leader
         slow = asyncio.ensure_future(self._send(leader))
         await asyncio.sleep(race.put_after_ms / 1000)
-        put = Put(put_replica, leader.route == "u", leader.tenant, leader.user, leader.rid)
+        put = Put(put_replica, leader.route in USER_ROUTES, leader.tenant, leader.user, leader.rid)
         answers = [await self._send(put)]
 
         def read(replica: int, route: str) -> Get:
@@ -868,7 +882,7 @@ class RequestsAndFaults(FaultsOnEveryTopology):
             return current[: max(1, len(current) // 2)]
         other = f"{self.epoch}t{(target.tenant + 1) % TENANTS}"
         body: dict[str, object] = {"tenant": other}
-        if target.route == "u":
+        if target.route in USER_ROUTES:
             body["user"] = f"u{target.user}"
         _, _, rid = self._names(target)
         body.update({"rid": rid, "q": QUERIES[target.q], "version": 0, "by": "A"})
@@ -1029,7 +1043,13 @@ class ClusterFaults(FaultsOnEveryTopology):
                 entry,
                 helper,
                 to,
-                Put(put_replica, entry.route == "u", entry.tenant, entry.user, entry.rid),
+                Put(
+                    put_replica,
+                    entry.route in USER_ROUTES,
+                    entry.tenant,
+                    entry.user,
+                    entry.rid,
+                ),
                 put_ms,
                 hold_ms,
                 batch,

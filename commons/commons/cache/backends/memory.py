@@ -117,8 +117,11 @@ class MemoryStore(LocalStore, ReplicaLocks):
         self._bytes += size
         heapq.heappush(self._expiry_heap, (expires_at, key))
         if scope is not None:
-            tenants = self._index.setdefault(scope.namespace, {})
-            tenants.setdefault(scope.tenant_id, {}).setdefault(scope.user_id, set()).add(key)
+            # A tagged entry is also indexed under each tag's pseudo-namespace (see scope.py).
+            for indexed in scope.index_scopes():
+                tenants = self._index.setdefault(indexed.namespace, {})
+                users = tenants.setdefault(indexed.tenant_id, {})
+                users.setdefault(indexed.user_id, set()).add(key)
         while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
             oldest = next(iter(self._entries))
             self._remove(oldest)
@@ -148,7 +151,8 @@ class MemoryStore(LocalStore, ReplicaLocks):
         self._bytes -= entry.size
         scope = entry.scope
         if scope is not None:
-            self._unindex(key, scope)
+            for indexed in scope.index_scopes():
+                self._unindex(key, indexed)
         return True
 
     def _unindex(self, key: str, scope: CacheScope) -> None:

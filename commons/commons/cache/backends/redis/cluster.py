@@ -87,23 +87,19 @@ class OnCluster(Topology):
         connections (kept by their near caches), else through redis-py (a redirect, an unknown
         slot)."""
         cluster = self.reads
+        if scope.tags:
+            # Each tag's generations live in the tag's own slot (see keyspace.py).
+            return await self._read_through_client(key, scope)
         held = cluster.held(key, scope)
         if held is not None:
             return held
         plan = cluster.begin(key, scope)
         try:
             routed = await cluster.read(key, scope, plan, with_ttl=not self.expiries.knows(key))
-            told = None
-            if routed is not None:
-                replies, told = routed.replies, routed.told
-            else:
-                generation_keys = self.keys.generation_keys(scope)
-                # The entry and its generations live in different slots: the entry first, so an
-                # invalidation between the two reads shows as another generation (a miss).
-                replies = [cast(bytes | None, await self.cluster.get(key))]
-                replies += cast(list[bytes | None], await self.cluster.mget(generation_keys))
-            read, expires_at = await self.stored_read(key, replies, told)
-            if plan is not None and routed is not None and expires_at is not None:
+            if routed is None:
+                return await self._read_through_client(key, scope)
+            read, expires_at = await self.stored_read(key, routed.replies, routed.told)
+            if plan is not None and expires_at is not None:
                 cluster.keep(plan, routed, read, expires_at)
             return read
         except REDIS_FAILURES as exc:
@@ -112,6 +108,23 @@ class OnCluster(Topology):
             if plan is not None:
                 cluster.end(plan)
 
+    def generation_groups(self, scope: CacheScope) -> list[list[str]]:
+        return self.keys.generation_groups(scope)
+
+    async def _read_through_client(self, key: str, scope: CacheScope) -> StoredRead:
+        """A read through redis-py: the entry, then each slot's group of its generations (the
+        scope's own, each tag's) at once."""
+        try:
+            # The entry and its generations live in different slots: the entry first, so an
+            # invalidation between the two reads shows as another generation (a miss).
+            replies = [cast(bytes | None, await self.cluster.get(key))]
+            groups = self.keys.generation_groups(scope)
+            for values in await asyncio.gather(*(self.cluster.mget(group) for group in groups)):
+                replies += cast(list[bytes | None], values)
+            return (await self.stored_read(key, replies, None))[0]
+        except REDIS_FAILURES as exc:
+            raise translate(exc) from exc
+
     async def write(self, fill: Fill) -> bool:
         # The indexes and the generations share the namespace's slot, the entry is elsewhere:
         # index (and generations), entry, index. EVAL rather than EVALSHA: a cluster transaction
@@ -119,9 +132,17 @@ class OnCluster(Topology):
         # compared here (they are in another slot than the entry): a read never serves an entry
         # of another generation anyway. A fill (under a generation) keeps its scope's
         # generations alive as long as its entry, as on one server: made with a short life,
-        # they would otherwise turn the scope's every entry into a miss at once.
+        # they would otherwise turn the scope's every entry into a miss at once. Each tag's
+        # generations are in a slot of their own, kept alive there.
         client, ttl_ms, grace_ms = self.cluster, fill.ttl_ms, fill.grace_ms
         updates = index_updates(self.keys, fill.key, fill.scope)
+        groups = self.keys.generation_groups(fill.scope) if fill.generation else [[]]
+        await asyncio.gather(
+            *(
+                client.eval(KEEP_GENERATIONS, len(group), *group, ttl_ms + grace_ms)
+                for group in groups[1:]
+            )
+        )
 
         async def index(kept_alive: list[str]) -> None:
             # redis-py 8.1 runs a cluster transaction on a client that has not (re)read the slot
@@ -135,7 +156,7 @@ class OnCluster(Topology):
                 pipe.eval(INDEX_ADD, 1, name, member, ttl_ms, grace_ms)
             await pipe.execute()
 
-        await index(self.keys.generation_keys(fill.scope) if fill.generation else [])
+        await index(groups[0])
         await client.set(fill.key, fill.value, px=ttl_ms)
         await index([])
         return True

@@ -148,11 +148,18 @@ class RedisStore(CacheStore, ReplicaLocks):
         return self._topology.read(key, scope)
 
     async def generation(self, scope: CacheScope) -> bytes:
-        keys = self.generation_keys(scope)
+        groups = self._topology.generation_groups(scope)
+        async with errors_translated():
+            if len(groups) == 1:
+                return await self._ensure(groups[0])
+            # On a cluster each tag's generations are in a slot of their own: one script each.
+            return b".".join(await asyncio.gather(*map(self._ensure, groups)))
+
+    async def _ensure(self, keys: list[str]) -> bytes:
+        """The generations under ``keys`` (one slot), each made where missing."""
         fresh = [secrets.token_hex(8) for _ in keys]
         ensure_generations = self._topology.scripts.ensure_generations
-        async with errors_translated():
-            return cast(bytes, await ensure_generations(keys=keys, args=[*fresh, INDEX_GRACE_MS]))
+        return cast(bytes, await ensure_generations(keys=keys, args=[*fresh, INDEX_GRACE_MS]))
 
     async def write(
         self,
@@ -185,7 +192,7 @@ class RedisStore(CacheStore, ReplicaLocks):
         # A fill of this key computed before the deletion must not bring it back; once the
         # generation is retired, the entry is a miss wherever it is read, so removing it only
         # frees its memory.
-        generation_key = self.generation_keys(scope)[-1]
+        generation_key = self._keys.scope_generation_key(scope)
         async with errors_translated():
             view = await self._topology.follow_master()
         try:

@@ -87,6 +87,11 @@ class Topology:
         """The near cache this topology keeps coherent in one piece, if any."""
         return None
 
+    def generation_groups(self, scope: CacheScope) -> list[list[str]]:
+        """The scope's generation keys in the groups one command may read or make together
+        (one server: all of them at once)."""
+        return [self.keys.generation_keys(scope)]
+
     def read_keys(self, key: str, scope: CacheScope) -> list[str]:
         """What a read asks for: the entry, then its scope's generations."""
         return [key, *self.keys.generation_keys(scope)]
