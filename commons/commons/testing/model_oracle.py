@@ -31,10 +31,35 @@ those scopes, is an old read of the item like any other.
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+
+from commons.testing.model_records import (
+    DEGRADED,
+    STALE,
+    Answer,
+    Bounds,
+    Excused,
+    Fault,
+    Item,
+    Update,
+)
+from commons.testing.model_violations import (
+    ForeignBody,
+    MalformedBody,
+    NoAnswer,
+    ServerError,
+    SlowAnswer,
+    StaleHit,
+    StaleLateWrite,
+    StaleMiss,
+    StaleMissedEntry,
+    StaleRead,
+    UnexpectedStatus,
+    Violation,
+    WrongResource,
+)
+from commons.testing.model_windows import WindowLog, percentile
 
 __all__ = [
     "DEGRADED",
@@ -62,238 +87,6 @@ __all__ = [
     "WrongResource",
     "percentile",
 ]
-
-#: A data item: ``("tenant", tenant, rid)`` or ``("user", tenant, user, rid)``.
-Item = tuple[str, ...]
-
-#: The ``X-FastAPI-Cache`` value of a stale-while-revalidate answer.
-STALE = "STALE"
-
-
-# -- what happened ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """One request the driver sent, and what came back.
-
-    Times are the driver's monotonic clock: ``started`` just before the request was sent,
-    ``ended`` once its answer (or its failure) was received.
-    """
-
-    method: str
-    replica: str
-    #: The path and query sent, e.g. ``/t/r0?q=x``.
-    path: str
-    tenant: str
-    user: str | None
-    #: Whether the body must carry ``user`` too (a user-scoped route).
-    user_scoped: bool
-    rid: str
-    q: str | None
-    item: Item
-    started: float
-    ended: float
-    #: The HTTP status; ``None`` when no answer came (``error`` says why).
-    status: int | None
-    body: bytes = b""
-    #: The ``X-FastAPI-Cache`` header, if any.
-    cache: str | None = None
-    error: str | None = None
-    delay_ms: int = 0
-
-    @property
-    def elapsed(self) -> float:
-        return self.ended - self.started
-
-    def document(self) -> dict[str, object] | None:
-        """The body as a JSON object; ``None`` when it is none."""
-        try:
-            parsed = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return parsed if isinstance(parsed, dict) else None
-
-    def version(self) -> int | None:
-        document = self.document()
-        version = None if document is None else document.get("version")
-        return version if isinstance(version, int) and not isinstance(version, bool) else None
-
-    def describe(self, origin: float) -> str:
-        """One line: what was asked, when, and what came back."""
-        who = (
-            self.tenant
-            if self.user is None or not self.user_scoped
-            else f"{self.tenant}/{self.user}"
-        )
-        head = (
-            f"+{self.started - origin:.3f}s {self.method} {self.path} on {self.replica} as {who}"
-            f" ({self.elapsed * 1000:.0f} ms"
-            + (f", handler delay {self.delay_ms} ms" if self.delay_ms else "")
-            + ")"
-        )
-        if self.status is None:
-            return f"{head} -> no answer: {self.error}"
-        document = self.document()
-        if document is None:
-            shown = self.body[:60]
-            return f"{head} -> {self.status} {self.cache or ''} body {shown!r}".replace("  ", " ")
-        details = ", ".join(f"{k}={v}" for k, v in document.items())
-        return f"{head} -> {self.status} {self.cache or '-'} {{{details}}}"
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    """A fault the driver injected, from ``started`` until it was healed at ``ended``."""
-
-    kind: str
-    started: float
-    ended: float
-    #: Redis unreachable (paused, killed): opens a window for freshness.
-    outage: bool
-    detail: str = ""
-    #: Whether a replica may degrade because of it, which excuses old reads for a bounded time
-    #: (:meth:`Model.excuse_degraded`); ``None``: every fault may (a switch-over's failed
-    #: commands, dropped connections), except those the README promises no window for.
-    degrades: bool | None = None
-    #: When every replica was seen back on Redis with nothing pending, if the driver waited
-    #: for it: no outage excuse outlives that (each dropped its memory tier on the way back).
-    healed: float | None = None
-    #: How long after its end this fault excuses old reads, when not :attr:`Bounds.window_seconds`
-    #: (a network fault's: what the README promises after it, e.g. the near cache's maximum age).
-    window: float | None = None
-
-    @property
-    def may_degrade(self) -> bool:
-        return self.degrades is not False
-
-    def window_end(self, window: float) -> float:
-        """The last moment a read may start and be excused by this fault (``window``: the
-        bounds' window, used unless the fault has its own)."""
-        end = self.ended + (window if self.window is None else self.window)
-        return end if self.healed is None else min(end, self.healed)
-
-    def describe(self, origin: float) -> str:
-        extra = f" ({self.detail})" if self.detail else ""
-        return (
-            f"+{self.started - origin:.3f}s..+{self.ended - origin:.3f}s fault {self.kind}{extra}"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    """An acknowledged update: from ``acked`` on, reads of ``item`` owe ``version`` or newer."""
-
-    item: Item
-    version: int
-    acked: float
-    answer: Answer
-
-
-#: The kind of an old read excused because its replica was degraded (see Model.excuse_degraded).
-DEGRADED = "degraded"
-
-
-@dataclass(frozen=True, slots=True)
-class Excused:
-    """A read older than an acknowledged update that the rules excuse, and by what."""
-
-    #: The outage's kind, or ``STALE`` for a stale-while-revalidate answer.
-    kind: str
-    #: Seconds from the missed update's acknowledgement to the read's start.
-    since_update: float
-    #: Seconds from the outage's end to the read's start (negative: during the outage).
-    since_fault_end: float | None
-    answer: Answer
-
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """The limits the oracle holds answers to."""
-
-    #: Longest time any request may take.
-    answer_seconds: float
-    #: How long after an outage ends freshness may still lag (see the module docstring).
-    window_seconds: float
-
-
-# -- what went wrong -------------------------------------------------------------------------------
-
-
-class Violation(AssertionError):
-    """A guarantee one answer broke. Each guarantee is a class of its own, so that a test runner
-    that tells failures apart by their type reports each kind separately."""
-
-    guarantee = "a guarantee"
-
-    def __init__(self, message: str, answer: Answer) -> None:
-        super().__init__(message)
-        self.message = message
-        self.answer = answer
-
-
-class NoAnswer(Violation):
-    guarantee = "every request is answered"
-
-
-class ServerError(Violation):
-    guarantee = "never a 5xx"
-
-
-class UnexpectedStatus(Violation):
-    guarantee = "a read answers 200"
-
-
-class SlowAnswer(Violation):
-    guarantee = "every request is answered within the bound"
-
-
-class MalformedBody(Violation):
-    guarantee = "the body is the handler's answer (JSON with the route's fields)"
-
-
-class ForeignBody(Violation):
-    guarantee = "isolation: never another tenant's or user's body"
-
-
-class WrongResource(Violation):
-    guarantee = "the body is the requested resource and query"
-
-
-class StaleRead(Violation):
-    guarantee = "freshness: a read that starts after an acknowledged update sees it"
-    #: The version the answer carried.
-    version = -1
-
-
-class StaleMiss(StaleRead):
-    """An old version with ``X-FastAPI-Cache: MISS``: the answer was computed for this request,
-    or shared from a computation it joined, and that computation read the data before the update.
-    """
-
-    guarantee = "freshness (MISS): a read sent after an update does not get a value computed before"
-
-
-class StaleHit(StaleRead):
-    """An old version from the cache (``HIT``)."""
-
-    guarantee = "freshness (HIT): no entry older than an acknowledged update is served"
-
-
-class StaleLateWrite(StaleHit):
-    """A ``HIT`` on a value that a computation overlapping the update (it was still running when
-    the update started) had read: it was most likely stored after the update's invalidation."""
-
-    guarantee = (
-        "freshness (HIT): a value computed before an update is not stored after its invalidation"
-    )
-
-
-class StaleMissedEntry(StaleHit):
-    """A ``HIT`` on an entry that was already stored before the update started, and that no
-    computation overlapping the update could have written again: the invalidation missed it."""
-
-    guarantee = "freshness (HIT): an update's invalidation removes every entry stored before it"
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -588,78 +381,6 @@ class Model:
         if version is None:
             return None
         return self.first_missed(violation.answer.item, version, violation.answer.started)
-
-
-# -- windows ---------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` percentile (0..100) of ``values`` by nearest rank; 0.0 when empty."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[rank]
-
-
-@dataclass
-class WindowLog:
-    """Excused reads gathered over a whole run, summarised per kind of fault."""
-
-    since_update: dict[str, list[float]] = field(default_factory=dict)
-    since_fault_end: dict[str, list[float]] = field(default_factory=dict)
-    faults: dict[str, int] = field(default_factory=dict)
-    #: How long each fault lasted (start to healed: for a failover, until the promotion).
-    fault_seconds: dict[str, list[float]] = field(default_factory=dict)
-    #: Kinds of fault that are outages (open a window).
-    outages: set[str] = field(default_factory=set)
-    reads: int = 0
-    examples: int = 0
-
-    def add(self, model: Model) -> None:
-        self.examples += 1
-        self.reads += sum(1 for answer in model.answers if answer.method == "GET")
-        for fault in model.faults:
-            self.faults[fault.kind] = self.faults.get(fault.kind, 0) + 1
-            self.fault_seconds.setdefault(fault.kind, []).append(fault.ended - fault.started)
-            if fault.outage:
-                self.outages.add(fault.kind)
-        for excused in [*model.excused, *model.stale]:
-            self.since_update.setdefault(excused.kind, []).append(excused.since_update)
-            if excused.since_fault_end is not None:
-                self.since_fault_end.setdefault(excused.kind, []).append(excused.since_fault_end)
-
-    def lines(self) -> list[str]:
-        """A small table: per kind, how many old reads were excused and how late they came."""
-        out = [
-            f"{self.examples} examples run (shrinking's included), {self.reads} reads; faults: "
-            + (", ".join(f"{k} x{n}" for k, n in sorted(self.faults.items())) or "none")
-        ]
-        if self.fault_seconds:
-            out.append(
-                "faults lasted (max, ms): "
-                + ", ".join(
-                    f"{kind} {max(values) * 1000:.0f}"
-                    + (" (outage: opens a window)" if kind in self.outages else " (no window)")
-                    for kind, values in sorted(self.fault_seconds.items())
-                )
-            )
-        if not self.since_update:
-            out.append("no read older than an acknowledged update was excused")
-            return out
-        out.append(
-            "excused old reads  | count | after the update: max / p99 (ms) "
-            "| after the fault ended: max (ms)"
-        )
-        for kind in sorted(self.since_update):
-            values = self.since_update[kind]
-            ends = self.since_fault_end.get(kind, [])
-            after_end = f"{max(ends) * 1000:.0f}" if ends else "-"
-            out.append(
-                f"{kind:<18} | {len(values):>5} | {max(values) * 1000:.0f} / "
-                f"{percentile(values, 99) * 1000:.0f} | {after_end}"
-            )
-        return out
 
 
 def _period_overlapping(
