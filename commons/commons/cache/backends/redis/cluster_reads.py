@@ -47,7 +47,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -100,7 +100,8 @@ class _Route(NamedTuple):
     slots: tuple[int, ...]
     commands: tuple[bytes, ...]
     owners: tuple[ClusterNode | None, ...] = ()
-    primaries: tuple[_Primary | None, ...] = ()
+    #: Per command, the primary it goes to; empty unless each slot has one here.
+    primaries: tuple[_Primary, ...] = ()
     #: Per command, its primary's near cache; empty unless each of them has one.
     nears: tuple[NearCache, ...] = ()
     #: For each generation key, its group's primary's near cache (empty as ``nears``).
@@ -118,7 +119,8 @@ class ClusterRead(NamedTuple):
 
 
 def _resolved(route: _Route, slots: dict[int, list[ClusterNode]]) -> bool:
-    """Whether ``route`` was resolved for the primaries the slot map ``slots`` names now."""
+    """Whether ``route`` was resolved for the primaries the slot map ``slots`` names now (and
+    found a primary for each)."""
     if not route.primaries:
         return False
     for index, slot in enumerate(route.slots):
@@ -200,8 +202,7 @@ class ClusterReads:
                     began.end(ticket_of)
                 return None
             tickets.append(ticket)
-        primaries = cast(tuple[_Primary, ...], route.primaries)  # each one has a near cache
-        return ClusterReadPlan(primaries, nears, tuple(tickets), route.generation_keys)
+        return ClusterReadPlan(route.primaries, nears, tuple(tickets), route.generation_keys)
 
     def start(self) -> None:
         """Opens every known primary's near cache (in the background), so that the first reads
@@ -257,9 +258,9 @@ class ClusterReads:
         """
         route = self._route(key, scope)
         primaries = plan.primaries if plan is not None else route.primaries
-        if None in primaries:
+        if not primaries:
             return None
-        entry = cast(_Primary, primaries[0])
+        entry = primaries[0]
         tracked = plan is not None
         told = None
         try:
@@ -274,12 +275,12 @@ class ClusterReads:
                 value, entry_session = await self._ask(entry, route.commands[0], 1, tracked)
             if len(route.groups) == 1:  # untagged: no task of its own
                 values, session = await self._ask(
-                    cast(_Primary, primaries[1]), route.commands[1], len(route.groups[0]), tracked
+                    primaries[1], route.commands[1], len(route.groups[0]), tracked
                 )
                 return ClusterRead([value[0], *values], (entry_session, session), told)
             answers = await asyncio.gather(
                 *(
-                    self._ask(cast(_Primary, primary), command, len(keys), tracked)
+                    self._ask(primary, command, len(keys), tracked)
                     for primary, command, keys in zip(
                         primaries[1:], route.commands[1:], route.groups, strict=True
                     )
@@ -313,12 +314,11 @@ class ClusterReads:
             owners_now = tuple(
                 owners[0] if (owners := slots.get(slot)) else None for slot in known.slots
             )
-            primaries = tuple(map(self._primary_of, owners_now))
-            nears = tuple(
-                primary.near
-                for primary in primaries
-                if primary is not None and primary.near is not None
-            )
+            found = [self._primary_of(owner) for owner in owners_now]
+            primaries = tuple(primary for primary in found if primary is not None)
+            if len(primaries) != len(found):
+                primaries = ()
+            nears = tuple(primary.near for primary in primaries if primary.near is not None)
             if len(nears) != len(primaries):
                 nears = ()
             known = known._replace(
