@@ -236,8 +236,9 @@ def _result(
         "are not removed: they expire with their time to live). Hits: "
         f"{requests:,} requests per route and round, one at a time, in-process through FastAPI; "
         "an entry with k tags depends on 3 + 3k generations at user scope, here 1 + k "
-        "(global entries). On a cluster a tagged entry is read through redis-py (the entry, then "
-        "each slot's generations at once) and not kept by the near cache."
+        "(global entries). On a cluster a tagged entry is read as an untagged one, per primary "
+        "(the entry, then each slot's generations at once), and held by the primaries' near "
+        "caches."
     )
     return {
         "name": "tags",

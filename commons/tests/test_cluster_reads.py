@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,7 +28,7 @@ from commons.cache.backends.redis import RedisStore
 from commons.cache.backends.redis.cluster import OnCluster
 from commons.cache.backends.redis.near import FlushReason, NearCache
 from commons.cache.keyspace import Keyspace
-from commons.cache.scope import CacheScope, InvalidationTarget
+from commons.cache.scope import CacheScope, InvalidationTarget, tag_namespace
 from commons.cache.settings import CacheSettings
 from commons.testing.events import NEAR_CACHE_BACKGROUND_COMMANDS as BACKGROUND_COMMANDS
 from commons.testing.events import RecordedEvents as Recorder
@@ -67,14 +68,15 @@ def read_commands(cluster: LocalRedisCluster) -> dict[int, int]:
     return counts
 
 
-def cluster_store(url: str, recorder: Recorder | None) -> RedisStore:
-    settings = CacheSettings(  # type: ignore[call-arg]
+def cluster_store(url: str, recorder: Recorder | None, **settings: Any) -> RedisStore:
+    configured = CacheSettings(  # type: ignore[call-arg]
         REDIS_URL=url,
         CACHE_PREFIX=PREFIX,
         REDIS_SOCKET_TIMEOUT_SECONDS=0.5,
         CACHE_NEAR_CACHE_MAX_BYTES=3 << 20,
+        **settings,
     )
-    return redis_store(settings, serving=recorder)
+    return redis_store(configured, serving=recorder)
 
 
 def near_caches(store: RedisStore) -> list[NearCache]:
@@ -265,6 +267,134 @@ async def test_without_the_near_cache_every_hit_reads_its_primaries(
         assert sum(read_commands(redis_cluster).values()) - before == 20  # an MGET on each side
     finally:
         await redis.aclose()
+
+
+# -- tagged entries: each tag's generations in the tag's own slot -----------------------------
+
+TAGGED_TENANT = TENANTS[0]
+TAGGED_KEY = f"{PREFIX}:{NAMESPACE}:tenant_{TAGGED_TENANT}:/tagged"
+
+
+def tagged_scope(*tags: str) -> CacheScope:
+    return CacheScope(NAMESPACE, TAGGED_TENANT, tags=tags)
+
+
+def primary_port(cluster: LocalRedisCluster, key: str) -> int:
+    return cluster.owner_of_slot(cluster.key_slot(key)).port
+
+
+def tag_primary_port(cluster: LocalRedisCluster, tag: str) -> int:
+    """The port of the primary holding ``tag``'s generations (the tagged scope's second group)."""
+    return primary_port(cluster, Keyspace(PREFIX).generation_groups(tagged_scope(tag))[1][0])
+
+
+def tags_held_by(cluster: LocalRedisCluster, ports: list[int]) -> tuple[str, ...]:
+    """One tag per port of ``ports``, whose generations that primary holds."""
+    tags: list[str] = []
+    for port in ports:
+        candidates = (f"item:{n}" for n in range(1000) if f"item:{n}" not in tags)
+        tags.append(next(tag for tag in candidates if tag_primary_port(cluster, tag) == port))
+    return tuple(tags)
+
+
+def third_primary(cluster: LocalRedisCluster) -> int:
+    """A primary that holds neither the tagged entry nor its namespace's generations."""
+    taken = {
+        primary_port(cluster, TAGGED_KEY),
+        primary_port(cluster, Keyspace(PREFIX).generation_keys(tagged_scope())[0]),
+    }
+    return next(n.port for n in cluster.current_primaries() if n.port not in taken)
+
+
+async def fill_and_hold(store: RedisStore, recorder: Recorder, scope: CacheScope) -> bytes:
+    """Writes the tagged entry under ``scope``'s generations, then reads it until the near caches
+    answer it; the generations it was written under."""
+    generation = await store.generation(scope)
+    assert await store.write(TAGGED_KEY, b"tagged", 60, scope, generation)
+
+    async def held() -> bool:
+        hits = recorder.near_hits
+        read = await store.read(TAGGED_KEY, scope)
+        assert (read.value, read.generation) == (b"tagged", generation)
+        return recorder.near_hits > hits
+
+    await eventually(held, "the tagged entry held")
+    return generation
+
+
+@pytest.mark.parametrize("tag_count", [1, 3])
+async def test_a_held_tagged_entry_is_answered_with_no_command_sent_wherever_its_tags_live(
+    redis_cluster_url: str, redis_cluster: LocalRedisCluster, tag_count: int
+) -> None:
+    """One tag on a primary holding neither the entry nor its namespace's generations; three
+    tags on the three primaries, one each."""
+    recorder = Recorder()
+    # Confirmations are MGETs too: none is due while the reads are counted.
+    redis = cluster_store(redis_cluster_url, recorder, CACHE_NEAR_CACHE_MAX_AGE_SECONDS=300)
+    await redis.ping()
+    try:
+        if tag_count == 1:
+            ports = [third_primary(redis_cluster)]
+        else:
+            ports = sorted(node.port for node in redis_cluster.current_primaries())
+        scope = tagged_scope(*tags_held_by(redis_cluster, ports))
+        assert len({tag_primary_port(redis_cluster, tag) for tag in scope.tags}) == tag_count
+        generation = await fill_and_hold(redis, recorder, scope)
+        before, hits = read_commands(redis_cluster), recorder.near_hits
+
+        for _ in range(5):
+            read = await redis.read(TAGGED_KEY, scope)
+            assert (read.value, read.generation) == (b"tagged", generation)
+
+        assert read_commands(redis_cluster) == before
+        assert recorder.near_hits - hits == 5
+    finally:
+        await redis.aclose()
+
+
+async def test_another_stores_invalidation_of_a_tag_on_a_third_primary_misses_the_held_entry(
+    store: RedisStore, other: RedisStore, recorder: Recorder, redis_cluster: LocalRedisCluster
+) -> None:
+    """The tag's generations are on neither the entry's primary nor the namespace's: the tag
+    primary's message drops them, and with them the entry held elsewhere."""
+    (tag,) = tags_held_by(redis_cluster, [third_primary(redis_cluster)])
+    scope = tagged_scope(tag, "insights")
+    generation = await fill_and_hold(store, recorder, scope)
+    messages = recorder.messages
+
+    await other.invalidate(InvalidationTarget(tag_namespace(tag), TAGGED_TENANT))
+    loop = asyncio.get_running_loop()
+    returned = loop.time()
+    while (await store.read(TAGGED_KEY, scope)).generation == generation:
+        assert loop.time() - returned < COHERENCE_SECONDS, "the tagged entry still held"
+        await asyncio.sleep(0.001)
+
+    assert recorder.messages > messages
+    untagged = await store.read(key_of(TAGGED_TENANT), scope_of(TAGGED_TENANT))
+    assert untagged.value == b"v1"
+
+
+async def test_losing_the_subscriber_of_a_tags_primary_makes_its_tagged_entries_miss(
+    store: RedisStore, recorder: Recorder, redis_cluster: LocalRedisCluster
+) -> None:
+    """The entry and its namespace's generations are held by primaries whose sessions go on;
+    the subscribed connection of the primary holding the tag's generations is killed."""
+    port = third_primary(redis_cluster)
+    (tag,) = tags_held_by(redis_cluster, [port])
+    scope = tagged_scope(tag)
+    generation = await fill_and_hold(store, recorder, scope)
+    [owner] = [node for node in redis_cluster.current_primaries() if node.port == port]
+
+    killed = owner.command("CLIENT", "KILL", "TYPE", "pubsub")
+    assert killed != b":0\r\n", "no subscribed connection on the tag's primary"
+    hits = recorder.near_hits
+    await eventually(
+        lambda: _true(FlushReason.TRACKING_LOST in recorder.flushes), "the loss noticed"
+    )
+
+    read = await store.read(TAGGED_KEY, scope)
+    assert (read.value, read.generation) == (b"tagged", generation)
+    assert recorder.near_hits == hits
 
 
 # -- a half-open read connection to one primary, on real processes -------------------------------

@@ -75,7 +75,7 @@ class OnCluster(Topology):
         self._slot_map_read_at = 0.0
         self.reads = ClusterReads(
             client,
-            names.generation_keys,
+            names.generation_groups,
             timeout=budget,
             max_pending=PIPELINED_READS_MAX_PENDING,
             near_cache=near_cache,
@@ -85,11 +85,9 @@ class OnCluster(Topology):
     async def read(self, key: str, scope: CacheScope) -> StoredRead:
         """What the primaries' near caches hold, else a read on the slots' primaries' pipelined
         connections (kept by their near caches), else through redis-py (a redirect, an unknown
-        slot)."""
+        slot). A tagged entry's too: each tag's generations, in the tag's own slot (see
+        ``keyspace.py``), are one more group read on its primary and held by its near cache."""
         cluster = self.reads
-        if scope.tags:
-            # Each tag's generations live in the tag's own slot (see keyspace.py).
-            return await self._read_through_client(key, scope)
         held = cluster.held(key, scope)
         if held is not None:
             return held

@@ -2,9 +2,10 @@
 
 redis-py's cluster client spends most of a hit's time around each command: finding the slot's
 node, checking a connection out of that node's pool and back in, arming a read, parsing. A hit on
-a cluster is two commands (the entry, then its scope's generations, which live in the
-namespace's slot), so it paid that twice: a cluster answered 0.27x the hits of one node from one
-process. Here each primary gets a
+a cluster is two commands or more (the entry, then its scope's generations, which live in the
+namespace's slot, and each tag's, each in the tag's own slot: one *group* per slot, see
+``keyspace.py``), so it paid that each time: a cluster answered 0.27x the hits of one node from
+one process (a tagged hit 0.34x of an untagged one). Here each primary gets a
 :class:`~commons.cache.backends.redis.pipelined_reads.PipelinedReader` of its own, opened with
 the node's connection settings, and a read goes to the primary that redis-py's slot map names for
 its key.
@@ -17,8 +18,8 @@ redis-py's own path (:meth:`ClusterReads.read` returns ``None``), which follows 
 refreshes the slot map and retries as it always has. A timeout is not retried there: it is an
 outage, as on one server, and the caller's breaker counts it.
 
-The order of the two reads is kept (the entry first, then the generations): an invalidation in
-between shows as another generation, a miss.
+The order of the reads is kept (the entry first, then the groups of generations, each on its
+slot's primary, at once): an invalidation in between shows as another generation, a miss.
 
 The near cache, per primary
 ---------------------------
@@ -27,10 +28,11 @@ Redis announces the changes of the keys a connection tracks (the generations' pr
 connection on that same server. So each primary gets its own
 :class:`~commons.cache.backends.redis.near.NearCache` (its subscribed connection, its sessions),
 with ``1/n`` of the configured bounds for ``n`` primaries. An entry is kept by its slot's primary's
-near cache, its generations by their namespace slot's primary's, and the entry is answered only
-while that near cache holds the generations it was read with: whatever drops one of them (a message,
-a lost or silent connection on that other primary) makes the entry miss. A hit is answered only
-while the generations' primary's session is confirmed too. A ``MOVED`` or ``ASK`` from a primary
+near cache, each group of its generations by its slot's primary's (the scope's: the namespace's
+slot; a tag's: the tag's), and the entry is answered only while every one of those near caches
+holds the generations it was read with: whatever drops one of them (a message, a lost or silent
+connection on that other primary) makes the entry miss. A hit is answered only while each of those
+primaries' sessions is confirmed too. A ``MOVED`` or ``ASK`` from a primary
 empties its near cache (reason ``moved``): it no longer serves a slot it may hold keys of. A
 generation's slot migrated away deletes it on the old owner, which announces it like any deletion
 (an entry's slot migrated away leaves the entry right: it is still checked against its generations);
@@ -41,6 +43,7 @@ when it does.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,42 +77,57 @@ class _Primary:
 
 
 class ClusterReadPlan(NamedTuple):
-    """A read under way whose result the near caches may keep (see :meth:`ClusterReads.begin`)."""
+    """A read under way whose result the near caches may keep (see :meth:`ClusterReads.begin`):
+    for each of its commands (the entry's, then each group's), the primary it goes to, that
+    primary's near cache and the ticket the read holds there."""
 
-    entry_primary: _Primary
-    entry_near: NearCache
-    entry_ticket: ReadTicket
-    generations_primary: _Primary
-    generations_near: NearCache
-    generations_ticket: ReadTicket
+    primaries: tuple[_Primary, ...]
+    nears: tuple[NearCache, ...]
+    tickets: tuple[ReadTicket, ...]
+    #: The entry's generations, group after group.
+    generation_keys: tuple[str, ...]
 
 
 class _Route(NamedTuple):
-    """Where a read of one key goes: its two commands encoded, their slots, and the primaries
-    the slot map named for them when the route was last resolved."""
+    """Where a read of one key goes: its commands encoded (the entry's ``MGET``, then one per
+    group of generations), their slots, and the primaries the slot map named for them when the
+    route was last resolved."""
 
-    generation_keys: list[str]
-    entry_slot: int
-    generations_slot: int
-    entry_command: bytes
-    generations_command: bytes
-    entry_owner: ClusterNode | None = None
-    entry_primary: _Primary | None = None
-    generations_owner: ClusterNode | None = None
-    generations_primary: _Primary | None = None
-    #: The two primaries' near caches (``None`` without).
-    entry_near: NearCache | None = None
-    generations_near: NearCache | None = None
+    #: The scope's tags the groups were worked out for.
+    tags: tuple[str, ...]
+    groups: tuple[tuple[str, ...], ...]
+    generation_keys: tuple[str, ...]
+    slots: tuple[int, ...]
+    commands: tuple[bytes, ...]
+    owners: tuple[ClusterNode | None, ...] = ()
+    #: Per command, the primary it goes to; empty unless each slot has one here.
+    primaries: tuple[_Primary, ...] = ()
+    #: Per command, its primary's near cache; empty unless each of them has one.
+    nears: tuple[NearCache, ...] = ()
+    #: For each generation key, its group's primary's near cache (empty as ``nears``).
+    generations_from: tuple[NearCache, ...] = ()
 
 
 class ClusterRead(NamedTuple):
-    """The replies of one read and the tracking sessions they came in (``None``: untracked)."""
+    """The replies of one read and, per command (the entry's, then each group's), the tracking
+    session its reply came in (``None``: untracked)."""
 
     replies: list[bytes | None]
-    entry_session: int | None
-    generations_session: int | None
+    sessions: tuple[int | None, ...]
     #: The entry's time to live, when the read asked for it in the entry's round trip.
     told: ToldExpiry | None = None
+
+
+def _resolved(route: _Route, slots: dict[int, list[ClusterNode]]) -> bool:
+    """Whether ``route`` was resolved for the primaries the slot map ``slots`` names now (and
+    found a primary for each)."""
+    if not route.primaries:
+        return False
+    for index, slot in enumerate(route.slots):
+        owners = slots.get(slot)
+        if (owners[0] if owners else None) is not route.owners[index]:
+            return False
+    return True
 
 
 class ClusterReads:
@@ -117,7 +135,8 @@ class ClusterReads:
 
     Args:
         client: The cluster client whose slot map routes the reads.
-        generation_keys: The keys of the generations an entry of a scope depends on.
+        generation_groups: The keys of the generations an entry of a scope depends on, one
+            group per slot (``Keyspace.generation_groups``).
         timeout: Seconds a read waits for its reply.
         max_pending: Reads that may wait on one primary at once.
         near_cache: The configured near cache, whose events and bounds the primaries' near
@@ -129,7 +148,7 @@ class ClusterReads:
     def __init__(
         self,
         client: RedisCluster,
-        generation_keys: Callable[[CacheScope], list[str]],
+        generation_groups: Callable[[CacheScope], list[list[str]]],
         *,
         timeout: float,
         max_pending: int,
@@ -138,7 +157,7 @@ class ClusterReads:
     ) -> None:
         self._client = client
         self._tracked_prefixes = tracked_prefixes
-        self._generation_keys = generation_keys
+        self._generation_groups = generation_groups
         self._timeout = timeout
         self._max_pending = max_pending
         self._near_cache = near_cache
@@ -163,32 +182,27 @@ class ClusterReads:
         successor's writes), and whatever ends its session empties it.
         """
         route = self._routes.get(key)
-        if route is None or route.entry_near is None or route.generations_near is None:
+        if route is None or not route.nears or route.tags != scope.tags:
             return None
-        return route.entry_near.get(key, scope.namespace, route.generations_near)
+        return route.nears[0].get(key, scope.namespace, route.generations_from)
 
     def begin(self, key: str, scope: CacheScope) -> ClusterReadPlan | None:
-        """Registers a read about to be sent with both near caches; ``None`` when nothing could
-        be kept (no near cache, no confirmed session, an unknown slot)."""
+        """Registers a read about to be sent with the near caches of its primaries; ``None``
+        when nothing could be kept (no near cache, no confirmed session, an unknown slot)."""
         route = self._route(key, scope)
-        entry, generations = route.entry_primary, route.generations_primary
-        if entry is None or generations is None:
+        nears = route.nears
+        if not nears:
             return None
-        entry_near, generations_near = entry.near, generations.near
-        if entry_near is None or generations_near is None:
-            return None
-        entry_near.start()
-        generations_near.start()
-        entry_ticket = entry_near.begin([key])
-        if entry_ticket is None:
-            return None
-        generations_ticket = generations_near.begin(route.generation_keys)
-        if generations_ticket is None:
-            entry_near.end(entry_ticket)
-            return None
-        return ClusterReadPlan(
-            entry, entry_near, entry_ticket, generations, generations_near, generations_ticket
-        )
+        tickets: list[ReadTicket] = []
+        for near, keys in zip(nears, ((key,), *route.groups), strict=True):
+            near.start()
+            ticket = near.begin(list(keys))
+            if ticket is None:
+                for began, ticket_of in zip(nears, tickets, strict=False):
+                    began.end(ticket_of)
+                return None
+            tickets.append(ticket)
+        return ClusterReadPlan(route.primaries, nears, tuple(tickets), route.generation_keys)
 
     def start(self) -> None:
         """Opens every known primary's near cache (in the background), so that the first reads
@@ -199,27 +213,29 @@ class ClusterReads:
                 primary.near.start()
 
     def keep(self, plan: ClusterReadPlan, read: ClusterRead, stored: StoredRead, at: float) -> None:
-        """Keeps what the read of ``plan`` found (``stored``, expiring ``at``), if both near
-        caches still know it to be current."""
+        """Keeps what the read of ``plan`` found (``stored``, expiring ``at``), if every near
+        cache still knows it to be current: each group's generations by its own, then the entry
+        by its own."""
         if stored.value is None or stored.generation is None:
             return
-        held = plan.generations_near.hold_generations(
-            plan.generations_ticket, read.generations_session, stored.generation
-        )
-        if held is not None:
-            plan.entry_near.keep_entry(
-                plan.entry_ticket,
-                read.entry_session,
-                stored,
-                at,
-                plan.generations_ticket.keys,
-                held,
+        values = stored.generation.split(b".")
+        held: tuple[bytes, ...] = ()
+        groups = zip(plan.nears[1:], plan.tickets[1:], read.sessions[1:], strict=True)
+        for near, ticket, session in groups:
+            count = len(ticket.keys)
+            group = near.hold_generations(ticket, session, values[len(held) : len(held) + count])
+            if group is None:
+                return
+            held += group
+        if len(held) == len(values):
+            plan.nears[0].keep_entry(
+                plan.tickets[0], read.sessions[0], stored, at, plan.generation_keys, held
             )
 
     def end(self, plan: ClusterReadPlan) -> None:
         """The read of ``plan`` is over (kept or not)."""
-        plan.entry_near.end(plan.entry_ticket)
-        plan.generations_near.end(plan.generations_ticket)
+        for near, ticket in zip(plan.nears, plan.tickets, strict=True):
+            near.end(ticket)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -231,22 +247,20 @@ class ClusterReads:
         *,
         with_ttl: bool = False,
     ) -> ClusterRead | None:
-        """The entry under ``key``, then its ``scope``'s generations, read on their slots'
-        primaries (``plan``'s, when the near caches wait for them); ``None`` when the slot map
-        cannot route them here (the caller then reads through redis-py). ``with_ttl``: the
-        entry's ``PTTL`` goes in the entry's round trip (:meth:`PipelinedReader.mget_with_ttl`).
+        """The entry under ``key``, then its ``scope``'s groups of generations at once, read on
+        their slots' primaries (``plan``'s, when the near caches wait for them); ``None`` when
+        the slot map cannot route them here (the caller then reads through redis-py).
+        ``with_ttl``: the entry's ``PTTL`` goes in the entry's round trip
+        (:meth:`PipelinedReader.mget_with_ttl`).
 
         Raises:
             redis.exceptions.RedisError: A timeout, or an error reply that is not about routing.
         """
         route = self._route(key, scope)
-        if plan is not None:
-            entry, generations = plan.entry_primary, plan.generations_primary
-        else:
-            found_entry, found_generations = route.entry_primary, route.generations_primary
-            if found_entry is None or found_generations is None:
-                return None
-            entry, generations = found_entry, found_generations
+        primaries = plan.primaries if plan is not None else route.primaries
+        if not primaries:
+            return None
+        entry = primaries[0]
         tracked = plan is not None
         told = None
         try:
@@ -254,57 +268,70 @@ class ClusterReads:
                 sent_at = time.monotonic()
                 ttl_command = encode_command(b"PTTL", [key])
                 value, entry_session, ttl_ms = await self._ask_with_ttl(
-                    entry, route.entry_command, ttl_command
+                    entry, route.commands[0], ttl_command
                 )
                 told = ToldExpiry(sent_at, ttl_ms)
             else:
-                value, entry_session = await self._ask(entry, route.entry_command, 1, tracked)
-            values, generations_session = await self._ask(
-                generations, route.generations_command, len(route.generation_keys), tracked
+                value, entry_session = await self._ask(entry, route.commands[0], 1, tracked)
+            if len(route.groups) == 1:  # untagged: no task of its own
+                values, session = await self._ask(
+                    primaries[1], route.commands[1], len(route.groups[0]), tracked
+                )
+                return ClusterRead([value[0], *values], (entry_session, session), told)
+            answers = await asyncio.gather(
+                *(
+                    self._ask(primary, command, len(keys), tracked)
+                    for primary, command, keys in zip(
+                        primaries[1:], route.commands[1:], route.groups, strict=True
+                    )
+                )
             )
         except _Rerouted:
             return None
-        return ClusterRead([value[0], *values], entry_session, generations_session, told)
+        replies = [value[0]]
+        for values, _ in answers:
+            replies += values
+        return ClusterRead(replies, (entry_session, *(each for _, each in answers)), told)
 
     def _route(self, key: str, scope: CacheScope) -> _Route:
-        """Where the reads of ``key`` go and what they send, worked out once per key (a key's
-        text names its scope, so its generations' keys are a function of it) and resolved
-        again whenever the slot map names other primaries for it."""
+        """Where the reads of ``key`` go and what they send, worked out once per key and tags (a
+        key's text names its scope, the tags come with it, so its generations' keys are a
+        function of both) and resolved again whenever the slot map names other primaries for
+        it."""
         known = self._routes.get(key)
-        if known is None:
+        if known is None or known.tags != scope.tags:
             keyslot = self._client.keyslot
-            generation_keys = self._generation_keys(scope)
+            groups = tuple(tuple(group) for group in self._generation_groups(scope))
             known = _Route(
-                generation_keys,
-                keyslot(key),
-                keyslot(generation_keys[0]),
-                encode_command(b"MGET", [key]),
-                encode_command(b"MGET", generation_keys),
+                scope.tags,
+                groups,
+                tuple(generation_key for group in groups for generation_key in group),
+                (keyslot(key), *(keyslot(group[0]) for group in groups)),
+                tuple(encode_command(b"MGET", list(keys)) for keys in ((key,), *groups)),
             )
         slots = self._client.nodes_manager.slots_cache
-        entry_owners = slots.get(known.entry_slot)
-        generations_owners = slots.get(known.generations_slot)
-        entry_owner = entry_owners[0] if entry_owners else None
-        generations_owner = generations_owners[0] if generations_owners else None
-        if (
-            entry_owner is not known.entry_owner
-            or generations_owner is not known.generations_owner
-            or known.entry_primary is None
-        ):
-            entry_primary = self._primary_of(entry_owner)
-            generations_primary = self._primary_of(generations_owner)
-            known = known._replace(
-                entry_owner=entry_owner,
-                entry_primary=entry_primary,
-                generations_owner=generations_owner,
-                generations_primary=generations_primary,
-                entry_near=entry_primary.near if entry_primary is not None else None,
-                generations_near=(
-                    generations_primary.near if generations_primary is not None else None
-                ),
+        if not _resolved(known, slots):
+            owners_now = tuple(
+                owners[0] if (owners := slots.get(slot)) else None for slot in known.slots
             )
-            size = 2 * (len(known.entry_command) + len(known.generations_command)) + 256
-            self._routes.put(key, known, size)
+            found = [self._primary_of(owner) for owner in owners_now]
+            primaries = tuple(primary for primary in found if primary is not None)
+            if len(primaries) != len(found):
+                primaries = ()
+            nears = tuple(primary.near for primary in primaries if primary.near is not None)
+            if len(nears) != len(primaries):
+                nears = ()
+            known = known._replace(
+                owners=owners_now,
+                primaries=primaries,
+                nears=nears,
+                generations_from=tuple(
+                    near for near, group in zip(nears[1:], known.groups, strict=True) for _ in group
+                )
+                if nears
+                else (),
+            )
+            self._routes.put(key, known, 2 * sum(map(len, known.commands)) + 256)
         return known
 
     async def _ask(

@@ -67,8 +67,8 @@ the least recently used entries go first. An entry larger than a sixty-fourth of
 is not kept.
 
 One server's reads use one near cache; on a cluster each primary has its own
-(``cluster_reads.py``), and an entry held by one may depend on generations held by another (see
-:meth:`NearCache.keep_entry`). Behind Sentinel the reads take redis-py's path and nothing is kept.
+(``cluster_reads.py``), and an entry held by one may depend on generations held by others (its
+scope's, each tag's: see :meth:`NearCache.get`). Behind Sentinel nothing is kept.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Final, NamedTuple
 
 from commons.cache.backends.base import StoredRead
@@ -203,12 +204,13 @@ class NearCache:
     # -- the hit path ----------------------------------------------------------------------------
 
     def get(
-        self, key: str, namespace: str, generations_from: NearCache | None = None
+        self, key: str, namespace: str, generations_from: tuple[NearCache, ...] = ()
     ) -> StoredRead | None:
         """The read of ``key`` as Redis would answer it now, if held; ``None`` otherwise.
 
-        ``generations_from``: the near cache holding the entry's generations, when another
-        server's (a cluster's): its session must be confirmed too.
+        ``generations_from``: on a cluster, for each of the entry's generations in order, the
+        near cache holding it (perhaps another server's, see ``cluster_reads.py``); each one's
+        session must be confirmed too. Empty: this near cache holds them all.
         """
         entry = self._entries.get(key)
         if entry is None:
@@ -218,18 +220,20 @@ class NearCache:
         if now - tracking.heard_at > SILENCE_LIMIT_SECONDS:
             tracking.lose(FlushReason.SILENCE)
             return None
-        owner = self
-        if generations_from is not None:
-            if not generations_from.confirmed(now):
-                return None
-            owner = generations_from
-        held, confirmed = owner._generations, owner._confirmed
         value, expires_at, generation, generation_keys, generation_values, _ = entry
         if expires_at <= now:
             self._drop_entry(key)
             return None
+        if generations_from and len(generations_from) != len(generation_keys):
+            return None  # kept under other tags than this read carries
+        held, confirmed, owner = self._generations, self._confirmed, None
         confirmed_after = now - self._max_age
         for index, generation_key in enumerate(generation_keys):
+            if generations_from and (source := generations_from[index]) is not owner:
+                # The first of a group: its near cache's session must be confirmed too.
+                if not source.tracking.confirmed(now):
+                    return None
+                held, confirmed, owner = source._generations, source._confirmed, source
             if held.get(generation_key) != generation_values[index]:
                 # Dropped (changed, announced, evicted) since the entry was kept.
                 self._drop_entry(key)
@@ -282,18 +286,18 @@ class NearCache:
             return
         entry_ticket = ticket._replace(keys=ticket.keys[:1])
         generations_ticket = ticket._replace(keys=ticket.keys[1:])
-        generations = self.hold_generations(generations_ticket, tracked_in, read.generation)
+        values = read.generation.split(b".")
+        generations = self.hold_generations(generations_ticket, tracked_in, values)
         if generations is not None:
             self.keep_entry(
                 entry_ticket, tracked_in, read, expires_at, generations_ticket.keys, generations
             )
 
     def hold_generations(
-        self, ticket: ReadTicket, tracked_in: int | None, joined: bytes
+        self, ticket: ReadTicket, tracked_in: int | None, values: Sequence[bytes]
     ) -> tuple[bytes, ...] | None:
-        """Holds the generations the read of ``ticket`` (their keys) found, ``joined`` as a read
-        reports them; ``None`` (nothing held) if they are not known to be current."""
-        values = joined.split(b".")
+        """Holds the generations the read of ``ticket`` (their keys) found, ``values`` in the
+        same order; ``None`` (nothing held) if they are not known to be current."""
         if len(values) != len(ticket.keys) or not self._admits(ticket, tracked_in):
             return None
         sent_at = ticket.sent_at
@@ -311,9 +315,9 @@ class NearCache:
         generation_keys: tuple[str, ...],
         generation_values: tuple[bytes, ...],
     ) -> None:
-        """Keeps the entry the read of ``ticket`` (its one key) found, valid while the near cache
-        holding its generations (this one, or another server's) holds ``generation_values``
-        under ``generation_keys`` (as :meth:`hold_generations` returned them)."""
+        """Keeps the entry the read of ``ticket`` (its one key) found, valid while the near caches
+        holding its generations (this one, or other servers') hold ``generation_values`` under
+        ``generation_keys`` (as :meth:`hold_generations` returned them, group after group)."""
         value, generation = read.value, read.generation
         if value is None or generation is None or not self._admits(ticket, tracked_in):
             return
@@ -475,10 +479,6 @@ class NearCache:
     def live(self) -> bool:
         """Whether a session is confirmed: reads may be kept and answered."""
         return self.tracking.session is not None
-
-    def confirmed(self, now: float | None = None) -> bool:
-        """Whether a session is live and was heard from within the silence limit."""
-        return self.tracking.confirmed(now)
 
     def tracking_command(self) -> tuple[int, tuple[bytes, ...]] | None:
         """The session and commands that track a read connection (``ReadTracking``)."""
