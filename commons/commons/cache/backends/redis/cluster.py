@@ -111,17 +111,14 @@ class OnCluster(Topology):
 
     async def _read_through_client(self, key: str, scope: CacheScope) -> StoredRead:
         """A read through redis-py: the entry, then each slot's group of its generations (the
-        scope's own, each tag's) at once."""
-        try:
-            # The entry and its generations live in different slots: the entry first, so an
-            # invalidation between the two reads shows as another generation (a miss).
-            replies = [cast(bytes | None, await self.cluster.get(key))]
-            groups = self.keys.generation_groups(scope)
-            for values in await asyncio.gather(*(self.cluster.mget(group) for group in groups)):
-                replies += cast(list[bytes | None], values)
-            return (await self.stored_read(key, replies, None))[0]
-        except REDIS_FAILURES as exc:
-            raise translate(exc) from exc
+        scope's own, each tag's) at once. Its errors are translated by :meth:`read`."""
+        # The entry and its generations live in different slots: the entry first, so an
+        # invalidation between the two reads shows as another generation (a miss).
+        replies = [cast(bytes | None, await self.cluster.get(key))]
+        groups = self.keys.generation_groups(scope)
+        for values in await asyncio.gather(*(self.cluster.mget(group) for group in groups)):
+            replies += cast(list[bytes | None], values)
+        return (await self.stored_read(key, replies, None))[0]
 
     async def write(self, fill: Fill) -> bool:
         # The indexes and the generations share the namespace's slot, the entry is elsewhere:

@@ -290,13 +290,18 @@ class NearCache(NearStorage):
         ):
             self.tracking.tracking_works()
 
+    def _current(self, ticket: ReadTicket, tracked_in: int | None) -> bool:
+        """Whether the read of ``ticket`` was tracked into the live session, with no flush since
+        it began."""
+        return (
+            ticket.epoch == self._epoch
+            and tracked_in is not None
+            and tracked_in == self.tracking.session
+            and tracked_in == ticket.session
+        )
+
     def _admits(self, ticket: ReadTicket, tracked_in: int | None) -> bool:
-        if (
-            ticket.epoch != self._epoch
-            or tracked_in is None
-            or tracked_in != self.tracking.session
-            or tracked_in != ticket.session
-        ):
+        if not self._current(ticket, tracked_in):
             return False
         if ticket.touches != self._touches:
             touched = self._touched
@@ -313,12 +318,7 @@ class NearCache(NearStorage):
         """Confirms the held generations that a read of ``ticket`` (their keys) found unchanged,
         and drops those it found changed or gone (whose message is on its way, or lost); how
         many were dropped. A key announced while the read was under way is left as it is."""
-        if (
-            ticket.epoch != self._epoch
-            or tracked_in is None
-            or tracked_in != self.tracking.session
-            or tracked_in != ticket.session
-        ):
+        if not self._current(ticket, tracked_in):
             return 0
         dropped, touched, confirmed = 0, self._touched, self._confirmed
         for key, value in zip(ticket.keys, values, strict=True):
