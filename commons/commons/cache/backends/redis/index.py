@@ -21,8 +21,9 @@ page and removes exactly those members from the leaf, so an entry written concur
 removed or stays indexed, never orphaned; likewise a registry (walked with ``ZSCAN``) forgets a leaf
 only once that leaf is empty. Each index update runs in a one-key Lua script that drops
 members expired more than a minute ago and keeps the index's own expiry at its longest-lived entry,
-so expired entries leave no garbage behind. The index is written before the entry (in one
-``MULTI``), so no entry exists that an invalidation cannot find.
+so expired entries leave no garbage behind. On one server the index is written in the same
+script as the entry, on a cluster before it (in one ``MULTI``), so no entry exists that an
+invalidation cannot find.
 """
 
 from __future__ import annotations

@@ -2,15 +2,17 @@
 
 A read sends the entry's and its scope's generations' ``MGET`` (encoded once per key) on the
 :class:`~commons.cache.backends.redis.pipelined_reads.PipelinedReader`'s connection, with the
-entry's ``PTTL`` while no expiry of it is remembered (``expiry.py``). With the near cache
-(``near.py``) a hit it holds sends nothing at all. A server whose pool chooses its server per
-connection, or a redis-py that hides a connection's streams, reads through redis-py instead.
+entry's ``PTTL`` while no expiry of it is remembered (``expiry.py``); a fill is one ``EVALSHA``
+on the same connection. With the near cache (``near.py``) a hit it holds sends nothing at all.
+A server whose pool chooses its server per connection, or a redis-py that hides a connection's
+streams, reads and writes through redis-py instead.
 """
 
 from __future__ import annotations
 
 import time
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from commons.cache.backends.base import StoredRead
@@ -20,8 +22,10 @@ from commons.cache.backends.redis.pipelined_reads import PipelinedReader
 from commons.cache.backends.redis.read_channel import channel_opener, encode_command
 from commons.cache.backends.redis.topology import (
     PIPELINED_READS_MAX_PENDING,
+    Fill,
     Topology,
     command_budget,
+    fill_script_arguments,
 )
 from commons.cache.backends.redis.translation import REDIS_FAILURES, translate
 from commons.cache.keyspace import Keyspace
@@ -108,6 +112,21 @@ class OneServer(Topology):
         finally:
             if ticket is not None and near is not None:
                 near.end(ticket)
+
+    async def write(self, fill: Fill) -> bool:
+        """The fill's script on the pipelined connection (one command, no pool checkout, no
+        transaction); loaded first if the server lost it (a restart, ``SCRIPT FLUSH``)."""
+        reads = self.reads
+        if reads is None or self._contact_pending:
+            return await super().write(fill)
+        keys, args = fill_script_arguments(self.keys, fill)
+        script = self.scripts.fill
+        command = encode_command(b"EVALSHA", [script.sha, len(keys), *keys, *args])
+        try:
+            return bool(await reads.run_script(command))
+        except redis_errors.NoScriptError:
+            await self.client.script_load(script.script)
+            return bool(await reads.run_script(command))
 
     def _read_command(self, key: str, scope: CacheScope) -> tuple[bytes, int]:
         """The encoded ``MGET`` of :meth:`read_keys`, encoded once per key (a key's text names

@@ -8,7 +8,7 @@ then takes the connection's streams over and speaks RESP2 on it, commands encode
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -82,8 +82,16 @@ def connection_opener(
     return open_channel
 
 
-def encode_command(name: bytes, keys: list[str]) -> bytes:
-    """``name`` with ``keys`` as arguments, in the protocol's encoding."""
-    encoded = [key.encode() for key in keys]
+def encode_command(name: bytes, arguments: Sequence[str | bytes | int]) -> bytes:
+    """``name`` with ``arguments`` (keys, values, counts) in the protocol's encoding."""
+    encoded = [_encoded(argument) for argument in arguments]
     head = b"*%d\r\n$%d\r\n%b\r\n" % (len(encoded) + 1, len(name), name)
-    return head + b"".join([b"$%d\r\n%b\r\n" % (len(key), key) for key in encoded])
+    return head + b"".join([b"$%d\r\n%b\r\n" % (len(item), item) for item in encoded])
+
+
+def _encoded(argument: str | bytes | int) -> bytes:
+    if isinstance(argument, str):
+        return argument.encode()
+    if isinstance(argument, bytes):
+        return argument
+    return b"%d" % argument

@@ -21,26 +21,41 @@ __all__ = [
     "Scripts",
 ]
 
-# A member's score only ever rises: a registry member stands for a whole leaf, so a short-lived
-# write must not lower it below the expiry of the leaf's longer-lived entries (the pruning below
-# would then unregister a leaf that still holds live entries).
-INDEX_ADD = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local ttl_ms = tonumber(ARGV[2])
-local expires_ms = now_ms + ttl_ms
-local scored = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not scored or tonumber(scored) < expires_ms then
-  redis.call('ZADD', KEYS[1], expires_ms, ARGV[1])
+# Lua: records `member` in the index `index` (a sorted set scored by expiry) until `ttl_ms` from
+# `now_ms`, prunes members expired more than `grace_ms` ago and keeps the index alive as long as
+# its members. A member's score only ever rises: a registry member stands for a whole leaf, so a
+# short-lived write must not lower it below the expiry of the leaf's longer-lived entries (the
+# pruning would then unregister a leaf that still holds live entries).
+_INDEX_ADD_FUNCTIONS = """
+local function now_ms()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms - tonumber(ARGV[3]))
-local keep_ms = ttl_ms + tonumber(ARGV[3])
-local current = redis.call('PTTL', KEYS[1])
-if current == -1 or current < keep_ms then
-  redis.call('PEXPIRE', KEYS[1], keep_ms)
+local function index_add(index, member, ttl_ms, grace_ms, now)
+  local expires_ms = now + ttl_ms
+  local scored = redis.call('ZSCORE', index, member)
+  if not scored or tonumber(scored) < expires_ms then
+    redis.call('ZADD', index, expires_ms, member)
+  end
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', now - grace_ms)
+  local keep_ms = ttl_ms + grace_ms
+  local current = redis.call('PTTL', index)
+  if current == -1 or current < keep_ms then
+    redis.call('PEXPIRE', index, keep_ms)
+  end
 end
+"""
+
+# One index update (KEYS[1], ARGV[1]: the index and its member; ARGV[2], ARGV[3]: the entry's
+# time to live and the members' grace, in ms): on a cluster, where the index and the entry are
+# in different slots.
+INDEX_ADD = (
+    _INDEX_ADD_FUNCTIONS
+    + """
+index_add(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), now_ms())
 return 1
 """
+)
 
 # Unregisters a drained leaf (KEYS[2]) from its registry (KEYS[1]) unless it, or a registry of its
 # own (KEYS[3], a tenant's user leaves), was refilled by a write that raced the invalidation: that
@@ -68,13 +83,13 @@ redis.call('ZREM', KEYS[1], unpack(keys))
 return {removed, redis.call('ZCARD', KEYS[1])}
 """
 
-# Lua: keeps the generations KEYS[first..] alive at least `keep_ms` (a retired one is not made
-# again). Part of a fill: of FILL on one server, of KEEP_GENERATIONS on a cluster.
+# Lua: keeps the generations KEYS[first..last] alive at least `keep_ms` (a retired one is not
+# made again). Part of a fill: of FILL on one server, of KEEP_GENERATIONS on a cluster.
 # A generation that would die before keep_ms is given twice that: re-armed once per keep_ms, not
 # by every fill, since Redis announces each PEXPIRE to every process tracking the key (their near
 # caches would drop the scope's generations on every miss).
 _KEEP_GENERATIONS_ALIVE = """
-for i = first, #KEYS do
+for i = first, last do
   local current = redis.call('PTTL', KEYS[i])
   if current >= 0 and current < keep_ms then
     redis.call('PEXPIRE', KEYS[i], 2 * keep_ms)
@@ -82,16 +97,23 @@ for i = first, #KEYS do
 end
 """
 
-# A fill: the entry is stored only while its scope's generations (KEYS[2..]) are still the ones its
-# read saw (ARGV[3], joined with '.'); a missing generation refuses it too. The generations are
-# kept alive at least as long as the entry. ARGV[3] empty: an unconditional write.
+# A fill and its index updates, in one script on one server (one command: no transaction).
+# KEYS: the entry, its scope's generations (ARGV[5] of them), then the indexes; ARGV: the value,
+# its time to live and the index members' grace (ms), the generations its read saw (joined with
+# '.'; empty: an unconditional write), the generations' count, then each index's member.
+# The entry is stored only while its generations are still the ones its read saw; a missing one
+# refuses it too. The generations are kept alive at least as long as the entry, and the indexes
+# record it (only when it is stored).
 FILL = (
-    """
-local keep_ms = tonumber(ARGV[2]) + tonumber(ARGV[4])
-local first = 2
+    _INDEX_ADD_FUNCTIONS
+    + """
+local now = now_ms()
+local ttl_ms, grace_ms = tonumber(ARGV[2]), tonumber(ARGV[4])
+local keep_ms = ttl_ms + grace_ms
+local first, last = 2, 1 + tonumber(ARGV[5])
 if ARGV[3] ~= '' then
   local seen = {}
-  for i = first, #KEYS do
+  for i = first, last do
     local value = redis.call('GET', KEYS[i])
     if not value then
       return 0
@@ -106,6 +128,9 @@ if ARGV[3] ~= '' then
     + """
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+for i = last + 1, #KEYS do
+  index_add(KEYS[i], ARGV[i - last + 5], ttl_ms, grace_ms, now)
+end
 return 1
 """
 )
@@ -115,7 +140,7 @@ return 1
 KEEP_GENERATIONS = (
     """
 local keep_ms = tonumber(ARGV[1])
-local first = 1
+local first, last = 1, #KEYS
 """
     + _KEEP_GENERATIONS_ALIVE
     + """

@@ -7,9 +7,9 @@ the :class:`Topology` it picked when it was built: how a read reaches Redis, how
 how a retired generation is confirmed, how an index leaf is drained, which near cache (if any) is
 kept coherent. No code path shared by the three asks which one it runs on.
 
-The base class is a server reached through redis-py's own client path (``MGET``, a ``MULTI`` for a
-fill): what a one-server store does until its first contact has ruled a cluster out, and what a
-master behind Sentinel does on every read.
+The base class is a server reached through redis-py's own client path (``MGET``, an
+``EVALSHA`` for a fill): what a one-server store does until its first contact has ruled a cluster
+out, and what a master behind Sentinel does on every read.
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
-from redis import exceptions as redis_errors
-
 from commons.cache.backends.base import StoredRead
 from commons.cache.backends.redis.connection import RedisClient
 from commons.cache.backends.redis.expiry import ExpiryMemo, ToldExpiry
 from commons.cache.backends.redis.index import DRAIN_PAGE_SIZE, index_updates
 from commons.cache.backends.redis.near import NearCache
-from commons.cache.backends.redis.scripts import FILL, INDEX_ADD, Scripts
+from commons.cache.backends.redis.scripts import Scripts
 from commons.cache.backends.redis.sentinel_master import SentinelView
 from commons.cache.backends.redis.translation import REDIS_FAILURES, translate
 from commons.cache.keyspace import Keyspace
@@ -64,6 +62,22 @@ class Fill(NamedTuple):
     scope: CacheScope
     generation: bytes | None
     grace_ms: int
+
+
+def fill_script_arguments(names: Keyspace, fill: Fill) -> tuple[list[str], list[bytes | int | str]]:
+    """:data:`FILL`'s keys and arguments for ``fill``."""
+    updates = index_updates(names, fill.key, fill.scope)
+    generation_keys = names.generation_keys(fill.scope)
+    keys = [fill.key, *generation_keys, *(index for index, _ in updates)]
+    args: list[bytes | int | str] = [
+        fill.value,
+        fill.ttl_ms,
+        fill.generation or b"",
+        fill.grace_ms,
+        len(generation_keys),
+        *(member for _, member in updates),
+    ]
+    return keys, args
 
 
 class Topology:
@@ -138,31 +152,11 @@ class Topology:
     # -- writes --------------------------------------------------------------------------------
 
     async def write(self, fill: Fill) -> bool:
-        """The fill and its index updates in one transaction, in one round trip: ``EVALSHA``
-        of scripts loaded once, and again if the server lost them (a restart, ``SCRIPT
-        FLUSH``). redis-py's pipelines would ask ``SCRIPT EXISTS`` before every transaction
-        that runs a script: a second round trip on every miss."""
-        try:
-            return await self._send_fill(fill)
-        except redis_errors.NoScriptError:
-            await self.client.script_load(INDEX_ADD)
-            await self.client.script_load(FILL)
-            # The index updates are idempotent: the transaction runs again whole.
-            return await self._send_fill(fill)
-
-    async def _send_fill(self, fill: Fill) -> bool:
-        fill_keys = self.read_keys(fill.key, fill.scope)
-        fill_args: list[bytes | int] = [
-            fill.value,
-            fill.ttl_ms,
-            fill.generation or b"",
-            fill.grace_ms,
-        ]
-        pipe = self.client.pipeline(transaction=True)
-        for index, member in index_updates(self.keys, fill.key, fill.scope):
-            pipe.evalsha(self.scripts.index_add.sha, 1, index, member, fill.ttl_ms, fill.grace_ms)
-        pipe.evalsha(self.scripts.fill.sha, len(fill_keys), *fill_keys, *fill_args)
-        return bool((await pipe.execute())[-1])
+        """The fill and its index updates: one ``EVALSHA`` (:data:`FILL`), loaded again if the
+        server lost it (a restart, ``SCRIPT FLUSH``). Errors untranslated: the store translates
+        them."""
+        keys, args = fill_script_arguments(self.keys, fill)
+        return bool(await self.scripts.fill(keys=keys, args=args))
 
     # -- invalidation --------------------------------------------------------------------------
 
