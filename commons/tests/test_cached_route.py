@@ -6,6 +6,7 @@ import gc
 
 from commons.cache.cached_route import PreparedResponses
 from commons.cache.entry import BODY, expected_head, parse_value, stored_value
+from commons.cache.scope import CacheScope, ScopedKey
 
 HEAD = expected_head(b"route-v1", b"1")
 
@@ -50,15 +51,21 @@ def test_prepared_responses_are_not_walked_by_the_garbage_collector() -> None:
     # A full collection walks every object the collector tracks: a prepared response object
     # kept per key made each one take 100-450 ms over 100k keys. Only the most recent may stay
     # objects: remembering ten thousand more adds next to nothing.
+    # Each key an object that knows its scope, built for its request: a memo keyed by it would
+    # keep it (and its scope) alive.
     responses = PreparedResponses()
     values = [stored(b'{"n":%d}' % n) for n in range(12_000)]
+
+    def request_key(n: int) -> ScopedKey:
+        return ScopedKey(f"/item/{n}", CacheScope("items", "t1"))
+
     for n in range(2_000):
-        prepared_body(responses, f"/item/{n}", values[n])
+        prepared_body(responses, request_key(n), values[n])
     gc.collect()
     tracked_before = len(gc.get_objects())
 
     for n in range(2_000, 12_000):
-        prepared_body(responses, f"/item/{n}", values[n])
+        prepared_body(responses, request_key(n), values[n])
     # A tuple is untracked by a collection that finds only untracked items in it: the headers
     # nest tuples in tuples, one level a collection (young collections do it long before a full
     # one would walk them).

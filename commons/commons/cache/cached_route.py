@@ -75,9 +75,9 @@ class PreparedResponses:
         found = self._memo.get(key)
         if found is not None and found[0] == value.raw and found[4] is private:
             prepared = PreparedResponse(*found[1:])
-            self._hot.put(key, (value.raw, prepared), len(value.raw) + len(key))
+            self._hot.put(str(key), (value.raw, prepared), len(value.raw) + len(key))
             if found[0] is not value.raw:
-                self._memo.put(key, (value.raw, *found[1:]), len(value.raw) + len(key))
+                self._memo.put(str(key), (value.raw, *found[1:]), len(value.raw) + len(key))
             return prepared
         entry = decode_payload(value.kind, value.payload)
         if entry is None:
@@ -87,6 +87,9 @@ class PreparedResponses:
         return prepared
 
     def put(self, key: str, raw: bytes, prepared: PreparedResponse) -> None:
+        # A plain str, as in the near cache: a ``ScopedKey`` would keep its scope and route alive
+        # with every remembered key, objects a full collection walks.
+        key = str(key)
         size = len(raw) + len(key)
         fields = (
             raw,

@@ -213,7 +213,9 @@ class ValidatedValues:
         parsed = parse_value(raw, expected_head(fingerprint, generation or b""))
         if parsed is not None:
             fields = (raw, fingerprint, generation, *parsed[1:])
-            self._parsed.put(key, fields, len(key) + len(raw))
+            # A plain str: a key that knows its scope and route (a ``ScopedKey``) is an object the
+            # collector walks, with its scope; one per remembered key makes full collections long.
+            self._parsed.put(str(key), fields, len(key) + len(raw))
         return parsed
 
 
