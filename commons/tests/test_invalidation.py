@@ -511,13 +511,16 @@ async def test_an_entry_written_during_an_invalidation_is_found_by_the_next_one(
             await redis_store.set(written_meanwhile, b"new", 60, scope)
         return removed
 
-    with monkeypatch.context() as patch:
-        patch.setattr(redis_store, "_drain_leaf", drain_then_another_replica_writes)
-        await redis_store.invalidate(InvalidationTarget("tenant_config"))
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(redis_store, "_drain_leaf", drain_then_another_replica_writes)
+            await redis_store.invalidate(InvalidationTarget("tenant_config"))
 
-    assert await raw_redis.get(written_meanwhile) == b"new"
-    assert await redis_store.invalidate(InvalidationTarget("tenant_config")) == 1
-    assert await raw_redis.get(written_meanwhile) is None
+        assert await raw_redis.get(written_meanwhile) == b"new"
+        assert await redis_store.invalidate(InvalidationTarget("tenant_config")) == 1
+        assert await raw_redis.get(written_meanwhile) is None
+    finally:
+        await redis_store.aclose()
 
 
 # -- the caller waits for the generation, not for the removal ------------------------------------
