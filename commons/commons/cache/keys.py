@@ -25,6 +25,7 @@ writes anything for that request; the handler answers it. There is never a share
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable
@@ -154,7 +155,7 @@ def _build(
     memo_key = (qualified_namespace, tenant_id, user_id, path, query)
     built = _hot_key_memo.get(memo_key)
     if built is None:
-        built = _remembered(memo_key)
+        built = _remembered(memo_key, request.scope.get("route"), func)
     if built is None:
         built = _build_new(qualified_namespace, request, tenant_id, user_id)
         if built.scope is None:
@@ -165,16 +166,24 @@ def _build(
     return _for_request(built, request, func, response)
 
 
-def _remembered(memo_key: _KeyInputs) -> ScopedKey | None:
-    """The key built before for these inputs, made again from its text (and kept as an object
-    while it is among the most recent)."""
+def _remembered(memo_key: _KeyInputs, route: object, func: object) -> ScopedKey | None:
+    """The key built before for these inputs, made again from its text for ``route`` and
+    ``func`` (and kept as an object while it is among the most recent)."""
     found = _key_memo.get(memo_key)
     if found is None:
         return None
     key, namespace = found
-    built = ScopedKey(key, CacheScope(namespace, memo_key[1], memo_key[2]))
+    origin = None if route is None else (route, func)
+    built = ScopedKey(key, _scope(namespace, memo_key[1], memo_key[2]), origin)
     _hot_key_memo.put(memo_key, built, _memo_size(memo_key, key))
     return built
+
+
+@functools.lru_cache(maxsize=4096)
+def _scope(namespace: str, tenant_id: str, user_id: str | None) -> CacheScope:
+    """One scope object per namespace, tenant and user among the most recent: a key made again
+    from its text shares it instead of making one more."""
+    return CacheScope(namespace, tenant_id, user_id)
 
 
 def _memo_size(memo_key: _KeyInputs, key: str) -> int:

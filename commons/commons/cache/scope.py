@@ -146,6 +146,9 @@ class ScopedKey(str):
     def with_origin(self, route: object, handler: object) -> ScopedKey:
         """This key, for a request served by ``route`` with ``handler`` (the last one made is
         kept: a key is requested through one route, as a rule)."""
+        origin = self.origin
+        if origin is not None and origin[0] is route and origin[1] is handler:
+            return self  # made for them already
         routed = self._routed
         origin = routed.origin if routed is not None else None
         if (
