@@ -29,6 +29,7 @@ invalidation cannot find.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -61,19 +62,28 @@ DRAIN_CONCURRENCY = 2
 
 def index_updates(names: Keyspace, key: str, scope: CacheScope) -> list[tuple[str, str]]:
     """(index, member) pairs recording ``key`` under ``scope``."""
-    ns = scope.namespace
-    if scope.tenant_id is None:
-        leaf = names.unscoped_leaf(ns)
-        return [(names.namespace_registry(ns), leaf), (leaf, key)]
-    tenant_leaf = names.tenant_leaf(ns, scope.tenant_id)
-    updates = [(names.namespace_registry(ns), tenant_leaf)]
-    if scope.user_id is None:
-        updates.append((tenant_leaf, key))
-    else:
-        user_leaf = names.user_leaf(ns, scope.tenant_id, scope.user_id)
-        updates.append((names.tenant_registry(ns, scope.tenant_id), user_leaf))
-        updates.append((user_leaf, key))
-    return updates
+    registrations, leaf = _scope_indexes(names, scope.namespace, scope.tenant_id, scope.user_id)
+    return [*registrations, (leaf, key)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _scope_indexes(
+    names: Keyspace, namespace: str, tenant_id: str | None, user_id: str | None
+) -> tuple[tuple[tuple[str, str], ...], str]:
+    """A scope's leaf, and the (registry, member) pairs that make it reachable: the same for
+    every entry of the scope, so a fill does not quote and format them again."""
+    if tenant_id is None:
+        leaf = names.unscoped_leaf(namespace)
+        return ((names.namespace_registry(namespace), leaf),), leaf
+    tenant_leaf = names.tenant_leaf(namespace, tenant_id)
+    if user_id is None:
+        return ((names.namespace_registry(namespace), tenant_leaf),), tenant_leaf
+    user_leaf = names.user_leaf(namespace, tenant_id, user_id)
+    registrations = (
+        (names.namespace_registry(namespace), tenant_leaf),
+        (names.tenant_registry(namespace, tenant_id), user_leaf),
+    )
+    return registrations, user_leaf
 
 
 class IndexWalk:

@@ -37,7 +37,7 @@ from commons.cache.backends.redis.one_server import OneServer
 from commons.cache.backends.redis.sentinel import BehindSentinel, sentinel_pool
 from commons.cache.backends.redis.sentinel_master import SentinelView
 from commons.cache.backends.redis.topology import Fill, Topology
-from commons.cache.backends.redis.translation import REDIS_FAILURES, errors_translated
+from commons.cache.backends.redis.translation import REDIS_FAILURES, errors_translated, translate
 from commons.cache.errors import BackendBusyError, BackendError, BackendUnavailableError
 from commons.cache.keyspace import Keyspace
 from commons.cache.scope import CacheScope, InvalidationTarget
@@ -172,9 +172,12 @@ class RedisStore(CacheStore, ReplicaLocks):
         fill = Fill(key, value, int(ttl_seconds * 1000), scope, generation, INDEX_GRACE_MS)
         topology = self._topology
         sent_at = time.monotonic()
+        # A miss's path: the seam spelled out rather than entered as a context manager (see
+        # ``one_server.py``).
         try:
-            async with errors_translated():
-                stored = await topology.write(fill)
+            stored = await topology.write(fill)
+        except REDIS_FAILURES as exc:
+            raise translate(exc) from exc
         finally:
             # Read-your-writes in this process: Redis' invalidation message comes later.
             topology.drop_near([key])
