@@ -358,6 +358,27 @@ async def test_connections_closed_under_running_commands_answer_from_the_handler
     assert cache_status().backend == "redis"
 
 
+async def test_an_invalidation_after_the_primaries_closed_the_idle_connections_still_applies(
+    service: Service, redis_cluster: LocalRedisCluster
+) -> None:
+    """Connections that a primary closed while they sat idle in the pool (Redis's own idle
+    ``timeout``, a NAT or load balancer that resets them; here ``CLIENT KILL``) are not an
+    outage: the next invalidation is sent again on a new connection and applies, and the
+    process stays on Redis. (Found by the model check's network faults on a cluster: the
+    invalidation failed with ``Connection closed by server`` and the process degraded, its
+    invalidation kept, while another process could still answer the old entry.)"""
+    await warm(service)
+    service.versions["config"] += 1
+    await invalidate_namespace("tenant_config")  # the invalidation's connections, now pooled
+    await warm(service)
+    for node in redis_cluster.current_primaries():
+        node.command("CLIENT", "KILL", "TYPE", "normal")
+    service.versions["config"] += 1
+    await invalidate_namespace("tenant_config")
+    assert cache_status().backend == "redis", cache_status().reason
+    assert (await service.get("/config", "5")).json() == {"version": 3}
+
+
 async def test_a_manual_failover_keeps_the_entries_and_invalidation_still_reaches_them(
     service: Service, redis_cluster: LocalRedisCluster
 ) -> None:

@@ -17,6 +17,8 @@ accepted connection to the server; each :class:`ProxiedConnection` can then be:
 
 Connections are told apart by what the client sent (:attr:`ProxiedConnection.sent`): the near
 cache's read connection starts with ``CLIENT TRACKING``, its subscribed one sends ``SUBSCRIBE``.
+When several processes share a proxy, a connection's :attr:`ProxiedConnection.client_port` (the
+client's own port) tells whose it is (:func:`commons.testing.processes.loopback_tcp_ports`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class ProxiedConnection:
     _proxy: LoopbackProxy
     _client_writer: asyncio.StreamWriter
     _server_writer: asyncio.StreamWriter
+    #: The client's port on its side of the connection.
+    client_port: int = 0
     #: The first bytes the client sent (up to 4 KiB).
     sent: bytearray = field(default_factory=bytearray)
     severed: bool = False
@@ -65,6 +69,11 @@ class ProxiedConnection:
         if direction not in ("to_server", "to_client"):
             raise ValueError(f"unknown direction {direction!r}")
         self.dropped = direction
+
+    @property
+    def upstream_port(self) -> int:
+        """The server's port (the proxy forwards to it)."""
+        return self._proxy.upstream_port
 
     @property
     def open(self) -> bool:
@@ -185,7 +194,8 @@ class LoopbackProxy:
         except OSError:
             client_writer.close()
             return
-        connection = ProxiedConnection(self, client_writer, server_writer)
+        peer = client_writer.get_extra_info("peername")
+        connection = ProxiedConnection(self, client_writer, server_writer, int(peer[1]))
         connection.reply_delay = self.reply_delay
         self.connections.append(connection)
         await asyncio.gather(

@@ -6,6 +6,13 @@ loopback ports (client and bus port both chosen, ``cluster-port``, Redis 7+), me
 (``CLUSTER MEET``), the primaries take equal slot ranges (``CLUSTER ADDSLOTSRANGE``), each replica
 follows its primary (``CLUSTER REPLICATE``), and :meth:`RedisCluster.start` returns once every node
 reports ``cluster_state:ok`` and every replica's link is up.
+
+``proxied=True`` puts a :class:`~commons.testing.proxy.LoopbackProxy` in front of every node, and
+the node announces the proxy's port (``cluster-announce-port``; its cluster bus is announced as it
+is, ``cluster-announce-bus-port``): the slot map names the proxies, so every client (and a
+replica's link to its primary) reaches every node through one, and a test can fault one
+connection. The announcement is in the node's arguments: a node killed and started again on its
+port announces it again, and its proxy, which keeps forwarding to that port, follows it.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from dataclasses import dataclass, field
 
 from redis.crc import key_slot
 
+from commons.testing.proxy import LoopbackProxy
 from commons.testing.redis_server import RedisServer, free_port
 
 __all__ = ["SLOTS", "LocalRedisCluster", "bulk_text", "info_field"]
@@ -57,24 +65,40 @@ class LocalRedisCluster:
         primaries: Number of primaries; the slots are split evenly between them.
         replicas_per_primary: Replicas of each primary.
         node_timeout_ms: ``cluster-node-timeout``: how soon a silent primary is failed over.
+        proxied: Whether clients reach each node through a proxy of its own (module docstring).
     """
 
     primaries: int = 3
     replicas_per_primary: int = 1
     node_timeout_ms: int = 1000
+    proxied: bool = False
     nodes: list[RedisServer] = field(default_factory=list)
+    #: With ``proxied``, each node's proxy, by the node's port.
+    proxies: dict[int, LoopbackProxy] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
-        """A ``redis://`` URL of one running node (a cluster client discovers the rest)."""
-        return next(node for node in self.nodes if node.process is not None).url
+        """A ``redis://`` URL of one running node (a cluster client discovers the rest); with
+        ``proxied``, of its proxy."""
+        node = next(node for node in self.nodes if node.process is not None)
+        return self.proxies[node.port].url if self.proxied else node.url
 
     def start(self, timeout: float = 30.0) -> LocalRedisCluster:
         total = self.primaries * (1 + self.replicas_per_primary)
         try:
             for _ in range(total):
-                bus_port = free_port()
+                port, bus_port = free_port(), free_port()
+                announced: list[str] = []
+                if self.proxied:
+                    proxy = self.proxies[port] = LoopbackProxy(port).start()
+                    announced = [
+                        "--cluster-announce-port",
+                        str(proxy.port),
+                        "--cluster-announce-bus-port",
+                        str(bus_port),
+                    ]
                 node = RedisServer(
+                    port=port,
                     extra_args=[
                         "--cluster-enabled",
                         "yes",
@@ -87,7 +111,8 @@ class LocalRedisCluster:
                         # A replica takes over even if its link was down for a while.
                         "--cluster-replica-validity-factor",
                         "0",
-                    ]
+                        *announced,
+                    ],
                 )
                 node.start()
                 self.nodes.append(node)
@@ -110,6 +135,9 @@ class LocalRedisCluster:
         self._wait(
             lambda: all(self._known_nodes(n) == len(self.nodes) for n in self.nodes), deadline
         )
+        if self.proxied:
+            # A node met by its own port is named by the port it announces once it is heard.
+            self._wait(lambda: all(self._names_proxies(n) for n in self.nodes), deadline)
         replicas = self.nodes[self.primaries :]
         for index, replica in enumerate(replicas):
             primary = self.nodes[index % self.primaries]
@@ -183,6 +211,11 @@ class LocalRedisCluster:
                 raise RuntimeError("the Redis Cluster did not become ready in time")
             time.sleep(0.05)
 
+    def _names_proxies(self, node: RedisServer) -> bool:
+        """Whether ``node``'s view of the cluster gives every node its proxy's port."""
+        view = bulk_text(node.command("CLUSTER", "NODES"))
+        return all(f":{proxy.port}@" in view for proxy in self.proxies.values())
+
     @staticmethod
     def _known_nodes(node: RedisServer) -> int:
         return int(info_field(node, "cluster", "cluster_known_nodes") or 0)
@@ -232,6 +265,9 @@ class LocalRedisCluster:
         for node in self.nodes:
             node.stop()
         self.nodes.clear()
+        for proxy in self.proxies.values():
+            proxy.stop()
+        self.proxies.clear()
 
     def __enter__(self) -> LocalRedisCluster:
         return self.start()

@@ -1,4 +1,12 @@
-"""A private Redis Sentinel set-up: one master, one replica, one Sentinel, all on loopback."""
+"""A private Redis Sentinel set-up: one master, one replica, one Sentinel, all on loopback.
+
+``proxied=True`` puts a :class:`~commons.testing.proxy.LoopbackProxy` in front of each server:
+the Sentinel monitors the master at its proxy's port, each server announces its proxy's port as a
+replica (``replica-announce-port``), so the Sentinel names proxies only, and clients (the
+replica's link to its master, the Sentinel's own connections) reach the servers through them. A
+test can then fault one connection to whichever server is master. The announcement is in the
+server's arguments: a server killed and started again on its port announces it again.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from commons.testing.proxy import LoopbackProxy
 from commons.testing.redis_cluster import info_field
 from commons.testing.redis_server import RedisServer, find_redis_server, free_port
 
@@ -18,10 +27,14 @@ __all__ = ["LocalSentinel"]
 
 @dataclass
 class LocalSentinel:
-    """A master and its replica, watched by one Sentinel (quorum 1) under ``master_name``."""
+    """A master and its replica, watched by one Sentinel (quorum 1) under ``master_name``;
+    ``proxied``: each server behind a proxy of its own (module docstring)."""
 
     master_name: str = "cache-master"
+    proxied: bool = False
     servers: list[RedisServer] = field(default_factory=list)
+    #: With ``proxied``, each server's proxy, by the server's port.
+    proxies: dict[int, LoopbackProxy] = field(default_factory=dict)
     sentinel: RedisServer | None = None
     _sentinel_process: subprocess.Popen[bytes] | None = None
     _workdir: tempfile.TemporaryDirectory[str] | None = None
@@ -34,9 +47,9 @@ class LocalSentinel:
 
     def start(self, timeout: float = 20.0) -> LocalSentinel:
         try:
-            master = RedisServer().start()
+            master = self._server().start()
             self.servers.append(master)
-            replica = RedisServer(extra_args=["--replicaof", master.host, str(master.port)])
+            replica = self._server(["--replicaof", master.host, str(self.announced_port(master))])
             self.servers.append(replica.start())
             deadline = time.monotonic() + timeout
             while info_field(
@@ -52,13 +65,29 @@ class LocalSentinel:
             raise
         return self
 
+    def _server(self, extra_args: list[str] | None = None) -> RedisServer:
+        """A server (not started yet), with its proxy if ``proxied``."""
+        port, announced = free_port(), []
+        if self.proxied:
+            proxy = self.proxies[port] = LoopbackProxy(port).start()
+            announced = ["--replica-announce-port", str(proxy.port)]
+        return RedisServer(port=port, extra_args=[*announced, *(extra_args or [])])
+
+    def announced_port(self, server: RedisServer) -> int:
+        """The port the Sentinel and clients know ``server`` by: its proxy's, if ``proxied``."""
+        return self.proxies[server.port].port if self.proxied else server.port
+
+    def server_at(self, port: int | None) -> RedisServer:
+        """The server the Sentinel knows by ``port`` (see :meth:`announced_port`)."""
+        return next(s for s in self.servers if self.announced_port(s) == port)
+
     def _start_sentinel(self, master: RedisServer) -> None:
         self._workdir = tempfile.TemporaryDirectory(prefix="redis-sentinel-")
         port = free_port()
         config = Path(self._workdir.name) / "sentinel.conf"
         config.write_text(
             f"port {port}\nbind 127.0.0.1\ndir {self._workdir.name}\n"
-            f"sentinel monitor {self.master_name} {master.host} {master.port} 1\n"
+            f"sentinel monitor {self.master_name} {master.host} {self.announced_port(master)} 1\n"
             f"sentinel down-after-milliseconds {self.master_name} 1000\n"
             f"sentinel failover-timeout {self.master_name} 5000\n",
             encoding="utf-8",
@@ -71,7 +100,7 @@ class LocalSentinel:
         self.sentinel = RedisServer(port=port)
 
     def master_port(self) -> int | None:
-        """The master's port as the Sentinel reports it."""
+        """The master's port as the Sentinel reports it (its proxy's, if ``proxied``)."""
         assert self.sentinel is not None
         if not self.sentinel.answers_ping():
             return None
@@ -87,7 +116,7 @@ class LocalSentinel:
     def wait_for_master(self, server: RedisServer, timeout: float = 20.0) -> None:
         """Waits until the Sentinel names ``server`` as master and knows its replica."""
         deadline = time.monotonic() + timeout
-        while self.master_port() != server.port or self.replica_count() < 1:
+        while self.master_port() != self.announced_port(server) or self.replica_count() < 1:
             if time.monotonic() > deadline:
                 raise RuntimeError("the Sentinel did not settle in time")
             time.sleep(0.05)
@@ -108,7 +137,7 @@ class LocalSentinel:
             if time.monotonic() > deadline:
                 raise RuntimeError("the Sentinel failover did not complete in time")
             time.sleep(0.05)
-        promoted = next(s for s in self.servers if s.port == self.master_port())
+        promoted = self.server_at(self.master_port())
         while info_field(promoted, "replication", "role") != "master":
             if time.monotonic() > deadline:
                 raise RuntimeError("the promoted replica did not become master in time")
@@ -138,6 +167,9 @@ class LocalSentinel:
         for server in self.servers:
             server.stop()
         self.servers.clear()
+        for proxy in self.proxies.values():
+            proxy.stop()
+        self.proxies.clear()
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None

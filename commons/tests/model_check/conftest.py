@@ -9,9 +9,15 @@ default, which ``make test`` runs, each for a bounded time):
 - ``sentinel``: a master, its replica and one Sentinel (:class:`LocalSentinel`); the replicas get
   ``REDIS_SENTINELS`` and ``REDIS_SENTINEL_MASTER``.
 
-On one server, each replica reaches Redis through a loopback proxy of its own
-(:class:`LoopbackProxy`), so that the driver can fault one connection of one replica: severed
-silently, black-holed one way, delayed (:meth:`World.connections`).
+Every topology puts loopback proxies (:class:`LoopbackProxy`) between the replicas and its data
+nodes, so that the driver can fault one connection of one replica: severed silently, black-holed
+one way, delayed (:meth:`World.connections`). On one server each replica has a proxy of its own;
+on a cluster each node has one and announces its port (``cluster-announce-port``), so the slot
+map names the proxies; behind Sentinel each server has one, the Sentinel monitors the master at
+its proxy and each server announces its proxy as a replica (``replica-announce-port``). A proxy
+in front of a node is shared by both replicas (and by the nodes' replication links and the
+Sentinel): the replica a connection belongs to is found by its port among the replica process's
+own sockets (``/proc``).
 
 Each replica keeps its invalidation journal (``CACHE_INVALIDATION_JOURNAL``) in a directory of its
 own, which a replica killed and started again takes back.
@@ -41,6 +47,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ReadOnlyError
 
 from commons.testing.model_oracle import Bounds, WindowLog
+from commons.testing.processes import loopback_tcp_ports
 from commons.testing.proxy import LoopbackProxy, ProxiedConnection
 from commons.testing.redis_cluster import LocalRedisCluster, bulk_text, info_field
 from commons.testing.redis_sentinel import LocalSentinel
@@ -213,7 +220,8 @@ class World:
     cluster: LocalRedisCluster | None = None
     sentinel: LocalSentinel | None = None
     replicas: list[Replica] = field(default_factory=list)
-    #: On one server, each replica's proxy to it, by replica name.
+    #: On one server, each replica's proxy to it, by replica name (a cluster's or a Sentinel
+    #: set-up's proxies are their nodes', shared: :attr:`node_proxies`).
     proxies: dict[str, LoopbackProxy] = field(default_factory=dict)
     paused: bool = False
     sentinels_paused: bool = False
@@ -242,11 +250,13 @@ class World:
     def _start_redis(self) -> dict[str, str]:
         """Starts the topology; returns the replicas' Redis variables."""
         if self.topology == "cluster":
-            self.cluster = LocalRedisCluster(primaries=3, replicas_per_primary=1).start()
+            self.cluster = LocalRedisCluster(
+                primaries=3, replicas_per_primary=1, proxied=True
+            ).start()
             self.bounds = CLUSTER_BOUNDS
             return {"REDIS_URL": self.cluster.url}
         if self.topology == "sentinel":
-            self.sentinel = LocalSentinel().start()
+            self.sentinel = LocalSentinel(proxied=True).start()
             return {
                 # The host and port of REDIS_URL are not used with Sentinels.
                 "REDIS_URL": "redis://unused:1/0",
@@ -328,13 +338,36 @@ class World:
         """A plain client of one node."""
         return Redis(host=node.host, port=node.port, socket_timeout=5, socket_connect_timeout=5)
 
+    @property
+    def node_proxies(self) -> list[LoopbackProxy]:
+        """The proxies in front of the data nodes of a cluster or a Sentinel set-up, in the
+        nodes' order (on one server, each replica has its own: :attr:`proxies`)."""
+        shared = self.cluster or self.sentinel
+        if shared is None:
+            return []
+        return [shared.proxies[node.port] for node in self.nodes]
+
+    def _proxied_connections(self, replica: Replica) -> list[ProxiedConnection]:
+        """The replica's connections through the proxies, oldest first (node by node on a
+        shared proxy)."""
+        if self.topology == "single":
+            return list(self.proxies[replica.name].connections)
+        held = loopback_tcp_ports(replica.process.pid)
+        return [
+            connection
+            for proxy in self.node_proxies
+            for connection in list(proxy.connections)
+            if (connection.client_port, proxy.port) in held
+        ]
+
     def connections(self, replica: Replica, role: str) -> list[ProxiedConnection]:
-        """On one server, the replica's open connections of ``role``: ``reader`` (the pipelined
-        hits, which start with ``CLIENT TRACKING``), ``subscriber`` (the near cache's
-        invalidations) or ``pool`` (redis-py's: writes, invalidations, locks)."""
+        """The replica's open connections of ``role``, to any data node: ``reader`` (the
+        pipelined hits, which start with ``CLIENT TRACKING``; on a cluster, one to each primary),
+        ``subscriber`` (the near cache's invalidations; one to each primary) or ``pool``
+        (redis-py's: writes, invalidations, locks)."""
         markers = {"reader": b"TRACKING", "subscriber": b"SUBSCRIBE"}
         found = []
-        for connection in list(self.proxies[replica.name].connections):
+        for connection in self._proxied_connections(replica):
             if not connection.open:
                 continue
             marker = markers.get(role)
@@ -347,7 +380,7 @@ class World:
 
     def end_network_faults(self) -> None:
         """Every connection with a fault on closed, on both sides (the replica reconnects)."""
-        for proxy in self.proxies.values():
+        for proxy in [*self.proxies.values(), *self.node_proxies]:
             for connection in list(proxy.connections):
                 if connection.faulty:
                     connection.close()
@@ -433,29 +466,31 @@ class World:
     def sentinel_master(self) -> RedisServer:
         """The server the Sentinel names as master."""
         assert self.sentinel is not None
-        port = self.sentinel.master_port()
-        return next(s for s in self.sentinel.servers if s.port == port)
+        return self.sentinel.server_at(self.sentinel.master_port())
 
     def settle_sentinel(self, timeout: float) -> None:
         """Waits until the Sentinel names a master that says it is one, and the other server
         replicates it. An old master (restarted, or demoted by a switch-over) is told to
         replicate the new one at once, as the Sentinel itself does only after 8 s or more."""
         assert self.sentinel is not None
+        # Ports as the Sentinel knows the servers: their proxies'.
+        known_as = self.sentinel.announced_port
         deadline = time.monotonic() + timeout
         told: set[int] = set()
         while True:
             port = self.sentinel.master_port()
             servers = self.sentinel.servers
             for server in servers:
-                if port is None or server.port == port or server.port in told:
+                if port is None or known_as(server) == port or server.port in told:
                     continue
                 if info_field(server, "replication", "master_port") != str(port):
                     server.command("REPLICAOF", "127.0.0.1", port)
                     told.add(server.port)
             settled = port is not None and all(
-                info_field(s, "replication", "role") == ("master" if s.port == port else "slave")
+                info_field(s, "replication", "role")
+                == ("master" if known_as(s) == port else "slave")
                 and (
-                    s.port == port
+                    known_as(s) == port
                     or (
                         info_field(s, "replication", "master_link_status") == "up"
                         and info_field(s, "replication", "master_port") == str(port)
@@ -465,7 +500,7 @@ class World:
             )
             # A replica whose link is up counts for WAIT only after its first acknowledgement,
             # up to a second later: until then the world's first invalidations would degrade.
-            settled = settled and next(s for s in servers if s.port == port).replicas_confirm(1)
+            settled = settled and self.sentinel.server_at(port).replicas_confirm(1)
             # A Sentinel refuses a new failover (INPROG) until the last one is over.
             over = b"failover_in_progress" not in self._sentinel_node().command(
                 "SENTINEL", "MASTER", self.sentinel.master_name

@@ -24,6 +24,7 @@ from typing import Any, cast
 
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection
 
 from commons.cache.backends.base import StoredRead
 from commons.cache.backends.redis.cluster_reads import ClusterReads
@@ -270,23 +271,38 @@ _DISCONNECTS_IF_NEEDED = hasattr(ClusterNode, "disconnect_if_needed")
 
 async def _exchange(node: ClusterNode, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Sends ``commands`` at once on one pooled connection of a cluster node; their replies, an
-    error reply as its exception (not raised)."""
+    error reply as its exception (not raised).
+
+    A connection the node closed while it sat in the pool (a restarted node, Redis's idle
+    ``timeout``, a NAT that reset it) is given up and the commands sent once more on a new one,
+    at once: the client's retry policy for every other command (``connection.py``). Only the
+    commands an invalidation sends come here (``ASKING``, ``UNLINK``, ``WAIT``): sent twice,
+    they do no harm. A timeout is not retried.
+    """
     connection = node.acquire_connection()
-    replies: list[Any] = []
     try:
         if _DISCONNECTS_IF_NEEDED:  # redis-py 7.2+: a connection marked for a reconnect
             await node.disconnect_if_needed(connection)
-        await connection.send_packed_command(connection.pack_commands(commands))
-        for _command in commands:
-            try:
-                replies.append(await connection.read_response())
-            except redis_errors.ResponseError as exc:
-                replies.append(exc)
+        try:
+            return await _send_and_read(connection, commands)
+        except redis_errors.ConnectionError:
+            await connection.disconnect()  # the next send connects again
+            return await _send_and_read(connection, commands)
     except BaseException:
         await connection.disconnect()
         raise
     finally:
         node.release(connection)
+
+
+async def _send_and_read(connection: Connection, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    await connection.send_packed_command(connection.pack_commands(commands))
+    replies: list[Any] = []
+    for _command in commands:
+        try:
+            replies.append(await connection.read_response())
+        except redis_errors.ResponseError as exc:
+            replies.append(exc)
     return replies
 
 
