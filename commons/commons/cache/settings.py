@@ -115,8 +115,9 @@ class CacheSettings(BaseSettings):
     REDIS_MAX_CONNECTIONS: int = Field(
         default=100,
         ge=1,
-        description="Pooled connections to Redis per process, for writes, invalidations and "
-        "locks (hits share one pipelined connection of their own); a request beyond them does "
+        description="Pooled connections to Redis per process, for invalidations, locks and "
+        "writes (hits, and on one server fills, share one pipelined connection of their own); a "
+        "request beyond them does "
         "not wait: it is answered by its handler, as on a miss. An invalidation waits for one, "
         "up to REDIS_SOCKET_TIMEOUT_SECONDS.",
     )
