@@ -358,7 +358,9 @@ class PipelinedReader:
         """The integer a script answers (``command``: its ``EVALSHA``, :func:`encode_command`).
 
         A write rides this connection too: it is one more command in the same order, and a fill
-        then costs a miss no trip through redis-py's pool and transaction code.
+        then costs a miss no trip through redis-py's pool and transaction code. Sent again on a
+        new connection when the open one was found dropped, as a read is: a fill may run twice,
+        which stores the same bytes or, after an invalidation between the two, is refused.
 
         Raises:
             redis.exceptions.NoScriptError: The server does not know the script.
