@@ -685,7 +685,7 @@ class FaultsOnEveryTopology(Requests):
                 pick,
                 fault,
                 hold_ms,
-                replace(update, replica=1 - replica),
+                update,
                 update_ms,
                 plan,
             )
@@ -716,7 +716,7 @@ class FaultsOnEveryTopology(Requests):
                 pick,
                 "sever",
                 0,
-                replace(update, replica=1 - replica),
+                update,
                 update_ms,
                 plan,
             )
@@ -734,6 +734,7 @@ class FaultsOnEveryTopology(Requests):
         plan: list[At],
     ) -> list[Answer]:
         victim = self.world.replicas[replica]
+        update = replace(update, replica=1 - replica)  # the other replica updates
         if role not in self.connection_roles:
             role = "pool"
         # What the update changes is in the faulted replica's memory when the fault comes (the
