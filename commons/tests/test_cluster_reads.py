@@ -54,15 +54,21 @@ def scope_of(tenant: str) -> CacheScope:
     return CacheScope(NAMESPACE, tenant)
 
 
+#: What each primary's replica sends it whatever the reads do (``REPLCONF ACK``, every second).
+REPLICATION_COMMANDS = frozenset({"replconf"})
+
+
 def read_commands(cluster: LocalRedisCluster) -> dict[int, int]:
-    """Per primary (port), the calls of every command but the near cache's background ones."""
+    """Per primary (port), the calls of every command but the near cache's background ones and
+    replication's."""
     counts: dict[int, int] = {}
     for node in cluster.current_primaries():
         total = 0
         for line in bulk_text(node.command("INFO", "commandstats")).splitlines():
             name, _, fields = line.partition(":")
             command = name.removeprefix("cmdstat_")
-            if command and command != name and command not in BACKGROUND_COMMANDS:
+            ignored = command in BACKGROUND_COMMANDS or command in REPLICATION_COMMANDS
+            if command and command != name and not ignored:
                 total += int(fields.split(",")[0].removeprefix("calls="))
         counts[node.port] = total
     return counts
