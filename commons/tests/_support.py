@@ -6,6 +6,7 @@ in the repository's ``pyproject.toml``).
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import httpx
@@ -44,3 +45,19 @@ def acme_get_scope(path: str, query_string: bytes = b"") -> dict[str, Any]:
         "client": ("127.0.0.1", 1000),
         "server": ("127.0.0.1", 80),
     }
+
+
+def walked_containers(root: object, *, larger_than: int = 1024) -> list[dict[Any, Any]]:
+    """The dicts that ``root`` holds (within three levels) which the collector would walk item by
+    item at every collection of their generation: tracked ones, with more than ``larger_than``
+    items."""
+    found: list[dict[Any, Any]] = []
+    level: list[object] = [root]
+    for _ in range(3):
+        level = [child for parent in level for child in gc.get_referents(parent)]
+        found += [
+            held
+            for held in level
+            if isinstance(held, dict) and gc.is_tracked(held) and len(held) > larger_than
+        ]
+    return found

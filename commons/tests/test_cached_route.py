@@ -8,6 +8,8 @@ from commons.cache.cached_route import PreparedResponses
 from commons.cache.entry import BODY, expected_head, parse_value, stored_value
 from commons.cache.scope import CacheScope, ScopedKey
 
+from _support import walked_containers
+
 HEAD = expected_head(b"route-v1", b"1")
 
 
@@ -73,3 +75,17 @@ def test_prepared_responses_are_not_walked_by_the_garbage_collector() -> None:
     gc.collect()
 
     assert len(gc.get_objects()) - tracked_before < 10_000 // 4  # not one per response
+
+
+def test_remembered_responses_stay_out_of_young_collections() -> None:
+    # Over a large working set every hit remembers a response: what it keeps must let the memo's
+    # dicts leave the collector's walks (see memo.py), or each collection walks sixteen thousand
+    # of them. The headers nest tuples in tuples, which a young collection does not untrack.
+    responses = PreparedResponses()
+    for n in range(20_000):
+        prepared_body(responses, f"/item/{n}", stored(b'{"n":%d}' % n))
+        if n % 100 == 0:
+            gc.collect(0)  # the youngest generation, collected every few hundred allocations
+
+    assert walked_containers(responses) == []
+    assert prepared_body(responses, "/item/19999", stored(b'{"n":19999}')) == b'{"n":19999}'

@@ -4,6 +4,7 @@ route would, fingerprint what it renders, and the prepared replays of its stored
 from __future__ import annotations
 
 import inspect
+import marshal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,11 +38,30 @@ _PREPARED_MAX_BYTES = 32 * 1024 * 1024
 _HOT_PREPARED_ENTRIES = 64
 
 #: A prepared response as the memo holds it: the stored bytes, then PreparedResponse's fields
-#: up to ``last_sent``. Plain tuples of bytes, ints and bools are what the cyclic collector
-#: stops tracking: a large working set then adds nothing to a full collection's walk.
-_PreparedFields = tuple[
-    bytes, bytes, int, str, bool, tuple[tuple[bytes, bytes], ...], tuple[tuple[bytes, bytes], ...]
-]
+#: up to ``last_sent``, its two header tuples packed (:func:`_packed`). One flat tuple of bytes,
+#: ints and bools: the first collection it survives untracks it, so the memo's dicts stay out of
+#: the collector's walks (see ``memo.py``); tuples nested in it would take older generations'
+#: collections to untrack.
+_PreparedFields = tuple[bytes, bytes, int, str, bool, bytes, bytes]
+
+
+def _packed(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """``headers`` as one bytes object. ``marshal``, not pickle: it builds tuples of bytes and
+    nothing else, and it only ever reads what this process wrote (never a stored value)."""
+    return marshal.dumps(headers)
+
+
+def _unpacked(packed: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    headers: tuple[tuple[bytes, bytes], ...] = marshal.loads(packed)  # noqa: S302 - see _packed
+    return headers
+
+
+def _prepared(fields: _PreparedFields) -> PreparedResponse:
+    """The prepared response that ``fields`` (as the memo holds them) describe."""
+    _, body, status_code, etag, private, headers, not_modified_headers = fields
+    return PreparedResponse(
+        body, status_code, etag, private, _unpacked(headers), _unpacked(not_modified_headers)
+    )
 
 
 class PreparedResponses:
@@ -74,7 +94,7 @@ class PreparedResponses:
             return hot[1]
         found = self._memo.get(key)
         if found is not None and found[0] == value.raw and found[4] is private:
-            prepared = PreparedResponse(*found[1:])
+            prepared = _prepared(found)
             self._hot.put(str(key), (value.raw, prepared), len(value.raw) + len(key))
             if found[0] is not value.raw:
                 self._memo.put(str(key), (value.raw, *found[1:]), len(value.raw) + len(key))
@@ -97,8 +117,8 @@ class PreparedResponses:
             prepared.status_code,
             prepared.etag,
             prepared.private,
-            prepared.headers,
-            prepared.not_modified_headers,
+            _packed(prepared.headers),
+            _packed(prepared.not_modified_headers),
         )
         self._memo.put(key, fields, size)
         self._hot.put(key, (raw, prepared), size)

@@ -7,10 +7,21 @@ is not remembered at all (unless the memo says otherwise), so one huge request c
 many ordinary ones share. When full, the oldest quarter goes (in the order items were
 remembered): a read costs one dictionary lookup, as cheap as it gets on every hit, and a working
 set a little above the bound loses a quarter of it, not all of it at once.
+
+Kept out of the garbage collector's walks. A dict holding only objects that hold no others
+(strings, bytes, numbers, and tuples of them) is not tracked by the cyclic collector, but storing
+one newly made tuple tracks it again, and only a full collection untracks it: a memo of sixteen
+thousand items was then walked by nearly every collection, and each full collection of a process
+with five such memos took about 10 ms. So new items wait in a small nursery until a collection
+has untracked them (a tuple of such objects is untracked by a collection it survives; one that
+holds tuples may need a collection of an older generation), and only then join the large dicts,
+which stay untracked. Items that can never be untracked (they hold objects) join them anyway once
+the nursery is four times its size: such a memo is walked, as any dict of objects is.
 """
 
 from __future__ import annotations
 
+from gc import is_tracked
 from typing import Generic, TypeVar
 
 __all__ = ["BoundedMemo"]
@@ -18,11 +29,26 @@ __all__ = ["BoundedMemo"]
 K = TypeVar("K")
 V = TypeVar("V")
 
+#: New items held apart until a collection has untracked them: enough for a few collections of
+#: the youngest generation (one every few hundred allocations) to pass, small enough to walk.
+NURSERY_ITEMS = 256
+#: Past this, the nursery's items join the large dicts whether untracked or not.
+NURSERY_MAX_ITEMS = 4 * NURSERY_ITEMS
+
 
 class BoundedMemo(Generic[K, V]):
     """A dict that holds at most ``max_entries`` items and ``max_bytes`` of their stated sizes."""
 
-    __slots__ = ("_bytes", "_items", "_max_bytes", "_max_entries", "_max_item_bytes")
+    __slots__ = (
+        "_bytes",
+        "_items",
+        "_max_bytes",
+        "_max_entries",
+        "_max_item_bytes",
+        "_nursery",
+        "_nursery_sizes",
+        "_sizes",
+    )
 
     def __init__(
         self, max_entries: int, max_bytes: int, *, max_item_bytes: int | None = None
@@ -37,11 +63,18 @@ class BoundedMemo(Generic[K, V]):
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._max_item_bytes = max(max_bytes // 64, 1) if max_item_bytes is None else max_item_bytes
-        self._items: dict[K, tuple[V, int]] = {}
+        # Values and sizes in dicts apart: a (value, size) pair would be one more tuple for the
+        # collector to untrack, one collection after the value.
+        #: Settled items (see the module docstring), oldest first, and their sizes.
+        self._items: dict[K, V] = {}
+        self._sizes: dict[K, int] = {}
+        #: The newest items and their sizes, until a collection has untracked them.
+        self._nursery: dict[K, V] = {}
+        self._nursery_sizes: dict[K, int] = {}
         self._bytes = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) + len(self._nursery)
 
     @property
     def bytes_held(self) -> int:
@@ -50,41 +83,64 @@ class BoundedMemo(Generic[K, V]):
 
     def get(self, key: K) -> V | None:
         found = self._items.get(key)
-        return None if found is None else found[0]
+        if found is None:
+            return self._nursery.get(key)
+        return found
 
     def put(self, key: K, value: V, size: int) -> None:
         """Remembers ``value`` for ``key``; ``size`` is what it holds in bytes (key included)."""
         self.forget(key)
         if size > self._max_item_bytes:
             return
-        if len(self._items) >= self._max_entries or self._bytes + size > self._max_bytes:
+        if len(self) >= self._max_entries or self._bytes + size > self._max_bytes:
             self._make_room(size)
-        self._items[key] = (value, size)
+        self._nursery[key] = value
+        self._nursery_sizes[key] = size
         self._bytes += size
+        if len(self._nursery) >= NURSERY_ITEMS:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Moves the nursery's untracked items to the settled dicts (all of them once it is
+        full of items that are not untracked yet, or never will be)."""
+        nursery, nursery_sizes = self._nursery, self._nursery_sizes
+        items, sizes = self._items, self._sizes
+        if len(nursery) >= NURSERY_MAX_ITEMS:
+            settling = list(nursery)
+        else:
+            settling = [
+                key for key, value in nursery.items() if not (is_tracked(value) or is_tracked(key))
+            ]
+        for key in settling:
+            # One by one: copying a tracked dict wholesale would track the settled one.
+            items[key] = nursery.pop(key)
+            sizes[key] = nursery_sizes.pop(key)
 
     def _make_room(self, size: int) -> None:
         """Forgets the oldest items until a quarter of each budget is free and ``size`` fits
         (amortised over the puts that filled that quarter: constant time per put)."""
         count_goal = self._max_entries * 3 // 4
         bytes_goal = min(self._max_bytes * 3 // 4, self._max_bytes - size)
-        items = self._items
-        count, held = len(items), self._bytes
-        oldest: list[K] = []
-        for key, (_, item_size) in items.items():
-            if count <= count_goal and held <= bytes_goal:
-                break
-            oldest.append(key)
-            count -= 1
-            held -= item_size
-        for key in oldest:
-            del items[key]
+        count, held = len(self), self._bytes
+        for items, sizes in ((self._items, self._sizes), (self._nursery, self._nursery_sizes)):
+            oldest: list[K] = []
+            for key, item_size in sizes.items():
+                if count <= count_goal and held <= bytes_goal:
+                    break
+                oldest.append(key)
+                count -= 1
+                held -= item_size
+            for key in oldest:
+                del items[key], sizes[key]
         self._bytes = held
 
     def forget(self, key: K) -> None:
-        old = self._items.pop(key, None)
-        if old is not None:
-            self._bytes -= old[1]
+        if self._items.pop(key, None) is not None:
+            self._bytes -= self._sizes.pop(key)
+        elif self._nursery.pop(key, None) is not None:
+            self._bytes -= self._nursery_sizes.pop(key)
 
     def clear(self) -> None:
-        self._items.clear()
+        for held in (self._items, self._sizes, self._nursery, self._nursery_sizes):
+            held.clear()
         self._bytes = 0
