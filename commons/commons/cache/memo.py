@@ -47,6 +47,7 @@ class BoundedMemo(Generic[K, V]):
         "_max_item_bytes",
         "_nursery",
         "_nursery_sizes",
+        "_settle_at",
         "_sizes",
     )
 
@@ -71,6 +72,9 @@ class BoundedMemo(Generic[K, V]):
         #: The newest items and their sizes, until a collection has untracked them.
         self._nursery: dict[K, V] = {}
         self._nursery_sizes: dict[K, int] = {}
+        #: The nursery's size at which it is settled next: items that stayed tracked wait for
+        #: as many new ones, so a put never walks the nursery more than once per so many puts.
+        self._settle_at = NURSERY_ITEMS
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -97,7 +101,7 @@ class BoundedMemo(Generic[K, V]):
         self._nursery[key] = value
         self._nursery_sizes[key] = size
         self._bytes += size
-        if len(self._nursery) >= NURSERY_ITEMS:
+        if len(self._nursery) >= self._settle_at:
             self._settle()
 
     def _settle(self) -> None:
@@ -115,6 +119,7 @@ class BoundedMemo(Generic[K, V]):
             # One by one: copying a tracked dict wholesale would track the settled one.
             items[key] = nursery.pop(key)
             sizes[key] = nursery_sizes.pop(key)
+        self._settle_at = min(len(nursery) + NURSERY_ITEMS, NURSERY_MAX_ITEMS)
 
     def _make_room(self, size: int) -> None:
         """Forgets the oldest items until a quarter of each budget is free and ``size`` fits
@@ -143,4 +148,5 @@ class BoundedMemo(Generic[K, V]):
     def clear(self) -> None:
         for held in (self._items, self._sizes, self._nursery, self._nursery_sizes):
             held.clear()
+        self._settle_at = NURSERY_ITEMS
         self._bytes = 0

@@ -680,14 +680,7 @@ class FaultsOnEveryTopology(Requests):
         resets it), a severed one is left as it is."""
         self._step(
             lambda: self._network_fault(
-                replica,
-                role,
-                pick,
-                fault,
-                hold_ms,
-                update,
-                update_ms,
-                plan,
+                replica, role, pick, fault, hold_ms, update, update_ms, plan
             )
         )
 
@@ -711,14 +704,7 @@ class FaultsOnEveryTopology(Requests):
         from the replica."""
         self._step(
             lambda: self._network_fault(
-                replica,
-                "reader",
-                pick,
-                "sever",
-                0,
-                update,
-                update_ms,
-                plan,
+                replica, "reader", pick, "sever", 0, update, update_ms, plan
             )
         )
 
