@@ -14,6 +14,9 @@ from commons.testing.redis_server import free_port
 
 __all__ = ["ServiceProcess"]
 
+#: Times a first start moves to another port when the one it was given was taken meanwhile.
+_PORT_CHANGES = 3
+
 
 class ServiceProcess:
     """One uvicorn process serving ``app`` (``module:attribute`` in ``app_dir``) on a port of its
@@ -61,9 +64,15 @@ class ServiceProcess:
         """Returns once ``GET /health`` answers 200 (the lifespan's start-up has run)."""
         assert self.process is not None
         deadline = time.monotonic() + timeout
+        port_changes = 0
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self._name} exited at start-up:\n{self.log.read_text()}")
+                log = self.log.read_text()
+                if self._port_taken(log) and port_changes < _PORT_CHANGES:
+                    port_changes += 1
+                    self._move_to_a_free_port()
+                    continue
+                raise RuntimeError(f"{self._name} exited at start-up:\n{log}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return
@@ -71,6 +80,18 @@ class ServiceProcess:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"{self._name} at {self.url} did not start:\n{self.log.read_text()}")
+
+    def _port_taken(self, log: str) -> bool:
+        """Whether a first start found its port taken: between :func:`free_port` and the bind,
+        another socket (a test's own client connection, say) may be given it. Only a first start
+        may move: a restart serves the address the test already knows."""
+        return self._starts == 1 and "address already in use" in log
+
+    def _move_to_a_free_port(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._starts = 0
+        self.spawn()
 
     def start(self) -> ServiceProcess:
         """Starts the process and returns once it serves."""
