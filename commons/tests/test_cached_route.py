@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import gc
 
+import pytest
+
+from commons.cache import cached_route
 from commons.cache.cached_route import PreparedResponses
 from commons.cache.entry import BODY, expected_head, parse_value, stored_value
+from commons.cache.memo import HOT_LARGE_ENTRIES, HOT_REVIEW_EVERY, HOT_SMALL_ENTRIES, HotMemo
 from commons.cache.scope import CacheScope, ScopedKey
 
 from _support import walked_containers
@@ -51,12 +55,14 @@ def test_a_changed_stored_value_is_prepared_anew() -> None:
 
 def test_prepared_responses_are_not_walked_by_the_garbage_collector() -> None:
     # A full collection walks every object the collector tracks: a prepared response object
-    # kept per key made each one take 100-450 ms over 100k keys. Only the most recent may stay
-    # objects: remembering ten thousand more adds next to nothing.
+    # kept per key made each one take 100-450 ms over 100k keys. Over a working set larger than
+    # the objects kept, only the most recent few stay objects: remembering many more adds next to
+    # nothing.
     # Each key an object that knows its scope, built for its request: a memo keyed by it would
     # keep it (and its scope) alive.
     responses = PreparedResponses()
-    values = [stored(b'{"n":%d}' % n) for n in range(12_000)]
+    count = 2_000 + 2 * HOT_REVIEW_EVERY
+    values = [stored(b'{"n":%d}' % n) for n in range(count)]
 
     def request_key(n: int) -> ScopedKey:
         return ScopedKey(f"/item/{n}", CacheScope("items", "t1"))
@@ -66,7 +72,7 @@ def test_prepared_responses_are_not_walked_by_the_garbage_collector() -> None:
     gc.collect()
     tracked_before = len(gc.get_objects())
 
-    for n in range(2_000, 12_000):
+    for n in range(2_000, count):
         prepared_body(responses, request_key(n), values[n])
     # A tuple is untracked by a collection that finds only untracked items in it: the headers
     # nest tuples in tuples, one level a collection (young collections do it long before a full
@@ -74,7 +80,29 @@ def test_prepared_responses_are_not_walked_by_the_garbage_collector() -> None:
     gc.collect()
     gc.collect()
 
-    assert len(gc.get_objects()) - tracked_before < 10_000 // 4  # not one per response
+    assert len(gc.get_objects()) - tracked_before < 10 * HOT_SMALL_ENTRIES  # not one per response
+
+
+def test_the_responses_of_a_working_set_that_fits_are_kept_as_objects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Hits over a few thousand keys find the very object they found before: nothing rebuilt.
+    # (The objects are the process's: a fresh set of them, whatever earlier tests read.)
+    monkeypatch.setattr(
+        cached_route,
+        "_hot_prepared",
+        HotMemo(HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, cached_route._PREPARED_MAX_BYTES),
+    )
+    responses = PreparedResponses()
+    values = {n: parse_value(stored(b'{"n":%d}' % n), HEAD) for n in range(2_000)}
+    first = {n: responses.get(f"/kept/{n}", value, private=False) for n, value in values.items()}
+
+    for _ in range(HOT_REVIEW_EVERY // 2_000 + 2):  # past a review of the objects kept
+        again = {
+            n: responses.get(f"/kept/{n}", value, private=False) for n, value in values.items()
+        }
+
+    assert all(again[n] is first[n] for n in values)
 
 
 def test_remembered_responses_stay_out_of_young_collections() -> None:

@@ -29,6 +29,7 @@ from commons.cache import (
     tenant_cache_key_builder,
     tenant_user_cache_key_builder,
 )
+from commons.cache.memo import HOT_REVIEW_EVERY, HOT_SMALL_ENTRIES
 from commons.cache.scope import CacheScope, ScopedKey
 from commons.utilities.context import bind_identity
 
@@ -267,18 +268,19 @@ def test_builders_are_called_the_way_fastapi_cache2_calls_a_key_builder(
 @pytest.mark.usefixtures("tenant_42")
 def test_remembered_keys_are_not_walked_by_the_garbage_collector() -> None:
     # A full collection walks every object the collector tracks: a key object (with its scope
-    # and attributes) kept per remembered key made each one take 100-450 ms over 100k keys. Only
-    # the most recent keys may stay objects: remembering ten thousand more adds next to nothing.
+    # and attributes) kept per remembered key made each one take 100-450 ms over 100k keys. Over
+    # a working set larger than the keys kept as objects, only the most recent few stay objects:
+    # remembering many more adds next to nothing.
     for n in range(2_000):
         tenant_key(f"/warmed/{n}")
     gc.collect()
     tracked_before = len(gc.get_objects())
 
-    for n in range(2_000, 12_000):
+    for n in range(2_000, 2_000 + 2 * HOT_REVIEW_EVERY):
         tenant_key(f"/warmed/{n}")
     gc.collect()
 
-    assert len(gc.get_objects()) - tracked_before < 10_000 // 4  # not one per key
+    assert len(gc.get_objects()) - tracked_before < 10 * HOT_SMALL_ENTRIES  # not one per key
 
 
 @pytest.mark.usefixtures("tenant_42")

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
+import commons.cache.memo as memo_module
 from commons.cache import CacheSettings, cache, close_cache, init_cache
-from commons.cache.memo import NURSERY_MAX_ITEMS, BoundedMemo
+from commons.cache.memo import NURSERY_MAX_ITEMS, BoundedMemo, HotMemo
 
 from _support import acme_get_scope, walked_containers
 
@@ -103,6 +104,59 @@ def test_values_that_hold_objects_are_remembered_all_the_same() -> None:
 
     assert all(memo.get(n) == [n] for n in range(3 * NURSERY_MAX_ITEMS))
     assert len(memo) == 3 * NURSERY_MAX_ITEMS
+
+
+# -- objects for the keys read most recently: as many as pay for themselves ------------------------
+
+REVIEW_EVERY = 200
+
+
+@pytest.fixture
+def quick_reviews(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memo_module, "HOT_REVIEW_EVERY", REVIEW_EVERY)
+
+
+def read_through(memo: HotMemo[int, object], keys: list[int]) -> int:
+    """Reads ``keys`` as a hit path does (a miss makes the object and puts it); the misses."""
+    misses = 0
+    for key in keys:
+        if memo.get(key) is None:
+            misses += 1
+            memo.put(key, object(), 10)
+    return misses
+
+
+def test_a_working_set_that_fits_keeps_its_objects(quick_reviews: None) -> None:
+    memo = HotMemo[int, object](8, 100, 1 << 20)
+    keys = list(range(80)) * 20  # eight reviews
+
+    misses = read_through(memo, keys)
+
+    assert misses == 80  # each key's first read only
+    assert (memo.max_entries, len(memo)) == (100, 80)
+
+
+def test_over_a_larger_working_set_only_a_few_objects_stay(quick_reviews: None) -> None:
+    # Every read would replace an object that lived long: the objects the collector walks stay few.
+    memo = HotMemo[int, object](8, 100, 1 << 20)
+
+    read_through(memo, list(range(3 * REVIEW_EVERY)))
+
+    assert memo.max_entries == 8
+    assert len(memo) <= 8
+
+
+def test_the_large_size_is_tried_again_once_the_working_set_shrinks(quick_reviews: None) -> None:
+    memo = HotMemo[int, object](8, 100, 1 << 20)
+    read_through(memo, list(range(1_000, 1_000 + REVIEW_EVERY)))
+    assert memo.max_entries == 8
+
+    # A working set of 50: the small size answers few of its reads, until the large one is tried.
+    misses = read_through(memo, list(range(50)) * (memo_module.HOT_RETRY_LARGE_AFTER + 4) * 4)
+
+    assert memo.max_entries == 100
+    assert misses < (memo_module.HOT_RETRY_LARGE_AFTER + 1) * REVIEW_EVERY
+    assert read_through(memo, list(range(50))) == 0
 
 
 # -- what the hit path remembers is bounded in bytes -----------------------------------------------

@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from commons.cache.entry import ParsedValue, decode_payload, route_fingerprint
 from commons.cache.http import PreparedResponse, prepare
-from commons.cache.memo import BoundedMemo
+from commons.cache.memo import HOT_LARGE_ENTRIES, HOT_SMALL_ENTRIES, BoundedMemo, HotMemo
 from commons.cache.rendering import adapter_for, json_bytes, render_as_route
 
 __all__ = ["PRODUCER", "CachedRoute", "PreparedResponses"]
@@ -30,12 +30,14 @@ _PREPARED_MAX_ENTRIES = 16_384
 _PREPARED_MAX_BYTES = 32 * 1024 * 1024
 
 
-#: Prepared responses each route keeps as objects, for the keys hit most recently: they carry
-#: the last headers sent (see ``replay``), reused by hits within the same second. Few: over a
-#: large working set every hit replaces one, and objects that live long enough to reach the
-#: oldest generation before being dropped are what brings full collections back (1,024 measured
-#: slower than 64 in ``python -m bench working_set``).
-_HOT_PREPARED_ENTRIES = 64
+#: Prepared responses kept as objects (for the whole process), for the keys hit most recently:
+#: they carry the last headers sent (see ``replay``), reused by hits within the same second.
+#: Large while the keys hit fit in it; few over a larger working set, where every hit would
+#: replace one, and objects that live long enough to reach the oldest generation before being
+#: dropped are what brings full collections back (see ``memo.HotMemo``).
+_hot_prepared = HotMemo[str, tuple[bytes, PreparedResponse]](
+    HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, _PREPARED_MAX_BYTES
+)
 
 #: A prepared response as the memo holds it: the stored bytes, then PreparedResponse's fields
 #: up to ``last_sent``, its two header tuples packed (:func:`_packed`). One flat tuple of bytes,
@@ -78,9 +80,8 @@ class PreparedResponses:
 
     def __init__(self) -> None:
         self._memo = BoundedMemo[str, _PreparedFields](_PREPARED_MAX_ENTRIES, _PREPARED_MAX_BYTES)
-        self._hot = BoundedMemo[str, tuple[bytes, PreparedResponse]](
-            _HOT_PREPARED_ENTRIES, _PREPARED_MAX_BYTES
-        )
+        #: Shared by every route (what makes a prepared response is its bytes and privacy).
+        self._hot = _hot_prepared
 
     def get(self, key: str, value: ParsedValue, private: bool) -> PreparedResponse | None:
         """The prepared form of ``value``; ``None`` when its payload is no readable response."""

@@ -43,7 +43,7 @@ from commons.cache.keyspace import (
     split_qualified_namespace,
     uncacheable_key,
 )
-from commons.cache.memo import BoundedMemo
+from commons.cache.memo import HOT_LARGE_ENTRIES, HOT_SMALL_ENTRIES, BoundedMemo, HotMemo
 from commons.cache.scope import CacheScope, ScopedKey
 from commons.utilities.context import get_tenant_id, get_user_id
 
@@ -101,15 +101,17 @@ def key_path(path: str) -> str:
 # ids and formatting, hashing and scoping it anew. Bounded in entries and bytes. Every key is
 # kept as its text and namespace (strings, which the cyclic collector never walks); only the keys
 # built most recently are kept as ScopedKey objects (which it walks, with their scopes and routed
-# copies): rebuilding one costs less than a full collection walking one per key of a large
-# working set. Few stay objects, so that those a large working set keeps replacing die young
-# (see _HOT_PREPARED_ENTRIES in cached_route.py).
+# copies): as many as the keys read while they fit in a few thousand, few over a larger working
+# set, where rebuilding one costs less than full collections walking thousands (memo.HotMemo).
 _KeyInputs = tuple[str, str, str | None, str, bytes]
 _key_memo = BoundedMemo[_KeyInputs, tuple[str, str]](
     16_384, 16 * 1024 * 1024, max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES
 )
-_hot_key_memo = BoundedMemo[_KeyInputs, ScopedKey](
-    64, 1024 * 1024, max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES
+_hot_key_memo = HotMemo[_KeyInputs, ScopedKey](
+    HOT_SMALL_ENTRIES,
+    HOT_LARGE_ENTRIES,
+    4 * 1024 * 1024,
+    max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES,
 )
 
 
