@@ -53,6 +53,18 @@ def test_a_changed_stored_value_is_prepared_anew() -> None:
     assert prepared_body(responses, "/item", stored(b'{"v":2}')) == b'{"v":2}'
 
 
+@pytest.fixture
+def fresh_hot_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prepared answers kept as objects are the process's: a fresh set, whatever earlier tests
+    read (its size depends on them)."""
+    monkeypatch.setattr(
+        cached_route,
+        "_hot_prepared",
+        HotMemo(HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, cached_route._PREPARED_MAX_BYTES),
+    )
+
+
+@pytest.mark.usefixtures("fresh_hot_objects")
 def test_prepared_responses_are_not_walked_by_the_garbage_collector() -> None:
     # A full collection walks every object the collector tracks: a prepared response object
     # kept per key made each one take 100-450 ms over 100k keys. Over a working set larger than
@@ -61,7 +73,7 @@ def test_prepared_responses_are_not_walked_by_the_garbage_collector() -> None:
     # Each key an object that knows its scope, built for its request: a memo keyed by it would
     # keep it (and its scope) alive.
     responses = PreparedResponses()
-    count = 2_000 + 2 * HOT_REVIEW_EVERY
+    count = 2_000 + 3 * HOT_REVIEW_EVERY  # past the first review that judges
     values = [stored(b'{"n":%d}' % n) for n in range(count)]
 
     def request_key(n: int) -> ScopedKey:
@@ -83,21 +95,14 @@ def test_prepared_responses_are_not_walked_by_the_garbage_collector() -> None:
     assert len(gc.get_objects()) - tracked_before < 10 * HOT_SMALL_ENTRIES  # not one per response
 
 
-def test_the_responses_of_a_working_set_that_fits_are_kept_as_objects(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.mark.usefixtures("fresh_hot_objects")
+def test_the_responses_of_a_working_set_that_fits_are_kept_as_objects() -> None:
     # Hits over a few thousand keys find the very object they found before: nothing rebuilt.
-    # (The objects are the process's: a fresh set of them, whatever earlier tests read.)
-    monkeypatch.setattr(
-        cached_route,
-        "_hot_prepared",
-        HotMemo(HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, cached_route._PREPARED_MAX_BYTES),
-    )
     responses = PreparedResponses()
     values = {n: parse_value(stored(b'{"n":%d}' % n), HEAD) for n in range(2_000)}
     first = {n: responses.get(f"/kept/{n}", value, private=False) for n, value in values.items()}
 
-    for _ in range(HOT_REVIEW_EVERY // 2_000 + 2):  # past a review of the objects kept
+    for _ in range(3 * HOT_REVIEW_EVERY // 2_000 + 1):  # past reviews of the objects kept
         again = {
             n: responses.get(f"/kept/{n}", value, private=False) for n, value in values.items()
         }

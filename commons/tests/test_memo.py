@@ -148,7 +148,7 @@ def test_over_a_larger_working_set_only_a_few_objects_stay(quick_reviews: None) 
 
 def test_the_large_size_is_tried_again_once_the_working_set_shrinks(quick_reviews: None) -> None:
     memo = HotMemo[int, object](8, 100, 1 << 20)
-    read_through(memo, list(range(1_000, 1_000 + REVIEW_EVERY)))
+    read_through(memo, list(range(1_000, 1_000 + 2 * REVIEW_EVERY)))  # filled, then judged
     assert memo.max_entries == 8
 
     # A working set of 50: the small size answers few of its reads, until the large one is tried.

@@ -166,11 +166,11 @@ class BoundedMemo(Generic[K, V]):
 HOT_LARGE_ENTRIES = 4096
 HOT_SMALL_ENTRIES = 64
 #: A :class:`HotMemo` reviews its size after this many reads.
-HOT_REVIEW_EVERY = 16_384
+HOT_REVIEW_EVERY = 4096
 #: The share of its reads a large :class:`HotMemo` must answer to stay large.
 HOT_KEEP_LARGE_SHARE = 0.5
 #: Reviews a small :class:`HotMemo` waits before trying its large size again.
-HOT_RETRY_LARGE_AFTER = 16
+HOT_RETRY_LARGE_AFTER = 32
 
 
 class HotMemo(Generic[K, V]):
@@ -186,10 +186,11 @@ class HotMemo(Generic[K, V]):
     took each one from about 1 ms to 20-50 ms). So the memo measures the share of reads it
     answers: below :data:`HOT_KEEP_LARGE_SHARE` it falls back to the small size, and it tries
     the large size again only after :data:`HOT_RETRY_LARGE_AFTER` reviews (in case the working
-    set shrank).
+    set shrank). The reads right after it takes the large size fill it and are not judged: the
+    review after them is skipped.
     """
 
-    __slots__ = ("_found", "_large", "_memo", "_reads", "_small", "_small_reviews")
+    __slots__ = ("_filling", "_found", "_large", "_memo", "_reads", "_small", "_small_reviews")
 
     def __init__(
         self, small: int, large: int, max_bytes: int, *, max_item_bytes: int | None = None
@@ -200,6 +201,8 @@ class HotMemo(Generic[K, V]):
         self._reads = 0
         self._found = 0
         self._small_reviews = 0
+        #: The large size was just taken: the next review only lets it fill.
+        self._filling = True
 
     def __len__(self) -> int:
         return len(self._memo)
@@ -231,7 +234,9 @@ class HotMemo(Generic[K, V]):
         share = self._found / self._reads
         self._reads = self._found = 0
         memo = self._memo
-        if memo.max_entries == self._large:
+        if self._filling:
+            self._filling = False
+        elif memo.max_entries == self._large:
             if share < HOT_KEEP_LARGE_SHARE:
                 memo.resize(self._small)
                 self._small_reviews = 0
@@ -239,3 +244,4 @@ class HotMemo(Generic[K, V]):
             self._small_reviews += 1
             if self._small_reviews >= HOT_RETRY_LARGE_AFTER:
                 memo.resize(self._large)
+                self._filling = True
