@@ -146,6 +146,17 @@ def test_over_a_larger_working_set_only_a_few_objects_stay(quick_reviews: None) 
     assert len(memo) <= 8
 
 
+def test_a_stream_of_fills_that_nobody_reads_keeps_few_objects(quick_reviews: None) -> None:
+    # Every request a miss: its answer is put and never read again (it was read only by a miss).
+    memo = HotMemo[int, object](8, 100, 1 << 20)
+
+    for key in range(3 * REVIEW_EVERY):
+        memo.put(key, object(), 10)
+
+    assert memo.max_entries == 8
+    assert len(memo) <= 8
+
+
 def test_the_large_size_is_tried_again_once_the_working_set_shrinks(quick_reviews: None) -> None:
     memo = HotMemo[int, object](8, 100, 1 << 20)
     read_through(memo, list(range(1_000, 1_000 + 2 * REVIEW_EVERY)))  # filled, then judged

@@ -165,9 +165,9 @@ class BoundedMemo(Generic[K, V]):
 #: A :class:`HotMemo`'s sizes: while the keys read fit in the large one, and otherwise.
 HOT_LARGE_ENTRIES = 4096
 HOT_SMALL_ENTRIES = 64
-#: A :class:`HotMemo` reviews its size after this many reads.
+#: A :class:`HotMemo` reviews its size after this many uses (reads it answers, new keys put).
 HOT_REVIEW_EVERY = 4096
-#: The share of its reads a large :class:`HotMemo` must answer to stay large.
+#: The share of its uses a large :class:`HotMemo` must answer to stay large.
 HOT_KEEP_LARGE_SHARE = 0.5
 #: Reviews a small :class:`HotMemo` waits before trying its large size again.
 HOT_RETRY_LARGE_AFTER = 32
@@ -181,16 +181,15 @@ class HotMemo(Generic[K, V]):
     :class:`BoundedMemo` of flat values it does not). While the keys read fit in the large size,
     nearly every read finds its object and the objects stay: nothing is rebuilt, and nothing is
     made for the collector to promote. Over a working set larger than that, most reads would
-    miss and every put replace an object that lived long enough to reach the oldest generation,
-    making full collections both frequent and long (over 100,000 keys, 4,096 objects per memo
-    took each one from about 1 ms to 20-50 ms). So the memo measures the share of reads it
-    answers: below :data:`HOT_KEEP_LARGE_SHARE` it falls back to the small size, and it tries
-    the large size again only after :data:`HOT_RETRY_LARGE_AFTER` reviews (in case the working
-    set shrank). The reads right after it takes the large size fill it and are not judged: the
-    review after them is skipped.
+    miss and every put replace an object that lived long enough to reach the oldest generation:
+    full collections would come often and each walk thousands of objects. So the memo measures
+    the share of its uses it answers (reads that find their object, among those and the new keys
+    put: a fill puts what nobody read). Below :data:`HOT_KEEP_LARGE_SHARE` it falls back to the
+    small size; it tries the large size again after :data:`HOT_RETRY_LARGE_AFTER` reviews (in
+    case the working set shrank), and does not judge the uses that fill it then.
     """
 
-    __slots__ = ("_filling", "_found", "_large", "_memo", "_reads", "_small", "_small_reviews")
+    __slots__ = ("_filling", "_found", "_large", "_memo", "_small", "_small_reviews", "_uses")
 
     def __init__(
         self, small: int, large: int, max_bytes: int, *, max_item_bytes: int | None = None
@@ -198,7 +197,8 @@ class HotMemo(Generic[K, V]):
         self._small = small
         self._large = large
         self._memo = BoundedMemo[K, V](large, max_bytes, max_item_bytes=max_item_bytes)
-        self._reads = 0
+        #: Reads it answered and new keys put, since the last review; and the answered ones.
+        self._uses = 0
         self._found = 0
         self._small_reviews = 0
         #: The large size was just taken: the next review only lets it fill.
@@ -214,14 +214,20 @@ class HotMemo(Generic[K, V]):
 
     def get(self, key: K) -> V | None:
         found = self._memo.get(key)
-        self._reads += 1
         if found is not None:
             self._found += 1
-        if self._reads >= HOT_REVIEW_EVERY:
-            self._review()
+            self._uses += 1
+            if self._uses >= HOT_REVIEW_EVERY:
+                self._review()
         return found
 
     def put(self, key: K, value: V, size: int) -> None:
+        if self._memo.get(key) is None:
+            # A new key: a use the memo did not answer, whether a read missed it first or not
+            # (a fill puts what nobody read: a stream of misses must count as much as reads).
+            self._uses += 1
+            if self._uses >= HOT_REVIEW_EVERY:
+                self._review()
         self._memo.put(key, value, size)
 
     def forget(self, key: K) -> None:
@@ -231,8 +237,8 @@ class HotMemo(Generic[K, V]):
         self._memo.clear()
 
     def _review(self) -> None:
-        share = self._found / self._reads
-        self._reads = self._found = 0
+        share = self._found / self._uses
+        self._uses = self._found = 0
         memo = self._memo
         if self._filling:
             self._filling = False
