@@ -41,5 +41,6 @@ def test_it_holds_no_more_than_its_bounds() -> None:
     assert sum(memo.remaining(f"k{n}", b"x") is not None for n in range(5)) <= 3
     memo.remember("big", b"y" * 8, 60)
     memo.remember("bigger", b"z" * 8, 60)
+    memo.remember("bigger", b"z" * 8, 60)  # once full, it takes a key on its second put
     assert memo.remaining("big", b"y" * 8) is None
     assert memo.remaining("bigger", b"z" * 8) == 60

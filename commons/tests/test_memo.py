@@ -81,6 +81,34 @@ def test_putting_a_key_again_replaces_it() -> None:
     assert len(memo) == 1
 
 
+def test_a_memo_that_has_been_full_keeps_what_it_holds_over_keys_put_once() -> None:
+    # Misses of fresh keys (each put once, never read again) must not push out what is read.
+    memo = BoundedMemo[int, str](100, 1 << 20, admit_seen_twice=True)
+    for n in range(101):  # the last one makes room: the memo has been full
+        memo.put(n, f"v{n}", 10)
+    held = {n for n in range(101) if memo.get(n) is not None}
+
+    for n in range(1_000, 6_000):
+        memo.put(n, f"v{n}", 10)
+
+    assert {n for n in range(101) if memo.get(n) is not None} == held
+    assert all(memo.get(n) is None for n in range(1_000, 6_000))
+
+
+def test_a_key_put_again_soon_gets_into_a_memo_that_has_been_full() -> None:
+    memo = BoundedMemo[int, str](100, 1 << 20, admit_seen_twice=True)
+    for n in range(200):
+        memo.put(n, f"v{n}", 10)
+
+    memo.put(7_000, "hot", 10)
+    assert memo.get(7_000) is None
+    memo.put(7_000, "hot", 10)
+
+    assert memo.get(7_000) == "hot"
+    memo.put(7_000, "hotter", 10)  # a key it holds always takes its new value
+    assert memo.get(7_000) == "hotter"
+
+
 def test_a_full_memo_of_plain_values_is_not_walked_by_the_garbage_collector() -> None:
     # Storing a newly made tuple in a dict makes the collector track the dict again, and only a
     # full collection stops tracking it: with every hit of a large working set storing one, each

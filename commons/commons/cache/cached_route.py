@@ -79,7 +79,9 @@ class PreparedResponses:
     """
 
     def __init__(self) -> None:
-        self._memo = BoundedMemo[str, _PreparedFields](_PREPARED_MAX_ENTRIES, _PREPARED_MAX_BYTES)
+        self._memo = BoundedMemo[str, _PreparedFields](
+            _PREPARED_MAX_ENTRIES, _PREPARED_MAX_BYTES, admit_seen_twice=True
+        )
         #: Shared by every route (what makes a prepared response is its bytes and privacy).
         self._hot = _hot_prepared
 

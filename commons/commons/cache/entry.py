@@ -195,7 +195,9 @@ class ValidatedValues:
     """
 
     def __init__(self, max_entries: int = 16_384, max_bytes: int = 32 * 1024 * 1024) -> None:
-        self._parsed = BoundedMemo[str, _ParsedFields](max_entries, max_bytes)
+        self._parsed = BoundedMemo[str, _ParsedFields](
+            max_entries, max_bytes, admit_seen_twice=True
+        )
 
     def validated(
         self, key: str, raw: bytes, fingerprint: bytes, generation: bytes | None

@@ -69,7 +69,10 @@ _EMPTY_QUERY_DIGEST = hashlib.md5(b"", usedforsecurity=False).hexdigest()
 _MEMO_OVERHEAD_BYTES = 200
 _MEMO_MAX_QUERY_BYTES = 4096
 _digest_memo = BoundedMemo[bytes, str](
-    16_384, 8 * 1024 * 1024, max_item_bytes=_MEMO_MAX_QUERY_BYTES + _MEMO_OVERHEAD_BYTES
+    16_384,
+    8 * 1024 * 1024,
+    max_item_bytes=_MEMO_MAX_QUERY_BYTES + _MEMO_OVERHEAD_BYTES,
+    admit_seen_twice=True,
 )
 
 
@@ -105,7 +108,10 @@ def key_path(path: str) -> str:
 # set, where rebuilding one costs less than full collections walking thousands (memo.HotMemo).
 _KeyInputs = tuple[str, str, str | None, str, bytes]
 _key_memo = BoundedMemo[_KeyInputs, tuple[str, str]](
-    16_384, 16 * 1024 * 1024, max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES
+    16_384,
+    16 * 1024 * 1024,
+    max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES,
+    admit_seen_twice=True,
 )
 _hot_key_memo = HotMemo[_KeyInputs, ScopedKey](
     HOT_SMALL_ENTRIES,

@@ -8,6 +8,11 @@ many ordinary ones share. When full, the oldest quarter goes (in the order items
 remembered): a read costs one dictionary lookup, as cheap as it gets on every hit, and a working
 set a little above the bound loses a quarter of it, not all of it at once.
 
+Past its bound, a hit-path memo takes a new key only when it is put a second time, soon after the
+first (``admit_seen_twice``, see :meth:`BoundedMemo._admits`): over a working set larger than the
+memo, every put would otherwise evict an item read as often, and a miss of a key never read again
+would push out one that is.
+
 Kept out of the garbage collector's walks. A dict holding only objects that hold no others
 (strings, bytes, numbers, and tuples of them) is not tracked by the cyclic collector, but storing
 one newly made tuple tracks it again, and only a full collection untracks it: a memo of sixteen
@@ -21,6 +26,7 @@ the nursery is four times its size: such a memo is walked, as any dict of object
 
 from __future__ import annotations
 
+from array import array
 from gc import is_tracked
 from typing import Generic, TypeVar
 
@@ -41,6 +47,8 @@ class BoundedMemo(Generic[K, V]):
 
     __slots__ = (
         "_bytes",
+        "_doorkeeper",
+        "_filled",
         "_items",
         "_max_bytes",
         "_max_entries",
@@ -52,7 +60,12 @@ class BoundedMemo(Generic[K, V]):
     )
 
     def __init__(
-        self, max_entries: int, max_bytes: int, *, max_item_bytes: int | None = None
+        self,
+        max_entries: int,
+        max_bytes: int,
+        *,
+        max_item_bytes: int | None = None,
+        admit_seen_twice: bool = False,
     ) -> None:
         """
         Args:
@@ -60,6 +73,8 @@ class BoundedMemo(Generic[K, V]):
             max_bytes: Sum of the items' sizes held at most.
             max_item_bytes: An item larger than this is not remembered; a sixty-fourth of
                 ``max_bytes`` by default.
+            admit_seen_twice: Once the memo has been full, a new key is remembered only when it
+                is put a second time (see :meth:`_admits`).
         """
         self._max_entries = max_entries
         self._max_bytes = max_bytes
@@ -76,6 +91,10 @@ class BoundedMemo(Generic[K, V]):
         #: as many new ones, so a put never walks the nursery more than once per so many puts.
         self._settle_at = NURSERY_ITEMS
         self._bytes = 0
+        #: The last key hash seen per slot (``admit_seen_twice``); not walked by the collector.
+        self._doorkeeper = array("q", bytes(8 * DOORKEEPER_SLOTS)) if admit_seen_twice else None
+        #: Whether the memo had to make room since it was created or cleared.
+        self._filled = False
 
     def __len__(self) -> int:
         return len(self._items) + len(self._nursery)
@@ -103,6 +122,8 @@ class BoundedMemo(Generic[K, V]):
 
     def put(self, key: K, value: V, size: int) -> None:
         """Remembers ``value`` for ``key``; ``size`` is what it holds in bytes (key included)."""
+        if self._filled and self._doorkeeper is not None and not self._admits(key):
+            return
         self.forget(key)
         if size > self._max_item_bytes:
             return
@@ -113,6 +134,30 @@ class BoundedMemo(Generic[K, V]):
         self._bytes += size
         if len(self._nursery) >= self._settle_at:
             self._settle()
+
+    def _admits(self, key: K) -> bool:
+        """Whether a memo that has been full takes ``key``: a key it holds (a new value for it),
+        or one put before, not long ago.
+
+        Over a working set larger than the memo, nearly every put would otherwise replace an
+        item that is read no more often than the new one (each of them costing the put, its
+        eviction and its share of the settling), and a key put once and never read again (a
+        miss of a fresh key) would push out one that is read. The doorkeeper remembers the hash
+        of the last key put per slot: a key comes in on its second put, unless another key's
+        took its slot in between, which over a working set many times the slots is likely (so
+        such a memo stops churning and keeps what it holds), and for a key read again soon (a
+        hot key) is not.
+        """
+        if key in self._items or key in self._nursery:
+            return True
+        doorkeeper = self._doorkeeper
+        assert doorkeeper is not None  # only asked when there is one
+        key_hash = hash(key)
+        slot = key_hash & (DOORKEEPER_SLOTS - 1)
+        if doorkeeper[slot] == key_hash:
+            return True
+        doorkeeper[slot] = key_hash
+        return False
 
     def _settle(self) -> None:
         """Moves the nursery's untracked items to the settled dicts (all of them once it is
@@ -136,6 +181,7 @@ class BoundedMemo(Generic[K, V]):
         (amortised over the puts that filled that quarter: constant time per put)."""
         count_goal = self._max_entries * 3 // 4
         bytes_goal = min(self._max_bytes * 3 // 4, self._max_bytes - size)
+        self._filled = True
         count, held = len(self), self._bytes
         for items, sizes in ((self._items, self._sizes), (self._nursery, self._nursery_sizes)):
             oldest: list[K] = []
@@ -160,7 +206,11 @@ class BoundedMemo(Generic[K, V]):
             held.clear()
         self._settle_at = NURSERY_ITEMS
         self._bytes = 0
+        self._filled = False
 
+
+#: Slots of the doorkeeper of a memo that admits keys seen twice (``admit_seen_twice``): 128 KiB.
+DOORKEEPER_SLOTS = 1 << 14
 
 #: A :class:`HotMemo`'s sizes: while the keys read fit in the large one, and otherwise.
 HOT_LARGE_ENTRIES = 4096

@@ -163,7 +163,7 @@ class ClusterReads:
         self._near_cache = near_cache
         #: By node name (``host:port``); a node's reader lives as long as the store.
         self._primaries: dict[str, _Primary] = {}
-        self._routes = BoundedMemo[str, _Route](16_384, 16 * 1024 * 1024)
+        self._routes = BoundedMemo[str, _Route](16_384, 16 * 1024 * 1024, admit_seen_twice=True)
         self._closed = False
 
     @property

@@ -52,7 +52,7 @@ class ExpiryMemo:
     ) -> None:
         self._clock = clock
         self._items = BoundedMemo[str, tuple[bytes, float]](
-            max_entries, max_bytes, max_item_bytes=max_bytes
+            max_entries, max_bytes, max_item_bytes=max_bytes, admit_seen_twice=True
         )
 
     def knows(self, key: str) -> bool:

@@ -57,7 +57,9 @@ class OneServer(Topology):
         super().__init__(client, names, expiries, budget)
         self.server = client
         self._contact_pending = contact_pending
-        self._read_commands = BoundedMemo[str, tuple[bytes, int]](16_384, 16 * 1024 * 1024)
+        self._read_commands = BoundedMemo[str, tuple[bytes, int]](
+            16_384, 16 * 1024 * 1024, admit_seen_twice=True
+        )
         self._near: NearCache | None = None
         #: The pipelined reader (``None``: reads go through redis-py).
         self.reads: PipelinedReader | None = None
