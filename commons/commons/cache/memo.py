@@ -46,9 +46,9 @@ class BoundedMemo(Generic[K, V]):
     """A dict that holds at most ``max_entries`` items and ``max_bytes`` of their stated sizes."""
 
     __slots__ = (
+        "_admit_seen_twice",
         "_bytes",
         "_doorkeeper",
-        "_filled",
         "_items",
         "_max_bytes",
         "_max_entries",
@@ -91,10 +91,10 @@ class BoundedMemo(Generic[K, V]):
         #: as many new ones, so a put never walks the nursery more than once per so many puts.
         self._settle_at = NURSERY_ITEMS
         self._bytes = 0
-        #: The last key hash seen per slot (``admit_seen_twice``); not walked by the collector.
-        self._doorkeeper = array("q", bytes(8 * DOORKEEPER_SLOTS)) if admit_seen_twice else None
-        #: Whether the memo had to make room since it was created or cleared.
-        self._filled = False
+        self._admit_seen_twice = admit_seen_twice
+        #: The last key hash put per slot, once the memo has had to make room (``None`` before,
+        #: and without ``admit_seen_twice``): not walked by the collector.
+        self._doorkeeper: array[int] | None = None
 
     def __len__(self) -> int:
         return len(self._items) + len(self._nursery)
@@ -122,7 +122,7 @@ class BoundedMemo(Generic[K, V]):
 
     def put(self, key: K, value: V, size: int) -> None:
         """Remembers ``value`` for ``key``; ``size`` is what it holds in bytes (key included)."""
-        if self._filled and self._doorkeeper is not None and not self._admits(key):
+        if self._doorkeeper is not None and not self._admits(key):
             return
         self.forget(key)
         if size > self._max_item_bytes:
@@ -181,7 +181,8 @@ class BoundedMemo(Generic[K, V]):
         (amortised over the puts that filled that quarter: constant time per put)."""
         count_goal = self._max_entries * 3 // 4
         bytes_goal = min(self._max_bytes * 3 // 4, self._max_bytes - size)
-        self._filled = True
+        if self._admit_seen_twice and self._doorkeeper is None:
+            self._doorkeeper = array("q", bytes(8 * DOORKEEPER_SLOTS))
         count, held = len(self), self._bytes
         for items, sizes in ((self._items, self._sizes), (self._nursery, self._nursery_sizes)):
             oldest: list[K] = []
@@ -206,7 +207,7 @@ class BoundedMemo(Generic[K, V]):
             held.clear()
         self._settle_at = NURSERY_ITEMS
         self._bytes = 0
-        self._filled = False
+        self._doorkeeper = None
 
 
 #: Slots of the doorkeeper of a memo that admits keys seen twice (``admit_seen_twice``): 128 KiB.
