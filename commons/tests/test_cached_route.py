@@ -9,7 +9,7 @@ import pytest
 from commons.cache import cached_route
 from commons.cache.cached_route import PreparedResponses
 from commons.cache.entry import BODY, expected_head, parse_value, stored_value
-from commons.cache.memo import HOT_LARGE_ENTRIES, HOT_REVIEW_EVERY, HOT_SMALL_ENTRIES, HotMemo
+from commons.cache.memo import HOT_REVIEW_EVERY, HOT_SMALL_ENTRIES
 from commons.cache.scope import CacheScope, ScopedKey
 
 from _support import walked_containers
@@ -54,14 +54,10 @@ def test_a_changed_stored_value_is_prepared_anew() -> None:
 
 
 @pytest.fixture
-def fresh_hot_objects(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The prepared answers kept as objects are the process's: a fresh set, whatever earlier tests
-    read (its size depends on them)."""
-    monkeypatch.setattr(
-        cached_route,
-        "_hot_prepared",
-        HotMemo(HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, cached_route._PREPARED_MAX_BYTES),
-    )
+def fresh_hot_objects() -> None:
+    """The prepared answers kept as objects are the process's: start them over, whatever earlier
+    tests read (their size depends on them)."""
+    cached_route._hot_prepared.clear()
 
 
 @pytest.mark.usefixtures("fresh_hot_objects")

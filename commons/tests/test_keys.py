@@ -30,7 +30,7 @@ from commons.cache import (
     tenant_cache_key_builder,
     tenant_user_cache_key_builder,
 )
-from commons.cache.memo import HOT_LARGE_ENTRIES, HOT_REVIEW_EVERY, HOT_SMALL_ENTRIES, HotMemo
+from commons.cache.memo import HOT_REVIEW_EVERY, HOT_SMALL_ENTRIES
 from commons.cache.scope import CacheScope, ScopedKey
 from commons.utilities.context import bind_identity
 
@@ -267,13 +267,9 @@ def test_builders_are_called_the_way_fastapi_cache2_calls_a_key_builder(
 
 
 @pytest.mark.usefixtures("tenant_42")
-def test_remembered_keys_are_not_walked_by_the_garbage_collector(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The keys kept as objects are the process's: a fresh set, whatever earlier tests built.
-    monkeypatch.setattr(
-        keys, "_hot_key_memo", HotMemo(HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, 4 * 1024 * 1024)
-    )
+def test_remembered_keys_are_not_walked_by_the_garbage_collector() -> None:
+    # The keys kept as objects are the process's: start them over, whatever earlier tests built.
+    keys._hot_key_memo.clear()
     # A full collection walks every object the collector tracks: a key object (with its scope
     # and attributes) kept per remembered key made each one take 100-450 ms over 100k keys. Over
     # a working set larger than the keys kept as objects, only the most recent few stay objects:

@@ -281,11 +281,12 @@ class HotMemo(Generic[K, V]):
                 self._review()
         self._memo.put(key, value, size)
 
-    def forget(self, key: K) -> None:
-        self._memo.forget(key)
-
     def clear(self) -> None:
+        """Forgets every object and starts over, at the large size."""
         self._memo.clear()
+        self._memo.resize(self._large)
+        self._uses = self._found = self._small_reviews = 0
+        self._filling = True
 
     def _review(self) -> None:
         share = self._found / self._uses
