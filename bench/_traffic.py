@@ -95,16 +95,8 @@ class KeyedServer:
     def hits(self) -> tuple[float, float]:
         """Our HITs and near-cache hits so far, from the server's ``/metrics``."""
         import httpx
-        from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
-        counted = {"commons_cache_hits": 0.0, "commons_cache_near_hits": 0.0}
-        for family in text_string_to_metric_families(text):
-            if family.name in counted:
-                for sample in family.samples:
-                    if sample.name.endswith("_total") and sample.labels["namespace"] == NAMESPACE:
-                        counted[family.name] += sample.value
-        return counted["commons_cache_hits"], counted["commons_cache_near_hits"]
+        return hits_in_metrics(httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text)
 
     def rss_mib(self) -> float:
         """The server process's resident memory, MiB (Linux; NaN elsewhere)."""
@@ -124,6 +116,19 @@ def load_generator() -> str:
     if wrk_binary() is not None:
         return "wrk (1 thread, bench/_keyed.lua choosing each request's key)"
     return "bench/_loadgen.py's keyed client (wrk is not installed)"
+
+
+def hits_in_metrics(text: str) -> tuple[float, float]:
+    """Our HITs and near-cache hits (the keyed app's namespace) in a ``/metrics`` page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counted = {"commons_cache_hits": 0.0, "commons_cache_near_hits": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name in counted:
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["namespace"] == NAMESPACE:
+                    counted[family.name] += sample.value
+    return counted["commons_cache_hits"], counted["commons_cache_near_hits"]
 
 
 def near_share(before: tuple[float, float], after: tuple[float, float]) -> float:

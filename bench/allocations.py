@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench._asgi import AsgiClient
 from bench._common import fmt_ratio, median
 
 SIZES = ("small", "large")
@@ -50,48 +51,6 @@ BACKENDS = ("memory", "redis")
 VARIANTS = ("ours", "floor", "nocache")
 #: Requests before anything is counted: fills every memo, confirms the near cache's session.
 WARM_UP = 200
-#: What one counted HIT must say (a MISS or STALE would measure something else).
-HIT_HEADER = (b"x-fastapi-cache", b"HIT")
-
-
-class AsgiClient:
-    """GET requests straight into an ASGI app: only the app's own allocations are counted."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.messages: list[dict[str, Any]] = []
-
-    async def _receive(self) -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def _send(self, message: dict[str, Any]) -> None:
-        self.messages.append(message)
-
-    async def get(self, path: str, query: bytes = b"") -> None:
-        self.messages.clear()
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": query,
-            "root_path": "",
-            "headers": [(b"host", b"bench"), (b"accept", b"*/*")],
-            "client": ("127.0.0.1", 50000),
-            "server": ("bench", 80),
-        }
-        await self.app(scope, self._receive, self._send)
-
-    def check(self, path: str, variant: str) -> None:
-        """The last answer was a 200 (and a HIT on our route)."""
-        start = self.messages[0]
-        if start["status"] != 200:
-            raise RuntimeError(f"{path}: status {start['status']}")
-        if variant == "ours" and HIT_HEADER not in start["headers"]:
-            raise RuntimeError(f"{path}: not a HIT: {start['headers']}")
 
 
 class AllocationCounter:
@@ -200,11 +159,11 @@ async def _measure_app(
                     await client.get(path)
                     if index % 50 == 0:
                         await asyncio.sleep(0.05)  # lets the near cache confirm its session
-                client.check(path, variant)
+                client.check(path, hit=variant == "ours")
                 per_window = [
                     await _allocations(counter, client, path, requests) for _ in range(windows)
                 ]
-                client.check(path, variant)
+                client.check(path, hit=variant == "ours")
                 kept, collections = await _kept_and_collections(client, path, 10 * requests)
                 figures[f"{size}/{variant}"] = {
                     "allocations": median([window[0] for window in per_window]),
