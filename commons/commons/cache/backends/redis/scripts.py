@@ -23,20 +23,16 @@ __all__ = [
 
 # Lua: records `member` in the index `index` (a sorted set scored by expiry) until `ttl_ms` from
 # `now_ms`, prunes members expired more than `grace_ms` ago and keeps the index alive as long as
-# its members. A member's score only ever rises: a registry member stands for a whole leaf, so a
-# short-lived write must not lower it below the expiry of the leaf's longer-lived entries (the
-# pruning would then unregister a leaf that still holds live entries).
+# its members. A member's score only ever rises (``GT``, Redis 6.2+): a registry member stands for
+# a whole leaf, so a short-lived write must not lower it below the expiry of the leaf's
+# longer-lived entries (the pruning would then unregister a leaf that still holds live entries).
 _INDEX_ADD_FUNCTIONS = """
 local function now_ms()
   local now = redis.call('TIME')
   return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 end
 local function index_add(index, member, ttl_ms, grace_ms, now)
-  local expires_ms = now + ttl_ms
-  local scored = redis.call('ZSCORE', index, member)
-  if not scored or tonumber(scored) < expires_ms then
-    redis.call('ZADD', index, expires_ms, member)
-  end
+  redis.call('ZADD', index, 'GT', now + ttl_ms, member)
   redis.call('ZREMRANGEBYSCORE', index, '-inf', now - grace_ms)
   local keep_ms = ttl_ms + grace_ms
   local current = redis.call('PTTL', index)
