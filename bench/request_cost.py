@@ -33,12 +33,13 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bench._asgi import AsgiClient
 from bench._common import REPO_ROOT, child_env, fmt_ratio, median
 from bench._traffic import hits_in_metrics
+from bench.working_set import _copy_entries
 
 #: Concurrent callers on the loop (the traffic benchmarks' connections).
 CALLERS = 16
@@ -101,7 +102,7 @@ async def _cpu_seconds(app: Any, paths: list[str], *, hits: bool = False) -> flo
 def _cpu_of(pid: int) -> float:
     """Seconds of CPU process ``pid`` has used (Linux; NaN elsewhere)."""
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -118,7 +119,6 @@ async def _measure_paths(
     near: bool, large: tuple[int, int], chunk: int, chunks: int
 ) -> dict[str, dict[str, float]]:
     from bench._keyed_app import create_app
-    from bench.working_set import _copy_entries
     from commons.testing.redis_server import RedisServer
 
     sizes = {"small": SMALL, "large": large}
@@ -132,7 +132,7 @@ async def _measure_paths(
             for label, variant, size, fresh_share in NEAR_ON_PATHS if near else NEAR_OFF_PATHS:
                 tenants, items = sizes[size]
                 if size not in warmed:
-                    await _warm(app, redis.url, tenants, items, _copy_entries)
+                    await _warm(app, redis.url, tenants, items)
                     warmed.add(size)
                 keys = _Paths(tenants, items, fresh_share)
                 floor_keys = _Paths(tenants, items, 0.0)
@@ -167,9 +167,7 @@ async def _measure_paths(
     return measured
 
 
-async def _warm(
-    app: Any, redis_url: str, tenants: int, items: int, copy: Callable[[str, int, int], None]
-) -> None:
+async def _warm(app: Any, redis_url: str, tenants: int, items: int) -> None:
     """Every key of the working set stored and read once from Redis; past 10k keys, copied and
     then read at random (the near cache then holds what a service reading them for a while
     holds)."""
@@ -181,7 +179,7 @@ async def _warm(
         return
     for tenant in range(tenants):
         await _call(app, f"/ours/t{tenant}/0")
-    await asyncio.to_thread(copy, redis_url, tenants, items)
+    await asyncio.to_thread(_copy_entries, redis_url, tenants, items)
     keys = _Paths(tenants, items, 0.0)
     await _cpu_seconds(app, [keys.pick("ours") for _ in range(LARGE_WARM_READS)])
 
