@@ -5,6 +5,9 @@ resources are read by id. The variants, each a FastAPI app of its own picked by 
 segment (so none pays for matching another's route):
 
 - ``floor``: pre-serialised bytes returned as ``Response`` (the floor no cache can beat);
+- ``redis_get``: the floor's bytes after one redis-py ``GET`` of the key ours stores the same
+  item under (``entry_key_of``): what any answer that asks Redis once pays, the reference for a
+  hit that the near cache does not hold;
 - ``nocache``: the handler builds the response, FastAPI validates and serialises it;
 - ``ours``: the same handler under ``commons.cache.cache`` (namespace ``wild``);
 - ``cashews``: the same handler under cashews' ``@cache``, ``client_side=True`` beside our near
@@ -36,7 +39,33 @@ from commons.utilities.context import set_tenant_id
 
 #: Our decorator's namespace (what the near-cache share is read under in ``/metrics``).
 NAMESPACE = "wild"
-VARIANTS = ("floor", "nocache", "ours", "cashews")
+VARIANTS = ("floor", "redis_get", "nocache", "ours", "cashews")
+#: Our ``CACHE_PREFIX`` here.
+PREFIX = "bench"
+#: The digest of an empty query string, the last part of every key here.
+EMPTY_QUERY_DIGEST = "d41d8cd98f00b204e9800998ecf8427e"
+
+
+def entry_key_of(tenant: str, item: str) -> str:
+    """The key ours stores ``/ours/{tenant}/{item}`` under: spelled out, so that ``redis_get``
+    pays for one ``GET`` and nothing of ours (``create_app`` checks it against the key
+    builder's)."""
+    return f"{PREFIX}:{NAMESPACE}:tenant_{tenant}:/ours/{tenant}/{item}:{EMPTY_QUERY_DIGEST}"
+
+
+def _check_entry_key_of() -> None:
+    from commons.cache.keys import key_path
+    from commons.cache.keyspace import entry_key, qualified_namespace
+
+    built = entry_key(
+        qualified_namespace(PREFIX, NAMESPACE),
+        "t0",
+        None,
+        key_path("/ours/t0/0"),
+        EMPTY_QUERY_DIGEST,
+    )
+    if entry_key_of("t0", "0") != built:
+        raise RuntimeError(f"entry_key_of no longer spells our keys: {built!r}")
 
 
 async def bind_tenant(tenant: str) -> str:
@@ -64,6 +93,7 @@ def create_app(redis_url: str, *, near: bool = True, freeze: bool = False) -> Ke
     """The app, on Redis at ``redis_url``; ``near``: our near cache (and cashews' client side)."""
     from cashews import cache as cashews_cache
     from fastapi import Depends
+    from redis.asyncio import Redis
 
     from commons.cache import cache, close_cache, init_cache
     from commons.cache.metrics import metrics_router
@@ -74,7 +104,7 @@ def create_app(redis_url: str, *, near: bool = True, freeze: bool = False) -> Ke
         await init_cache(
             CacheSettings(
                 REDIS_URL=redis_url,
-                CACHE_PREFIX="bench",
+                CACHE_PREFIX=PREFIX,
                 CACHE_TTL_SECONDS=TTL,
                 CACHE_NEAR_CACHE=near,
             )
@@ -88,13 +118,20 @@ def create_app(redis_url: str, *, near: bool = True, freeze: bool = False) -> Ke
         finally:
             await cashews_cache.close()
             await close_cache()
+            await plain_redis.aclose()
 
+    _check_entry_key_of()
+    plain_redis = Redis.from_url(redis_url)
     main = FastAPI(lifespan=lifespan)
     main.include_router(metrics_router())
     tenant_dep = Depends(bind_tenant)
     body = PRESERIALISED["small"]
 
     async def floor(tenant: str = tenant_dep, item: str = "") -> Response:
+        return Response(content=body, media_type="application/json")
+
+    async def redis_get(tenant: str = tenant_dep, item: str = "") -> Response:
+        await plain_redis.get(entry_key_of(tenant, item))
         return Response(content=body, media_type="application/json")
 
     def handler() -> Any:
@@ -105,6 +142,7 @@ def create_app(redis_url: str, *, near: bool = True, freeze: bool = False) -> Ke
 
     endpoints = {
         "floor": floor,
+        "redis_get": redis_get,
         "nocache": handler(),
         "ours": cache(expire=TTL, namespace=NAMESPACE)(handler()),
         "cashews": cashews_cache(ttl=TTL, key="cashews:wild:{tenant}:{item}")(handler()),
@@ -112,7 +150,7 @@ def create_app(redis_url: str, *, near: bool = True, freeze: bool = False) -> Ke
     by_variant: dict[str, FastAPI] = {}
     for name, endpoint in endpoints.items():
         variant_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-        model = None if name == "floor" else TenantConfig
+        model = None if name in ("floor", "redis_get") else TenantConfig
         variant_app.add_api_route(
             f"/{name}/{{tenant}}/{{item}}", endpoint, methods=["GET"], response_model=model
         )
