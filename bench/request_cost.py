@@ -17,7 +17,10 @@ Paths, each process with a Redis of its own:
   (entries copied into Redis as in ``working_set``, then random reads, unrecorded);
 - with ``CACHE_NEAR_CACHE=false``: a hit from Redis over 2,000 keys (every memo of the hit path
   holds them) and over 100,000 keys (the memos hold a fraction: a key is built, an entry parsed
-  and its answer prepared on most hits).
+  and its answer prepared on most hits);
+- in the same process, over the same two working sets, the floor's bytes after one redis-py
+  ``GET`` of the key ours stores the item under (``redis_get``): the least any answer that asks
+  Redis pays, with nothing of ours in it.
 
 Reported per path: CPU µs per request, ours and the floor's; ours above the floor; the ratio of the
 floor's to ours (as req/s would be if this process were the only bottleneck); Redis' own CPU per
@@ -58,6 +61,8 @@ NEAR_ON_PATHS = (
 NEAR_OFF_PATHS = (
     ("Redis hit (memos hold the keys)", "ours", "small", 0.0),
     ("Redis hit (memos hold few)", "ours", "large", 0.0),
+    ("one redis-py GET, no cache", "redis_get", "small", 0.0),
+    ("one redis-py GET, no cache, large set", "redis_get", "large", 0.0),
 )
 
 
@@ -231,9 +236,11 @@ def summarize(measured: dict[str, dict[str, float]], *, quick: bool) -> dict[str
         f"(time.process_time), {chunks} requests per path, each chunk after a chunk on the "
         "floor (pre-serialised bytes, same paths and tenant dependency); ratio: the floor's CPU "
         "over ours, median of the chunks (low-high). Redis: redis-server's own CPU per request "
-        "(/proc). Near cache on for the first four paths, CACHE_NEAR_CACHE=false for the last "
-        "two; the large working set is copied into Redis and read at random first, as in "
-        "working_set. Near share: commons_cache_near_hits over commons_cache_hits."
+        "(/proc). Near cache on for the first four paths, CACHE_NEAR_CACHE=false for the "
+        "others; the large working set is copied into Redis and read at random first, as in "
+        "working_set. One redis-py GET: the floor's bytes after one GET of the key ours stores "
+        "the item under (no cache: the least an answer that asks Redis pays). Near share: "
+        "commons_cache_near_hits over commons_cache_hits."
     )
     labels = list(measured)
     return {
