@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -196,6 +197,49 @@ def test_the_large_size_is_tried_again_once_the_working_set_shrinks(quick_review
     assert memo.max_entries == 100
     assert misses < (memo_module.HOT_RETRY_LARGE_AFTER + 1) * REVIEW_EVERY
     assert read_through(memo, list(range(50))) == 0
+
+
+def test_a_working_set_that_narrows_after_a_sweep_is_held_again_at_the_next_reviews(
+    quick_reviews: None,
+) -> None:
+    # A batch job or a crawler reads every key once, then the service's own hot keys return:
+    # the small size answers few of their reads, and waiting for the periodic retry of the large
+    # size would rebuild an object on nearly every hit until then.
+    memo = HotMemo[int, object](8, 100, 1 << 20)
+    read_through(memo, list(range(1_000, 1_000 + 3 * REVIEW_EVERY)))
+    assert memo.max_entries == 8
+
+    misses = read_through(memo, list(range(50)) * (3 * REVIEW_EVERY // 50))
+
+    assert memo.max_entries == 100
+    assert misses < 3 * REVIEW_EVERY // 2
+    assert read_through(memo, list(range(50))) == 0
+
+
+@pytest.mark.parametrize(("working_set", "large_again"), [(80, True), (300, False)])
+def test_after_a_sweep_the_large_size_returns_only_for_a_working_set_it_would_hold(
+    quick_reviews: None, working_set: int, large_again: bool
+) -> None:
+    # Read at random: 80 keys, which the large size (100) holds whole; 300, of which it would
+    # answer a third (and so be dropped again at its next review).
+    memo = HotMemo[int, object](8, 100, 1 << 20)
+    read_through(memo, list(range(1_000, 1_000 + 3 * REVIEW_EVERY)))
+    chosen = random.Random(7)
+
+    read_through(memo, [chosen.randrange(working_set) for _ in range(6 * REVIEW_EVERY)])
+
+    assert (memo.max_entries == 100) is large_again
+
+
+def test_a_sweep_that_goes_on_never_takes_the_large_size_before_its_retry(
+    quick_reviews: None,
+) -> None:
+    # Keys never read twice: nothing says the large size would find them.
+    memo = HotMemo[int, object](8, 100, 1 << 20)
+
+    read_through(memo, list(range((memo_module.HOT_RETRY_LARGE_AFTER + 1) * REVIEW_EVERY)))
+
+    assert memo.max_entries == 8
 
 
 # -- what the hit path remembers is bounded in bytes -----------------------------------------------

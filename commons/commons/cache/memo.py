@@ -220,7 +220,8 @@ HOT_SMALL_ENTRIES = 64
 HOT_REVIEW_EVERY = 4096
 #: The share of its uses a large :class:`HotMemo` must answer to stay large.
 HOT_KEEP_LARGE_SHARE = 0.5
-#: Reviews a small :class:`HotMemo` waits before trying its large size again.
+#: Reviews a small :class:`HotMemo` waits before trying its large size again, whatever its
+#: estimate of what the large size would find says (see :meth:`HotMemo._seen_lately`).
 HOT_RETRY_LARGE_AFTER = 32
 
 
@@ -236,11 +237,24 @@ class HotMemo(Generic[K, V]):
     full collections would come often and each walk thousands of objects. So the memo measures
     the share of its uses it answers (reads that find their object, among those and the new keys
     put: a fill puts what nobody read). Below :data:`HOT_KEEP_LARGE_SHARE` it falls back to the
-    small size; it tries the large size again after :data:`HOT_RETRY_LARGE_AFTER` reviews (in
-    case the working set shrank), and does not judge the uses that fill it then.
+    small size. While small, it estimates the share the large size would answer (see
+    :meth:`_seen_lately`) and takes the large size again at the first review where that share is
+    enough (a sweep over every key, then the hot keys again), or after
+    :data:`HOT_RETRY_LARGE_AFTER` reviews in any case; it does not judge the uses that fill it
+    then.
     """
 
-    __slots__ = ("_filling", "_found", "_large", "_memo", "_small", "_small_reviews", "_uses")
+    __slots__ = (
+        "_filling",
+        "_found",
+        "_large",
+        "_memo",
+        "_recent_hashes",
+        "_seen_found",
+        "_small",
+        "_small_reviews",
+        "_uses",
+    )
 
     def __init__(
         self, small: int, large: int, max_bytes: int, *, max_item_bytes: int | None = None
@@ -254,6 +268,10 @@ class HotMemo(Generic[K, V]):
         self._small_reviews = 0
         #: The large size was just taken: the next review only lets it fill.
         self._filling = True
+        #: While small: the hash of the last key put per slot, as many slots as the large size
+        #: (see :meth:`_seen_lately`); and the new keys put that it had seen lately.
+        self._recent_hashes: array[int] | None = None
+        self._seen_found = 0
 
     def __len__(self) -> int:
         return len(self._memo)
@@ -277,20 +295,47 @@ class HotMemo(Generic[K, V]):
             # A new key: a use the memo did not answer, whether a read missed it first or not
             # (a fill puts what nobody read: a stream of misses must count as much as reads).
             self._uses += 1
+            if self._recent_hashes is not None and self._seen_lately(key, self._recent_hashes):
+                self._seen_found += 1
             if self._uses >= HOT_REVIEW_EVERY:
                 self._review()
         self._memo.put(key, value, size)
+
+    @staticmethod
+    def _seen_lately(key: K, recent_hashes: array[int]) -> bool:
+        """Whether ``key`` was put lately: its hash is still in its slot (and is now, either way).
+
+        With as many slots as the large size holds (rounded up to a power of two), over ``n``
+        keys read at random a key is still in its slot when read again with a chance of about
+        ``1 / (1 + n / slots)``: the estimate reaches :data:`HOT_KEEP_LARGE_SHARE` for working
+        sets up to the large size, which a memo of that size holds whole. Between once and
+        twice that size, where the large size would still answer half its uses, it errs low and
+        the periodic retry covers them: it never takes the large size for a working set that
+        would send it back at once. An array of ints: no object per key, nothing for the
+        collector to walk.
+        """
+        # Hashed in a tuple: its hash mixes the bits, where an int (or a tuple of small ints)
+        # is its own hash and consecutive keys would each keep a slot of their own.
+        key_hash = hash((key,))
+        slot = key_hash & (len(recent_hashes) - 1)
+        if recent_hashes[slot] == key_hash:
+            return True
+        recent_hashes[slot] = key_hash
+        return False
 
     def clear(self) -> None:
         """Forgets every object and starts over, at the large size."""
         self._memo.clear()
         self._memo.resize(self._large)
-        self._uses = self._found = self._small_reviews = 0
+        self._uses = self._found = self._small_reviews = self._seen_found = 0
         self._filling = True
+        self._recent_hashes = None
 
     def _review(self) -> None:
         share = self._found / self._uses
-        self._uses = self._found = 0
+        # Small: what it found itself, the large size would have found too.
+        large_share = (self._found + self._seen_found) / self._uses
+        self._uses = self._found = self._seen_found = 0
         memo = self._memo
         if self._filling:
             self._filling = False
@@ -298,8 +343,11 @@ class HotMemo(Generic[K, V]):
             if share < HOT_KEEP_LARGE_SHARE:
                 memo.resize(self._small)
                 self._small_reviews = 0
+                slots = 1 << (self._large - 1).bit_length()
+                self._recent_hashes = array("q", bytes(8 * slots))
         else:
             self._small_reviews += 1
-            if self._small_reviews >= HOT_RETRY_LARGE_AFTER:
+            if large_share >= HOT_KEEP_LARGE_SHARE or self._small_reviews >= HOT_RETRY_LARGE_AFTER:
                 memo.resize(self._large)
                 self._filling = True
+                self._recent_hashes = None
