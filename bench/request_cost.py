@@ -14,7 +14,9 @@ Paths, each process with a Redis of its own:
 - a near-cache hit over 2,000 warm keys; a miss (every request a fresh key: the read, the
   handler, the fill); the same handler uncached (what caching must beat);
 - the same process over 100,000 warm keys, the near cache holding what its bound allows
-  (entries copied into Redis as in ``working_set``, then random reads, unrecorded);
+  (entries copied into Redis as in ``working_set``, then random reads, unrecorded); then a
+  near-cache hit over 2,000 of those keys, once they have been read for a while (unrecorded):
+  a working set that narrows again, as after a batch job or a crawler read every key;
 - with ``CACHE_NEAR_CACHE=false``: a hit from Redis over 2,000 keys (every memo of the hit path
   holds them) and over 100,000 keys (the memos hold a fraction: a key is built, an entry parsed
   and its answer prepared on most hits);
@@ -51,12 +53,16 @@ LARGE = (100, 1_000)
 QUICK_LARGE = (100, 100)
 #: Random reads after copying a large working set, before measuring (unrecorded).
 LARGE_WARM_READS = 150_000
+#: Keys of the hot set read after the large working set, and its reads before measuring.
+HOT_KEYS = 2_000
+HOT_WARM_READS = 30_000
 #: Paths measured in each process: (label, variant, working set, share of fresh keys).
 NEAR_ON_PATHS = (
     ("near-cache hit", "ours", "small", 0.0),
     ("miss (a fresh key each)", "ours", "small", 1.0),
     ("the same handler, uncached", "nocache", "small", 0.0),
     ("hit, near cache on", "ours", "large", 0.0),
+    ("near-cache hit, 2,000 hot keys after the large set", "ours", "hot_after_large", 0.0),
 )
 NEAR_OFF_PATHS = (
     ("Redis hit (memos hold the keys)", "ours", "small", 0.0),
@@ -126,7 +132,12 @@ async def _measure_paths(
     from bench._keyed_app import create_app
     from commons.testing.redis_server import RedisServer
 
-    sizes = {"small": SMALL, "large": large}
+    sizes = {
+        "small": SMALL,
+        "large": large,
+        # The first tenants' keys of the large set (read after it: see NEAR_ON_PATHS).
+        "hot_after_large": (HOT_KEYS // large[1], large[1]),
+    }
     measured: dict[str, dict[str, float]] = {}
     warmed: set[str] = set()
     with RedisServer() as redis:
@@ -136,7 +147,10 @@ async def _measure_paths(
         async with app.main.router.lifespan_context(app.main):
             for label, variant, size, fresh_share in NEAR_ON_PATHS if near else NEAR_OFF_PATHS:
                 tenants, items = sizes[size]
-                if size not in warmed:
+                if size == "hot_after_large":
+                    hot = _Paths(tenants, items, 0.0)
+                    await _cpu_seconds(app, [hot.pick("ours") for _ in range(HOT_WARM_READS)])
+                elif size not in warmed:
                     await _warm(app, redis.url, tenants, items)
                     warmed.add(size)
                 keys = _Paths(tenants, items, fresh_share)
@@ -236,10 +250,12 @@ def summarize(measured: dict[str, dict[str, float]], *, quick: bool) -> dict[str
         f"(time.process_time), {chunks} requests per path, each chunk after a chunk on the "
         "floor (pre-serialised bytes, same paths and tenant dependency); ratio: the floor's CPU "
         "over ours, median of the chunks (low-high). Redis: redis-server's own CPU per request "
-        "(/proc). Near cache on for the first four paths, CACHE_NEAR_CACHE=false for the "
+        "(/proc). Near cache on for the first five paths, CACHE_NEAR_CACHE=false for the "
         "others; the large working set is copied into Redis and read at random first, as in "
-        "working_set. One redis-py GET: the floor's bytes after one GET of the key ours stores "
-        "the item under (no cache: the least an answer that asks Redis pays). Near share: "
+        f"working_set; the hot keys after it are its first tenants' ({HOT_WARM_READS:,} reads "
+        "of them first, unrecorded). One redis-py GET: the floor's bytes after one GET of the "
+        "key ours stores the item under (no cache: the least an answer that asks Redis pays). "
+        "Near share: "
         "commons_cache_near_hits over commons_cache_hits."
     )
     labels = list(measured)
