@@ -25,6 +25,7 @@ __all__ = [
     "BackendMovingError",
     "BackendRejectedError",
     "BackendUnavailableError",
+    "BackendUnconfirmedError",
     "CacheError",
     "CacheUnavailableError",
 ]
@@ -45,6 +46,11 @@ class BackendError(CacheError):
 class BackendUnavailableError(BackendError):
     """The backend could not be reached in time (refused, timed out, or refused our credentials),
     or cannot serve any command of the slot right now (a cluster that lost a shard)."""
+
+
+class BackendUnconfirmedError(BackendUnavailableError):
+    """The master applied an invalidation that no replica confirmed in time (``WAIT``): a
+    failover could lose it, so it is kept and applied again; the master itself answers."""
 
 
 class BackendBusyError(BackendError):

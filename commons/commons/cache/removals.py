@@ -14,7 +14,10 @@ a journal, a process that starts while Redis does not answer keeps a flush of th
 with invalidations nobody can now name.
 Behind Sentinel, an invalidation that no replica confirmed (the store's ``WAIT``) fails the same
 way: the master that acknowledged it may be replaced by a replica without it, so it is kept and
-applied again, on whichever server is then the master, before Redis is read again.
+applied again, on whichever server is then the master, before Redis is read again. The master
+did answer, though: while that is all the layer is degraded for, later removals still go to
+Redis before they return (and are kept as well when unconfirmed), so other processes see them
+at once rather than at the next probe's replay.
 
 Once started, an invalidation runs to its end even if its caller is cancelled (a client that hung
 up, a timeout around the call): applied or kept, never dropped half-way. A burst of invalidations
@@ -27,13 +30,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from commons.cache.backends.base import CacheStore, LocalStore
 from commons.cache.background_removal import BackgroundRemovals
 from commons.cache.breaker import Breaker
-from commons.cache.errors import BackendError, BackendUnavailableError
+from commons.cache.errors import BackendError, BackendUnavailableError, BackendUnconfirmedError
 from commons.cache.events import CacheEvents
 from commons.cache.journal import InvalidationJournal
 from commons.cache.pending import PendingInvalidations, PendingItem
@@ -104,6 +108,10 @@ class Removals:
         )
         # Removals on their way to Redis, which outlive a cancelled caller (see _on_redis).
         self._removals: set[asyncio.Task[int]] = set()
+        #: When the breaker degraded because an invalidation went unconfirmed, while the master
+        #: answered (``None``: it did not): the degradation that later removals still go to
+        #: Redis through (see the module docstring).
+        self._unconfirmed_since: datetime | None = None
         # Old entries of invalidations that already hold, removed after they returned.
         self.background = BackgroundRemovals(
             on_removed=events.removed_in_background,
@@ -218,7 +226,7 @@ class Removals:
         removed = await removal(self._memory)
         if self._redis is None:
             return removed
-        if self._breaker.state is not CacheState.REDIS:
+        if self._breaker.state is not CacheState.REDIS and not self._master_answers():
             await self._keep(item)
             return removed
         label = item.reported_namespace if isinstance(item, InvalidationTarget) else namespace
@@ -248,7 +256,13 @@ class Removals:
                 return await removal
             except BackendError as exc:
                 self._events.backend_error(namespace, operation)
+                was_on_redis = self._breaker.state is CacheState.REDIS
                 self._breaker.degrade(f"{what} could not reach Redis: {exc}")
+                unconfirmed = isinstance(exc, BackendUnconfirmedError)
+                if unconfirmed and (was_on_redis or self._master_answers()):
+                    self._unconfirmed_since = self._breaker.since
+                elif not unconfirmed:
+                    self._unconfirmed_since = None
                 await self._keep(item)
                 return 0
 
@@ -256,6 +270,15 @@ class Removals:
         self._removals.add(task)
         task.add_done_callback(self._removal_done)
         return await asyncio.shield(task)
+
+    def _master_answers(self) -> bool:
+        """Whether the layer is degraded only because an invalidation went unconfirmed (the
+        same degradation since: a recovery and a new outage end it)."""
+        return (
+            self._unconfirmed_since is not None
+            and self._breaker.state is CacheState.DEGRADED
+            and self._breaker.since == self._unconfirmed_since
+        )
 
     def _removal_done(self, task: asyncio.Task[int]) -> None:
         self._removals.discard(task)

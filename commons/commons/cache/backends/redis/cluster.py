@@ -41,7 +41,10 @@ from commons.cache.backends.redis.topology import (
     command_budget,
 )
 from commons.cache.backends.redis.translation import REDIS_FAILURES, translate
-from commons.cache.errors import BackendMovingError, BackendUnavailableError
+from commons.cache.errors import (
+    BackendMovingError,
+    BackendUnconfirmedError,
+)
 from commons.cache.keyspace import Keyspace
 from commons.cache.scope import CacheScope
 
@@ -173,7 +176,7 @@ class OnCluster(Topology):
         the cluster has failed since is not waited for when the invalidation is applied again.
 
         Raises:
-            BackendUnavailableError: No replica confirmed the deletion.
+            BackendUnconfirmedError: No replica confirmed the deletion.
             BackendMovingError: The slot kept moving.
         """
         client = self.cluster
@@ -206,7 +209,7 @@ class OnCluster(Topology):
                 return
             with contextlib.suppress(*REDIS_FAILURES):
                 await self._read_slot_map()
-            raise BackendUnavailableError(
+            raise BackendUnconfirmedError(
                 f"no replica confirmed the invalidation within {REPLICA_CONFIRM_TIMEOUT_MS} ms"
             )
         raise BackendMovingError("the invalidation's slot kept moving while it was applied")

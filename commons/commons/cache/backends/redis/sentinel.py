@@ -32,7 +32,7 @@ from commons.cache.backends.redis.topology import (
     command_budget,
 )
 from commons.cache.backends.redis.translation import REDIS_FAILURES
-from commons.cache.errors import BackendUnavailableError
+from commons.cache.errors import BackendUnavailableError, BackendUnconfirmedError
 from commons.cache.keyspace import Keyspace
 from commons.cache.scope import CacheScope
 
@@ -141,7 +141,7 @@ class BehindSentinel(Topology):
         finally:
             await single.aclose()
         if confirmed < 1:
-            raise BackendUnavailableError(
+            raise BackendUnconfirmedError(
                 f"no replica confirmed the invalidation within {REPLICA_CONFIRM_TIMEOUT_MS} ms"
             )
 
