@@ -41,10 +41,7 @@ from commons.cache.backends.redis.topology import (
     command_budget,
 )
 from commons.cache.backends.redis.translation import REDIS_FAILURES, translate
-from commons.cache.errors import (
-    BackendMovingError,
-    BackendUnconfirmedError,
-)
+from commons.cache.errors import BackendMovingError, BackendUnconfirmedError
 from commons.cache.keyspace import Keyspace
 from commons.cache.scope import CacheScope
 
