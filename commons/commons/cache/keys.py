@@ -50,6 +50,7 @@ from commons.utilities.context import get_tenant_id, get_user_id
 __all__ = [
     "canonical_query_digest",
     "global_cache_key_builder",
+    "identity_read_by",
     "key_path",
     "scoped_key",
     "tenant_cache_key_builder",
@@ -330,3 +331,32 @@ def global_cache_key_builder(
     )
     built = ScopedKey(key, CacheScope(split_qualified_namespace(namespace)[1] or ""))
     return _for_request(built, request, func, response)
+
+
+def _tenant_identity() -> str | None:
+    return get_tenant_id()
+
+
+def _tenant_user_identity() -> tuple[str, str] | None:
+    tenant_id, user_id = get_tenant_id(), get_user_id()
+    return None if tenant_id is None or user_id is None else (tenant_id, user_id)
+
+
+def _no_identity() -> str:
+    return ""
+
+
+#: Our builders, and what each reads of the request's identity.
+_IDENTITY_READ_BY: dict[object, Callable[[], object]] = {
+    tenant_cache_key_builder: _tenant_identity,
+    tenant_user_cache_key_builder: _tenant_user_identity,
+    global_cache_key_builder: _no_identity,
+}
+
+
+def identity_read_by(key_builder: object) -> Callable[[], object] | None:
+    """For one of our builders, a function returning what its key depends on besides the
+    namespace, the path and the query: the identity it reads (``None`` when it has none to
+    read: no cacheable key). Two requests of one route with equal path, query and identity get
+    the same key. ``None`` for any other builder, whose key may depend on anything."""
+    return _IDENTITY_READ_BY.get(key_builder)

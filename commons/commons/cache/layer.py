@@ -84,6 +84,8 @@ class Lookup(NamedTuple):
     value: ParsedValue | None = None
     #: Whole seconds the stored value has left to live (its stale window included).
     remaining: int = 0
+    #: Answered from this process's memory (the near cache), with no command sent.
+    from_memory: bool = False
 
     @property
     def fresh_for(self) -> int:
@@ -296,7 +298,25 @@ class CacheLayer:
             if reason is not None:
                 self.events.rejected_entry(namespace, reason)
             return Lookup(token)
-        return Lookup(token, parsed, read.remaining)
+        return Lookup(token, parsed, read.remaining, read.from_memory)
+
+    def held(self, key: str, scope: CacheScope, expected: bytes) -> StoredRead | None:
+        """What :meth:`lookup` would read for ``key`` (of ``scope``) right now, when that is
+        ``expected`` (that very bytes object) read from this process's memory alone, with nothing
+        else to do: Redis in use with no failure to clear, lookups not logged one by one. ``None``
+        otherwise (the caller then looks it up). For ``hit_shortcut.py``: what it answers, a
+        lookup would have answered the same."""
+        breaker = self._breaker
+        store = breaker.active
+        if (
+            store is self._memory
+            or not breaker.enabled
+            or breaker.consecutive_failures
+            or breaker.refused is not None
+            or logger.isEnabledFor(logging.DEBUG)
+        ):
+            return None
+        return store.held(key, scope, expected)
 
     async def token_now(self, key: str) -> FillToken | None:
         """A fill token for a value about to be computed, for a write with no read before it."""

@@ -41,6 +41,7 @@ from commons.cache.cached_route import CachedRoute
 from commons.cache.decision import COUNTED_AS, FORWARDED_BECAUSE, RequestOutcome, Situation, decide
 from commons.cache.entry import RejectReason
 from commons.cache.fill import Call, Fill, handler_response
+from commons.cache.hit_shortcut import HitShortcut
 from commons.cache.http import (
     CACHE_STATUS_HEADER,
     PreparedResponse,
@@ -52,7 +53,7 @@ from commons.cache.http import (
     labelled,
     replay,
 )
-from commons.cache.keys import scoped_key
+from commons.cache.keys import identity_read_by, scoped_key
 from commons.cache.keyspace import qualified_namespace
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
@@ -151,11 +152,19 @@ class RequestFlow:
         self._qualified = ("", qualified_namespace("", namespace), cache_status_name(""))
         #: The mistakes already logged for this route: each is said once, not per request.
         self._warned: set[str] = set()
+        identity = identity_read_by(key_builder)
+        #: Repeated near-cache HITs, answered at once (only with one of our key builders).
+        self._shortcut = None if identity is None else HitShortcut(route, namespace, identity)
 
     async def answer(
         self, request: object, sub_response: object, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """The route's answer to one call: from the cache, or from the handler."""
+        shortcut = self._shortcut
+        if shortcut is not None and isinstance(request, Request):
+            repeated = shortcut.answer(request, sub_response)
+            if repeated is not None:
+                return repeated
         layer = current_layer()
         is_read = isinstance(request, Request) and request.scope["method"] in _CACHEABLE_METHODS
         looked = None
@@ -176,6 +185,8 @@ class RequestFlow:
             fresh_for = situation.fresh_for
             served = self.served(layer, _HIT, b"hit", lookup, fresh_for)
             not_modified = outcome == RequestOutcome.NOT_MODIFIED
+            if shortcut is not None and lookup.from_memory and _asked_only_for_it(looked):
+                shortcut.remember(layer, looked.request, looked.key, lookup, prepared, served.name)
             return _replay(self.route, prepared, fresh_for, served, looked.asked, not_modified)
         call = _call(looked, sub_response, args, kwargs)
         if prepared is not None and outcome == RequestOutcome.STALE:
@@ -477,6 +488,16 @@ def _replay(
         head=asked.head,
         extra_headers=asked.own_headers,
     )
+
+
+def _asked_only_for_it(looked: _LookedUp) -> bool:
+    """Whether ``looked``'s request, a HIT, asked nothing of the answer besides it (what
+    ``hit_shortcut.py`` answers): a GET with neither ``If-None-Match`` nor ``Cache-Control``,
+    whose route's dependencies set no header."""
+    asked = looked.asked
+    if asked.if_none_match is not None or asked.head or asked.own_headers:
+        return False
+    return not any(name == b"cache-control" for name, _ in looked.request.scope["headers"])
 
 
 def _client_has(asked: _Asked, prepared: PreparedResponse) -> bool:

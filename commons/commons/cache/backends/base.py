@@ -64,6 +64,12 @@ class CacheStore(ABC):
     async def read(self, key: str, scope: CacheScope) -> StoredRead:
         """The value under ``key``, its remaining time, and the generation of ``scope``."""
 
+    def held(self, key: str, scope: CacheScope, expected: bytes) -> StoredRead | None:
+        """The read of ``key`` answered from this process's memory alone (the near cache), only
+        if it would hold ``expected``, that very bytes object: what :meth:`read` would return
+        now, with no command sent. ``None`` whenever that is not known at once (the default)."""
+        return None
+
     @abstractmethod
     async def write(
         self,

@@ -83,6 +83,9 @@ class OnCluster(Topology):
             tracked_prefixes=names.generation_prefixes(),
         )
 
+    def held(self, key: str, scope: CacheScope, expected: bytes) -> StoredRead | None:
+        return self.reads.held(key, scope, expected)
+
     async def read(self, key: str, scope: CacheScope) -> StoredRead:
         """What the primaries' near caches hold, else a read on the slots' primaries' pipelined
         connections (kept by their near caches), else through redis-py (a redirect, an unknown

@@ -173,7 +173,7 @@ class ClusterReads:
 
     # -- the hit path --------------------------------------------------------------------------
 
-    def held(self, key: str, scope: CacheScope) -> StoredRead | None:
+    def held(self, key: str, scope: CacheScope, expected: bytes | None = None) -> StoredRead | None:
         """The read of ``key`` as the cluster would answer it now, if the near caches hold it.
 
         Along the primaries its last read went to, without asking the slot map again: what a
@@ -184,7 +184,7 @@ class ClusterReads:
         route = self._routes.get(key)
         if route is None or not route.nears or route.tags != scope.tags:
             return None
-        return route.nears[0].get(key, scope.namespace, route.generations_from)
+        return route.nears[0].get(key, scope.namespace, route.generations_from, expected)
 
     def begin(self, key: str, scope: CacheScope) -> ClusterReadPlan | None:
         """Registers a read about to be sent with the near caches of its primaries; ``None``

@@ -168,13 +168,18 @@ class NearCache(NearStorage):
     # -- the hit path ----------------------------------------------------------------------------
 
     def get(
-        self, key: str, namespace: str, generations_from: tuple[NearCache, ...] = ()
+        self,
+        key: str,
+        namespace: str,
+        generations_from: tuple[NearCache, ...] = (),
+        expected: bytes | None = None,
     ) -> StoredRead | None:
         """The read of ``key`` as Redis would answer it now, if held; ``None`` otherwise.
 
         ``generations_from``: on a cluster, for each of the entry's generations in order, the
         near cache holding it (perhaps another server's, see ``cluster_reads.py``); each one's
-        session must be confirmed too. Empty: this near cache holds them all.
+        session must be confirmed too. Empty: this near cache holds them all. ``expected``: held
+        only as that very bytes object (else ``None``, and not counted as a hit).
         """
         entry = self._entries.get(key)
         if entry is None:
@@ -185,6 +190,8 @@ class NearCache(NearStorage):
             tracking.lose(FlushReason.SILENCE)
             return None
         value, expires_at, generation, generation_keys, generation_values, _ = entry
+        if expected is not None and value is not expected:
+            return None
         if expires_at <= now:
             self._drop_entry(key)
             return None

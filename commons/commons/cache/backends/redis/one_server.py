@@ -94,10 +94,8 @@ class OneServer(Topology):
         ticket: ReadTicket | None = None
         near = self._near
         if near is not None:
-            held = near.get(key, scope.namespace)
+            held = self._held(near, key, scope, None)
             if held is not None:
-                if near.checks.sampled():
-                    near.checks.verify(key, self.read_keys(key, scope))
                 return held
             near.start()
             ticket = near.begin(self.read_keys(key, scope))
@@ -114,6 +112,21 @@ class OneServer(Topology):
         finally:
             if ticket is not None and near is not None:
                 near.end(ticket)
+
+    def held(self, key: str, scope: CacheScope, expected: bytes) -> StoredRead | None:
+        near = self._near
+        if near is None or self.reads is None or self._contact_pending:
+            return None
+        return self._held(near, key, scope, expected)
+
+    def _held(
+        self, near: NearCache, key: str, scope: CacheScope, expected: bytes | None
+    ) -> StoredRead | None:
+        """The near cache's read of ``key``; a sampled share of them also checked in Redis."""
+        held = near.get(key, scope.namespace, expected=expected)
+        if held is not None and near.checks.sampled():
+            near.checks.verify(key, self.read_keys(key, scope))
+        return held
 
     async def write(self, fill: Fill) -> bool:
         """The fill's script on the pipelined connection (one command, no pool checkout, no

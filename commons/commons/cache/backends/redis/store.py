@@ -147,6 +147,9 @@ class RedisStore(CacheStore, ReplicaLocks):
         # Handed over rather than awaited here: a hit costs no coroutine of its own.
         return self._topology.read(key, scope)
 
+    def held(self, key: str, scope: CacheScope, expected: bytes) -> StoredRead | None:
+        return self._topology.held(key, scope, expected)
+
     async def generation(self, scope: CacheScope) -> bytes:
         groups = self._topology.generation_groups(scope)
         async with errors_translated():

@@ -112,6 +112,11 @@ class Topology:
 
     # -- reads ---------------------------------------------------------------------------------
 
+    def held(self, key: str, scope: CacheScope, expected: bytes) -> StoredRead | None:
+        """What the near cache answers for ``key`` as ``expected`` (``CacheStore.held``); none
+        without a near cache."""
+        return None
+
     async def read(self, key: str, scope: CacheScope) -> StoredRead:
         """The entry and its scope's generations, in one ``MGET`` through redis-py."""
         try:
