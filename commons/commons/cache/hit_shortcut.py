@@ -3,9 +3,10 @@
 Most requests of a busy cached route repeat a key this process answered a moment ago from the
 near cache. The request flow (``request_flow.py``) works each of them out from scratch: it builds
 the key, reads it through the layer and its breaker, validates the value, prepares its answer and
-decides the outcome. Here each route remembers, for the keys it answered that way most recently,
-what the flow found (the key, the stored bytes, their prepared answer), by what our key builders
-build a key from: the path, the query and the identity they read (``keys.identity_read_by``).
+decides the outcome. Here the process remembers, for the keys answered that way most recently,
+what the flow found (the key, the stored bytes, their prepared answer), by route and by what our
+key builders build a key from: the path, the query and the identity they read
+(``keys.identity_read_by``).
 A request that repeats them is answered from that memory, only when the flow's answer would be
 the same to the byte:
 
@@ -44,8 +45,7 @@ from commons.cache.scope import CacheScope, ScopedKey
 __all__ = ["HitShortcut"]
 
 _HIT = b"HIT"
-#: What remembering one key holds besides its strings (the objects are shared with the flow's
-#: memos and the near cache).
+#: What remembering one key holds besides its strings and bytes.
 _REMEMBERED_OVERHEAD_BYTES = 256
 
 
@@ -67,6 +67,15 @@ class _Remembered(NamedTuple):
     status_name: bytes
 
 
+#: Every route's remembered hits, by route (its shortcut), path, query and identity: objects, for
+#: the keys answered most recently, as many as pay for themselves (``memo.HotMemo``). Its byte
+#: bound counts the stored bytes and the body each holds, which it keeps alive once the near
+#: cache and the prepared answers' memo have let them go.
+_remembered = HotMemo[tuple["HitShortcut", str, bytes, object], _Remembered](
+    HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, 16 * 1024 * 1024
+)
+
+
 class HitShortcut:
     """The repeated HITs of one route (see the module docstring)."""
 
@@ -74,10 +83,6 @@ class HitShortcut:
         self._route = route
         self._namespace = namespace
         self._identity = identity
-        # Objects, for the keys answered most recently: as many as pay for themselves.
-        self._remembered = HotMemo[tuple[str, bytes, object], _Remembered](
-            HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, 8 * 1024 * 1024
-        )
 
     def answer(self, request: Request, sub_response: object) -> Response | None:
         """The answer to ``request`` if the flow's would be a HIT of a remembered key, to the
@@ -93,7 +98,9 @@ class HitShortcut:
         identity = self._identity()
         if identity is None:
             return None
-        remembered = self._remembered.get((scope["path"], scope.get("query_string", b""), identity))
+        remembered = _remembered.get(
+            (self, scope["path"], scope.get("query_string", b""), identity)
+        )
         if remembered is None:
             return None
         layer = current_layer()
@@ -153,5 +160,6 @@ class HitShortcut:
             fresh_until,
             status_name,
         )
-        size = len(path) + len(query) + len(key) + _REMEMBERED_OVERHEAD_BYTES
-        self._remembered.put((path, query, identity), remembered, size)
+        raw_bytes = len(value.raw) + len(prepared.body)
+        size = raw_bytes + len(path) + len(query) + len(key) + _REMEMBERED_OVERHEAD_BYTES
+        _remembered.put((self, path, query, identity), remembered, size)
