@@ -90,11 +90,6 @@ class HitShortcut:
         scope = request.scope
         if scope["method"] != "GET":
             return None
-        for name, _ in scope["headers"]:
-            if name == b"if-none-match" or name == b"cache-control":
-                return None
-        if isinstance(sub_response, Response) and sub_response.raw_headers:
-            return None
         identity = self._identity()
         if identity is None:
             return None
@@ -102,6 +97,11 @@ class HitShortcut:
             (self, scope["path"], scope.get("query_string", b""), identity)
         )
         if remembered is None:
+            return None
+        for name, _ in scope["headers"]:
+            if name == b"if-none-match" or name == b"cache-control":
+                return None
+        if isinstance(sub_response, Response) and sub_response.raw_headers:
             return None
         layer = current_layer()
         if (
