@@ -211,11 +211,7 @@ class ValidatedValues:
             and known[1] == fingerprint
             and known[2] == generation
         ):
-            if known[0] is not raw:
-                # The same bytes in another object (the near cache's, read after this process's
-                # fill wrote its own): the newest is kept, and handed on as the value read.
-                self._parsed.put(str(key), (raw, *known[1:]), len(key) + len(raw))
-            return ParsedValue(raw, known[3], known[4], known[5], known[6])
+            return ParsedValue(known[0], known[3], known[4], known[5], known[6])
         parsed = parse_value(raw, expected_head(fingerprint, generation or b""))
         if parsed is not None:
             fields = (raw, fingerprint, generation, *parsed[1:])

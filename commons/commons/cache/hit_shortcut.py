@@ -140,9 +140,9 @@ class HitShortcut:
     ) -> None:
         """What the flow answered ``request`` with: a fresh HIT of ``key`` from the near cache,
         for a GET that asked nothing else of it (its caller checks)."""
-        value, scope = lookup.value, key.scope
+        value, held, scope = lookup.value, lookup.held, key.scope
         identity = self._identity()
-        if value is None or scope is None or identity is None:
+        if value is None or held is None or scope is None or identity is None:
             return
         path: str = request.scope["path"]
         query: bytes = request.scope.get("query_string", b"")
@@ -153,13 +153,13 @@ class HitShortcut:
             weakref.ref(layer),
             key,
             scope,
-            value.raw,
+            held,
             prepared,
             value.stale_seconds,
             value.lifetime,
             fresh_until,
             status_name,
         )
-        raw_bytes = len(value.raw) + len(prepared.body)
+        raw_bytes = len(held) + len(prepared.body)
         size = raw_bytes + len(path) + len(query) + len(key) + _REMEMBERED_OVERHEAD_BYTES
         _remembered.put((self, path, query, identity), remembered, size)

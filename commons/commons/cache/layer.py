@@ -84,8 +84,10 @@ class Lookup(NamedTuple):
     value: ParsedValue | None = None
     #: Whole seconds the stored value has left to live (its stale window included).
     remaining: int = 0
-    #: Answered from this process's memory (the near cache), with no command sent.
-    from_memory: bool = False
+    #: The stored bytes as this process's memory (the near cache) holds them, when it answered
+    #: the read with no command sent (the value's ``raw`` may be an equal object remembered
+    #: before); ``None`` otherwise.
+    held: bytes | None = None
 
     @property
     def fresh_for(self) -> int:
@@ -298,7 +300,7 @@ class CacheLayer:
             if reason is not None:
                 self.events.rejected_entry(namespace, reason)
             return Lookup(token)
-        return Lookup(token, parsed, read.remaining, read.from_memory)
+        return Lookup(token, parsed, read.remaining, raw if read.from_memory else None)
 
     def held(self, key: str, scope: CacheScope, expected: bytes) -> StoredRead | None:
         """What :meth:`lookup` would read for ``key`` (of ``scope``) right now, when that is

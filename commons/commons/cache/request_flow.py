@@ -185,7 +185,7 @@ class RequestFlow:
             fresh_for = situation.fresh_for
             served = self.served(layer, _HIT, b"hit", lookup, fresh_for)
             not_modified = outcome == RequestOutcome.NOT_MODIFIED
-            if shortcut is not None and lookup.from_memory and _asked_only_for_it(looked):
+            if shortcut is not None and lookup.held is not None and _asked_only_for_it(looked):
                 shortcut.remember(layer, looked.request, looked.key, lookup, prepared, served.name)
             return _replay(self.route, prepared, fresh_for, served, looked.asked, not_modified)
         call = _call(looked, sub_response, args, kwargs)
