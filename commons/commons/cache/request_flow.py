@@ -185,7 +185,11 @@ class RequestFlow:
             fresh_for = situation.fresh_for
             served = self.served(layer, _HIT, b"hit", lookup, fresh_for)
             not_modified = outcome == RequestOutcome.NOT_MODIFIED
-            if shortcut is not None and lookup.held is not None and _asked_only_for_it(looked):
+            if (
+                shortcut is not None
+                and lookup.held is not None
+                and _asked_only_for_it(looked.asked)
+            ):
                 shortcut.remember(layer, looked.request, looked.key, lookup, prepared, served.name)
             return _replay(self.route, prepared, fresh_for, served, looked.asked, not_modified)
         call = _call(looked, sub_response, args, kwargs)
@@ -490,14 +494,14 @@ def _replay(
     )
 
 
-def _asked_only_for_it(looked: _LookedUp) -> bool:
-    """Whether ``looked``'s request, a HIT, asked nothing of the answer besides it (what
-    ``hit_shortcut.py`` answers): a GET with neither ``If-None-Match`` nor ``Cache-Control``,
-    whose route's dependencies set no header."""
-    asked = looked.asked
-    if asked.if_none_match is not None or asked.head or asked.own_headers:
-        return False
-    return not any(name == b"cache-control" for name, _ in looked.request.scope["headers"])
+def _asked_only_for_it(asked: _Asked) -> bool:
+    """Whether a HIT's request asked nothing of the answer besides it (what ``hit_shortcut.py``
+    answers): a GET with no ``If-None-Match`` and no (or an empty) ``Cache-Control``, whose
+    route's dependencies set no header. A request with an empty ``Cache-Control`` is remembered
+    for but never answered by the shortcut, which declines any such header."""
+    return not (
+        asked.if_none_match is not None or asked.cache_control or asked.head or asked.own_headers
+    )
 
 
 def _client_has(asked: _Asked, prepared: PreparedResponse) -> bool:
