@@ -175,6 +175,26 @@ def test_over_a_larger_working_set_only_a_few_objects_stay(quick_reviews: None) 
     assert len(memo) <= 8
 
 
+def test_while_small_a_key_put_once_displaces_nothing_and_one_put_again_comes_in(
+    quick_reviews: None,
+) -> None:
+    # Over a working set far larger than the small size, every put would replace an object as
+    # likely to be read again as the new one: only a key put again soon is kept.
+    memo = HotMemo[int, object](8, 100, 1 << 20)
+    read_through(memo, list(range(1_000, 1_000 + 2 * REVIEW_EVERY)))
+    assert memo.max_entries == 8
+    hot = object()
+    memo.put(1, hot, 10)
+    assert memo.get(1) is None
+    memo.put(1, hot, 10)
+
+    for key in range(2_000, 2_000 + REVIEW_EVERY // 2):
+        memo.put(key, object(), 10)  # each put once
+
+    assert memo.max_entries == 8
+    assert memo.get(1) is hot
+
+
 def test_a_stream_of_fills_that_nobody_reads_keeps_few_objects(quick_reviews: None) -> None:
     # Every request a miss: its answer is put and never read again (it was read only by a miss).
     memo = HotMemo[int, object](8, 100, 1 << 20)

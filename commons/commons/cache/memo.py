@@ -9,9 +9,12 @@ remembered): a read costs one dictionary lookup, as cheap as it gets on every hi
 set a little above the bound loses a quarter of it, not all of it at once.
 
 Past its bound, a hit-path memo takes a new key only when it is put a second time, soon after the
-first (``admit_seen_twice``, see :meth:`BoundedMemo._admits`): over a working set larger than the
-memo, every put would otherwise evict an item read as often, and a miss of a key never read again
-would push out one that is.
+first (``admit_seen_twice``): over a working set larger than the memo, every put would otherwise
+evict an item read as often, and a miss of a key never read again would push out one that is.
+The doorkeeper remembers the hash of the last key put per slot: a key comes in on its second put,
+unless another key's took its slot in between, which over a working set many times the slots is
+likely (so such a memo stops churning and keeps what it holds), and for a key read again soon (a
+hot key) is not.
 
 Kept out of the garbage collector's walks. A dict holding only objects that hold no others
 (strings, bytes, numbers, and tuples of them) is not tracked by the cyclic collector, but storing
@@ -74,7 +77,7 @@ class BoundedMemo(Generic[K, V]):
             max_item_bytes: An item larger than this is not remembered; a sixty-fourth of
                 ``max_bytes`` by default.
             admit_seen_twice: Once the memo has been full, a new key is remembered only when it
-                is put a second time (see :meth:`_admits`).
+                is put a second time (see the module docstring).
         """
         self._max_entries = max_entries
         self._max_bytes = max_bytes
@@ -122,42 +125,31 @@ class BoundedMemo(Generic[K, V]):
 
     def put(self, key: K, value: V, size: int) -> None:
         """Remembers ``value`` for ``key``; ``size`` is what it holds in bytes (key included)."""
-        if self._doorkeeper is not None and not self._admits(key):
-            return
-        self.forget(key)
+        # Spelled out (no calls to forget, __len__, an admission method): over a working set
+        # larger than the memo, most puts on the hit path end at the doorkeeper.
+        items, nursery = self._items, self._nursery
+        if key in items:
+            del items[key]
+            self._bytes -= self._sizes.pop(key)
+        elif key in nursery:
+            del nursery[key]
+            self._bytes -= self._nursery_sizes.pop(key)
+        elif (doorkeeper := self._doorkeeper) is not None:
+            # Not held: admitted on its second put (see the module docstring).
+            key_hash = hash(key)
+            slot = key_hash & (DOORKEEPER_SLOTS - 1)
+            if doorkeeper[slot] != key_hash:
+                doorkeeper[slot] = key_hash
+                return
         if size > self._max_item_bytes:
             return
-        if len(self) >= self._max_entries or self._bytes + size > self._max_bytes:
+        if len(items) + len(nursery) >= self._max_entries or self._bytes + size > self._max_bytes:
             self._make_room(size)
-        self._nursery[key] = value
+        nursery[key] = value
         self._nursery_sizes[key] = size
         self._bytes += size
-        if len(self._nursery) >= self._settle_at:
+        if len(nursery) >= self._settle_at:
             self._settle()
-
-    def _admits(self, key: K) -> bool:
-        """Whether a memo that has been full takes ``key``: a key it holds (a new value for it),
-        or one put before, not long ago.
-
-        Over a working set larger than the memo, nearly every put would otherwise replace an
-        item that is read no more often than the new one (each of them costing the put, its
-        eviction and its share of the settling), and a key put once and never read again (a
-        miss of a fresh key) would push out one that is read. The doorkeeper remembers the hash
-        of the last key put per slot: a key comes in on its second put, unless another key's
-        took its slot in between, which over a working set many times the slots is likely (so
-        such a memo stops churning and keeps what it holds), and for a key read again soon (a
-        hot key) is not.
-        """
-        if key in self._items or key in self._nursery:
-            return True
-        doorkeeper = self._doorkeeper
-        assert doorkeeper is not None  # only asked when there is one
-        key_hash = hash(key)
-        slot = key_hash & (DOORKEEPER_SLOTS - 1)
-        if doorkeeper[slot] == key_hash:
-            return True
-        doorkeeper[slot] = key_hash
-        return False
 
     def _settle(self) -> None:
         """Moves the nursery's untracked items to the settled dicts (all of them once it is
@@ -221,7 +213,7 @@ HOT_REVIEW_EVERY = 4096
 #: The share of its uses a large :class:`HotMemo` must answer to stay large.
 HOT_KEEP_LARGE_SHARE = 0.5
 #: Reviews a small :class:`HotMemo` waits before trying its large size again, whatever its
-#: estimate of what the large size would find says (see :meth:`HotMemo._seen_lately`).
+#: estimate of what the large size would find says (see :meth:`HotMemo.put`).
 HOT_RETRY_LARGE_AFTER = 32
 
 
@@ -237,11 +229,11 @@ class HotMemo(Generic[K, V]):
     full collections would come often and each walk thousands of objects. So the memo measures
     the share of its uses it answers (reads that find their object, among those and the new keys
     put: a fill puts what nobody read). Below :data:`HOT_KEEP_LARGE_SHARE` it falls back to the
-    small size. While small, it estimates the share the large size would answer (see
-    :meth:`_seen_lately`) and takes the large size again at the first review where that share is
-    enough (a sweep over every key, then the hot keys again), or after
-    :data:`HOT_RETRY_LARGE_AFTER` reviews in any case; it does not judge the uses that fill it
-    then.
+    small size. While small, it keeps a new key only when it was put lately too, and estimates
+    from the same record the share the large size would answer (see :meth:`put`); it takes the
+    large size again at the first review where that share is enough (a sweep over every key,
+    then the hot keys again), or after :data:`HOT_RETRY_LARGE_AFTER` reviews in any case; it
+    does not judge the uses that fill it then.
     """
 
     __slots__ = (
@@ -269,7 +261,7 @@ class HotMemo(Generic[K, V]):
         #: The large size was just taken: the next review only lets it fill.
         self._filling = True
         #: While small: the hash of the last key put per slot, as many slots as the large size
-        #: (see :meth:`_seen_lately`); and the new keys put that it had seen lately.
+        #: (see :meth:`put`); and the new keys put that it had seen lately.
         self._recent_hashes: array[int] | None = None
         self._seen_found = 0
 
@@ -291,37 +283,41 @@ class HotMemo(Generic[K, V]):
         return found
 
     def put(self, key: K, value: V, size: int) -> None:
-        if self._memo.get(key) is None:
+        memo = self._memo
+        if memo.get(key) is None:
             # A new key: a use the memo did not answer, whether a read missed it first or not
             # (a fill puts what nobody read: a stream of misses must count as much as reads).
             self._uses += 1
-            if self._recent_hashes is not None and self._seen_lately(key, self._recent_hashes):
-                self._seen_found += 1
+            recent_hashes = self._recent_hashes
+            seen_lately = True
+            if recent_hashes is not None:
+                # While small: was the key put lately? Its hash still in its slot (and it is
+                # now, either way). With as many slots as the large size holds (rounded up to a
+                # power of two), over ``n`` keys read at random a key is still in its slot when
+                # read again with a chance of about ``1 / (1 + n / slots)``: the estimate
+                # reaches HOT_KEEP_LARGE_SHARE for working sets up to the large size, which a
+                # memo of that size holds whole. Between once and twice that size, where the
+                # large size would still answer half its uses, it errs low and the periodic
+                # retry covers them: it never takes the large size for a working set that would
+                # send it back at once. An array of ints: nothing for the collector to walk.
+                # Hashed in a tuple: its hash mixes the bits, where an int (or a tuple of small
+                # ints) is its own hash and consecutive keys would each keep a slot of their own.
+                key_hash = hash((key,))
+                slot = key_hash & (len(recent_hashes) - 1)
+                if recent_hashes[slot] == key_hash:
+                    self._seen_found += 1
+                else:
+                    recent_hashes[slot] = key_hash
+                    seen_lately = False
             if self._uses >= HOT_REVIEW_EVERY:
                 self._review()
-        self._memo.put(key, value, size)
-
-    @staticmethod
-    def _seen_lately(key: K, recent_hashes: array[int]) -> bool:
-        """Whether ``key`` was put lately: its hash is still in its slot (and is now, either way).
-
-        With as many slots as the large size holds (rounded up to a power of two), over ``n``
-        keys read at random a key is still in its slot when read again with a chance of about
-        ``1 / (1 + n / slots)``: the estimate reaches :data:`HOT_KEEP_LARGE_SHARE` for working
-        sets up to the large size, which a memo of that size holds whole. Between once and
-        twice that size, where the large size would still answer half its uses, it errs low and
-        the periodic retry covers them: it never takes the large size for a working set that
-        would send it back at once. An array of ints: no object per key, nothing for the
-        collector to walk.
-        """
-        # Hashed in a tuple: its hash mixes the bits, where an int (or a tuple of small ints)
-        # is its own hash and consecutive keys would each keep a slot of their own.
-        key_hash = hash((key,))
-        slot = key_hash & (len(recent_hashes) - 1)
-        if recent_hashes[slot] == key_hash:
-            return True
-        recent_hashes[slot] = key_hash
-        return False
+            if not seen_lately:
+                # Small, and the key not put lately: over a working set far larger than the
+                # small size, keeping it would replace, on every put, an object as likely to be
+                # read again (and make one more for the collector to promote). A key read again
+                # soon comes in on its next put.
+                return
+        memo.put(key, value, size)
 
     def clear(self) -> None:
         """Forgets every object and starts over, at the large size."""

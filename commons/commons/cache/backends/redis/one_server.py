@@ -19,7 +19,11 @@ from commons.cache.backends.base import StoredRead
 from commons.cache.backends.redis.expiry import ExpiryMemo, ToldExpiry
 from commons.cache.backends.redis.near import NearCache, ReadTicket
 from commons.cache.backends.redis.pipelined_reads import PipelinedReader
-from commons.cache.backends.redis.read_channel import channel_opener, encode_command
+from commons.cache.backends.redis.read_channel import (
+    channel_opener,
+    encode_arguments,
+    encode_command,
+)
 from commons.cache.backends.redis.topology import (
     PIPELINED_READS_MAX_PENDING,
     Fill,
@@ -57,8 +61,9 @@ class OneServer(Topology):
         super().__init__(client, names, expiries, budget)
         self.server = client
         self._contact_pending = contact_pending
-        self._read_commands = BoundedMemo[str, tuple[bytes, int]](
-            16_384, 16 * 1024 * 1024, admit_seen_twice=True
+        #: By scope: its generations' keys as the end of an encoded ``MGET``, and their count.
+        self._generation_arguments = BoundedMemo[CacheScope, tuple[bytes, int]](
+            4096, 4 * 1024 * 1024
         )
         self._near: NearCache | None = None
         #: The pipelined reader (``None``: reads go through redis-py).
@@ -144,16 +149,22 @@ class OneServer(Topology):
             return bool(await reads.run_script(command))
 
     def _read_command(self, key: str, scope: CacheScope) -> tuple[bytes, int]:
-        """The encoded ``MGET`` of :meth:`read_keys`, encoded once per key (a key's text names
-        its scope, so the command is a function of the key)."""
-        known = self._read_commands.get(key)
+        """The encoded ``MGET`` of :meth:`read_keys` and its key count; the generations' part is
+        encoded once per scope (a few, where keys may be millions)."""
+        known = self._generation_arguments.get(scope)
         if known is None:
-            keys = self.read_keys(key, scope)
-            known = (encode_command(b"MGET", keys), len(keys))
-            self._read_commands.put(
-                str(key), known, 2 * len(known[0])
-            )  # a plain str, see expiry.py
-        return known
+            generation_keys = self.keys.generation_keys(scope)
+            known = (encode_arguments(generation_keys), len(generation_keys))
+            self._generation_arguments.put(scope, known, 2 * len(known[0]) + 64)
+        arguments, generations = known
+        entry_key = key.encode()
+        command = b"*%d\r\n$4\r\nMGET\r\n$%d\r\n%b\r\n%b" % (
+            generations + 2,
+            len(entry_key),
+            entry_key,
+            arguments,
+        )
+        return command, generations + 1
 
     async def _read_replies(
         self,

@@ -16,7 +16,13 @@ from redis import exceptions as redis_errors
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 
-__all__ = ["ReadChannel", "channel_opener", "connection_opener", "encode_command"]
+__all__ = [
+    "ReadChannel",
+    "channel_opener",
+    "connection_opener",
+    "encode_arguments",
+    "encode_command",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +90,15 @@ def connection_opener(
 
 def encode_command(name: bytes, arguments: Sequence[str | bytes | int]) -> bytes:
     """``name`` with ``arguments`` (keys, values, counts) in the protocol's encoding."""
+    head = b"*%d\r\n$%d\r\n%b\r\n" % (len(arguments) + 1, len(name), name)
+    return head + encode_arguments(arguments)
+
+
+def encode_arguments(arguments: Sequence[str | bytes | int]) -> bytes:
+    """``arguments`` as they follow a command's name (see :func:`encode_command`): a command's
+    constant part, encoded once."""
     encoded = [_encoded(argument) for argument in arguments]
-    head = b"*%d\r\n$%d\r\n%b\r\n" % (len(encoded) + 1, len(name), name)
-    return head + b"".join([b"$%d\r\n%b\r\n" % (len(item), item) for item in encoded])
+    return b"".join([b"$%d\r\n%b\r\n" % (len(item), item) for item in encoded])
 
 
 def _encoded(argument: str | bytes | int) -> bytes:
