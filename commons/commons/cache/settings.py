@@ -84,8 +84,8 @@ class CacheSettings(BaseSettings):
         ge=1024,
         description="Bytes the near cache holds at most (per process), counted as what an entry "
         "costs in memory (its key, its value and the objects that hold them); least recently "
-        "used go first, and an entry above a sixty-fourth of it is not kept. On a cluster each "
-        "primary's near cache gets its share.",
+        "used go first, once full an entry comes in on its second read, and an entry above a "
+        "sixty-fourth of it is not kept. On a cluster each primary's near cache gets its share.",
     )
     CACHE_NEAR_CACHE_MAX_AGE_SECONDS: float = Field(
         default=5.0,

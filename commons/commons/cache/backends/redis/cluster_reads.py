@@ -188,10 +188,11 @@ class ClusterReads:
 
     def begin(self, key: str, scope: CacheScope) -> ClusterReadPlan | None:
         """Registers a read about to be sent with the near caches of its primaries; ``None``
-        when nothing could be kept (no near cache, no confirmed session, an unknown slot)."""
+        when nothing could be kept (no near cache, no confirmed session, an unknown slot, an entry
+        it would not admit now)."""
         route = self._route(key, scope)
         nears = route.nears
-        if not nears:
+        if not nears or not nears[0].admits(key):
             return None
         tickets: list[ReadTicket] = []
         for near, keys in zip(nears, ((key,), *route.groups), strict=True):

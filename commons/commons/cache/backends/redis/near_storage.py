@@ -4,10 +4,19 @@ Held here, and nothing else: which reads may be kept, when an entry may be answe
 Redis' messages reach it are ``near.py``'s. Bounds: at most ``max_entries`` keys (entries and
 generations) and ``max_bytes`` of what they cost in the process, least recently used entries
 first; an entry above a sixty-fourth of the byte budget is not kept.
+
+Admission: while there is room, every entry read is kept. Once full, an entry is kept only when
+it is read a second time, soon after the first (:meth:`NearStorage.admits`). Over a working set
+far larger than the bounds (a hundred thousand keys read at random, forty thousand held), keeping
+every read would evict, for each one, an entry read just as often: the share answered from
+memory would be the same (what it holds over what is read), but every read from Redis would pay
+for keeping one entry and evicting another. A key read often (a hot set) is read again soon, and
+comes in on its second read.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from typing import Final
 
@@ -29,6 +38,9 @@ ENTRY_OVERHEAD_BYTES = 480
 GENERATION_OVERHEAD_BYTES = 200
 #: Where an entry holds its size.
 _SIZE: Final = 5
+#: Slots of the admission filter of a full near cache (512 KiB): the hash of the last key read
+#: and not kept, per slot. A key read again before another key's read takes its slot comes in.
+ADMISSION_SLOTS = 1 << 16
 
 #: A held entry: ``(value, expires_at, generation, generation_keys, generation_values, size)``.
 #: ``generation``: the scope's generations as the read reported them, joined; the entry is
@@ -54,6 +66,9 @@ class NearStorage:
         #: When a read that found each held generation unchanged was sent.
         self._confirmed: dict[str, float] = {}
         self._bytes = 0
+        #: The admission filter, once the near cache has been full (see :meth:`admits`): an
+        #: array of ints, nothing for the garbage collector to walk.
+        self._doorkeeper: array[int] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -66,6 +81,25 @@ class NearStorage:
     def held_generation_keys(self) -> list[str]:
         """The keys of the generations held now, to confirm."""
         return list(self._generations)
+
+    def admits(self, key: str) -> bool:
+        """Whether an entry of ``key`` read from Redis now would be kept: always while there is
+        room for it (a sixty-fourth of the byte bound, one more key), once full only when its
+        key was asked about lately (its hash still in its slot of the filter)."""
+        if (
+            self._bytes <= self._max_bytes - self._max_item_bytes
+            and len(self._entries) + len(self._generations) < self._max_entries
+        ):
+            return True
+        doorkeeper = self._doorkeeper
+        if doorkeeper is None:
+            doorkeeper = self._doorkeeper = array("q", bytes(8 * ADMISSION_SLOTS))
+        key_hash = hash(key)
+        slot = key_hash & (ADMISSION_SLOTS - 1)
+        if doorkeeper[slot] == key_hash:
+            return True
+        doorkeeper[slot] = key_hash
+        return False
 
     def diverges(
         self,

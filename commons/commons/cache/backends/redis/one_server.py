@@ -103,7 +103,8 @@ class OneServer(Topology):
             if held is not None:
                 return held
             near.start()
-            ticket = near.begin(self.read_keys(key, scope))
+            if near.admits(key):
+                ticket = near.begin(self.read_keys(key, scope))
         # A hit's path: the seam is spelled out rather than entered as a context manager, which
         # would cost a hit a generator and two awaits.
         try:
