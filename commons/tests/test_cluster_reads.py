@@ -158,6 +158,25 @@ async def test_each_primary_holds_its_share_of_the_memory_bound(store: RedisStor
     assert sum(near.bytes_held for near in nears) > 0
 
 
+async def test_a_full_primarys_near_cache_keeps_what_it_holds_over_keys_read_once(
+    store: RedisStore,
+) -> None:
+    # Each primary's near cache holds 1 MiB here: about eighty entries of 12 KB.
+    scope = scope_of("0")
+    generation = await store.generation(scope)
+    keys = [f"{key_of('0')}/{index}" for index in range(600)]
+    for key in keys:
+        assert await store.write(key, b"x" * 12_000, 60, scope, generation)
+    for key in keys:
+        await store.read(key, scope)  # the first ones fill the primaries', the others read once
+
+    reads = [await store.read(key, scope) for key in keys[:40]]
+    assert all(read.from_memory for read in reads)
+    # A key read again soon (the sweep read it once) comes in.
+    assert not (await store.read(keys[-1], scope)).from_memory
+    assert (await store.read(keys[-1], scope)).from_memory
+
+
 # -- coherence ---------------------------------------------------------------------------------
 
 
