@@ -166,7 +166,9 @@ def _build(
     if built is None:
         built = _remembered(memo_key, request.scope.get("route"), func)
     if built is None:
-        built = _build_new(qualified_namespace, request, tenant_id, user_id)
+        route = request.scope.get("route")
+        origin = None if route is None else (route, func)
+        built = _build_new(qualified_namespace, request, tenant_id, user_id, origin)
         if built.scope is None:
             return built
         size = _memo_size(memo_key, built)
@@ -217,6 +219,7 @@ def _build_new(
     request: Request,
     tenant_id: str,
     user_id: str | None,
+    origin: tuple[object, object] | None,
 ) -> ScopedKey:
     if not _VALID_ID.fullmatch(tenant_id):
         return _uncacheable(qualified_namespace, "tenant id holds ':' or whitespace")
@@ -226,7 +229,8 @@ def _build_new(
     key = entry_key(qualified_namespace, tenant_id, user_id, path, canonical_query_digest(request))
     # fastapi-cache2 passes "{prefix}:{namespace}"; a bare prefix is the empty namespace.
     namespace = split_qualified_namespace(qualified_namespace)[1] or ""
-    return ScopedKey(key, CacheScope(namespace, tenant_id, user_id))
+    # Made for its route and handler at once (``_for_request`` then has nothing to copy).
+    return ScopedKey(key, CacheScope(namespace, tenant_id, user_id), origin)
 
 
 def scoped_key(built: str, qualified_namespace: str) -> ScopedKey:
