@@ -73,14 +73,10 @@ async def _count(near: bool, items: int, requests: int, warm: int) -> None:
             for variant in ("floor", "ours"):
                 paths = [path.replace("/floor/", f"/{variant}/", 1) for path in floor]
                 await request_cost._cpu_seconds(app, paths[: requests // 4])  # warm, unrecorded
-                before = await request_cost._near_counts(app)
                 _switch(True)
                 await request_cost._cpu_seconds(app, paths, hits=variant == "ours")
                 _switch(False)
                 _dump(variant)
-            after = await request_cost._near_counts(app)
-    hits = after[0] - before[0]
-    print(json.dumps({"near_share": (after[1] - before[1]) / hits if hits else 0.0}))
 
 
 def count_in_process(near: bool, items: int, requests: int, warm: int) -> None:
@@ -100,13 +96,13 @@ def _totals(directory: Path) -> dict[str, int]:
     return totals
 
 
-def _counted(near: bool, items: int, requests: int, warm: int) -> dict[str, float]:
+def _counted(near: bool, items: int, requests: int, warm: int) -> dict[str, int]:
     code = (
         "from bench.instructions import count_in_process; "
         f"count_in_process({near}, {items}, {requests}, {warm})"
     )
     with tempfile.TemporaryDirectory() as directory:
-        output = subprocess.run(
+        subprocess.run(
             [
                 "valgrind",
                 "--tool=callgrind",
@@ -121,10 +117,8 @@ def _counted(near: bool, items: int, requests: int, warm: int) -> dict[str, floa
             capture_output=True,
             check=True,
             timeout=840,
-            text=True,
-        ).stdout
-        near_share = json.loads(output.strip().splitlines()[-1])["near_share"]
-        return {**_totals(Path(directory)), "near_share": near_share}
+        )
+        return _totals(Path(directory))
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -138,12 +132,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     data: dict[str, dict[str, float]] = {}
     for label, totals in measured.items():
         ours, floor = totals["ours"] / requests, totals["floor"] / requests
-        data[label] = {
-            "ours": ours,
-            "floor": floor,
-            "ratio": floor / ours,
-            "near_share": totals["near_share"],
-        }
+        data[label] = {"ours": ours, "floor": floor, "ratio": floor / ours}
         rows.append(
             [
                 label,

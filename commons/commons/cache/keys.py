@@ -163,10 +163,10 @@ def _build(
     # key cannot be mistaken for each other here.
     memo_key = (qualified_namespace, tenant_id, user_id, path, query)
     built = _hot_key_memo.get(memo_key)
+    route = request.scope.get("route")
     if built is None:
-        built = _remembered(memo_key, request.scope.get("route"), func)
+        built = _remembered(memo_key, route, func)
     if built is None:
-        route = request.scope.get("route")
         origin = None if route is None else (route, func)
         built = _build_new(qualified_namespace, request, tenant_id, user_id, origin)
         if built.scope is None:

@@ -158,13 +158,7 @@ class OneServer(Topology):
             known = (encode_arguments(generation_keys), len(generation_keys))
             self._generation_arguments.put(scope, known, 2 * len(known[0]) + 64)
         arguments, generations = known
-        entry_key = key.encode()
-        command = b"*%d\r\n$4\r\nMGET\r\n$%d\r\n%b\r\n%b" % (
-            generations + 2,
-            len(entry_key),
-            entry_key,
-            arguments,
-        )
+        command = encode_command(b"MGET", [key], encoded_after=arguments, count_after=generations)
         return command, generations + 1
 
     async def _read_replies(

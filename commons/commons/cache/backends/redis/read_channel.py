@@ -88,10 +88,18 @@ def connection_opener(
     return open_channel
 
 
-def encode_command(name: bytes, arguments: Sequence[str | bytes | int]) -> bytes:
-    """``name`` with ``arguments`` (keys, values, counts) in the protocol's encoding."""
-    head = b"*%d\r\n$%d\r\n%b\r\n" % (len(arguments) + 1, len(name), name)
-    return head + encode_arguments(arguments)
+def encode_command(
+    name: bytes,
+    arguments: Sequence[str | bytes | int],
+    *,
+    encoded_after: bytes = b"",
+    count_after: int = 0,
+) -> bytes:
+    """``name`` with ``arguments`` (keys, values, counts) in the protocol's encoding, followed
+    by ``count_after`` more arguments already encoded (``encoded_after``, from
+    :func:`encode_arguments`)."""
+    head = b"*%d\r\n$%d\r\n%b\r\n" % (len(arguments) + count_after + 1, len(name), name)
+    return head + encode_arguments(arguments) + encoded_after
 
 
 def encode_arguments(arguments: Sequence[str | bytes | int]) -> bytes:
