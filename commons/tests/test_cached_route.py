@@ -8,7 +8,15 @@ import pytest
 
 from commons.cache import cached_route
 from commons.cache.cached_route import PreparedResponses
-from commons.cache.entry import BODY, expected_head, parse_value, stored_value
+from commons.cache.entry import (
+    BODY,
+    ENVELOPE,
+    CachedResponse,
+    encode_payload,
+    expected_head,
+    parse_value,
+    stored_value,
+)
 from commons.cache.memo import HOT_REVIEW_EVERY, HOT_SMALL_ENTRIES
 from commons.cache.scope import CacheScope, ScopedKey
 
@@ -44,6 +52,47 @@ def test_a_response_prepared_long_ago_is_replayed_with_its_body_and_etag() -> No
     assert first is not None
     assert again is not None
     assert (again.body, again.etag, again.headers) == (first.body, first.etag, first.headers)
+
+
+@pytest.mark.parametrize("private", [False, True])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        stored(b'{"v":1}'),
+        stored_value(
+            head=HEAD,
+            kind=ENVELOPE,
+            stale_seconds=0,
+            lifetime=60,
+            payload=encode_payload(CachedResponse(b"v1", 203, "text/plain", (("X-V", "1"),)))[1],
+        ),
+    ],
+    ids=["plain json", "envelope"],
+)
+def test_a_response_rebuilt_from_what_is_remembered_is_the_one_first_prepared(
+    raw: bytes, private: bool
+) -> None:
+    responses = PreparedResponses()
+    value = parse_value(raw, HEAD)
+    assert value is not None
+    first = responses.get("/remembered", value, private=private)
+    cached_route._hot_prepared.clear()  # only what the memo remembers is left
+
+    again = responses.get("/remembered", value, private=private)
+
+    assert first is not None
+    assert again is not None
+    assert again is not first
+    assert (again.body, again.status_code, again.etag, again.private) == (
+        first.body,
+        first.status_code,
+        first.etag,
+        private,
+    )
+    assert (again.headers, again.not_modified_headers) == (
+        first.headers,
+        first.not_modified_headers,
+    )
 
 
 def test_a_changed_stored_value_is_prepared_anew() -> None:

@@ -153,6 +153,39 @@ def test_the_cache_control_of_a_replay(
     assert headers_of(answer)["cache-control"] == cache_control
 
 
+@pytest.mark.parametrize("private", [False, True])
+def test_a_plain_json_answer_is_prepared_with_its_type_length_etag_and_vary_if_private(
+    private: bool,
+) -> None:
+    vary = [(b"vary", b"Authorization")] if private else []
+
+    prepared = prepare(CachedResponse(BODY), private=private)
+
+    assert list(prepared.headers) == [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(BODY)).encode()),
+        (b"etag", ETAG.encode()),
+        *vary,
+    ]
+    assert list(prepared.not_modified_headers) == [(b"etag", ETAG.encode()), *vary]
+    assert (prepared.body, prepared.status_code, prepared.etag) == (BODY, 200, ETAG)
+
+
+def test_an_answer_with_headers_of_its_own_keeps_them_beside_the_cache_s() -> None:
+    cached = CachedResponse(BODY, 200, "application/json", (("X-Total", "20"),))
+
+    prepared = prepare(cached, private=True)
+
+    assert list(prepared.headers) == [
+        (b"x-total", b"20"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(BODY)).encode()),
+        (b"etag", ETAG.encode()),
+        (b"vary", b"Authorization"),
+    ]
+    assert not prepared.plain_json
+
+
 def test_a_full_replay_sends_the_body_its_length_and_etag_and_a_head_only_the_headers() -> None:
     prepared = prepare(CachedResponse(BODY), private=False)
 

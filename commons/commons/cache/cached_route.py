@@ -16,8 +16,8 @@ from pydantic import TypeAdapter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from commons.cache.entry import ParsedValue, decode_payload, route_fingerprint
-from commons.cache.http import PreparedResponse, prepare
+from commons.cache.entry import BODY, ParsedValue, decode_payload, route_fingerprint
+from commons.cache.http import PreparedResponse, prepare, prepare_plain_json
 from commons.cache.memo import HOT_LARGE_ENTRIES, HOT_SMALL_ENTRIES, BoundedMemo, HotMemo
 from commons.cache.rendering import adapter_for, json_bytes, render_as_route
 
@@ -40,9 +40,10 @@ _hot_prepared = HotMemo[str, tuple[bytes, PreparedResponse]](
 )
 
 #: A prepared response as the memo holds it: the stored bytes, then PreparedResponse's fields
-#: up to ``last_sent``, its two header tuples packed (:func:`_packed`). One flat tuple of bytes,
-#: ints and bools: the first collection it survives untracks it, so the memo's dicts stay out of
-#: the collector's walks (see ``memo.py``); tuples nested in it would take older generations'
+#: up to ``not_modified_headers``, its two header tuples packed (:func:`_packed`), or both empty
+#: for a plain JSON answer (whose headers follow from the rest). One flat tuple of bytes, ints
+#: and bools: the first collection it survives untracks it, so the memo's dicts stay out of the
+#: collector's walks (see ``memo.py``); tuples nested in it would take older generations'
 #: collections to untrack.
 _PreparedFields = tuple[bytes, bytes, int, str, bool, bytes, bytes]
 
@@ -61,6 +62,8 @@ def _unpacked(packed: bytes) -> tuple[tuple[bytes, bytes], ...]:
 def _prepared(fields: _PreparedFields) -> PreparedResponse:
     """The prepared response that ``fields`` (as the memo holds them) describe."""
     _, body, status_code, etag, private, headers, not_modified_headers = fields
+    if not headers:
+        return prepare_plain_json(body, private=private, etag=etag)
     return PreparedResponse(
         body, status_code, etag, private, _unpacked(headers), _unpacked(not_modified_headers)
     )
@@ -102,10 +105,13 @@ class PreparedResponses:
             if found[0] is not value.raw:
                 self._memo.put(str(key), (value.raw, *found[1:]), len(value.raw) + len(key))
             return prepared
-        entry = decode_payload(value.kind, value.payload)
-        if entry is None:
-            return None
-        prepared = prepare(entry, private=private)
+        if value.kind == BODY:
+            prepared = prepare_plain_json(value.payload, private=private)
+        else:
+            entry = decode_payload(value.kind, value.payload)
+            if entry is None:
+                return None
+            prepared = prepare(entry, private=private)
         self.put(key, value.raw, prepared)
         return prepared
 
@@ -114,15 +120,13 @@ class PreparedResponses:
         # with every remembered key, objects a full collection walks.
         key = str(key)
         size = len(raw) + len(key)
-        fields = (
-            raw,
-            prepared.body,
-            prepared.status_code,
-            prepared.etag,
-            prepared.private,
-            _packed(prepared.headers),
-            _packed(prepared.not_modified_headers),
-        )
+        body, etag, private = prepared.body, prepared.etag, prepared.private
+        if prepared.plain_json:
+            fields: _PreparedFields = (raw, body, 200, etag, private, b"", b"")
+        else:
+            headers, not_modified = prepared.headers, prepared.not_modified_headers
+            status = prepared.status_code
+            fields = (raw, body, status, etag, private, _packed(headers), _packed(not_modified))
         self._memo.put(key, fields, size)
         self._hot.put(key, (raw, prepared), size)
 

@@ -229,8 +229,9 @@ def _build_new(
     key = entry_key(qualified_namespace, tenant_id, user_id, path, canonical_query_digest(request))
     # fastapi-cache2 passes "{prefix}:{namespace}"; a bare prefix is the empty namespace.
     namespace = split_qualified_namespace(qualified_namespace)[1] or ""
-    # Made for its route and handler at once (``_for_request`` then has nothing to copy).
-    return ScopedKey(key, CacheScope(namespace, tenant_id, user_id), origin)
+    # Made for its route and handler at once (``_for_request`` then has nothing to copy), with
+    # the scope object its other keys share: a memo keyed by scope finds it by identity.
+    return ScopedKey(key, _scope(namespace, tenant_id, user_id), origin)
 
 
 def scoped_key(built: str, qualified_namespace: str) -> ScopedKey:

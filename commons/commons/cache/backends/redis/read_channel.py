@@ -105,13 +105,14 @@ def encode_command(
 def encode_arguments(arguments: Sequence[str | bytes | int]) -> bytes:
     """``arguments`` as they follow a command's name (see :func:`encode_command`): a command's
     constant part, encoded once."""
-    encoded = [_encoded(argument) for argument in arguments]
-    return b"".join([b"$%d\r\n%b\r\n" % (len(item), item) for item in encoded])
-
-
-def _encoded(argument: str | bytes | int) -> bytes:
-    if isinstance(argument, str):
-        return argument.encode()
-    if isinstance(argument, bytes):
-        return argument
-    return b"%d" % argument
+    # One loop, no call per argument: every read from Redis encodes its key here.
+    parts: list[bytes] = []
+    for argument in arguments:
+        if isinstance(argument, str):
+            item = argument.encode()
+        elif isinstance(argument, bytes):
+            item = argument
+        else:
+            item = b"%d" % argument
+        parts.append(b"$%d\r\n%b\r\n" % (len(item), item))
+    return b"".join(parts)
