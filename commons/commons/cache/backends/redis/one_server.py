@@ -38,6 +38,9 @@ from commons.cache.scope import CacheScope
 
 __all__ = ["OneServer"]
 
+#: A scope's fields: namespace, tenant, user, tags.
+_ScopeFields = tuple[str, str | None, str | None, tuple[str, ...]]
+
 
 class OneServer(Topology):
     """One server (``redis://``, ``rediss://``, ``unix://``), read on a pipelined connection."""
@@ -61,8 +64,9 @@ class OneServer(Topology):
         super().__init__(client, names, expiries, budget)
         self.server = client
         self._contact_pending = contact_pending
-        #: By scope: its generations' keys as the end of an encoded ``MGET``, and their count.
-        self._generation_arguments = BoundedMemo[CacheScope, tuple[bytes, int]](
+        #: By scope (its fields: a plain tuple hashes without a call, and the collector stops
+        #: tracking it): its generations' keys as the end of an encoded ``MGET``, and their count.
+        self._generation_arguments = BoundedMemo[_ScopeFields, tuple[bytes, int]](
             4096, 4 * 1024 * 1024
         )
         self._near: NearCache | None = None
@@ -152,11 +156,12 @@ class OneServer(Topology):
     def _read_command(self, key: str, scope: CacheScope) -> tuple[bytes, int]:
         """The encoded ``MGET`` of :meth:`read_keys` and its key count; the generations' part is
         encoded once per scope (a few, where keys may be millions)."""
-        known = self._generation_arguments.get(scope)
+        fields = (scope.namespace, scope.tenant_id, scope.user_id, scope.tags)
+        known = self._generation_arguments.get(fields)
         if known is None:
             generation_keys = self.keys.generation_keys(scope)
             known = (encode_arguments(generation_keys), len(generation_keys))
-            self._generation_arguments.put(scope, known, 2 * len(known[0]) + 64)
+            self._generation_arguments.put(fields, known, 2 * len(known[0]) + 64)
         arguments, generations = known
         command = encode_command(b"MGET", [key], encoded_after=arguments, count_after=generations)
         return command, generations + 1
