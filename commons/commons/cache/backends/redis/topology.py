@@ -139,10 +139,12 @@ class Topology:
         if value is None:
             self.expiries.forget(key)
             return StoredRead(0, None, generation), None
-        expires_at = self.expiries.expires_at(key, value)
-        if expires_at is None and told is not None and told.ttl_ms > 0:
+        if told is not None and told.ttl_ms > 0:
+            # Asked because no expiry was remembered (a cold key): told now, and as trusted.
             self.expiries.remember(key, value, told.ttl_ms / 1000, measured_at=told.sent_at)
-            expires_at = told.sent_at + told.ttl_ms / 1000
+            expires_at: float | None = told.sent_at + told.ttl_ms / 1000
+        else:
+            expires_at = self.expiries.expires_at(key, value)
         if expires_at is None:
             # First sight of these bytes (or near their expiry): one more round trip. Its clock
             # starts when it is sent: a late reply must not lengthen the entry's life.
