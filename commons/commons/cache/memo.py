@@ -274,17 +274,22 @@ class HotMemo(Generic[K, V]):
         return self._memo.max_entries
 
     def get(self, key: K) -> V | None:
-        found = self._memo.get(key)
-        if found is not None:
-            self._found += 1
-            self._uses += 1
-            if self._uses >= HOT_REVIEW_EVERY:
-                self._review()
+        # The memo's dicts read here, not through its get(): every hit asks a HotMemo first.
+        memo = self._memo
+        found = memo._items.get(key)
+        if found is None:
+            found = memo._nursery.get(key)
+            if found is None:
+                return None
+        self._found += 1
+        self._uses += 1
+        if self._uses >= HOT_REVIEW_EVERY:
+            self._review()
         return found
 
     def put(self, key: K, value: V, size: int) -> None:
         memo = self._memo
-        if memo.get(key) is None:
+        if key not in memo._items and key not in memo._nursery:
             # A new key: a use the memo did not answer, whether a read missed it first or not
             # (a fill puts what nobody read: a stream of misses must count as much as reads).
             self._uses += 1
