@@ -12,7 +12,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from commons.cache.backends.redis import RedisStore
+from commons.cache.backends.redis import RedisStore, read_channel
 from commons.cache.backends.redis.pipelined_reads import (
     PipelinedReader,
     ReadChannel,
@@ -393,3 +393,24 @@ async def test_a_hit_whose_expiry_the_store_never_saw_costs_one_round_trip(
     assert elapsed < 0.55  # one delayed reply (0.3 s), not two
     assert value == b"body"
     assert ttl in (59, 60)
+
+
+@pytest.mark.parametrize("with_hiredis_encoder", [True, False], ids=["hiredis", "python"])
+def test_a_command_is_encoded_the_same_by_hiredis_and_without_it(
+    with_hiredis_encoder: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not with_hiredis_encoder:
+        monkeypatch.setattr(read_channel, "_pack_command", None)
+    elif read_channel._pack_command is None:
+        pytest.skip("this hiredis has no encoder of its own")
+
+    command = encode_command(
+        b"MGET", ["k:1", "é", 2, -3, b"\x00"], encoded_after=b"$1\r\ng\r\n", count_after=1
+    )
+
+    assert command == (
+        b"*7\r\n$4\r\nMGET\r\n$3\r\nk:1\r\n$2\r\n\xc3\xa9\r\n$1\r\n2\r\n$2\r\n-3\r\n"
+        b"$1\r\n\x00\r\n$1\r\ng\r\n"
+    )
+    assert encode_command(b"PTTL", ["k:1"]) == b"*2\r\n$4\r\nPTTL\r\n$3\r\nk:1\r\n"
+    assert encode_command(b"X", [True]) == b"*2\r\n$1\r\nX\r\n$1\r\n1\r\n"

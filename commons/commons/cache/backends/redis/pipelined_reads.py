@@ -188,8 +188,10 @@ class _Connection(asyncio.Protocol):
     def _send(self) -> None:
         if self.broken:
             return
+        unsent = self._unsent
         try:
-            self.channel.transport.write(b"".join(self._unsent))
+            # One command (a quiet moment): written as it is, not copied by a join.
+            self.channel.transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
         except Exception as exc:  # a closed transport, a TLS error
             self.fail(redis_errors.ConnectionError(f"sending to Redis failed: {exc}"))
         finally:

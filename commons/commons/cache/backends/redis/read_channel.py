@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import hiredis
 from redis import exceptions as redis_errors
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
@@ -88,6 +89,13 @@ def connection_opener(
     return open_channel
 
 
+#: hiredis' own encoder (hiredis 2.1 and later), in C: twice as fast as the one below on a
+#: fill's ``EVALSHA`` (its value among the arguments), as fast on a read's one key.
+_pack_command: Callable[[tuple[str | bytes | int, ...]], bytes] | None = getattr(
+    hiredis, "pack_command", None
+)
+
+
 def encode_command(
     name: bytes,
     arguments: Sequence[str | bytes | int],
@@ -98,6 +106,12 @@ def encode_command(
     """``name`` with ``arguments`` (keys, values, counts) in the protocol's encoding, followed
     by ``count_after`` more arguments already encoded (``encoded_after``, from
     :func:`encode_arguments`)."""
+    if _pack_command is not None and not count_after:
+        # A read's MGET (arguments encoded already after its key) is as fast below.
+        try:
+            return _pack_command((name, *arguments))
+        except TypeError:
+            pass  # an argument it does not take (a bool, say): encoded below
     head = b"*%d\r\n$%d\r\n%b\r\n" % (len(arguments) + count_after + 1, len(name), name)
     return head + encode_arguments(arguments) + encoded_after
 
