@@ -413,11 +413,12 @@ async def test_an_invalidation_no_replica_received_survives_a_cluster_primary_cr
         primary = own_cluster.owner_of_slot(own_cluster.key_slot("{tenant_config}"))
         replica = own_cluster.replica_of(primary)
         wait_until(lambda: replica.command("DBSIZE") == primary.command("DBSIZE"), 5, "replication")
-        # CLUSTER SLOTS lists a replica once the nodes have heard of its replication offset.
+        # CLUSTER SLOTS lists a replica once the nodes have heard of its replication offset: on
+        # every node, replicas included (the cache reads the map from whichever node answers).
         wait_until(
             lambda: all(
                 str(replica.port).encode() in node.command("CLUSTER", "SLOTS")
-                for node in own_cluster.current_primaries()
+                for node in own_cluster.nodes
             ),
             5,
             "the replica in the slot map",
