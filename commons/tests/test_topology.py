@@ -3,6 +3,7 @@ never runs a line of cluster code."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from types import FrameType
@@ -17,6 +18,7 @@ from commons.cache.backends.redis import RedisStore
 from commons.cache.backends.redis.cluster import OnCluster
 from commons.cache.backends.redis.connection import create_redis_client
 from commons.cache.backends.redis.one_server import OneServer
+from commons.cache.backends.redis.read_channel import encode_command
 from commons.cache.backends.redis.sentinel import BehindSentinel
 from commons.cache.events import CacheEvents
 from commons.cache.scope import CacheScope
@@ -117,5 +119,38 @@ async def test_auto_mode_replaces_the_one_server_topology_when_it_meets_a_cluste
 
         assert isinstance(store.topology, OnCluster)
         assert store.is_cluster
+    finally:
+        await store.aclose()
+
+
+async def test_a_read_asks_for_its_own_scope_s_generations_whichever_scope_was_read_before(
+    redis_url: str,
+) -> None:
+    # The read's encoded generations are remembered by the scope's fields: scopes that differ in
+    # any one of them never share them. A new field of CacheScope must join that memo's key.
+    assert [field.name for field in dataclasses.fields(CacheScope)] == [
+        "namespace",
+        "tenant_id",
+        "user_id",
+        "tags",
+    ]
+    scopes = [
+        SCOPE,
+        CacheScope("other", "t1"),
+        CacheScope("reports", "t2"),
+        CacheScope("reports", "t1", "u1"),
+        CacheScope("reports", "t1", None, ("tag",)),
+    ]
+    store = RedisStore(Redis.from_url(redis_url), PREFIX)
+    try:
+        topology = store.topology
+        assert isinstance(topology, OneServer)
+        for scope in [*scopes, *reversed(scopes)]:
+            read_keys = topology.read_keys(KEY, scope)
+
+            assert topology._read_command(KEY, scope) == (
+                encode_command(b"MGET", read_keys),
+                len(read_keys),
+            )
     finally:
         await store.aclose()

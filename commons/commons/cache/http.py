@@ -159,18 +159,13 @@ def prepare_plain_json(body: bytes, *, private: bool, etag: str | None = None) -
         etag = entry_etag(body)
     etag_header = (b"etag", etag.encode("latin-1"))
     length = (b"content-length", b"%d" % len(body))
+    headers: tuple[tuple[bytes, bytes], ...]
     if private:
-        return PreparedResponse(
-            body,
-            200,
-            etag,
-            True,
-            (_PLAIN_JSON_TYPE, length, etag_header, _VARY_AUTHORIZATION),
-            (etag_header, _VARY_AUTHORIZATION),
-            True,
-        )
-    headers = (_PLAIN_JSON_TYPE, length, etag_header)
-    return PreparedResponse(body, 200, etag, False, headers, (etag_header,), True)
+        headers = (_PLAIN_JSON_TYPE, length, etag_header, _VARY_AUTHORIZATION)
+        not_modified: tuple[tuple[bytes, bytes], ...] = (etag_header, _VARY_AUTHORIZATION)
+    else:
+        headers, not_modified = (_PLAIN_JSON_TYPE, length, etag_header), (etag_header,)
+    return PreparedResponse(body, 200, etag, private, headers, not_modified, True)
 
 
 def prepare(cached: CachedResponse, *, private: bool) -> PreparedResponse:
