@@ -299,3 +299,90 @@ async def test_lookups_logged_one_by_one_go_through_the_flow(
             assert response.headers["x-fastapi-cache"] == "HIT"
     assert shortcut_answers == [False, False, False]
     assert sum("cache HIT" in record.getMessage() for record in caplog.records) == 3
+
+
+async def test_an_answer_no_longer_kept_as_an_object_is_answered_the_same(
+    client: httpx.AsyncClient, shortcut_answers: list[bool]
+) -> None:
+    """Over a working set larger than the objects kept for the most recent keys, a plain JSON
+    answer is prepared again from the stored bytes: to the byte, the flow's answer."""
+    from commons.cache import cached_route
+
+    kept = await until_shortcut_answers(client, "/reports/q1", shortcut_answers, **as_tenant("t1"))
+    cached_route._hot_prepared.clear()
+    shortcut_answers.clear()
+    again = await client.get("/reports/q1", headers=as_tenant("t1"))
+    assert shortcut_answers == [True]
+    flow = await client.get(
+        "/reports/q1", headers={**as_tenant("t1"), "Cache-Control": "max-stale=5"}
+    )
+    assert again.content == kept.content == flow.content
+    assert (
+        without_clock(again.headers) == without_clock(kept.headers) == without_clock(flow.headers)
+    )
+
+
+async def test_an_answer_with_its_own_headers_is_replayed_only_while_it_is_kept_prepared(
+    app: FastAPI, on_redis: CacheSettings, shortcut_answers: list[bool]
+) -> None:
+    """A stored answer that is not plain JSON is replayed from the route's prepared answers
+    alone (as objects, or as fields once the objects are let go); once they let it go too, the
+    flow answers, and prepares it again."""
+    import gc
+
+    from commons.cache import cached_route
+
+    @app.get("/labelled")
+    @cache(namespace="labelled")
+    async def labelled() -> Response:
+        return Response(b"<p>hi</p>", media_type="text/html", headers={"X-Label": "a"})
+
+    async with client_for(app) as http:
+        kept = await until_shortcut_answers(http, "/labelled", shortcut_answers, **as_tenant("t1"))
+        assert kept.headers["x-label"] == "a"
+        cached_route._hot_prepared.clear()
+        shortcut_answers.clear()
+        from_fields = await http.get("/labelled", headers=as_tenant("t1"))
+        assert shortcut_answers == [True]
+        assert without_clock(from_fields.headers) == without_clock(kept.headers)
+        assert from_fields.content == kept.content
+
+        cached_route._hot_prepared.clear()
+        for prepared in gc.get_objects():
+            if isinstance(prepared, cached_route.PreparedResponses):
+                prepared._memo.clear()
+        shortcut_answers.clear()
+        flow = await http.get("/labelled", headers=as_tenant("t1"))
+        assert shortcut_answers == [False]
+        assert without_clock(flow.headers) == without_clock(kept.headers)
+        assert flow.content == kept.content == b"<p>hi</p>"
+        again = await until_shortcut_answers(http, "/labelled", shortcut_answers, **as_tenant("t1"))
+        assert without_clock(again.headers) == without_clock(kept.headers)
+
+
+async def test_what_the_shortcut_remembers_is_never_walked_by_the_collector(
+    client: httpx.AsyncClient, shortcut_answers: list[bool]
+) -> None:
+    """Remembered hits are flat tuples: once a collection has passed, none is tracked, so a
+    memo as large as the near cache adds nothing to a full collection."""
+    import gc
+
+    from commons.cache import hit_shortcut
+    from commons.cache.lifecycle import current_layer
+
+    queries = [f"page={page}".encode() for page in range(1, 6)]
+    for query in queries:
+        path = f"/reports/q1?{query.decode()}"
+        await until_shortcut_answers(client, path, shortcut_answers, **as_tenant("t1"))
+    layer = current_layer()
+    assert layer is not None
+    memo = hit_shortcut._remembered.memo
+    gc.collect()
+    # This test's (an earlier test's are frozen: see conftest.py).
+    held = [
+        (key, value)
+        for key, value in [*memo._items.items(), *memo._nursery.items()]
+        if key[2] in queries and value[0] == layer.serial
+    ]
+    assert len(held) == len(queries)
+    assert not any(gc.is_tracked(key) or gc.is_tracked(value) for key, value in held)

@@ -90,20 +90,8 @@ class PreparedResponses:
 
     def get(self, key: str, value: ParsedValue, private: bool) -> PreparedResponse | None:
         """The prepared form of ``value``; ``None`` when its payload is no readable response."""
-        hot = self._hot.get(key)
-        if hot is not None and hot[0] == value.raw and hot[1].private is private:
-            if hot[0] is not value.raw:
-                # The same bytes in another object (read from Redis): the newest is kept, so an
-                # older copy (the bytes the fill wrote, once the near cache holds the ones it
-                # read) is not kept alive beside it.
-                self.put(key, value.raw, hot[1])
-            return hot[1]
-        found = self._memo.get(key)
-        if found is not None and found[0] == value.raw and found[4] is private:
-            prepared = _prepared(found)
-            self._hot.put(str(key), (value.raw, prepared), len(value.raw) + len(key))
-            if found[0] is not value.raw:
-                self._memo.put(str(key), (value.raw, *found[1:]), len(value.raw) + len(key))
+        prepared = self.remembered(key, value.raw, private)
+        if prepared is not None:
             return prepared
         if value.kind == BODY:
             prepared = prepare_plain_json(value.payload, private=private)
@@ -114,6 +102,34 @@ class PreparedResponses:
             prepared = prepare(entry, private=private)
         self.put(key, value.raw, prepared)
         return prepared
+
+    def remembered(self, key: str, raw: bytes, private: bool) -> PreparedResponse | None:
+        """The prepared form of the stored bytes ``raw`` under ``key``, if remembered; ``None``
+        otherwise (nothing is prepared here)."""
+        prepared = self.kept_as_object(key, raw, private)
+        if prepared is not None:
+            return prepared
+        found = self._memo.get(key)
+        if found is not None and found[0] == raw and found[4] is private:
+            prepared = _prepared(found)
+            self._hot.put(str(key), (raw, prepared), len(raw) + len(key))
+            if found[0] is not raw:
+                self._memo.put(str(key), (raw, *found[1:]), len(raw) + len(key))
+            return prepared
+        return None
+
+    def kept_as_object(self, key: str, raw: bytes, private: bool) -> PreparedResponse | None:
+        """:meth:`remembered`, among the keys prepared most recently alone (the objects kept):
+        for a caller that can prepare a plain answer for less than rebuilding it from fields."""
+        hot = self._hot.get(key)
+        if hot is None or hot[0] != raw or hot[1].private is not private:
+            return None
+        if hot[0] is not raw:
+            # The same bytes in another object (read from Redis): the newest is kept, so an
+            # older copy (the bytes the fill wrote, once the near cache holds the ones it read)
+            # is not kept alive beside it.
+            self.put(key, raw, hot[1])
+        return hot[1]
 
     def put(self, key: str, raw: bytes, prepared: PreparedResponse) -> None:
         # A plain str, as in the near cache: a ``ScopedKey`` would keep its scope and route alive

@@ -4,7 +4,7 @@ Most requests of a busy cached route repeat a key this process answered a moment
 near cache. The request flow (``request_flow.py``) works each of them out from scratch: it builds
 the key, reads it through the layer and its breaker, validates the value, prepares its answer and
 decides the outcome. Here the process remembers, for the keys answered that way most recently,
-what the flow found (the key, the stored bytes, their prepared answer), by route and by what our
+what the flow found (the key, the stored bytes, their ETag), by route and by what our
 key builders build a key from: the path, the query and the identity they read
 (``keys.identity_read_by``).
 A request that repeats them is answered from that memory, only when the flow's answer would be
@@ -12,8 +12,9 @@ the same to the byte:
 
 - it asks nothing else of the answer: a GET with neither ``If-None-Match`` nor ``Cache-Control``,
   and the route's dependencies set no header on the response;
-- the same route (so the same fingerprint) under the same ``init_cache()``, with one of our key
-  builders: a service's own builder may read anything, so its routes never take the shortcut;
+- the same route fingerprint (what the route renders) under the same ``init_cache()``, with one
+  of our key builders: a service's own builder may read anything, so its routes never take the
+  shortcut;
 - the near cache holds that very stored value now, by the checks of every near-cache read (its
   generations held and confirmed within ``CACHE_NEAR_CACHE_MAX_AGE_SECONDS``, the entry
   unexpired, the tracking session alive; a sampled share verified in Redis), with Redis in use
@@ -22,58 +23,102 @@ the same to the byte:
 
 Otherwise the flow answers, as it would have anyway. A shortcut answer is counted as the flow
 counts a HIT (and a near-cache hit), with the same headers (``Age``, ``Cache-Status``' ``ttl``).
+
+What is remembered per key is one flat tuple of strings, bytes and numbers (no object), which the
+garbage collector stops tracking once it has survived a collection: so the shortcut can remember
+as many keys as the near cache holds (over a working set of a hundred thousand keys, forty
+thousand), where objects would make every full collection walk them. Bounded as the near cache
+is: in entries, and in bytes by ``CACHE_NEAR_CACHE_MAX_BYTES`` (the stored bytes counted, though
+the near cache holds that very object while both keep it). The answer itself comes from the
+route's prepared answers (``cached_route.PreparedResponses``) when they still hold it as an
+object; a plain JSON answer is otherwise prepared again from the stored bytes (its ETag
+remembered), and any other is left to the flow.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import time
-import weakref
 from collections.abc import Callable
-from typing import NamedTuple
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from commons.cache.cached_route import CachedRoute
+from commons.cache.entry import BODY
 from commons.cache.events import LookupOutcome
-from commons.cache.http import PreparedResponse, Served, replay
+from commons.cache.http import PreparedResponse, Served, prepare_plain_json, replay
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
-from commons.cache.memo import HOT_LARGE_ENTRIES, HOT_SMALL_ENTRIES, HotMemo
+from commons.cache.memo import BoundedMemo
 from commons.cache.scope import CacheScope, ScopedKey
 
 __all__ = ["HitShortcut"]
 
 _HIT = b"HIT"
-#: What remembering one key holds besides its strings and bytes.
-_REMEMBERED_OVERHEAD_BYTES = 256
+#: What remembering one key holds besides its strings and bytes: the tuples, a float, the
+#: memo's dictionary slots.
+_REMEMBERED_OVERHEAD_BYTES = 400
+#: Keys remembered at most (the near cache's entries are bounded by its bytes alone: forty
+#: thousand of about 1 KB in its default 64 MiB).
+_REMEMBERED_MAX_ENTRIES = 65_536
+
+#: What the flow found for one key, answered from the near cache, as a flat tuple (see the
+#: module docstring), in this order: the ``CacheLayer.serial`` and the route's fingerprint it
+#: was read under; the key and its scope's fields; the stored bytes (the very object the near
+#: cache holds), their kind and where their payload starts; the answer's ETag and privacy; the
+#: entry's stale window and lifetime; until when (``time.monotonic()``) it is surely fresh, with
+#: a stale window; the cache's name in ``Cache-Status``.
+_Remembered = tuple[
+    int,
+    bytes,
+    str,
+    str,
+    str | None,
+    str | None,
+    tuple[str, ...],
+    bytes,
+    bytes,
+    int,
+    str,
+    bool,
+    int,
+    int | None,
+    float,
+    bytes,
+]
+
+#: Every route's remembered hits, by route (its shortcut's number), path, query and identity.
+_RememberedKey = tuple[int, str, bytes, object]
 
 
-class _Remembered(NamedTuple):
-    """What the flow found for one key, answered from the near cache."""
+class _RememberedHits:
+    """The memo of remembered hits, bounded by the byte bound of the near cache it follows (the
+    last ``init_cache()``'s ``CACHE_NEAR_CACHE_MAX_BYTES``)."""
 
-    route: object
-    layer: weakref.ref[CacheLayer]
-    key: ScopedKey
-    scope: CacheScope
-    #: The stored bytes, the very object the near cache holds.
-    raw: bytes
-    prepared: PreparedResponse
-    stale_seconds: int
-    lifetime: int | None
-    #: With a stale window: until when (``time.monotonic()``) the value is surely still fresh.
-    fresh_until: float
-    #: The cache's name in ``Cache-Status``.
-    status_name: bytes
+    def __init__(self) -> None:
+        self.max_bytes = 0
+        self.memo = BoundedMemo[_RememberedKey, _Remembered](1, 1)
+
+    def for_bound(self, max_bytes: int) -> BoundedMemo[_RememberedKey, _Remembered]:
+        if max_bytes != self.max_bytes:
+            self.max_bytes = max_bytes
+            self.memo = BoundedMemo[_RememberedKey, _Remembered](_REMEMBERED_MAX_ENTRIES, max_bytes)
+        return self.memo
 
 
-#: Every route's remembered hits, by route (its shortcut), path, query and identity: objects, for
-#: the keys answered most recently, as many as pay for themselves (``memo.HotMemo``). Its byte
-#: bound counts the stored bytes and the body each holds, which it keeps alive once the near
-#: cache and the prepared answers' memo have let them go.
-_remembered = HotMemo[tuple["HitShortcut", str, bytes, object], _Remembered](
-    HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, 16 * 1024 * 1024
-)
+_remembered = _RememberedHits()
+#: Each shortcut's number, never reused in the process (the memo's keys hold no object).
+_SERIALS = itertools.count(1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _scope(
+    namespace: str, tenant_id: str | None, user_id: str | None, tags: tuple[str, ...]
+) -> CacheScope:
+    """One scope object per remembered scope among the most recent."""
+    return CacheScope(namespace, tenant_id, user_id, tags)
 
 
 class HitShortcut:
@@ -83,6 +128,7 @@ class HitShortcut:
         self._route = route
         self._namespace = namespace
         self._identity = identity
+        self._serial = next(_SERIALS)
 
     def answer(self, request: Request, sub_response: object) -> Response | None:
         """The answer to ``request`` if the flow's would be a HIT of a remembered key, to the
@@ -93,8 +139,8 @@ class HitShortcut:
         identity = self._identity()
         if identity is None:
             return None
-        remembered = _remembered.get(
-            (self, scope["path"], scope.get("query_string", b""), identity)
+        remembered = _remembered.memo.get(
+            (self._serial, scope["path"], scope.get("query_string", b""), identity)
         )
         if remembered is None:
             return None
@@ -103,28 +149,55 @@ class HitShortcut:
                 return None
         if isinstance(sub_response, Response) and sub_response.raw_headers:
             return None
+        # Unpacked at once: one step, where indexing field by field costs two each.
+        (
+            layer_serial,
+            fingerprint,
+            key,
+            namespace,
+            tenant_id,
+            user_id,
+            tags,
+            raw,
+            kind,
+            offset,
+            etag,
+            private,
+            stale_seconds,
+            lifetime,
+            fresh_until,
+            status_name,
+        ) = remembered
         layer = current_layer()
+        route = self._route
         if (
             layer is None
-            or remembered.layer() is not layer
-            or remembered.route is not scope.get("route")
+            or layer_serial != layer.serial
+            or fingerprint != route.fingerprint(request)
+            or (stale_seconds and time.monotonic() >= fresh_until)
         ):
             return None
-        stale_seconds = remembered.stale_seconds
-        if stale_seconds and time.monotonic() >= remembered.fresh_until:
-            return None
-        read = layer.held(remembered.key, remembered.scope, remembered.raw)
+        read = layer.held(key, _scope(namespace, tenant_id, user_id, tags), raw)
         if read is None:
             return None
+        if kind == BODY:
+            # A plain JSON answer: the object the route's prepared answers keep (it carries the
+            # headers last sent), else prepared again from the stored bytes, ETag known.
+            prepared = route.prepared.kept_as_object(key, raw, private)
+            if prepared is None:
+                prepared = prepare_plain_json(raw[offset:-1], private=private, etag=etag)
+        else:
+            prepared = route.prepared.remembered(key, raw, private)
+            if prepared is None:
+                return None
         fresh_for = read.remaining - stale_seconds
         layer.events.lookup(self._namespace, LookupOutcome.HIT)
-        lifetime = remembered.lifetime
         age = None if lifetime is None else max(lifetime - read.remaining, 0)
-        allowed = self._route.client_max_age
+        allowed = route.client_max_age
         return replay(
-            remembered.prepared,
+            prepared,
             max_age=None if allowed is None else min(allowed, fresh_for),
-            served=Served(_HIT, b"hit", remembered.status_name, fresh_for, age),
+            served=Served(_HIT, b"hit", status_name, fresh_for, age),
             not_modified=False,
             head=False,
         )
@@ -134,6 +207,7 @@ class HitShortcut:
         layer: CacheLayer,
         request: Request,
         key: ScopedKey,
+        fingerprint: bytes,
         lookup: Lookup,
         prepared: PreparedResponse,
         status_name: bytes,
@@ -148,18 +222,25 @@ class HitShortcut:
         query: bytes = request.scope.get("query_string", b"")
         # Surely fresh until then: the remaining time is whole seconds, rounded up.
         fresh_until = time.monotonic() + lookup.fresh_for - 1
-        remembered = _Remembered(
-            request.scope.get("route"),
-            weakref.ref(layer),
-            key,
-            scope,
+        plain_key = str(key)
+        remembered: _Remembered = (
+            layer.serial,
+            fingerprint,
+            plain_key,
+            scope.namespace,
+            scope.tenant_id,
+            scope.user_id,
+            scope.tags,
             held,
-            prepared,
+            value.kind,
+            value.offset,
+            prepared.etag,
+            prepared.private,
             value.stale_seconds,
             value.lifetime,
             fresh_until,
             status_name,
         )
-        raw_bytes = len(held) + len(prepared.body)
-        size = raw_bytes + len(path) + len(query) + len(key) + _REMEMBERED_OVERHEAD_BYTES
-        _remembered.put((self, path, query, identity), remembered, size)
+        size = len(held) + len(path) + len(query) + len(plain_key) + _REMEMBERED_OVERHEAD_BYTES
+        memo = _remembered.for_bound(layer.settings.CACHE_NEAR_CACHE_MAX_BYTES)
+        memo.put((self._serial, path, query, identity), remembered, size)

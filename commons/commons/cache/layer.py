@@ -35,6 +35,7 @@ Redis refuses), never one per request.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from typing import NamedTuple
 
@@ -59,6 +60,9 @@ __all__ = ["CacheLayer", "FillToken", "Lookup"]
 logger = logging.getLogger("commons.cache")
 
 _NOTHING = StoredRead(0, None)
+#: Each layer's number, never reused in the process (what memory kept across ``init_cache()``
+#: calls compares: an id may be reused once its layer is gone).
+_SERIALS = itertools.count(1)
 
 
 class FillToken(NamedTuple):
@@ -149,6 +153,8 @@ class CacheLayer:
             events: Receives the cache's events.
         """
         self.settings = settings
+        #: This layer's number, unique in the process (see ``hit_shortcut.py``).
+        self.serial = next(_SERIALS)
         self.events = events or CacheEvents()
         self.prefix = settings.CACHE_PREFIX
         self._redis = redis

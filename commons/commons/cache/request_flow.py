@@ -190,7 +190,15 @@ class RequestFlow:
                 and lookup.held is not None
                 and _asked_only_for_it(looked.asked)
             ):
-                shortcut.remember(layer, looked.request, looked.key, lookup, prepared, served.name)
+                shortcut.remember(
+                    layer,
+                    looked.request,
+                    looked.key,
+                    looked.fingerprint,
+                    lookup,
+                    prepared,
+                    served.name,
+                )
             return _replay(self.route, prepared, fresh_for, served, looked.asked, not_modified)
         call = _call(looked, sub_response, args, kwargs)
         if prepared is not None and outcome == RequestOutcome.STALE:
