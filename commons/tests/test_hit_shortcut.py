@@ -386,3 +386,25 @@ async def test_what_the_shortcut_remembers_is_never_walked_by_the_collector(
     ]
     assert len(held) == len(queries)
     assert not any(gc.is_tracked(key) or gc.is_tracked(value) for key, value in held)
+
+
+async def test_a_read_the_near_cache_keeps_is_remembered_at_once(
+    client: httpx.AsyncClient, shortcut_answers: list[bool]
+) -> None:
+    """The read from Redis that the near cache keeps is remembered too: the very next request
+    takes the shortcut (over a working set larger than the near cache, a kept entry is often
+    hit only once or twice before it is evicted)."""
+    # The near cache's session is live once the shortcut answers anything.
+    await until_shortcut_answers(client, "/reports/warm", shortcut_answers, **as_tenant("t1"))
+    shortcut_answers.clear()
+    miss = await client.get("/reports/fresh", headers=as_tenant("t1"))
+    from_redis = await client.get("/reports/fresh", headers=as_tenant("t1"))
+    remembered = await client.get("/reports/fresh", headers=as_tenant("t1"))
+    assert [miss.headers["x-fastapi-cache"], from_redis.headers["x-fastapi-cache"]] == [
+        "MISS",
+        "HIT",
+    ]
+    assert shortcut_answers == [False, False, True]
+    assert remembered.headers["x-fastapi-cache"] == "HIT"
+    assert remembered.content == from_redis.content == miss.content
+    assert without_clock(remembered.headers) == without_clock(from_redis.headers)

@@ -89,8 +89,8 @@ class Lookup(NamedTuple):
     #: Whole seconds the stored value has left to live (its stale window included).
     remaining: int = 0
     #: The stored bytes as this process's memory (the near cache) holds them, when it answered
-    #: the read with no command sent (the value's ``raw`` may be an equal object remembered
-    #: before); ``None`` otherwise.
+    #: the read with no command sent or kept what the read found (the value's ``raw`` may be an
+    #: equal object remembered before); ``None`` otherwise.
     held: bytes | None = None
 
     @property
@@ -306,7 +306,7 @@ class CacheLayer:
             if reason is not None:
                 self.events.rejected_entry(namespace, reason)
             return Lookup(token)
-        return Lookup(token, parsed, read.remaining, raw if read.from_memory else None)
+        return Lookup(token, parsed, read.remaining, raw if read.from_memory or read.kept else None)
 
     def held(self, key: str, scope: CacheScope, expected: bytes) -> StoredRead | None:
         """What :meth:`lookup` would read for ``key`` (of ``scope``) right now, when that is

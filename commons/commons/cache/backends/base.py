@@ -50,6 +50,9 @@ class StoredRead(NamedTuple):
     #: Answered from this process's memory (the near cache) with no command sent: not a Redis
     #: operation, so not timed as one.
     from_memory: bool = False
+    #: Read from Redis and kept, this very ``value``, by the near cache: answered from memory
+    #: from now on, while its checks hold.
+    kept: bool = False
 
 
 class CacheStore(ABC):

@@ -101,8 +101,12 @@ class OnCluster(Topology):
             if routed is None:
                 return await self._read_through_client(key, scope)
             read, expires_at = await self.stored_read(key, routed.replies, routed.told)
-            if plan is not None and expires_at is not None:
-                cluster.keep(plan, routed, read, expires_at)
+            if (
+                plan is not None
+                and expires_at is not None
+                and cluster.keep(plan, routed, read, expires_at)
+            ):
+                return read._replace(kept=True)
             return read
         except REDIS_FAILURES as exc:
             raise translate(exc) from exc

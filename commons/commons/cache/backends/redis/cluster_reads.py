@@ -213,12 +213,12 @@ class ClusterReads:
             if primary is not None and primary.near is not None:
                 primary.near.start()
 
-    def keep(self, plan: ClusterReadPlan, read: ClusterRead, stored: StoredRead, at: float) -> None:
+    def keep(self, plan: ClusterReadPlan, read: ClusterRead, stored: StoredRead, at: float) -> bool:
         """Keeps what the read of ``plan`` found (``stored``, expiring ``at``), if every near
         cache still knows it to be current: each group's generations by its own, then the entry
-        by its own."""
+        by its own; whether it did."""
         if stored.value is None or stored.generation is None:
-            return
+            return False
         values = stored.generation.split(b".")
         held: tuple[bytes, ...] = ()
         groups = zip(plan.nears[1:], plan.tickets[1:], read.sessions[1:], strict=True)
@@ -226,12 +226,11 @@ class ClusterReads:
             count = len(ticket.keys)
             group = near.hold_generations(ticket, session, values[len(held) : len(held) + count])
             if group is None:
-                return
+                return False
             held += group
-        if len(held) == len(values):
-            plan.nears[0].keep_entry(
-                plan.tickets[0], read.sessions[0], stored, at, plan.generation_keys, held
-            )
+        return len(held) == len(values) and plan.nears[0].keep_entry(
+            plan.tickets[0], read.sessions[0], stored, at, plan.generation_keys, held
+        )
 
     def end(self, plan: ClusterReadPlan) -> None:
         """The read of ``plan`` is over (kept or not)."""

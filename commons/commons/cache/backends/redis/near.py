@@ -246,23 +246,23 @@ class NearCache(NearStorage):
         tracked_in: int | None,
         read: StoredRead,
         expires_at: float,
-    ) -> None:
-        """Keeps what the read of ``ticket`` found, if it is still known to be current.
+    ) -> bool:
+        """Keeps what the read of ``ticket`` found, if it is still known to be current; whether
+        it did.
 
         ``ticket`` covers the entry's key, then its generations' keys; ``tracked_in`` is the
         session the read's connection was tracked into when its reply came; ``read`` must hold a
         value and a generation, ``expires_at`` is the value's expiry.
         """
         if read.value is None or read.generation is None:
-            return
+            return False
         entry_ticket = ticket._replace(keys=ticket.keys[:1])
         generations_ticket = ticket._replace(keys=ticket.keys[1:])
         values = read.generation.split(b".")
         generations = self.hold_generations(generations_ticket, tracked_in, values)
-        if generations is not None:
-            self.keep_entry(
-                entry_ticket, tracked_in, read, expires_at, generations_ticket.keys, generations
-            )
+        return generations is not None and self.keep_entry(
+            entry_ticket, tracked_in, read, expires_at, generations_ticket.keys, generations
+        )
 
     def hold_generations(
         self, ticket: ReadTicket, tracked_in: int | None, values: Sequence[bytes]
@@ -285,17 +285,20 @@ class NearCache(NearStorage):
         expires_at: float,
         generation_keys: tuple[str, ...],
         generation_values: tuple[bytes, ...],
-    ) -> None:
+    ) -> bool:
         """Keeps the entry the read of ``ticket`` (its one key) found, valid while the near caches
         holding its generations (this one, or other servers') hold ``generation_values`` under
-        ``generation_keys`` (as :meth:`hold_generations` returned them, group after group)."""
+        ``generation_keys`` (as :meth:`hold_generations` returned them, group after group);
+        whether it did."""
         value, generation = read.value, read.generation
         if value is None or generation is None or not self._admits(ticket, tracked_in):
-            return
-        if self._store_entry(
+            return False
+        if not self._store_entry(
             ticket.keys[0], value, expires_at, generation, generation_keys, generation_values
         ):
-            self.tracking.tracking_works()
+            return False
+        self.tracking.tracking_works()
+        return True
 
     def _current(self, ticket: ReadTicket, tracked_in: int | None) -> bool:
         """Whether the read of ``ticket`` was tracked into the live session, with no flush since

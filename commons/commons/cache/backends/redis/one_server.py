@@ -114,8 +114,13 @@ class OneServer(Topology):
         try:
             replies, tracked_in, told = await self._read_replies(reads, key, scope, ticket)
             read, expires_at = await self.stored_read(key, replies, told)
-            if ticket is not None and near is not None and expires_at is not None:
-                near.keep(ticket, tracked_in, read, expires_at)
+            if (
+                ticket is not None
+                and near is not None
+                and expires_at is not None
+                and near.keep(ticket, tracked_in, read, expires_at)
+            ):
+                return read._replace(kept=True)
             return read
         except REDIS_FAILURES as exc:
             raise translate(exc) from exc
