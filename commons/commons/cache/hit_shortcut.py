@@ -3,10 +3,11 @@
 Most requests of a busy cached route repeat a key this process answered a moment ago from the
 near cache. The request flow (``request_flow.py``) works each of them out from scratch: it builds
 the key, reads it through the layer and its breaker, validates the value, prepares its answer and
-decides the outcome. Here the process remembers, for the keys answered that way most recently,
-what the flow found (the key, the stored bytes, their ETag), by route and by what our
-key builders build a key from: the path, the query and the identity they read
-(``keys.identity_read_by``).
+decides the outcome. Here the process remembers, for the keys answered that way most recently
+(and those read from Redis that the near cache kept: often hit only once or twice more before
+it evicts them, over a working set larger than it), what the flow found (the key, the stored
+bytes, their ETag), by route and by what our key builders build a key from: the path, the query
+and the identity they read (``keys.identity_read_by``).
 A request that repeats them is answered from that memory, only when the flow's answer would be
 the same to the byte:
 

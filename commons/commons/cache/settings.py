@@ -85,7 +85,9 @@ class CacheSettings(BaseSettings):
         description="Bytes the near cache holds at most (per process), counted as what an entry "
         "costs in memory (its key, its value and the objects that hold them); least recently "
         "used go first, once full an entry comes in on its second read, and an entry above a "
-        "sixty-fourth of it is not kept. On a cluster each primary's near cache gets its share.",
+        "sixty-fourth of it is not kept. On a cluster each primary's near cache gets its share. "
+        "What repeated hits answered from it remember (up to 65,536 keys, their stored bytes "
+        "counted though shared with the near cache) is bounded by it too, counted apart.",
     )
     CACHE_NEAR_CACHE_MAX_AGE_SECONDS: float = Field(
         default=5.0,
