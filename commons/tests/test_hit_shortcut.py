@@ -101,6 +101,15 @@ async def until_shortcut_answers(
     return found[-1]
 
 
+def forget_objects() -> None:
+    """Forgets the objects kept for the keys hit most recently (the shortcut's and the prepared
+    answers'), as a working set larger than them does: what is left is the flat memory."""
+    from commons.cache import cached_route, hit_shortcut
+
+    hit_shortcut._hot.clear()
+    cached_route._hot_prepared.clear()
+
+
 def without_clock(headers: httpx.Headers) -> dict[str, str]:
     """The headers of an answer but ``Age`` (whole seconds since the entry was stored)."""
     return {name: value for name, value in headers.items() if name != "age"}
@@ -306,10 +315,8 @@ async def test_an_answer_no_longer_kept_as_an_object_is_answered_the_same(
 ) -> None:
     """Over a working set larger than the objects kept for the most recent keys, a plain JSON
     answer is prepared again from the stored bytes: to the byte, the flow's answer."""
-    from commons.cache import cached_route
-
     kept = await until_shortcut_answers(client, "/reports/q1", shortcut_answers, **as_tenant("t1"))
-    cached_route._hot_prepared.clear()
+    forget_objects()
     shortcut_answers.clear()
     again = await client.get("/reports/q1", headers=as_tenant("t1"))
     assert shortcut_answers == [True]
@@ -340,14 +347,14 @@ async def test_an_answer_with_its_own_headers_is_replayed_only_while_it_is_kept_
     async with client_for(app) as http:
         kept = await until_shortcut_answers(http, "/labelled", shortcut_answers, **as_tenant("t1"))
         assert kept.headers["x-label"] == "a"
-        cached_route._hot_prepared.clear()
+        forget_objects()
         shortcut_answers.clear()
         from_fields = await http.get("/labelled", headers=as_tenant("t1"))
         assert shortcut_answers == [True]
         assert without_clock(from_fields.headers) == without_clock(kept.headers)
         assert from_fields.content == kept.content
 
-        cached_route._hot_prepared.clear()
+        forget_objects()
         for prepared in gc.get_objects():
             if isinstance(prepared, cached_route.PreparedResponses):
                 prepared._memo.clear()

@@ -42,6 +42,7 @@ import functools
 import itertools
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -52,7 +53,7 @@ from commons.cache.events import LookupOutcome
 from commons.cache.http import PreparedResponse, Served, prepare_plain_json, replay
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
-from commons.cache.memo import BoundedMemo
+from commons.cache.memo import HOT_LARGE_ENTRIES, HOT_SMALL_ENTRIES, BoundedMemo, HotMemo
 from commons.cache.scope import CacheScope, ScopedKey
 
 __all__ = ["HitShortcut"]
@@ -110,6 +111,22 @@ class _RememberedHits:
 
 
 _remembered = _RememberedHits()
+
+
+class _Hot(NamedTuple):
+    """A remembered hit among the keys answered most recently, with the objects its answer
+    needs at hand: the route it was read through, its scope, its prepared answer."""
+
+    route: object
+    scope: CacheScope
+    prepared: PreparedResponse
+    remembered: _Remembered
+
+
+#: The same as objects, for the keys answered most recently: as many as pay for themselves
+#: (``memo.HotMemo``: all of them while the keys hit fit in 4,096, else few). A hot key's answer
+#: then needs no scope looked up, no fingerprint compared, no prepared answer found.
+_hot = HotMemo[_RememberedKey, _Hot](HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, 16 * 1024 * 1024)
 #: Each shortcut's number, never reused in the process (the memo's keys hold no object).
 _SERIALS = itertools.count(1)
 
@@ -120,6 +137,19 @@ def _scope(
 ) -> CacheScope:
     """One scope object per remembered scope among the most recent."""
     return CacheScope(namespace, tenant_id, user_id, tags)
+
+
+def _prepared(route: CachedRoute, remembered: _Remembered) -> PreparedResponse | None:
+    """The answer to replay for a remembered hit that is not kept as an object: a plain JSON one
+    as the route's prepared answers keep it (with the headers last sent), else prepared again
+    from the stored bytes, ETag known; any other only as they keep it (``None`` otherwise)."""
+    key, raw, kind, offset, etag, private = remembered[2], *remembered[7:12]
+    if kind != BODY:
+        return route.prepared.remembered(key, raw, private)
+    prepared = route.prepared.kept_as_object(key, raw, private)
+    if prepared is None:
+        prepared = prepare_plain_json(raw[offset:-1], private=private, etag=etag)
+    return prepared
 
 
 class HitShortcut:
@@ -140,9 +170,9 @@ class HitShortcut:
         identity = self._identity()
         if identity is None:
             return None
-        remembered = _remembered.memo.get(
-            (self._serial, scope["path"], scope.get("query_string", b""), identity)
-        )
+        memo_key = (self._serial, scope["path"], scope.get("query_string", b""), identity)
+        hot = _hot.get(memo_key)
+        remembered = hot.remembered if hot is not None else _remembered.memo.get(memo_key)
         if remembered is None:
             return None
         for name, _ in scope["headers"]:
@@ -160,10 +190,10 @@ class HitShortcut:
             user_id,
             tags,
             raw,
-            kind,
-            offset,
-            etag,
-            private,
+            _kind,
+            _offset,
+            _etag,
+            _private,
             stale_seconds,
             lifetime,
             fresh_until,
@@ -174,23 +204,26 @@ class HitShortcut:
         if (
             layer is None
             or layer_serial != layer.serial
-            or fingerprint != route.fingerprint(request)
             or (stale_seconds and time.monotonic() >= fresh_until)
         ):
             return None
-        read = layer.held(key, _scope(namespace, tenant_id, user_id, tags), raw)
+        if hot is not None:
+            if hot.route is not scope.get("route"):
+                return None
+            entry_scope, prepared = hot.scope, hot.prepared
+        else:
+            if fingerprint != route.fingerprint(request):
+                return None
+            entry_scope = _scope(namespace, tenant_id, user_id, tags)
+            prepared = None
+        read = layer.held(key, entry_scope, raw)
         if read is None:
             return None
-        if kind == BODY:
-            # A plain JSON answer: the object the route's prepared answers keep (it carries the
-            # headers last sent), else prepared again from the stored bytes, ETag known.
-            prepared = route.prepared.kept_as_object(key, raw, private)
-            if prepared is None:
-                prepared = prepare_plain_json(raw[offset:-1], private=private, etag=etag)
-        else:
-            prepared = route.prepared.remembered(key, raw, private)
+        if prepared is None:
+            prepared = _prepared(route, remembered)
             if prepared is None:
                 return None
+            self._keep_hot(memo_key, scope.get("route"), entry_scope, prepared, remembered, raw)
         fresh_for = read.remaining - stale_seconds
         layer.events.lookup(self._namespace, LookupOutcome.HIT)
         age = None if lifetime is None else max(lifetime - read.remaining, 0)
@@ -244,4 +277,19 @@ class HitShortcut:
         )
         size = len(held) + len(path) + len(query) + len(plain_key) + _REMEMBERED_OVERHEAD_BYTES
         memo = _remembered.for_bound(layer.settings.CACHE_NEAR_CACHE_MAX_BYTES)
-        memo.put((self._serial, path, query, identity), remembered, size)
+        memo_key = (self._serial, path, query, identity)
+        memo.put(memo_key, remembered, size)
+        self._keep_hot(memo_key, request.scope.get("route"), scope, prepared, remembered, held)
+
+    @staticmethod
+    def _keep_hot(
+        memo_key: _RememberedKey,
+        route: object,
+        scope: CacheScope,
+        prepared: PreparedResponse,
+        remembered: _Remembered,
+        raw: bytes,
+    ) -> None:
+        # Its byte bound counts the body the prepared answer keeps alive beside the stored bytes.
+        size = len(raw) + len(prepared.body) + _REMEMBERED_OVERHEAD_BYTES
+        _hot.put(memo_key, _Hot(route, scope, prepared, remembered), size)
