@@ -30,7 +30,9 @@ garbage collector stops tracking once it has survived a collection: so the short
 as many keys as the near cache holds (over a working set of a hundred thousand keys, forty
 thousand), where objects would make every full collection walk them. Bounded as the near cache
 is: in entries, and in bytes by ``CACHE_NEAR_CACHE_MAX_BYTES`` (the stored bytes counted, though
-the near cache holds that very object while both keep it). The answer itself comes from the
+the near cache holds that very object while both keep it). The keys answered most recently are
+also kept as objects (route, scope, prepared answer: ``memo.HotMemo``, as many as pay for
+themselves), which their answer uses as they are. Otherwise the answer comes from the
 route's prepared answers (``cached_route.PreparedResponses``) when they still hold it as an
 object; a plain JSON answer is otherwise prepared again from the stored bytes (its ETag
 remembered), and any other is left to the flow.
