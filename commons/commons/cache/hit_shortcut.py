@@ -40,7 +40,6 @@ remembered), and any other is left to the flow.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 from collections.abc import Callable
@@ -56,7 +55,7 @@ from commons.cache.http import PreparedResponse, Served, prepare_plain_json, rep
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
 from commons.cache.memo import HOT_LARGE_ENTRIES, HOT_SMALL_ENTRIES, BoundedMemo, HotMemo
-from commons.cache.scope import CacheScope, ScopedKey
+from commons.cache.scope import CacheScope, ScopedKey, shared_scope
 
 __all__ = ["HitShortcut"]
 
@@ -131,14 +130,6 @@ class _Hot(NamedTuple):
 _hot = HotMemo[_RememberedKey, _Hot](HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, 16 * 1024 * 1024)
 #: Each shortcut's number, never reused in the process (the memo's keys hold no object).
 _SERIALS = itertools.count(1)
-
-
-@functools.lru_cache(maxsize=4096)
-def _scope(
-    namespace: str, tenant_id: str | None, user_id: str | None, tags: tuple[str, ...]
-) -> CacheScope:
-    """One scope object per remembered scope among the most recent."""
-    return CacheScope(namespace, tenant_id, user_id, tags)
 
 
 def _prepared(route: CachedRoute, remembered: _Remembered) -> PreparedResponse | None:
@@ -216,7 +207,7 @@ class HitShortcut:
         else:
             if fingerprint != route.fingerprint(request):
                 return None
-            entry_scope = _scope(namespace, tenant_id, user_id, tags)
+            entry_scope = shared_scope(namespace, tenant_id, user_id, tags)
             prepared = None
         read = layer.held(key, entry_scope, raw)
         if read is None:

@@ -25,7 +25,6 @@ writes anything for that request; the handler answers it. There is never a share
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from commons.cache.keyspace import (
     uncacheable_key,
 )
 from commons.cache.memo import HOT_LARGE_ENTRIES, HOT_SMALL_ENTRIES, BoundedMemo, HotMemo
-from commons.cache.scope import CacheScope, ScopedKey
+from commons.cache.scope import CacheScope, ScopedKey, shared_scope
 from commons.utilities.context import get_tenant_id, get_user_id
 
 __all__ = [
@@ -185,16 +184,9 @@ def _remembered(memo_key: _KeyInputs, route: object, func: object) -> ScopedKey 
         return None
     key, namespace = found
     origin = None if route is None else (route, func)
-    built = ScopedKey(key, _scope(namespace, memo_key[1], memo_key[2]), origin)
+    built = ScopedKey(key, shared_scope(namespace, memo_key[1], memo_key[2], ()), origin)
     _hot_key_memo.put(memo_key, built, _memo_size(memo_key, key))
     return built
-
-
-@functools.lru_cache(maxsize=4096)
-def _scope(namespace: str, tenant_id: str, user_id: str | None) -> CacheScope:
-    """One scope object per namespace, tenant and user among the most recent: a key made again
-    from its text shares it instead of making one more."""
-    return CacheScope(namespace, tenant_id, user_id)
 
 
 def _memo_size(memo_key: _KeyInputs, key: str) -> int:
@@ -231,7 +223,7 @@ def _build_new(
     namespace = split_qualified_namespace(qualified_namespace)[1] or ""
     # Made for its route and handler at once (``_for_request`` then has nothing to copy), with
     # the scope object its other keys share: a memo keyed by scope finds it by identity.
-    return ScopedKey(key, _scope(namespace, tenant_id, user_id), origin)
+    return ScopedKey(key, shared_scope(namespace, tenant_id, user_id, ()), origin)
 
 
 def scoped_key(built: str, qualified_namespace: str) -> ScopedKey:

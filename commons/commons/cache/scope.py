@@ -21,9 +21,17 @@ parsing a key or matching a pattern; namespaces and ids are literal text through
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
-__all__ = ["TAG_NAMESPACE_PREFIX", "CacheScope", "InvalidationTarget", "ScopedKey", "tag_namespace"]
+__all__ = [
+    "TAG_NAMESPACE_PREFIX",
+    "CacheScope",
+    "InvalidationTarget",
+    "ScopedKey",
+    "shared_scope",
+    "tag_namespace",
+]
 
 #: What the pseudo-namespace of a tag starts with (see :func:`tag_namespace`).
 TAG_NAMESPACE_PREFIX = "#tag:"
@@ -56,6 +64,16 @@ class CacheScope:
     def index_scopes(self) -> list[CacheScope]:
         """Every untagged scope an invalidation of which must reach this entry: its own first."""
         return [self.untagged(), *self.tag_scopes()]
+
+
+@functools.lru_cache(maxsize=4096)
+def shared_scope(
+    namespace: str, tenant_id: str | None, user_id: str | None, tags: tuple[str, ...]
+) -> CacheScope:
+    """One scope object per namespace, tenant, user and tags among the most recent: a key made
+    again from its text, or a hit remembered as plain values, shares it instead of making one
+    more."""
+    return CacheScope(namespace, tenant_id, user_id, tags)
 
 
 @dataclass(frozen=True, slots=True)
