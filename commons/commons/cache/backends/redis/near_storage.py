@@ -38,13 +38,18 @@ ENTRY_OVERHEAD_BYTES = 480
 GENERATION_OVERHEAD_BYTES = 200
 #: Where an entry holds its size.
 _SIZE: Final = 5
-#: Slots of the admission filter of a full near cache (128 KiB): the hash of the last key read
+#: Slots of the admission filter of a full near cache (32 KiB): the hash of the last key read
 #: and not kept, per slot. A key read again before another key's read takes its slot comes in:
-#: one read again within about as many reads from Redis as there are slots, as a rule. Over
-#: 100,000 keys read at random (57,000 reads from Redis between two reads of a key), that is one
-#: read from Redis in five (with 65,536 slots: one in two), each evicting an entry read as often;
-#: a key read every few thousand requests still comes in on its second read.
-ADMISSION_SLOTS = 1 << 14
+#: one read again within about as many reads from Redis as there are slots, as a rule (a key
+#: read again after ``n`` reads from Redis, at random, with a chance of ``1 / (1 + n / slots)``).
+#: Keeping a read costs far more than the read itself: the entry held, one evicted, the answer
+#: remembered, and the objects the collector then walks (measured in-process over 100,000 keys
+#: read at random: about 70 us of CPU per read kept, all included). Over such a working set
+#: (57,000 reads from Redis between two reads of a key) every kept entry evicts one read as
+#: often, for the same share of hits from memory: with 16,384 slots one read from Redis in five
+#: was kept (15 us on every read from Redis); with these, one in fifteen. A key read every
+#: thousand or so reads from Redis (a hot set) still comes in on its second or third read.
+ADMISSION_SLOTS = 1 << 12
 
 #: A held entry: ``(value, expires_at, generation, generation_keys, generation_values, size)``.
 #: ``generation``: the scope's generations as the read reported them, joined; the entry is
