@@ -28,6 +28,7 @@ from commons.cache.backends import factory
 from commons.cache.backends.memory import MemoryStore
 from commons.cache.backends.redis import RedisStore
 from commons.cache.backends.redis.near import FlushReason, NearCache
+from commons.cache.backends.redis.near_storage import GENERATION_OVERHEAD_BYTES
 from commons.cache.backends.redis.one_server import OneServer
 from commons.cache.errors import BackendError
 from commons.cache.layer import CacheLayer
@@ -699,6 +700,15 @@ def test_the_byte_bound_keeps_the_memory_backend_bounded() -> None:
     assert not asyncio.run(store.write("huge", b"x" * (2 << 20), 60, SCOPE))
 
 
+async def _written(store: RedisStore, count: int, value: bytes) -> list[str]:
+    """``count`` keys of ``SCOPE`` written with ``value`` (not read yet)."""
+    generation = await store.generation(SCOPE)
+    keys = [f"{KEY}/{index}" for index in range(count)]
+    for key in keys:
+        await store.write(key, value, 60, SCOPE, generation)
+    return keys
+
+
 async def test_the_byte_bound_keeps_it_bounded_and_once_full_it_keeps_what_it_holds(
     own_redis: RedisServer, recorder: Recorder
 ) -> None:
@@ -708,10 +718,7 @@ async def test_the_byte_bound_keeps_it_bounded_and_once_full_it_keeps_what_it_ho
         own_redis, recorder, max_entries=10_000, max_bytes=256 * 1024
     ) as store:
         near = near_of(store)
-        generation = await store.generation(SCOPE)
-        keys = [f"{KEY}/{index}" for index in range(300)]
-        for key in keys:
-            await store.write(key, b"x" * 3000, 60, SCOPE, generation)
+        keys = await _written(store, 300, b"x" * 3000)
         for key in keys:
             await store.read(key, SCOPE)  # the first ones fill it, the others are read once
             assert near.bytes_held <= 256 * 1024
@@ -727,6 +734,32 @@ async def test_the_byte_bound_keeps_it_bounded_and_once_full_it_keeps_what_it_ho
         # recently used.
         assert not (await store.read(keys[-1], SCOPE)).from_memory
         assert (await store.read(keys[-1], SCOPE)).from_memory
+
+
+async def test_entries_of_one_scope_share_its_generations_and_are_counted_until_dropped(
+    own_redis: RedisServer, recorder: Recorder
+) -> None:
+    # Per entry only its key, value and expiry: what the byte bound counts, and what is held.
+    async with tracked_store(own_redis, recorder, max_entries=10_000, max_bytes=1 << 20) as store:
+        near = near_of(store)
+        keys = await _written(store, 50, b"x" * 100)
+        for key in keys:
+            assert (await store.read(key, SCOPE)).value is not None
+        assert len(near) == 50
+        first, *others = (near._entries[key] for key in keys)
+        for entry in others:
+            assert all(entry[field] is first[field] for field in (2, 3, 4))
+
+        near.drop(keys)
+        generation_keys = near.held_generation_keys()
+        assert len(near) == 0
+        assert generation_keys
+        assert near.bytes_held == sum(
+            len(key) + len(near._generations[key]) + GENERATION_OVERHEAD_BYTES
+            for key in generation_keys
+        )
+        near.drop(generation_keys)
+        assert near.bytes_held == 0
 
 
 async def test_an_invalidation_on_one_replica_is_seen_by_the_other(

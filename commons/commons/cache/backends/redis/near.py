@@ -189,7 +189,7 @@ class NearCache(NearStorage):
         if now - tracking.heard_at > SILENCE_LIMIT_SECONDS:
             tracking.lose(FlushReason.SILENCE)
             return None
-        value, expires_at, generation, generation_keys, generation_values, _ = entry
+        value, expires_at, generation, generation_keys, generation_values = entry
         if expected is not None and value is not expected:
             return None
         if expires_at <= now:
