@@ -43,7 +43,7 @@ HTTP_WARM_MAX = 10_000
 TARGETS = {100_000: (0.65, 3.0), 1_000_000: (0.60, 3.0)}
 PIPELINE = 10_000
 #: Past the HTTP warm pass, random reads (unrecorded) until the near cache holds what it can
-#: (about 40,000 entries of ~0.9 KB in its default 64 MiB; over 100k keys the share it answers
+#: (about 48,000 entries of ~0.9 KB in its default 64 MiB; over 100k keys the share it answers
 #: levels off after about 100,000 reads).
 NEAR_WARM_SECONDS = 30
 

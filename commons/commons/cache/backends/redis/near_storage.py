@@ -7,7 +7,7 @@ first; an entry above a sixty-fourth of the byte budget is not kept.
 
 Admission: while there is room, every entry read is kept. Once full, an entry is kept only when
 it is read a second time, soon after the first (:meth:`NearStorage.admits`). Over a working set
-far larger than the bounds (a hundred thousand keys read at random, forty thousand held), keeping
+far larger than the bounds (a hundred thousand keys read at random, fifty thousand held), keeping
 every read would evict, for each one, an entry read just as often: the share answered from
 memory would be the same (what it holds over what is read), but every read from Redis would pay
 for keeping one entry and evicting another. A key read often (a hot set) is read again soon, and
