@@ -39,7 +39,8 @@ ENTRY_OVERHEAD_BYTES = 320
 #: The same for a held generation (its key and value objects, a dictionary slot).
 GENERATION_OVERHEAD_BYTES = 200
 #: Distinct scope generations (a generation, its keys, its values) shared by the held entries,
-#: beyond which the table of them starts over (entries keep theirs; new ones share anew).
+#: beyond which the table of them starts over (entries keep theirs; new ones share anew). The
+#: table itself is not counted against the byte bound: at most about a megabyte.
 SHARED_GENERATIONS_MAX = 4096
 #: Slots of the admission filter of a full near cache (32 KiB): the hash of the last key read
 #: and not kept, per slot. A key read again before another key's read takes its slot comes in:
