@@ -27,8 +27,8 @@ counts a HIT (and a near-cache hit), with the same headers (``Age``, ``Cache-Sta
 
 What is remembered per key is one flat tuple of strings, bytes and numbers (no object), which the
 garbage collector stops tracking once it has survived a collection: so the shortcut can remember
-as many keys as the near cache holds (over a working set of a hundred thousand keys, forty
-thousand), where objects would make every full collection walk them. Bounded as the near cache
+as many keys as the near cache holds (over a working set of a hundred thousand keys, about
+fifty thousand), where objects would make every full collection walk them. Bounded as the near cache
 is: in entries, and in bytes by ``CACHE_NEAR_CACHE_MAX_BYTES`` (the stored bytes counted, though
 the near cache holds that very object while both keep it). The keys answered most recently are
 also kept as objects (route, scope, prepared answer: ``memo.HotMemo``, as many as pay for
@@ -63,8 +63,8 @@ _HIT = b"HIT"
 #: What remembering one key holds besides its strings and bytes: the tuples, a float, the
 #: memo's dictionary slots.
 _REMEMBERED_OVERHEAD_BYTES = 400
-#: Keys remembered at most (the near cache's entries are bounded by its bytes alone: forty
-#: thousand of about 1 KB in its default 64 MiB).
+#: Keys remembered at most (the near cache's entries are bounded by its bytes alone: about
+#: fifty thousand of about 1 KB in its default 64 MiB).
 _REMEMBERED_MAX_ENTRIES = 65_536
 
 #: What the flow found for one key, answered from the near cache, as a flat tuple (see the

@@ -59,7 +59,7 @@ ADMISSION_SLOTS = 1 << 12
 #: ``generation``: the scope's generations as the read reported them, joined; the entry is
 #: answered only while the near caches holding its generations hold ``generation_values`` under
 #: ``generation_keys``, each confirmed within the maximum age. The last three are the same
-#: objects for every entry of a scope generation (:meth:`NearStorage._shared_generation`), and
+#: objects for every entry of a scope generation (:meth:`NearStorage._shared_objects`), and
 #: the size is worked out again when the entry goes: per entry, only its key, value, expiry and
 #: this tuple (about 200 bytes less per entry than with tuples and a size of its own).
 #:
@@ -68,7 +68,7 @@ ADMISSION_SLOTS = 1 << 12
 #: entries as objects, a full near cache of a hundred thousand made each one take 100-230 ms).
 _Entry = tuple[bytes, float, bytes, tuple[str, ...], tuple[bytes, ...]]
 #: What the entries of one scope generation share: ``(generation, keys, values)``.
-_Generation = tuple[bytes, tuple[str, ...], tuple[bytes, ...]]
+_ScopeGeneration = tuple[bytes, tuple[str, ...], tuple[bytes, ...]]
 
 
 class NearStorage:
@@ -84,7 +84,7 @@ class NearStorage:
         #: When a read that found each held generation unchanged was sent.
         self._confirmed: dict[str, float] = {}
         #: Each scope generation's objects, as the held entries share them.
-        self._shared: dict[_Generation, _Generation] = {}
+        self._shared: dict[_ScopeGeneration, _ScopeGeneration] = {}
         self._bytes = 0
         #: The admission filter, once the near cache has been full (see :meth:`admits`): an
         #: array of ints, nothing for the garbage collector to walk.
@@ -156,20 +156,21 @@ class NearStorage:
             return False
         self._drop_entry(key)
         self._make_room(size)
-        generation, generation_keys, generation_values = self._shared_generation(
+        generation, generation_keys, generation_values = self._shared_objects(
             (generation, generation_keys, generation_values)
         )
         self._entries[key] = (value, expires_at, generation, generation_keys, generation_values)
         self._bytes += size
         return True
 
-    def _shared_generation(self, generation: _Generation) -> _Generation:
-        """The objects of ``generation`` the held entries already share, if equal ones."""
-        shared = self._shared.get(generation)
+    def _shared_objects(self, scope_generation: _ScopeGeneration) -> _ScopeGeneration:
+        """The objects equal to ``scope_generation``'s that the held entries already share
+        (these ones, if none)."""
+        shared = self._shared.get(scope_generation)
         if shared is None:
             if len(self._shared) >= SHARED_GENERATIONS_MAX:
                 self._shared.clear()
-            shared = self._shared[generation] = generation
+            shared = self._shared[scope_generation] = scope_generation
         return shared
 
     def _held_generation(self, key: str, value: bytes, sent_at: float) -> bytes:
