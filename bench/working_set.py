@@ -19,9 +19,16 @@ ours stores the item under. It is the least any answer that asks Redis pays (a r
 the event loop), with nothing of ours in it, and so the reference for a hit the near cache does
 not hold: over a working set larger than the near cache, most hits are such.
 
-Reported per size: req/s and p99 over the floor's (medians of the rounds' ratios), ``redis_get``'s
-over the floor's and ours over ``redis_get``'s, the share of ours' HITs the near cache answered
-(the server's counters), and the server's RSS at the end.
+Beside them too, ours in a second server on the same Redis with ``CACHE_NEAR_CACHE=false`` (its
+memos warmed by a few seconds of the same reads, unrecorded): where the near cache holds a small
+share of the working set, what it saves may no longer pay for what it costs, and a user choosing
+``CACHE_NEAR_CACHE`` should see where that happens. It is compared with ours in req/s (a ratio to
+the first server's floor would compare two processes: one holding the near cache's memory, whose
+every request, the floor's included, may run slower for it).
+
+Reported per size: req/s and p99 over the floor's (medians of the rounds' ratios), the near cache
+off's req/s over ours', ``redis_get``'s over the floor's and ours over ``redis_get``'s, the share of
+ours' HITs the near cache answered (the server's counters), and the servers' RSS at the end.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ PIPELINE = 10_000
 #: (about 48,000 entries of ~0.9 KB in its default 64 MiB; over 100k keys the share it answers
 #: levels off after about 100,000 reads).
 NEAR_WARM_SECONDS = 30
+#: Reads (unrecorded) that warm the memos of the server without the near cache.
+NEAR_OFF_WARM_SECONDS = 3
 
 
 def _copy_entries(redis_url: str, tenants: int, items: int) -> None:
@@ -80,7 +89,11 @@ def _copy_entries(redis_url: str, tenants: int, items: int) -> None:
 def _measure(tenants: int, items: int, rounds: int, seconds: float) -> dict[str, float]:
     from commons.testing.redis_server import RedisServer
 
-    with RedisServer() as redis, KeyedServer(redis.url) as server:
+    with (
+        RedisServer() as redis,
+        KeyedServer(redis.url) as server,
+        KeyedServer(redis.url, near=False) as near_off,
+    ):
         if tenants * items <= HTTP_WARM_MAX:
             server.load("ours", tenants, items, seconds=900, sweep=True)
         else:
@@ -90,17 +103,19 @@ def _measure(tenants: int, items: int, rounds: int, seconds: float) -> dict[str,
             # none of them yet. A service reading them for a while holds what its bound allows.
             server.load("ours", tenants, items, seconds=NEAR_WARM_SECONDS)  # unrecorded
         server.load("ours", tenants, items, seconds=1)  # unrecorded
+        near_off.load("ours", tenants, items, seconds=NEAR_OFF_WARM_SECONDS)  # unrecorded
         before = server.hits()
         runs: list[dict[str, Any]] = []
         for _ in range(rounds):
             floor_before = server.load("floor", tenants, items, seconds=seconds)
             ours = server.load("ours", tenants, items, seconds=seconds)
+            ours_near_off = near_off.load("ours", tenants, items, seconds=seconds)
             redis_get = server.load("redis_get", tenants, items, seconds=seconds)
             floor_after = server.load("floor", tenants, items, seconds=seconds)
             floor = {k: (floor_before[k] + floor_after[k]) / 2 for k in ("rps", "p99_ms")}
-            runs.append({**ours, "floor": floor, "redis_get": redis_get})
+            runs.append({**ours, "floor": floor, "redis_get": redis_get, "near_off": ours_near_off})
         share = near_share(before, server.hits())
-        rss = server.rss_mib()
+        rss, near_off_rss = server.rss_mib(), near_off.rss_mib()
     return {
         "rps": median([r["rps"] for r in runs]),
         "floor_rps": median([r["floor"]["rps"] for r in runs]),
@@ -108,11 +123,14 @@ def _measure(tenants: int, items: int, rounds: int, seconds: float) -> dict[str,
         "p99_ms": median([r["p99_ms"] for r in runs]),
         "floor_p99_ms": median([r["floor"]["p99_ms"] for r in runs]),
         "p99_ratio": median(paired(runs, "p99_ms")),
+        "near_off_rps": median([r["near_off"]["rps"] for r in runs]),
+        "near_off_vs_ours": median([r["near_off"]["rps"] / r["rps"] for r in runs]),
         "redis_get_rps": median([r["redis_get"]["rps"] for r in runs]),
         "redis_get_ratio": median([r["redis_get"]["rps"] / r["floor"]["rps"] for r in runs]),
         "vs_redis_get": median([r["rps"] / r["redis_get"]["rps"] for r in runs]),
         "near_share": share,
         "rss_mib": rss,
+        "near_off_rss_mib": near_off_rss,
     }
 
 
@@ -145,12 +163,13 @@ def summarize(
                 f"{keys:,}",
                 f"{figure['rps']:,.0f} / {figure['floor_rps']:,.0f}",
                 fmt_ratio(figure["ratio"]),
+                f"{figure['near_off_rps']:,.0f} ({fmt_ratio(figure['near_off_vs_ours'])})",
                 fmt_ratio(figure["redis_get_ratio"]),
                 fmt_ratio(figure["vs_redis_get"]),
                 f"{figure['p99_ms']:.1f} / {figure['floor_p99_ms']:.1f} "
                 f"({figure['p99_ratio']:.1f}×)",
                 f"{figure['near_share']:.1%}",
-                f"{figure['rss_mib']:.0f}",
+                f"{figure['rss_mib']:.0f} / {figure['near_off_rss_mib']:.0f}",
                 met,
             ]
         )
@@ -158,15 +177,17 @@ def summarize(
         "Every request a HIT of ours over the warm keys, chosen uniformly at random; one "
         "uvicorn worker (gc.freeze() at start-up), a Redis of its own per size, keyed load by "
         f"{load_generator()}, 16 connections. {rounds} paired round(s) of {seconds:g} s, the "
-        "floor right before and after; between ours and the second floor, one GET: the floor's "
+        "floor right before and after; between ours and the second floor, ours in a second "
+        "server on the same Redis with CACHE_NEAR_CACHE=false (its memos warmed by "
+        f"{NEAR_OFF_WARM_SECONDS} s of reads, unrecorded), then one GET: the floor's "
         "bytes after one redis-py GET of the key ours stores the item under (the least an "
         "answer that asks Redis pays). Cells are medians (ratios: of each round's ratio). Warm "
         f"pass through HTTP up to {HTTP_WARM_MAX:,} keys; past it one entry per tenant through "
         "HTTP, copied to the tenant's other keys by pipelined SET, then "
         f"{NEAR_WARM_SECONDS} s of random reads (unrecorded) to fill the near cache. Near "
         "share: the server's "
-        "commons_cache_near_hits over commons_cache_hits in the measured runs; RSS: the "
-        "server's at the end. Targets (issue 21): "
+        "commons_cache_near_hits over commons_cache_hits in the measured runs; RSS: each "
+        "server's at the end (near cache on / off). Targets (issue 21): "
         + ("all met." if not problems else "MISSED: " + "; ".join(problems) + ".")
     )
     labels = [f"{keys:,} keys" for keys in measured]
@@ -177,11 +198,12 @@ def summarize(
             "warm keys",
             "req/s ours / floor",
             "ours vs floor",
+            "req/s near cache off (vs ours)",
             "one GET vs floor",
             "ours vs one GET",
             "p99 ms ours / floor",
             "near share",
-            "RSS MiB",
+            "RSS MiB on / off",
             "target met",
         ],
         "rows": rows,
