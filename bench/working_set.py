@@ -9,10 +9,12 @@ The warm pass: up to 10k keys, every key asked once through HTTP (a miss and a f
 that, filling through HTTP would take most of the run (a million misses), so one key per tenant
 is filled through HTTP and its stored entry (the body is the same for every item of a tenant) is
 copied by pipelined ``SET ... PX`` to the tenant's other items' keys, as the fill would have
-written them (the scope indexes, which only invalidation reads, are left out); then 30 s of
-random reads (unrecorded) let the near cache hold what a service reading them for a while holds
-(measured right after the copy, it held next to nothing: 15% against 42% over 100k keys). Every
-measured read goes through the real app.
+written them (the scope indexes, which only invalidation reads, are left out). Then, at every
+size, random reads (unrecorded: a second per thousand keys, up to 30 s) let the near cache hold
+what a service reading them for a while holds: it keeps what a read from Redis finds, not what
+a fill writes, so right after the warm pass it holds next to nothing (measured over 100k keys
+right after the copy: 15% against 42%; over 10k keys with a second of reads, 75-85% against
+99.6%). Every measured read goes through the real app.
 
 Beside ours in every round, ``redis_get``: the floor's bytes after one redis-py ``GET`` of the key
 ours stores the item under. It is the least any answer that asks Redis pays (a round trip through
@@ -20,7 +22,7 @@ the event loop), with nothing of ours in it, and so the reference for a hit the 
 not hold: over a working set larger than the near cache, most hits are such.
 
 Beside them too, ours in a second server on the same Redis with ``CACHE_NEAR_CACHE=false`` (its
-memos warmed by a few seconds of the same reads, unrecorded): where the near cache holds a small
+memos warmed by as many seconds of the same reads, unrecorded): where the near cache holds a small
 share of the working set, what it saves may no longer pay for what it costs, and a user choosing
 ``CACHE_NEAR_CACHE`` should see where that happens. It is compared with ours in req/s (a ratio to
 the first server's floor would compare two processes: one holding the near cache's memory, whose
@@ -49,12 +51,11 @@ HTTP_WARM_MAX = 10_000
 #: Issue 21's targets per size: req/s over the floor's, p99 over the floor's.
 TARGETS = {100_000: (0.65, 3.0), 1_000_000: (0.60, 3.0)}
 PIPELINE = 10_000
-#: Past the HTTP warm pass, random reads (unrecorded) until the near cache holds what it can
-#: (about 48,000 entries of ~0.9 KB in its default 64 MiB; over 100k keys the share it answers
+#: After the warm pass, random reads (unrecorded) until the near cache holds what it can: a
+#: second per thousand keys (each read about four times), up to this many (the near cache holds
+#: about 48,000 entries of ~0.9 KB in its default 64 MiB; over 100k keys the share it answers
 #: levels off after about 100,000 reads).
 NEAR_WARM_SECONDS = 30
-#: Reads (unrecorded) that warm the memos of the server without the near cache.
-NEAR_OFF_WARM_SECONDS = 3
 
 
 def _copy_entries(redis_url: str, tenants: int, items: int) -> None:
@@ -99,11 +100,12 @@ def _measure(tenants: int, items: int, rounds: int, seconds: float) -> dict[str,
         else:
             server.load("ours", tenants, 1, seconds=900, sweep=True)
             _copy_entries(redis.url, tenants, items)
-            # Entries copied into Redis were never read by the server: its near cache holds
-            # none of them yet. A service reading them for a while holds what its bound allows.
-            server.load("ours", tenants, items, seconds=NEAR_WARM_SECONDS)  # unrecorded
-        server.load("ours", tenants, items, seconds=1)  # unrecorded
-        near_off.load("ours", tenants, items, seconds=NEAR_OFF_WARM_SECONDS)  # unrecorded
+        # The near cache keeps what reads from Redis find, not what fills (or the copy) wrote:
+        # it holds next to nothing yet. A service reading them for a while holds what its bound
+        # allows.
+        warm_seconds = min(NEAR_WARM_SECONDS, max(1.0, tenants * items / 1_000))
+        server.load("ours", tenants, items, seconds=warm_seconds)  # unrecorded
+        near_off.load("ours", tenants, items, seconds=warm_seconds)  # unrecorded: its memos
         before = server.hits()
         runs: list[dict[str, Any]] = []
         for _ in range(rounds):
@@ -178,13 +180,14 @@ def summarize(
         "uvicorn worker (gc.freeze() at start-up), a Redis of its own per size, keyed load by "
         f"{load_generator()}, 16 connections. {rounds} paired round(s) of {seconds:g} s, the "
         "floor right before and after; between ours and the second floor, ours in a second "
-        "server on the same Redis with CACHE_NEAR_CACHE=false (its memos warmed by "
-        f"{NEAR_OFF_WARM_SECONDS} s of reads, unrecorded), then one GET: the floor's "
+        "server on the same Redis with CACHE_NEAR_CACHE=false (its memos warmed by the "
+        "same reads), then one GET: the floor's "
         "bytes after one redis-py GET of the key ours stores the item under (the least an "
         "answer that asks Redis pays). Cells are medians (ratios: of each round's ratio). Warm "
         f"pass through HTTP up to {HTTP_WARM_MAX:,} keys; past it one entry per tenant through "
-        "HTTP, copied to the tenant's other keys by pipelined SET, then "
-        f"{NEAR_WARM_SECONDS} s of random reads (unrecorded) to fill the near cache. Near "
+        "HTTP, copied to the tenant's other keys by pipelined SET; then random reads "
+        f"(unrecorded: a second per thousand keys, up to {NEAR_WARM_SECONDS} s) to fill the "
+        "near cache. Near "
         "share: the server's "
         "commons_cache_near_hits over commons_cache_hits in the measured runs; RSS: each "
         "server's at the end (near cache on / off). Targets (issue 21): "
