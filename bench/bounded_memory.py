@@ -41,15 +41,15 @@ def _key(i: int) -> str:
     return f"bench:mem:tenant_t{i % 100}:/items/{i}:d41d8cd98f00b204e9800998ecf8427e"
 
 
-def _near_store(url: str, max_bytes: int) -> tuple[Any, Any, list[Any]]:
-    """A tracked store on ``url`` with a near cache of ``max_bytes``, and the 100 scopes."""
+def _near_store(url: str) -> tuple[Any, Any, list[Any]]:
+    """A tracked store on ``url`` with a near cache of the bound, and the 100 scopes."""
     from redis.asyncio import Redis
 
     from commons.cache.backends.redis import RedisStore
     from commons.cache.backends.redis.near import NearCache
     from commons.cache.scope import CacheScope
 
-    near = NearCache(max_entries=10**8, max_bytes=max_bytes)
+    near = NearCache(max_entries=10**8, max_bytes=BOUND_BYTES)
     store = RedisStore(Redis.from_url(url), "bench", near_cache=near)
     return store, near, [CacheScope("mem", f"t{t}") for t in range(100)]
 
@@ -58,7 +58,7 @@ async def _write_entries(url: str, count: int) -> dict[str, float]:
     """The entries the near cache's process then reads, written by a process of their own: the
     reader's memory then holds nothing freed by the writes for the kept entries to reuse (which
     made its growth look smaller than what the entries cost)."""
-    store, _, scopes = _near_store(url, BOUND_BYTES)
+    store, _, scopes = _near_store(url)
     try:
         generations = [await store.generation(scope) for scope in scopes]
         for start in range(0, count, 20):
@@ -75,7 +75,7 @@ async def _write_entries(url: str, count: int) -> dict[str, float]:
 
 
 async def _near(url: str, count: int) -> dict[str, float]:
-    store, near, scopes = _near_store(url, BOUND_BYTES)
+    store, near, scopes = _near_store(url)
     try:
         await store.ping()
         while not near.live:
