@@ -53,6 +53,25 @@ def fmt_ratio(value: float) -> str:
     return f"{value:.2f}×"
 
 
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """The median of ``values`` (each round's ratio) as ``ratio``, the lowest and the highest as
+    ``ratio_low`` and ``ratio_high``."""
+    if not values:
+        nan = float("nan")
+        return {"ratio": nan, "ratio_low": nan, "ratio_high": nan}
+    return {"ratio": median(values), "ratio_low": min(values), "ratio_high": max(values)}
+
+
+def fmt_ratio_range(figure: dict[str, float]) -> str:
+    """``ratio`` with the lowest and highest rounds' in brackets (see :func:`spread`): on a
+    shared machine one round can differ from the next by a third, and a median alone hides how
+    close a figure is to its target."""
+    low, high = figure["ratio_low"], figure["ratio_high"]
+    if low == high or low != low:  # one round, or none
+        return fmt_ratio(figure["ratio"])
+    return f"{fmt_ratio(figure['ratio'])} ({low:.2f}-{high:.2f})"
+
+
 def machine_info() -> dict[str, object]:
     """What the numbers were measured on."""
     from commons.testing.redis_server import find_redis_server, redis_server_version

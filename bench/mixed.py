@@ -21,7 +21,7 @@ import json
 import sys
 from typing import Any
 
-from bench._common import fmt_ratio, median
+from bench._common import fmt_ratio_range, median, spread
 from bench._traffic import KeyedServer, load_generator, near_share, paired
 
 TENANTS, ITEMS = 20, 100
@@ -68,7 +68,7 @@ def _warm(server: KeyedServer, variants: list[str]) -> None:
 def _figures(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {
         "rps": median([row["rps"] for row in rows]),
-        "ratio": median(paired(rows, "rps")),
+        **spread(paired(rows, "rps")),
         "p99_ms": median([row["p99_ms"] for row in rows]),
         "p99_ratio": median(paired(rows, "p99_ms")),
     }
@@ -120,7 +120,7 @@ def summarize(
                     traffic,
                     LABELS[variant],
                     f"{figure['rps']:,.0f}",
-                    fmt_ratio(figure["ratio"]),
+                    fmt_ratio_range(figure),
                     f"{figure['p99_ms']:.1f} ({figure['p99_ratio']:.1f}×)",
                     "—" if share is None else f"{share:.1%}",
                 ]
@@ -143,7 +143,8 @@ def summarize(
         f"{FRESH_SHARE:.0%} a fresh one (misses only: every key fresh). {rounds} paired "
         f"round(s) of {seconds:g} s per variant, the floor (same paths, pre-serialised bytes) "
         "right before and after; cells are medians of the rounds (req/s, ratio to the floor "
-        "beside it, p99 and its ratio to the floor's). Near-cache share: the server's "
+        "beside it with the lowest and highest round's in brackets, p99 and its ratio to the "
+        "floor's). Near-cache share: the server's "
         "commons_cache_near_hits over commons_cache_hits during ours' mixed runs. Targets "
         f"(issue 21): mixed ≥ {MIXED_TARGET}× and ahead of cashews and of no cache, near-cache "
         f"share ≥ {NEAR_SHARE_TARGET:.0%}, misses only ≥ {MISSES_TARGET}×: "

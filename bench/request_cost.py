@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._asgi import AsgiClient
-from bench._common import REPO_ROOT, child_env, fmt_ratio, median
+from bench._common import REPO_ROOT, child_env, fmt_ratio_range, spread
 from bench._traffic import hits_in_metrics
 from bench.working_set import _copy_entries
 
@@ -177,9 +177,7 @@ async def _measure_paths(
                     "keys": tenants * items,
                     "ours_us": ours_cpu / requests * 1e6,
                     "floor_us": floor_cpu / requests * 1e6,
-                    "ratio": median(ratios),
-                    "ratio_low": min(ratios),
-                    "ratio_high": max(ratios),
+                    **spread(ratios),
                     "redis_us": redis_cpu / requests * 1e6,
                     "near_share": (after[1] - before[1]) / hits if hits else float("nan"),
                 }
@@ -237,7 +235,7 @@ def summarize(measured: dict[str, dict[str, float]], *, quick: bool) -> dict[str
             f"{figure['keys']:,.0f}",
             f"{figure['ours_us']:.0f} / {figure['floor_us']:.0f}",
             f"{figure['ours_us'] - figure['floor_us']:+.0f}",
-            f"{fmt_ratio(figure['ratio'])} ({figure['ratio_low']:.2f}-{figure['ratio_high']:.2f})",
+            fmt_ratio_range(figure),
             f"{figure['redis_us']:.0f}",
             "—" if figure["near_share"] != figure["near_share"] else f"{figure['near_share']:.0%}",
         ]

@@ -39,7 +39,7 @@ import json
 import sys
 from typing import Any
 
-from bench._common import fmt_ratio, median
+from bench._common import fmt_ratio, fmt_ratio_range, median, spread
 from bench._keyed_app import EMPTY_QUERY_DIGEST, NAMESPACE, PREFIX
 from bench._traffic import KeyedServer, load_generator, near_share, paired
 
@@ -121,7 +121,7 @@ def _measure(tenants: int, items: int, rounds: int, seconds: float) -> dict[str,
     return {
         "rps": median([r["rps"] for r in runs]),
         "floor_rps": median([r["floor"]["rps"] for r in runs]),
-        "ratio": median(paired(runs, "rps")),
+        **spread(paired(runs, "rps")),
         "p99_ms": median([r["p99_ms"] for r in runs]),
         "floor_p99_ms": median([r["floor"]["p99_ms"] for r in runs]),
         "p99_ratio": median(paired(runs, "p99_ms")),
@@ -164,7 +164,7 @@ def summarize(
             [
                 f"{keys:,}",
                 f"{figure['rps']:,.0f} / {figure['floor_rps']:,.0f}",
-                fmt_ratio(figure["ratio"]),
+                fmt_ratio_range(figure),
                 f"{figure['near_off_rps']:,.0f} ({fmt_ratio(figure['near_off_vs_ours'])})",
                 fmt_ratio(figure["redis_get_ratio"]),
                 fmt_ratio(figure["vs_redis_get"]),
@@ -183,7 +183,8 @@ def summarize(
         "server on the same Redis with CACHE_NEAR_CACHE=false (its memos warmed by the "
         "same reads), then one GET: the floor's "
         "bytes after one redis-py GET of the key ours stores the item under (the least an "
-        "answer that asks Redis pays). Cells are medians (ratios: of each round's ratio). Warm "
+        "answer that asks Redis pays). Cells are medians (ratios: of each round's ratio; ours vs "
+        "the floor with the lowest and highest round's in brackets). Warm "
         f"pass through HTTP up to {HTTP_WARM_MAX:,} keys; past it one entry per tenant through "
         "HTTP, copied to the tenant's other keys by pipelined SET; then random reads "
         f"(unrecorded: a second per thousand keys, up to {NEAR_WARM_SECONDS} s) to fill the "
