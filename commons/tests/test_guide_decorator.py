@@ -218,6 +218,78 @@ async def test_invalidating_one_tenant_leaves_the_other_tenants_cached(
     assert handler_runs == ["acme", "globex", "acme"]
 
 
+async def test_fastapicache_clear_of_one_tenants_namespace_clears_that_tenant_only(
+    guide_environment: Callable[..., CacheSettings], make_identity_app: Callable[[], FastAPI]
+) -> None:
+    """``FastAPICache.clear(namespace="tenant_config:tenant_acme")``, the per-tenant clear
+    fastapi-cache2's own backends honour (every key under that text), clears acme's entries and
+    leaves globex's."""
+    guide_environment()
+    app, handler_runs = build_guide_service(make_identity_app)
+    async with running(app) as client:
+        for tenant in ["acme", "globex"]:
+            await client.get("/tenant/config", headers=as_tenant(tenant))
+        await FastAPICache.clear(namespace="tenant_config:tenant_acme")
+        acme = await client.get("/tenant/config", headers=as_tenant("acme"))
+        globex = await client.get("/tenant/config", headers=as_tenant("globex"))
+
+    assert acme.headers["X-FastAPI-Cache"] == "MISS"
+    assert globex.headers["X-FastAPI-Cache"] == "HIT"
+    assert handler_runs == ["acme", "globex", "acme"]
+
+
+async def test_fastapicache_clear_of_one_users_namespace_clears_that_user_only(
+    backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    from commons.cache import tenant_user_cache_key_builder
+    from commons.utilities.context import get_user_id
+
+    app = make_identity_app()
+    runs: list[str] = []
+
+    @app.get("/me")
+    @guide_cache(namespace="me", key_builder=tenant_user_cache_key_builder)
+    async def me() -> dict[str, Any]:
+        runs.append(f"{get_tenant_id()}/{get_user_id()}")
+        return {"user": get_user_id()}
+
+    alice = {**as_tenant("acme"), "X-Test-User": "alice"}
+    bob = {**as_tenant("acme"), "X-Test-User": "bob"}
+    async with client_for(app) as client:
+        for user in (alice, bob):
+            await client.get("/me", headers=user)
+        await FastAPICache.clear(namespace="me:tenant_acme:user_alice")
+        after = [
+            (await client.get("/me", headers=u)).headers["X-FastAPI-Cache"] for u in (alice, bob)
+        ]
+
+    assert after == ["MISS", "HIT"]
+    assert runs == ["acme/alice", "acme/bob", "acme/alice"]
+
+
+@pytest.mark.parametrize(
+    "namespace",
+    ["tenant_config:/tenant/config", "tenant_config:tenant_acme:/tenant/config", "#tag:x", "a:b"],
+)
+async def test_fastapicache_clear_of_a_namespace_no_entry_can_have_is_refused(
+    guide_environment: Callable[..., CacheSettings],
+    make_identity_app: Callable[[], FastAPI],
+    namespace: str,
+) -> None:
+    """A namespace text that is neither a namespace nor one tenant's or user's part of one would
+    clear nothing: refused, saying what ``clear()`` takes, and the entries stay."""
+    guide_environment()
+    app, handler_runs = build_guide_service(make_identity_app)
+    async with running(app) as client:
+        await client.get("/tenant/config", headers=as_tenant("acme"))
+        with pytest.raises(ValueError, match="tenant_<id>"):
+            await FastAPICache.clear(namespace=namespace)
+        after = await client.get("/tenant/config", headers=as_tenant("acme"))
+
+    assert after.headers["X-FastAPI-Cache"] == "HIT"
+    assert handler_runs == ["acme"]
+
+
 async def test_a_request_without_a_tenant_is_served_uncached_with_a_warning(
     guide_environment: Callable[..., CacheSettings],
     make_identity_app: Callable[[], FastAPI],
@@ -324,7 +396,12 @@ async def test_fastapicache_clear_never_removes_another_services_keys(
         await raw_redis.set(key, value)
     await init_cache(make_settings(redis_url, CACHE_PREFIX="sectest"))
     try:
-        await FastAPICache.clear(**clear)
+        if "namespace" in clear:
+            # No entry of this service can be in that namespace: refused (see below).
+            with pytest.raises(ValueError, match="names no entries"):
+                await FastAPICache.clear(**clear)
+        else:
+            await FastAPICache.clear(**clear)
     finally:
         await close_cache()
 

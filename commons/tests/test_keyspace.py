@@ -11,6 +11,7 @@ from commons.cache.keyspace import (
     lock_key,
     qualified_namespace,
     scope_of_key,
+    scope_of_namespace_text,
     split_qualified_namespace,
 )
 from commons.cache.scope import CacheScope
@@ -38,6 +39,44 @@ def test_another_builders_text_is_read_as_its_tenants_entry_whatever_it_says(tex
 def test_a_key_of_another_prefix_has_no_scope_here() -> None:
     assert scope_of_key(PREFIX, "other:config:tenant_acme:/items:d41d") is None
     assert scope_of_key(PREFIX, "svc") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "scope"),
+    [
+        ("config", CacheScope("config")),
+        ("", CacheScope("")),
+        ("config:tenant_acme", CacheScope("config", "acme")),
+        ("config:tenant_acme:user_ann", CacheScope("config", "acme", "ann")),
+    ],
+)
+def test_the_text_before_a_keys_path_names_its_scope(text: str, scope: CacheScope) -> None:
+    """What fastapi-cache2's ``clear(namespace=...)`` passes: every entry key of ``scope``
+    begins with it."""
+    key = entry_key(
+        qualified_namespace(PREFIX, scope.namespace), "acme", scope.user_id, "/items", "d41d"
+    )
+
+    assert scope_of_namespace_text(text) == scope
+    assert scope.tenant_id is None or key.startswith(f"{PREFIX}:{text}:")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "config:",
+        "config:/items",
+        "config:tenant_",
+        "config:tenant_acme:",
+        "config:tenant_acme:/items",
+        "config:tenant_acme:user_",
+        "config:tenant_acme:user_ann:/items",
+        "#idx:config",
+        "a:b",
+    ],
+)
+def test_a_text_no_entry_key_begins_with_names_no_scope(text: str) -> None:
+    assert scope_of_namespace_text(text) is None
 
 
 def test_helper_keys_are_never_read_as_entries() -> None:

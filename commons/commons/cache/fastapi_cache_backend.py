@@ -23,7 +23,10 @@ fastapi-cache2's decorator stores goes through the same rules as ours:
   builders, which keep that response with the key): the key does not hold what it varies on.
 - A key that names no tenant (fastapi-cache2's default key builder) is never read or written, with
   one warning per namespace naming the fix: its entry would be served to every tenant.
-- ``clear()`` never touches a key outside ``CACHE_PREFIX``.
+- ``clear()`` never touches a key outside ``CACHE_PREFIX``. ``clear(namespace=...)`` takes a
+  namespace, or one tenant's or user's part of it (``"ns:tenant_1"``, ``"ns:tenant_1:user_7"``),
+  as fastapi-cache2's own backends clear every key under that text; any other text is refused
+  with a ``ValueError`` (it would clear nothing).
 """
 
 from __future__ import annotations
@@ -42,7 +45,11 @@ from starlette.responses import Response
 
 from commons.cache.entry import BODY, RejectReason, route_fingerprint
 from commons.cache.events import LookupOutcome
-from commons.cache.keyspace import namespace_of_key, split_qualified_namespace
+from commons.cache.keyspace import (
+    namespace_of_key,
+    scope_of_namespace_text,
+    split_qualified_namespace,
+)
 from commons.cache.layer import CacheLayer, FillToken
 from commons.cache.scope import InvalidationTarget, ScopedKey
 
@@ -234,4 +241,15 @@ class LayerBackend(Backend):
             return 0  # another service's keys
         if bare_namespace is None:
             return await layer.clear()
-        return await layer.invalidate(InvalidationTarget(bare_namespace))
+        scope = scope_of_namespace_text(bare_namespace)
+        if scope is None:
+            # Clearing it would remove nothing, where fastapi-cache2's own backends remove
+            # every key under the text: said, not silently done.
+            raise ValueError(
+                f"FastAPICache.clear(namespace={bare_namespace!r}) names no entries: it takes "
+                "'<namespace>', '<namespace>:tenant_<id>' or '<namespace>:tenant_<id>:user_<id>' "
+                "(clear(key=...) for one key, invalidate_tags() for tags)"
+            )
+        return await layer.invalidate(
+            InvalidationTarget(scope.namespace, scope.tenant_id, scope.user_id)
+        )

@@ -58,6 +58,7 @@ __all__ = [
     "namespace_of_key",
     "qualified_namespace",
     "scope_of_key",
+    "scope_of_namespace_text",
     "split_qualified_namespace",
     "uncacheable_key",
 ]
@@ -139,6 +140,27 @@ def scope_of_key(prefix: str, key: str) -> CacheScope | None:
     if user_part.startswith(_USER) and len(user_part) > len(_USER):
         return CacheScope(namespace, tenant_id, user_part[len(_USER) :])
     return CacheScope(namespace, tenant_id)
+
+
+def scope_of_namespace_text(text: str) -> CacheScope | None:
+    """The scope ``{ns}``, ``{ns}:tenant_{t}`` or ``{ns}:tenant_{t}:user_{u}`` names: the part of
+    an entry key before its path, as fastapi-cache2's ``clear(namespace=...)`` passes it after the
+    prefix to clear every key under it. ``None`` for any other text (a path, a helper key's ``#``,
+    an empty id), which names no scope an entry can have."""
+    namespace, _, rest = text.partition(":")
+    if namespace.startswith("#"):
+        return None
+    if not rest:
+        return None if text.endswith(":") else CacheScope(namespace)
+    tenant_part, _, user_part = rest.partition(":")
+    if not tenant_part.startswith(_TENANT) or len(tenant_part) == len(_TENANT):
+        return None
+    tenant_id = tenant_part[len(_TENANT) :]
+    if not user_part:
+        return None if rest.endswith(":") else CacheScope(namespace, tenant_id)
+    if not user_part.startswith(_USER) or len(user_part) == len(_USER) or ":" in user_part:
+        return None
+    return CacheScope(namespace, tenant_id, user_part[len(_USER) :])
 
 
 def namespace_of_key(prefix: str, key: str) -> str | None:
