@@ -324,6 +324,29 @@ def test_invalidate_a_user_without_a_tenant_is_refused(reports: str) -> None:
     assert stats_json(reports)["reports"]["entries"] == 5
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["invalidate", "reports:tenant_t1"], "must not contain ':'"),
+        (["invalidate"], "give a namespace, or --tag"),
+        (["invalidate", "reports", "--tag", "x"], "not both"),
+        (["invalidate", "--tag", ""], "a cache tag must be non-empty"),
+    ],
+    ids=["namespace-with-a-colon", "nothing", "both", "empty-tag"],
+)
+def test_invalidate_refuses_what_invalidate_namespace_refuses_and_removes_nothing(
+    reports: str, args: list[str], said: str
+) -> None:
+    """A namespace that cannot exist is refused as ``invalidate_namespace()`` refuses it, not
+    reported as ``removed 0``; each refusal says only what is wrong."""
+    result = invoke(reports, *args)
+
+    assert result.exit_code == 2
+    assert said in result.stderr
+    assert "--user" not in result.stderr
+    assert stats_json(reports)["reports"]["entries"] == 5
+
+
 # -- flush -------------------------------------------------------------------------------------
 
 ODD_KEYS = [

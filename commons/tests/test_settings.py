@@ -183,6 +183,45 @@ def test_a_redis_url_that_is_not_a_redis_url_is_refused(
     load_fails_naming(monkeypatch, "REDIS_URL", value)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "redis://localhost:6379/0?db=abc",
+        "redis://localhost:6379/0?socket_timeout=abc",
+        "redis://localhost:6379/0?socket_timeout=5",
+        "redis://localhost:6379/0?socket_connect_timeout=5",
+        "redis://localhost:6379/0?max_connections=3",
+        "unix:///tmp/redis.sock?protocol=3",
+    ],
+)
+def test_a_redis_url_option_unreadable_or_overriding_a_setting_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """A URL's ``socket_timeout`` would win over ``REDIS_SOCKET_TIMEOUT_SECONDS`` silently (a
+    black-holed read would wait 5 s); ``db=abc`` would fail only in ``init_cache()``."""
+    load_fails_naming(monkeypatch, "REDIS_URL", value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("REDIS_SOCKET_TIMEOUT_SECONDS", "inf"),
+        ("REDIS_SOCKET_TIMEOUT_SECONDS", "1e308"),
+        ("REDIS_CONNECT_TIMEOUT_SECONDS", "inf"),
+        ("CACHE_LOCK_TIMEOUT_SECONDS", "inf"),
+        ("CACHE_TTL_SECONDS", "10000000000"),
+        ("CACHE_STALE_IF_ERROR_SECONDS", "10000000000"),
+        ("CACHE_DEGRADED_TTL_SECONDS", "10000000000"),
+    ],
+)
+def test_an_endless_timeout_or_a_lifetime_past_ten_years_is_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """An endless Redis timeout would let a black-holed Redis hold a request for ever; a
+    lifetime of eleven digits cannot be stored, and every entry would be refused when read."""
+    load_fails_naming(monkeypatch, variable, value)
+
+
 @pytest.mark.parametrize("value", ["", "   "])
 def test_a_blank_redis_url_means_unset(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("REDIS_URL", value)

@@ -251,6 +251,20 @@ async def test_the_setting_is_the_default_and_the_decorator_overrides_it(
     assert (answer.status_code, answer.json()) == (200, {"version": 1})
 
 
+@pytest.mark.parametrize("argument", ["expire", "stale_ttl", "stale_if_error", "client_max_age"])
+def test_a_lifetime_past_ten_years_is_refused_when_the_route_is_declared(argument: str) -> None:
+    with pytest.raises(ValueError, match=f"{argument} must be between 0 and"):
+        cache(**{argument: 10_000_000_000})
+
+
+def test_cache_written_without_parentheses_says_so() -> None:
+    async def handler() -> dict[str, str]:
+        return {}
+
+    with pytest.raises(TypeError, match="needs parentheses"):
+        cache(handler)  # type: ignore[arg-type]
+
+
 def test_a_negative_stale_if_error_is_refused_when_the_route_is_declared() -> None:
     with pytest.raises(ValueError, match="stale_if_error"):
         cache(stale_if_error=-1)

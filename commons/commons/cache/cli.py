@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from commons.cache.backends.base import OperatorCommands
 from commons.cache.backends.factory import operator_commands
 from commons.cache.errors import BackendError, BackendRejectedError
+from commons.cache.keyspace import check_namespace
 from commons.cache.scope import InvalidationTarget, tag_namespace
 from commons.cache.settings import CacheSettings
 from commons.cache.tags import check_tag
@@ -314,14 +315,23 @@ def invalidate(
 ) -> None:
     """Removes a namespace's entries, as invalidate_namespace() does, and prints how many; or
     with --tag, invalidates the entries carrying a tag, as invalidate_tags() does."""
-    if (namespace is None) == (not tag):
+    if namespace is not None and tag:
         _fail("give a namespace or --tag, not both", EXIT_BAD_SETTINGS)
+    if namespace is None and not tag:
+        _fail("give a namespace, or --tag", EXIT_BAD_SETTINGS)
+    if user is not None and tenant is None:
+        _fail(
+            "--user needs --tenant (invalidating a user's entries needs the user's tenant_id)",
+            EXIT_BAD_SETTINGS,
+        )
     settings = _redis_settings("invalidate")
     try:
+        if namespace is not None:
+            check_namespace(namespace)
         named = [tag_namespace(check_tag(each)) for each in tag or ()] or [namespace or ""]
         targets = [InvalidationTarget(each, tenant, user) for each in dict.fromkeys(named)]
     except ValueError as exc:
-        _fail(f"{exc}{' (--user needs --tenant)' if tenant is None else ''}", EXIT_BAD_SETTINGS)
+        _fail(str(exc), EXIT_BAD_SETTINGS)
 
     async def apply(store: OperatorCommands) -> int:
         return sum([await store.invalidate(target) for target in targets])

@@ -38,6 +38,7 @@ from commons.cache.keys import tenant_cache_key_builder
 from commons.cache.keyspace import check_namespace
 from commons.cache.rendering import resolved_return_annotation
 from commons.cache.request_flow import RequestFlow
+from commons.cache.settings import LONGEST_LIFETIME_SECONDS
 from commons.cache.startup_checks import WRAPPED
 from commons.cache.tags import EntryTags, TagSource
 
@@ -81,14 +82,17 @@ def _check_arguments(
     check_namespace(namespace)
     if coder is not None and issubclass(coder, PickleCoder):
         raise ValueError("cached values are JSON: PickleCoder would let a writable Redis run code")
-    if expire is not None and expire < 0:
-        raise ValueError("expire must not be negative")
-    if stale_ttl is not None and stale_ttl < 0:
-        raise ValueError("stale_ttl must not be negative")
-    if stale_if_error is not None and stale_if_error < 0:
-        raise ValueError("stale_if_error must not be negative")
-    if client_max_age is not None and client_max_age < 0:
-        raise ValueError("client_max_age must not be negative")
+    seconds = {
+        "expire": expire,
+        "stale_ttl": stale_ttl,
+        "stale_if_error": stale_if_error,
+        "client_max_age": client_max_age,
+    }
+    for name, value in seconds.items():
+        if value is not None and not 0 <= value <= LONGEST_LIFETIME_SECONDS:
+            raise ValueError(
+                f"{name} must be between 0 and {LONGEST_LIFETIME_SECONDS} seconds (ten years)"
+            )
 
 
 def _injectable(namespace: str) -> tuple[Parameter, Parameter]:
@@ -158,10 +162,16 @@ def cache(
             or a function of the handler's keyword arguments returning them (see ``tags.py``).
 
     Raises:
-        ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, a
-            negative ``expire`` / ``stale_ttl`` / ``stale_if_error`` / ``client_max_age``, or
-            tags that ``tags.EntryTags`` refuses (too many, empty, over-long, unknown ``{name}``).
+        ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, an
+            ``expire`` / ``stale_ttl`` / ``stale_if_error`` / ``client_max_age`` negative or
+            above ten years, or tags that ``tags.EntryTags`` refuses (too many, empty,
+            over-long, unknown ``{name}``).
+        TypeError: For ``@cache`` written without parentheses.
     """
+    if callable(expire):
+        raise TypeError(
+            "@cache needs parentheses: write @cache() or @cache(expire=...), not @cache"
+        )
     _check_arguments(namespace, coder, expire, stale_ttl, stale_if_error, client_max_age)
     chosen_key_builder: KeyBuilder = key_builder or tenant_cache_key_builder
     injected_request, injected_response = _injectable(injected_dependency_namespace)

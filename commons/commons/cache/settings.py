@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
 
 __all__ = [
     "REDIS_URL_SCHEMES",
@@ -29,6 +30,40 @@ REDIS_URL_SCHEMES = frozenset({"redis", "rediss", "unix"})
 # ':' separates the parts of a key, glob characters would make the prefix a pattern in the tools
 # operators reach for, and whitespace never survives a shell.
 _FORBIDDEN_PREFIX_CHARACTERS = re.compile(r"[\s:*?\[\]{}]")
+
+
+#: The longest time to live, stale window or client max-age (ten years, in seconds): an entry's
+#: stored lifetime holds at most ten digits, and a longer one would be refused by every read.
+LONGEST_LIFETIME_SECONDS = 315_360_000
+#: The longest a Redis connection or command may be given: a request never waits longer on it.
+LONGEST_REDIS_TIMEOUT_SECONDS = 60.0
+
+
+#: Options of a Redis URL's query that would override a setting of ours, with the setting: the
+#: URL's would win silently (a ``socket_timeout=5`` makes every black-holed read wait 5 s).
+_URL_OPTIONS_OF_SETTINGS = {
+    "socket_timeout": "REDIS_SOCKET_TIMEOUT_SECONDS",
+    "socket_connect_timeout": "REDIS_CONNECT_TIMEOUT_SECONDS",
+    "timeout": "REDIS_SOCKET_TIMEOUT_SECONDS",
+    "max_connections": "REDIS_MAX_CONNECTIONS",
+    "protocol": "(none: the cache picks the protocol of each connection)",
+}
+
+
+def _check_url_options(query: str) -> None:
+    """Refuses a ``REDIS_URL`` query option that redis-py cannot read (``?db=abc``) or that
+    would override one of our settings."""
+    for name in parse_qs(query, keep_blank_values=True):
+        if name in _URL_OPTIONS_OF_SETTINGS:
+            raise ValueError(
+                f"REDIS_URL: the option {name!r} is set by {_URL_OPTIONS_OF_SETTINGS[name]}, "
+                "not in the URL"
+            )
+    if query:
+        try:
+            parse_url(f"redis://localhost?{query}")  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            raise ValueError(f"REDIS_URL: {exc}") from None
 
 
 class CacheSettings(BaseSettings):
@@ -46,11 +81,16 @@ class CacheSettings(BaseSettings):
         "No whitespace, ':', glob characters or braces.",
     )
     CACHE_TTL_SECONDS: int = Field(
-        default=300, ge=1, description="Default time to live of an entry, in seconds."
+        default=300,
+        ge=1,
+        le=LONGEST_LIFETIME_SECONDS,
+        description="Default time to live of an entry, in seconds (at most ten years).",
     )
     REDIS_URL: str | None = Field(
         default=None,
-        description="redis://, rediss:// or unix:// URL. Unset: the in-memory backend.",
+        description="redis://, rediss:// or unix:// URL. Unset: the in-memory backend. Its "
+        "query may not set what a setting sets (socket_timeout, socket_connect_timeout, "
+        "max_connections, protocol).",
     )
     CACHE_FAIL_FAST: bool = Field(
         default=False,
@@ -110,10 +150,16 @@ class CacheSettings(BaseSettings):
         "logged once. 0 turns it off.",
     )
     REDIS_CONNECT_TIMEOUT_SECONDS: float = Field(
-        default=0.5, gt=0, description="Time allowed to open a connection to Redis."
+        default=0.5,
+        gt=0,
+        le=LONGEST_REDIS_TIMEOUT_SECONDS,
+        description="Time allowed to open a connection to Redis (at most 60).",
     )
     REDIS_SOCKET_TIMEOUT_SECONDS: float = Field(
-        default=0.5, gt=0, description="Time allowed for each Redis command's reply."
+        default=0.5,
+        gt=0,
+        le=LONGEST_REDIS_TIMEOUT_SECONDS,
+        description="Time allowed for each Redis command's reply (at most 60).",
     )
     REDIS_MAX_CONNECTIONS: int = Field(
         default=100,
@@ -160,14 +206,16 @@ class CacheSettings(BaseSettings):
     CACHE_DEGRADED_TTL_SECONDS: int = Field(
         default=30,
         ge=1,
+        le=LONGEST_LIFETIME_SECONDS,
         description="While Redis is unavailable, the longest an entry lives in the in-memory "
         "tier: bounds how stale an answer can be after another replica's update.",
     )
     CACHE_LOCK_TIMEOUT_SECONDS: float = Field(
         default=10.0,
         gt=0,
+        le=3600,
         description="Longest a request waits for another one computing the same entry "
-        "before it runs the handler itself.",
+        "before it runs the handler itself (at most 3600).",
     )
     CACHE_DISTRIBUTED_LOCK: bool = Field(
         default=False,
@@ -177,6 +225,7 @@ class CacheSettings(BaseSettings):
     CACHE_STALE_IF_ERROR_SECONDS: int = Field(
         default=0,
         ge=0,
+        le=LONGEST_LIFETIME_SECONDS,
         description="Default of @cache(stale_if_error=...): when computing a fresh answer fails "
         "(the handler raises or answers 5xx), an entry stale for at most this many seconds is "
         "served instead (never an invalidated one). 0: never.",
@@ -268,6 +317,7 @@ class CacheSettings(BaseSettings):
                 "REDIS_URL must start with redis://, rediss:// or unix:// "
                 f"(got scheme {parts.scheme!r})"
             )
+        _check_url_options(parts.query)
         if parts.scheme == "unix":
             if not parts.path:
                 raise ValueError("REDIS_URL: a unix:// URL needs a socket path")
