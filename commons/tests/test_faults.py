@@ -602,6 +602,31 @@ async def test_an_invalidation_made_during_an_outage_is_applied_before_redis_is_
     assert (await service.get("globex")).headers["X-FastAPI-Cache"] == "HIT"
 
 
+async def test_invalidations_kept_during_an_outage_are_applied_when_the_cache_closes(
+    start_service: StartService,
+) -> None:
+    """Redis is back with its data, the next recovery probe is minutes away, and the process
+    stops or is initialised again: what it kept for Redis is applied on the way out, not lost
+    with it."""
+    with RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", "always"]) as server:
+        service = await start_service(server.url, CACHE_RECOVERY_INTERVAL_SECONDS=300)
+        await service.get("acme")
+        assert (await service.get("acme")).headers["X-FastAPI-Cache"] == "HIT"
+        server.kill()
+        await service.put("acme")  # version 2; the entry in Redis still says version 1
+        assert cache_status().pending_invalidations == 1
+        server.start()  # back, with version 1 on disk
+
+        # init_cache() closes the first layer, as a restart would.
+        restarted = await start_service(server.url, CACHE_RECOVERY_INTERVAL_SECONDS=300)
+        restarted.versions["acme"] = 2
+        after = await restarted.get("acme")
+        await close_cache()
+
+    assert after.headers["X-FastAPI-Cache"] == "MISS"
+    assert after.json()["version"] == 2
+
+
 async def test_flushes_and_key_deletions_during_an_outage_are_kept_too(
     start_service: StartService, own_redis: RedisServer
 ) -> None:

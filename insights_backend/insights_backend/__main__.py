@@ -105,7 +105,8 @@ def workers_refusal(workers: int, cache: CacheSettings) -> str | None:
         return None
     return (
         f"WORKERS={workers} needs REDIS_URL: each worker would keep its own in-memory cache and "
-        "never see the others' invalidations (set REDIS_URL, or run WORKERS=1)"
+        "never see the others' invalidations (set REDIS_URL, or CACHE_ENABLED=false, or run "
+        "WORKERS=1)"
     )
 
 

@@ -175,10 +175,35 @@ class CacheLayer:
     async def aclose(self) -> None:
         """Stops the recovery probe and closes the stores. Safe to call twice."""
         await self._breaker.stop_probing()
+        await self._removals.settled()
+        await self._last_replay()
         await self._removals.aclose()
         if self._redis is not None:
             await self._redis.aclose()
         await self._memory.aclose()
+
+    async def _last_replay(self) -> None:
+        """A process that stops (or is initialised again) while it keeps invalidations for Redis
+        still owes them: Redis may be back since the last probe. One last recovery attempt,
+        bounded by the Redis timeouts; what it cannot apply stays in the journal, if any, or is
+        lost, and the log says so."""
+        pending = self._removals.pending
+        if self._redis is None or self.state is not CacheState.DEGRADED or not pending:
+            return
+        settings = self.settings
+        bound = settings.REDIS_CONNECT_TIMEOUT_SECONDS + 4 * settings.REDIS_SOCKET_TIMEOUT_SECONDS
+        try:
+            if await asyncio.wait_for(self.try_recover(), bound):
+                return
+        except TimeoutError:
+            pass
+        if pending and settings.CACHE_INVALIDATION_JOURNAL is None:
+            logger.warning(
+                "closing with %d invalidations kept for Redis, which did not answer: they are "
+                "lost with this process (CACHE_INVALIDATION_JOURNAL keeps them for the next "
+                "start; CACHE_FLUSH_AFTER_DEGRADED_START covers a start during the outage)",
+                len(pending),
+            )
 
     async def removals_settled(self) -> None:
         """Returns once every invalidation, deletion and flush under way (their callers may have
