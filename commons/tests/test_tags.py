@@ -592,7 +592,7 @@ async def test_the_cli_invalidates_a_tag_at_the_scope_asked(
     ("args", "message"),
     [
         (["invalidate", "insight", "--tag", "insight:1"], "give a namespace or --tag, not both"),
-        (["invalidate"], "give a namespace or --tag, not both"),
+        (["invalidate"], "give a namespace, or --tag"),
         (["invalidate", "--tag", ""], "non-empty text"),
         (["invalidate", "--tag", "insight:1", "--user", "u1"], "--user needs --tenant"),
     ],
