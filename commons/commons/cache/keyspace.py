@@ -147,20 +147,16 @@ def scope_of_namespace_text(text: str) -> CacheScope | None:
     an entry key before its path, as fastapi-cache2's ``clear(namespace=...)`` passes it after the
     prefix to clear every key under it. ``None`` for any other text (a path, a helper key's ``#``,
     an empty id), which names no scope an entry can have."""
-    namespace, _, rest = text.partition(":")
-    if namespace.startswith("#"):
+    # Read as a key's text would be, then kept only if it is exactly that scope's part of a key.
+    scope = scope_of_key("", f":{text}")
+    if scope is None:
         return None
-    if not rest:
-        return None if text.endswith(":") else CacheScope(namespace)
-    tenant_part, _, user_part = rest.partition(":")
-    if not tenant_part.startswith(_TENANT) or len(tenant_part) == len(_TENANT):
-        return None
-    tenant_id = tenant_part[len(_TENANT) :]
-    if not user_part:
-        return None if rest.endswith(":") else CacheScope(namespace, tenant_id)
-    if not user_part.startswith(_USER) or len(user_part) == len(_USER) or ":" in user_part:
-        return None
-    return CacheScope(namespace, tenant_id, user_part[len(_USER) :])
+    named = [scope.namespace]
+    if scope.tenant_id is not None:
+        named.append(f"{_TENANT}{scope.tenant_id}")
+    if scope.user_id is not None:
+        named.append(f"{_USER}{scope.user_id}")
+    return scope if ":".join(named) == text else None
 
 
 def namespace_of_key(prefix: str, key: str) -> str | None:
