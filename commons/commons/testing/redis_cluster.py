@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from redis.crc import key_slot
 
 from commons.testing.proxy import LoopbackProxy
-from commons.testing.redis_server import RedisServer, free_port
+from commons.testing.redis_server import PortTakenError, RedisServer, free_port
 
 __all__ = ["SLOTS", "LocalRedisCluster", "bulk_text", "info_field"]
 
 #: Slots of a Redis Cluster.
 SLOTS = 16384
+#: Ports tried for a node at start, one after another when taken.
+_PORT_CHOICES = 5
 
 
 def bulk_text(reply: bytes) -> str:
@@ -87,40 +89,62 @@ class LocalRedisCluster:
         total = self.primaries * (1 + self.replicas_per_primary)
         try:
             for _ in range(total):
-                port, bus_port = free_port(), free_port()
-                announced: list[str] = []
-                if self.proxied:
-                    proxy = self.proxies[port] = LoopbackProxy(port).start()
-                    announced = [
-                        "--cluster-announce-port",
-                        str(proxy.port),
-                        "--cluster-announce-bus-port",
-                        str(bus_port),
-                    ]
-                node = RedisServer(
-                    port=port,
-                    extra_args=[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-port",
-                        str(bus_port),
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        str(self.node_timeout_ms),
-                        # A replica takes over even if its link was down for a while.
-                        "--cluster-replica-validity-factor",
-                        "0",
-                        *announced,
-                    ],
-                )
-                node.start()
-                self.nodes.append(node)
+                self.nodes.append(self._started_node())
             self._assemble(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _started_node(self) -> RedisServer:
+        """A node started on ports of its own (others when one was taken meanwhile)."""
+        for _ in range(_PORT_CHOICES - 1):
+            try:
+                return self._start_node_on_free_ports()
+            except PortTakenError:
+                pass
+        return self._start_node_on_free_ports()
+
+    def _start_node_on_free_ports(self) -> RedisServer:
+        port = free_port()
+        bus_port = free_port()
+        while bus_port == port:
+            bus_port = free_port()
+        announced: list[str] = []
+        if self.proxied:
+            proxy = self.proxies[port] = LoopbackProxy(port).start()
+            announced = [
+                "--cluster-announce-port",
+                str(proxy.port),
+                "--cluster-announce-bus-port",
+                str(bus_port),
+            ]
+        node = RedisServer(
+            port=port,
+            extra_args=[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                str(bus_port),
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                str(self.node_timeout_ms),
+                # A replica takes over even if its link was down for a while.
+                "--cluster-replica-validity-factor",
+                "0",
+                *announced,
+            ],
+        )
+        try:
+            node.start()
+        except BaseException:
+            node.stop()
+            proxy_of_node = self.proxies.pop(port, None)
+            if proxy_of_node is not None:
+                proxy_of_node.stop()
+            raise
+        return node
 
     def _assemble(self, timeout: float) -> None:
         first = self.nodes[0]

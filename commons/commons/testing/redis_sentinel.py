@@ -20,9 +20,17 @@ from pathlib import Path
 
 from commons.testing.proxy import LoopbackProxy
 from commons.testing.redis_cluster import info_field
-from commons.testing.redis_server import RedisServer, find_redis_server, free_port
+from commons.testing.redis_server import (
+    PortTakenError,
+    RedisServer,
+    find_redis_server,
+    free_port,
+)
 
 __all__ = ["LocalSentinel"]
+
+#: Ports tried for a server at start, one after another when taken.
+_PORT_CHOICES = 5
 
 
 @dataclass
@@ -47,10 +55,12 @@ class LocalSentinel:
 
     def start(self, timeout: float = 20.0) -> LocalSentinel:
         try:
-            master = self._server().start()
+            master = self._started_server()
             self.servers.append(master)
-            replica = self._server(["--replicaof", master.host, str(self.announced_port(master))])
-            self.servers.append(replica.start())
+            replica = self._started_server(
+                ["--replicaof", master.host, str(self.announced_port(master))]
+            )
+            self.servers.append(replica)
             deadline = time.monotonic() + timeout
             while info_field(
                 replica, "replication", "master_link_status"
@@ -65,13 +75,30 @@ class LocalSentinel:
             raise
         return self
 
-    def _server(self, extra_args: list[str] | None = None) -> RedisServer:
-        """A server (not started yet), with its proxy if ``proxied``."""
+    def _started_server(self, extra_args: list[str] | None = None) -> RedisServer:
+        """A server started, with its proxy if ``proxied`` (on other ports when one was taken
+        meanwhile)."""
+        for _ in range(_PORT_CHOICES - 1):
+            try:
+                return self._start_server(extra_args or [])
+            except PortTakenError:
+                pass
+        return self._start_server(extra_args or [])
+
+    def _start_server(self, extra_args: list[str]) -> RedisServer:
         port, announced = free_port(), []
         if self.proxied:
             proxy = self.proxies[port] = LoopbackProxy(port).start()
             announced = ["--replica-announce-port", str(proxy.port)]
-        return RedisServer(port=port, extra_args=[*announced, *(extra_args or [])])
+        server = RedisServer(port=port, extra_args=[*announced, *extra_args])
+        try:
+            return server.start()
+        except BaseException:
+            server.stop()
+            proxy_of_server = self.proxies.pop(port, None)
+            if proxy_of_server is not None:
+                proxy_of_server.stop()
+            raise
 
     def announced_port(self, server: RedisServer) -> int:
         """The port the Sentinel and clients know ``server`` by: its proxy's, if ``proxied``."""

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from commons.testing.processes import stop_process
 
 __all__ = [
     "REDIS_SERVER_ENV",
+    "PortTakenError",
     "RedisServer",
     "find_redis_server",
     "free_port",
@@ -135,10 +136,25 @@ def supports_tls(binary: str) -> bool:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Only right now: between this and the server's bind, another socket may be given it (a
+    client connection's local port comes from the same range). :meth:`RedisServer.start` moves a
+    server whose port it chose; one given a port raises :class:`PortTakenError`.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+class PortTakenError(RuntimeError):
+    """A server given its port found it taken at its first start (its owner picks others)."""
+
+
+#: Ports a server that chose its own tries at its first start, one after another when taken.
+_PORT_CHOICES = 5
+#: What redis-server logs when its port (or its cluster bus port) is taken.
+_PORT_TAKEN = "address already in use"
 
 
 @dataclass
@@ -146,17 +162,24 @@ class RedisServer:
     """One redis-server process on a private port.
 
     Args:
-        port: The port to listen on; a free one by default.
+        port: The port to listen on; ``0`` (the default): a free one, chosen now, and another
+            if it is taken by the time the server first starts.
         extra_args: More ``redis-server`` command-line options.
         binary: The server binary; :func:`find_redis_server`'s by default.
     """
 
-    port: int = field(default_factory=free_port)
+    port: int = 0
     extra_args: Sequence[str] = ()
     binary: str | None = None
     host: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = None
     _workdir: tempfile.TemporaryDirectory[str] | None = None
+    _chose_port: bool = False
+    _starts: int = 0
+
+    def __post_init__(self) -> None:
+        if self.port == 0:
+            self.port, self._chose_port = free_port(), True
 
     @property
     def url(self) -> str:
@@ -169,16 +192,36 @@ class RedisServer:
         return Path(self._workdir.name) if self._workdir is not None else None
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        """Starts the server and waits until it answers PING."""
+        """Starts the server and waits until it answers PING.
+
+        A restart keeps the port (its clients know it); the first start of a server that chose
+        its port moves to another when that one was taken meanwhile.
+
+        Raises:
+            PortTakenError: the port it was given is taken (first start only).
+            RuntimeError: it exited at start, or did not answer within ``timeout``.
+        """
+        self._starts += 1
+        for _ in range(_PORT_CHOICES - 1):
+            try:
+                return self._start_once(timeout)
+            except PortTakenError:
+                if not self._chose_port:
+                    raise
+                self.port = free_port()
+        return self._start_once(timeout)
+
+    def _start_once(self, timeout: float) -> RedisServer:
         if self._workdir is None:
             self._workdir = tempfile.TemporaryDirectory(prefix="redis-test-")
         binary = self.binary or find_redis_server()
         # Redis 7 refuses DEBUG (used by fault-injection tests) unless this is given.
         debug = ["--enable-debug-command", "local"] if redis_server_version(binary) >= (7,) else []
+        # Redis logs to stdout unless told otherwise: a file says why a start failed.
+        log = Path(self._workdir.name) / f"redis-{self._starts}.log"
         args = [
             binary,
-            "--port",
-            str(self.port),
+            *self._listen_args(),
             "--bind",
             self.host,
             "--save",
@@ -191,6 +234,8 @@ class RedisServer:
             "no",
             "--loglevel",
             "warning",
+            "--logfile",
+            str(log),
             # A replica that connects is sent its copy at once, not after the 5 s that Redis 7
             # waits by default for more replicas to share one diskless transfer.
             "--repl-diskless-sync-delay",
@@ -205,12 +250,22 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 stderr = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"redis-server exited at start: {stderr.strip()}")
+                if self.process.stderr is not None:
+                    self.process.stderr.close()
+                logged = log.read_text(errors="replace") if log.exists() else ""
+                why = f"{stderr.strip()}\n{logged.strip()}".strip()
+                if self._starts == 1 and _PORT_TAKEN in why.lower():
+                    raise PortTakenError(f"redis-server: port {self.port} taken: {why}")
+                raise RuntimeError(f"redis-server exited at start: {why}")
             if self.answers_ping():
                 return self
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout}s")
+
+    def _listen_args(self) -> list[str]:
+        """The options that say where the server listens."""
+        return ["--port", str(self.port)]
 
     def answers_ping(self, timeout: float = 0.2) -> bool:
         try:

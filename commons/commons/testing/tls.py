@@ -75,10 +75,9 @@ class TlsRedisServer(RedisServer):
     def url(self) -> str:
         return f"rediss://localhost:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
+    def _listen_args(self) -> list[str]:
         assert self.certificates is not None
-        self.extra_args = [
-            *self.extra_args,
+        return [
             "--port", "0",
             "--tls-port", str(self.port),
             "--tls-cert-file", str(self.certificates.cert_file),
@@ -86,7 +85,6 @@ class TlsRedisServer(RedisServer):
             "--tls-ca-cert-file", str(self.certificates.ca_file),
             "--tls-auth-clients", "no",
         ]  # fmt: skip
-        return super().start(timeout)
 
     def answers_ping(self, timeout: float = 0.2) -> bool:
         assert self.certificates is not None
