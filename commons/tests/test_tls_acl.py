@@ -161,6 +161,31 @@ async def test_an_acl_user_logs_in_with_the_password_in_the_url(
     assert (await get(counting_app)).headers["X-FastAPI-Cache"] == "HIT"
 
 
+@pytest.mark.parametrize("server_password", [None, "s3cret"], ids=["nopass", "requirepass"])
+async def test_a_password_without_a_user_reaches_redis_whether_or_not_it_asks_for_one(
+    own_redis: RedisServer,
+    counting_app: httpx.AsyncClient,
+    make_settings: Callable[..., CacheSettings],
+    server_password: str | None,
+) -> None:
+    # redis-py logs the pool in as the default user (HELLO 3 AUTH default <password>), which a
+    # server without a password accepts; a single-argument AUTH is refused there ("called
+    # without any password configured"). Every connection must log in the same way, or the
+    # hits flap between Redis and the in-memory tier forever.
+    if server_password is not None:
+        own_redis.command("CONFIG", "SET", "requirepass", server_password)
+    await init_cache(make_settings(f"redis://:s3cret@127.0.0.1:{own_redis.port}/0"))
+
+    assert cache_status().backend == "redis"
+    assert (await get(counting_app)).headers["X-FastAPI-Cache"] == "MISS"
+    for _ in range(5):
+        hit = await get(counting_app)
+        assert hit.headers["X-FastAPI-Cache"] == "HIT"
+        assert hit.json() == {"calls": 1}
+        await asyncio.sleep(0.05)
+    assert cache_status().backend == "redis"
+
+
 async def test_a_wrong_password_fails_open_to_the_in_memory_tier_without_an_error(
     acl_server: RedisServer,
     counting_app: httpx.AsyncClient,

@@ -67,6 +67,13 @@ def connection_opener(
     # RESP2 whatever the URL asks: a GET's reply is then a bulk string, nil or an error, and no
     # push message can come between replies.
     options = {**connection_kwargs, "protocol": 2}
+    if options.get("password") and not options.get("username"):
+        # As redis-py's RESP3 pool logs in (HELLO 3 AUTH default <password>): a server without
+        # a password accepts the default user with any password, and refuses the one-argument
+        # AUTH that RESP2 would send ("called without any password configured"), which would
+        # leave the pool connected and every read refused. A server older than 6 is sent the
+        # one-argument form by redis-py after refusing this one.
+        options["username"] = "default"
     # redis-py keeps a connection's streams private (they have been there since its asyncio
     # client began); a version without them keeps reads on redis-py's own path.
     unconnected = connection_class(**options)
