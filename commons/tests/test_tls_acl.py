@@ -445,3 +445,37 @@ async def test_a_permission_refused_at_start_up_is_reported_as_such_until_it_is_
     while cache_status().backend != "redis":
         assert time.monotonic() < deadline, cache_status()
         await asyncio.sleep(0.05)
+
+
+async def test_a_refused_replay_of_kept_invalidations_is_reported_as_such_until_it_is_granted(
+    own_redis: RedisServer,
+    counting_app: httpx.AsyncClient,
+    make_settings: Callable[..., CacheSettings],
+) -> None:
+    rules = documented_service_acl("s3cret", "test-cache")
+    own_redis.command("ACL", "SETUSER", "svc", *rules)
+    await init_cache(make_settings(f"redis://svc:s3cret@127.0.0.1:{own_redis.port}/0"))
+    assert (await get(counting_app)).headers["X-FastAPI-Cache"] == "MISS"
+    own_redis.kill()
+    await invalidate_namespace("tenant_config", tenant_id="t1")  # kept for Redis
+    assert cache_status().backend == "degraded"
+
+    # Redis is back, but its user may no longer run the command an invalidation is applied with
+    # (an ACL changed, a command renamed): the probe's PING answers, the replay is refused.
+    own_redis.start()
+    own_redis.command("ACL", "SETUSER", "svc", *rules, "-unlink")
+    deadline = time.monotonic() + 5
+    while "NOPERM" not in cache_status().reason:
+        assert time.monotonic() < deadline, cache_status()
+        await asyncio.sleep(0.05)
+    status = cache_status()
+    assert status.backend == "degraded"  # the kept invalidation is owed before any read
+    assert "unavailable" not in status.reason, status.reason
+    assert "UNLINK" in status.reason
+
+    own_redis.command("ACL", "SETUSER", "svc", "+unlink")
+    while cache_status().backend != "redis":
+        assert time.monotonic() < deadline + 5, cache_status()
+        await asyncio.sleep(0.05)
+    assert "1 pending invalidations applied" in cache_status().reason
+    assert (await get(counting_app)).json() == {"calls": 2}

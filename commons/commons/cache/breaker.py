@@ -283,7 +283,20 @@ class Breaker:
             return False
         try:
             await redis.ping()
+        except BackendError as exc:
+            logger.debug("Redis still unavailable: %s", exc)
+            return False
+        try:
             applied = await kept.replay(redis)
+        except BackendRejectedError as exc:
+            # Redis answers but refuses what the invalidations kept for it are applied with (an
+            # ACL or a renamed command): an operator's matter, not an outage, and said as such.
+            self.transition(
+                CacheState.DEGRADED,
+                f"Redis answers again but refused the invalidations kept for it: {exc} "
+                "(they are applied before Redis is read again; a permission, not an outage)",
+            )
+            return False
         except BackendError as exc:
             logger.debug("Redis still unavailable: %s", exc)
             return False
