@@ -246,6 +246,28 @@ def test_stats_counts_entries_per_namespace_and_tenant_of_its_prefix_only(report
     assert memory > 0
 
 
+def test_stats_estimates_the_memory_of_a_namespace_whose_entries_are_all_per_user(
+    redis_url: str,
+) -> None:
+    # A per-user namespace has no tenant-level entry: its entries are in its users' indexes.
+    store_entries(
+        redis_url,
+        PREFIX,
+        [
+            (f"profile:tenant_t{t}:user_u{u}:/me", CacheScope("profile", f"t{t}", f"u{u}"))
+            for t in range(2)
+            for u in range(3)
+        ],
+    )
+
+    profile = stats_json(redis_url)["profile"]
+
+    assert profile["entries"] == 6
+    memory = profile["memory_bytes_estimate"]
+    assert isinstance(memory, int)
+    assert memory > 0
+
+
 def test_stats_prints_a_table_with_tenants_totals_and_server_memory(reports: str) -> None:
     result = invoke(reports, "stats", "--by-tenant")
 

@@ -102,15 +102,26 @@ class RedisOperations(OperatorCommands):
 
     async def entry_sizes(self, namespace: str, samples: int) -> list[int]:
         """``MEMORY USAGE`` in bytes of up to ``samples`` entries of ``namespace``."""
-        client = self._store.client
+        client, names = self._store.client, self._store.keyspace
         keys: list[bytes] = []
+
+        async def sample(leaf: bytes) -> None:
+            members = await client.zrange(leaf, 0, samples - len(keys) - 1)
+            keys.extend(cast(list[bytes], members))
+
         async with errors_translated():
-            registry = self._store.keyspace.namespace_registry(namespace)
+            registry = names.namespace_registry(namespace)
             for leaf in cast(list[bytes], await client.zrange(registry, 0, BATCH_SIZE)):
                 if len(keys) >= samples:
                     break
-                members = await client.zrange(leaf, 0, samples - len(keys) - 1)
-                keys.extend(cast(list[bytes], members))
+                await sample(leaf)
+                # A tenant's users' entries are in leaves of its own registry (a per-user
+                # namespace has them only).
+                users = names.registry_of_leaf(leaf.decode())
+                for user_leaf in cast(list[bytes], await client.zrange(users, 0, BATCH_SIZE)):
+                    if len(keys) >= samples:
+                        break
+                    await sample(user_leaf)
             pipe = client.pipeline(transaction=False)
             for key in keys:
                 pipe.memory_usage(key)
