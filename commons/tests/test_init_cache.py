@@ -149,6 +149,24 @@ async def test_the_reason_of_a_degraded_start_says_each_thing_once(
     assert reason.count("unavailable") == 1, reason
 
 
+async def test_a_database_the_server_does_not_have_is_named_as_a_mistake_in_redis_url(
+    make_settings: Callable[..., CacheSettings],
+    cached_app: tuple[FastAPI, list[str]],
+    redis_url: str,
+) -> None:
+    # Only the server knows how many databases it has (16 by default): the settings cannot.
+    app, runs = cached_app
+    await init_cache(make_settings(redis_url.rsplit("/", 1)[0] + "/99"))
+
+    status = cache_status()
+    assert status.backend == "degraded"
+    assert "REDIS_URL names a database this server does not have" in status.reason
+    assert "unavailable" not in status.reason
+    assert "permission" not in status.reason
+    assert await cache_headers(app, 2) == ["MISS", "HIT"]  # the in-memory tier serves
+    assert runs == ["run"]
+
+
 async def test_fail_fast_with_unreachable_redis_refuses_to_start(
     make_settings: Callable[..., CacheSettings],
 ) -> None:

@@ -9,7 +9,13 @@ import pytest
 
 from commons.testing import redis_cluster
 from commons.testing.redis_cluster import LocalRedisCluster
-from commons.testing.redis_server import PortTakenError, RedisServer, free_port
+from commons.testing.redis_server import (
+    PortTakenError,
+    RedisServer,
+    find_redis_server,
+    free_port,
+    redis_server_version,
+)
 
 
 def _squat(port: int) -> socket.socket:
@@ -56,6 +62,9 @@ def test_a_restart_keeps_its_port_and_fails_when_it_is_taken() -> None:
 def test_a_cluster_node_whose_ports_were_taken_starts_on_others(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    binary = find_redis_server()
+    if redis_server_version(binary) < (7,):
+        pytest.skip(f"the cluster fixture needs redis-server 7+ ({binary} is older)")
     taken = free_port()
     squatter = _squat(taken)
 

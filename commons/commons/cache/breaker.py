@@ -99,8 +99,10 @@ def _start_up_failure(exc: BackendError) -> str:
     """Why the first contact failed: an outage, or Redis refusing a command the cache needs (a
     permission its user lacks), which lasts until an operator grants it."""
     # The error's own text says what failed ("Redis unavailable: ..."): said once.
-    if isinstance(exc, BackendRejectedError):
+    if isinstance(exc, BackendRejectedError) and "NOPERM" in str(exc):
         return f"at start-up, {exc} (the cache needs it: a permission, not an outage)"
+    if isinstance(exc, BackendRejectedError):
+        return f"at start-up, {exc} (not an outage)"
     return f"at start-up, {exc}"
 
 

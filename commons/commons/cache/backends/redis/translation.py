@@ -52,6 +52,8 @@ _REDIRECTS_EXHAUSTED = "TTL exhausted"
 
 #: The end of a NOPERM message that names the command refused (never its arguments).
 _NOPERM_COMMAND = re.compile(r"to run the '([a-z0-9|_-]+)' command( or its subcommand)?$")
+#: The reply to ``SELECT`` of a database the server does not have (no argument quoted).
+_NO_SUCH_DATABASE = "DB index is out of range"
 #: Redis 6.2 wraps a refusal met inside a script in a generic error ("Error running script ...:
 #: -OOM command not allowed ..."); later releases answer with the refusal's own code.
 _SCRIPT_REFUSAL = re.compile(r"Error running script.*?-(OOM|READONLY) ")
@@ -163,6 +165,11 @@ def translate(exc: BaseException) -> BackendError:
         for refusal, text in _REFUSALS:
             if isinstance(exc, refusal):
                 return BackendRejectedError(f"Redis refused the command: {text}")
+        if str(exc) == _NO_SUCH_DATABASE:
+            return BackendRejectedError(
+                "Redis refused SELECT: REDIS_URL names a database this server does not have "
+                "(its config's databases, 16 by default, numbered from 0)"
+            )
         if (wrapped := _SCRIPT_REFUSAL.search(str(exc))) is not None:
             text = next(text for _, text in _REFUSALS if text.startswith(wrapped.group(1)))
             return BackendRejectedError(f"Redis refused the command: {text}")
