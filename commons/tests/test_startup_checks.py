@@ -15,6 +15,7 @@ from commons.cache import CacheSettings, cache, init_cache
 from commons.testing.waiting import eventually
 
 MULTIPROC_WARNING = "uvicorn workers without PROMETHEUS_MULTIPROC_DIR"
+MEMORY_WARNING = "uvicorn workers on the in-memory cache (REDIS_URL is not set)"
 
 
 @pytest.fixture
@@ -81,6 +82,40 @@ async def test_two_uvicorn_workers_without_prometheus_multiproc_dir_each_warn_na
     assert "2 uvicorn workers without PROMETHEUS_MULTIPROC_DIR" in log.read_text()
 
 
+async def test_two_uvicorn_workers_on_the_in_memory_cache_each_warn_that_they_cache_apart(
+    start_replicas: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    # Each worker's own memory: an invalidation made by one never reaches the other.
+    log = start_workers(start_replicas, tmp_path, workers=2)
+
+    async def both_warned() -> bool:
+        return log.read_text().count(MEMORY_WARNING) == 2
+
+    await eventually(both_warned, "a warning from each of the two workers")
+    assert "set REDIS_URL, or CACHE_ENABLED=false, or run one worker" in log.read_text()
+
+
+async def test_two_uvicorn_workers_on_redis_say_nothing_about_the_in_memory_cache(
+    start_replicas: Callable[..., list[str]],
+    tmp_path: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    database = tmp_path / "replicas.sqlite"
+    database.touch()
+    start_replicas(
+        1, workers=2, REPLICA_DB=str(database), CACHE_PREFIX="workers-test", REDIS_URL=redis_url
+    )
+    log = tmp_path / "replica-0.log"
+
+    async def both_started() -> bool:  # each worker's other warning says it ran its checks
+        return log.read_text().count(MULTIPROC_WARNING) == 2
+
+    await eventually(both_started, "both workers' start-up checks")
+    assert MEMORY_WARNING not in log.read_text()
+
+
 async def test_one_uvicorn_worker_says_nothing_about_prometheus_multiproc_dir(
     start_replicas: Callable[..., list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -88,6 +123,7 @@ async def test_one_uvicorn_worker_says_nothing_about_prometheus_multiproc_dir(
     log = start_workers(start_replicas, tmp_path, workers=1)
 
     assert MULTIPROC_WARNING not in log.read_text()
+    assert MEMORY_WARNING not in log.read_text()
 
 
 async def test_a_dead_weak_proxy_on_the_heap_does_not_stop_the_start(

@@ -89,7 +89,10 @@ async def init_cache(
         cache_status_header=CACHE_STATUS_HEADER,
         enable=settings.CACHE_ENABLED,
     )
-    warn_about_mistakes(metrics=own_metrics and type(events) is not CacheEvents)
+    warn_about_mistakes(
+        metrics=own_metrics and type(events) is not CacheEvents,
+        memory_only=settings.CACHE_ENABLED and settings.REDIS_URL is None,
+    )
 
 
 async def close_cache() -> None:

@@ -10,6 +10,9 @@ Each is one warning naming the route or variable and the fix; none stops the ser
 - Several uvicorn workers without ``PROMETHEUS_MULTIPROC_DIR``: each worker counts alone, and
   ``/metrics`` shows whichever worker answers. The worker count is read where uvicorn reads it
   (``--workers`` on its command line, else ``WEB_CONCURRENCY``).
+- Several uvicorn workers on the in-memory backend (no ``REDIS_URL``): each worker caches apart,
+  and an invalidation reaches only the worker that makes it, so the others answer what it
+  replaced until it expires.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ logger = logging.getLogger("commons.cache")
 WRAPPED = "__commons_cache_wrapped__"
 
 
-def warn_about_mistakes(*, metrics: bool) -> None:
-    """Logs one warning per mistake found (see the module docstring)."""
+def warn_about_mistakes(*, metrics: bool, memory_only: bool) -> None:
+    """Logs one warning per mistake found (see the module docstring); ``memory_only``: the cache
+    is enabled with no ``REDIS_URL``."""
     for route in _routes():
         if getattr(route.endpoint, WRAPPED, False):
             methods = ",".join(sorted(route.methods or ()))
@@ -47,6 +51,14 @@ def warn_about_mistakes(*, metrics: bool) -> None:
             "%d uvicorn workers without PROMETHEUS_MULTIPROC_DIR: /metrics shows the counts "
             "of whichever worker answers; set it to an empty directory private to the service "
             "in the environment that starts uvicorn",
+            _uvicorn_workers(),
+        )
+    if memory_only and _uvicorn_workers() > 1:
+        logger.warning(
+            "%d uvicorn workers on the in-memory cache (REDIS_URL is not set): each worker caches "
+            "apart, and an invalidation reaches only the worker that makes it, so the others "
+            "answer what it replaced until it expires; set REDIS_URL, or CACHE_ENABLED=false, "
+            "or run one worker",
             _uvicorn_workers(),
         )
 
