@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -174,8 +174,8 @@ class RedisServer:
     host: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = None
     _workdir: tempfile.TemporaryDirectory[str] | None = None
-    _chose_port: bool = False
-    _starts: int = 0
+    _chose_port: bool = field(default=False, init=False, repr=False)
+    _starts: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.port == 0:
