@@ -73,6 +73,12 @@ def test_an_envelope_that_says_vary_is_refused_as_an_older_deploy_stored_it(vary
     assert decode_payload(ENVELOPE, envelope_with([["Vary", vary]])) is None
 
 
+@pytest.mark.parametrize("name", ["set-cookie", "Set-Cookie", "SET-COOKIE"])
+def test_an_envelope_that_sets_a_cookie_is_refused_whoever_stored_it(name: str) -> None:
+    # This version never stores one; a cookie under a shared key would go to every reader.
+    assert decode_payload(ENVELOPE, envelope_with([[name, "session=alice"]])) is None
+
+
 # -- the stored format: encoded, decoded, refused -----------------------------------------------
 
 FINGERPRINT = b"0123456789abcdef"

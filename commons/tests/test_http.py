@@ -8,7 +8,7 @@ import hashlib
 import pytest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from commons.cache.entry import CachedResponse
+from commons.cache.entry import CachedResponse, decode_payload, encode_payload
 from commons.cache.http import (
     NOT_MODIFIED_HEADERS,
     Served,
@@ -94,6 +94,74 @@ def test_a_plain_2xx_answer_in_memory_is_stored_without_its_framing_headers() ->
 )
 def test_an_answer_that_must_not_be_shared_is_never_stored(response: Response) -> None:
     assert cacheable_response(response) is None
+
+
+def _with_raw(name: bytes, value: bytes) -> Response:
+    response = JSONResponse({"n": 1})
+    response.raw_headers.append((name, value))
+    return response
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (b"Set-Cookie", b"session=alice-secret"),
+        (b"SET-COOKIE", b"session=alice-secret"),
+        (b"Vary", b"Accept-Language"),
+        (b"Cache-Control", b"no-store"),
+        (b"CACHE-CONTROL", b"Private"),
+    ],
+)
+def test_a_header_appended_raw_in_any_case_is_read_as_the_same_header(
+    name: bytes, value: bytes
+) -> None:
+    # Starlette's lookups match raw names in lower case only; a handler that copies another
+    # response's headers (httpx keeps their case) appends them as they were spelled.
+    assert cacheable_response(_with_raw(name, value)) is None
+
+
+@pytest.mark.parametrize(
+    "cache_control",
+    ["x-no-store-hint", 'community="no-cache"', "max-age=60, x-private-ish", "no-cachex"],
+)
+def test_only_the_directives_themselves_forbid_storing(cache_control: str) -> None:
+    stored = cacheable_response(JSONResponse({}, headers={"cache-control": cache_control}))
+    assert stored is not None
+
+
+@pytest.mark.parametrize(
+    "cache_control",
+    ["no-cache", "No-Store", "max-age=0, no-cache", 'private="x-y", max-age=5', " no-store "],
+)
+def test_an_answer_naming_no_store_no_cache_or_private_is_never_stored(cache_control: str) -> None:
+    assert cacheable_response(JSONResponse({}, headers={"cache-control": cache_control})) is None
+
+
+@pytest.mark.parametrize(
+    "cache_control", ["no-cache", "No-Store", "max-age=0, no-cache", " no-store ", 'no-cache="x"']
+)
+def test_a_request_naming_no_cache_or_no_store_asks_for_a_fresh_answer(cache_control: str) -> None:
+    assert asks_for_fresh(cache_control)
+
+
+@pytest.mark.parametrize(
+    "cache_control", ["x-no-store-hint", 'community="no-cache"', "max-age=0", "no-cachex"]
+)
+def test_a_request_without_those_directives_takes_the_stored_answer(cache_control: str) -> None:
+    assert not asks_for_fresh(cache_control)
+
+
+def test_an_answer_without_a_content_type_is_replayed_without_one() -> None:
+    for response in (Response(status_code=204), Response(b"\x89PNG\r\n", 200)):
+        stored = cacheable_response(response)
+        assert stored is not None
+        assert stored.media_type == ""
+        decoded = decode_payload(*encode_payload(stored))
+        assert decoded == stored
+        answer = replay(
+            prepare(stored, private=False), max_age=None, served=HIT, not_modified=False, head=False
+        )
+        assert b"content-type" not in [name for name, _ in answer.raw_headers]
 
 
 def headers_of(response: Response) -> dict[str, str]:

@@ -91,6 +91,15 @@ def app(make_identity_app: Callable[[], FastAPI], calls: Calls) -> FastAPI:
         response.set_cookie("session", "s3cret")
         return response
 
+    @app.get("/raw-cookie")
+    @cache(namespace="uncacheable")
+    async def raw_cookie() -> JSONResponse:
+        calls.count += 1
+        response = JSONResponse({"ok": True})
+        # As copied from another response (an upstream's, through httpx): its own spelling.
+        response.raw_headers.append((b"Set-Cookie", b"session=s3cret"))
+        return response
+
     @app.get("/handler-cookie")
     @cache(namespace="uncacheable")
     async def handler_cookie(response: Response) -> dict[str, bool]:
@@ -559,7 +568,9 @@ async def test_a_handler_exception_is_never_cached(
     assert calls.count == 2
 
 
-@pytest.mark.parametrize("path", ["/cookie", "/handler-cookie", "/no-store", "/says-private"])
+@pytest.mark.parametrize(
+    "path", ["/cookie", "/raw-cookie", "/handler-cookie", "/no-store", "/says-private"]
+)
 async def test_answers_that_set_cookies_or_forbid_storing_are_never_cached(
     backend: CacheSettings, client: httpx.AsyncClient, calls: Calls, path: str
 ) -> None:

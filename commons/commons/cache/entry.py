@@ -306,8 +306,10 @@ def _checked_envelope(envelope: object) -> CachedResponse | None:
         if not isinstance(pair, list) or len(pair) != 2:
             return None
         name, value = _sendable(pair[0], _TOKEN), _sendable(pair[1])
-        if name.lower() == "vary":
-            return None  # stored by an older deploy: its key did not hold what it varies on
+        if name.lower() in ("vary", "set-cookie"):
+            # Never stored by this version (an older deploy's or another writer's entry): one
+            # request's cookie or an answer its key does not vary on, never anyone else's.
+            return None
         if name.lower() not in NOT_STORED_HEADERS:
             pairs.append((name, value))
     if "body" in envelope:

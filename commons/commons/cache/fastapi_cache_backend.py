@@ -45,6 +45,7 @@ from starlette.responses import Response
 
 from commons.cache.entry import BODY, RejectReason, route_fingerprint
 from commons.cache.events import LookupOutcome
+from commons.cache.http import header_values
 from commons.cache.keyspace import (
     namespace_of_key,
     scope_of_namespace_text,
@@ -126,7 +127,7 @@ def _varies(key: str) -> bool:
     that answer may only go to requests with the same values of those headers, which the key
     does not hold, so it is not stored (``Vary: *`` included)."""
     response = key.response if isinstance(key, ScopedKey) else None
-    return isinstance(response, Response) and "vary" in response.headers
+    return isinstance(response, Response) and bool(header_values(response, b"vary"))
 
 
 _SPEC_TYPE = b'"_spec_type"'

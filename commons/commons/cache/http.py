@@ -45,8 +45,10 @@ __all__ = [
     "cache_status",
     "cache_status_name",
     "cacheable_response",
+    "directive_names",
     "entry_etag",
     "etag_matches",
+    "header_values",
     "labelled",
     "prepare",
     "prepare_plain_json",
@@ -64,7 +66,8 @@ NOT_MODIFIED_HEADERS = frozenset(
     {"cache-control", "content-location", "date", "etag", "expires", "vary"}
 )
 _NOT_MODIFIED_NAMES = frozenset(name.encode("latin-1") for name in NOT_MODIFIED_HEADERS)
-_FORBIDDING_DIRECTIVES = ("no-store", "no-cache", "private")
+_FORBIDDING_DIRECTIVES = frozenset({"no-store", "no-cache", "private"})
+_FRESH_DIRECTIVES = frozenset({"no-store", "no-cache"})
 
 
 def entry_etag(body: bytes) -> str:
@@ -83,12 +86,24 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     )
 
 
+def directive_names(cache_control: str) -> frozenset[str]:
+    """The directive names of a ``Cache-Control`` value, in lower case, arguments left out: a
+    directive is named by the whole of its name (``x-no-store-hint`` is not ``no-store``)."""
+    return frozenset(part.partition("=")[0].strip().lower() for part in cache_control.split(","))
+
+
 def asks_for_fresh(cache_control: str) -> bool:
     """Whether a request's ``Cache-Control`` refuses a stored answer (``no-cache`` or
     ``no-store`` among its directives, in any case); honoured only with
     ``CACHE_HONOR_CLIENT_NO_CACHE=true``, on both decorators."""
-    directives = cache_control.lower()
-    return "no-cache" in directives or "no-store" in directives
+    return not directive_names(cache_control).isdisjoint(_FRESH_DIRECTIVES)
+
+
+def header_values(response: Response, name: bytes) -> list[bytes]:
+    """The values of header ``name`` (in lower case) on ``response``, however the handler spelled
+    it: Starlette's own lookups see raw names in lower case only, and a handler may append raw
+    headers in any case (copied from another response, say)."""
+    return [value for key, value in response.raw_headers if key.lower() == name]
 
 
 def cacheable_response(response: Response) -> CachedResponse | None:
@@ -98,15 +113,17 @@ def cacheable_response(response: Response) -> CachedResponse | None:
     body = getattr(response, "body", None)
     if not isinstance(body, bytes):
         return None  # streamed or file responses
-    headers = response.headers
-    if "set-cookie" in headers or "vary" in headers:
+    names = {name.lower() for name, _ in response.raw_headers}
+    if b"set-cookie" in names or b"vary" in names:
         # An answer that varies on request headers may only be served to requests with the same
         # values of them, which the key does not hold: it is its own request's.
         return None
-    cache_control = headers.get("cache-control", "").lower()
-    if any(directive in cache_control for directive in _FORBIDDING_DIRECTIVES):
+    cache_control = b",".join(header_values(response, b"cache-control")).decode("latin-1")
+    if not directive_names(cache_control).isdisjoint(_FORBIDDING_DIRECTIVES):
         return None
-    media_type = headers.get("content-type") or response.media_type or "application/json"
+    content_type = header_values(response, b"content-type")
+    # None at all (a 204, bytes with no media type): none is replayed either.
+    media_type = content_type[0].decode("latin-1") if content_type else ""
     kept = tuple(
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in response.raw_headers
@@ -182,7 +199,8 @@ def prepare(cached: CachedResponse, *, private: bool) -> PreparedResponse:
     # Stored answers never vary (see cacheable_response); scoped ones say so to shared caches.
     vary = ["Authorization"] if private else []
     encoded_etag = etag.encode("latin-1")
-    headers.append((b"content-type", cached.media_type.encode("latin-1")))
+    if cached.media_type:
+        headers.append((b"content-type", cached.media_type.encode("latin-1")))
     if cached.status_code >= 200 and cached.status_code not in (204, 304):
         headers.append((b"content-length", str(len(cached.body)).encode("latin-1")))
     headers.append((b"etag", encoded_etag))
