@@ -215,10 +215,29 @@ def test_the_cache_control_of_a_replay(
     private: bool, max_age: int | None, cache_control: str
 ) -> None:
     prepared = prepare(CachedResponse(BODY), private=private)
+    stored_now = HIT._replace(age=None)
 
-    answer = replay(prepared, max_age=max_age, served=HIT, not_modified=False, head=False)
+    answer = replay(prepared, max_age=max_age, served=stored_now, not_modified=False, head=False)
 
     assert headers_of(answer)["cache-control"] == cache_control
+
+
+@pytest.mark.parametrize(("reuse", "age", "max_age"), [(60, 5, 65), (0, 48, 48), (-3, 7, 7)])
+def test_max_age_counts_from_the_age_it_is_sent_with(reuse: int, age: int, max_age: int) -> None:
+    # RFC 9111, 4.2.3-4.2.4: a client's copy is fresh while its age, the Age header included,
+    # is below max-age: reuse for 60 s of an answer 5 s old is max-age=65.
+    prepared = prepare(CachedResponse(BODY), private=False)
+
+    for not_modified in (False, True):
+        answer = replay(
+            prepared,
+            max_age=reuse,
+            served=HIT._replace(age=age),
+            not_modified=not_modified,
+            head=False,
+        )
+        headers = headers_of(answer)
+        assert (headers["cache-control"], headers["age"]) == (f"max-age={max_age}", str(age))
 
 
 @pytest.mark.parametrize("private", [False, True])

@@ -9,8 +9,9 @@
   answers ``304`` with no body.
 - ``Cache-Control: no-cache`` by default: a client keeps its copy but asks again before using it
   (a ``304`` when nothing changed), so no client uses an answer from before an update. A route's
-  ``client_max_age`` allows reuse: ``max-age`` is then that, at most the entry's remaining
-  *freshness* (never its stale window). Tenant- or user-scoped answers say ``private`` too and
+  ``client_max_age`` allows reuse for that long, at most the entry's remaining *freshness*
+  (never its stale window), from when the answer is sent: ``max-age`` counts from the answer's
+  age, so it is that plus ``Age``. Tenant- or user-scoped answers say ``private`` too and
   ``Vary: Authorization``: a shared proxy or CDN must never hand one tenant's answer to another.
 - A ``HEAD`` request gets the headers of the ``GET`` (``Content-Length`` included) and no body.
 - ``Age`` says how long ago a stored answer was stored; ``Cache-Status`` (RFC 9211,
@@ -291,16 +292,19 @@ def replay(
 
     Args:
         prepared: The stored response.
-        max_age: Seconds the client may reuse the answer (``Cache-Control: max-age``); ``None``:
-            it must revalidate first (``no-cache``).
+        max_age: Seconds from now the client may reuse the answer (``Cache-Control: max-age``
+            is that plus ``served.age``: a client counts it from the answer's age); ``None``: it
+            must revalidate first (``no-cache``).
         served: How it was served: ``X-FastAPI-Cache``, ``Cache-Status`` and ``Age``.
         not_modified: The request's ``If-None-Match`` names the ETag (:func:`etag_matches`):
             a ``304`` with no body.
         head: True for a ``HEAD`` request: the same headers, no body.
         extra_headers: Per-request headers to add (set by the route's dependencies).
     """
-    if max_age is not None and max_age < 0:
-        max_age = 0
+    if max_age is not None:
+        # A client counts max-age from the answer's age, the Age header included (RFC 9111,
+        # 4.2.3): reuse for max_age seconds from now is max-age = Age + max_age.
+        max_age = max(max_age, 0) + (served.age or 0)
     if not_modified:
         cache_control = _cache_control(prepared.private, max_age)
         headers = [*prepared.not_modified_headers, (b"cache-control", cache_control)]
