@@ -6,6 +6,7 @@ test modules; this one covers what a route author relies on when writing ``@cach
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -303,6 +304,43 @@ async def test_a_builder_wrapping_ours_keeps_its_user_scope_for_invalidation(
         "MISS",
         "HIT",
     )
+
+
+def hashed_user_key_builder(
+    func: Callable[..., Any], namespace: str = "", *, request: Request | None = None, **_: Any
+) -> str:
+    """A team's builder that wraps ours and hashes its key (its text no longer says anything)."""
+    assert request is not None
+    built = tenant_user_cache_key_builder(func, namespace, request=request)
+    return f"{namespace}:{hashlib.sha256(str(built).encode()).hexdigest()}"
+
+
+@pytest.mark.parametrize(
+    "builder", [language_user_key_builder, hashed_user_key_builder], ids=["appends", "hashes"]
+)
+async def test_a_builder_wrapping_ours_stays_uncached_when_ours_finds_no_user(
+    backend: CacheSettings,
+    make_identity_app: Callable[[], FastAPI],
+    builder: Callable[..., str],
+) -> None:
+    # The user is known to the handler but not bound (bound in a sync dependency, say): our
+    # builder refuses to build a key; whatever the wrapper makes of that refusal, the answer is
+    # served uncached, never stored under the tenant for its other users to read.
+    app = make_identity_app()
+
+    @app.get("/profile")
+    @cache(namespace="profile", key_builder=builder)
+    async def profile(request: Request) -> dict[str, str]:
+        return {"user": request.headers["X-Who"]}
+
+    async with client_for(app) as client:
+        answers = [
+            await client.get("/profile", headers={**ACME, "X-Who": who, "Accept-Language": "fr"})
+            for who in ("alice", "bob", "alice")
+        ]
+
+    assert [a.json()["user"] for a in answers] == ["alice", "bob", "alice"]
+    assert [a.headers["cache-status"].rpartition("; ")[2] for a in answers] == ["fwd=bypass"] * 3
 
 
 @pytest.fixture

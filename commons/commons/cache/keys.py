@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlencode
 
@@ -130,9 +131,25 @@ _NO_TENANT = f"no tenant bound to the request ({_BIND_IN_ASYNC})"
 _NO_USER = f"no user bound to the request ({_BIND_IN_ASYNC})"
 
 
+#: Why one of our builders refused the request being keyed, until :func:`scoped_key` takes the
+#: key: a builder wrapping ours may turn the refusal into any text (appended to, hashed), which
+#: must not become a key of the tenant's (fail closed). Each request runs in a context of its own.
+_refused: ContextVar[str | None] = ContextVar("commons_cache_key_refused", default=None)
+
+
+#: What every uncacheable key's text holds (see ``keyspace.uncacheable_key``).
+_UNCACHEABLE_MARK = uncacheable_key("")
+
+
 def _uncacheable(qualified_namespace: str, reason: str) -> ScopedKey:
     """A key never read or written, saying why: the route logs it once (a request without an
-    identity is routine for some clients; one line per request would drown the log)."""
+    identity is routine for some clients; one line per request would drown the log). Our
+    builders' refusal, remembered for :func:`scoped_key`."""
+    _refused.set(reason)
+    return _not_a_key(qualified_namespace, reason)
+
+
+def _not_a_key(qualified_namespace: str, reason: str) -> ScopedKey:
     key = ScopedKey(uncacheable_key(qualified_namespace), None)
     key.reason = reason
     return key
@@ -233,15 +250,22 @@ def scoped_key(built: str, qualified_namespace: str) -> ScopedKey:
     identity: kept as it is when it names exactly that tenant (and user, if any) in this
     namespace, as a builder wrapping ours does; otherwise stored inside the bound tenant's scope
     (``keyspace.foreign_entry_key``), so ``invalidate_namespace(ns, tenant_id=...)`` removes it.
-    No tenant bound: uncacheable, as with our builders.
+    No tenant bound: uncacheable, as with our builders; so is any text made by a builder that
+    called ours and was refused a key (no user bound, say), however it changed our key's text.
     """
+    refused = _refused.get()
+    if refused is not None:
+        _refused.set(None)
     if isinstance(built, ScopedKey):
         return built
+    if refused is not None or _UNCACHEABLE_MARK in built:
+        why = refused or "a key builder wrapping ours was given an uncacheable key"
+        return _not_a_key(qualified_namespace, f"the key builder's own key rests on ours: {why}")
     tenant_id = get_tenant_id()
     if tenant_id is None:
-        return _uncacheable(qualified_namespace, _NO_TENANT)
+        return _not_a_key(qualified_namespace, _NO_TENANT)
     if not _VALID_ID.fullmatch(tenant_id):
-        return _uncacheable(qualified_namespace, "tenant id holds ':' or whitespace")
+        return _not_a_key(qualified_namespace, "tenant id holds ':' or whitespace")
     prefix, namespace = split_qualified_namespace(qualified_namespace)
     named = scope_of_key(prefix, built)
     if (
