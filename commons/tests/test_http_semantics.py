@@ -587,6 +587,9 @@ async def test_answers_that_set_cookies_or_forbid_storing_are_never_cached(
     assert first.status_code == second.status_code == 200
     assert first.content == second.content
     assert calls.count == 2
+    # Computed by the handler with the cache taking part, though not stored: a MISS.
+    assert [r.headers["x-fastapi-cache"] for r in (first, second)] == ["MISS", "MISS"]
+    assert second.headers["cache-status"].endswith("fwd=miss")
     if "cookie" in path:
         assert second.cookies["session"] == "s3cret"
 

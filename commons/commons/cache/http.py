@@ -261,12 +261,17 @@ def cache_status(served: Served) -> bytes:
     return value if served.ttl is None else b"%s; ttl=%d" % (value, served.ttl)
 
 
-def labelled(result: object, sub_response: object, status: bytes) -> object:
-    """``result`` with the ``Cache-Status`` value ``status``, however the route sends it: on the
-    response itself, or on FastAPI's ``Response`` parameter, whose headers FastAPI adds to the
-    response it renders."""
+def labelled(
+    result: object, sub_response: object, status: bytes, outcome: bytes | None = None
+) -> object:
+    """``result`` with the ``Cache-Status`` value ``status`` and, when the cache took part, its
+    ``X-FastAPI-Cache`` ``outcome`` (``MISS`` for an answer the handler computed, stored or
+    not), however the route sends it: on the response itself, or on FastAPI's ``Response``
+    parameter, whose headers FastAPI adds to the response it renders."""
     target = result if isinstance(result, Response) else sub_response
     if isinstance(target, Response):
+        if outcome is not None:
+            target.raw_headers.append((_STATUS_NAME, outcome))
         target.raw_headers.append((_CACHE_STATUS, status))
     return result
 

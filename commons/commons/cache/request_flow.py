@@ -426,7 +426,7 @@ class _Miss:
         response = shared.response  # this request computed it: its very own answer
         if response.status_code >= 500 and self.stale is not None:
             return self._stale_answer(response.status_code, None)
-        labelled(response, None, self._cache_status())
+        labelled(response, None, self._cache_status(), _MISS)
         if asked.own_headers:
             response.raw_headers.extend(asked.own_headers)
         return response
@@ -439,7 +439,7 @@ class _Miss:
             return self._stale_or_raise(exc)
         if isinstance(result, Response) and result.status_code >= 500 and self.stale is not None:
             return self._stale_answer(result.status_code, None)
-        return labelled(result, call.sub_response, self._cache_status())
+        return labelled(result, call.sub_response, self._cache_status(), _MISS)
 
     def _cache_status(self) -> bytes:
         return cache_status(self.flow.served(self.layer, _MISS, self.reason))
