@@ -23,8 +23,10 @@ from redis.asyncio import Redis
 
 from commons.cache import CacheSettings, cache, close_cache, init_cache
 from commons.cache.layer import CacheLayer
+from commons.cache.replica_lock import under_replica_lock
 from commons.testing import current_layer
 from commons.testing.entries import fill, route_fingerprint_of
+from commons.testing.proxy import LoopbackProxy
 
 from _support import client_for
 
@@ -310,3 +312,44 @@ async def test_a_cancelled_leader_releases_the_replicas_lock_at_once(
     assert response.status_code == 200
     assert waited < 1.0  # not the lock's 5 s
     assert gate.calls == 2
+
+
+@pytest.mark.parametrize("cancelled_by", ["anyio", "asyncio"])
+async def test_a_leader_cancelled_while_taking_the_lock_leaves_no_lock_behind(
+    redis_url: str, make_settings: Callable[..., CacheSettings], cancelled_by: str
+) -> None:
+    # Redis applied the SET NX; its reply is on its way when the deadline fires. The lock is
+    # then this request's, though it never heard so: left, every replica would wait for it to
+    # expire (CACHE_LOCK_TIMEOUT_SECONDS) before computing.
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with LoopbackProxy(port) as proxy:
+        proxy.reply_delay = 0.3
+        await init_cache(make_settings(proxy.url, CACHE_LOCK_TIMEOUT_SECONDS=5))
+        layer = current_layer()
+        assert layer is not None
+        computed: list[str] = []
+
+        async def compute() -> str:
+            computed.append("ran")
+            return "computed"
+
+        async def nothing_stored() -> None:
+            return None
+
+        taking = under_replica_lock(layer, KEY, compute, nothing_stored)
+        try:
+            if cancelled_by == "anyio":
+                with anyio.move_on_after(0.1):
+                    await taking
+            else:
+                task = asyncio.ensure_future(taking)
+                await asyncio.sleep(0.1)
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+            lock, _ = await lock_state(redis_url)
+        finally:
+            await close_cache()
+
+    assert computed == []
+    assert lock is None

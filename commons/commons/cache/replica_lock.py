@@ -8,7 +8,8 @@ itself after the same time if its holder dies. Without a shared store (the memor
 Redis unavailable) the request just computes: single-flight still holds per process.
 
 A holder that is cancelled (its client went away, a deadline around the call) still releases the
-lock at once, so the others take over instead of waiting for it to expire. An anyio deadline
+lock at once, even when cancelled while the lock is being taken (Redis took it, its reply was
+on its way), so the others take over instead of waiting for it to expire. An anyio deadline
 (``fail_after``, a task group: what middleware uses) cancels every ``await`` again until its scope
 is left, the release in a ``finally`` included; so the release runs shielded, bounded by one
 connect and one reply timeout of Redis.
@@ -56,7 +57,7 @@ async def under_replica_lock(
     token = secrets.token_bytes(16)
     wait_seconds = layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
     lock_ms = max(int(wait_seconds * 1000), 1)
-    acquired = await layer.try_lock(lock_key, token, lock_ms)
+    acquired = await _try_lock(layer, lock_key, token, lock_ms)
     if acquired is False:
         if not wait:
             return None
@@ -73,6 +74,17 @@ async def under_replica_lock(
     finally:
         if acquired:
             await _release(layer, lock_key, token)
+
+
+async def _try_lock(layer: CacheLayer, lock_key: str, token: bytes, lock_ms: int) -> bool | None:
+    """``layer.try_lock``; cancelled while it is under way (Redis may have taken the lock, its
+    reply not yet read), the lock is released before the cancellation goes on: only this token
+    releases it, so one never taken is left as it is."""
+    try:
+        return await layer.try_lock(lock_key, token, lock_ms)
+    except BaseException:
+        await _release(layer, lock_key, token)
+        raise
 
 
 async def _release(layer: CacheLayer, lock_key: str, token: bytes) -> None:
@@ -99,7 +111,7 @@ async def _wait_for_holder(
         found = await stored()
         if found is not None:
             return found, None
-        acquired = await layer.try_lock(lock_key, token, lock_ms)
+        acquired = await _try_lock(layer, lock_key, token, lock_ms)
         if acquired is not False:
             return None, acquired
     return None, False
