@@ -52,6 +52,18 @@ class Rates:
             raise HTTPException(status_code=404, detail="no such rates")
         return {"version": self.version}
 
+    async def answer_later(self) -> dict[str, int] | JSONResponse:
+        """:meth:`answer`, once :attr:`gate` is open (a slow upstream)."""
+        await self.gate.wait()
+        return self.answer()
+
+    @property
+    def gate(self) -> asyncio.Event:
+        if not hasattr(self, "_gate"):
+            self._gate = asyncio.Event()
+            self._gate.set()
+        return self._gate
+
 
 class CountingEvents(CacheEvents):
     def __init__(self) -> None:
@@ -88,7 +100,7 @@ def rates_app(
     @app.get("/rates", response_model=None)
     @cache(namespace="rates", expire=EXPIRE, **options)  # type: ignore[arg-type]
     async def get_rates() -> dict[str, int] | JSONResponse:
-        return rates.answer()
+        return await rates.answer_later()
 
     return app
 
@@ -218,6 +230,32 @@ async def test_within_stale_ttl_the_stale_answer_comes_at_once_and_past_it_a_com
     assert stood_in.headers["cache-status"].startswith("test-cache; fwd=stale; fwd-status=500")
     assert [r.json() for r in (revalidated, stood_in)] == [{"version": 1}] * 2
     assert (computed.json(), computed.headers["x-fastapi-cache"]) == ({"version": 2}, "MISS")
+
+
+async def test_a_miss_that_joins_a_failing_refresh_still_gets_the_stale_entry(
+    events: CountingEvents, make_identity_app: Callable[[], FastAPI], rates: Rates
+) -> None:
+    # A refresh of the stale entry is under way (slow, and about to fail) when the entry passes
+    # stale_ttl: the next request joins that computation. Its failure is the refresh's own: the
+    # request computes for itself, and on its own failure gets the stale entry.
+    app = rates_app(make_identity_app, rates, stale_if_error=STALE_IF_ERROR, stale_ttl=STALE_TTL)
+    async with client_for(app, raise_app_exceptions=False) as http:
+        await http.get("/rates", headers=TENANT)
+        await age_entry(KEY, 25)  # stale for 5 s: answered at once, refreshed in the background
+        rates.failure = "http-503"
+        rates.gate.clear()
+        revalidated = asyncio.create_task(http.get("/rates", headers=TENANT))
+        await asyncio.sleep(0.2)  # its answer is sent; its refresh waits for the upstream
+        await age_entry(KEY, 15)  # stale for 15 s: past stale_ttl, within stale_if_error
+        joined = asyncio.create_task(http.get("/rates", headers=TENANT))
+        await asyncio.sleep(0.2)
+        rates.gate.set()
+        answers = [await revalidated, await joined]
+
+    assert [(a.status_code, a.json()) for a in answers] == [(200, {"version": 1})] * 2
+    assert answers[0].headers["cache-status"] == "test-cache; hit; ttl=-5"
+    assert answers[1].headers["x-fastapi-cache"] == "STALE"
+    assert answers[1].headers["cache-status"].startswith("test-cache; fwd=stale; fwd-status=503")
 
 
 async def test_the_setting_is_the_default_and_the_decorator_overrides_it(

@@ -113,10 +113,12 @@ class Fill:
         """Recomputes a stale entry, unless this process or another replica already does."""
         try:
             await _flights.run_if_idle(_flight_key(self.key, self.token), self._refresh_work)
-        except Exception:
+        except Exception as exc:
+            self.error = exc
+        if self.error is not None:
             logger.warning(
                 "background refresh of a stale entry failed; it is served until it expires",
-                exc_info=True,
+                exc_info=self.error,
             )
 
     async def _work(self) -> Outcome:
@@ -139,11 +141,19 @@ class Fill:
         return shared
 
     async def _refresh_work(self) -> Outcome:
-        if not self.use_lock:
-            return await self._recompute()
-        shared = await under_replica_lock(
-            self.layer, self.key, self._recompute, self._stored_outcome, wait=False
-        )
+        """The computation a refresh's single-flight runs. Misses of the same key may join it
+        (the entry went past its stale window meanwhile): as with :meth:`_work`, its exception
+        is its own, and they get nothing to share (each then runs the handler, and on failure
+        gets the stale entry if the route allows it)."""
+        try:
+            if not self.use_lock:
+                return await self._recompute()
+            shared = await under_replica_lock(
+                self.layer, self.key, self._recompute, self._stored_outcome, wait=False
+            )
+        except Exception as exc:
+            self.error = exc
+            return Outcome()
         return shared or Outcome()
 
     async def _recompute(self) -> Outcome:
