@@ -259,6 +259,30 @@ async def test_a_replica_computes_itself_when_the_holder_never_answers(
     assert gate.calls == 1
 
 
+async def test_a_request_waits_at_most_the_lock_timeout_before_computing_itself(
+    redis_layer: CacheLayer, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    # CACHE_LOCK_TIMEOUT_SECONDS is 0.5 s. Another replica holds the lock and never answers;
+    # this process's first miss waits for it, then computes (slowly). A second miss waits for
+    # that first one; once its own 0.5 s are over it computes at once, not after waiting for
+    # the replicas' lock another 0.5 s.
+    gate = Gate()
+    assert await redis_layer.try_lock(LOCK_KEY, b"dead-replica", 60_000)
+    loop = asyncio.get_running_loop()
+    async with client_for(locked_app(make_identity_app, gate, True)) as client:
+        first = asyncio.create_task(client.get("/report", headers=TENANT))
+        await asyncio.sleep(0.1)
+        asked = loop.time()
+        second = asyncio.create_task(client.get("/report", headers=TENANT))
+        while gate.calls < 2:
+            await asyncio.sleep(0.01)
+        computing_after = loop.time() - asked
+        gate.open.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+
+    assert 0.45 <= computing_after < 0.85, computing_after
+
+
 async def test_with_the_lock_concurrent_misses_still_run_the_handler_once_per_process(
     backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
 ) -> None:

@@ -188,6 +188,25 @@ async def test_single_flight_shares_one_result_and_forgets_the_key_afterwards() 
     assert len(flights) == 0
 
 
+async def test_a_waiter_that_waited_in_vain_runs_what_it_was_given_for_that() -> None:
+    flights: SingleFlight[str] = SingleFlight()
+    release = asyncio.Event()
+
+    async def slow() -> str:
+        await release.wait()
+        return "leader"
+
+    async def alone() -> str:
+        return "on its own"
+
+    leader = asyncio.create_task(flights.run("k", slow, 5))
+    await asyncio.sleep(0)
+    waited = await flights.run("k", slow, 0.05, alone)
+    release.set()
+
+    assert (waited, await leader) == ("on its own", "leader")
+
+
 async def test_run_if_idle_skips_a_key_that_is_being_computed() -> None:
     flights: SingleFlight[int] = SingleFlight()
     release = asyncio.Event()

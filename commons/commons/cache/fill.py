@@ -107,6 +107,7 @@ class Fill:
             _flight_key(self.key, self.token),
             self._work,
             self.layer.settings.CACHE_LOCK_TIMEOUT_SECONDS,
+            self._work_alone,
         )
 
     async def refresh(self) -> None:
@@ -139,6 +140,16 @@ class Fill:
             return Outcome()
         assert shared is not None  # waiting for the lock always ends with an outcome
         return shared
+
+    async def _work_alone(self) -> Outcome:
+        """What a miss computes once it waited ``CACHE_LOCK_TIMEOUT_SECONDS`` for this process's
+        computation in vain: at once, without the replicas' lock (whose wait would double the
+        wait the setting bounds). An exception is its own, as in :meth:`_work`."""
+        try:
+            return await self._compute()
+        except Exception as exc:
+            self.error = exc
+            return Outcome()
 
     async def _refresh_work(self) -> Outcome:
         """The computation a refresh's single-flight runs. Misses of the same key may join it

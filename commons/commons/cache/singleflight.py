@@ -44,7 +44,11 @@ class SingleFlight(Generic[T]):
         return key in self._flights
 
     async def run(
-        self, key: Hashable, compute: Callable[[], Awaitable[T]], wait_seconds: float
+        self,
+        key: Hashable,
+        compute: Callable[[], Awaitable[T]],
+        wait_seconds: float,
+        compute_after_waiting: Callable[[], Awaitable[T]] | None = None,
     ) -> T:
         """Runs ``compute`` unless another call for ``key`` already does, then shares its result.
 
@@ -52,6 +56,9 @@ class SingleFlight(Generic[T]):
             key: What is computed; calls with equal keys share one computation.
             compute: Produces the result; called at most once by this call.
             wait_seconds: Longest this call waits for other leaders before computing itself.
+            compute_after_waiting: What this call computes once it waited ``wait_seconds`` in
+                vain (``compute`` by default): a computation that would wait again (for
+                another replica's lock, say) must not.
 
         Returns:
             The leader's result (this call's own when it leads or gave up waiting).
@@ -76,7 +83,7 @@ class SingleFlight(Generic[T]):
             except TimeoutError:
                 if flight.done():
                     raise  # the leader's own TimeoutError, shared like any other exception
-                return await compute()
+                return await (compute_after_waiting or compute)()
 
     async def run_if_idle(self, key: Hashable, compute: Callable[[], Awaitable[T]]) -> T | None:
         """Runs ``compute`` as leader of ``key``, or returns ``None`` at once if one computes."""
