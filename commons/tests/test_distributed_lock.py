@@ -155,11 +155,16 @@ class Gate:
     def __init__(self) -> None:
         self.calls = 0
         self.entered = asyncio.Event()
+        self.entered_twice = asyncio.Event()
+        self.entered_at: list[float] = []
         self.open = asyncio.Event()
 
     async def run(self) -> dict[str, int]:
         self.calls += 1
+        self.entered_at.append(asyncio.get_running_loop().time())
         self.entered.set()
+        if self.calls >= 2:
+            self.entered_twice.set()
         await self.open.wait()
         return {"calls": self.calls}
 
@@ -274,9 +279,8 @@ async def test_a_request_waits_at_most_the_lock_timeout_before_computing_itself(
         await asyncio.sleep(0.1)
         asked = loop.time()
         second = asyncio.create_task(client.get("/report", headers=TENANT))
-        while gate.calls < 2:
-            await asyncio.sleep(0.01)
-        computing_after = loop.time() - asked
+        await asyncio.wait_for(gate.entered_twice.wait(), 5)
+        computing_after = gate.entered_at[1] - asked
         gate.open.set()
         await asyncio.wait_for(asyncio.gather(first, second), 5)
 
