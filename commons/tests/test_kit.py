@@ -3,13 +3,15 @@ assertions that read how an answer was served."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
-from commons.cache import cache, cache_status
+from commons.cache import cache, cache_status, close_cache, init_cache
+from commons.testing import current_layer
 from commons.testing.kit import (
     assert_bypassed,
     assert_hit,
@@ -78,6 +80,53 @@ async def test_the_cache_for_a_test_on_a_private_redis_server(
     assert_hit(hit)
     entry = f"{settings.CACHE_PREFIX}:config:tenant_acme:/config:{MD5_OF_NOTHING}"
     assert redis_server.command("EXISTS", entry) == b":1\r\n"
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["memory", "off"])
+async def test_a_lifespan_run_by_the_test_keeps_the_test_s_cache(
+    make_identity_app: Callable[[], FastAPI], monkeypatch: pytest.MonkeyPatch, enabled: bool
+) -> None:
+    # `with TestClient(app)` (or asgi-lifespan) runs the service's lifespan, whose init_cache()
+    # reads the environment: the test's own settings must hold all the same.
+    monkeypatch.setenv("CACHE_PREFIX", "production")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await init_cache()
+        yield
+        await close_cache()
+
+    app = make_identity_app()
+    app.router.lifespan_context = lifespan
+    runs: list[int] = []
+
+    @app.get("/config")
+    @cache(namespace="config")
+    async def config() -> dict[str, int]:
+        runs.append(1)
+        return {"runs": len(runs)}
+
+    async with (
+        cache_for_test(enabled=enabled) as settings,
+        app.router.lifespan_context(app),
+        client_for(app) as client,
+    ):
+        answers = [await client.get("/config", headers=ACME) for _ in range(2)]
+        prefix = current_layer_prefix()
+
+    assert prefix == settings.CACHE_PREFIX
+    if enabled:
+        assert_miss(answers[0])
+        assert_hit(answers[1])
+        assert len(runs) == 1
+    else:
+        assert [a.json() for a in answers] == [{"runs": 1}, {"runs": 2}]
+        assert_bypassed(answers[1])
+
+
+def current_layer_prefix() -> str | None:
+    layer = current_layer()
+    return None if layer is None else layer.prefix
 
 
 async def test_a_failed_assertion_says_how_the_answer_was_served(app: FastAPI) -> None:

@@ -29,6 +29,17 @@ logger = logging.getLogger("commons.cache")
 
 _layer: CacheLayer | None = None
 _closed_since = datetime.now(UTC)
+#: Settings a test runs the cache with (``commons.testing.kit``): ``init_cache()`` without
+#: settings takes them instead of the environment's, so a service's lifespan run by the test
+#: (``with TestClient(app)``) keeps the test's cache rather than replacing it.
+_test_settings: CacheSettings | None = None
+
+
+def use_test_settings(settings: CacheSettings | None) -> None:
+    """What ``init_cache()`` without settings uses until called with ``None`` (the testing
+    kit's, for the length of one test)."""
+    global _test_settings
+    _test_settings = settings
 
 
 def current_layer() -> CacheLayer | None:
@@ -49,7 +60,8 @@ async def init_cache(
     - ``CACHE_ENABLED=false``: nothing is cached at all.
 
     Args:
-        settings: The settings to use; ``cache_settings()`` (the environment) by default.
+        settings: The settings to use; ``cache_settings()`` (the environment) by default, or
+            during a test the testing kit's (``commons.testing.kit.cache_for_test``).
         events: Receives the cache's events. By default the Prometheus metrics of
             ``commons.cache.metrics`` when prometheus-client is installed (the ``metrics`` extra),
             else nothing.
@@ -58,7 +70,7 @@ async def init_cache(
         CacheUnavailableError: Redis is configured, unreachable, and CACHE_FAIL_FAST is true.
     """
     global _layer
-    settings = settings or cache_settings()
+    settings = settings or _test_settings or cache_settings()
     await close_cache()
     # Only the default Prometheus events count per process in a way PROMETHEUS_MULTIPROC_DIR
     # fixes; a caller's own events are theirs to aggregate.

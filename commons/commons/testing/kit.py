@@ -1,7 +1,9 @@
 """Testing a service's caching: the cache on or off, on a private prefix, and what an answer was.
 
 Nothing here reads or changes the environment: each helper passes its settings explicitly, so a
-test never needs ``cache_settings.cache_clear()`` and never leaks into the next one::
+test never needs ``cache_settings.cache_clear()`` and never leaks into the next one; a service's
+lifespan that the test runs (``with TestClient(app)``) gets the same settings from its
+``init_cache()``::
 
     async with cache_for_test() as settings:                # memory, a prefix of its own
         ...
@@ -24,7 +26,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Protocol
 
-from commons.cache.lifecycle import close_cache, init_cache
+from commons.cache.lifecycle import close_cache, init_cache, use_test_settings
 from commons.cache.settings import CacheSettings
 
 __all__ = [
@@ -75,9 +77,12 @@ async def cache_for_test(
         CACHE_FAIL_FAST=redis_url is not None,
     )
     await init_cache(settings)
+    # A lifespan the test runs calls init_cache() with no settings: it gets these.
+    use_test_settings(settings)
     try:
         yield settings
     finally:
+        use_test_settings(None)
         await close_cache()
 
 
