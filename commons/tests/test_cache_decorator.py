@@ -762,3 +762,46 @@ async def test_a_handler_that_crashes_is_not_cached(
 
     assert crashed.status_code == 500
     assert (recovered.status_code, recovered.json()) == (200, {"run": 2})
+
+
+def test_an_expire_of_zero_is_refused_when_decorating() -> None:
+    # Read as "the default" it cached for CACHE_TTL_SECONDS, whatever the author meant.
+    with pytest.raises(ValueError, match="expire=0 would cache for CACHE_TTL_SECONDS"):
+        cache(expire=0)
+
+
+def returns_a_number(func: Callable[..., Any], namespace: str = "", **_: Any) -> Any:
+    return 42
+
+
+async def returns_a_number_later(func: Callable[..., Any], namespace: str = "", **_: Any) -> Any:
+    return b"bytes"
+
+
+@pytest.mark.parametrize(
+    ("builder", "returned"), [(returns_a_number, "int"), (returns_a_number_later, "bytes")]
+)
+async def test_a_key_builder_that_returns_no_str_serves_uncached_and_says_what_it_returned(
+    backend: CacheSettings,
+    make_identity_app: Callable[[], FastAPI],
+    caplog: pytest.LogCaptureFixture,
+    builder: Callable[..., Any],
+    returned: str,
+) -> None:
+    app = make_identity_app()
+    runs: list[int] = []
+
+    @app.get("/odd")
+    @cache(namespace="odd", key_builder=builder)
+    async def odd() -> dict[str, int]:
+        runs.append(1)
+        return {"runs": len(runs)}
+
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        async with client_for(app) as client:
+            answers = [await client.get("/odd", headers=ACME) for _ in range(2)]
+
+    assert [(a.status_code, a.json()) for a in answers] == [(200, {"runs": 1}), (200, {"runs": 2})]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"the key builder returned {returned}, not a str" in warnings[0]

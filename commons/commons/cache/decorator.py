@@ -88,6 +88,13 @@ def _check_arguments(
         "stale_if_error": stale_if_error,
         "client_max_age": client_max_age,
     }
+    if expire == 0:
+        # fastapi-cache2 reads 0 as "the default", Redis as "no expiry", a reader as "never
+        # cache": whichever was meant, the entry would live CACHE_TTL_SECONDS.
+        raise ValueError(
+            "expire=0 would cache for CACHE_TTL_SECONDS: leave expire out for that, give the "
+            "seconds an entry lives, or remove @cache to not cache"
+        )
     for name, value in seconds.items():
         if value is not None and not 0 <= value <= LONGEST_LIFETIME_SECONDS:
             raise ValueError(
@@ -164,8 +171,8 @@ def cache(
     Raises:
         ValueError: At decoration time, for a namespace holding ``:``, a pickle coder, an
             ``expire`` / ``stale_ttl`` / ``stale_if_error`` / ``client_max_age`` negative or
-            above ten years, or tags that ``tags.EntryTags`` refuses (too many, empty,
-            over-long, unknown ``{name}``).
+            above ten years, an ``expire`` of 0, or tags that ``tags.EntryTags`` refuses (too
+            many, empty, over-long, unknown ``{name}``).
         TypeError: For ``@cache`` written without parentheses.
     """
     if callable(expire):

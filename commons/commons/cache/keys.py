@@ -243,8 +243,9 @@ def _build_new(
     return ScopedKey(key, shared_scope(namespace, tenant_id, user_id, ()), origin)
 
 
-def scoped_key(built: str, qualified_namespace: str) -> ScopedKey:
-    """The key, with its scope, of an entry whose text a key builder returned.
+def scoped_key(built: object, qualified_namespace: str) -> ScopedKey:
+    """The key, with its scope, of an entry whose text a key builder returned (anything but a
+    ``str``: uncacheable, saying what it returned).
 
     Our builders' keys carry their scope already. Any other text is scoped by the request's bound
     identity: kept as it is when it names exactly that tenant (and user, if any) in this
@@ -258,6 +259,9 @@ def scoped_key(built: str, qualified_namespace: str) -> ScopedKey:
         _refused.set(None)
     if isinstance(built, ScopedKey):
         return built
+    if not isinstance(built, str):
+        what = type(built).__name__
+        return _not_a_key(qualified_namespace, f"the key builder returned {what}, not a str")
     if refused is not None or _UNCACHEABLE_MARK in built:
         why = refused or "a key builder wrapping ours was given an uncacheable key"
         return _not_a_key(qualified_namespace, f"the key builder's own key rests on ours: {why}")

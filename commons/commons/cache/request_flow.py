@@ -28,6 +28,7 @@ stored answer, and a cookie set by the handler makes the answer uncacheable.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, NamedTuple
 
@@ -226,7 +227,9 @@ class RequestFlow:
             args=args,
             kwargs=kwargs,
         )
-        key = scoped_key(built if isinstance(built, str) else await built, qualified)
+        if not isinstance(built, str) and inspect.isawaitable(built):
+            built = await built
+        key = scoped_key(built, qualified)
         fingerprint = route.fingerprint(request)
         asked = _asked(request, sub_response)
         asked_fresh = _asks_for_fresh(layer, asked.cache_control)

@@ -23,6 +23,7 @@ the default key builders): an entry's read and its fill must agree on its tags, 
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from enum import Enum
@@ -176,7 +177,7 @@ class EntryTags:
             built = inner(
                 func, namespace, request=request, response=response, args=args, kwargs=kwargs
             )
-            if isinstance(built, str):
+            if not inspect.isawaitable(built):
                 return self.tagged(scoped_key(built, namespace), namespace, request, kwargs)
 
             async def later() -> str:
