@@ -463,6 +463,11 @@ async def test_a_head_miss_is_never_stored_and_the_next_get_computes_its_full_bo
     assert again.headers["x-fastapi-cache"] == "HIT"
     assert head.headers["content-length"] == str(len(get.content))
     assert calls.count == 2
+    # The GET's cache headers all the same (RFC 9110, 9.3.2): a proxy may freshen its copy of
+    # the GET with them, so a tenant's answer must say private here too.
+    for name in ("etag", "cache-control", "vary"):
+        assert head.headers[name] == get.headers[name], name
+    assert head.headers["cache-control"] == "private, no-cache"
 
 
 async def test_a_headers_only_answer_to_head_is_never_served_to_a_get(

@@ -50,8 +50,10 @@ from commons.cache.http import (
     asks_for_fresh,
     cache_status,
     cache_status_name,
+    cacheable_response,
     etag_matches,
     labelled,
+    prepare,
     replay,
 )
 from commons.cache.keys import identity_read_by, scoped_key
@@ -354,6 +356,15 @@ class RequestFlow:
         """
         response = await handler_response(self.route, call)
         served = self.served(layer, _MISS, b"fwd=miss")
+        entry = cacheable_response(response)
+        if entry is not None:
+            # The GET's headers (ETag, Cache-Control, Vary), as a HEAD answered from its entry
+            # has them: a HEAD's answer may freshen a client's or a proxy's copy of the GET's.
+            prepared = prepare(entry, private=call.private)
+            fresh_for = self.route.expire or layer.settings.CACHE_TTL_SECONDS
+            return _replay(
+                self.route, prepared, fresh_for, served, asked, _client_has(asked, prepared)
+            )
         response.raw_headers.extend(
             [(_STATUS_NAME, _MISS), (_CACHE_STATUS_NAME, cache_status(served))]
         )
