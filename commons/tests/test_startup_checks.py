@@ -47,6 +47,22 @@ async def test_cache_above_the_route_decorator_is_one_warning_naming_the_route_a
     assert "put @cache below @app.get(...)" in warning
 
 
+async def test_one_handler_mounted_uncached_and_cached_starts_without_a_warning(
+    app: FastAPI, make_settings: Callable[..., CacheSettings], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def orders() -> list[str]:
+        return []
+
+    app.get("/orders/live")(orders)
+    app.get("/orders")(cache(namespace="orders")(orders))
+    app.get("/orders/per-tenant")(cache(namespace="tenant_orders")(orders))
+
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        await init_cache(make_settings())
+
+    assert warnings_of(caplog) == []
+
+
 async def test_cache_below_the_route_decorator_starts_without_a_warning(
     app: FastAPI, make_settings: Callable[..., CacheSettings], caplog: pytest.LogCaptureFixture
 ) -> None:

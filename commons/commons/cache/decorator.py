@@ -22,7 +22,6 @@ whatever their clocks say. Every stored value also carries the route's fingerpri
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from functools import wraps
 from inspect import Parameter, Signature
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
@@ -39,7 +38,7 @@ from commons.cache.keyspace import check_namespace
 from commons.cache.rendering import resolved_return_annotation
 from commons.cache.request_flow import RequestFlow
 from commons.cache.settings import LONGEST_LIFETIME_SECONDS
-from commons.cache.startup_checks import WRAPPED
+from commons.cache.startup_checks import record_wrapper
 from commons.cache.tags import EntryTags, TagSource
 
 __all__ = ["cache"]
@@ -123,14 +122,6 @@ def _with_injected(
     )
 
 
-def _mark_wrapped(func: Callable[..., object]) -> None:
-    """Marks ``func`` as wrapped by ``@cache``, once ``@wraps`` has copied its attributes: only
-    a route that registered ``func`` itself (``@cache`` above the route decorator) has an
-    endpoint so marked (``startup_checks.py``)."""
-    with suppress(AttributeError, TypeError):  # a callable without attributes
-        setattr(func, WRAPPED, True)
-
-
 def cache(
     expire: int | None = None,
     coder: type[Coder] | None = None,
@@ -202,7 +193,8 @@ def cache(
         answer = RequestFlow(route, namespace, key_builder_of_route).answer
         endpoint = _endpoint(func, signature, answer, injected_request, injected_response)
         route.endpoint = endpoint
-        _mark_wrapped(func)
+        # A route serving func itself, and none its wrapper: @cache above the route decorator.
+        record_wrapper(func, endpoint)
         return endpoint
 
     return cast(CacheDecorator, decorate)

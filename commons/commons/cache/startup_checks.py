@@ -3,10 +3,11 @@
 Each is one warning naming the route or variable and the fix; none stops the service.
 
 - ``@cache`` written above ``@app.get(...)``: FastAPI registered the undecorated handler, so the
-  route is never cached. The decorator marks the handlers it wraps (:data:`WRAPPED`); a route
-  whose endpoint is such a handler, rather than the wrapper, has them in the wrong order. Routes
-  are found among the objects the garbage collector tracks, once per start (a few milliseconds;
-  routes frozen by ``gc.freeze()`` before ``init_cache()`` are not seen).
+  route is never cached. The decorator records the handlers it wraps and their wrappers
+  (:func:`record_wrapper`); a route whose endpoint is such a handler, while no route serves any
+  of its wrappers, has them in the wrong order (one function mounted twice, uncached and cached,
+  is not). Routes are found among the objects the garbage collector tracks, once per start (a
+  few milliseconds; routes frozen by ``gc.freeze()`` before ``init_cache()`` are not seen).
 - Several uvicorn workers without ``PROMETHEUS_MULTIPROC_DIR``: each worker counts alone, and
   ``/metrics`` shows whichever worker answers. The worker count is read where uvicorn reads it
   (``--workers`` on its command line, else ``WEB_CONCURRENCY``).
@@ -21,23 +22,35 @@ import gc
 import logging
 import multiprocessing
 import os
+import weakref
+from contextlib import suppress
 from pathlib import Path
 
 from fastapi.routing import APIRoute
 
-__all__ = ["WRAPPED", "warn_about_mistakes"]
+__all__ = ["record_wrapper", "warn_about_mistakes"]
 
 logger = logging.getLogger("commons.cache")
 
-#: The attribute ``@cache`` sets on the handler it wraps.
-WRAPPED = "__commons_cache_wrapped__"
+#: The handlers ``@cache`` wrapped, and their wrappers (both held weakly: an app's routes and
+#: handlers come and go, in tests above all).
+_WRAPPERS: weakref.WeakKeyDictionary[object, weakref.WeakSet[object]] = weakref.WeakKeyDictionary()
+
+
+def record_wrapper(handler: object, wrapper: object) -> None:
+    """Records that ``@cache`` wrapped ``handler`` into ``wrapper``."""
+    with suppress(TypeError):  # a callable that cannot be referred to weakly: not checked
+        _WRAPPERS.setdefault(handler, weakref.WeakSet()).add(wrapper)
 
 
 def warn_about_mistakes(*, metrics: bool, memory_only: bool) -> None:
     """Logs one warning per mistake found (see the module docstring); ``memory_only``: the cache
     is enabled with no ``REDIS_URL``."""
-    for route in _routes():
-        if getattr(route.endpoint, WRAPPED, False):
+    routes = _routes()
+    served = {id(route.endpoint) for route in routes}
+    for route in routes:
+        wrappers = _wrappers_of(route.endpoint)
+        if wrappers is not None and not any(id(wrapper) in served for wrapper in wrappers):
             methods = ",".join(sorted(route.methods or ()))
             logger.warning(
                 "@cache on %s %s is above the route decorator: FastAPI serves the undecorated "
@@ -61,6 +74,15 @@ def warn_about_mistakes(*, metrics: bool, memory_only: bool) -> None:
             "or run one worker",
             _uvicorn_workers(),
         )
+
+
+def _wrappers_of(endpoint: object) -> list[object] | None:
+    """The wrappers ``@cache`` made of ``endpoint``; ``None`` if it wrapped none."""
+    try:
+        wrappers = _WRAPPERS.get(endpoint)
+    except TypeError:
+        return None
+    return None if wrappers is None else list(wrappers)
 
 
 def _routes() -> list[APIRoute]:
