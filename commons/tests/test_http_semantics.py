@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -581,13 +582,26 @@ async def test_a_handler_exception_is_never_cached(
 
 
 @pytest.mark.parametrize(
-    "path", ["/cookie", "/raw-cookie", "/handler-cookie", "/no-store", "/says-private"]
+    ("path", "said"),
+    [
+        ("/cookie", "set a cookie"),
+        ("/raw-cookie", "set a cookie"),
+        ("/handler-cookie", "set a cookie"),
+        ("/no-store", "Cache-Control: no-store"),
+        ("/says-private", "Cache-Control: private"),
+    ],
 )
 async def test_answers_that_set_cookies_or_forbid_storing_are_never_cached(
-    backend: CacheSettings, client: httpx.AsyncClient, calls: Calls, path: str
+    backend: CacheSettings,
+    client: httpx.AsyncClient,
+    calls: Calls,
+    path: str,
+    said: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    first = await client.get(path, headers=TENANT)
-    second = await client.get(path, headers=TENANT)
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        first = await client.get(path, headers=TENANT)
+        second = await client.get(path, headers=TENANT)
 
     assert first.status_code == second.status_code == 200
     assert first.content == second.content
@@ -597,6 +611,11 @@ async def test_answers_that_set_cookies_or_forbid_storing_are_never_cached(
     assert second.headers["cache-status"].endswith("fwd=miss")
     if "cookie" in path:
         assert second.cookies["session"] == "s3cret"
+    # Every request runs the handler: said once, with why.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"GET {path}: nothing is stored" in warnings[0]
+    assert said in warnings[0]
 
 
 async def test_headers_set_by_a_dependency_are_sent_per_request_and_never_stored(

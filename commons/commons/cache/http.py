@@ -54,6 +54,7 @@ __all__ = [
     "prepare",
     "prepare_plain_json",
     "replay",
+    "why_never_stored",
 ]
 
 #: The header that says HIT, STALE or MISS (fastapi-cache2's name; it says HIT or MISS).
@@ -107,20 +108,34 @@ def header_values(response: Response, name: bytes) -> list[bytes]:
     return [value for key, value in response.raw_headers if key.lower() == name]
 
 
-def cacheable_response(response: Response) -> CachedResponse | None:
-    """The storable form of a response, or None when it must not be stored."""
+def why_never_stored(response: Response) -> str | None:
+    """Why a 2xx answer of a route can never be stored, when that is the handler's doing (a
+    cookie, ``Vary``, ``Cache-Control``, a stream): said once per route, since every answer of
+    such a route runs the handler. ``None``: it may be stored, or it is an error answer."""
     if not 200 <= response.status_code < 300:
         return None
-    body = getattr(response, "body", None)
-    if not isinstance(body, bytes):
-        return None  # streamed or file responses
+    if not isinstance(getattr(response, "body", None), bytes):
+        return "its answers are streamed (a StreamingResponse or FileResponse)"
     names = {name.lower() for name, _ in response.raw_headers}
-    if b"set-cookie" in names or b"vary" in names:
+    if b"set-cookie" in names:
+        return "its answers set a cookie (Set-Cookie), which only their own request may get"
+    if b"vary" in names:
         # An answer that varies on request headers may only be served to requests with the same
         # values of them, which the key does not hold: it is its own request's.
-        return None
+        return "its answers say Vary: the key holds no request header (build one that does)"
     cache_control = b",".join(header_values(response, b"cache-control")).decode("latin-1")
-    if not directive_names(cache_control).isdisjoint(_FORBIDDING_DIRECTIVES):
+    forbidding = directive_names(cache_control) & _FORBIDDING_DIRECTIVES
+    if forbidding:
+        return f"its answers say Cache-Control: {', '.join(sorted(forbidding))}"
+    return None
+
+
+def cacheable_response(response: Response) -> CachedResponse | None:
+    """The storable form of a response, or None when it must not be stored."""
+    body = getattr(response, "body", None)
+    if not isinstance(body, bytes) or why_never_stored(response) is not None:
+        return None  # an error answer, a stream, or the handler says it is its request's own
+    if not 200 <= response.status_code < 300:
         return None
     content_type = header_values(response, b"content-type")
     # None at all (a 204, bytes with no media type): none is replayed either.

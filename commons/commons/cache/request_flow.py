@@ -55,6 +55,7 @@ from commons.cache.http import (
     labelled,
     prepare,
     replay,
+    why_never_stored,
 )
 from commons.cache.keys import identity_read_by, scoped_key
 from commons.cache.keyspace import qualified_namespace
@@ -79,6 +80,10 @@ _NOT_INITIALISED = (
     "app's lifespan (in tests: `with TestClient(app)` runs the lifespan)%s"
 )
 _UNCACHEABLE = "@cache on %s: serving uncached (said once per route and reason): %s"
+_NEVER_STORED = (
+    "@cache on %s: nothing is stored and every request runs the handler (said once per route "
+    "and reason): %s"
+)
 _NOT_A_READ = (
     "@cache on %s: only GET and HEAD requests are cached; remove @cache from a route that "
     "changes data, and call invalidate_namespace() for what it changes instead%s"
@@ -440,6 +445,9 @@ class _Miss:
         response = shared.response  # this request computed it: its very own answer
         if response.status_code >= 500 and self.stale is not None:
             return self._stale_answer(response.status_code, None)
+        why = why_never_stored(response)
+        if why is not None:
+            self.flow._warn_once(fill.call.request, _NEVER_STORED, why)
         labelled(response, None, self._cache_status(), _MISS)
         if asked.own_headers:
             response.raw_headers.extend(asked.own_headers)
