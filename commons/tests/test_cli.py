@@ -338,6 +338,28 @@ def test_invalidate_a_namespace_leaves_other_namespaces_and_prefixes(
     assert len(svc_b) == 4
 
 
+def test_invalidating_a_namespace_that_has_no_entries_warns_that_it_may_be_mistyped(
+    reports: str,
+) -> None:
+    result = invoke(reports, "invalidate", "reprots")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "removed 0 entries of namespace reprots\n"
+    assert result.stderr == (
+        f"warning: namespace 'reprots' has no entries under prefix '{PREFIX}' (namespaces that "
+        "have some: reports, users): is it spelled as in @cache(namespace=...)?\n"
+    )
+
+
+def test_invalidating_a_tenant_without_entries_in_a_known_namespace_says_nothing_more(
+    reports: str,
+) -> None:
+    result = invoke(reports, "invalidate", "reports", "--tenant", "t9")
+
+    assert result.stdout == "removed 0 entries of namespace reports for tenant t9\n"
+    assert result.stderr == ""
+
+
 def test_invalidate_a_user_without_a_tenant_is_refused(reports: str) -> None:
     result = invoke(reports, "invalidate", "reports", "--user", "u1")
 

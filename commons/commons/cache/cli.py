@@ -333,10 +333,13 @@ def invalidate(
     except ValueError as exc:
         _fail(str(exc), EXIT_BAD_SETTINGS)
 
-    async def apply(store: OperatorCommands) -> int:
-        return sum([await store.invalidate(target) for target in targets])
+    async def apply(store: OperatorCommands) -> tuple[int, list[str] | None]:
+        removed = sum([await store.invalidate(target) for target in targets])
+        # Nothing removed from a namespace nothing was ever stored in: a mistyped name, perhaps.
+        known = await store.namespaces() if namespace is not None and not removed else None
+        return removed, known
 
-    removed = _with_store(settings, apply)
+    removed, known = _with_store(settings, apply)
     scope = f" for tenant {tenant}" if tenant is not None else ""
     scope += f", user {user}" if user is not None else ""
     if tag:
@@ -345,6 +348,14 @@ def invalidate(
         typer.echo(f"invalidated tag {', '.join(dict.fromkeys(tag))}{scope}")
     else:
         typer.echo(f"removed {removed} entries of namespace {namespace}{scope}")
+    if known is not None and namespace not in known:
+        listed = ", ".join(known) if known else "none"
+        typer.echo(
+            f"warning: namespace {namespace!r} has no entries under prefix "
+            f"{settings.CACHE_PREFIX!r} (namespaces that have some: {listed}): is it spelled as "
+            "in @cache(namespace=...)?",
+            err=True,
+        )
 
 
 # -- flush -------------------------------------------------------------------------------------
