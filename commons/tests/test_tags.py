@@ -624,6 +624,10 @@ class Colour(Enum):
         (lambda kwargs: ["b", "a", "b"], {"x": 2}, ("b", "a")),
         (lambda kwargs: ["ok", 3], {}, None),
         (lambda kwargs: ["x" * (MAX_TAG_LENGTH + 1)], {}, None),
+        # A function that returns no iterable of text: unfit, never a failed request.
+        (lambda kwargs: None, {}, None),
+        (lambda kwargs: 7, {}, None),
+        (lambda kwargs: [{"a": 1}], {}, None),
     ],
 )
 def test_the_tags_of_a_call_each_once_or_none_when_one_is_unfit(

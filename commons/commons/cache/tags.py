@@ -127,7 +127,14 @@ class EntryTags:
             return self._literal
         if self._function is not None:
             given = self._function(kwargs)
-            found = tuple(dict.fromkeys([given] if isinstance(given, str) else given))
+            if isinstance(given, str):
+                given = [given]
+            elif not isinstance(given, Iterable):
+                return None  # None, a number: no tags at all, so nothing to store it under
+            items = tuple(given)
+            if not all(map(_fit, items)):
+                return None  # checked before hashing: a dict among them is no tag either
+            found = tuple(dict.fromkeys(items))
         else:
             found = tuple(
                 dict.fromkeys(
