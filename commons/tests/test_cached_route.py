@@ -167,3 +167,19 @@ def test_remembered_responses_stay_out_of_young_collections() -> None:
 
     assert walked_containers(responses) == []
     assert prepared_body(responses, "/item/19999", stored(b'{"n":19999}')) == b'{"n":19999}'
+
+
+def test_the_prepared_answers_of_every_route_share_one_bound_that_counts_their_bodies() -> None:
+    # A bound per route let a worker with many routes hold 32 MiB for each; and a plain answer's
+    # body is a copy of the stored payload, which was not counted.
+    routes = [PreparedResponses() for _ in range(8)]
+    body = b'{"pad":"' + b"x" * 30_000 + b'"}'
+    for n in range(3):  # each key put twice: a full memo keeps a key on its second put
+        for index, responses in enumerate(routes):
+            for item in range(400):
+                prepared_body(responses, f"/r{index}/{item}", stored(body))
+
+    memo = cached_route._prepared_memo
+    assert memo.bytes_held <= cached_route._PREPARED_MAX_BYTES
+    assert memo.bytes_held >= len(memo) * 2 * len(body)
+    assert all(responses._memo is memo for responses in routes)

@@ -25,7 +25,8 @@ __all__ = ["PRODUCER", "CachedRoute", "PreparedResponses"]
 
 #: Who wrote an entry, as its fingerprint says (the other decorator's entries are misses here).
 PRODUCER = "commons.cache"
-#: Bounds of the prepared responses each route keeps (entries, and bytes of stored values).
+#: Bounds of the prepared responses the process keeps, all routes together (entries, and bytes
+#: of the stored values and the bodies prepared from them).
 _PREPARED_MAX_ENTRIES = 16_384
 _PREPARED_MAX_BYTES = 32 * 1024 * 1024
 
@@ -46,6 +47,11 @@ _hot_prepared = HotMemo[str, tuple[bytes, PreparedResponse]](
 #: collector's walks (see ``memo.py``); tuples nested in it would take older generations'
 #: collections to untrack.
 _PreparedFields = tuple[bytes, bytes, int, str, bool, bytes, bytes]
+
+#: The prepared answers of every route, by key (see :class:`PreparedResponses`).
+_prepared_memo = BoundedMemo[str, _PreparedFields](
+    _PREPARED_MAX_ENTRIES, _PREPARED_MAX_BYTES, admit_seen_twice=True
+)
 
 
 def _packed(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
@@ -69,6 +75,12 @@ def _prepared(fields: _PreparedFields) -> PreparedResponse:
     )
 
 
+def _size(key: str, raw: bytes, body: bytes) -> int:
+    """What remembering a prepared answer holds: the stored bytes, the body when it is a copy of
+    their payload (a plain JSON one: a slice), and the key."""
+    return len(raw) + (len(body) if body is not raw else 0) + len(key)
+
+
 class PreparedResponses:
     """Prepared responses by key, reused while the stored bytes are the same (bounded).
 
@@ -82,10 +94,9 @@ class PreparedResponses:
     """
 
     def __init__(self) -> None:
-        self._memo = BoundedMemo[str, _PreparedFields](
-            _PREPARED_MAX_ENTRIES, _PREPARED_MAX_BYTES, admit_seen_twice=True
-        )
-        #: Shared by every route (what makes a prepared response is its bytes and privacy).
+        #: Shared by every route (what makes a prepared response is its bytes and privacy, and
+        #: a key is one route's): the bound is the process's, however many routes it has.
+        self._memo = _prepared_memo
         self._hot = _hot_prepared
 
     def get(self, key: str, value: ParsedValue, private: bool) -> PreparedResponse | None:
@@ -112,9 +123,10 @@ class PreparedResponses:
         found = self._memo.get(key)
         if found is not None and found[0] == raw and found[4] is private:
             prepared = _prepared(found)
-            self._hot.put(str(key), (raw, prepared), len(raw) + len(key))
+            size = _size(key, raw, prepared.body)
+            self._hot.put(str(key), (raw, prepared), size)
             if found[0] is not raw:
-                self._memo.put(str(key), (raw, *found[1:]), len(raw) + len(key))
+                self._memo.put(str(key), (raw, *found[1:]), size)
             return prepared
         return None
 
@@ -135,8 +147,8 @@ class PreparedResponses:
         # A plain str, as in the near cache: a ``ScopedKey`` would keep its scope and route alive
         # with every remembered key, objects a full collection walks.
         key = str(key)
-        size = len(raw) + len(key)
         body, etag, private = prepared.body, prepared.etag, prepared.private
+        size = _size(key, raw, body)
         if prepared.plain_json:
             fields: _PreparedFields = (raw, body, 200, etag, private, b"", b"")
         else:
