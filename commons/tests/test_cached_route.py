@@ -102,6 +102,13 @@ def test_a_changed_stored_value_is_prepared_anew() -> None:
     assert prepared_body(responses, "/item", stored(b'{"v":2}')) == b'{"v":2}'
 
 
+@pytest.fixture(autouse=True)
+def fresh_prepared_answers() -> None:
+    """The prepared answers are the process's, all routes together: start them over, whatever
+    earlier tests prepared."""
+    cached_route._prepared_memo.clear()
+
+
 @pytest.fixture
 def fresh_hot_objects() -> None:
     """The prepared answers kept as objects are the process's: start them over, whatever earlier
@@ -174,7 +181,7 @@ def test_the_prepared_answers_of_every_route_share_one_bound_that_counts_their_b
     # body is a copy of the stored payload, which was not counted.
     routes = [PreparedResponses() for _ in range(8)]
     body = b'{"pad":"' + b"x" * 30_000 + b'"}'
-    for n in range(3):  # each key put twice: a full memo keeps a key on its second put
+    for _ in range(3):  # each key put more than once: a full memo keeps a key on its second put
         for index, responses in enumerate(routes):
             for item in range(400):
                 prepared_body(responses, f"/r{index}/{item}", stored(body))
