@@ -228,6 +228,25 @@ def test_the_password_in_redis_url_is_never_printed(own_redis: RedisServer) -> N
     assert "redis://:***@127.0.0.1" in result.stdout
 
 
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"REDIS_TLS_CA_FILE": __file__},  # a check across fields: given the whole settings
+        {"REDIS_SENTINELS": "127.0.0.1:26379"},
+        {"REDIS_SOCKET_TIMEOUT_SECONDS": "-1"},
+    ],
+    ids=["tls-without-rediss", "sentinels-without-master", "another-field"],
+)
+def test_the_password_in_redis_url_is_never_printed_when_the_settings_are_refused(
+    env: dict[str, str],
+) -> None:
+    result = invoke("redis://:s3cret@127.0.0.1:1/0", "check", **env)
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: invalid cache settings: ")
+    assert "s3cret" not in result.output
+
+
 # -- stats -------------------------------------------------------------------------------------
 
 

@@ -275,3 +275,12 @@ def test_an_invalidation_journal_directory_is_accepted(
 ) -> None:
     monkeypatch.setenv("CACHE_INVALIDATION_JOURNAL", str(tmp_path))
     assert str(tmp_path) == CacheSettings().CACHE_INVALIDATION_JOURNAL
+
+
+def test_a_refusal_never_carries_the_password_in_redis_url() -> None:
+    # A service prints the error as it is (python -m insights_backend does).
+    with pytest.raises(ValidationError) as refused:
+        CacheSettings(REDIS_URL="redis://:s3cret@127.0.0.1:6380/0?socket_timeout=1")
+
+    assert "s3cret" not in str(refused.value)
+    assert "REDIS_URL" in str(refused.value)

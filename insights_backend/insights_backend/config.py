@@ -36,7 +36,10 @@ LogLevel = Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
 class ServiceSettings(BaseSettings):
     """Settings of insights_backend; each field reads the environment variable of the same name."""
 
-    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
+    # hide_input_in_errors: a refusal's text never carries what was given (JWT_SECRET).
+    model_config = SettingsConfigDict(
+        case_sensitive=True, extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     DATABASE_URL: str = Field(
         default="sqlite+aiosqlite:///./insights.db",

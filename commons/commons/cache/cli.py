@@ -75,8 +75,11 @@ def _describe_invalid(exc: ValidationError) -> str:
     for error in exc.errors():
         name = ".".join(str(part) for part in error["loc"]) or "settings"
         message = str(error["msg"]).removeprefix("Value error, ")
-        # The URL may carry a password: never echo it.
-        shown = "" if name == "REDIS_URL" else f" (got {error['input']!r})"
+        # The URL may carry a password: never echo it, nor the whole settings a check across
+        # fields was given (they hold the URL).
+        given = error.get("input")
+        secret = name in ("REDIS_URL", "settings") or not isinstance(given, str | int | float)
+        shown = "" if secret else f" (got {given!r})"
         parts.append(f"{name}: {message}{shown}")
     return "invalid cache settings: " + "; ".join(parts)
 

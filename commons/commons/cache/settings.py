@@ -69,7 +69,10 @@ def _check_url_options(query: str) -> None:
 class CacheSettings(BaseSettings):
     """The cache's configuration; each field reads the environment variable of the same name."""
 
-    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
+    # hide_input_in_errors: a refusal's text never carries what was given (a URL's password).
+    model_config = SettingsConfigDict(
+        case_sensitive=True, extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     CACHE_ENABLED: bool = Field(
         default=True,
