@@ -505,6 +505,49 @@ async def test_a_pickle_planted_in_redis_is_never_unpickled_into_an_answer(
     assert [(r.status_code, r.json()) for r in after_plant] == [expected] * 2
 
 
+class _RunsCode:
+    """A pickle that, unpickled, creates a directory: what an attacker's would run instead."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.makedirs, (str(self.path),)
+
+
+async def test_a_pickle_planted_as_a_valid_entry_is_never_unpickled(
+    redis_url: str,
+    make_settings: Callable[..., CacheSettings],
+    make_identity_app: Callable[[], FastAPI],
+    tmp_path: Path,
+) -> None:
+    # Whoever can write to Redis can also read the route's fingerprint and the scope's
+    # generation off any entry, and write an entry in the right form whose payload is a pickle.
+    settings = make_settings(redis_url)
+    await init_cache(settings)
+    app = build_pickle_app(make_identity_app)
+    ran = tmp_path / "ran"
+    try:
+        async with client_for(app, raise_app_exceptions=False) as client:
+            await client.get("/pickled_a", headers=ACME)
+            fingerprint = route_fingerprint_of(app, "/pickled_a", producer="fastapi-cache2")
+            planted = await fill(
+                entry_key(settings, "pickled_a"),
+                pickle.dumps(_RunsCode(ran)),
+                60,
+                fingerprint=fingerprint,
+            )
+            answers = [await client.get("/pickled_a", headers=ACME) for _ in range(2)]
+    finally:
+        await close_cache()
+
+    assert planted is not None  # in the form a hit reads
+    assert not ran.exists()
+    assert [(r.status_code, r.json()) for r in answers] == [
+        (200, {"route": "a", "tenant": "acme"})
+    ] * 2
+
+
 # -- bodies fastapi-cache2's decoder cannot read back --------------------------------------------
 
 #: Bodies whose JSON fastapi-cache2's decoder turns into an exception: it reads every object with

@@ -134,12 +134,15 @@ _SPEC_TYPE = b'"_spec_type"'
 
 
 def _decodes(value: bytes) -> bool:
-    """Whether fastapi-cache2's JSON decoder reads ``value`` back (see the module docstring).
+    """Whether ``value`` is JSON that fastapi-cache2's JSON decoder reads back (see the module
+    docstring).
 
-    Only a value holding its marker key can fail: the others cost one substring search.
+    JSON, whoever wrote it: a route may name another coder (``PickleCoder``), which decodes
+    whatever it is handed, and a value written into Redis by someone else is handed to it on a
+    hit. JSON is never a pickle that runs anything (unpickling it fails at its first byte).
     """
     if _SPEC_TYPE not in value:
-        return True
+        return _is_json(value)
     try:
         JsonCoder.decode(value)
     # Its converters (pendulum, Decimal) fail in ways of their own; any failure here would be
