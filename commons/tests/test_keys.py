@@ -211,20 +211,21 @@ def test_a_key_built_before_for_the_same_request_is_never_reused_across_scopes()
     assert tenant_again.scope == first_tenant.scope
 
 
-@pytest.mark.parametrize("tenant_id", ["a:b", "a b", "a\tb", " a", "a\n", ":"])
-def test_a_tenant_id_with_a_colon_or_whitespace_is_refused(tenant_id: str) -> None:
+@pytest.mark.parametrize("tenant_id", ["a:b", "a b", "a\tb", " a", "a\n", ":", "a\ud800"])
+def test_a_tenant_id_with_a_colon_whitespace_or_a_lone_surrogate_is_refused(tenant_id: str) -> None:
     with bind_identity(tenant_id, "7"):
         keys = [tenant_key("/tenant/config"), user_key("/tenant/config")]
     assert not any(key.cacheable for key in keys)
-    assert [key.reason for key in keys] == ["tenant id holds ':' or whitespace"] * 2
+    reason = "tenant id holds ':', whitespace or a lone surrogate"
+    assert [key.reason for key in keys] == [reason] * 2
 
 
-@pytest.mark.parametrize("user_id", ["u:1", "u 1", "u\r\n1", ":"])
-def test_a_user_id_with_a_colon_or_whitespace_is_refused(user_id: str) -> None:
+@pytest.mark.parametrize("user_id", ["u:1", "u 1", "u\r\n1", ":", "\udfff"])
+def test_a_user_id_with_a_colon_whitespace_or_a_lone_surrogate_is_refused(user_id: str) -> None:
     with bind_identity("42", user_id):
         key = user_key("/users/me")
     assert not key.cacheable
-    assert key.reason == "user id holds ':' or whitespace"
+    assert key.reason == "user id holds ':', whitespace or a lone surrogate"
 
 
 def test_ids_with_other_punctuation_are_kept_literally() -> None:

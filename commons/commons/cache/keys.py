@@ -58,8 +58,11 @@ __all__ = [
 ]
 
 # An id becomes part of a key between ':' separators: a ':' inside it could make two different
-# (tenant, path) pairs spell the same key, so such ids are refused rather than escaped.
-_VALID_ID = re.compile(r"[^\s:]{1,256}")
+# (tenant, path) pairs spell the same key, so such ids are refused rather than escaped. So are
+# lone surrogates (a JSON claim may carry "\ud800"): no key holding one can be sent to Redis.
+_VALID_ID = re.compile(r"[^\s:\ud800-\udfff]{1,256}")
+_BAD_TENANT_ID = "tenant id holds ':', whitespace or a lone surrogate"
+_BAD_USER_ID = "user id holds ':', whitespace or a lone surrogate"
 
 
 _EMPTY_QUERY_DIGEST = hashlib.md5(b"", usedforsecurity=False).hexdigest()
@@ -231,9 +234,9 @@ def _build_new(
     origin: tuple[object, object] | None,
 ) -> ScopedKey:
     if not _VALID_ID.fullmatch(tenant_id):
-        return _uncacheable(qualified_namespace, "tenant id holds ':' or whitespace")
+        return _uncacheable(qualified_namespace, _BAD_TENANT_ID)
     if user_id is not None and not _VALID_ID.fullmatch(user_id):
-        return _uncacheable(qualified_namespace, "user id holds ':' or whitespace")
+        return _uncacheable(qualified_namespace, _BAD_USER_ID)
     path = key_path(request.scope["path"])
     key = entry_key(qualified_namespace, tenant_id, user_id, path, canonical_query_digest(request))
     # fastapi-cache2 passes "{prefix}:{namespace}"; a bare prefix is the empty namespace.
@@ -269,7 +272,7 @@ def scoped_key(built: object, qualified_namespace: str) -> ScopedKey:
     if tenant_id is None:
         return _not_a_key(qualified_namespace, _NO_TENANT)
     if not _VALID_ID.fullmatch(tenant_id):
-        return _not_a_key(qualified_namespace, "tenant id holds ':' or whitespace")
+        return _not_a_key(qualified_namespace, _BAD_TENANT_ID)
     prefix, namespace = split_qualified_namespace(qualified_namespace)
     named = scope_of_key(prefix, built)
     if (
