@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Annotated
 
 import httpx
@@ -27,6 +29,7 @@ from commons.cache import (
     invalidate_namespace,
     tenant_cache_key_builder,
 )
+from commons.cache.backends.redis.near_tracking import FlushReason
 from commons.cache.metrics import PrometheusEvents, metrics_router
 from commons.testing import current_layer
 from commons.testing.entries import age_entry
@@ -362,3 +365,16 @@ async def test_metrics_router_serves_the_counts_on_metrics_in_one_line(
     assert scraped.headers["content-type"].startswith("text/plain; version=")
     assert f'commons_cache_misses_total{{namespace="{namespace}"}} 1.0' in scraped.text
     assert "/metrics" not in app.openapi()["paths"]
+
+
+def test_the_operations_page_lists_every_reason_the_near_cache_is_emptied_for() -> None:
+    operations = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+    row = next(
+        line
+        for line in operations.read_text(encoding="utf-8").splitlines()
+        if line.startswith("| `commons_cache_near_flushes_total`")
+    )
+    documented = set(re.findall(r"`([a-z_]+)`", row.partition("`reason` =")[2]))
+    reasons = {value for name, value in vars(FlushReason).items() if name.isupper()}
+
+    assert documented == reasons

@@ -34,7 +34,8 @@ Series (all prefixed ``commons_cache_``):
   they are hits in ``hits_total`` too.
 - ``near_invalidations_total``: invalidation messages Redis sent the near cache.
 - ``near_flushes_total{reason}``: times the near cache was emptied, by reason (``tracking_lost``,
-  ``silence``, ``reader_lost``, ``server_flush``, ``clear``).
+  ``silence``, ``reader_lost``, ``diverged``, ``server_flush``, ``clear``, ``moved``: see
+  ``backends/redis/near_tracking.FlushReason``).
 
 Several worker processes (``uvicorn --workers``, gunicorn): with ``PROMETHEUS_MULTIPROC_DIR`` set
 before ``prometheus_client`` is first imported, every series is kept in that directory's files and
