@@ -7,18 +7,20 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import hiredis
 import pytest
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from commons.cache.backends.redis import RedisStore, read_channel
+from commons.cache.backends.redis import RedisStore, pipelined_reads, read_channel
 from commons.cache.backends.redis.pipelined_reads import (
     PipelinedReader,
     ReadChannel,
     channel_opener,
     encode_command,
 )
+from commons.cache.backends.redis.translation import translate
 from commons.cache.scope import CacheScope
 from commons.testing.proxy import LoopbackProxy
 from commons.testing.redis_server import RedisServer
@@ -414,3 +416,22 @@ def test_a_command_is_encoded_the_same_by_hiredis_and_without_it(
     )
     assert encode_command(b"PTTL", ["k:1"]) == b"*2\r\n$4\r\nPTTL\r\n$3\r\nk:1\r\n"
     assert encode_command(b"X", [True]) == b"*2\r\n$1\r\nX\r\n$1\r\n1\r\n"
+
+
+@pytest.mark.parametrize(
+    ("reply", "said"),
+    [
+        ("OOM command not allowed when used memory > 'maxmemory'.", "OOM, used memory"),
+        ("READONLY You can't write against a read only replica.", "READONLY, the server"),
+        ("MASTERDOWN Link with MASTER is down", "MASTERDOWN, the link"),
+        ("NOPERM this user has no permissions to run the 'evalsha' command", "may not run EVALSHA"),
+    ],
+)
+def test_an_error_reply_on_the_pipelined_connection_is_named_as_redis_py_names_it(
+    reply: str, said: str
+) -> None:
+    # A fill's script on a full Redis said "refused the command (ResponseError)": the reason
+    # an operator reads must name the refusal, whichever connection met it.
+    error = pipelined_reads._error_reply(hiredis.ReplyError(reply))
+
+    assert said in str(translate(error))

@@ -64,12 +64,17 @@ __all__ = [
     "encode_command",
 ]
 
-#: Error replies a GET can meet, by their first word; others are plain ``ResponseError``.
+#: Error replies a read or a fill's script can meet, by their first word, as redis-py names them
+#: (the refusals keep their own text in ``cache_status()``: ``translation.py``); others are
+#: plain ``ResponseError``.
 _ERROR_REPLIES: dict[str, type[redis_errors.RedisError]] = {
     "NOPERM": redis_errors.NoPermissionError,
     "NOAUTH": redis_errors.AuthenticationError,
     "LOADING": redis_errors.BusyLoadingError,
     "NOSCRIPT": redis_errors.NoScriptError,
+    "OOM": redis_errors.OutOfMemoryError,
+    "READONLY": redis_errors.ReadOnlyError,
+    "MASTERDOWN": redis_errors.MasterDownError,
 }
 
 
