@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ from commons.cache.entry import (
     parse_value,
     stored_value,
 )
-from commons.cache.memo import HOT_REVIEW_EVERY, HOT_SMALL_ENTRIES
+from commons.cache.memo import HOT_REVIEW_EVERY, HOT_SMALL_ENTRIES, BoundedMemo
 from commons.cache.scope import CacheScope, ScopedKey
 
 from _support import walked_containers
@@ -103,10 +104,14 @@ def test_a_changed_stored_value_is_prepared_anew() -> None:
 
 
 @pytest.fixture(autouse=True)
-def fresh_prepared_answers() -> None:
-    """The prepared answers are the process's, all routes together: start them over, whatever
-    earlier tests prepared."""
-    cached_route._prepared_memo.clear()
+def fresh_prepared_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prepared answers are the process's, all routes together: a memo of their own for each
+    test, whatever earlier tests prepared (a dict an earlier test left tracked by the collector
+    stays so until a full collection, which the test of young collections must not depend on)."""
+    fresh = BoundedMemo[str, Any](
+        cached_route._PREPARED_MAX_ENTRIES, cached_route._PREPARED_MAX_BYTES, admit_seen_twice=True
+    )
+    monkeypatch.setattr(cached_route, "_prepared_memo", fresh)
 
 
 @pytest.fixture
