@@ -192,6 +192,11 @@ class CachedRoute:
         self._adapter: list[TypeAdapter[Any] | None] = []
         self._last_fingerprint: tuple[object, bytes] | None = None
 
+    def lifetime(self, default: int) -> int:
+        """Seconds an entry is fresh: ``expire``, or ``default`` (``CACHE_TTL_SECONDS``) when
+        the decorator left it out."""
+        return self.expire or default
+
     def stale_if_error_seconds(self, default: int) -> int:
         """``stale_if_error``, or ``default`` (the setting) when the decorator left it out."""
         return default if self.stale_if_error is None else self.stale_if_error

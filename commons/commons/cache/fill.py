@@ -13,9 +13,9 @@ waiter then runs the handler itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Awaitable, Hashable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -60,6 +60,8 @@ class Call(NamedTuple):
 
 _flights: SingleFlight[Outcome] = SingleFlight()
 
+T = TypeVar("T")
+
 
 async def handler_response(route: CachedRoute, call: Call) -> Response:
     """The handler's answer to ``call``, rendered as its route would send it."""
@@ -91,7 +93,7 @@ class Fill:
         self.call = call
         self.key = call.key
         self.token = token
-        self.ttl = route.expire or layer.settings.CACHE_TTL_SECONDS
+        self.ttl = route.lifetime(layer.settings.CACHE_TTL_SECONDS)
         use_lock = layer.settings.CACHE_DISTRIBUTED_LOCK if route.lock is None else route.lock
         # A request whose read from Redis just failed does not wait on Redis again for a lock.
         self.use_lock = use_lock and not token.redis_failed
@@ -129,15 +131,11 @@ class Fill:
         for another): it is kept in ``error`` for that request, and the waiters get nothing to
         share, so each runs the handler itself.
         """
-        try:
-            if not self.use_lock:
-                return await self._compute()
-            shared = await under_replica_lock(
-                self.layer, self.key, self._compute, self._stored_outcome
-            )
-        except Exception as exc:
-            self.error = exc
-            return Outcome()
+        if not self.use_lock:
+            return await self._own_error(self._compute())
+        shared = await self._own_error(
+            under_replica_lock(self.layer, self.key, self._compute, self._stored_outcome)
+        )
         assert shared is not None  # waiting for the lock always ends with an outcome
         return shared
 
@@ -145,27 +143,30 @@ class Fill:
         """What a miss computes once it waited ``CACHE_LOCK_TIMEOUT_SECONDS`` for this process's
         computation in vain: at once, without the replicas' lock (whose wait would double the
         wait the setting bounds). An exception is its own, as in :meth:`_work`."""
-        try:
-            return await self._compute()
-        except Exception as exc:
-            self.error = exc
-            return Outcome()
+        return await self._own_error(self._compute())
 
     async def _refresh_work(self) -> Outcome:
         """The computation a refresh's single-flight runs. Misses of the same key may join it
         (the entry went past its stale window meanwhile): as with :meth:`_work`, its exception
         is its own, and they get nothing to share (each then runs the handler, and on failure
         gets the stale entry if the route allows it)."""
-        try:
-            if not self.use_lock:
-                return await self._recompute()
-            shared = await under_replica_lock(
+        if not self.use_lock:
+            return await self._own_error(self._recompute())
+        shared = await self._own_error(
+            under_replica_lock(
                 self.layer, self.key, self._recompute, self._stored_outcome, wait=False
             )
+        )
+        return shared or Outcome()
+
+    async def _own_error(self, computation: Awaitable[T]) -> T | Outcome:
+        """``computation``'s result; an exception it raises is kept in ``error`` for this
+        request alone, and those sharing the computation get nothing (an empty outcome)."""
+        try:
+            return await computation
         except Exception as exc:
             self.error = exc
             return Outcome()
-        return shared or Outcome()
 
     async def _recompute(self) -> Outcome:
         # A refresh that finished a moment ago leaves nothing to do.

@@ -366,7 +366,7 @@ class RequestFlow:
             # The GET's headers (ETag, Cache-Control, Vary), as a HEAD answered from its entry
             # has them: a HEAD's answer may freshen a client's or a proxy's copy of the GET's.
             prepared = prepare(entry, private=call.private)
-            fresh_for = self.route.expire or layer.settings.CACHE_TTL_SECONDS
+            fresh_for = self.route.lifetime(layer.settings.CACHE_TTL_SECONDS)
             return _replay(
                 self.route, prepared, fresh_for, served, asked, _client_has(asked, prepared)
             )

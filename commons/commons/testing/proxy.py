@@ -31,9 +31,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from commons.testing.redis_server import free_port
+from commons.testing.redis_server import RedisServer, free_port
 
-__all__ = ["LoopbackProxy", "ProxiedConnection"]
+__all__ = ["LoopbackProxy", "ProxiedConnection", "start_or_let_go"]
 
 #: How much of what the client sent a connection keeps, to be told apart by.
 _SENT_KEPT_BYTES = 4096
@@ -261,3 +261,16 @@ def _copy_outcome(task: asyncio.Task[Any], done: Future[Any]) -> None:
         done.set_exception(exc)
     else:
         done.set_result(task.result())
+
+
+def start_or_let_go(server: RedisServer, proxies: dict[int, LoopbackProxy]) -> RedisServer:
+    """Starts ``server``; if it fails, stops it and the proxy in front of it (``proxies``, by
+    the server's port), so that its owner may try again on other ports."""
+    try:
+        return server.start()
+    except BaseException:
+        server.stop()
+        proxy = proxies.pop(server.port, None)
+        if proxy is not None:
+            proxy.stop()
+        raise

@@ -22,15 +22,13 @@ from dataclasses import dataclass, field
 
 from redis.crc import key_slot
 
-from commons.testing.proxy import LoopbackProxy
-from commons.testing.redis_server import PortTakenError, RedisServer, free_port
+from commons.testing.proxy import LoopbackProxy, start_or_let_go
+from commons.testing.redis_server import RedisServer, free_port, started_on_free_ports
 
 __all__ = ["SLOTS", "LocalRedisCluster", "bulk_text", "info_field"]
 
 #: Slots of a Redis Cluster.
 SLOTS = 16384
-#: Ports tried for a node at start, one after another when taken.
-_PORT_CHOICES = 5
 
 
 def bulk_text(reply: bytes) -> str:
@@ -89,21 +87,12 @@ class LocalRedisCluster:
         total = self.primaries * (1 + self.replicas_per_primary)
         try:
             for _ in range(total):
-                self.nodes.append(self._started_node())
+                self.nodes.append(started_on_free_ports(self._start_node_on_free_ports))
             self._assemble(timeout)
         except BaseException:
             self.stop()
             raise
         return self
-
-    def _started_node(self) -> RedisServer:
-        """A node started on ports of its own (others when one was taken meanwhile)."""
-        for _ in range(_PORT_CHOICES - 1):
-            try:
-                return self._start_node_on_free_ports()
-            except PortTakenError:
-                pass
-        return self._start_node_on_free_ports()
 
     def _start_node_on_free_ports(self) -> RedisServer:
         port = free_port()
@@ -136,15 +125,7 @@ class LocalRedisCluster:
                 *announced,
             ],
         )
-        try:
-            node.start()
-        except BaseException:
-            node.stop()
-            proxy_of_node = self.proxies.pop(port, None)
-            if proxy_of_node is not None:
-                proxy_of_node.stop()
-            raise
-        return node
+        return start_or_let_go(node, self.proxies)
 
     def _assemble(self, timeout: float) -> None:
         first = self.nodes[0]

@@ -18,19 +18,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from commons.testing.proxy import LoopbackProxy
+from commons.testing.proxy import LoopbackProxy, start_or_let_go
 from commons.testing.redis_cluster import info_field
 from commons.testing.redis_server import (
-    PortTakenError,
     RedisServer,
     find_redis_server,
     free_port,
+    started_on_free_ports,
 )
 
 __all__ = ["LocalSentinel"]
-
-#: Ports tried for a server at start, one after another when taken.
-_PORT_CHOICES = 5
 
 
 @dataclass
@@ -78,12 +75,7 @@ class LocalSentinel:
     def _started_server(self, extra_args: list[str] | None = None) -> RedisServer:
         """A server started, with its proxy if ``proxied`` (on other ports when one was taken
         meanwhile)."""
-        for _ in range(_PORT_CHOICES - 1):
-            try:
-                return self._start_server(extra_args or [])
-            except PortTakenError:
-                pass
-        return self._start_server(extra_args or [])
+        return started_on_free_ports(lambda: self._start_server(extra_args or []))
 
     def _start_server(self, extra_args: list[str]) -> RedisServer:
         port, announced = free_port(), []
@@ -91,14 +83,7 @@ class LocalSentinel:
             proxy = self.proxies[port] = LoopbackProxy(port).start()
             announced = ["--replica-announce-port", str(proxy.port)]
         server = RedisServer(port=port, extra_args=[*announced, *extra_args])
-        try:
-            return server.start()
-        except BaseException:
-            server.stop()
-            proxy_of_server = self.proxies.pop(port, None)
-            if proxy_of_server is not None:
-                proxy_of_server.stop()
-            raise
+        return start_or_let_go(server, self.proxies)
 
     def announced_port(self, server: RedisServer) -> int:
         """The port the Sentinel and clients know ``server`` by: its proxy's, if ``proxied``."""

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +32,7 @@ __all__ = [
     "named_redis_server",
     "redis_server_version",
     "server_name_and_version",
+    "started_on_free_ports",
     "supports_tls",
 ]
 
@@ -153,6 +154,20 @@ class PortTakenError(RuntimeError):
 
 #: Ports a server that chose its own tries at its first start, one after another when taken.
 _PORT_CHOICES = 5
+
+
+def started_on_free_ports(start: Callable[[], RedisServer]) -> RedisServer:
+    """``start()`` (which picks the ports of a server it starts), again while the ports it
+    picked were taken by the time the server bound them (:class:`PortTakenError`), a few times:
+    for owners that give a server its ports (a cluster's bus port, a proxy in front of it)."""
+    for _ in range(_PORT_CHOICES - 1):
+        try:
+            return start()
+        except PortTakenError:
+            pass
+    return start()
+
+
 #: What redis-server logs when its port (or its cluster bus port) is taken.
 _PORT_TAKEN = "address already in use"
 
