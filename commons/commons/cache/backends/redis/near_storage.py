@@ -51,11 +51,10 @@ SHARED_GENERATIONS_MAX = 4096
 #: read at random: about 70 us of CPU per read kept, all included). Over such a working set
 #: (57,000 reads from Redis between two reads of a key) every kept entry evicts one read as
 #: often, for the same share of hits from memory: with 16,384 slots one read from Redis in five
-#: was kept (15 us on every read from Redis), with 4,096 one in fifteen, with these one in
-#: fifty-seven (in-process over 100,000 keys, 16 callers, alternating chunks: the floor's CPU
-#: over ours 0.35x with 4,096 slots, 0.38x with these, 0.38x keeping nothing at all). A key
-#: read every thousand or so reads from Redis (a hot set) still comes in on its second or third
-#: read.
+#: was kept (15 us on every read from Redis), with 4,096 one in fifteen (5-7 us: in-process,
+#: one caller, a kept read cost 85-130 us more than one that keeps nothing), with these one in
+#: fifty-seven. A key read every thousand or so reads from Redis (a hot set) still comes in on
+#: its second or third read.
 ADMISSION_SLOTS = 1 << 10
 
 #: A held entry: ``(value, expires_at, generation, generation_keys, generation_values)``.
