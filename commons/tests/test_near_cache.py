@@ -393,6 +393,24 @@ async def test_an_entry_rewritten_outside_a_fill_is_found_by_the_sampled_verific
     assert caplog.text.count("cause unknown") == 1
 
 
+async def test_an_operators_set_that_drops_the_expiry_is_found_by_the_sampled_verification(
+    verifying_store: RedisStore, recorder: Recorder, outside: Redis
+) -> None:
+    """A plain ``SET`` (no ``KEEPTTL``) leaves the key with no expiry, which no fill ever
+    writes: it is no later fill, whatever its expiry compares to. Held as one, it was answered
+    from memory until the held copy expired (minutes), every hit verified."""
+    store = verifying_store
+    await filled(store, recorder)
+    await outside.set(KEY, b"v2")
+    changed_at = time.monotonic()
+
+    answers = await answers_after(store, changed_at, 0.5)
+
+    assert [at for at, value, _ in answers if value == b"v1"][-1] < 0.2
+    assert answers[-1][1] == b"v2"
+    assert FlushReason.DIVERGED in recorder.flushes
+
+
 async def test_a_later_fill_of_an_evicted_entry_is_no_divergence(
     verifying_store: RedisStore, recorder: Recorder, outside: Redis
 ) -> None:

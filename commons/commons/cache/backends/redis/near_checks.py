@@ -55,6 +55,9 @@ CONFIRM_PERIODS_PER_MAX_AGE = 3
 MAX_VERIFICATIONS = 8
 _FAILURES = (redis_errors.RedisError, OSError, asyncio.TimeoutError)
 
+#: What PTTL answers for a key that exists with no expiry.
+_NO_EXPIRY = -1
+
 
 class NearChecks:
     """The confirmation loop and the sampled verification of one near cache."""
@@ -162,7 +165,16 @@ class NearChecks:
             )
         except _FAILURES:
             return
-        expires_at = sent_at + ttl_ms / 1000 if ttl_ms >= 0 else math.inf
+        if ttl_ms >= 0:
+            expires_at = sent_at + ttl_ms / 1000
+        elif ttl_ms == _NO_EXPIRY:
+            # Every fill sets an expiry: a copy without one (an operator's plain SET) is never a
+            # later fill, whatever it holds.
+            expires_at = -math.inf
+        else:
+            # Gone by the time the PTTL (sent first) was read: a value the MGET still found is a
+            # fill that landed in between.
+            expires_at = math.inf
         if near.diverges(key, values[0], values[1:], expires_at):
             if not self._divergence_logged:
                 self._divergence_logged = True
