@@ -19,6 +19,7 @@ from commons.cache import (
     init_cache,
     tenant_cache_key_builder,
 )
+from commons.testing.kit import assert_bypassed
 from commons.utilities.context import RequestContextMiddleware, set_tenant_id
 
 from _support import client_for
@@ -192,3 +193,32 @@ async def test_with_the_middleware_guide_answers_carry_cache_status_too(
     assert miss.headers["cache-status"] == "test-cache; fwd=miss"
     assert hit.headers["cache-status"] == "test-cache; hit; ttl=60"
     assert ours.headers["cache-status"] == "test-cache; fwd=miss; stored"  # its own, kept
+
+
+async def test_a_guide_request_with_no_identity_says_bypass_as_ours_does(
+    client: httpx.AsyncClient,
+) -> None:
+    # The fastapi-cache2 decorator labels the uncached answer MISS itself: a fail-closed request
+    # would read as a miss, and the testing kit's assert_bypassed would refuse it.
+    guide = await client.get("/guide")
+    ours = await client.get("/ours")
+    later = await client.get("/guide", headers={"X-Test-Tenant": "a"})
+
+    for response in (guide, ours):
+        assert response.json() == {"config": "tenant data"}
+        assert "x-fastapi-cache" not in response.headers
+        assert response.headers["cache-status"] == "test-cache; fwd=bypass"
+        assert_bypassed(response)
+    assert later.headers["x-fastapi-cache"] == "MISS"  # the note is the request's alone
+
+
+async def test_an_if_none_match_split_over_two_lines_gets_a_304_on_either_decorator(
+    client: httpx.AsyncClient,
+) -> None:
+    for path in ("/guide", "/ours"):
+        etag = (await client.get(path, headers={"X-Test-Tenant": "a"})).headers["etag"]
+        asked = [("X-Test-Tenant", "a"), ("If-None-Match", '"other"'), ("If-None-Match", etag)]
+
+        response = await client.get(path, headers=asked)
+
+        assert response.status_code == 304, path

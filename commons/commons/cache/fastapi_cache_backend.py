@@ -45,7 +45,7 @@ from starlette.responses import Response
 
 from commons.cache.entry import BODY, RejectReason, route_fingerprint
 from commons.cache.events import LookupOutcome
-from commons.cache.http import header_values
+from commons.cache.http import header_values, note_bypass
 from commons.cache.keyspace import (
     namespace_of_key,
     scope_of_namespace_text,
@@ -175,6 +175,7 @@ class LayerBackend(Backend):
             if layer.enabled:
                 bypass = LookupOutcome.BYPASS_NO_IDENTITY
             layer.events.lookup(namespace, bypass)
+            note_bypass()  # the decorator will say MISS: the middleware says bypass
             return 0, None
         _ReadForWrite.remember(key, lookup.token)
         value = lookup.value

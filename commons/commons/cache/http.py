@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,6 +46,7 @@ __all__ = [
     "PreparedResponse",
     "Served",
     "asks_for_fresh",
+    "bypass_noted",
     "cache_status",
     "cache_status_name",
     "cacheable_response",
@@ -51,6 +55,7 @@ __all__ = [
     "etag_matches",
     "header_values",
     "labelled",
+    "note_bypass",
     "prepare",
     "prepare_plain_json",
     "replay",
@@ -343,3 +348,28 @@ def replay(
     if extra_headers:
         headers.extend(extra_headers)
     return CachedBytesResponse(b"" if head else prepared.body, prepared.status_code, headers)
+
+
+#: Per request, while ``PrivateCacheControlMiddleware`` serves it: whether the cache took no part
+#: (no identity bound) in an answer of fastapi-cache2's decorator, which labels every answer it
+#: did not read from the cache ``MISS`` and cannot be told otherwise. A list, so that a note
+#: made in a copy of the request's context (a task, a thread) still reaches the middleware.
+_bypass_note: ContextVar[list[bool] | None] = ContextVar("commons_cache_bypass", default=None)
+
+
+def note_bypass() -> None:
+    """Notes, for the request being served, that the cache took no part in its answer."""
+    note = _bypass_note.get()
+    if note is not None:
+        note.append(True)
+
+
+@contextmanager
+def bypass_noted() -> Iterator[list[bool]]:
+    """A note for :func:`note_bypass` while one request is served: non-empty once noted."""
+    note: list[bool] = []
+    token = _bypass_note.set(note)
+    try:
+        yield note
+    finally:
+        _bypass_note.reset(token)

@@ -17,7 +17,8 @@ answers with a digest of their bytes; this middleware gives any response that ca
   say so already and are left as they are;
 - ``Cache-Status`` (RFC 9211) when the decorator did not send one: ``hit; ttl=<max-age>`` or
   ``fwd=miss`` (fastapi-cache2's backend interface does not say whether it stored, nor how old an
-  entry is: no ``stored``, no ``Age``);
+  entry is: no ``stored``, no ``Age``); ``fwd=bypass``, and no ``X-FastAPI-Cache``, when our
+  backend found no identity to key the request under (that decorator says ``MISS`` for it);
 - a ``200`` whose ETag is not a quoted tag gets ours (:func:`~commons.cache.http.entry_etag`, the
   first 128 bits of the body's SHA-256, the same in every process and replica), and a request whose
   ``If-None-Match`` matches it gets ``304`` with no body. That needs the whole body before the
@@ -44,6 +45,7 @@ from commons.cache.http import (
     CACHE_STATUS_HEADER,
     NOT_MODIFIED_HEADERS,
     asks_for_fresh,
+    bypass_noted,
     cache_status_name,
     entry_etag,
     etag_matches,
@@ -71,14 +73,19 @@ def _make_private(headers: MutableHeaders) -> None:
         headers["vary"] = f"{vary}, Authorization"
 
 
-def _add_cache_status(headers: MutableHeaders) -> None:
+def _add_cache_status(headers: MutableHeaders, bypassed: bool) -> None:
     """``Cache-Status`` (RFC 9211) for an answer of fastapi-cache2's decorator, from what it
     says: ``hit`` with the ``max-age`` it sent as ``ttl``, or ``fwd=miss`` (whether the answer
-    was stored, and its ``Age``, are not known here)."""
+    was stored, and its ``Age``, are not known here); ``fwd=bypass`` and no ``X-FastAPI-Cache``,
+    as on our decorator, when the cache took no part (``bypassed``: no identity bound)."""
     layer = current_layer()
     if layer is None:
         return
     name = cache_status_name(layer.prefix).decode("ascii")
+    if bypassed:
+        del headers[_STATUS_HEADER]
+        headers["cache-status"] = f"{name}; fwd=bypass"
+        return
     if headers[_STATUS_HEADER] != "HIT":
         headers["cache-status"] = f"{name}; fwd=miss"
         return
@@ -112,7 +119,8 @@ class PrivateCacheControlMiddleware:
                 headers = MutableHeaders(scope=message)
                 if _STATUS_HEADER in headers and "cache-status" not in headers:
                     # fastapi-cache2's answer (ours carry Cache-Status and follow our rules).
-                    _add_cache_status(headers)  # reads the max-age that _make_private replaces
+                    # Reads the max-age that _make_private replaces.
+                    _add_cache_status(headers, bool(bypassed))
                     _make_private(headers)
                     if _needs_our_etag(message, headers):
                         start = message  # held until the whole body is known
@@ -127,7 +135,8 @@ class PrivateCacheControlMiddleware:
                 return
             await _send_tagged(scope, start, b"".join(body), send)
 
-        await self.app(scope, receive, send_cached)
+        with bypass_noted() as bypassed:
+            await self.app(scope, receive, send_cached)
 
 
 def _under_the_client_rule(scope: Scope) -> Scope:
@@ -147,7 +156,9 @@ async def _send_tagged(scope: Scope, start: Message, body: bytes, send: Send) ->
     headers = MutableHeaders(scope=start)
     etag = entry_etag(body)
     headers["etag"] = etag
-    if etag_matches(Headers(scope=scope).get("if-none-match"), etag):
+    # Every line of it, as our decorator reads it: a list may come split over several.
+    asked = Headers(scope=scope).getlist("if-none-match")
+    if etag_matches(", ".join(asked) if asked else None, etag):
         kept = [
             (name, value)
             for name, value in start["headers"]

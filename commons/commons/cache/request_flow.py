@@ -17,9 +17,10 @@ are in ``decision.py``), counts it once (``CacheEvents.lookup``) and answers:
   entry within ``stale_if_error``, a failed computation (an exception, or a 5xx answer) is answered
   with the stale entry instead (``_Miss``). A HEAD's miss is the handler's answer, never stored.
 
-Every answer says how it was served: ``X-FastAPI-Cache``, ``Cache-Status`` (RFC 9211: the cache's
-name, then ``hit; ttl=`` or ``fwd=<why>`` with ``stored`` / ``collapsed``) and, when it comes from
-storage, ``Age`` (``layer.Lookup.age``).
+Every answer returned says how it was served: ``X-FastAPI-Cache``, ``Cache-Status`` (RFC 9211: the
+cache's name, then ``hit; ttl=`` or ``fwd=<why>`` with ``stored`` / ``collapsed``) and, when it
+comes from storage, ``Age`` (``layer.Lookup.age``). An exception the handler raises goes on to
+FastAPI's exception handlers, whose answer carries neither header.
 
 Headers and cookies that the route's dependencies set on FastAPI's ``Response`` parameter are sent
 with every answer (HIT or MISS) and never stored; headers the handler sets there are part of the
