@@ -805,3 +805,33 @@ async def test_a_key_builder_that_returns_no_str_serves_uncached_and_says_what_i
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert f"the key builder returned {returned}, not a str" in warnings[0]
+
+
+@pytest.mark.parametrize("backend_name", ["redis"])  # generations live in Redis
+async def test_a_generation_key_of_another_type_is_replaced_not_a_failure_on_every_request(
+    backend: CacheSettings,
+    counting_app: tuple[FastAPI, list[str]],
+    redis_keys: RedisKeys,
+) -> None:
+    # What Redis holds under our names may be anything (an operator's mistake, another tool): a
+    # generation that is a hash made every fill fail with WRONGTYPE, for as long as it stayed.
+    assert backend.REDIS_URL is not None
+    app, runs = counting_app
+    async with client_for(app) as client:
+        await client.get("/config", headers=ACME)
+        generations = sorted(key for key in await redis_keys() if ":#gen:" in key)
+        outside = Redis.from_url(backend.REDIS_URL)
+        try:
+            for key in generations:
+                await outside.delete(key)
+                await outside.hset(key, "operator", "was here")
+        finally:
+            await outside.aclose()
+
+        answers = [await client.get("/config", headers=ACME) for _ in range(3)]
+
+    assert generations
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    assert [answer.headers["X-FastAPI-Cache"] for answer in answers] == ["MISS", "HIT", "HIT"]
+    assert runs == ["acme", "acme"]
+    assert cache_status().backend == "redis"

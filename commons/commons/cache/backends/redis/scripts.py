@@ -144,10 +144,16 @@ return 1
 """
 )
 
-# The generations of a scope (KEYS), each created with a random value (ARGV) where missing.
+# The generations of a scope (KEYS), each created with a random value (ARGV) where missing. One
+# of another type was written by something else (an operator, another tool): no fill could ever
+# be stored under it (its GET fails), so it is replaced, which retires it as an invalidation does.
 ENSURE_GENERATIONS = """
 local seen = {}
 for i = 1, #KEYS do
+  local kind = redis.call('TYPE', KEYS[i])['ok']
+  if kind ~= 'string' and kind ~= 'none' then
+    redis.call('DEL', KEYS[i])
+  end
   redis.call('SET', KEYS[i], ARGV[i], 'NX', 'PX', ARGV[#KEYS + 1])
   seen[i] = redis.call('GET', KEYS[i])
 end
