@@ -54,8 +54,16 @@ class Rates:
 
     async def answer_later(self) -> dict[str, int] | JSONResponse:
         """:meth:`answer`, once :attr:`gate` is open (a slow upstream)."""
+        self.entered.set()
         await self.gate.wait()
         return self.answer()
+
+    @property
+    def entered(self) -> asyncio.Event:
+        """Set once the handler has been called."""
+        if not hasattr(self, "_entered"):
+            self._entered = asyncio.Event()
+        return self._entered
 
     @property
     def gate(self) -> asyncio.Event:
@@ -195,6 +203,28 @@ async def test_an_invalidated_entry_is_never_served_on_an_error(
     answer = await client.get("/rates", headers=TENANT)
 
     assert answer.status_code == 500
+    assert events.stale_on_error == []
+
+
+@pytest.mark.parametrize("failure", ["raises", "503"])
+async def test_an_invalidation_that_returns_while_the_handler_runs_is_not_undone_by_its_failure(
+    events: CountingEvents, client: httpx.AsyncClient, rates: Rates, failure: str
+) -> None:
+    # The request looked the stale entry up before the invalidation: the entry it would fall
+    # back on was valid then, and is no longer once the invalidation has returned.
+    await client.get("/rates", headers=TENANT)
+    await age_entry(KEY, 20)
+    rates.failure = failure
+    rates.gate.clear()
+    request = asyncio.create_task(client.get("/rates", headers=TENANT))
+    await rates.entered.wait()
+    await invalidate_namespace("rates", tenant_id="acme")
+    rates.gate.set()
+
+    answer = await request
+
+    assert answer.status_code in (500, 503)
+    assert answer.headers.get("x-fastapi-cache") != "STALE"
     assert events.stale_on_error == []
 
 

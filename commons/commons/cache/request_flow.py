@@ -131,6 +131,9 @@ class _Stale(NamedTuple):
 
     prepared: PreparedResponse
     lookup: Lookup
+    #: What it was looked up under, to look it up again before it is served.
+    key: ScopedKey
+    fingerprint: bytes
 
 
 class _LookedUp(NamedTuple):
@@ -349,7 +352,7 @@ class RequestFlow:
             return await self._head_miss(layer, call, looked.asked)
         stale = None
         if outcome == RequestOutcome.MISS_STALE_FALLBACK and looked.prepared is not None:
-            stale = _Stale(looked.prepared, lookup)
+            stale = _Stale(looked.prepared, lookup, looked.key, looked.fingerprint)
         fill = Fill(self.route, layer, call, lookup.token)
         reason = FORWARDED_BECAUSE[outcome]
         return await _Miss(self, layer, fill, looked.asked, reason, stale).answer()
@@ -404,8 +407,10 @@ class _Miss:
     (``stale_if_error``).
 
     A failure is an exception (other than an ``HTTPException`` below 500: a 404 is an answer) or
-    a 5xx answer (RFC 5861, 4). The stale entry is only ever one the lookup validated against
-    the scope's generations now: an invalidated entry is never one of them.
+    a 5xx answer (RFC 5861, 4). The stale entry is served only if a lookup after the failure
+    still finds those very bytes valid under the scope's generations: an invalidation that
+    returned while the handler ran wins, and one that cannot be ruled out (Redis failing too)
+    as well.
     """
 
     def __init__(
@@ -429,7 +434,7 @@ class _Miss:
         fill, asked = self.fill, self.asked
         shared = await fill.shared()
         if fill.error is not None:
-            return self._stale_or_raise(fill.error)
+            return await self._stale_or_raise(fill.error)
         if shared.prepared is not None:
             if shared is not fill.outcome:
                 detail = self.reason + b"; collapsed"
@@ -445,7 +450,9 @@ class _Miss:
             return await self._own_computation()
         response = shared.response  # this request computed it: its very own answer
         if response.status_code >= 500 and self.stale is not None:
-            return self._stale_answer(response.status_code, None)
+            stale = await self._stale_answer(response.status_code, None)
+            if stale is not None:
+                return stale
         why = why_never_stored(response)
         if why is not None:
             self.flow._warn_once(fill.call.request, _NEVER_STORED, why)
@@ -459,23 +466,31 @@ class _Miss:
         try:
             result = await self.flow.route.call_handler(call.args, call.kwargs)
         except Exception as exc:
-            return self._stale_or_raise(exc)
+            return await self._stale_or_raise(exc)
         if isinstance(result, Response) and result.status_code >= 500 and self.stale is not None:
-            return self._stale_answer(result.status_code, None)
+            stale = await self._stale_answer(result.status_code, None)
+            if stale is not None:
+                return stale
         return labelled(result, call.sub_response, self._cache_status(), _MISS)
 
     def _cache_status(self) -> bytes:
         return cache_status(self.flow.served(self.layer, _MISS, self.reason))
 
-    def _stale_or_raise(self, error: Exception) -> Response:
+    async def _stale_or_raise(self, error: Exception) -> Response:
         if self.stale is None or (isinstance(error, HTTPException) and error.status_code < 500):
             raise error
         status = error.status_code if isinstance(error, HTTPException) else 500
-        return self._stale_answer(status, error)
+        answer = await self._stale_answer(status, error)
+        if answer is None:
+            raise error
+        return answer
 
-    def _stale_answer(self, failed_status: int, error: Exception | None) -> Response:
+    async def _stale_answer(self, failed_status: int, error: Exception | None) -> Response | None:
+        """The stale entry's answer, if it is still valid (``None``: the failure stands)."""
         stale, namespace = self.stale, self.flow.namespace
         assert stale is not None  # only called when there is one
+        if not await self._still_stored(stale):
+            return None
         logger.warning(
             "serving a stale entry of namespace %r: computing a fresh answer failed (%d)",
             namespace,
@@ -487,6 +502,18 @@ class _Miss:
         served = self.flow.served(self.layer, _STALE, detail, stale.lookup)
         not_modified = _client_has(self.asked, stale.prepared)
         return _replay(self.flow.route, stale.prepared, 0, served, self.asked, not_modified)
+
+    async def _still_stored(self, stale: _Stale) -> bool:
+        """Whether a lookup now finds the stale entry's very bytes, valid under the scope's
+        generations as they are now."""
+        found = stale.lookup.value
+        current = await self.layer.lookup(stale.key, stale.fingerprint)
+        return (
+            found is not None
+            and current is not None
+            and current.value is not None
+            and current.value.raw == found.raw
+        )
 
 
 def _asks_for_fresh(layer: CacheLayer, cache_control: str) -> bool:
