@@ -45,24 +45,45 @@ from commons.cache.scope import CacheScope, InvalidationTarget, tag_namespace
 from commons.cache.settings import CacheSettings
 from commons.cache.status import CacheState
 
-__all__ = ["Removals"]
+__all__ = ["INVALIDATION_CLOCK_MAX_NAMESPACES", "InvalidationClock", "Removals"]
 
 logger = logging.getLogger("commons.cache")
 
 
+#: Namespaces (tags' included) whose last invalidation the clock remembers, at most: tags are
+#: meant to be one per item, so a service may invalidate millions of distinct ones.
+INVALIDATION_CLOCK_MAX_NAMESPACES = 16_384
+
+
 class InvalidationClock:
     """This process's invalidations as a clock: a fill stores its value only if the clock of its
-    namespace has not moved since its read (the layer's fill tokens)."""
+    namespace has not moved since its read (the layer's fill tokens).
+
+    Bounded: past :data:`INVALIDATION_CLOCK_MAX_NAMESPACES` it forgets every namespace at once
+    and counts as an invalidation of everything at that moment, so a fill read before it is
+    refused (a miss), as it would have been had its namespace been invalidated: the clock only
+    ever errs towards refusing a fill.
+    """
 
     def __init__(self) -> None:
         self._clock = 0
         self._invalidated_at: dict[str, int] = {}
         self._cleared_at = 0
 
+    def __len__(self) -> int:
+        """The namespaces remembered."""
+        return len(self._invalidated_at)
+
     def mark(self, namespace: str | None) -> None:
         """Records an invalidation of ``namespace`` (``None``: of everything)."""
         self._clock += 1
         if namespace is None:
+            self._cleared_at = self._clock
+        elif (
+            len(self._invalidated_at) >= INVALIDATION_CLOCK_MAX_NAMESPACES
+            and namespace not in self._invalidated_at
+        ):
+            self._invalidated_at.clear()
             self._cleared_at = self._clock
         else:
             self._invalidated_at[namespace] = self._clock
