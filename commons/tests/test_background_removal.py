@@ -112,3 +112,32 @@ async def test_a_failing_removal_is_logged_and_the_next_one_runs(
 
     assert removals.removed == [("ns", 3)]
     assert "left to expire" in caplog.text
+
+
+async def test_closing_stops_a_removal_that_swallowed_one_cancellation() -> None:
+    # redis-py can swallow a cancellation that lands inside a command (it reconnects and goes
+    # on): a removal of many pages then ran to its end after the close returned, through a client
+    # that reconnected on its own.
+    pages: list[int] = []
+
+    async def stubborn_removal() -> int:
+        swallowed = False
+        while True:
+            try:
+                await asyncio.sleep(0.005)  # one page
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed = True
+            pages.append(1)
+
+    runner = BackgroundRemovals(on_removed=lambda *_: None, on_pending=lambda _: None)
+    runner.start("target", "ns", stubborn_removal)
+    await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(runner.aclose(), timeout=0.5)
+    after_close = len(pages)
+    await asyncio.sleep(0.05)
+
+    assert runner.pending == 0
+    assert len(pages) == after_close

@@ -38,6 +38,8 @@ MAX_WAITING = 10_000
 
 #: How long closing waits for cancelled removals to end.
 CLOSE_WAIT_SECONDS = 1.0
+#: How often closing cancels again a removal that has not ended yet.
+CANCEL_AGAIN_SECONDS = 0.01
 
 Removal = Callable[[], Awaitable[int]]
 
@@ -124,11 +126,17 @@ class BackgroundRemovals:
         """Cancels what runs and drops what waits. Safe to call twice."""
         self._closed = True
         self._waiting.clear()
-        running = list(self._running)
-        for task in running:
-            task.cancel()
-        if running:
-            # Bounded: redis-py can hold a cancellation back while it reconnects; a removal that
-            # outlives this wait ends with the connections the store closes next.
-            await asyncio.wait(running, timeout=CLOSE_WAIT_SECONDS)
+        running = set(self._running)
+        deadline = asyncio.get_running_loop().time() + CLOSE_WAIT_SECONDS
+        while running:
+            # Again and again: redis-py can swallow a cancellation that lands inside a command
+            # (it reconnects and goes on), and a removal's next page would then run, through a
+            # client that reconnects by itself, until the whole target is removed.
+            for task in running:
+                task.cancel()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                logger.warning("a removal of invalidated entries outlived close_cache()")
+                break
+            _, running = await asyncio.wait(running, timeout=min(CANCEL_AGAIN_SECONDS, left))
         self._on_pending(self.pending)
