@@ -131,7 +131,8 @@ class CacheSettings(BaseSettings):
         "used go first, once full an entry comes in on its second read, and an entry above a "
         "sixty-fourth of it is not kept. On a cluster each primary's near cache gets its share. "
         "What repeated hits answered from it remember (up to 65,536 keys, their stored bytes "
-        "counted though shared with the near cache) is bounded by it too, counted apart.",
+        "counted though shared with the near cache) is bounded by it too, counted apart; the "
+        "hit path's other memos come on top (Operations, 'Memory a worker holds').",
     )
     CACHE_NEAR_CACHE_MAX_AGE_SECONDS: float = Field(
         default=5.0,
