@@ -150,8 +150,8 @@ return 1
 ENSURE_GENERATIONS = """
 local seen = {}
 for i = 1, #KEYS do
-  local kind = redis.call('TYPE', KEYS[i])['ok']
-  if kind ~= 'string' and kind ~= 'none' then
+  local held = redis.pcall('GET', KEYS[i])
+  if type(held) == 'table' and held['err'] then
     redis.call('DEL', KEYS[i])
   end
   redis.call('SET', KEYS[i], ARGV[i], 'NX', 'PX', ARGV[#KEYS + 1])
