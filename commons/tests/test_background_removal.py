@@ -68,14 +68,21 @@ async def test_the_same_target_waiting_twice_is_removed_once() -> None:
     assert len(removals.removed) == 2
 
 
-async def test_past_the_waiting_bound_a_removal_is_given_up_and_counted() -> None:
+async def test_past_the_waiting_bound_a_removal_is_given_up_counted_and_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     removals = Removals(max_waiting=2)
-    for n in range(5):
-        removals.start(f"target-{n}")
+    with caplog.at_level(logging.WARNING, logger="commons.cache"):
+        for n in range(5):
+            removals.start(f"target-{n}")
 
     # One runs, two wait, two are given up (their entries expire by themselves).
     assert removals.runner.pending == 3
     assert removals.runner.given_up == 2
+    assert [r.getMessage() for r in caplog.records].count(
+        "removal of invalidated entries given up: 2 removals were waiting (the invalidation "
+        "holds; its entries are left to expire)"
+    ) == 1
     removals.release.set()
     await removals.runner.wait()
     assert len(removals.removed) == 3

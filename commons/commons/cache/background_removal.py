@@ -87,7 +87,13 @@ class BackgroundRemovals:
             return
         if len(self._waiting) >= self._max_waiting:
             self.given_up += 1
-            logger.debug("removal of invalidated entries given up: %d waiting", self._max_waiting)
+            # Said once (then at DEBUG): a burst gives up many, and each only leaves memory used.
+            log = logger.warning if self.given_up == 1 else logger.debug
+            log(
+                "removal of invalidated entries given up: %d removals were waiting (the "
+                "invalidation holds; its entries are left to expire)",
+                self._max_waiting,
+            )
             return
         self._waiting[target] = (namespace, removal)
         self._run_next()
