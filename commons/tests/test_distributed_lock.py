@@ -287,6 +287,32 @@ async def test_a_request_waits_at_most_the_lock_timeout_before_computing_itself(
     assert 0.45 <= computing_after < 0.85, computing_after
 
 
+async def test_a_waiter_that_leads_after_a_cancelled_leader_waits_only_what_is_left_of_its_bound(
+    redis_layer: CacheLayer, make_identity_app: Callable[[], FastAPI]
+) -> None:
+    # CACHE_LOCK_TIMEOUT_SECONDS is 0.5 s. Another replica holds the lock and never answers. This
+    # process's first miss waits for it and is cancelled (its client went away) at 0.4 s; the
+    # second miss, waiting on the first since 0.1 s, leads then: it waits for the replicas' lock
+    # only for what is left of its own 0.5 s, not for another 0.5 s.
+    gate = Gate()
+    assert await redis_layer.try_lock(LOCK_KEY, b"dead-replica", 60_000)
+    loop = asyncio.get_running_loop()
+    async with client_for(locked_app(make_identity_app, gate, True)) as client:
+        first = asyncio.create_task(client.get("/report", headers=TENANT))
+        await asyncio.sleep(0.1)
+        asked = loop.time()
+        second = asyncio.create_task(client.get("/report", headers=TENANT))
+        await asyncio.sleep(0.3)
+        first.cancel()
+        await asyncio.wait_for(gate.entered.wait(), 5)
+        computing_after = gate.entered_at[0] - asked
+        gate.open.set()
+        await asyncio.wait_for(second, 5)
+
+    assert gate.calls == 1
+    assert 0.45 <= computing_after < 0.75, computing_after
+
+
 async def test_with_the_lock_concurrent_misses_still_run_the_handler_once_per_process(
     backend: CacheSettings, make_identity_app: Callable[[], FastAPI]
 ) -> None:

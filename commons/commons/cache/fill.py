@@ -12,6 +12,7 @@ waiter then runs the handler itself.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Hashable
 from dataclasses import dataclass
@@ -101,15 +102,17 @@ class Fill:
         self.outcome: Outcome | None = None
         #: What the handler raised, when this request computed and it raised.
         self.error: Exception | None = None
+        #: The loop time by which this request stops waiting for others' computations (set
+        #: when it asks for the shared outcome): one bound, whoever it waits for.
+        self._wait_until = 0.0
 
     async def shared(self) -> Outcome:
         """The outcome of this key's computation in this process: this request's own, or the
         one it joined (see the module docstring for what a waiter may receive)."""
+        wait_seconds = self.layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
+        self._wait_until = asyncio.get_running_loop().time() + wait_seconds
         return await _flights.run(
-            _flight_key(self.key, self.token),
-            self._work,
-            self.layer.settings.CACHE_LOCK_TIMEOUT_SECONDS,
-            self._work_alone,
+            _flight_key(self.key, self.token), self._work, wait_seconds, self._work_alone
         )
 
     async def refresh(self) -> None:
@@ -133,8 +136,12 @@ class Fill:
         """
         if not self.use_lock:
             return await self._own_error(self._compute())
+        # A request leading after a cancelled leader has waited already: only what is left.
+        left = max(self._wait_until - asyncio.get_running_loop().time(), 0.0)
         shared = await self._own_error(
-            under_replica_lock(self.layer, self.key, self._compute, self._stored_outcome)
+            under_replica_lock(
+                self.layer, self.key, self._compute, self._stored_outcome, wait_seconds=left
+            )
         )
         assert shared is not None  # waiting for the lock always ends with an outcome
         return shared

@@ -41,6 +41,7 @@ async def under_replica_lock(
     stored: Callable[[], Awaitable[T | None]],
     *,
     wait: bool = True,
+    wait_seconds: float | None = None,
 ) -> T | None:
     """``compute()`` under the replicas' lock for ``key``, or what another replica stored.
 
@@ -49,19 +50,22 @@ async def under_replica_lock(
         stored: The fresh entry stored right now, if any.
         wait: Wait for another replica's computation; when false, give up at once (``None``) if
             another replica holds the lock (a background refresh someone else already runs).
+        wait_seconds: The longest to wait for it (``CACHE_LOCK_TIMEOUT_SECONDS`` by default:
+            a request that waited already waits only what is left of it).
 
     Returns:
         The outcome; ``None`` only when ``wait`` is false and another replica holds the lock.
     """
     lock_key = layer.lock_key(key)
     token = secrets.token_bytes(16)
-    wait_seconds = layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
-    lock_ms = max(int(wait_seconds * 1000), 1)
+    lock_seconds = layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
+    lock_ms = max(int(lock_seconds * 1000), 1)
     acquired = await _try_lock(layer, lock_key, token, lock_ms)
     if acquired is False:
         if not wait:
             return None
-        found, acquired = await _wait_for_holder(layer, lock_key, token, lock_ms, stored)
+        wait_for = lock_seconds if wait_seconds is None else wait_seconds
+        found, acquired = await _wait_for_holder(layer, lock_key, token, lock_ms, wait_for, stored)
         if found is not None:
             return found
     try:
@@ -100,12 +104,14 @@ async def _wait_for_holder(
     lock_key: str,
     token: bytes,
     lock_ms: int,
+    wait_seconds: float,
     stored: Callable[[], Awaitable[T | None]],
 ) -> tuple[T | None, bool | None]:
-    """Polls while another replica holds the lock: (its stored entry, None) when it appears,
-    else (None, whether this replica took the lock over) once it is released or times out."""
+    """Polls while another replica holds the lock, for at most ``wait_seconds``: (its stored
+    entry, None) when it appears, else (None, whether this replica took the lock over) once it
+    is released or the wait is over."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + lock_ms / 1000
+    deadline = loop.time() + wait_seconds
     while loop.time() < deadline:
         await asyncio.sleep(_POLL_SECONDS)
         found = await stored()
