@@ -12,6 +12,7 @@ process that starts while Redis is away removes every entry before it reads Redi
 from __future__ import annotations
 
 import contextlib
+import errno
 import sqlite3
 import time
 from collections.abc import Callable
@@ -109,6 +110,57 @@ async def test_the_journal_of_a_live_process_is_left_to_it(tmp_path: Path) -> No
     await live.aclose()
     assert live.path is not None
     assert live.path.read_bytes() == encode_item(InvalidationTarget("ns"))
+
+
+def refusing_writes(journal: InvalidationJournal) -> None:
+    """The disk under ``journal`` refuses its writes from now on (full)."""
+
+    def refuse(lines: list[bytes]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    journal._write_sync = refuse  # type: ignore[method-assign]
+
+
+async def test_a_journal_whose_write_failed_hands_over_a_flush_of_everything(
+    tmp_path: Path,
+) -> None:
+    # Its process kept an invalidation the disk refused: the file cannot name it, and a process
+    # taking the file over read nothing and served the old entry once Redis was back.
+    first = InvalidationJournal(tmp_path, "svc")
+    await first.open()
+    await first.append(InvalidationTarget("ns", "early"))
+    refusing_writes(first)
+    await first.append(InvalidationTarget("ns", "acme"))
+    await first.aclose()
+    assert first.path is not None
+    assert first.path.exists()
+
+    second = InvalidationJournal(tmp_path, "svc")
+    taken = await second.open()
+    await second.aclose()
+
+    assert InvalidationTarget("ns", "early") in taken
+    assert None in taken  # a flush of the whole prefix, kept until Redis takes it
+    assert not first.path.exists()
+
+
+async def test_a_rewrite_of_everything_kept_makes_a_failed_journal_whole_again(
+    tmp_path: Path,
+) -> None:
+    journal = InvalidationJournal(tmp_path, "svc")
+    await journal.open()
+    write = journal._write_sync
+    refusing_writes(journal)
+    await journal.append(InvalidationTarget("ns", "acme"))
+    journal._write_sync = write  # type: ignore[method-assign]  # room again
+    await journal.rewrite(lambda: [InvalidationTarget("ns", "acme")])
+    await journal.aclose()
+
+    taker = InvalidationJournal(tmp_path, "svc")
+    assert await taker.open() == [InvalidationTarget("ns", "acme")]  # no flush
+    await taker.rewrite(list)
+    await taker.aclose()
+    assert _journal_contents(tmp_path) == []
 
 
 async def test_init_cache_applies_what_the_journal_kept_before_it_reads_redis(

@@ -22,12 +22,17 @@ again once every kept invalidation has reached Redis. Appends that arrive togeth
 write and one ``fsync`` (group commit), in a worker thread: the event loop never waits on the
 disk. A line cut short by a crash was never flushed, so its request never returned: it is
 skipped. A disk that refuses a write is logged (once, until a write succeeds again) and does not
-fail the request: the invalidation is still kept in memory, as without a journal.
+fail the request: the invalidation is still kept in memory, as without a journal. The file then
+no longer holds all that is kept, and says so in its name (``....incomplete.jsonl``, a rename,
+which needs no room on the disk): a process that takes it over keeps a flush of the whole prefix
+besides its lines, as a process that starts during an outage without a journal does, since
+nobody can name what is missing. A later rewrite of everything kept makes it whole again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -46,6 +51,8 @@ __all__ = ["InvalidationJournal", "JournalItem", "decode_item", "encode_item"]
 logger = logging.getLogger("commons.cache")
 
 _SUFFIX = ".jsonl"
+#: Before the suffix: the file lacks an item its process kept (a write failed).
+_INCOMPLETE = ".incomplete"
 
 
 def encode_item(item: JournalItem) -> bytes:
@@ -99,6 +106,8 @@ class InvalidationJournal:
         self._flusher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._failing = False
+        #: A write failed since the file last held everything kept (see the module docstring).
+        self._incomplete = False
 
     @property
     def path(self) -> Path | None:
@@ -128,6 +137,13 @@ class InvalidationJournal:
             if lines is not None:
                 taken.append(orphan)
                 items.extend(_decoded(orphan, lines))
+                if orphan.name.endswith(_INCOMPLETE + _SUFFIX):
+                    logger.warning(
+                        "invalidation journal %s lacks what its process could not write: the "
+                        "whole prefix is flushed before Redis is read",
+                        orphan,
+                    )
+                    items.append(None)
         if items:
             self._write_sync([encode_item(item) for item in items])
         # Only once their items are on disk here.
@@ -198,6 +214,7 @@ class InvalidationJournal:
         try:
             await asyncio.to_thread(write, lines)
         except OSError as exc:
+            self._mark_incomplete()
             if not self._failing:
                 self._failing = True
                 logger.error("invalidation journal %s not written: %s", self._path, exc)
@@ -215,7 +232,7 @@ class InvalidationJournal:
     def _replace_sync(self, lines: list[bytes]) -> None:
         assert self._file is not None
         assert self._path is not None
-        if not lines and self._file.tell() == 0:
+        if not lines and self._file.tell() == 0 and not self._incomplete:
             return
         hidden = self._path.with_name(f".{self._path.stem}.new")
         handle = hidden.open("wb")
@@ -228,9 +245,34 @@ class InvalidationJournal:
         except BaseException:
             handle.close()
             raise
-        self._file.close()
+        with contextlib.suppress(OSError):  # what it held is rewritten whole above
+            self._file.close()
         self._file = handle
+        if self._incomplete:
+            # Everything kept is on disk again: the file is whole under its first name.
+            whole = self._path.with_name(self._path.name.replace(_INCOMPLETE + _SUFFIX, _SUFFIX))
+            self._path.rename(whole)
+            self._path, self._incomplete = whole, False
         _sync_directory(self._directory)
+
+    def _mark_incomplete(self) -> None:
+        """Renames the file to say it lacks an item kept (see the module docstring)."""
+        path = self._path
+        if self._incomplete or path is None:
+            return
+        marked = path.with_name(path.name.removesuffix(_SUFFIX) + _INCOMPLETE + _SUFFIX)
+        try:
+            path.rename(marked)
+            _sync_directory(self._directory)
+        except OSError as exc:
+            logger.error(
+                "invalidation journal %s could not be marked incomplete (%s): an invalidation "
+                "kept now is lost if this process stops before Redis answers",
+                path,
+                exc,
+            )
+            return
+        self._path, self._incomplete = marked, True
 
     async def aclose(self) -> None:
         """Writes what is appended, then lets go of the file: removed when nothing is kept, else
@@ -241,9 +283,14 @@ class InvalidationJournal:
         if handle is None:
             return
         empty = handle.tell() == 0
-        if empty and self._path is not None:
+        if empty and not self._incomplete and self._path is not None:
             self._path.unlink(missing_ok=True)
-        handle.close()
+        try:
+            handle.close()
+        except OSError as exc:
+            # Lines a failed write left buffered: the file lacks them (the shutdown goes on).
+            self._mark_incomplete()
+            logger.error("invalidation journal %s not written at close: %s", self._path, exc)
 
 
 def _decoded(path: Path, lines: list[bytes]) -> list[JournalItem]:

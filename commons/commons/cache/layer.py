@@ -174,13 +174,18 @@ class CacheLayer:
 
     async def aclose(self) -> None:
         """Stops the recovery probe and closes the stores. Safe to call twice."""
-        await self._breaker.stop_probing()
-        await self._removals.settled()
-        await self._last_replay()
-        await self._removals.aclose()
-        if self._redis is not None:
-            await self._redis.aclose()
-        await self._memory.aclose()
+        try:
+            await self._breaker.stop_probing()
+            await self._removals.settled()
+            await self._last_replay()
+            await self._removals.aclose()
+        finally:
+            # Whatever failed above (a full disk under the journal, say), connections close.
+            try:
+                if self._redis is not None:
+                    await self._redis.aclose()
+            finally:
+                await self._memory.aclose()
 
     async def _last_replay(self) -> None:
         """A process that stops (or is initialised again) while it keeps invalidations for Redis
