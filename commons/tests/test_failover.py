@@ -448,3 +448,25 @@ async def test_an_invalidation_no_replica_received_survives_a_cluster_primary_cr
     finally:
         await client.aclose()
         await close_cache()
+
+
+async def test_an_invalidation_right_after_a_switch_over_survives_the_old_master_promoted_back(
+    client: httpx.AsyncClient, sentinel: LocalSentinel
+) -> None:
+    """After a switch-over the old master still reports itself a master until Sentinel converts
+    it (seconds): it takes no write of the new master meanwhile, yet Sentinel may promote it
+    again. An invalidation acknowledged in that window, with no replica to confirm it, was
+    applied on the new master alone and served old once the old master was promoted back."""
+    master, replica = sentinel.servers
+    assert (await get(client)).json() == {"version": 1}
+    switch_over(sentinel, replica)
+    await asyncio.sleep(1.5)  # the process follows the new master
+    assert info_field(master, "replication", "role") == "master", "converted too early"
+    set_version(client, 2)
+    await invalidate_namespace("tenant_config")
+
+    switch_over(sentinel, master)
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        assert (await get(client)).json() == {"version": 2}
+        await asyncio.sleep(0.1)

@@ -246,11 +246,13 @@ def replica_may_be_promoted(view: SentinelView | None, server: tuple[str, int] |
 
     True on a server that Sentinel does not name as the master (a demoted one, or the old master
     while a failover is under way: the replica being promoted no longer follows it), and on the
-    master while it has a replica that Sentinel does not count as down and that does not report
-    itself a master. False on the master when its replicas are down or report themselves masters
-    (right after a switch-over, until Sentinel converts the old master), and on the replica being
-    promoted: no replica could confirm anything, and none that Sentinel could promote would hold
-    the old generation. True when no Sentinel answered: nothing says otherwise.
+    master while it has a replica that Sentinel does not count as down, including one that still
+    reports itself a master: right after a switch-over the old master takes none of the new
+    master's writes until Sentinel converts it, seconds later, and a ``SENTINEL FAILOVER`` may
+    promote it again meanwhile (what was acknowledged then is kept and applied again once a
+    replica confirms it). False on the master when its replicas are down, and on the replica
+    being promoted: none that Sentinel could promote would hold the old generation. True when no
+    Sentinel answered: nothing says otherwise.
     """
     if view is None:
         return True
@@ -264,10 +266,7 @@ def replica_may_be_promoted(view: SentinelView | None, server: tuple[str, int] |
         return server not in promoted
     if server != (master.get("ip"), master.get("port")):
         return True
-    # A replica whose link is down, or that Sentinel has not asked yet, may still be promoted;
-    # one that reports itself a master (the old master right after a switch-over) may not.
+    # A replica whose link is down, or that Sentinel has not asked yet, may still be promoted.
     return any(
-        not sentinel_flags(replica) & {"s_down", "o_down", "disconnected"}
-        and replica.get("role-reported") != "master"
-        for replica in replicas
+        not sentinel_flags(replica) & {"s_down", "o_down", "disconnected"} for replica in replicas
     )
