@@ -192,13 +192,17 @@ def test_a_redis_url_that_is_not_a_redis_url_is_refused(
         "redis://localhost:6379/0?socket_connect_timeout=5",
         "redis://localhost:6379/0?max_connections=3",
         "unix:///tmp/redis.sock?protocol=3",
+        "redis://localhost:6379/0?foo=bar",
+        "redis://localhost:6379/0?ssl_cert_reqs=none",
+        "unix:///tmp/redis.sock?ssl_ca_certs=/ca.pem",
     ],
 )
 def test_a_redis_url_option_unreadable_or_overriding_a_setting_is_refused(
     monkeypatch: pytest.MonkeyPatch, value: str
 ) -> None:
     """A URL's ``socket_timeout`` would win over ``REDIS_SOCKET_TIMEOUT_SECONDS`` silently (a
-    black-holed read would wait 5 s); ``db=abc`` would fail only in ``init_cache()``."""
+    black-holed read would wait 5 s); ``db=abc``, a typo or an option of another scheme's
+    connections would fail only in ``init_cache()`` (a ``TypeError`` naming no variable)."""
     load_fails_naming(monkeypatch, "REDIS_URL", value)
 
 
@@ -236,7 +240,10 @@ def test_a_blank_redis_url_means_unset(monkeypatch: pytest.MonkeyPatch, value: s
         "redis://localhost:6379/0",
         "redis://user:secret@redis.internal:6380/3",
         "rediss://redis.example.com:6380",
+        "rediss://redis.example.com:6380/0?ssl_cert_reqs=required",
+        "redis://localhost:6379/0?health_check_interval=5&client_name=svc",
         "unix:///tmp/r.sock",
+        "unix:///tmp/r.sock?db=2",
     ],
 )
 def test_redis_tls_and_unix_socket_urls_are_accepted(

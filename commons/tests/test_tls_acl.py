@@ -207,6 +207,31 @@ def test_tls_files_without_a_rediss_url_are_refused_naming_the_variable(
         make_settings("redis://127.0.0.1:1/0", REDIS_TLS_CA_FILE=str(certificates.ca_file))
 
 
+@pytest.mark.parametrize(
+    ("files", "named"),
+    [
+        ({"REDIS_TLS_CA_FILE": "key_file"}, "REDIS_TLS_CA_FILE"),
+        (
+            {"REDIS_TLS_CERT_FILE": "cert_file", "REDIS_TLS_KEY_FILE": "ca_file"},
+            "REDIS_TLS_KEY_FILE",
+        ),
+        ({"REDIS_TLS_CERT_FILE": "key_file"}, "REDIS_TLS_CERT_FILE"),
+    ],
+    ids=["a key as the CA", "a key that is not the certificate's", "no certificate"],
+)
+def test_tls_files_that_do_not_load_are_refused_at_start_naming_the_variable(
+    certificates: CertificateFiles,
+    make_settings: Callable[..., CacheSettings],
+    files: dict[str, str],
+    named: str,
+) -> None:
+    # Each failed every connection, which read as an outage: the process started degraded and
+    # stayed so, its reason naming no variable.
+    values = {name: str(getattr(certificates, field)) for name, field in files.items()}
+    with pytest.raises(ValueError, match=named):
+        make_settings("rediss://127.0.0.1:1/0", **values)
+
+
 # -- least-privileged users ----------------------------------------------------------------------
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"

@@ -7,8 +7,10 @@ the variable, so a misconfigured service fails at start-up rather than on its fi
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
+import ssl
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -16,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.asyncio import connection
 from redis.connection import parse_url
 
 __all__ = [
@@ -50,20 +53,63 @@ _URL_OPTIONS_OF_SETTINGS = {
 }
 
 
-def _check_url_options(query: str) -> None:
-    """Refuses a ``REDIS_URL`` query option that redis-py cannot read (``?db=abc``) or that
-    would override one of our settings."""
+def _check_url_options(scheme: str, query: str) -> None:
+    """Refuses a ``REDIS_URL`` query option that redis-py cannot read (``?db=abc``), that no
+    connection of that scheme takes (a typo, ``ssl_cert_reqs`` on ``redis://``: redis-py hands it
+    to the connection, which fails on every connect) or that would override one of our
+    settings."""
+    known = _connection_options(scheme)
     for name in parse_qs(query, keep_blank_values=True):
         if name in _URL_OPTIONS_OF_SETTINGS:
             raise ValueError(
                 f"REDIS_URL: the option {name!r} is set by {_URL_OPTIONS_OF_SETTINGS[name]}, "
                 "not in the URL"
             )
+        if name not in known:
+            raise ValueError(f"REDIS_URL: no {scheme}:// connection takes the option {name!r}")
     if query:
         try:
             parse_url(f"redis://localhost?{query}")  # type: ignore[no-untyped-call]
         except ValueError as exc:
             raise ValueError(f"REDIS_URL: {exc}") from None
+
+
+def _check_tls_files(ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
+    """Refuses TLS files that do not load: each would fail every connection, which reads as an
+    outage (the process starts degraded and stays so) rather than a mistake of the settings."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"REDIS_TLS_CA_FILE: no certificate loads from it ({exc})") from None
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (ssl.SSLError, OSError) as exc:
+            names = "REDIS_TLS_CERT_FILE" + (" and REDIS_TLS_KEY_FILE" if key_file else "")
+            raise ValueError(
+                f"{names}: no certificate and matching key load from them ({exc})"
+            ) from None
+
+
+def _connection_options(scheme: str) -> set[str]:
+    """The keyword arguments a redis-py connection of ``scheme`` takes (a URL option is one)."""
+    kind = {
+        "rediss": connection.SSLConnection,
+        "unix": connection.UnixDomainSocketConnection,
+    }.get(scheme, connection.Connection)
+    names: set[str] = set()
+    for klass in kind.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names.update(
+                name
+                for name, parameter in inspect.signature(init).parameters.items()
+                if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+                and name != "self"
+            )
+    return names
 
 
 class CacheSettings(BaseSettings):
@@ -321,7 +367,7 @@ class CacheSettings(BaseSettings):
                 "REDIS_URL must start with redis://, rediss:// or unix:// "
                 f"(got scheme {parts.scheme!r})"
             )
-        _check_url_options(parts.query)
+        _check_url_options(parts.scheme, parts.query)
         if parts.scheme == "unix":
             if not parts.path:
                 raise ValueError("REDIS_URL: a unix:// URL needs a socket path")
@@ -384,6 +430,7 @@ class CacheSettings(BaseSettings):
                 raise ValueError(f"{name} is set but REDIS_URL is not a rediss:// URL")
         if self.REDIS_TLS_KEY_FILE is not None and self.REDIS_TLS_CERT_FILE is None:
             raise ValueError("REDIS_TLS_KEY_FILE is set without REDIS_TLS_CERT_FILE")
+        _check_tls_files(self.REDIS_TLS_CA_FILE, self.REDIS_TLS_CERT_FILE, self.REDIS_TLS_KEY_FILE)
         if self.REDIS_SENTINELS is not None:
             if self.REDIS_URL is None:
                 raise ValueError("REDIS_SENTINELS is set but REDIS_URL is not")
