@@ -22,6 +22,7 @@ from commons.cache.backends.redis.connection import cluster_client_factory, crea
 from commons.cache.cli import app
 from commons.cache.scope import CacheScope
 from commons.cache.settings import CacheSettings
+from commons.testing.redis_cluster import LocalRedisCluster
 from commons.testing.redis_server import (
     RedisServer,
     find_redis_server,
@@ -535,3 +536,24 @@ def test_the_commons_cache_script_is_installed_beside_python() -> None:
     assert result.returncode == 0
     for command in ("check", "stats", "invalidate", "flush"):
         assert command in result.stdout
+
+
+@pytest.mark.slow
+def test_check_strict_fails_when_any_node_of_a_cluster_does_not_evict(
+    redis_cluster: LocalRedisCluster, redis_cluster_url: str
+) -> None:
+    # Only the first node's INFO was read: two primaries of three on noeviction passed --strict.
+    primaries = redis_cluster.current_primaries()
+    for node in redis_cluster.nodes:
+        node.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+    try:
+        assert invoke(redis_cluster_url, "check", "--strict").exit_code == 0
+        primaries[-1].command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+
+        result = invoke(redis_cluster_url, "check", "--strict")
+    finally:
+        for node in redis_cluster.nodes:
+            node.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+
+    assert result.exit_code == 1
+    assert f"noeviction on 127.0.0.1:{primaries[-1].port}" in result.stderr

@@ -186,25 +186,30 @@ def check(
         typer.echo("redis     not configured (REDIS_URL unset): each process caches in memory")
         return
 
-    async def probe(store: OperatorCommands) -> tuple[float, dict[str, Any], bool]:
+    async def probe(store: OperatorCommands) -> tuple[float, dict[str, dict[str, Any]], bool]:
         started = time.perf_counter()
         await store.ping()
         elapsed = time.perf_counter() - started
         if store.is_cluster:
             typer.echo("cluster   the node is part of a Redis Cluster: using the cluster client")
-        return elapsed, await store.server_info(), await store.accepts_writes()
+        return elapsed, await store.node_infos(), await store.accepts_writes()
 
     typer.echo(f"redis     {_shown_url(settings.REDIS_URL)}")
-    elapsed, info, writable = _with_store(settings, probe)
+    elapsed, infos, writable = _with_store(settings, probe)
+    info = next(iter(infos.values()))
     typer.echo(f"server    ok: {server_identity(info)}, PING {elapsed * 1000:.1f} ms")
-    policy = str(info.get("maxmemory_policy", "unknown"))
-    typer.echo(f"eviction  {policy}, maxmemory {_maxmemory(info)}")
     warnings = []
-    if not policy.startswith("allkeys-"):
-        warnings.append(
-            f"maxmemory-policy is {policy}, not an allkeys-* policy: a full Redis will refuse "
-            "or keep entries instead of evicting the least used (the guide recommends allkeys-lru)"
-        )
+    # Every node's: on a cluster one primary left with noeviction refuses its share of fills.
+    for node, node_info in infos.items():
+        policy = str(node_info.get("maxmemory_policy", "unknown"))
+        where = "" if len(infos) == 1 else f" on {node}"
+        typer.echo(f"eviction  {policy}, maxmemory {_maxmemory(node_info)}{where}")
+        if not policy.startswith("allkeys-"):
+            warnings.append(
+                f"maxmemory-policy is {policy}{where}, not an allkeys-* policy: a full Redis will "
+                "refuse or keep entries instead of evicting the least used (the guide recommends "
+                "allkeys-lru)"
+            )
     if writable:
         typer.echo("write     ok")
     else:

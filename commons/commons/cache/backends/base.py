@@ -179,7 +179,11 @@ class OperatorCommands(ABC):
 
     @abstractmethod
     async def server_info(self) -> dict[str, Any]:
-        """The server's own description of itself (Redis: ``INFO``)."""
+        """The server's own description of itself (Redis: ``INFO``; on a cluster, one node's)."""
+
+    @abstractmethod
+    async def node_infos(self) -> dict[str, dict[str, Any]]:
+        """Each server's description of itself, by its address (one on a single server)."""
 
     @abstractmethod
     async def accepts_writes(self) -> bool:

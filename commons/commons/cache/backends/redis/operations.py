@@ -13,6 +13,8 @@ import secrets
 from collections.abc import Callable
 from typing import Any, cast
 
+from redis.asyncio.cluster import RedisCluster
+
 from commons.cache.backends.base import OperatorCommands
 from commons.cache.backends.redis.index import BATCH_SIZE
 from commons.cache.backends.redis.store import RedisStore
@@ -42,11 +44,19 @@ class RedisOperations(OperatorCommands):
 
     async def server_info(self) -> dict[str, Any]:
         """The server's ``INFO`` (on a cluster: one node's)."""
+        return next(iter((await self.node_infos()).values()))
+
+    async def node_infos(self) -> dict[str, dict[str, Any]]:
+        """Each server's ``INFO`` by address (a cluster client answers for every node)."""
+        client = self._store.client
         async with errors_translated():
-            info = await self._store.client.info()
+            if isinstance(client, RedisCluster):
+                info = await client.info(target_nodes=RedisCluster.ALL_NODES)
+            else:
+                info = await client.info()
         if "redis_version" not in info and info and isinstance(next(iter(info.values())), dict):
-            info = next(iter(info.values()))  # a cluster client answers per node
-        return info
+            return {str(node): node_info for node, node_info in info.items()}
+        return {"server": info}
 
     async def accepts_writes(self) -> bool:
         """Takes and releases a lock under a throw-away key of the prefix."""
