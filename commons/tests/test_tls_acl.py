@@ -472,6 +472,26 @@ async def test_a_permission_refused_at_start_up_is_reported_as_such_until_it_is_
         await asyncio.sleep(0.05)
 
 
+async def test_a_permission_refused_inside_a_script_is_reported_as_a_permission(
+    own_redis: RedisServer,
+    counting_app: httpx.AsyncClient,
+    make_settings: Callable[..., CacheSettings],
+) -> None:
+    # Inside a script Redis names no command; the reason said "refused the command
+    # (ResponseError)", which reads like anything but a permission.
+    rules = documented_service_acl("s3cret", "test-cache")
+    own_redis.command("ACL", "SETUSER", "svc", *rules, "-pexpire")
+    await init_cache(make_settings(f"redis://svc:s3cret@127.0.0.1:{own_redis.port}/0"))
+
+    for _ in range(2):
+        response = await get(counting_app)
+        assert response.status_code == 200
+
+    reason = cache_status().reason
+    assert "NOPERM" in reason, reason
+    assert "script" in reason, reason
+
+
 async def test_a_refused_replay_of_kept_invalidations_is_reported_as_such_until_it_is_granted(
     own_redis: RedisServer,
     counting_app: httpx.AsyncClient,

@@ -57,6 +57,12 @@ _NO_SUCH_DATABASE = "DB index is out of range"
 #: Redis 6.2 wraps a refusal met inside a script in a generic error ("Error running script ...:
 #: -OOM command not allowed ..."); later releases answer with the refusal's own code.
 _SCRIPT_REFUSAL = re.compile(r"Error running script.*?-(OOM|READONLY) ")
+#: What a script running a command its user may not is answered: Redis 6.2 and 7 name no
+#: command, Valkey does ("ACL failure in script: ... to run the 'pexpire' command").
+_SCRIPT_NOPERM = re.compile(
+    r"The user executing the script can't run this command|ACL failure in script"
+)
+_SCRIPT_NOPERM_COMMAND = re.compile(r"to run the '([a-z0-9|_-]+)' command")
 
 
 #: Errors of redis-py's own making, translated only when raised inside redis-py (see
@@ -169,6 +175,13 @@ def translate(exc: BaseException) -> BackendError:
             return BackendRejectedError(
                 "Redis refused SELECT: REDIS_URL names a database this server does not have "
                 "(its config's databases, 16 by default, numbered from 0)"
+            )
+        if _SCRIPT_NOPERM.search(str(exc)) is not None:
+            named = _SCRIPT_NOPERM_COMMAND.search(str(exc))
+            command = f" ({named.group(1).upper()})" if named is not None else ""
+            return BackendRejectedError(
+                f"Redis refused a command inside a cache script{command} (NOPERM): the user "
+                "lacks a permission of the ACL line in docs/operations.md"
             )
         if (wrapped := _SCRIPT_REFUSAL.search(str(exc))) is not None:
             text = next(text for _, text in _REFUSALS if text.startswith(wrapped.group(1)))
