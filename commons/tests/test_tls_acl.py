@@ -112,6 +112,8 @@ async def test_a_certificate_from_an_unknown_ca_is_refused_and_the_cache_fails_o
     await init_cache(make_settings(tls_server.url))
 
     assert cache_status().backend == "degraded"
+    # A setting to change, named (the reason read as any outage's).
+    assert "REDIS_TLS_CA_FILE" in cache_status().reason, cache_status().reason
     for _ in range(2):  # served by the handler, then by the in-memory tier
         response = await get(counting_app)
         assert response.status_code == 200
@@ -132,6 +134,7 @@ async def test_the_host_name_check_can_be_turned_off_for_an_address_the_certific
         url = f"rediss://localhost:{server.port}/0"
         await init_cache(make_settings(url, REDIS_TLS_CA_FILE=str(other.ca_file)))
         assert cache_status().backend == "degraded"
+        assert "REDIS_TLS_CHECK_HOSTNAME" in cache_status().reason, cache_status().reason
         await init_cache(
             make_settings(url, REDIS_TLS_CA_FILE=str(other.ca_file), REDIS_TLS_CHECK_HOSTNAME=False)
         )

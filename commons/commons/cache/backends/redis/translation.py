@@ -197,9 +197,19 @@ def translate(exc: BaseException) -> BackendError:
         isinstance(exc, redis_errors.ConnectionError) and str(exc) in _POOL_FULL_MESSAGES
     ):
         return BackendBusyError("every pooled connection to Redis is in use")
+    if _CERTIFICATE_REFUSED in str(exc):
+        # Not an outage that passes: a setting to change (counted as one all the same, so the
+        # process serves from memory rather than try a handshake on every request).
+        return BackendUnavailableError(
+            "Redis unavailable: its TLS certificate was refused: REDIS_TLS_CA_FILE does not hold "
+            "the CA that signed it, or it does not name the host of REDIS_URL "
+            f"(REDIS_TLS_CHECK_HOSTNAME=false skips that check): {exc}"
+        )
     return BackendUnavailableError(f"Redis unavailable: {type(exc).__name__}: {exc}")
 
 
+#: In what a TLS handshake that refused the server's certificate raises (its CA, its names).
+_CERTIFICATE_REFUSED = "CERTIFICATE_VERIFY_FAILED"
 _POOL_FULL_MESSAGES = ("No connection available.", "Too many connections")
 
 #: Everything a client of any topology raises when Redis fails. The cluster client's own
