@@ -197,6 +197,9 @@ async def test_a_wrong_password_fails_open_to_the_in_memory_tier_without_an_erro
     await init_cache(make_settings(f"redis://svc:wrong@127.0.0.1:{acl_server.port}/0"))
 
     assert cache_status().backend == "degraded"
+    reason = cache_status().reason
+    assert "REDIS_URL" in reason, reason  # the credentials to change, named
+    assert "wrong" not in reason  # never the password itself
     for _ in range(3):  # served by the handler, then by the in-memory tier
         response = await get(counting_app)
         assert response.status_code == 200

@@ -197,6 +197,12 @@ def translate(exc: BaseException) -> BackendError:
         isinstance(exc, redis_errors.ConnectionError) and str(exc) in _POOL_FULL_MESSAGES
     ):
         return BackendBusyError("every pooled connection to Redis is in use")
+    if isinstance(exc, redis_errors.AuthenticationError):
+        # Its text is Redis' own ("invalid username-password pair"), never the password.
+        return BackendUnavailableError(
+            "Redis unavailable: it refused the user or password of REDIS_URL "
+            f"(AuthenticationError: {exc})"
+        )
     if _CERTIFICATE_REFUSED in str(exc):
         # Not an outage that passes: a setting to change (counted as one all the same, so the
         # process serves from memory rather than try a handshake on every request).
