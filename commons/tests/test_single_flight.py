@@ -37,13 +37,18 @@ class Handler:
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
         self.fail_with: Exception | None = None
+        #: Raise ``fail_with`` once only (a flaky upstream).
+        self.fail_once = False
 
     async def run(self) -> dict[str, int]:
         self.calls += 1
         self.entered.set()
         await self.gate.wait()
         if self.fail_with is not None:
-            raise self.fail_with
+            error = self.fail_with
+            if self.fail_once:
+                self.fail_with = None
+            raise error
         return {"calls": self.calls}
 
 
@@ -110,6 +115,25 @@ async def test_an_exception_is_its_own_requests_and_each_waiter_runs_the_handler
     after = await client.get("/report", headers=TENANT)
     assert after.headers["x-fastapi-cache"] == "MISS"
     assert handler.calls == 11
+
+
+async def test_after_an_exception_the_waiters_share_one_computation_of_their_own(
+    backend: CacheSettings, client: httpx.AsyncClient, handler: Handler
+) -> None:
+    """A flaky upstream: the computing request's exception is its own, but the waiters need not
+    each run the handler, nor throw away a storable answer: one of them computes for the others,
+    and stores it. (Each ran the handler itself, none stored: 10 requests, 10 runs, a cold key.)"""
+    handler.fail_with, handler.fail_once = RuntimeError("upstream hiccup"), True
+    requests = await start_requests(client, handler, 10)
+    handler.gate.set()
+    responses = await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 10)
+
+    answered = [r for r in responses if isinstance(r, httpx.Response) and r.status_code == 200]
+    assert len(answered) == 9
+    assert handler.calls == 2
+    assert {r.content for r in answered} == {b'{"calls":2}'}
+    after = await client.get("/report", headers=TENANT)
+    assert after.headers["x-fastapi-cache"] == "HIT"
 
 
 async def test_cancelling_the_computing_request_does_not_strand_the_others(

@@ -6,8 +6,10 @@ computation (single-flight), and with ``distributed_lock`` one across replicas t
 (``replica_lock.py``). A computation belongs to the generation its read saw
 (``layer.FillToken``): a request whose read comes after an invalidation never joins one that
 began before it. Waiters receive only an answer that may be stored; any other answer
-(``no-store``, ``private``, non-2xx, a cookie, an exception) is its own request's, and every
-waiter then runs the handler itself.
+(``no-store``, ``private``, non-2xx, a cookie) is its own request's, and every waiter then runs
+the handler itself. An exception is its own request's too, but says nothing of the others' (a
+flaky upstream): the waiters share one computation of their own (:meth:`Fill.again`), within
+what is left of their wait, and only if that one raises too does each run the handler itself.
 """
 
 from __future__ import annotations
@@ -88,7 +90,16 @@ def _flight_key(key: str, token: FillToken) -> Hashable:
 class Fill:
     """One request's miss (or stale refresh): computes, stores and shares the answer."""
 
-    def __init__(self, route: CachedRoute, layer: CacheLayer, call: Call, token: FillToken) -> None:
+    def __init__(
+        self,
+        route: CachedRoute,
+        layer: CacheLayer,
+        call: Call,
+        token: FillToken,
+        *,
+        wait_until: float | None = None,
+        again: bool = False,
+    ) -> None:
         self.route = route
         self.layer = layer
         self.call = call
@@ -103,16 +114,27 @@ class Fill:
         #: What the handler raised, when this request computed and it raised.
         self.error: Exception | None = None
         #: The loop time by which this request stops waiting for others' computations (set
-        #: when it asks for the shared outcome): one bound, whoever it waits for.
-        self._wait_until = 0.0
+        #: when it first asks for the shared outcome): one bound, whoever it waits for.
+        self._wait_until = wait_until
+        #: A computation anew (:meth:`again`): what another request stored meanwhile is used.
+        self._again = again
 
     async def shared(self) -> Outcome:
         """The outcome of this key's computation in this process: this request's own, or the
         one it joined (see the module docstring for what a waiter may receive)."""
-        wait_seconds = self.layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
-        self._wait_until = asyncio.get_running_loop().time() + wait_seconds
+        now = asyncio.get_running_loop().time()
+        if self._wait_until is None:
+            self._wait_until = now + self.layer.settings.CACHE_LOCK_TIMEOUT_SECONDS
+        wait_seconds = max(self._wait_until - now, 0.0)
         return await _flights.run(
             _flight_key(self.key, self.token), self._work, wait_seconds, self._work_alone
+        )
+
+    def again(self) -> Fill:
+        """The same miss computed anew, once the computation it joined raised (that request's
+        own exception): its waiters share this one, within what is left of their wait."""
+        return Fill(
+            self.route, self.layer, self.call, self.token, wait_until=self._wait_until, again=True
         )
 
     async def refresh(self) -> None:
@@ -132,11 +154,15 @@ class Fill:
 
         An exception is the computing request's own (a 403 computed for one user is no answer
         for another): it is kept in ``error`` for that request, and the waiters get nothing to
-        share, so each runs the handler itself.
+        share (they compute again, :meth:`again`).
         """
+        if self._again and (stored := await self._stored_outcome()) is not None:
+            # Another waiter of the failed computation computed and stored it already.
+            return stored
         if not self.use_lock:
             return await self._own_error(self._compute())
         # A request leading after a cancelled leader has waited already: only what is left.
+        assert self._wait_until is not None  # set by shared(), which runs this
         left = max(self._wait_until - asyncio.get_running_loop().time(), 0.0)
         shared = await self._own_error(
             under_replica_lock(

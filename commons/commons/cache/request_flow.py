@@ -429,12 +429,20 @@ class _Miss:
         #: ``Cache-Status``'s ``fwd`` parameter: why the request went to the handler.
         self.reason = reason
         self.stale = stale
+        #: Whether this request joined a second computation after the first one raised.
+        self._computed_again = False
 
     async def answer(self) -> Any:
         fill, asked = self.fill, self.asked
         shared = await fill.shared()
         if fill.error is not None:
             return await self._stale_or_raise(fill.error)
+        if shared.prepared is None and shared.response is None and not self._computed_again:
+            # The computation joined raised: its request's own exception, which says nothing of
+            # this one's. The waiters share one computation of their own (stored), once.
+            self._computed_again = True
+            self.fill = fill.again()
+            return await self.answer()
         if shared.prepared is not None:
             if shared is not fill.outcome:
                 detail = self.reason + b"; collapsed"

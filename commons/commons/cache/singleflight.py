@@ -4,7 +4,8 @@ The first request to miss a key becomes its *leader* and computes; the others wa
 future, up to a bounded time, and then compute themselves rather than hang.
 
 - A leader that raises passes the same exception to every waiter. (The decorator's leaders never
-  raise: an exception is the computing request's own, and its waiters compute for themselves.)
+  raise: an exception is the computing request's own, and its waiters compute again, see
+  ``fill.py``.)
 - A leader that is cancelled (its client went away) does not strand its waiters: they wake at once
   and elect a new leader among themselves, so the handler still runs once for all of them.
 - The wait is bounded by one deadline per request (``CACHE_LOCK_TIMEOUT_SECONDS``) however many
