@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import suppress
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import anyio
@@ -264,6 +264,21 @@ async def test_a_replica_computes_itself_when_the_holder_never_answers(
     assert gate.calls == 1
 
 
+@asynccontextmanager
+async def two_misses_behind_a_dead_replica(
+    redis_layer: CacheLayer, make_identity_app: Callable[[], FastAPI], gate: Gate
+) -> AsyncIterator[tuple[asyncio.Task[httpx.Response], asyncio.Task[httpx.Response], float]]:
+    """Another replica holds the key's lock and never answers; a first miss, then 0.1 s later a
+    second one: their tasks, and the loop time the second was asked at."""
+    assert await redis_layer.try_lock(LOCK_KEY, b"dead-replica", 60_000)
+    loop = asyncio.get_running_loop()
+    async with client_for(locked_app(make_identity_app, gate, True)) as client:
+        first = asyncio.create_task(client.get("/report", headers=TENANT))
+        await asyncio.sleep(0.1)
+        asked = loop.time()
+        yield first, asyncio.create_task(client.get("/report", headers=TENANT)), asked
+
+
 async def test_a_request_waits_at_most_the_lock_timeout_before_computing_itself(
     redis_layer: CacheLayer, make_identity_app: Callable[[], FastAPI]
 ) -> None:
@@ -272,13 +287,8 @@ async def test_a_request_waits_at_most_the_lock_timeout_before_computing_itself(
     # that first one; once its own 0.5 s are over it computes at once, not after waiting for
     # the replicas' lock another 0.5 s.
     gate = Gate()
-    assert await redis_layer.try_lock(LOCK_KEY, b"dead-replica", 60_000)
-    loop = asyncio.get_running_loop()
-    async with client_for(locked_app(make_identity_app, gate, True)) as client:
-        first = asyncio.create_task(client.get("/report", headers=TENANT))
-        await asyncio.sleep(0.1)
-        asked = loop.time()
-        second = asyncio.create_task(client.get("/report", headers=TENANT))
+    async with two_misses_behind_a_dead_replica(redis_layer, make_identity_app, gate) as misses:
+        first, second, asked = misses
         await asyncio.wait_for(gate.entered_twice.wait(), 5)
         computing_after = gate.entered_at[1] - asked
         gate.open.set()
@@ -295,13 +305,8 @@ async def test_a_waiter_that_leads_after_a_cancelled_leader_waits_only_what_is_l
     # second miss, waiting on the first since 0.1 s, leads then: it waits for the replicas' lock
     # only for what is left of its own 0.5 s, not for another 0.5 s.
     gate = Gate()
-    assert await redis_layer.try_lock(LOCK_KEY, b"dead-replica", 60_000)
-    loop = asyncio.get_running_loop()
-    async with client_for(locked_app(make_identity_app, gate, True)) as client:
-        first = asyncio.create_task(client.get("/report", headers=TENANT))
-        await asyncio.sleep(0.1)
-        asked = loop.time()
-        second = asyncio.create_task(client.get("/report", headers=TENANT))
+    async with two_misses_behind_a_dead_replica(redis_layer, make_identity_app, gate) as misses:
+        first, second, asked = misses
         await asyncio.sleep(0.3)
         first.cancel()
         await asyncio.wait_for(gate.entered.wait(), 5)

@@ -43,20 +43,20 @@ class RedisOperations(OperatorCommands):
         await self._store.ping()
 
     async def server_info(self) -> dict[str, Any]:
-        """The server's ``INFO`` (on a cluster: one node's)."""
-        return next(iter((await self.node_infos()).values()))
+        """The server's ``INFO`` (on a cluster: one node's, asked of that node alone)."""
+        async with errors_translated():
+            info = await self._store.client.info()
+        return next(iter(_by_node(info).values()))
 
     async def node_infos(self) -> dict[str, dict[str, Any]]:
-        """Each server's ``INFO`` by address (a cluster client answers for every node)."""
+        """Each server's ``INFO`` by address (every node of a cluster)."""
         client = self._store.client
         async with errors_translated():
             if isinstance(client, RedisCluster):
                 info = await client.info(target_nodes=RedisCluster.ALL_NODES)
             else:
                 info = await client.info()
-        if "redis_version" not in info and info and isinstance(next(iter(info.values())), dict):
-            return {str(node): node_info for node, node_info in info.items()}
-        return {"server": info}
+        return _by_node(info)
 
     async def accepts_writes(self) -> bool:
         """Takes and releases a lock under a throw-away key of the prefix."""
@@ -155,3 +155,10 @@ class RedisOperations(OperatorCommands):
 
     async def aclose(self) -> None:
         await self._store.aclose()
+
+
+def _by_node(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``INFO`` as a cluster client answers it, per node; one server's under ``"server"``."""
+    if "redis_version" not in info and info and isinstance(next(iter(info.values())), dict):
+        return {str(node): node_info for node, node_info in info.items()}
+    return {"server": info}

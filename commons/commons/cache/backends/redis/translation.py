@@ -63,6 +63,8 @@ _SCRIPT_NOPERM = re.compile(
     r"The user executing the script can't run this command|ACL failure in script"
 )
 _SCRIPT_NOPERM_COMMAND = re.compile(r"to run the '([a-z0-9|_-]+)' command")
+#: In what a TLS handshake that refused the server's certificate raises (its CA, its names).
+_CERTIFICATE_REFUSED = "CERTIFICATE_VERIFY_FAILED"
 
 
 #: Errors of redis-py's own making, translated only when raised inside redis-py (see
@@ -214,8 +216,6 @@ def translate(exc: BaseException) -> BackendError:
     return BackendUnavailableError(f"Redis unavailable: {type(exc).__name__}: {exc}")
 
 
-#: In what a TLS handshake that refused the server's certificate raises (its CA, its names).
-_CERTIFICATE_REFUSED = "CERTIFICATE_VERIFY_FAILED"
 _POOL_FULL_MESSAGES = ("No connection available.", "Too many connections")
 
 #: Everything a client of any topology raises when Redis fails. The cluster client's own
