@@ -109,7 +109,9 @@ def fresh_prepared_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     test, whatever earlier tests prepared (a dict an earlier test left tracked by the collector
     stays so until a full collection, which the test of young collections must not depend on)."""
     fresh = BoundedMemo[str, Any](
-        cached_route._PREPARED_MAX_ENTRIES, cached_route._PREPARED_MAX_BYTES, admit_seen_twice=True
+        cached_route._PREPARED_MAX_ENTRIES,
+        cached_route._prepared_memo.max_bytes,
+        admit_seen_twice=True,
     )
     monkeypatch.setattr(cached_route, "_prepared_memo", fresh)
 
@@ -192,6 +194,6 @@ def test_the_prepared_answers_of_every_route_share_one_bound_that_counts_their_b
                 prepared_body(responses, f"/r{index}/{item}", stored(body))
 
     memo = cached_route._prepared_memo
-    assert memo.bytes_held <= cached_route._PREPARED_MAX_BYTES
+    assert memo.bytes_held <= memo.max_bytes
     assert memo.bytes_held >= len(memo) * 2 * len(body)
     assert all(responses._memo is memo for responses in routes)

@@ -13,7 +13,7 @@ import gc
 import os
 import random
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -273,18 +273,25 @@ RETAINED_BOUND = 16 * 1024 * 1024
 
 async def get(app: FastAPI, query_string: bytes) -> int:
     """One GET /cfg through the whole ASGI app, in-process; returns the status sent."""
-    scope = acme_get_scope("/cfg", query_string)
-    statuses: list[int] = []
+    return (await get_start(app, "/cfg", query_string))[0]
+
+
+async def get_start(
+    app: FastAPI, path: str, query_string: bytes = b""
+) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """One GET through the whole ASGI app, in-process; returns the status and headers sent."""
+    scope = acme_get_scope(path, query_string)
+    starts: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
-            statuses.append(message["status"])
+            starts.append(message)
 
     await app(scope, receive, send)
-    return statuses[0]
+    return starts[0]["status"], starts[0]["headers"]
 
 
 @pytest.fixture
@@ -308,27 +315,132 @@ async def test_long_distinct_query_strings_are_not_remembered_without_bound(
     await init_cache(make_settings(CACHE_MEMORY_MAX_ENTRIES=64))
     try:
         assert await get(app, b"") == 200  # the route's one-time set-up happens before measuring
-        gc.collect()
-        tracemalloc.start()
-        try:
-            before = tracemalloc.take_snapshot()
-            statuses = {
-                await get(app, b"junk=" + os.urandom(QUERY_BYTES // 2).hex().encode())
-                for _ in range(REQUESTS)
-            }
-            gc.collect()
-            after = tracemalloc.take_snapshot()
-        finally:
-            tracemalloc.stop()
+        statuses: set[int] = set()
+
+        async def junk_requests() -> None:
+            for _ in range(REQUESTS):
+                query = b"junk=" + os.urandom(QUERY_BYTES // 2).hex().encode()
+                statuses.add(await get(app, query))
+
+        # The query strings are made here (by the client) and kept, or not, by the cache.
+        retained, largest = await retained_by(junk_requests)
     finally:
         await close_cache()
 
-    # Everything still alive that was allocated during the requests, wherever it was allocated:
-    # the query strings are made here (by the client) and kept, or not, by the cache.
+    assert statuses == {200}
+    assert retained < RETAINED_BOUND, f"{retained / 2**20:.0f} MiB retained ({largest})"
+
+
+async def retained_by(run: Callable[[], Awaitable[None]]) -> tuple[int, str]:
+    """The bytes still alive after ``run`` that were allocated while it ran, wherever they were
+    allocated, and where most of them were."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        await run()
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
     growth = after.compare_to(before, "filename")
-    retained = sum(stat.size_diff for stat in growth)
     largest = ", ".join(
         f"{stat.traceback[0].filename}: {stat.size_diff / 2**20:.1f} MiB" for stat in growth[:3]
     )
-    assert statuses == {200}
-    assert retained < RETAINED_BOUND, f"{retained / 2**20:.0f} MiB retained ({largest})"
+    return sum(stat.size_diff for stat in growth), largest
+
+
+# -- CACHE_HIT_MEMOS_MAX_BYTES --------------------------------------------------------------------
+
+
+def test_a_memo_given_a_lower_bound_forgets_its_oldest_items_down_to_it() -> None:
+    memo = BoundedMemo[int, bytes](10_000, 1 << 20)
+    for key in range(500):
+        memo.put(key, b"x" * 1000, 1000)
+
+    memo.rebound(100_000)
+
+    assert memo.bytes_held <= 100_000
+    assert memo.get(499) is not None
+    assert memo.get(0) is None
+    memo.put(1_000, b"x" * 2000, 2000)  # above a sixty-fourth of the new bound
+    assert memo.get(1_000) is None
+
+
+def test_the_process_memos_follow_the_budget_each_by_its_share() -> None:
+    from commons.cache import cached_route, hit_shortcut, keys
+
+    process_memos = {
+        "query digests": (keys._digest_memo, memo_module.MemoShare.QUERY_DIGESTS),
+        "keys": (keys._key_memo, memo_module.MemoShare.KEYS),
+        "prepared answers": (cached_route._prepared_memo, memo_module.MemoShare.PREPARED_ANSWERS),
+        "near hits as objects": (hit_shortcut._hot, memo_module.MemoShare.NEAR_HITS_AS_OBJECTS),
+    }
+    try:
+        memo_module.set_hit_memos_budget(3 * 1024 * 1024)
+        small = {name: memo.max_bytes for name, (memo, _) in process_memos.items()}
+    finally:
+        memo_module.set_hit_memos_budget(memo_module.DEFAULT_HIT_MEMOS_MAX_BYTES)
+
+    assert small == {
+        name: 3 * 1024 * 1024 * share // 156 for name, (_, share) in process_memos.items()
+    }
+    assert cached_route._prepared_memo.max_bytes == 32 * 1024 * 1024  # the default's share
+
+
+ITEM_BODY_BYTES = 4096
+ITEMS = 2000
+#: What the run below may leave behind with a budget of 2 MiB: that, the near cache's 1 MiB, the
+#: near-cache hits it remembers (bounded by the same 1 MiB), and room for the process's own.
+SMALL_BUDGET = 2 * 1024 * 1024
+SMALL_BUDGET_RETAINED_BOUND = SMALL_BUDGET + 2 * 1024 * 1024 + 3 * 1024 * 1024
+
+
+async def test_the_hit_path_remembers_no_more_than_cache_hit_memos_max_bytes(
+    make_identity_app: Callable[[], FastAPI],
+    make_settings: Callable[..., CacheSettings],
+    redis_url: str,
+) -> None:
+    """2,000 keys of 4 KiB, each read three times through Redis: the memos (parsed values,
+    prepared answers, expiries, keys) would hold about 30 MiB by default; with
+    ``CACHE_HIT_MEMOS_MAX_BYTES`` of 2 MiB the process keeps less than 7 MiB, and still answers
+    HITs."""
+    app = make_identity_app()
+
+    @app.get("/item/{n}")
+    @cache(namespace="items")
+    async def item(n: int) -> dict[str, object]:
+        return {"n": n, "pad": "x" * ITEM_BODY_BYTES}
+
+    settings = make_settings(
+        redis_url,
+        CACHE_HIT_MEMOS_MAX_BYTES=SMALL_BUDGET,
+        CACHE_NEAR_CACHE_MAX_BYTES=1024 * 1024,
+        CACHE_MEMORY_MAX_BYTES=64 * 1024,
+    )
+    await init_cache(settings)
+    try:
+        outcomes: set[bytes] = set()
+        await get_path(app, "/item/0", outcomes)  # the route's one-time set-up comes first
+
+        async def read_every_item_three_times() -> None:
+            for _ in range(3):
+                for n in range(ITEMS):
+                    await get_path(app, f"/item/{n}", outcomes)
+
+        retained, largest = await retained_by(read_every_item_three_times)
+    finally:
+        await close_cache()
+        memo_module.set_hit_memos_budget(memo_module.DEFAULT_HIT_MEMOS_MAX_BYTES)
+
+    assert outcomes == {b"MISS", b"HIT"}
+    assert retained < SMALL_BUDGET_RETAINED_BOUND, (
+        f"{retained / 2**20:.1f} MiB retained ({largest})"
+    )
+
+
+async def get_path(app: FastAPI, path: str, outcomes: set[bytes]) -> None:
+    """One GET of ``path`` that must answer 200; adds its ``X-FastAPI-Cache`` to ``outcomes``."""
+    status, headers = await get_start(app, path)
+    assert status == 200
+    outcomes.update(value for name, value in headers if name == b"x-fastapi-cache")

@@ -269,6 +269,13 @@ def test_the_memory_bound_must_be_a_positive_integer(
     load_fails_naming(monkeypatch, "CACHE_MEMORY_MAX_ENTRIES", value)
 
 
+@pytest.mark.parametrize("value", ["0", "1048575", "lots"])
+def test_the_hit_memos_budget_below_a_mebibyte_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    load_fails_naming(monkeypatch, "CACHE_HIT_MEMOS_MAX_BYTES", value)
+
+
 def test_an_invalidation_journal_that_is_not_a_directory_is_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -18,17 +18,24 @@ from starlette.responses import Response
 
 from commons.cache.entry import BODY, ParsedValue, decode_payload, route_fingerprint
 from commons.cache.http import PreparedResponse, prepare, prepare_plain_json
-from commons.cache.memo import HOT_LARGE_ENTRIES, HOT_SMALL_ENTRIES, BoundedMemo, HotMemo
+from commons.cache.memo import (
+    HOT_LARGE_ENTRIES,
+    HOT_SMALL_ENTRIES,
+    BoundedMemo,
+    HotMemo,
+    MemoShare,
+    budgeted,
+    share_of,
+)
 from commons.cache.rendering import adapter_for, json_bytes, render_as_route
 
 __all__ = ["PRODUCER", "CachedRoute", "PreparedResponses"]
 
 #: Who wrote an entry, as its fingerprint says (the other decorator's entries are misses here).
 PRODUCER = "commons.cache"
-#: Bounds of the prepared responses the process keeps, all routes together (entries, and bytes
-#: of the stored values and the bodies prepared from them).
+#: Prepared responses the process keeps at most, all routes together; in bytes (the stored values
+#: and the bodies prepared from them), its share of ``CACHE_HIT_MEMOS_MAX_BYTES``.
 _PREPARED_MAX_ENTRIES = 16_384
-_PREPARED_MAX_BYTES = 32 * 1024 * 1024
 
 
 #: Prepared responses kept as objects (for the whole process), for the keys hit most recently:
@@ -36,8 +43,11 @@ _PREPARED_MAX_BYTES = 32 * 1024 * 1024
 #: Large while the keys hit fit in it; few over a larger working set, where every hit would
 #: replace one, and objects that live long enough to reach the oldest generation before being
 #: dropped are what brings full collections back (see ``memo.HotMemo``).
-_hot_prepared = HotMemo[str, tuple[bytes, PreparedResponse]](
-    HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, _PREPARED_MAX_BYTES
+_hot_prepared = budgeted(
+    HotMemo[str, tuple[bytes, PreparedResponse]](
+        HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, share_of(MemoShare.PREPARED_ANSWERS_AS_OBJECTS)
+    ),
+    MemoShare.PREPARED_ANSWERS_AS_OBJECTS,
 )
 
 #: A prepared response as the memo holds it: the stored bytes, then PreparedResponse's fields
@@ -49,8 +59,11 @@ _hot_prepared = HotMemo[str, tuple[bytes, PreparedResponse]](
 _PreparedFields = tuple[bytes, bytes, int, str, bool, bytes, bytes]
 
 #: The prepared answers of every route, by key (see :class:`PreparedResponses`).
-_prepared_memo = BoundedMemo[str, _PreparedFields](
-    _PREPARED_MAX_ENTRIES, _PREPARED_MAX_BYTES, admit_seen_twice=True
+_prepared_memo = budgeted(
+    BoundedMemo[str, _PreparedFields](
+        _PREPARED_MAX_ENTRIES, share_of(MemoShare.PREPARED_ANSWERS), admit_seen_twice=True
+    ),
+    MemoShare.PREPARED_ANSWERS,
 )
 
 

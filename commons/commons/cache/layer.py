@@ -50,6 +50,7 @@ from commons.cache.entry import (
 )
 from commons.cache.events import CacheEvents
 from commons.cache.keyspace import lock_key, scope_of_key
+from commons.cache.memo import MemoShare, share_of
 from commons.cache.removals import Removals
 from commons.cache.scope import CacheScope, InvalidationTarget, ScopedKey
 from commons.cache.settings import CacheSettings
@@ -164,7 +165,7 @@ class CacheLayer:
         self._removals = Removals(settings, self.events, self._breaker, redis=redis, memory=memory)
         self._clock = self._removals.clock
         self._generations = _GenerationsAsked()
-        self._validated_values = ValidatedValues()
+        self._validated_values = ValidatedValues(max_bytes=share_of(MemoShare.PARSED_VALUES))
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from commons.cache.fastapi_cache_backend import LayerBackend
 from commons.cache.http import CACHE_STATUS_HEADER
 from commons.cache.keys import tenant_cache_key_builder
 from commons.cache.layer import CacheLayer
+from commons.cache.memo import set_hit_memos_budget
 from commons.cache.settings import CacheSettings, cache_settings
 from commons.cache.startup_checks import warn_about_mistakes
 from commons.cache.status import CacheState, CacheStatus
@@ -76,6 +77,8 @@ async def init_cache(
     # fixes; a caller's own events are theirs to aggregate.
     own_metrics = events is None
     events = events if events is not None else _default_events()
+    # Before the stores and the layer are built: their memos take their shares of it.
+    set_hit_memos_budget(settings.CACHE_HIT_MEMOS_MAX_BYTES)
     redis = None
     if settings.CACHE_ENABLED and settings.REDIS_URL is not None:
         redis = redis_store(settings, serving=events)

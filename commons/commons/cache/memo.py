@@ -2,11 +2,13 @@
 
 The hit path remembers what it computed for inputs that repeat (query digests, keys, prepared
 responses, expiries). Whatever a client sends can become such an input, so every memo is bounded
-twice: by entries and by the bytes it holds. An item larger than a sixty-fourth of the byte budget
-is not remembered at all (unless the memo says otherwise), so one huge request cannot flush what
-many ordinary ones share. When full, the oldest quarter goes (in the order items were
-remembered): a read costs one dictionary lookup, as cheap as it gets on every hit, and a working
-set a little above the bound loses a quarter of it, not all of it at once.
+twice: by entries and by the bytes it holds. The hit path's memos share one budget in bytes,
+``CACHE_HIT_MEMOS_MAX_BYTES``, each by its fixed share (:class:`MemoShare`): a worker sized for
+less memory lowers it, and every memo shrinks with it. An item larger than a sixty-fourth of a
+memo's byte bound is not remembered at all (unless the memo says otherwise), so one huge request
+cannot flush what many ordinary ones share. When full, the oldest quarter goes (in the order
+items were remembered): a read costs one dictionary lookup, as cheap as it gets on every hit, and
+a working set a little above the bound loses a quarter of it, not all of it at once.
 
 Past its bound, a hit-path memo takes a new key only when it is put a second time, soon after the
 first (``admit_seen_twice``): over a working set larger than the memo, every put would otherwise
@@ -31,9 +33,19 @@ from __future__ import annotations
 
 from array import array
 from gc import is_tracked
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-__all__ = ["HOT_LARGE_ENTRIES", "HOT_SMALL_ENTRIES", "BoundedMemo", "HotMemo"]
+__all__ = [
+    "DEFAULT_HIT_MEMOS_MAX_BYTES",
+    "HOT_LARGE_ENTRIES",
+    "HOT_SMALL_ENTRIES",
+    "BoundedMemo",
+    "HotMemo",
+    "MemoShare",
+    "budgeted",
+    "set_hit_memos_budget",
+    "share_of",
+]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -56,6 +68,7 @@ class BoundedMemo(Generic[K, V]):
         "_max_bytes",
         "_max_entries",
         "_max_item_bytes",
+        "_max_item_bytes_given",
         "_nursery",
         "_nursery_sizes",
         "_settle_at",
@@ -81,7 +94,8 @@ class BoundedMemo(Generic[K, V]):
         """
         self._max_entries = max_entries
         self._max_bytes = max_bytes
-        self._max_item_bytes = max(max_bytes // 64, 1) if max_item_bytes is None else max_item_bytes
+        self._max_item_bytes_given = max_item_bytes
+        self._max_item_bytes = _item_bound(max_bytes, max_item_bytes)
         # Values and sizes in dicts apart: a (value, size) pair would be one more tuple for the
         # collector to untrack, one collection after the value.
         #: Settled items (see the module docstring), oldest first, and their sizes.
@@ -110,6 +124,18 @@ class BoundedMemo(Generic[K, V]):
         """Holds at most ``max_entries`` items from now on (the oldest go, if need be)."""
         self._max_entries = max_entries
         if len(self) > max_entries:
+            self._make_room(0)
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    def rebound(self, max_bytes: int) -> None:
+        """Holds at most ``max_bytes`` of items from now on (the oldest go, if need be); the
+        largest item remembered shrinks with it (a sixty-fourth, or the bound given, if less)."""
+        self._max_bytes = max_bytes
+        self._max_item_bytes = _item_bound(max_bytes, self._max_item_bytes_given)
+        if self._bytes > max_bytes:
             self._make_room(0)
 
     @property
@@ -200,6 +226,12 @@ class BoundedMemo(Generic[K, V]):
         self._settle_at = NURSERY_ITEMS
         self._bytes = 0
         self._doorkeeper = None
+
+
+def _item_bound(max_bytes: int, given: int | None) -> int:
+    """The largest item a memo of ``max_bytes`` remembers."""
+    share = max(max_bytes // 64, 1)
+    return share if given is None else min(given, max_bytes)
 
 
 #: Slots of the doorkeeper of a memo that admits keys seen twice (``admit_seen_twice``): 128 KiB.
@@ -324,6 +356,14 @@ class HotMemo(Generic[K, V]):
                 return
         memo.put(key, value, size)
 
+    @property
+    def max_bytes(self) -> int:
+        return self._memo.max_bytes
+
+    def rebound(self, max_bytes: int) -> None:
+        """Holds at most ``max_bytes`` of objects from now on (see :meth:`BoundedMemo.rebound`)."""
+        self._memo.rebound(max_bytes)
+
     def clear(self) -> None:
         """Forgets every object and starts over, at the large size."""
         self._memo.clear()
@@ -352,3 +392,71 @@ class HotMemo(Generic[K, V]):
                 memo.resize(self._large)
                 self._filling = True
                 self._recent_hashes = None
+
+
+# -- the hit path's budget ---------------------------------------------------------------------
+
+
+class MemoShare:
+    """Each hit-path memo's share of ``CACHE_HIT_MEMOS_MAX_BYTES``, as the MiB it holds at the
+    default (156 in all): what a repeated hit saves most per byte gets most."""
+
+    QUERY_DIGESTS = 8
+    KEYS = 16
+    KEYS_AS_OBJECTS = 4
+    PREPARED_ANSWERS = 32
+    PREPARED_ANSWERS_AS_OBJECTS = 32
+    PARSED_VALUES = 32
+    EXPIRIES = 16
+    NEAR_HITS_AS_OBJECTS = 16
+
+
+_SHARES_IN_ALL: int = sum(
+    value for name, value in vars(MemoShare).items() if name.isupper() and isinstance(value, int)
+)
+#: The default of ``CACHE_HIT_MEMOS_MAX_BYTES``: each memo holds its share in MiB.
+DEFAULT_HIT_MEMOS_MAX_BYTES = _SHARES_IN_ALL * 1024 * 1024
+
+
+class _Rebound(Protocol):
+    def rebound(self, max_bytes: int) -> None: ...
+
+
+class _Budget:
+    """The process's ``CACHE_HIT_MEMOS_MAX_BYTES`` (the last ``init_cache()``'s) and the memos
+    that live as long as the process, resized when it changes."""
+
+    def __init__(self) -> None:
+        self.max_bytes = DEFAULT_HIT_MEMOS_MAX_BYTES
+        self.memos: list[tuple[_Rebound, int]] = []
+
+
+_budget = _Budget()
+
+
+def share_of(share: int, max_bytes: int | None = None) -> int:
+    """The bytes a memo of ``share`` (a :class:`MemoShare`) may hold out of ``max_bytes`` (the
+    process's budget by default)."""
+    total = _budget.max_bytes if max_bytes is None else max_bytes
+    return max(total * share // _SHARES_IN_ALL, 1)
+
+
+M = TypeVar("M", bound=_Rebound)
+
+
+def budgeted(memo: M, share: int) -> M:
+    """``memo`` (one that lives as long as the process), bounded from now on by ``share`` of the
+    budget, whenever :func:`set_hit_memos_budget` changes it."""
+    memo.rebound(share_of(share))
+    _budget.memos.append((memo, share))
+    return memo
+
+
+def set_hit_memos_budget(max_bytes: int) -> None:
+    """Bounds the hit path's memos by ``max_bytes`` in all (``CACHE_HIT_MEMOS_MAX_BYTES``): the
+    process-wide ones at once, those made from now on (a layer's, a store's) as they are made."""
+    if max_bytes == _budget.max_bytes:
+        return
+    _budget.max_bytes = max_bytes
+    for memo, share in _budget.memos:
+        memo.rebound(share_of(share))

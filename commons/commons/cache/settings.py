@@ -21,6 +21,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import connection
 from redis.connection import parse_url
 
+from commons.cache.memo import DEFAULT_HIT_MEMOS_MAX_BYTES
+
 __all__ = [
     "REDIS_URL_SCHEMES",
     "CacheSettings",
@@ -178,7 +180,17 @@ class CacheSettings(BaseSettings):
         "sixty-fourth of it is not kept. On a cluster each primary's near cache gets its share. "
         "What repeated hits answered from it remember (up to 65,536 keys, their stored bytes "
         "counted though shared with the near cache) is bounded by it too, counted apart; the "
-        "hit path's other memos come on top (Operations, 'Memory a worker holds').",
+        "hit path's other memos come on top (CACHE_HIT_MEMOS_MAX_BYTES).",
+    )
+    CACHE_HIT_MEMOS_MAX_BYTES: int = Field(
+        default=DEFAULT_HIT_MEMOS_MAX_BYTES,
+        ge=1024 * 1024,
+        description="Bytes the hit path's memos hold at most (per process, all routes together): "
+        "what it remembers of the keys it answered lately (query digests, keys, parsed values, "
+        "prepared answers, expiries, the objects of the hits answered most recently), so that a "
+        "repeated hit is not worked out again. Split among them in fixed shares, counted as the "
+        "bytes they hold. Besides the near cache's and the in-memory backend's bounds, not part "
+        "of them (Operations, 'Memory a worker holds'); lower it with them to shrink a worker.",
     )
     CACHE_NEAR_CACHE_MAX_AGE_SECONDS: float = Field(
         default=5.0,

@@ -40,6 +40,7 @@ from commons.cache.backends.redis.topology import Fill, Topology
 from commons.cache.backends.redis.translation import REDIS_FAILURES, errors_translated, translate
 from commons.cache.errors import BackendBusyError, BackendError, BackendUnavailableError
 from commons.cache.keyspace import Keyspace
+from commons.cache.memo import MemoShare, share_of
 from commons.cache.scope import CacheScope, InvalidationTarget
 
 __all__ = ["RedisStore", "topology_of"]
@@ -95,7 +96,7 @@ class RedisStore(CacheStore, ReplicaLocks):
                 behind Sentinel.
         """
         self._keys = Keyspace(prefix)
-        self._expiries = ExpiryMemo()
+        self._expiries = ExpiryMemo(max_bytes=share_of(MemoShare.EXPIRIES))
         self._near_cache = near_cache
         self._closed = False
         self._topology = topology_of(
