@@ -18,15 +18,7 @@ from starlette.responses import Response
 
 from commons.cache.entry import BODY, ParsedValue, decode_payload, route_fingerprint
 from commons.cache.http import PreparedResponse, prepare, prepare_plain_json
-from commons.cache.memo import (
-    HOT_LARGE_ENTRIES,
-    HOT_SMALL_ENTRIES,
-    BoundedMemo,
-    HotMemo,
-    MemoShare,
-    budgeted,
-    share_of,
-)
+from commons.cache.memo import BoundedMemo, HotMemo, MemoShare, process_hot_memo, process_memo
 from commons.cache.rendering import adapter_for, json_bytes, render_as_route
 
 __all__ = ["PRODUCER", "CachedRoute", "PreparedResponses"]
@@ -43,11 +35,8 @@ _PREPARED_MAX_ENTRIES = 16_384
 #: Large while the keys hit fit in it; few over a larger working set, where every hit would
 #: replace one, and objects that live long enough to reach the oldest generation before being
 #: dropped are what brings full collections back (see ``memo.HotMemo``).
-_hot_prepared = budgeted(
-    HotMemo[str, tuple[bytes, PreparedResponse]](
-        HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, share_of(MemoShare.PREPARED_ANSWERS_AS_OBJECTS)
-    ),
-    MemoShare.PREPARED_ANSWERS_AS_OBJECTS,
+_hot_prepared: HotMemo[str, tuple[bytes, PreparedResponse]] = process_hot_memo(
+    MemoShare.PREPARED_ANSWERS_AS_OBJECTS
 )
 
 #: A prepared response as the memo holds it: the stored bytes, then PreparedResponse's fields
@@ -59,11 +48,8 @@ _hot_prepared = budgeted(
 _PreparedFields = tuple[bytes, bytes, int, str, bool, bytes, bytes]
 
 #: The prepared answers of every route, by key (see :class:`PreparedResponses`).
-_prepared_memo = budgeted(
-    BoundedMemo[str, _PreparedFields](
-        _PREPARED_MAX_ENTRIES, share_of(MemoShare.PREPARED_ANSWERS), admit_seen_twice=True
-    ),
-    MemoShare.PREPARED_ANSWERS,
+_prepared_memo: BoundedMemo[str, _PreparedFields] = process_memo(
+    MemoShare.PREPARED_ANSWERS, _PREPARED_MAX_ENTRIES, admit_seen_twice=True
 )
 
 

@@ -54,15 +54,7 @@ from commons.cache.events import LookupOutcome
 from commons.cache.http import PreparedResponse, Served, prepare_plain_json, replay
 from commons.cache.layer import CacheLayer, Lookup
 from commons.cache.lifecycle import current_layer
-from commons.cache.memo import (
-    HOT_LARGE_ENTRIES,
-    HOT_SMALL_ENTRIES,
-    BoundedMemo,
-    HotMemo,
-    MemoShare,
-    budgeted,
-    share_of,
-)
+from commons.cache.memo import BoundedMemo, HotMemo, MemoShare, process_hot_memo
 from commons.cache.scope import CacheScope, ScopedKey, shared_scope
 
 __all__ = ["HitShortcut"]
@@ -135,12 +127,7 @@ class _Hot(NamedTuple):
 #: The same as objects, for the keys answered most recently: as many as pay for themselves
 #: (``memo.HotMemo``: all of them while the keys hit fit in 4,096, else few). A hot key's answer
 #: then needs no scope looked up, no fingerprint compared, no prepared answer found.
-_hot = budgeted(
-    HotMemo[_RememberedKey, _Hot](
-        HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, share_of(MemoShare.NEAR_HITS_AS_OBJECTS)
-    ),
-    MemoShare.NEAR_HITS_AS_OBJECTS,
-)
+_hot: HotMemo[_RememberedKey, _Hot] = process_hot_memo(MemoShare.NEAR_HITS_AS_OBJECTS)
 #: Each shortcut's number, never reused in the process (the memo's keys hold no object).
 _SERIALS = itertools.count(1)
 

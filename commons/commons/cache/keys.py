@@ -43,15 +43,7 @@ from commons.cache.keyspace import (
     split_qualified_namespace,
     uncacheable_key,
 )
-from commons.cache.memo import (
-    HOT_LARGE_ENTRIES,
-    HOT_SMALL_ENTRIES,
-    BoundedMemo,
-    HotMemo,
-    MemoShare,
-    budgeted,
-    share_of,
-)
+from commons.cache.memo import BoundedMemo, HotMemo, MemoShare, process_hot_memo, process_memo
 from commons.cache.scope import CacheScope, ScopedKey, shared_scope
 from commons.utilities.context import get_tenant_id, get_user_id
 
@@ -80,14 +72,11 @@ _EMPTY_QUERY_DIGEST = hashlib.md5(b"", usedforsecurity=False).hexdigest()
 # cost more than hashing it saves, and a fresh process would hold megabytes of junk queries.
 _MEMO_OVERHEAD_BYTES = 200
 _MEMO_MAX_QUERY_BYTES = 4096
-_digest_memo = budgeted(
-    BoundedMemo[bytes, str](
-        16_384,
-        share_of(MemoShare.QUERY_DIGESTS),
-        max_item_bytes=_MEMO_MAX_QUERY_BYTES + _MEMO_OVERHEAD_BYTES,
-        admit_seen_twice=True,
-    ),
+_digest_memo: BoundedMemo[bytes, str] = process_memo(
     MemoShare.QUERY_DIGESTS,
+    16_384,
+    max_item_bytes=_MEMO_MAX_QUERY_BYTES + _MEMO_OVERHEAD_BYTES,
+    admit_seen_twice=True,
 )
 
 
@@ -122,23 +111,15 @@ def key_path(path: str) -> str:
 # copies): as many as the keys read while they fit in a few thousand, few over a larger working
 # set, where rebuilding one costs less than full collections walking thousands (memo.HotMemo).
 _KeyInputs = tuple[str, str, str | None, str, bytes]
-_key_memo = budgeted(
-    BoundedMemo[_KeyInputs, tuple[str, str]](
-        16_384,
-        share_of(MemoShare.KEYS),
-        max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES,
-        admit_seen_twice=True,
-    ),
+_key_memo: BoundedMemo[_KeyInputs, tuple[str, str]] = process_memo(
     MemoShare.KEYS,
+    16_384,
+    max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES,
+    admit_seen_twice=True,
 )
-_hot_key_memo = budgeted(
-    HotMemo[_KeyInputs, ScopedKey](
-        HOT_SMALL_ENTRIES,
-        HOT_LARGE_ENTRIES,
-        share_of(MemoShare.KEYS_AS_OBJECTS),
-        max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES,
-    ),
+_hot_key_memo: HotMemo[_KeyInputs, ScopedKey] = process_hot_memo(
     MemoShare.KEYS_AS_OBJECTS,
+    max_item_bytes=2 * _MEMO_MAX_QUERY_BYTES + 4 * _MEMO_OVERHEAD_BYTES,
 )
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from array import array
 from gc import is_tracked
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = [
     "DEFAULT_HIT_MEMOS_MAX_BYTES",
@@ -42,7 +42,8 @@ __all__ = [
     "BoundedMemo",
     "HotMemo",
     "MemoShare",
-    "budgeted",
+    "process_hot_memo",
+    "process_memo",
     "set_hit_memos_budget",
     "share_of",
 ]
@@ -399,7 +400,8 @@ class HotMemo(Generic[K, V]):
 
 class MemoShare:
     """Each hit-path memo's share of ``CACHE_HIT_MEMOS_MAX_BYTES``, as the MiB it holds at the
-    default (156 in all): what a repeated hit saves most per byte gets most."""
+    default: what a repeated hit saves most per byte gets most. Plain ints, not an enum: equal
+    shares would be aliases of one member."""
 
     QUERY_DIGESTS = 8
     KEYS = 16
@@ -418,36 +420,49 @@ _SHARES_IN_ALL: int = sum(
 DEFAULT_HIT_MEMOS_MAX_BYTES = _SHARES_IN_ALL * 1024 * 1024
 
 
-class _Rebound(Protocol):
-    def rebound(self, max_bytes: int) -> None: ...
-
-
 class _Budget:
     """The process's ``CACHE_HIT_MEMOS_MAX_BYTES`` (the last ``init_cache()``'s) and the memos
     that live as long as the process, resized when it changes."""
 
     def __init__(self) -> None:
         self.max_bytes = DEFAULT_HIT_MEMOS_MAX_BYTES
-        self.memos: list[tuple[_Rebound, int]] = []
+        self.memos: list[tuple[BoundedMemo[Any, Any] | HotMemo[Any, Any], int]] = []
 
 
 _budget = _Budget()
 
 
-def share_of(share: int, max_bytes: int | None = None) -> int:
-    """The bytes a memo of ``share`` (a :class:`MemoShare`) may hold out of ``max_bytes`` (the
-    process's budget by default)."""
-    total = _budget.max_bytes if max_bytes is None else max_bytes
-    return max(total * share // _SHARES_IN_ALL, 1)
+def share_of(share: int) -> int:
+    """The bytes a memo of ``share`` (a :class:`MemoShare`) may hold out of the process's budget
+    now."""
+    return max(_budget.max_bytes * share // _SHARES_IN_ALL, 1)
 
 
-M = TypeVar("M", bound=_Rebound)
+def process_memo(
+    share: int,
+    max_entries: int,
+    *,
+    max_item_bytes: int | None = None,
+    admit_seen_twice: bool = False,
+) -> BoundedMemo[K, V]:
+    """A :class:`BoundedMemo` that lives as long as the process, bounded in bytes by ``share``
+    of the budget, now and whenever :func:`set_hit_memos_budget` changes it."""
+    memo = BoundedMemo[K, V](
+        max_entries,
+        share_of(share),
+        max_item_bytes=max_item_bytes,
+        admit_seen_twice=admit_seen_twice,
+    )
+    _budget.memos.append((memo, share))
+    return memo
 
 
-def budgeted(memo: M, share: int) -> M:
-    """``memo`` (one that lives as long as the process), bounded from now on by ``share`` of the
-    budget, whenever :func:`set_hit_memos_budget` changes it."""
-    memo.rebound(share_of(share))
+def process_hot_memo(share: int, *, max_item_bytes: int | None = None) -> HotMemo[K, V]:
+    """A :class:`HotMemo` (of the usual sizes) that lives as long as the process, bounded in
+    bytes by ``share`` of the budget, as :func:`process_memo`."""
+    memo = HotMemo[K, V](
+        HOT_SMALL_ENTRIES, HOT_LARGE_ENTRIES, share_of(share), max_item_bytes=max_item_bytes
+    )
     _budget.memos.append((memo, share))
     return memo
 
