@@ -156,6 +156,11 @@ async def test_each_primary_holds_its_share_of_the_memory_bound(store: RedisStor
     assert len(nears) == 3
     assert all(near._max_bytes == 1 << 20 for near in nears)
     assert sum(near.bytes_held for near in nears) > 0
+    # cache_status() reports them summed over the primaries.
+    assert store.near_cache_held() == (
+        sum(len(near) for near in nears),
+        sum(near.bytes_held for near in nears),
+    )
 
 
 async def test_a_full_primarys_near_cache_keeps_what_it_holds_over_keys_read_once(

@@ -23,6 +23,7 @@ from commons.cache import (
 )
 from commons.testing import current_layer
 from commons.testing.redis_server import RedisServer, free_port
+from commons.testing.waiting import eventually
 from commons.utilities.context import get_tenant_id
 
 from _support import client_for
@@ -92,6 +93,25 @@ async def test_with_a_reachable_redis_url_the_cache_is_redis(
     assert await cache_headers(cached_app[0], 2) == ["MISS", "HIT"]
     key = f"{settings.CACHE_PREFIX}:cfg:tenant_acme:/config:{MD5_OF_NOTHING}"
     assert redis_server.command("EXISTS", key) == b":1\r\n"
+
+
+async def test_cache_status_says_what_the_near_cache_holds(
+    make_settings: Callable[..., CacheSettings],
+    redis_url: str,
+    cached_app: tuple[FastAPI, list[str]],
+) -> None:
+    await init_cache(make_settings(redis_url))
+    assert (cache_status().near_cache_entries, cache_status().near_cache_bytes) == (0, 0)
+
+    async def kept() -> bool:
+        # A read from Redis is kept once the near cache's tracking is on.
+        await cache_headers(cached_app[0], 1)
+        return cache_status().near_cache_entries == 1
+
+    await eventually(kept, "the entry held by the near cache")
+    assert cache_status().near_cache_bytes > len(MD5_OF_NOTHING)
+    await close_cache()
+    assert cache_status().near_cache_entries == 0
 
 
 async def test_calling_init_cache_again_reinitialises(

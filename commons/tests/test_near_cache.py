@@ -948,10 +948,15 @@ async def test_its_bounds_are_its_own_settings_not_the_memory_backends(
             await store.read(key, SCOPE)  # kept
 
         reads = [await store.read(key, SCOPE) for key in keys]
+        entries, counted = store.near_cache_held()
+        bytes_held = near.bytes_held
     finally:
         await store.aclose()
 
     assert all(read.from_memory for read in reads)
+    # What an operator reads in cache_status(): every entry, each counted as more than its value.
+    assert entries == len(keys)
+    assert len(keys) * 2_000 < counted == bytes_held <= 1 << 20
 
 
 async def test_held_entries_are_not_walked_by_the_garbage_collector(

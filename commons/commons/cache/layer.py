@@ -243,6 +243,7 @@ class CacheLayer:
 
     def status(self) -> CacheStatus:
         breaker = self._breaker
+        near_entries, near_bytes = (0, 0) if self._redis is None else self._redis.near_cache_held()
         return CacheStatus(
             backend=breaker.state.value,
             reason=breaker.reason,
@@ -251,6 +252,8 @@ class CacheLayer:
             pending_invalidations=len(self._removals.pending),
             memory_entries=len(self._memory),
             removals_pending=self._removals.background.pending,
+            near_cache_entries=near_entries,
+            near_cache_bytes=near_bytes,
         )
 
     # -- scopes --------------------------------------------------------------------------------

@@ -36,6 +36,11 @@ class CacheStatus:
         memory_entries: Entries held by the in-memory tier.
         removals_pending: Removals of invalidated entries still waiting or running in the
             background (the invalidations themselves already hold).
+        near_cache_entries: Entries this process's near cache holds (on a cluster, summed over
+            the primaries' near caches).
+        near_cache_bytes: What they and their generations are counted as against
+            ``CACHE_NEAR_CACHE_MAX_BYTES`` (the process's memory they cost, measured: see the
+            README's "Memory a worker holds").
     """
 
     backend: str
@@ -45,3 +50,5 @@ class CacheStatus:
     pending_invalidations: int = 0
     memory_entries: int = 0
     removals_pending: int = 0
+    near_cache_entries: int = 0
+    near_cache_bytes: int = 0

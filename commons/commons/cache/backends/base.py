@@ -73,6 +73,11 @@ class CacheStore(ABC):
         now, with no command sent. ``None`` whenever that is not known at once (the default)."""
         return None
 
+    def near_cache_held(self) -> tuple[int, int]:
+        """What this process's near cache(s) hold: entries, and the bytes they are counted as
+        against ``CACHE_NEAR_CACHE_MAX_BYTES``; ``(0, 0)`` for a store without one."""
+        return 0, 0
+
     @abstractmethod
     async def write(
         self,

@@ -255,6 +255,10 @@ class OnCluster(Topology):
             await self.cluster.zrem(leaf, *keys)
         return removed
 
+    @property
+    def near_caches(self) -> list[NearCache]:
+        return self.reads.near_caches
+
     def drop_near(self, keys: list[str]) -> None:
         self.reads.drop(keys)
 

@@ -131,6 +131,10 @@ class RedisStore(CacheStore, ReplicaLocks):
         own, see ``cluster_reads.py``)."""
         return self._topology.near_cache
 
+    def near_cache_held(self) -> tuple[int, int]:
+        nears = self._topology.near_caches
+        return sum(len(near) for near in nears), sum(near.bytes_held for near in nears)
+
     @property
     def is_cluster(self) -> bool:
         """Whether the store talks to a Redis Cluster (known after the first :meth:`ping`)."""

@@ -101,6 +101,12 @@ class Topology:
         """The near cache this topology keeps coherent in one piece, if any."""
         return None
 
+    @property
+    def near_caches(self) -> list[NearCache]:
+        """Every near cache this topology keeps (a cluster: one per primary opened so far)."""
+        near = self.near_cache
+        return [] if near is None else [near]
+
     def generation_groups(self, scope: CacheScope) -> list[list[str]]:
         """The scope's generation keys in the groups one command may read or make together
         (one server: all of them at once)."""
