@@ -238,16 +238,6 @@ class CacheSettings(BaseSettings):
         description="Consecutive Redis failures after which the cache stops calling Redis "
         "and serves from memory until Redis answers again.",
     )
-    CACHE_SLOW_REDIS_SECONDS: float | None = Field(
-        default=None,
-        ge=0,
-        description="A read or write of Redis that took longer than this counts as a failure "
-        "for CACHE_FAILURE_THRESHOLD: a Redis that answers just under REDIS_SOCKET_TIMEOUT_SECONDS "
-        "would otherwise cost every request nearly that timeout, and never open the breaker. "
-        "The recovery probe's PING must answer within it too. Unset: half "
-        "REDIS_SOCKET_TIMEOUT_SECONDS. 0: no call counts as slow. Must be below "
-        "REDIS_SOCKET_TIMEOUT_SECONDS.",
-    )
     CACHE_RECOVERY_INTERVAL_SECONDS: float = Field(
         default=2.0,
         gt=0,
@@ -348,13 +338,6 @@ class CacheSettings(BaseSettings):
         default=None,
         description="Name of the master the Sentinels monitor; required with REDIS_SENTINELS.",
     )
-
-    @property
-    def slow_redis_seconds(self) -> float:
-        """How long a Redis call may take before the breaker counts it as a failure (0: no
-        call counts as slow): ``CACHE_SLOW_REDIS_SECONDS``, or half the socket timeout."""
-        slow = self.CACHE_SLOW_REDIS_SECONDS
-        return self.REDIS_SOCKET_TIMEOUT_SECONDS / 2 if slow is None else slow
 
     @model_validator(mode="before")
     @classmethod
@@ -469,12 +452,6 @@ class CacheSettings(BaseSettings):
                 raise ValueError("REDIS_CLUSTER=true and REDIS_SENTINELS exclude each other")
         elif self.REDIS_SENTINEL_MASTER:
             raise ValueError("REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not")
-        slow = self.CACHE_SLOW_REDIS_SECONDS
-        if slow is not None and slow >= self.REDIS_SOCKET_TIMEOUT_SECONDS:
-            raise ValueError(
-                f"CACHE_SLOW_REDIS_SECONDS ({slow}) must be below REDIS_SOCKET_TIMEOUT_SECONDS "
-                f"({self.REDIS_SOCKET_TIMEOUT_SECONDS}): a call that slow has timed out already"
-            )
         if self.REDIS_CLUSTER == "true" and scheme == "unix":
             raise ValueError("REDIS_CLUSTER=true needs a redis:// or rediss:// REDIS_URL")
         if self.REDIS_CLUSTER == "true" and self.REDIS_URL and _database_of(self.REDIS_URL):
