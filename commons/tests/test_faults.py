@@ -39,6 +39,7 @@ from commons.cache import (
 )
 from commons.cache.backends.redis.near import HEARTBEAT_SECONDS, SILENCE_LIMIT_SECONDS
 from commons.cache.status import CacheStatus
+from commons.testing.proxy import LoopbackProxy
 from commons.testing.redis_server import RedisServer
 from commons.utilities.context import get_tenant_id
 
@@ -58,6 +59,8 @@ RECOVERY_BOUND = RECOVERY_INTERVAL + SOCKET_TIMEOUT + 1.0
 OPEN_BREAKER_BOUND = 0.75 * SOCKET_TIMEOUT
 
 FLAVOURS = ["commons_cache", "guide_cache"]
+#: How long ``/blocking`` holds the event loop: longer than the slow threshold it is tested with.
+LOOP_HELD_FOR = 0.6
 
 
 # -- the service under test ---------------------------------------------------------------------
@@ -143,6 +146,14 @@ def build_app(make_identity_app: Callable[[], FastAPI], flavour: str, service: S
         service.versions[tenant] += 1
         await invalidate_namespace("config", tenant_id=tenant)
         return service.expected(tenant)
+
+    @app.get("/blocking")
+    async def hold_the_event_loop() -> dict[str, str]:
+        # Blocking work in an async handler, as services do by mistake: the requests whose reads
+        # are in flight meanwhile get their replies late.
+        await asyncio.sleep(SOCKET_TIMEOUT / 8)
+        time.sleep(LOOP_HELD_FOR)  # noqa: ASYNC251
+        return {}
 
     @app.post("/admin/clear-key")
     async def clear_one_key() -> dict[str, int]:
@@ -443,6 +454,69 @@ async def test_a_redis_busy_in_a_long_command_is_bypassed_until_it_answers_again
     await wait_for_backend("redis")
     assert (await service.get()).headers["X-FastAPI-Cache"] == "HIT"
     assert logged_states(cache_log) == ["redis", "degraded", "redis"]
+
+
+# -- slow (replies just under the timeout) ---------------------------------------------------------
+
+#: The slow threshold (CACHE_SLOW_REDIS_SECONDS) where it is tested, and a reply delay under the
+#: socket timeout but over it.
+SLOW_CALL = SOCKET_TIMEOUT / 2
+SLOW_REPLY = 0.75 * SOCKET_TIMEOUT
+
+
+@pytest.fixture
+def slow_link(own_redis: RedisServer) -> Iterator[LoopbackProxy]:
+    with LoopbackProxy(own_redis.port) as proxy:
+        yield proxy
+
+
+async def test_a_redis_answering_just_under_the_timeout_is_left_and_rejoined_once_fast(
+    start_service: StartService, slow_link: LoopbackProxy, cache_log: pytest.LogCaptureFixture
+) -> None:
+    service = await start_service(slow_link.url, CACHE_SLOW_REDIS_SECONDS=SLOW_CALL)
+    await service.get()
+    assert cache_status().backend == "redis"
+
+    fault_at = datetime.now(UTC)
+    slow_link.delay_replies(SLOW_REPLY)
+    # Other tenants' keys: the near cache holds none of them, so each request asks Redis (a read
+    # and a fill), and none of its replies fails.
+    tenants = iter(f"t{n}" for n in range(100))
+    requests = 0
+    while cache_status().backend != "degraded":
+        assert requests < 3, f"still {cache_status()} after {requests} requests"
+        await service.get(next(tenants))
+        requests += 1
+    assert_degraded(cache_status(), because="answers too slowly", after=fault_at)
+    for _ in range(10):
+        await service.get(next(tenants), bound=OPEN_BREAKER_BOUND)
+    await asyncio.sleep(3 * RECOVERY_INTERVAL)
+    assert cache_status().backend == "degraded"  # the probe's PING is as slow
+
+    slow_link.delay_replies(0.0)
+    await wait_for_backend("redis")
+    assert (await service.get()).headers["X-FastAPI-Cache"] == "HIT"
+    assert logged_states(cache_log) == ["redis", "degraded", "redis"]
+
+
+async def test_reads_held_up_by_the_services_own_blocked_event_loop_do_not_open_the_breaker(
+    start_service: StartService, slow_link: LoopbackProxy, cache_log: pytest.LogCaptureFixture
+) -> None:
+    # Thresholds well above what a loaded machine adds, so that only the held loop is slow.
+    service = await start_service(
+        slow_link.url, REDIS_SOCKET_TIMEOUT_SECONDS=1.0, CACHE_SLOW_REDIS_SECONDS=LOOP_HELD_FOR / 2
+    )
+    await service.get()
+    # Replies this late keep reads in flight when a handler holds the loop: they all end late
+    # together, by no fault of Redis.
+    slow_link.delay_replies(SOCKET_TIMEOUT / 4)
+
+    for round_ in range(3):
+        misses = [service.get(f"held-{n}-{round_}", bound=REQUEST_BOUND + 1) for n in range(6)]
+        await asyncio.gather(service.client.get("/blocking"), *misses)
+        assert min(service.durations[-6:]) > LOOP_HELD_FOR  # every one was held up
+    # Not even for a moment (the probe would have brought it back by now).
+    assert logged_states(cache_log) == ["redis"]
 
 
 # -- full (OOM) ----------------------------------------------------------------------------------

@@ -276,6 +276,18 @@ def test_the_hit_memos_budget_below_a_mebibyte_is_refused(
     load_fails_naming(monkeypatch, "CACHE_HIT_MEMOS_MAX_BYTES", value)
 
 
+@pytest.mark.parametrize("value", ["0.5", "2", "-0.1"])
+def test_a_slow_threshold_not_below_the_socket_timeout_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("REDIS_SOCKET_TIMEOUT_SECONDS", "0.5")
+    load_fails_naming(monkeypatch, "CACHE_SLOW_REDIS_SECONDS", value)
+
+
+def test_slow_calls_count_as_failures_only_when_asked() -> None:
+    assert CacheSettings().CACHE_SLOW_REDIS_SECONDS == 0
+
+
 def test_an_invalidation_journal_that_is_not_a_directory_is_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

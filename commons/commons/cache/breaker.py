@@ -13,6 +13,15 @@ recovery opens it again at once, so a Redis that answers ``PING`` but not reads 
 per interval, not ``CACHE_FAILURE_THRESHOLD``. A service that started while Redis was down takes the
 same way back.
 
+A Redis that answers, but just under ``REDIS_SOCKET_TIMEOUT_SECONDS`` (overloaded, or behind a
+slow link), costs every request nearly that timeout without ever failing. With
+``CACHE_SLOW_REDIS_SECONDS`` set, a read or a fill slower than that counts as a failure too, once
+such calls in a row span that much time (calls held up together by this process's own blocked
+event loop are not Redis' fault), and the probe's ``PING`` must answer within it. It is off by
+default: a process starved of CPU (throttled at its limit) sees its own calls as slow as well,
+and an open breaker weakens what other replicas' invalidations guarantee to
+``CACHE_DEGRADED_TTL_SECONDS``.
+
 A request whose read from Redis just failed does not write its freshly computed value there: the
 write would only wait for the same timeout. So a request pays at most one Redis timeout, and only
 before the breaker opens.
@@ -60,6 +69,11 @@ __all__ = ["FAILED", "Breaker", "Failed", "KeptForRedis"]
 logger = logging.getLogger("commons.cache")
 
 T = TypeVar("T")
+
+#: The operations judged by their time too (see ``CACHE_SLOW_REDIS_SECONDS``): a request's read
+#: and fill, one command each. An invalidation or a lock may wait on purpose (for a pooled
+#: connection, for the lock's holder).
+_JUDGED_BY_TIME = frozenset({"get", "set"})
 
 #: What a refused operation is called in ``cache_status().reason``.
 _REFUSED_WHAT = {"get": "reads", "set": "writes", "lock": "locks"}
@@ -157,6 +171,10 @@ class Breaker:
         self.enabled = initial is not CacheState.DISABLED
         #: The store reads and writes go to: Redis while the breaker is closed, else memory.
         self.active: CacheStore = memory
+        #: A read or write slower than this counts as a failure (0: none does).
+        self._slow_seconds = settings.CACHE_SLOW_REDIS_SECONDS
+        #: When the slow calls of the current run of failures began (``time.perf_counter()``).
+        self._slow_since: float | None = None
         self._probe_task: asyncio.Task[None] | None = None
 
     # -- the state machine -----------------------------------------------------------------
@@ -189,10 +207,33 @@ class Breaker:
         if store is not self._redis:
             return
         self.consecutive_failures = 0
+        self._slow_since = None
         if self.refused == operation and self.state is CacheState.REDIS:
             self.refused = None
             what = _REFUSED_WHAT.get(operation, operation)
             self.transition(CacheState.REDIS, f"Redis accepts {what} again")
+
+    def record_slow(self, took: float) -> None:
+        """Counts a read or write that Redis answered, but slower than ``slow_redis_seconds``,
+        as a failure: only a fast answer resets the count.
+
+        The breaker opens only once the slow calls in a row also span that much time: calls
+        that were all waiting while this process's own event loop was held (a handler's blocking
+        work) end at the same moment, slow by no fault of Redis.
+        """
+        now = time.perf_counter()
+        if self._slow_since is None:
+            self._slow_since = now
+        self.consecutive_failures += 1
+        if (
+            self.consecutive_failures >= self._settings.CACHE_FAILURE_THRESHOLD
+            and now - self._slow_since >= self._slow_seconds
+        ):
+            self.degrade(
+                f"Redis answers too slowly: {self.consecutive_failures} calls in a row took "
+                f"over {self._slow_seconds:g} s (the last {took:.3f} s; "
+                "CACHE_SLOW_REDIS_SECONDS)"
+            )
 
     def record_failure(
         self, store: CacheStore, exc: BackendError, namespace: str, operation: str
@@ -237,8 +278,13 @@ class Breaker:
             self.record_failure(store, exc, namespace, operation)
             return FAILED
         # A near-cache hit sent no command (see StoredRead.from_memory): not a Redis operation.
-        if timed and not (isinstance(result, StoredRead) and result.from_memory):
-            self._events.timed(namespace, operation, time.perf_counter() - started)
+        if store is self._redis and not (isinstance(result, StoredRead) and result.from_memory):
+            took = time.perf_counter() - started
+            if timed:
+                self._events.timed(namespace, operation, took)
+            if took > self._slow_seconds > 0 and operation in _JUDGED_BY_TIME:
+                self.record_slow(took)
+                return result
         if self.consecutive_failures or self.refused is not None:
             self.record_success(store, operation)
         return result
@@ -283,10 +329,15 @@ class Breaker:
         redis = self._redis
         if redis is None or self.state is not CacheState.DEGRADED:
             return False
+        started = time.perf_counter()
         try:
             await redis.ping()
         except BackendError as exc:
             logger.debug("Redis still unavailable: %s", exc)
+            return False
+        took = time.perf_counter() - started
+        if took > self._slow_seconds > 0:
+            logger.debug("Redis still too slow: PING took %.3f s", took)
             return False
         try:
             applied = await kept.replay(redis)
@@ -309,6 +360,7 @@ class Breaker:
         dropped = len(self._memory)
         # Half-open: one more failure opens the breaker again.
         self.consecutive_failures = self._settings.CACHE_FAILURE_THRESHOLD - 1
+        self._slow_since = None
         self.transition(
             CacheState.REDIS,
             f"Redis answers again; {applied} pending invalidations applied, "

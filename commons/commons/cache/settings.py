@@ -238,6 +238,18 @@ class CacheSettings(BaseSettings):
         description="Consecutive Redis failures after which the cache stops calling Redis "
         "and serves from memory until Redis answers again.",
     )
+    CACHE_SLOW_REDIS_SECONDS: float = Field(
+        default=0,
+        ge=0,
+        description="Above 0: a read or write of Redis that took longer than this counts as a "
+        "failure for CACHE_FAILURE_THRESHOLD (once such calls in a row span that long), and the "
+        "recovery probe's PING must answer within it, so that a Redis answering just under "
+        "REDIS_SOCKET_TIMEOUT_SECONDS does not cost every request nearly that timeout. Must be "
+        "below it (half of it is a good start). 0 (the default): only failures count, because a "
+        "process starved of CPU (a pod throttled at its CPU limit) sees its own calls as slow "
+        "too, and while degraded an invalidation by another replica reaches this one only "
+        "within CACHE_DEGRADED_TTL_SECONDS.",
+    )
     CACHE_RECOVERY_INTERVAL_SECONDS: float = Field(
         default=2.0,
         gt=0,
@@ -452,6 +464,12 @@ class CacheSettings(BaseSettings):
                 raise ValueError("REDIS_CLUSTER=true and REDIS_SENTINELS exclude each other")
         elif self.REDIS_SENTINEL_MASTER:
             raise ValueError("REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not")
+        slow = self.CACHE_SLOW_REDIS_SECONDS
+        if slow >= self.REDIS_SOCKET_TIMEOUT_SECONDS:
+            raise ValueError(
+                f"CACHE_SLOW_REDIS_SECONDS ({slow}) must be below REDIS_SOCKET_TIMEOUT_SECONDS "
+                f"({self.REDIS_SOCKET_TIMEOUT_SECONDS}): a call that slow has timed out already"
+            )
         if self.REDIS_CLUSTER == "true" and scheme == "unix":
             raise ValueError("REDIS_CLUSTER=true needs a redis:// or rediss:// REDIS_URL")
         if self.REDIS_CLUSTER == "true" and self.REDIS_URL and _database_of(self.REDIS_URL):
