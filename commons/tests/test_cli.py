@@ -511,6 +511,16 @@ def test_stats_invalidate_and_flush_reach_every_primary_of_a_cluster(
         server = server_name_and_version(find_redis_server())
         assert f"server    ok: {server}, cluster mode" in checked.stdout
         assert stats_json(redis_cluster_url)["reports"]["entries"] == 60
+        # Memory: the three primaries' together (one node's alone before).
+        memory = json.loads(invoke(redis_cluster_url, "stats", "--json").stdout)
+        used = [
+            int(info["used_memory"])
+            for info in cluster.info(target_nodes=redis.RedisCluster.PRIMARIES).values()
+        ]
+        assert sum(used) * 0.8 < memory["used_memory"] < sum(used) * 1.2
+        assert memory["primaries"] == 3
+        table = invoke(redis_cluster_url, "stats").stdout.splitlines()
+        assert table[-1].startswith("server memory over 3 primaries: ")
         invalidated = invoke(redis_cluster_url, "invalidate", "reports", "--tenant", "t3")
         assert invalidated.stdout == "removed 5 entries of namespace reports for tenant t3\n"
         assert stats_json(redis_cluster_url)["reports"]["entries"] == 55

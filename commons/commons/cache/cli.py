@@ -257,14 +257,17 @@ def stats(
                     if count
                 ]
             rows.append(row)
-        return rows, await store.server_info()
+        return rows, await store.node_infos()
 
-    rows, info = _with_store(settings, gather)
-    used_memory = int(info.get("used_memory", 0))
+    rows, infos = _with_store(settings, gather)
+    primaries = _primaries(infos)
+    used_memory = sum(int(info.get("used_memory", 0)) for info in primaries)
+    policies = sorted({str(info.get("maxmemory_policy")) for info in primaries})
     server = {
         "used_memory": used_memory,
-        "maxmemory": int(info.get("maxmemory", 0) or 0),
-        "maxmemory_policy": info.get("maxmemory_policy"),
+        "maxmemory": sum(int(info.get("maxmemory", 0) or 0) for info in primaries),
+        "maxmemory_policy": policies[0] if len(policies) == 1 else ", ".join(policies),
+        "primaries": len(primaries),
     }
     if as_json:
         typer.echo(json.dumps({"prefix": settings.CACHE_PREFIX, "namespaces": rows, **server}))
@@ -291,10 +294,18 @@ def stats(
         total_entries += row["entries"]
         total_bytes += estimate or 0
     typer.echo(f"{'total':<{width}}{total_entries:>10}  {_size(total_bytes)}")
+    over = f" over {len(primaries)} primaries" if len(primaries) > 1 else ""
     typer.echo(
-        f"server memory: {_size(used_memory)} used, maxmemory {_maxmemory(info)}, "
+        f"server memory{over}: {_size(used_memory)} used, maxmemory {_maxmemory(server)}, "
         f"policy {server['maxmemory_policy']}"
     )
+
+
+def _primaries(infos: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``INFO`` of the servers that hold the data: a cluster's primaries (its replicas hold
+    copies), or the one server."""
+    primaries = [info for info in infos.values() if info.get("role") != "slave"]
+    return primaries or list(infos.values())
 
 
 # -- invalidate --------------------------------------------------------------------------------

@@ -183,10 +183,6 @@ class OperatorCommands(ABC):
         """Returns when the store answers (and finds out whether it is a cluster)."""
 
     @abstractmethod
-    async def server_info(self) -> dict[str, Any]:
-        """The server's own description of itself (Redis: ``INFO``; on a cluster, one node's)."""
-
-    @abstractmethod
     async def node_infos(self) -> dict[str, dict[str, Any]]:
         """Each server's description of itself, by its address (one on a single server)."""
 

@@ -42,12 +42,6 @@ class RedisOperations(OperatorCommands):
     async def ping(self) -> None:
         await self._store.ping()
 
-    async def server_info(self) -> dict[str, Any]:
-        """The server's ``INFO`` (on a cluster: one node's, asked of that node alone)."""
-        async with errors_translated():
-            info = await self._store.client.info()
-        return next(iter(_by_node(info).values()))
-
     async def node_infos(self) -> dict[str, dict[str, Any]]:
         """Each server's ``INFO`` by address (every node of a cluster)."""
         client = self._store.client
