@@ -214,8 +214,8 @@ class Breaker:
             self.transition(CacheState.REDIS, f"Redis accepts {what} again")
 
     def record_slow(self, took: float) -> None:
-        """Counts a read or write that Redis answered, but slower than ``slow_redis_seconds``,
-        as a failure: only a fast answer resets the count.
+        """Counts a read or write that Redis answered, but slower than
+        ``CACHE_SLOW_REDIS_SECONDS``, as a failure: only a fast answer resets the count.
 
         The breaker opens only once the slow calls in a row also span that much time: calls
         that were all waiting while this process's own event loop was held (a handler's blocking

@@ -304,7 +304,7 @@ def stats(
 def _primaries(infos: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The ``INFO`` of the servers that hold the data: a cluster's primaries (its replicas hold
     copies), or the one server."""
-    primaries = [info for info in infos.values() if info.get("role") != "slave"]
+    primaries = [info for info in infos.values() if info.get("role") not in ("slave", "replica")]
     return primaries or list(infos.values())
 
 
