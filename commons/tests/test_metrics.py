@@ -24,6 +24,7 @@ from commons.cache import (
     CacheEvents,
     CacheSettings,
     cache,
+    cache_status,
     close_cache,
     init_cache,
     invalidate_namespace,
@@ -34,6 +35,7 @@ from commons.cache.metrics import PrometheusEvents, metrics_router
 from commons.testing import current_layer
 from commons.testing.entries import age_entry
 from commons.testing.redis_server import RedisServer
+from commons.testing.waiting import eventually
 from commons.utilities.context import set_tenant_id, set_user_id
 
 STATES = ("redis", "memory", "degraded", "disabled")
@@ -152,6 +154,31 @@ async def test_a_near_cache_hit_is_counted_but_not_timed_as_a_redis_operation(
     assert sample("commons_cache_hits_total", namespace=namespace) == requests - 1
     count = "commons_cache_operation_duration_seconds_count"
     assert sample(count, namespace=namespace, operation="get") == requests - 1
+
+
+async def test_the_near_caches_fill_is_a_gauge_that_goes_to_zero_when_it_closes(
+    redis_url: str, make_settings: Callable[..., CacheSettings], client: httpx.AsyncClient
+) -> None:
+    entries, counted = "commons_cache_near_entries", "commons_cache_near_bytes"
+    before = (sample(entries), sample(counted))
+    # Reported every third of the maximum age.
+    await init_cache(make_settings(redis_url, CACHE_NEAR_CACHE_MAX_AGE_SECONDS=0.3))
+    tenants = [f"t{n}" for n in range(5)]
+    for _ in range(2):  # a miss and its fill, then a read from Redis the near cache keeps
+        for tenant in tenants:
+            await client.get("/reports", headers={"X-Tenant": tenant})
+
+    async def reported() -> bool:
+        status = cache_status()
+        return (sample(entries), sample(counted)) == (
+            before[0] + status.near_cache_entries,
+            before[1] + status.near_cache_bytes,
+        ) and status.near_cache_entries == len(tenants)
+
+    await eventually(reported, "the near cache's five entries in the gauges")
+    await close_cache()
+
+    assert (sample(entries), sample(counted)) == before
 
 
 async def test_a_request_without_a_tenant_is_a_bypass_for_lack_of_identity(

@@ -71,5 +71,11 @@ class CacheEvents:
     def near_cache_invalidation(self, keys: int) -> None:
         """Redis sent an invalidation message naming ``keys`` keys (0: a flush of everything)."""
 
+    def near_cache_held(self, near_cache: int, entries: int, bytes_held: int) -> None:
+        """What near cache number ``near_cache`` (one per server it reads: several on a cluster)
+        holds now: ``entries``, counted as ``bytes_held`` against ``CACHE_NEAR_CACHE_MAX_BYTES``.
+        Reported every third of ``CACHE_NEAR_CACHE_MAX_AGE_SECONDS`` while it runs, and as
+        ``(0, 0)`` once it is closed."""
+
     def near_cache_flushed(self, reason: str) -> None:
         """The near cache was emptied: ``reason`` is one of ``backends.redis.near.FlushReason``."""

@@ -33,6 +33,9 @@ Series (all prefixed ``commons_cache_``):
 - ``near_hits_total{namespace}``: reads from Redis answered by the near cache (no command sent);
   they are hits in ``hits_total`` too.
 - ``near_invalidations_total``: invalidation messages Redis sent the near cache.
+- ``near_entries`` and ``near_bytes``: what the near cache holds, entries and the bytes they are
+  counted as against ``CACHE_NEAR_CACHE_MAX_BYTES`` (a cluster's primaries' near caches and the
+  live workers' together), updated every third of ``CACHE_NEAR_CACHE_MAX_AGE_SECONDS``.
 - ``near_flushes_total{reason}``: times the near cache was emptied, by reason (``tracking_lost``,
   ``silence``, ``reader_lost``, ``diverged``, ``server_flush``, ``clear``, ``moved``: see
   ``backends/redis/near_tracking.FlushReason``).
@@ -51,7 +54,7 @@ import glob
 import os
 import threading
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -354,6 +357,8 @@ class _Collectors:
     near_invalidations: Counter
     near_flushes: Counter
     removals_pending: Gauge
+    near_entries: Gauge
+    near_bytes: Gauge
 
 
 @functools.cache
@@ -398,14 +403,12 @@ def _collectors(registry: CollectorRegistry) -> _Collectors:
             ["namespace"],
             registry=registry,
         ),
-        state=Gauge(
+        state=_live_sum(
             "commons_cache_backend_state",
             "1 for the current state (redis, memory, degraded, disabled), 0 for the others; "
             "with several worker processes, the number of live workers in each state.",
-            ["state"],
-            registry=registry,
-            # Summed over the live workers: a dead worker's state does not linger.
-            multiprocess_mode="livesum",
+            registry,
+            labels=["state"],
         ),
         start_flushes=Counter(
             "commons_cache_start_flushes_total",
@@ -424,13 +427,28 @@ def _collectors(registry: CollectorRegistry) -> _Collectors:
             ["reason"],
             registry=registry,
         ),
-        removals_pending=Gauge(
+        removals_pending=_live_sum(
             "commons_cache_removals_pending",
             "Background removals of invalidated entries waiting or running.",
-            registry=registry,
-            multiprocess_mode="livesum",
+            registry,
+        ),
+        near_entries=_live_sum(
+            "commons_cache_near_entries", "Entries the near cache holds.", registry
+        ),
+        near_bytes=_live_sum(
+            "commons_cache_near_bytes",
+            "Bytes the near cache's entries are counted as against CACHE_NEAR_CACHE_MAX_BYTES.",
+            registry,
         ),
     )
+
+
+def _live_sum(
+    name: str, documentation: str, registry: CollectorRegistry, labels: Sequence[str] = ()
+) -> Gauge:
+    """A gauge of one process's figure: with several workers, the live workers' added up (a
+    dead worker's does not linger)."""
+    return Gauge(name, documentation, labels, registry=registry, multiprocess_mode="livesum")
 
 
 class PrometheusEvents(CacheEvents):
@@ -443,6 +461,8 @@ class PrometheusEvents(CacheEvents):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._metrics = _collectors(registry if registry is not None else REGISTRY)
         self._request_path = self._metrics.request_path
+        #: What each near cache of this process reported holding last: (entries, bytes).
+        self._near_held: dict[int, tuple[int, int]] = {}
         for state in CacheState:
             # Every state is a series from the start, so a dashboard never sees a gap.
             self._metrics.state.labels(state=state.value)
@@ -463,6 +483,15 @@ class PrometheusEvents(CacheEvents):
 
     def removals_pending(self, count: int) -> None:
         self._metrics.removals_pending.set(count)
+
+    def near_cache_held(self, near_cache: int, entries: int, bytes_held: int) -> None:
+        held = self._near_held
+        if entries or bytes_held:
+            held[near_cache] = (entries, bytes_held)
+        else:
+            held.pop(near_cache, None)
+        self._metrics.near_entries.set(sum(entries for entries, _ in held.values()))
+        self._metrics.near_bytes.set(sum(counted for _, counted in held.values()))
 
     def rejected_entry(self, namespace: str, reason: str) -> None:
         self._metrics.rejected_entries.labels(namespace=namespace, reason=reason).inc()

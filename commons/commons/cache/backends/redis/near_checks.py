@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -54,6 +55,8 @@ CONFIRM_PERIODS_PER_MAX_AGE = 3
 #: Verifications under way at once; a sampled hit past it is not verified.
 MAX_VERIFICATIONS = 8
 _FAILURES = (redis_errors.RedisError, OSError, asyncio.TimeoutError)
+#: Numbers the process's near caches by, in what they report of their fill.
+_NUMBERS = itertools.count(1)
 
 #: What PTTL answers for a key that exists with no expiry.
 _NO_EXPIRY = -1
@@ -74,6 +77,8 @@ class NearChecks:
         self._verifications: set[asyncio.Task[None]] = set()
         self._divergence_logged = False
         self._closed = False
+        #: This near cache's number in the process, for ``CacheEvents.near_cache_held``.
+        self._number = next(_NUMBERS)
 
     # -- confirmation ------------------------------------------------------------------------------
 
@@ -94,6 +99,11 @@ class NearChecks:
             await asyncio.sleep(self._period)
             with contextlib.suppress(*_FAILURES):
                 await self.confirm_once()
+            self._report_held()
+
+    def _report_held(self) -> None:
+        near = self._near
+        near.events.near_cache_held(self._number, len(near), near.bytes_held)
 
     async def confirm_once(self) -> int:
         """Reads every held generation again; how many were found changed or gone.
@@ -189,6 +199,7 @@ class NearChecks:
     async def aclose(self) -> None:
         """Stops the loop and the verifications under way."""
         self._closed = True
+        self._near.events.near_cache_held(self._number, 0, 0)
         tasks = [task for task in (self._task, *self._verifications) if task is not None]
         for task in tasks:
             task.cancel()
