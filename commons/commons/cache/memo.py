@@ -231,8 +231,9 @@ class BoundedMemo(Generic[K, V]):
 
 def _item_bound(max_bytes: int, given: int | None) -> int:
     """The largest item a memo of ``max_bytes`` remembers."""
-    share = max(max_bytes // 64, 1)
-    return share if given is None else min(given, max_bytes)
+    if given is None:
+        return max(max_bytes // 64, 1)
+    return min(given, max_bytes)
 
 
 #: Slots of the doorkeeper of a memo that admits keys seen twice (``admit_seen_twice``): 128 KiB.
